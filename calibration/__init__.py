@@ -1,0 +1,1 @@
+"""tqc calibration: sensitivity scoring of quantization options."""

@@ -1,0 +1,1 @@
+"""tqc kernels: Triton kernels and their code generator."""

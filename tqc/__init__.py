@@ -1,0 +1,13 @@
+"""tqc: compile a causal language model into a mixed-precision TurboQuant model that fits a budget."""
+
+__version__ = "0.1.0"
+
+
+def load(directory, device="cpu", verify: bool = True):
+    """Load a packed model directory written by `tqc build`, ready for `generate`."""
+    from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
+
+    return load_packed(directory, device=device, verify=verify)
+
+
+__all__ = ["__version__", "load"]

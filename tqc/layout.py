@@ -1,0 +1,75 @@
+"""What a quantized layer stores: its spec, the tensors it holds, and their exact byte count.
+
+One function, `tensor_layout`, is the single source of truth for shapes and dtypes: the quantizer
+produces exactly these tensors, the loader allocates them, and the memory model counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .bitpack import packed_words
+from .options import QuantOption
+
+SEED_DTYPE = torch.int64
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything needed to rebuild one quantized linear layer, besides its tensors."""
+
+    option: QuantOption
+    group_size: int
+    in_features: int
+    out_features: int
+    has_bias: bool = False
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def weights(self) -> int:
+        return self.in_features * self.out_features
+
+
+def layer_seed(plan_seed: int, layer_name: str) -> int:
+    """The rotation seed of one layer, derived from the plan seed and the layer's name."""
+    digest = hashlib.sha256(f"{plan_seed}:{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def tensor_layout(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor the layer stores."""
+    n, k, g = spec.out_features, spec.in_features, spec.groups
+    option = spec.option
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if option.scheme == "fp16":
+        layout["weight"] = ((n, k), torch.float16)
+    else:
+        layout["codes"] = ((n, packed_words(k, option.base_bits)), torch.int32)
+        layout["scales"] = ((n, g), torch.float16)
+    if option.scheme == "turboquant":
+        layout["seed"] = ((1,), SEED_DTYPE)
+        if option.residual_bits:
+            layout["residual_codes"] = ((n, packed_words(k, option.residual_bits)), torch.int32)
+            layout["residual_scales"] = ((n, g), torch.float16)
+    if option.scheme == "rtn":
+        layout["zeros"] = ((n, g), torch.float16)
+    if spec.has_bias:
+        layout["bias"] = ((n,), torch.float16)
+    return layout
+
+
+def layer_bytes(spec: LayerSpec) -> int:
+    """Exact bytes the layer's tensors take in the packed model."""
+    total = 0
+    for shape, dtype in tensor_layout(spec).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count * dtype.itemsize
+    return total

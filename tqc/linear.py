@@ -1,0 +1,112 @@
+"""Drop-in replacements for nn.Linear that hold packed codes and dequantize inside the matmul.
+
+`QuantizedLinear` keeps only the tensors of `layout.tensor_layout` (never a full-precision copy of
+the weight). On CPU its forward is the pure torch reference path: rotate the activation, decode the
+weight tile by tile into a transient buffer, multiply. On CUDA it calls the generated Triton kernel
+when one is registered for its spec (`tqc.kernels`), and falls back to the reference otherwise.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rtn, turboquant
+from .layout import LayerSpec, tensor_layout
+from .rotation import random_signs
+
+SCHEMES: dict[str, ModuleType] = {"turboquant": turboquant, "rtn": rtn}
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored as packed codes of `spec.option`."""
+
+    def __init__(self, spec: LayerSpec, device: torch.device | str | None = None):
+        super().__init__()
+        if not spec.option.is_quantized:
+            raise ValueError("QuantizedLinear needs a quantized option, not fp16")
+        self.spec = spec
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        for name, (shape, dtype) in tensor_layout(spec).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.kernel = None  # set by tqc.kernels.attach on CUDA
+
+    @property
+    def scheme(self) -> ModuleType:
+        return SCHEMES[self.spec.option.scheme]
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in tensor_layout(self.spec) if name != "bias"}
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in the basis the prepared input lives in (transient; never cached)."""
+        return self.scheme.dequantize(self.packed_tensors(), self.spec).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.is_cuda:
+            return self.kernel(x, self)
+        bias = self.bias.to(x.dtype) if self.spec.has_bias else None
+        return F.linear(self.prepare_input(x), self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"in={s.in_features}, out={s.out_features}, option={s.option}, group_size={s.group_size}"
+
+
+class TurboQuantLinear(QuantizedLinear):
+    """TurboQuant layer: the activation is rotated per group by the layer's seeded Hadamard."""
+
+    def __init__(self, spec: LayerSpec, device: torch.device | str | None = None):
+        super().__init__(spec, device)
+        self.register_buffer("signs", torch.zeros(spec.in_features, device=device), persistent=False)
+
+    def refresh_signs(self) -> None:
+        """Recompute the rotation signs from the stored seed (after loading tensors)."""
+        signs = random_signs(int(self.seed.item()), self.in_features)
+        self.signs = signs.to(self.seed.device)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return turboquant.prepare_input(x, self.signs, self.spec)
+
+
+class RTNLinear(QuantizedLinear):
+    """Round-to-nearest baseline layer (no rotation)."""
+
+
+MODULES: dict[str, type[QuantizedLinear]] = {"turboquant": TurboQuantLinear, "rtn": RTNLinear}
+
+
+def empty_quantized_linear(spec: LayerSpec, device: torch.device | str | None = None) -> QuantizedLinear:
+    """An uninitialised module of the right class and tensor shapes, to load packed tensors into."""
+    return MODULES[spec.option.scheme](spec, device)
+
+
+def quantize_linear(linear: nn.Linear, spec: LayerSpec, seed: int) -> QuantizedLinear:
+    """Quantize one nn.Linear into its runtime module."""
+    tensors = SCHEMES[spec.option.scheme].quantize(linear.weight, spec, seed)
+    if spec.has_bias:
+        tensors["bias"] = linear.bias.detach().to(torch.float16)
+    module = empty_quantized_linear(spec, device="cpu")
+    load_packed_tensors(module, tensors)
+    return module
+
+
+def load_packed_tensors(module: QuantizedLinear, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy packed tensors into a module, checking names, shapes and dtypes against its layout."""
+    layout = tensor_layout(module.spec)
+    if set(tensors) != set(layout):
+        missing, extra = set(layout) - set(tensors), set(tensors) - set(layout)
+        raise ValueError(f"tensors do not match the layer's layout (missing {sorted(missing)}, unexpected {sorted(extra)})")
+    for name, (shape, dtype) in layout.items():
+        value = tensors[name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            raise ValueError(f"tensor '{name}' is {tuple(value.shape)} {value.dtype}, expected {shape} {dtype}")
+        setattr(module, name, value.to(getattr(module, name).device))
+    if isinstance(module, TurboQuantLinear):
+        module.refresh_signs()

@@ -1,0 +1,94 @@
+"""TurboQuant for weights: rotate each group, fit a scale, encode with a Lloyd-Max codebook.
+
+Stage 1 encodes the rotated weight with the `base_bits` Gaussian codebook; the optional residual
+stage encodes what stage 1 left with its own scale and `residual_bits` codebook. Each stage's
+per-(row, group) scale minimises that stage's squared error (grid search around the RMS, then
+alternating least-squares refinement), not merely the RMS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bitpack import pack, unpack
+from .codebook import gaussian_codebook, nearest_code
+from .layout import LayerSpec
+from .rotation import random_signs, rotate
+
+SCALE_GRID = torch.linspace(0.7, 1.3, 13)
+REFINE_STEPS = 3
+ROW_CHUNK = 4096
+
+
+def _fit_chunk(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [rows, groups, g] -> (codes uint8 like x, scales fp16 [rows, groups])."""
+    rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-12)
+    best_err = torch.full_like(rms, float("inf"))
+    best_scale = rms.clone()
+    for multiplier in SCALE_GRID:
+        scale = rms * multiplier
+        approx = codebook[nearest_code(x / scale[..., None], codebook).long()] * scale[..., None]
+        err = (x - approx).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    scale = best_scale
+    for _ in range(REFINE_STEPS):
+        levels = codebook[nearest_code(x / scale[..., None], codebook).long()]
+        refined = (x * levels).sum(-1) / levels.pow(2).sum(-1).clamp_min(1e-12)
+        refined_err = (x - levels * refined[..., None]).pow(2).sum(-1)
+        scale = torch.where((refined > 0) & (refined_err < best_err), refined, scale)
+        best_err = torch.minimum(refined_err, best_err)
+    scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
+    codes = nearest_code(x / scale[..., None], codebook)
+    return codes, scale.to(torch.float16)
+
+
+def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode x [rows, groups, g] at `bits`: (codes uint8 [rows, groups, g], scales fp16 [rows, groups])."""
+    codebook = gaussian_codebook(bits)
+    parts = [_fit_chunk(chunk, codebook) for chunk in x.split(ROW_CHUNK)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [rows, groups, g] and scales [rows, groups] -> float32 values."""
+    codebook = gaussian_codebook(bits).to(scales.device)
+    return codebook[codes.long()] * scales.float()[..., None]
+
+
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The packed tensors of a TurboQuant layer (see `layout.tensor_layout`)."""
+    option = spec.option
+    n, k, g = spec.out_features, spec.in_features, spec.group_size
+    signs = random_signs(seed, k)
+    rotated = rotate(weight.detach().float(), signs, g).reshape(n, spec.groups, g)
+    codes, scales = fit_stage(rotated, option.base_bits)
+    tensors = {
+        "codes": pack(codes.reshape(n, k), option.base_bits),
+        "scales": scales,
+        "seed": torch.tensor([seed], dtype=torch.int64),
+    }
+    if option.residual_bits:
+        residual = rotated - decode_stage(codes, scales, option.base_bits)
+        res_codes, res_scales = fit_stage(residual, option.residual_bits)
+        tensors["residual_codes"] = pack(res_codes.reshape(n, k), option.residual_bits)
+        tensors["residual_scales"] = res_scales
+    return tensors
+
+
+def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
+    """The weight in the rotated basis, float32 [out, in] (multiply by the rotated activation)."""
+    option = spec.option
+    n, k, g = spec.out_features, spec.in_features, spec.group_size
+    shape = (n, spec.groups, g)
+    weight = decode_stage(unpack(tensors["codes"], option.base_bits, k).view(shape), tensors["scales"], option.base_bits)
+    if option.residual_bits:
+        codes = unpack(tensors["residual_codes"], option.residual_bits, k).view(shape)
+        weight += decode_stage(codes, tensors["residual_scales"], option.residual_bits)
+    return weight.reshape(n, k)
+
+
+def prepare_input(x: torch.Tensor, signs: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """Rotate the activation group by group, as the weight was."""
+    return rotate(x, signs, spec.group_size)
