@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,54 @@ def resolve_model(name: str) -> SourceModel:
 
 
 def load_model(source: SourceModel, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The full-precision source model in eval mode, on CPU."""
+    """The full-precision source model in eval mode, on CPU.
+
+    A GGUF model is dequantized once and cached as safetensors under ~/.cache/tqc/converted/,
+    keyed by the file's sha256, so later loads take seconds instead of a dequantization pass.
+    """
     from transformers import AutoModelForCausalLM  # noqa: PLC0415  (slow import)
 
+    if source.gguf_file:
+        converted = _converted_gguf(source)
+        if converted is not None:
+            return AutoModelForCausalLM.from_pretrained(converted, dtype=dtype).eval()
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+    if source.gguf_file:
+        _cache_converted(source, model)
     return model.eval()
+
+
+def _converted_dir(source: SourceModel) -> Path:
+    return CACHE_DIR / "converted" / source.sha256()[:16]
+
+
+def _converted_gguf(source: SourceModel) -> Path | None:
+    directory = _converted_dir(source)
+    return directory if (directory / "config.json").is_file() else None
+
+
+def _cache_converted(source: SourceModel, model: nn.Module) -> None:
+    """Save the dequantized model (fp32 safetensors) under a temporary name, then rename."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    target = _converted_dir(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        import copy  # noqa: PLC0415
+
+        from safetensors.torch import save_model  # noqa: PLC0415
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race; its copy is fine
 
 
 def load_tokenizer(source: SourceModel):
