@@ -106,7 +106,9 @@ def load_model(source: SourceModel, dtype: torch.dtype = torch.float32) -> nn.Mo
     keyed by the file's sha256, so later loads take seconds instead of a dequantization pass.
     """
     from transformers import AutoModelForCausalLM  # noqa: PLC0415  (slow import)
+    from transformers.utils import logging  # noqa: PLC0415
 
+    logging.disable_progress_bar()  # tqc shows its own progress; one bar per stage
     if source.gguf_file:
         converted = _converted_gguf(source)
         if converted is not None:

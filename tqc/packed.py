@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .layout import LayerSpec, layer_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
-from .models import empty_model, linear_layers, load_config, load_model, load_tokenizer, resolve_model
+from .models import LinearShape, empty_model, linear_layers, linear_shapes, load_config, load_model, load_tokenizer, resolve_model
 from .options import QuantOption
 from .plan import ModelRef, Plan, PlanError, plan_to_text
 
@@ -91,7 +91,7 @@ def sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------------------- build
 
 
-def check_plan_against_model(plan: Plan, layers: dict[str, nn.Linear]) -> None:
+def check_plan_against_model(plan: Plan, layers: dict[str, LinearShape]) -> None:
     """Every plan layer exists in the model and every model layer is in the plan."""
     for name, entry in plan.layers.items():
         if name not in layers:
@@ -112,7 +112,7 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[
     Afterwards the in-memory model computes exactly what the packed model will load.
     """
     layers = linear_layers(model)
-    check_plan_against_model(plan, layers)
+    check_plan_against_model(plan, linear_shapes(model))
     specs: dict[str, LayerSpec] = {}
     todo = [(name, entry) for name, entry in plan.layers.items() if entry.quant_option.is_quantized]
     for name, entry in tqdm(todo, desc="quantize", unit="layer", disable=not progress):
@@ -158,6 +158,7 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
     source = resolve_model(plan.model.name)
     if plan.model.sha256 and plan.model.sha256 != source.sha256():
         raise PlanError(f"plan was made for different weights of '{plan.model.name}' (sha256 differs)")
+    check_plan_against_model(plan, linear_shapes(empty_model(load_config(source))))
     model = model if model is not None else load_model(source)
     specs = quantize_model(model, plan, progress)
     output.parent.mkdir(parents=True, exist_ok=True)

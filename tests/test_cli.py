@@ -1,0 +1,90 @@
+"""Every expected failure of the command line is one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tqc.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tqc: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("plan") / "plan.yaml"
+    assert main(["plan", "--model", "smollm2", "--uniform", "3+2", "-o", str(path)]) == 0
+    return str(path)
+
+
+def edited(plan_file: str, tmp_path, edit) -> str:
+    data = yaml.safe_load(open(plan_file))
+    edit(data)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def test_uniform_plan_lists_every_layer_in_model_order(plan_file):
+    layers = list(yaml.safe_load(open(plan_file))["layers"])
+    assert len(layers) == 30 * 7 + 1
+    assert layers[0] == "model.layers.0.self_attn.q_proj" and layers[-1] == "lm_head"
+
+
+def test_missing_model(capsys, tmp_path):
+    line = one_line_error(capsys, "plan", "--model", "no-such-model", "--uniform", "4", "-o", str(tmp_path / "p.yaml"))
+    assert "no-such-model" in line
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_wrong_option_names_the_layer_and_field(capsys, plan_file, tmp_path):
+    path = edited(plan_file, tmp_path, lambda d: d["layers"]["model.layers.3.mlp.up_proj"].update(option="5+1"))
+    line = one_line_error(capsys, "build", path, "-o", str(tmp_path / "packed"))
+    assert "model.layers.3.mlp.up_proj" in line and "'option'" in line and "'5+1'" in line
+    assert not (tmp_path / "packed").exists()
+
+
+def test_unknown_key_is_refused(capsys, plan_file, tmp_path):
+    path = edited(plan_file, tmp_path, lambda d: d["layers"]["lm_head"].update(bitz=4))
+    line = one_line_error(capsys, "inspect", path)
+    assert "lm_head" in line and "bitz" in line
+
+
+def test_bad_group_size_names_the_layer(capsys, plan_file, tmp_path):
+    path = edited(plan_file, tmp_path, lambda d: d["layers"]["model.layers.0.self_attn.k_proj"].update(group_size=128))
+    line = one_line_error(capsys, "build", path, "-o", str(tmp_path / "packed"))
+    assert "model.layers.0.self_attn.k_proj" in line and "group_size" in line
+
+
+def test_layer_the_model_lacks(capsys, plan_file, tmp_path):
+    def add_layer(data):
+        data["layers"]["model.layers.99.mlp.up_proj"] = {"option": "4", "group_size": 64}
+
+    line = one_line_error(capsys, "build", edited(plan_file, tmp_path, add_layer), "-o", str(tmp_path / "packed"))
+    assert "model.layers.99.mlp.up_proj" in line
+
+
+def test_malformed_yaml(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("layers: [unclosed\n")
+    assert "not valid YAML" in one_line_error(capsys, "inspect", str(path))
+
+
+def test_missing_packed_directory(capsys, tmp_path):
+    assert "no such packed model" in one_line_error(capsys, "eval", str(tmp_path / "nothing"))
+
+
+def test_not_a_packed_directory(capsys, tmp_path):
+    assert "manifest.json is missing" in one_line_error(capsys, "eval", str(tmp_path))

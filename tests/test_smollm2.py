@@ -1,0 +1,57 @@
+"""The real default model: a mixed plan builds, loads, round-trips and generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tqc
+from tqc.models import load_tokenizer, resolve_model
+from tqc.options import QuantOption
+from tqc.packed import WEIGHTS_FILE, build, read_manifest
+from safetensors.torch import load_file
+from tqc.plan import ModelRef
+from tqc.planning import uniform_plan
+from tqc.models import empty_model, linear_shapes, load_config
+
+# First two blocks get a mix of options (3-bit in a group of 64 where 576 is not a multiple of
+# 128, 4+4 and RTN on the down projection); the rest stays fp16 to keep the test quick.
+OVERRIDES = {
+    "model.layers.0.self_attn.*": "3",
+    "model.layers.0.mlp.*": "4+2",
+    "model.layers.1.mlp.down_proj": "rtn4",
+    "model.layers.1.*": "2+2",
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_build(tmp_path_factory):
+    source = resolve_model("smollm2")
+    shapes = linear_shapes(empty_model(load_config(source)))
+    overrides = {pattern: QuantOption.parse(option) for pattern, option in OVERRIDES.items()}
+    plan = uniform_plan(ModelRef(name="smollm2", sha256=source.sha256()), shapes, QuantOption.parse("fp16"), overrides=overrides)
+    directory = tmp_path_factory.mktemp("smollm2") / "packed"
+    model = build(plan, directory, progress=False)
+    return plan, model, directory
+
+
+def test_round_trip_and_generate(smollm2_build):
+    plan, in_memory, directory = smollm2_build
+    loaded = tqc.load(directory)
+    tokenizer = load_tokenizer(resolve_model("smollm2"))
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+    out = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert type(loaded.model.layers[1].mlp.down_proj).__name__ == "RTNLinear"
+    assert loaded.model.layers[1].self_attn.q_proj.spec.group_size == 64
+
+
+def test_packed_size_matches_the_plan(smollm2_build):
+    plan, _, directory = smollm2_build
+    manifest = read_manifest(directory)
+    state = load_file(directory / WEIGHTS_FILE)
+    for name in manifest.layers:
+        stored = sum(t.numel() * t.element_size() for key, t in state.items() if key.rpartition(".")[0] == name)
+        assert stored == plan.layers[name].bytes, name
