@@ -1,1 +1,34 @@
-"""tqc kernels: Triton kernels and their code generator."""
+"""tqc kernels: Triton kernels generated per layer configuration, and the hook that attaches them.
+
+`attach(model)` (called by tqc.packed.load_packed) gives every TurboQuant layer on a CUDA device
+the kernel generated for its (bits, residual bits, group size, N, K); on CPU it does nothing, and
+the layers keep the torch reference path. Triton is imported only when a CUDA layer is found.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+
+def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False) -> int:
+    """Set `module.kernel` on each supported quantized layer on CUDA; return how many got one."""
+    from tqc.linear import QuantizedLinear  # noqa: PLC0415
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]
+    if not layers:
+        return 0
+    from .registry import KernelRegistry, supports  # noqa: PLC0415
+    from .tuning import Tuner  # noqa: PLC0415
+
+    registry = KernelRegistry(Tuner.for_device(layers[0].codes.device, cache_dir, verbose))
+    attached = 0
+    for module in layers:
+        if supports(module.spec):
+            module.kernel = registry.kernel_for(module.spec)
+            attached += 1
+    return attached
+
+
+__all__ = ["attach"]

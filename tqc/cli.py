@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print a plan's per-layer table")
     inspect.add_argument("plan")
     inspect.set_defaults(run=cmd_inspect)
+
+    from .kernels.bench import add_parser as add_bench_parser  # noqa: PLC0415
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""`tqc bench`: layer-level and end-to-end kernel benchmarks on a CUDA device, printed and saved as JSON.
+
+    tqc bench layers   every linear shape of Llama-3-8B / 70B at several token counts, each option
+                       against a bf16 torch.nn.functional.linear measured in the same run, plus the
+                       device's copy bandwidth
+    tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
+
+Every timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), over enough
+copies of the weights that they do not fit in L2, so each replay streams them from device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name -> (out_features N, in_features K)
+    "llama3-8b": {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096),
+                  "gate_proj/up_proj": (14336, 4096), "down_proj": (4096, 14336)},
+    "llama3-70b": {"q_proj/o_proj": (8192, 8192), "k_proj/v_proj": (1024, 8192),
+                   "gate_proj/up_proj": (28672, 8192), "down_proj": (8192, 28672)},
+}
+STREAM_BYTES = 256 * 2**20  # stream at least this much per replay: several times the L2 cache
+
+
+def device_info() -> dict:
+    import triton  # noqa: PLC0415
+
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def graph_seconds(fn, rep_ms: int = 100) -> float:
+    """Median seconds of one call of fn, replayed in a CUDA graph."""
+    from triton.testing import do_bench_cudagraph  # noqa: PLC0415
+
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") / 1e3
+
+
+def copy_bandwidth(gigabytes: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read plus bytes written."""
+    src = torch.randn(int(gigabytes * 1e9 / 4), device="cuda")
+    dst = torch.empty_like(src)
+    seconds = graph_seconds(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, math.ceil(STREAM_BYTES / nbytes))
+
+
+def time_layers(layers, x: torch.Tensor) -> float:
+    """Seconds per layer call, cycling through `layers` (callables of x) inside one graph."""
+    def run():
+        for layer in layers:
+            layer(x)
+    return graph_seconds(run) / len(layers)
+
+
+def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_size: int, registry) -> list[dict]:
+    """Rows for one (N, K): bf16 and every option at every token count."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from tqc.layout import LayerSpec, layer_bytes  # noqa: PLC0415
+    from tqc.options import QuantOption  # noqa: PLC0415
+
+    from .synthetic import random_turboquant_linear  # noqa: PLC0415
+
+    rows = []
+    bf16_bytes = n * k * 2
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(bf16_bytes))]
+    bf16_layers = [lambda x, w=w: F.linear(x, w) for w in weights]
+    bf16_times = {}
+    for m in tokens:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf16_times[m] = time_layers(bf16_layers, x)
+        rows.append(row("bf16", n, k, m, bf16_bytes, bf16_times[m], bf16_times[m]))
+    del weights, bf16_layers
+    for name in options:
+        spec = LayerSpec(QuantOption.parse(name), group_size, k, n)
+        nbytes = layer_bytes(spec)
+        modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(copies_for(nbytes))]
+        kernel = registry.kernel_for(spec)
+        layers = [lambda x, mod=mod: kernel(x, mod) for mod in modules]
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            kernel(x, modules[0])  # tune this bucket outside the graph
+            rows.append(row(name, n, k, m, nbytes, time_layers(layers, x), bf16_times[m]))
+        del modules, layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_seconds: float) -> dict:
+    return {"option": option, "n": n, "k": k, "tokens": m, "weight_bytes": nbytes, "us": seconds * 1e6,
+            "weight_gbps": nbytes / seconds / 1e9, "speedup_vs_bf16": bf16_seconds / seconds}
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from .registry import KernelRegistry  # noqa: PLC0415
+    from .tuning import Tuner  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose))
+    result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size, "rows": []}
+    print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
+    for model in args.models:
+        for layer, (n, k) in SHAPES[model].items():
+            rows = bench_shape(n, k, args.tokens, args.options, args.group_size, registry)
+            for r in rows:
+                r |= {"model": model, "layer": layer}
+                print(f"{model:<10} {layer:<17} {n:>5}x{k:<5} M={r['tokens']:<5} {r['option']:>5} {r['us']:9.1f} us "
+                      f"{r['weight_gbps']:7.0f} GB/s  x{r['speedup_vs_bf16']:.2f}", flush=True)
+            result["rows"] += rows
+    save(result, args.output)
+
+
+def save(result: dict, output: str) -> None:
+    from tqc.plan import write_text_atomic  # noqa: PLC0415
+
+    write_text_atomic(Path(output), json.dumps(result, indent=1) + "\n")
+    print(f"wrote {output}")
+
+
+def cmd_decode(args: argparse.Namespace) -> None:
+    from .decode_bench import run_decode_bench  # noqa: PLC0415
+
+    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose)
+    result["device"] = device_info()
+    save(result, args.output)
+
+
+def add_parser(subparsers) -> None:
+    """Register `tqc bench layers` and `tqc bench decode`."""
+    bench = subparsers.add_parser("bench", help="benchmark the generated kernels against bf16 (CUDA)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    layers = kinds.add_parser("layers", help="Llama-3 linear shapes at several token counts")
+    layers.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    layers.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128, 2048])
+    layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
+    layers.add_argument("--group-size", type=int, default=128)
+    layers.add_argument("-o", "--output", default="bench-layers.json")
+    decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama, random weights")
+    decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
+    decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
+    decode.add_argument("--layers", type=int, default=32)
+    decode.add_argument("-o", "--output", default="bench-decode.json")
+    for parser in (layers, decode):
+        parser.add_argument("--cache-dir", type=Path, help="kernel tuning cache (default ~/.cache/tqc/kernels)")
+        parser.add_argument("-v", "--verbose", action="store_true", help="print each tuning result")
+    layers.set_defaults(run=_checked(cmd_layers))
+    decode.set_defaults(run=_checked(cmd_decode))
+
+
+def _checked(command):
+    def run(args: argparse.Namespace) -> None:
+        if not torch.cuda.is_available():
+            from tqc.cli import CommandError  # noqa: PLC0415
+
+            raise CommandError("tqc bench needs a CUDA device")
+        command(args)
+    return run

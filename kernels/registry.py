@@ -1,0 +1,151 @@
+"""Kernel generation and lookup: one specialised kernel per distinct layer configuration.
+
+A `KernelKey` (code bits, residual bits, group size, N, K) fixes every constexpr of the kernel
+sources in triton_kernels.py; `generate(specs)` returns one `LayerKernel` per distinct key, and
+`kernel_for(spec)` is the registry the loader uses. A `LayerKernel` picks the strategy by the
+number of tokens (GEMV for 1-16, tiled GEMM or dequantize + cuBLAS beyond) with the launch
+parameters the tuner found for this GPU (tuning.py), and launches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from tqc.codebook import gaussian_codebook
+from tqc.layout import LayerSpec
+
+from . import triton_kernels as tk
+from .tuning import LaunchConfig, Tuner, candidate_configs, token_bucket
+
+GEMV_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True, order=True)
+class KernelKey:
+    """Everything a generated kernel is specialised on."""
+
+    bits: int
+    residual_bits: int
+    group_size: int
+    n: int
+    k: int
+
+    @classmethod
+    def of(cls, spec: LayerSpec) -> KernelKey:
+        return cls(spec.option.base_bits, spec.option.residual_bits, spec.group_size, spec.out_features, spec.in_features)
+
+    @property
+    def name(self) -> str:
+        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}"
+
+
+def supports(spec: LayerSpec) -> bool:
+    """Whether a generated kernel exists for this layer (TurboQuant; RTN stays on the reference path)."""
+    return spec.option.scheme == "turboquant" and spec.in_features % 32 == 0 and spec.group_size >= 32
+
+
+@dataclass
+class LayerKernel:
+    """The generated kernel family of one KernelKey; callable as `kernel(x, module)`."""
+
+    key: KernelKey
+    tuner: Tuner
+    _codebooks: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+
+    def codebook(self, bits: int, device: torch.device) -> torch.Tensor:
+        if (bits, device) not in self._codebooks:
+            self._codebooks[(bits, device)] = gaussian_codebook(bits).to(device)
+        return self._codebooks[(bits, device)]
+
+    def weights(self, module) -> tuple[torch.Tensor, ...]:
+        """The six weight arguments of every kernel: codes, scales, codebook, then the residual's."""
+        device = module.codes.device
+        base = (module.codes, module.scales, self.codebook(self.key.bits, device))
+        if not self.key.residual_bits:
+            return base + base  # never read: RES_BITS == 0 is a constexpr branch
+        return base + (module.residual_codes, module.residual_scales, self.codebook(self.key.residual_bits, device))
+
+    def constexprs(self) -> dict[str, int]:
+        k = self.key
+        return {"N": k.n, "K": k.k, "G": k.group_size, "BITS": k.bits, "RES_BITS": k.residual_bits}
+
+    def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.key.k).contiguous()
+        bucket = token_bucket(x2.shape[0])
+        config = self.tuner.config(self.key.name, bucket, lambda c: self.run(x2, module, c), self.candidates(bucket))
+        out = self.run(x2, module, config)
+        if module.spec.has_bias:
+            out += module.bias.to(out.dtype)
+        return out.reshape(*lead, self.key.n)
+
+    def candidates(self, bucket: int) -> list[LaunchConfig]:
+        return candidate_configs(bucket, self.key.group_size)
+
+    def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
+        """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
+        m = x.shape[0]
+        out = torch.empty(m, self.key.n, device=x.device, dtype=x.dtype)
+        if config.strategy == "gemv":
+            source = x if config.rotate_in_kernel else rotate(x, module.signs, self.key.group_size)
+            grid = (triton.cdiv(self.key.n, config.block_n),)
+            tk.gemv_kernel[grid](
+                source, module.signs, out, *self.weights(module), m, **self.constexprs(),
+                LOG_G=self.key.group_size.bit_length() - 1, ROTATE=config.rotate_in_kernel,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+        elif config.strategy == "gemm":
+            grid = (triton.cdiv(m, config.block_m) * triton.cdiv(self.key.n, config.block_n),)
+            tk.gemm_kernel[grid](
+                rotate(x, module.signs, self.key.group_size), out, *self.weights(module), m, **self.constexprs(),
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+        else:
+            weight = self.dequantize(module, x.dtype, config)
+            out = F.linear(rotate(x, module.signs, self.key.group_size), weight)
+        return out
+
+    def dequantize(self, module, dtype: torch.dtype, config: LaunchConfig | None = None) -> torch.Tensor:
+        """The decoded weight W' [N, K] in `dtype` (rotated basis)."""
+        block_n, block_k = (config.block_n, config.block_k) if config else (32, 256)
+        out = torch.empty(self.key.n, self.key.k, device=module.codes.device, dtype=dtype)
+        grid = (triton.cdiv(self.key.n, block_n), triton.cdiv(self.key.k, block_k))
+        tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs(), BLOCK_N=block_n, BLOCK_K=block_k)
+        return out
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16) -> torch.Tensor:
+    """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K]."""
+    m, k = x.shape
+    block_k = max(group_size, 256)
+    out = torch.empty_like(x)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    tk.fwht_kernel[grid](x, signs, out, m, K=k, G=group_size, LOG_G=group_size.bit_length() - 1,
+                         BLOCK_M=block_m, BLOCK_K=block_k)
+    return out
+
+
+@dataclass
+class KernelRegistry:
+    """The kernels generated so far, by key, all tuned through one Tuner (one GPU, one cache file)."""
+
+    tuner: Tuner
+    kernels: dict[KernelKey, LayerKernel] = field(default_factory=dict)
+
+    def kernel_for(self, spec: LayerSpec) -> LayerKernel:
+        """The generated kernel of a layer's key, created on first use."""
+        key = KernelKey.of(spec)
+        if key not in self.kernels:
+            self.kernels[key] = LayerKernel(key, self.tuner)
+        return self.kernels[key]
+
+    def generate(self, specs: Iterable[LayerSpec]) -> dict[KernelKey, LayerKernel]:
+        """One LayerKernel per distinct key among the supported layers of a plan."""
+        return {KernelKey.of(s): self.kernel_for(s) for s in specs if supports(s)}

@@ -1,0 +1,150 @@
+"""Autotuning per GPU and shape, stored as data: one JSON file per GPU, with the Triton version.
+
+The first call of a kernel key at a token bucket times every candidate launch configuration
+(`triton.testing.do_bench`, median) and records the fastest; the file is rewritten atomically, so
+a second load of the model on the same GPU and Triton version does not tune again. The file lives
+in $TQC_KERNEL_CACHE or ~/.cache/tqc/kernels/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tqc.plan import write_text_atomic
+
+TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
+TUNE_FORMAT = 1
+
+
+class LaunchConfig(BaseModel):
+    """One way to run a layer: the strategy and its launch parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    strategy: Literal["gemv", "gemm", "dequant"]
+    block_m: int = 1
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 1
+    rotate_in_kernel: bool = False
+
+
+class TuneEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: LaunchConfig
+    microseconds: float
+
+
+class TuneFile(BaseModel):
+    """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal[1] = TUNE_FORMAT
+    gpu: str
+    triton_version: str
+    entries: dict[str, TuneEntry] = {}
+
+
+def token_bucket(tokens: int) -> int:
+    """The smallest bucket >= tokens (the last bucket takes everything larger)."""
+    return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
+
+
+def candidate_configs(bucket: int, group_size: int) -> list[LaunchConfig]:
+    """The launch configurations worth timing for a token bucket (block_k a multiple of the group)."""
+    if bucket == 1:
+        shapes = [(8, 512, 4, False), (16, 512, 4, False), (16, 256, 4, False), (32, 256, 8, False),
+                  (8, 1024, 4, False), (16, 512, 4, True), (8, 1024, 8, True)]
+        configs = [LaunchConfig(strategy="gemv", block_n=bn, block_k=bk, num_warps=w, rotate_in_kernel=r)
+                   for bn, bk, w, r in shapes]
+    elif bucket == 16:
+        shapes = [(16, 256, 4, False), (32, 256, 4, False), (64, 128, 4, False), (32, 512, 8, False), (32, 256, 4, True)]
+        configs = [LaunchConfig(strategy="gemv", block_m=16, block_n=bn, block_k=bk, num_warps=w, rotate_in_kernel=r)
+                   for bn, bk, w, r in shapes]
+    else:
+        shapes = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)] if bucket >= 256 else [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
+        configs = [LaunchConfig(strategy="gemm", block_m=bm, block_n=bn, block_k=128, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in shapes]
+        configs.append(LaunchConfig(strategy="dequant", block_n=32, block_k=256))
+    return [c.model_copy(update={"block_k": max(c.block_k, group_size)}) for c in configs]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TQC_KERNEL_CACHE") or Path.home() / ".cache" / "tqc" / "kernels")
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def device_seconds(fn: Callable[[], object]) -> float:
+    """Median time of fn on the GPU, by CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench  # noqa: PLC0415
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median") / 1e3
+
+
+class Tuner:
+    """Finds and remembers the fastest LaunchConfig per (kernel key, token bucket) on one GPU."""
+
+    def __init__(self, gpu: str, triton_version: str, path: Path | None, verbose: bool = False,
+                 timer: Callable[[Callable[[], object]], float] | None = None):
+        self.path, self.verbose = path, verbose
+        self.timer = timer or device_seconds
+        self.data = TuneFile(gpu=gpu, triton_version=triton_version)
+        if path is not None and path.is_file():
+            try:
+                stored = TuneFile.model_validate_json(path.read_text())
+            except ValidationError:
+                stored = None  # an unreadable cache is retuned, never trusted
+            if stored is not None and (stored.gpu, stored.triton_version) == (gpu, triton_version):
+                self.data = stored
+
+    @classmethod
+    def for_device(cls, device=None, cache_dir: Path | None = None, verbose: bool = False) -> Tuner:
+        import torch  # noqa: PLC0415
+        import triton  # noqa: PLC0415
+
+        gpu = torch.cuda.get_device_name(device)
+        directory = cache_dir or default_cache_dir()
+        return cls(gpu, triton.__version__, directory / f"{gpu_slug(gpu)}.json", verbose)
+
+    def config(self, key: str, bucket: int, run: Callable[[LaunchConfig], object],
+               candidates: list[LaunchConfig]) -> LaunchConfig:
+        """The stored choice for (key, bucket), or time the candidates now and store the fastest."""
+        entry_key = f"{key}/m{bucket}"
+        if entry_key not in self.data.entries:
+            self.data.entries[entry_key] = self.tune(run, candidates)
+            if self.verbose:
+                entry = self.data.entries[entry_key]
+                print(f"tuned {entry_key}: {entry.config.model_dump()} {entry.microseconds:.1f} us", file=sys.stderr)
+            self.save()
+        return self.data.entries[entry_key].config
+
+    def tune(self, run: Callable[[LaunchConfig], object], candidates: list[LaunchConfig]) -> TuneEntry:
+        best, error = None, None
+        for config in candidates:
+            try:
+                seconds = self.timer(lambda: run(config))
+            except Exception as err:  # a configuration this GPU cannot run (out of shared memory, ...)
+                error = err
+                continue
+            if self.verbose:
+                print(f"  {seconds * 1e6:9.1f} us  {config.model_dump()}", file=sys.stderr)
+            if best is None or seconds * 1e6 < best.microseconds:
+                best = TuneEntry(config=config, microseconds=seconds * 1e6)
+        if best is None:
+            raise RuntimeError(f"no launch configuration ran ({error})") from error
+        return best
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, self.data.model_dump_json(indent=1) + "\n")

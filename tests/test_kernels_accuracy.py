@@ -1,0 +1,111 @@
+"""Generated kernels against the torch reference path, for every (bits, residual) and strategy.
+
+Runs compiled on a CUDA device (full Llama-3-8B shapes, bf16 and fp16), or on CPU under Triton's
+interpreter when TRITON_INTERPRET=1 (small shapes; tests/test_kernels.py starts that run in a
+subprocess so the variable never leaks into the rest of the suite). Skipped otherwise.
+Tolerance: relative Frobenius error of the output below 2e-2 (bf16) / 5e-3 (fp16) / 1e-4 (fp32)
+against the float64 reference, a fraction of the quantization error itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRET
+if not (INTERPRET or CUDA):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+from tqc.layout import LayerSpec  # noqa: E402
+from tqc.options import TURBOQUANT_OPTIONS  # noqa: E402
+from tqc.rotation import rotate  # noqa: E402
+
+from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
+from tqc.kernels.registry import KernelKey, LayerKernel, rotate as triton_rotate  # noqa: E402
+from tqc.kernels.tuning import LaunchConfig, Tuner, candidate_configs  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+SHAPES = [(1024, 4096, 128)] if CUDA else [(64, 256, 64)]
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+TOKENS = [1, 5, 16] if INTERPRET else [1, 3, 16, 77]
+STRATEGIES = {
+    "gemv1": LaunchConfig(strategy="gemv", block_m=1, block_n=16, block_k=128),
+    "gemv1-rotating": LaunchConfig(strategy="gemv", block_m=1, block_n=16, block_k=128, rotate_in_kernel=True),
+    "gemv16": LaunchConfig(strategy="gemv", block_m=16, block_n=16, block_k=128),
+    "gemm": LaunchConfig(strategy="gemm", block_m=32, block_n=32, block_k=128, num_stages=2),
+    "dequant": LaunchConfig(strategy="dequant", block_n=16, block_k=128),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def random_layer(option, n: int, k: int, group_size: int):
+    return random_turboquant_linear(LayerSpec(option, group_size, k, n), DEVICE)
+
+
+def reference(module, x: torch.Tensor) -> torch.Tensor:
+    """The torch reference path in float64, on CPU, of a copy of the layer."""
+    return copy.deepcopy(module).to("cpu").double().forward(x.double().cpu())
+
+
+def token_counts(config: LaunchConfig) -> list[int]:
+    if config.strategy == "gemv":
+        return [1] if config.block_m == 1 else [t for t in TOKENS if t <= 16]
+    return TOKENS
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("option", TURBOQUANT_OPTIONS, ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kernel_matches_reference(option, strategy):
+    config = STRATEGIES[strategy]
+    for n, k, group_size in SHAPES:
+        module = random_layer(option, n, k, group_size)
+        kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        for dtype in DTYPES:
+            for tokens in token_counts(config):
+                x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
+                out = kernel.run(x, module, config)
+                error = relative_error(out, reference(module, x))
+                assert error < TOLERANCE[dtype], f"{option} {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
+
+
+def test_rotation_kernel_matches_butterfly():
+    group_size, k = (128, 14336) if CUDA else (64, 256)
+    x = torch.randn(7, k, dtype=torch.float32)
+    signs = torch.randint(0, 2, (k,)).float() * 2 - 1
+    out = triton_rotate(x.to(DEVICE), signs.to(DEVICE), group_size)
+    assert relative_error(out, rotate(x.double(), signs.double(), group_size)) < 1e-5
+
+
+def time_once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_tuned_call_matches_reference(tmp_path):
+    """The full path a loaded model takes: tune once (stored), then run the chosen configuration."""
+    option = TURBOQUANT_OPTIONS[-1]
+    n, k, group_size = SHAPES[0]
+    module = random_layer(option, n, k, group_size)
+    timer = time_once if INTERPRET else None  # events need a GPU
+    tuner = Tuner("test-gpu", "test", tmp_path / "tune.json", timer=timer)
+    kernel = LayerKernel(KernelKey.of(module.spec), tuner)
+    if INTERPRET:  # timing every candidate under the interpreter would take minutes: offer two
+        kernel.candidates = lambda bucket: candidate_configs(bucket, group_size)[:2]
+    x = torch.randn(3, k).to(DEVICE, DTYPES[0])
+    out = kernel(x, module)
+    assert relative_error(out, reference(module, x)) < TOLERANCE[DTYPES[0]]
+    assert (tmp_path / "tune.json").is_file()
+    assert Tuner("test-gpu", "test", tmp_path / "tune.json").data.entries.keys() == tuner.data.entries.keys()
