@@ -95,8 +95,12 @@ def resolve_model(name: str) -> SourceModel:
         return SourceModel(str(path), path.parent.resolve(), path.name)
     if path.is_dir() and (path / "config.json").is_file():
         return SourceModel(str(path), path.resolve())
+    if path.is_file() and path.name == "config.json":  # shapes only: enough to plan, not to build
+        return SourceModel(str(path), path.parent.resolve())
     known = ", ".join(EMBEDDED_MODELS)
-    raise ModelNotFoundError(f"model '{name}' not found: give one of {known}, a .gguf file, or a directory with config.json")
+    raise ModelNotFoundError(
+        f"model '{name}' not found: give one of {known}, a .gguf file, a directory with config.json, or a config.json"
+    )
 
 
 def load_model(source: SourceModel, dtype: torch.dtype = torch.float32) -> nn.Module:
