@@ -36,13 +36,28 @@ class ModelRef(Strict):
 
 
 class Budget(Strict):
-    """The memory budget a plan was allocated for and how it is spent (bytes)."""
+    """The memory budget a plan was allocated for and how it is spent (bytes; see tqc.memory)."""
 
     total_bytes: int
     context: int = 0
     batch: int = 1
     kv_bits: int = 16
+    reserve: int = Field(default=0, description="bytes kept free on purpose (--reserve)")
     breakdown: dict[str, int] = Field(default_factory=dict)
+    predicted_damage: float | None = Field(default=None, description="sum of the layers' sensitivity")
+    damage_unit: str | None = None
+
+
+class CalibrationRef(Strict):
+    """Where the sensitivity scores came from: a calibration pass or the data-free prior."""
+
+    method: Literal["fisher-proxy", "prior"]
+    rows_per_layer: int | None = None
+    data: str | None = None
+    data_sha256: str | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    seed: int | None = None
 
 
 class LayerPlan(Strict):
@@ -76,6 +91,7 @@ class Plan(Strict):
     seed: int = 0
     group_size: int = 128
     budget: Budget | None = None
+    calibration: CalibrationRef | None = None
     layers: dict[str, LayerPlan]
 
     def layer_options(self) -> dict[str, QuantOption]:
@@ -131,8 +147,11 @@ class _LayerDict(dict):
 _PlanDumper.add_representer(_LayerDict, _represent_layer)
 
 
-def plan_to_text(plan: Plan, fmt: str = "yaml") -> str:
-    """Deterministic text of a plan: the same plan gives the same bytes."""
+def plan_to_text(plan: Plan, fmt: str = "yaml", notes: dict[str, str] | None = None) -> str:
+    """Deterministic text of a plan: the same plan gives the same bytes.
+
+    `notes` (YAML only) are end-of-line comments per layer, e.g. why the allocator chose its option.
+    """
     data = plan.model_dump(mode="json", exclude_none=True)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
@@ -142,7 +161,22 @@ def plan_to_text(plan: Plan, fmt: str = "yaml") -> str:
         "# 4+2, 4+4, rtn2..rtn8, fp16) or 'group_size' by hand; set 'pinned: true' so that a re-plan\n"
         "# keeps your choice. `tqc plan --check` re-validates, `tqc build` honours every edit.\n"
     )
-    return header + yaml.dump(data, Dumper=_PlanDumper, sort_keys=False, width=200)
+    text = yaml.dump(data, Dumper=_PlanDumper, sort_keys=False, width=200)
+    return header + (_annotate(text, notes) if notes else text)
+
+
+def _annotate(text: str, notes: dict[str, str]) -> str:
+    """Append `# note` to each layer's line (layers are the two-space-indented keys under 'layers')."""
+    lines, in_layers = [], False
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            in_layers = line.startswith("layers:")
+        elif in_layers and line.startswith("  ") and not line.startswith("   "):
+            name = line.strip().split(":", 1)[0].strip("'\"")
+            if notes.get(name):
+                line = f"{line}  # {notes[name]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -159,6 +193,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_plan(plan: Plan, path: str | Path) -> None:
+def write_plan(plan: Plan, path: str | Path, notes: dict[str, str] | None = None) -> None:
     path = Path(path)
-    write_text_atomic(path, plan_to_text(plan, "json" if path.suffix == ".json" else "yaml"))
+    write_text_atomic(path, plan_to_text(plan, "json" if path.suffix == ".json" else "yaml", notes))

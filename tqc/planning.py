@@ -1,17 +1,25 @@
-"""Make plans that need no calibration: uniform plans from the command line.
+"""Make plans: uniform plans from the command line, and budget plans from a measurement file.
 
-The budget allocator (`tqc plan --budget`) builds on the same pieces: layer shapes from the model's
-config on the meta device, `layout.layer_bytes` for exact sizes, `Plan` for the file.
+Both use the same pieces: layer shapes from the model's config on the meta device,
+`layout.layer_bytes` for exact sizes, `Plan` for the file. A budget plan is a pure function of the
+measurement (per layer, per option: damage), the memory model and the budget (`allocated_plan`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from .allocate import Choice, allocate
 from .layout import LayerSpec, layer_bytes
+from .memory import ModelGeometry, Runtime, breakdown, fixed_bytes, format_size, linear_cost
 from .models import LinearShape
-from .options import FP16, QuantOption, resolve_group_size
-from .plan import LayerPlan, ModelRef, Plan
+from .options import FP16, TURBOQUANT_OPTIONS, QuantOption, resolve_group_size
+from .plan import Budget, CalibrationRef, LayerPlan, ModelRef, Plan, PlanError
+
+if TYPE_CHECKING:
+    from .calibration.measurement import Measurement
 
 DEFAULT_KEEP = ("lm_head",)  # like llama.cpp and GPTQ, the output head stays 16-bit unless asked
 
@@ -56,3 +64,129 @@ def uniform_plan(
                 break
         layers[name] = plan_layer(shape, chosen, group_size)
     return Plan(model=model, seed=seed, group_size=group_size, layers=layers)
+
+
+# ------------------------------------------------------------------------------- budget plans
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a person may impose on the allocator.
+
+    `options`: the allowed options (None: every TurboQuant option, plus fp16 where `fp16` matches);
+    `min_bits`: (pattern, bits) pairs, a matching layer takes an option of at least that many code
+    bits (fp16 counts 16); `pinned`: layers whose option is fixed.
+    """
+
+    options: tuple[QuantOption, ...] | None = None
+    fp16: tuple[str, ...] = DEFAULT_KEEP
+    min_bits: tuple[tuple[str, int], ...] = ()
+    pinned: dict[str, QuantOption] = field(default_factory=dict)
+
+    def allowed(self, name: str) -> list[QuantOption]:
+        if name in self.pinned:
+            return [self.pinned[name]]
+        if self.options is not None:
+            options = list(self.options)
+        else:
+            fp16 = [FP16] if any(fnmatch.fnmatchcase(name, p) for p in self.fp16) else []
+            options = [*TURBOQUANT_OPTIONS, *fp16]
+        floor = max((bits for pattern, bits in self.min_bits if fnmatch.fnmatchcase(name, pattern)), default=0)
+        return [o for o in options if (o.code_bits if o.is_quantized else 16) >= floor]
+
+
+def option_bits(option: QuantOption) -> int:
+    return option.code_bits if option.is_quantized else 16
+
+
+def layer_candidates(
+    measurement: Measurement, shapes: dict[str, LinearShape], geometry: ModelGeometry, rules: Rules
+) -> dict[str, list[Choice]]:
+    """Per layer, in model order: the allowed (option, bytes, damage) choices."""
+    candidates = {}
+    for name, shape in shapes.items():
+        score = measurement.layers.get(name)
+        if score is None:
+            raise PlanError(f"the measurement has no layer '{name}' (it was made for another model)")
+        choices = []
+        for option in rules.allowed(name):
+            if option.is_quantized and option.name not in score.options:
+                continue  # no group size fits this layer, or the option was not measured
+            damage = score.options[option.name].damage if option.is_quantized else 0.0
+            spec = layer_spec(shape, option, score.group_size)
+            choices.append(Choice(option.name, linear_cost(spec, name, geometry), damage))
+        if not choices:
+            raise PlanError(f"layer '{name}': no allowed option fits it (check --options, --min-bits and pins)")
+        candidates[name] = choices
+    return candidates
+
+
+def allocated_plan(
+    model: ModelRef,
+    measurement: Measurement,
+    shapes: dict[str, LinearShape],
+    geometry: ModelGeometry,
+    runtime: Runtime,
+    budget: int,
+    rules: Rules = Rules(),
+) -> Plan:
+    """The plan of least predicted damage that fits `budget` bytes (memory model included)."""
+    candidates = layer_candidates(measurement, shapes, geometry, rules)
+    picked = allocate(candidates, budget, fixed_bytes(geometry, runtime))
+    layers = {}
+    for name, choice in picked.items():
+        group_size = measurement.layers[name].group_size
+        layers[name] = LayerPlan(
+            option=choice.option, group_size=group_size, bytes=choice.bytes,
+            sensitivity=choice.damage, pinned=name in rules.pinned,
+        )  # fmt: skip
+    specs = plan_specs(layers, shapes)
+    spent = breakdown(specs, geometry, runtime)
+    plan_budget = Budget(
+        total_bytes=budget, context=runtime.context, batch=runtime.batch, kv_bits=runtime.kv_bits,
+        reserve=runtime.reserve, breakdown=spent, predicted_damage=sum(c.damage for c in picked.values()),
+        damage_unit="KL nats/token" if measurement.method == "fisher-proxy" else "prior (relative)",
+    )  # fmt: skip
+    return Plan(
+        model=model, seed=measurement.seed, group_size=measurement.group_size, budget=plan_budget,
+        calibration=calibration_ref(measurement), layers=layers,
+    )  # fmt: skip
+
+
+def plan_specs(layers: dict[str, LayerPlan], shapes: dict[str, LinearShape]) -> dict[str, LayerSpec]:
+    """The LayerSpec of every plan entry (shapes from the model)."""
+    missing = [name for name in layers if name not in shapes]
+    if missing:
+        raise PlanError(f"plan names layer '{missing[0]}', which the model does not have")
+    return {name: layer_spec(shapes[name], layer.quant_option, layer.group_size) for name, layer in layers.items()}
+
+
+def calibration_ref(measurement: Measurement) -> CalibrationRef:
+    data = measurement.data
+    return CalibrationRef(
+        method=measurement.method, rows_per_layer=measurement.rows_per_layer,
+        data=data.path if data else None, data_sha256=data.sha256 if data else None,
+        samples=data.samples if data else None, seq_len=data.seq_len if data else None,
+        seed=data.seed if data else None,
+    )  # fmt: skip
+
+
+def layer_notes(plan: Plan, candidates: dict[str, list[Choice]]) -> dict[str, str]:
+    """One comment per layer: what the next smaller and next larger allowed option would trade."""
+    notes = {}
+    for name, layer in plan.layers.items():
+        choices = sorted(candidates.get(name, []), key=lambda c: (c.bytes, c.damage))
+        now = next((c for c in choices if c.option == layer.option), None)
+        if now is None:
+            continue
+        smaller = [c for c in choices if c.bytes < now.bytes]
+        larger = [c for c in choices if c.bytes > now.bytes and c.damage < now.damage]
+        parts = ["pinned" if layer.pinned else ""]
+        if smaller:
+            best = min(smaller, key=lambda c: (c.damage, -c.bytes))
+            parts.append(f"{best.option}: -{format_size(now.bytes - best.bytes)}, +{best.damage - now.damage:.2g} damage")
+        if larger:
+            best = min(larger, key=lambda c: (c.bytes, c.damage))
+            parts.append(f"{best.option}: +{format_size(best.bytes - now.bytes)}, -{now.damage - best.damage:.2g} damage")
+        notes[name] = "; ".join(p for p in parts if p)
+    return notes
