@@ -1,4 +1,4 @@
-"""The `tqc` command: plan, build, eval, inspect.
+"""The `tqc` command: plan, build, eval, inspect, diff.
 
 Every expected failure (bad plan, missing model, corrupt packed file, impossible budget) is printed
 as one line `tqc: error: ...` with exit status 1; nothing is left half-written.
@@ -14,6 +14,7 @@ from pathlib import Path
 from .plan import PlanError, read_plan, write_plan, write_text_atomic
 
 DEFAULT_DATA = "../shared/data/wiki.test.txt"
+DEFAULT_TRAIN = "../shared/data/wiki.train.txt"
 
 
 class CommandError(Exception):
@@ -24,47 +25,9 @@ class CommandError(Exception):
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .models import empty_model, linear_shapes, load_config, resolve_model  # noqa: PLC0415
-    from .options import QuantOption  # noqa: PLC0415
-    from .plan import ModelRef  # noqa: PLC0415
-    from .planning import DEFAULT_KEEP, uniform_plan  # noqa: PLC0415
+    from .plan_commands import cmd_plan as run  # noqa: PLC0415  (keeps `tqc --help` light)
 
-    if args.uniform is None:
-        raise CommandError("give --uniform OPTION (the budget allocator is not built yet)")
-    source = resolve_model(args.model)
-    shapes = linear_shapes(empty_model(load_config(source)))
-    keep = tuple(args.keep) if args.keep is not None else DEFAULT_KEEP
-    overrides = dict(_parse_override(text) for text in args.override or [])
-    plan = uniform_plan(
-        ModelRef(name=args.model, sha256=source.sha256()),
-        shapes,
-        QuantOption.parse(args.uniform),
-        group_size=args.group_size,
-        seed=args.seed,
-        keep=keep,
-        overrides=overrides,
-    )
-    write_plan(plan, args.output)
-    _print_summary(plan)
-    print(f"wrote {args.output}")
-
-
-def _parse_override(text: str):
-    from .options import QuantOption  # noqa: PLC0415
-
-    pattern, sep, option = text.partition("=")
-    if not sep:
-        raise CommandError(f"--override '{text}': expected PATTERN=OPTION, e.g. '*.down_proj=4+2'")
-    return pattern, QuantOption.parse(option)
-
-
-def _print_summary(plan) -> None:
-    from collections import Counter  # noqa: PLC0415
-
-    counts = Counter(layer.option for layer in plan.layers.values())
-    total = sum(layer.bytes or 0 for layer in plan.layers.values())
-    mix = ", ".join(f"{option}: {n}" for option, n in sorted(counts.items()))
-    print(f"{len(plan.layers)} linear layers ({mix}); linear weights {total / 1e6:.2f} MB")
+    run(args)
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -127,30 +90,55 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    plan = read_plan(args.plan)
-    width = max(len(name) for name in plan.layers)
-    print(f"{'layer':<{width}}  {'option':>6}  {'group':>5}  {'bytes':>10}  {'score':>10}  pinned")
-    for name, layer in plan.layers.items():
-        score = f"{layer.sensitivity:.3g}" if layer.sensitivity is not None else "-"
-        print(f"{name:<{width}}  {layer.option:>6}  {layer.group_size:>5}  {layer.bytes or 0:>10}  {score:>10}  {'yes' if layer.pinned else ''}")
-    _print_summary(plan)
+    from .plan_commands import cmd_inspect as run  # noqa: PLC0415
+
+    run(args)
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from .plan_commands import cmd_diff as run  # noqa: PLC0415
+
+    run(args)
 
 
 # ------------------------------------------------------------------------------------------ main
+
+
+def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    """The options of `tqc plan` (uniform, budget and check modes)."""
+    plan.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a .gguf file, an HF directory or a config.json")
+    plan.add_argument("--uniform", metavar="OPTION", help="every layer at OPTION: 2, 3, 4, 2+2, 3+2, 4+2, 4+4, rtn4, ...")
+    plan.add_argument("--budget", metavar="SIZE", help="allocate per-layer options to fit SIZE: 24GB, 800MB, 3.5GiB")
+    plan.add_argument("--check", metavar="PLAN", help="re-validate an (edited) plan and report its total against its budget")
+    plan.add_argument("--group-size", type=int, default=128, help="preferred group size (smaller where it must divide)")
+    plan.add_argument("--seed", type=int, default=0, help="rotation seed")
+    plan.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in fp16 (default: lm_head)")
+    plan.add_argument("--override", action="append", metavar="PATTERN=OPTION", help="e.g. '*.down_proj=4+2' (uniform)")
+    budget = plan.add_argument_group("budget plans")
+    budget.add_argument("--context", type=int, default=0, help="tokens of KV cache per sequence")
+    budget.add_argument("--batch", type=int, default=1, help="sequences served at once")
+    budget.add_argument("--kv-bits", type=int, default=16, help="bits per KV-cache entry")
+    budget.add_argument("--reserve", default="0", metavar="SIZE", help="memory to leave free (runtime overhead)")
+    budget.add_argument("--options", metavar="LIST", help="allowed options, comma-separated (default: all TurboQuant, fp16 for --keep)")
+    budget.add_argument("--min-bits", action="append", metavar="PATTERN=BITS", help="e.g. 'lm_head=4', 'model.layers.0.*=4'")
+    budget.add_argument("--pinned-from", metavar="PLAN", help="keep the layers a person pinned in this plan")
+    budget.add_argument("--measurement", metavar="FILE", help="allocate from this measurement file")
+    budget.add_argument("--prior", action="store_true", help="data-free sensitivity prior (no calibration)")
+    budget.add_argument("--data", default=DEFAULT_TRAIN, help="calibration text (never the test file)")
+    budget.add_argument("--samples", type=int, default=8, help="calibration windows")
+    budget.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    budget.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows and labels")
+    budget.add_argument("--rows", type=int, default=128, help="rows sampled per layer to score options")
+    plan.add_argument("-o", "--output", help="plan file (.yaml or .json)")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tqc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    plan = commands.add_parser("plan", help="write a plan (per-layer quantization options)")
-    plan.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a .gguf file or an HF directory")
-    plan.add_argument("--uniform", metavar="OPTION", help="every layer at OPTION: 2, 3, 4, 2+2, 3+2, 4+2, 4+4, rtn4, ...")
-    plan.add_argument("--group-size", type=int, default=128, help="preferred group size (smaller where it must divide)")
-    plan.add_argument("--seed", type=int, default=0, help="rotation seed")
-    plan.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in fp16 (default: lm_head)")
-    plan.add_argument("--override", action="append", metavar="PATTERN=OPTION", help="e.g. '*.down_proj=4+2'")
-    plan.add_argument("-o", "--output", required=True, help="plan file (.yaml or .json)")
+    plan = commands.add_parser("plan", help="write a plan (per-layer quantization options): uniform or to a budget")
+    add_plan_arguments(plan)
     plan.set_defaults(run=cmd_plan)
 
     build_cmd = commands.add_parser("build", help="quantize a model by a plan into a packed directory")
@@ -169,9 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("-q", "--quiet", action="store_true")
     eval_cmd.set_defaults(run=cmd_eval)
 
-    inspect = commands.add_parser("inspect", help="print a plan's per-layer table")
+    inspect = commands.add_parser("inspect", help="print a plan's per-layer table and budget breakdown")
     inspect.add_argument("plan")
     inspect.set_defaults(run=cmd_inspect)
+
+    diff = commands.add_parser("diff", help="what changed between two plans: layers, size, predicted damage")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    diff.set_defaults(run=cmd_diff)
 
     from .kernels.bench import add_parser as add_bench_parser  # noqa: PLC0415
 
