@@ -1,8 +1,10 @@
 """tqc kernels: Triton kernels generated per layer configuration, and the hook that attaches them.
 
 `attach(model)` (called by tqc.packed.load_packed) gives every TurboQuant layer on a CUDA device
-the kernel generated for its (bits, residual bits, group size, N, K); on CPU it does nothing, and
-the layers keep the torch reference path. Triton is imported only when a CUDA layer is found.
+the kernel generated for its (bits, residual bits, group size, N, K), after repacking its codes
+into the kernel layout (docs/kernel_layout.md; `detach(model)` puts them back, e.g. before
+saving). On CPU it does nothing and the layers keep the torch reference path. Triton is imported
+only when a CUDA layer is found.
 """
 
 from __future__ import annotations
@@ -19,16 +21,28 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]
     if not layers:
         return 0
-    from .registry import KernelRegistry, supports  # noqa: PLC0415
+    from .registry import KernelRegistry, prepare, supports  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     registry = KernelRegistry(Tuner.for_device(layers[0].codes.device, cache_dir, verbose))
     attached = 0
     for module in layers:
         if supports(module.spec):
+            prepare(module)
             module.kernel = registry.kernel_for(module.spec)
             attached += 1
     return attached
 
 
-__all__ = ["attach"]
+def detach(model: nn.Module) -> None:
+    """Undo `attach`: codes back in the bitpack layout, every layer on the reference path."""
+    from tqc.linear import QuantizedLinear  # noqa: PLC0415
+
+    from .registry import restore  # noqa: PLC0415
+
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            restore(module)
+
+
+__all__ = ["attach", "detach"]

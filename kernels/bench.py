@@ -70,6 +70,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     from tqc.layout import LayerSpec, layer_bytes  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
+    from .registry import prepare  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
 
     rows = []
@@ -86,6 +87,8 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
         spec = LayerSpec(QuantOption.parse(name), group_size, k, n)
         nbytes = layer_bytes(spec)
         modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(copies_for(nbytes))]
+        for module in modules:
+            prepare(module)
         kernel = registry.kernel_for(spec)
         layers = [lambda x, mod=mod: kernel(x, mod) for mod in modules]
         for m in tokens:
@@ -110,6 +113,9 @@ def cmd_layers(args: argparse.Namespace) -> None:
     registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose))
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
+    keys = [layer_key(option, n, k, args.group_size) for model in args.models for n, k in SHAPES[model].values()
+            for option in args.options]
+    compile_and_report(keys, args.tokens)
     for model in args.models:
         for layer, (n, k) in SHAPES[model].items():
             rows = bench_shape(n, k, args.tokens, args.options, args.group_size, registry)
@@ -119,6 +125,28 @@ def cmd_layers(args: argparse.Namespace) -> None:
                       f"{r['weight_gbps']:7.0f} GB/s  x{r['speedup_vs_bf16']:.2f}", flush=True)
             result["rows"] += rows
     save(result, args.output)
+
+
+def layer_key(option: str, n: int, k: int, group_size: int):
+    from tqc.layout import LayerSpec  # noqa: PLC0415
+    from tqc.options import QuantOption  # noqa: PLC0415
+
+    from .registry import KernelKey  # noqa: PLC0415
+
+    return KernelKey.of(LayerSpec(QuantOption.parse(option), group_size, k, n))
+
+
+def compile_and_report(keys, tokens: list[int]) -> None:
+    """Fill Triton's cache with every candidate kernel, in parallel, before anything is timed."""
+    import time  # noqa: PLC0415
+
+    from .precompile import precompile  # noqa: PLC0415
+
+    start = time.perf_counter()
+    failures = precompile(sorted(set(keys)), tokens)
+    print(f"compiled {len(set(keys))} kernel keys in {time.perf_counter() - start:.0f} s; {len(failures)} failed")
+    for failure in failures:
+        print(f"  failed: {failure}")
 
 
 def save(result: dict, output: str) -> None:

@@ -68,11 +68,13 @@ def quantized_linear_factory(plan: dict[str, str], registry):
     from tqc.layout import LayerSpec  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
+    from .registry import prepare  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
 
     def linear(name: str, n: int, k: int) -> nn.Module:
         spec = LayerSpec(QuantOption.parse(plan[name]), GROUP_SIZE, k, n)
         module = random_turboquant_linear(spec, "cuda", seed=n + k)
+        prepare(module)
         module.kernel = registry.kernel_for(spec)
         return module
 
@@ -102,8 +104,21 @@ def linear_weight_bytes(model: Decoder) -> int:
     return total
 
 
+def decoder_keys(options: dict[str, str]) -> list:
+    """The kernel keys of the decoder's layers under a plan."""
+    from .bench import layer_key  # noqa: PLC0415
+
+    cfg = LLAMA3_8B
+    h, i, d = cfg["hidden"], cfg["intermediate"], cfg["head_dim"]
+    shapes = {"q_proj": (cfg["heads"] * d, h), "k_proj": (cfg["kv_heads"] * d, h), "v_proj": (cfg["kv_heads"] * d, h),
+              "o_proj": (h, cfg["heads"] * d), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+              "lm_head": (cfg["vocab"], h)}
+    return [layer_key(options[name], n, k, GROUP_SIZE) for name, (n, k) in shapes.items()]
+
+
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process."""
+    from .bench import compile_and_report  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
@@ -111,6 +126,7 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
     options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
     results = {"plan": options, "context": context, "layers": layers, "shape": LLAMA3_8B}
     registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose))
+    compile_and_report(decoder_keys(options), [1])
     for label, linear in (("bf16", bf16_linear), ("tqc", quantized_linear_factory(options, registry))):
         model = Decoder(linear, LLAMA3_8B, layers, context)
         seconds = step_seconds(model)

@@ -4,7 +4,8 @@ A `KernelKey` (code bits, residual bits, group size, N, K) fixes every constexpr
 sources in triton_kernels.py; `generate(specs)` returns one `LayerKernel` per distinct key, and
 `kernel_for(spec)` is the registry the loader uses. A `LayerKernel` picks the strategy by the
 number of tokens (GEMV for 1-16, tiled GEMM or dequantize + cuBLAS beyond) with the launch
-parameters the tuner found for this GPU (tuning.py), and launches it.
+parameters the tuner found for this GPU (tuning.py), and launches it. `prepare(module)` repacks a
+layer's codes into the kernel layout (repack.py) once, when the kernel is attached.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from tqc.codebook import gaussian_codebook
 from tqc.layout import LayerSpec
 
 from . import triton_kernels as tk
+from .repack import slot_words, to_bitpack_layout, to_kernel_layout
 from .tuning import LaunchConfig, Tuner, candidate_configs, token_bucket
 
-GEMV_MAX_TOKENS = 16
+KERNEL_LAYOUT = "kernel"
 
 
 @dataclass(frozen=True, order=True)
@@ -64,6 +66,8 @@ class LayerKernel:
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
         """The six weight arguments of every kernel: codes, scales, codebook, then the residual's."""
+        if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
+            raise ValueError("the layer's codes are not in the kernel layout: call tqc.kernels.prepare(module)")
         device = module.codes.device
         base = (module.codes, module.scales, self.codebook(self.key.bits, device))
         if not self.key.residual_bits:
@@ -72,7 +76,8 @@ class LayerKernel:
 
     def constexprs(self) -> dict[str, int]:
         k = self.key
-        return {"N": k.n, "K": k.k, "G": k.group_size, "BITS": k.bits, "RES_BITS": k.residual_bits}
+        return {"N": k.n, "K": k.k, "G": k.group_size, "B": slot_words(k.k, k.group_size), "BITS": k.bits,
+                "RES_BITS": k.residual_bits}
 
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -85,39 +90,30 @@ class LayerKernel:
         return out.reshape(*lead, self.key.n)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        return candidate_configs(bucket, self.key.group_size)
+        return candidate_configs(bucket)
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
-        m = x.shape[0]
-        out = torch.empty(m, self.key.n, device=x.device, dtype=x.dtype)
+        m, n = x.shape[0], self.key.n
+        rotated = rotate(x, module.signs, self.key.group_size)
+        if config.strategy == "dequant":
+            return F.linear(rotated, self.dequantize(module, x.dtype, config.block_n))
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_M": config.block_m,
+                  "BLOCK_N": config.block_n}
         if config.strategy == "gemv":
-            source = x if config.rotate_in_kernel else rotate(x, module.signs, self.key.group_size)
-            grid = (triton.cdiv(self.key.n, config.block_n),)
-            tk.gemv_kernel[grid](
-                source, module.signs, out, *self.weights(module), m, **self.constexprs(),
-                LOG_G=self.key.group_size.bit_length() - 1, ROTATE=config.rotate_in_kernel,
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-        elif config.strategy == "gemm":
-            grid = (triton.cdiv(m, config.block_m) * triton.cdiv(self.key.n, config.block_n),)
-            tk.gemm_kernel[grid](
-                rotate(x, module.signs, self.key.group_size), out, *self.weights(module), m, **self.constexprs(),
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
+            grid = (triton.cdiv(n, config.block_n),)
+            tk.gemv_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch)
         else:
-            weight = self.dequantize(module, x.dtype, config)
-            out = F.linear(rotate(x, module.signs, self.key.group_size), weight)
+            grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+            tk.gemm_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch, GROUP_M=8)
         return out
 
-    def dequantize(self, module, dtype: torch.dtype, config: LaunchConfig | None = None) -> torch.Tensor:
+    def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis)."""
-        block_n, block_k = (config.block_n, config.block_k) if config else (32, 256)
         out = torch.empty(self.key.n, self.key.k, device=module.codes.device, dtype=dtype)
-        grid = (triton.cdiv(self.key.n, block_n), triton.cdiv(self.key.k, block_k))
-        tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs(), BLOCK_N=block_n, BLOCK_K=block_k)
+        grid = (triton.cdiv(self.key.n, block_n), self.key.k // (32 * slot_words(self.key.k, self.key.group_size)))
+        tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs(), BLOCK_N=block_n)
         return out
 
 
@@ -125,11 +121,35 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K]."""
     m, k = x.shape
     block_k = max(group_size, 256)
+    block_m = min(block_m, triton.next_power_of_2(m))
     out = torch.empty_like(x)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    tk.fwht_kernel[grid](x, signs, out, m, K=k, G=group_size, LOG_G=group_size.bit_length() - 1,
-                         BLOCK_M=block_m, BLOCK_K=block_k)
+    tk.fwht_kernel[grid](x, signs, out, m, K=k, LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k)
     return out
+
+
+def prepare(module) -> None:
+    """Repack a layer's codes into the kernel layout, in place (idempotent); `restore` undoes it."""
+    if getattr(module, "codes_layout", None) == KERNEL_LAYOUT:
+        return
+    _convert(module, to_kernel_layout)
+    module.codes_layout = KERNEL_LAYOUT
+
+
+def restore(module) -> None:
+    """Put a prepared layer's codes back in the bitpack layout (for saving or the reference path)."""
+    if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
+        return
+    _convert(module, to_bitpack_layout)
+    module.codes_layout = None
+    module.kernel = None
+
+
+def _convert(module, convert) -> None:
+    spec = module.spec
+    module.codes = convert(module.codes, spec.option.base_bits, spec.in_features, spec.group_size)
+    if spec.option.residual_bits:
+        module.residual_codes = convert(module.residual_codes, spec.option.residual_bits, spec.in_features, spec.group_size)
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """The Triton kernel sources: one per strategy, every layer property a `tl.constexpr`.
 
-Strategies (see registry.py for how one is chosen):
+Strategies (registry.py chooses one by the number of tokens):
     fwht_kernel     rotate activations: x' = FWHT_G(x * signs) / sqrt(G), per group of G inputs
-    gemv_kernel     1-16 tokens: decode a [BLOCK_N, BLOCK_K] weight tile and multiply, one pass
-    gemm_kernel     prefill: tiled, the decoded tile feeds tensor-core `tl.dot`
-    dequant_kernel  write the decoded weight in bf16/fp16 (for cuBLAS on very large token counts)
+    gemv_kernel     1-16 tokens: one pass over the packed weight, decoded in registers
+    gemm_kernel     prefill: tiled, each decoded slot tile feeds a tensor-core `tl.dot`
+    dequant_kernel  write the decoded weight in bf16/fp16 (then cuBLAS, for very many tokens)
 
-All four share `dequant_tile`, which reads the packed codes in the bit-plane layout of
-tqc/bitpack.py directly (docs/kernel_layout.md): plane of width W holds W words per 32 codes,
-so the words of one row are contiguous along K and a tile load is BLOCK_N runs of
-BLOCK_K * W / 8 bytes. Code bits, residual bits, group size, N and K are constexpr, so each
-distinct layer configuration compiles to its own specialised kernel.
+The codes are in the kernel layout of repack.py (docs/kernel_layout.md): per row, chunks of
+32 * B codes, code k = chunk * 32B + t * B + kw. For every slot t a [BLOCK_N, B] tile of codes is
+a shift and a mask of one contiguous [BLOCK_N, B] word tile, so decoding is elementwise, and the
+activations it multiplies are the contiguous x[k0 : k0 + B]. The words of slots t0..t0+7 are
+loaded once (`_octet_words`) and decoded eight times. Code bits, residual bits, group size, N, K
+and B are constexpr: each distinct layer configuration compiles to its own specialised kernel.
 """
 
 from __future__ import annotations
@@ -20,160 +21,169 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_plane(ptr, rows, row_mask, k0, plane_start, ROW_WORDS: tl.constexpr, K: tl.constexpr,
-                  W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One bit plane of a tile: int32 [BLOCK_N, BLOCK_K // 32, 32], values in [0, 2**W)."""
-    blocks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    word = tl.arange(0, W)
-    offsets = rows[:, None, None] * ROW_WORDS + plane_start + blocks[None, :, None] * W + word[None, None, :]
-    mask = row_mask[:, None, None] & (blocks < K // 32)[None, :, None]
-    packed = tl.load(ptr + offsets, mask=mask, other=0)
-    shifts = tl.arange(0, 32 // W) * W
-    parts = (packed[:, :, :, None] >> shifts[None, None, None, :]) & ((1 << W) - 1)
-    return tl.reshape(parts, (BLOCK_N, BLOCK_K // 32, 32))
+def _octet_words(ptr, rows, row_mask, chunk, t0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, B: tl.constexpr):
+    """The [BLOCK_N, B] words holding slots t0..t0+7 of a chunk: the high plane and (odd bits) the 1-bit plane."""
+    HIGH: tl.constexpr = BITS - BITS % 2
+    base = rows[:, None] * (K * BITS // 32) + tl.arange(0, B)[None, :]
+    high = tl.load(ptr + base + (chunk * HIGH + t0 // (32 // HIGH)) * B, mask=row_mask[:, None], other=0)
+    low = high
+    if BITS % 2 == 1:
+        low = tl.load(ptr + base + K * HIGH // 32 + chunk * B, mask=row_mask[:, None], other=0)
+    return high, low
 
 
 @triton.jit
-def _codes(ptr, rows, row_mask, k0, K: tl.constexpr, BITS: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """b-bit codes of a tile from its power-of-two planes (4 -> [4], 3 -> [2, 1], 2 -> [2])."""
-    ROW_WORDS: tl.constexpr = K * BITS // 32
+def _slot_codes(high, low, t: tl.constexpr, BITS: tl.constexpr):
+    """The b-bit codes of slot t from its words."""
     HIGH: tl.constexpr = BITS - BITS % 2
-    codes = _unpack_plane(ptr, rows, row_mask, k0, 0, ROW_WORDS, K, HIGH, BLOCK_N, BLOCK_K)
+    codes = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << HIGH) - 1)
     if BITS % 2 == 1:
-        low = _unpack_plane(ptr, rows, row_mask, k0, K * HIGH // 32, ROW_WORDS, K, 1, BLOCK_N, BLOCK_K)
-        codes = (codes << 1) | low
+        codes = (codes << 1) | ((low >> t) & 1)
     return codes
 
 
 @triton.jit
-def _stage(codes_ptr, scales_ptr, codebook_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr,
-           BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """codebook[code] * scale of one stage, float32 [BLOCK_N, BLOCK_K]."""
-    codes = _codes(codes_ptr, rows, row_mask, k0, K, BITS, BLOCK_N, BLOCK_K)
-    values = tl.reshape(tl.load(codebook_ptr + codes), (BLOCK_N, BLOCK_K // G, G))
-    groups = k0 // G + tl.arange(0, BLOCK_K // G)
-    scale_mask = row_mask[:, None] & (groups < K // G)[None, :]
-    scales = tl.load(scales_ptr + rows[:, None] * (K // G) + groups[None, :], mask=scale_mask, other=0.0)
-    return tl.reshape(values * scales.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K))
+def _slot_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
+    """float32 [BLOCK_N]: the scale of the group holding columns k0 .. k0 + B (B divides G)."""
+    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def dequant_tile(codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
-                 rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                 RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The decoded weight tile W'[rows, k0:k0+BLOCK_K] (rotated basis), float32: base plus residual."""
-    w = _stage(codes_ptr, scales_ptr, codebook_ptr, rows, row_mask, k0, K, G, BITS, BLOCK_N, BLOCK_K)
+def slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr, rows, row_mask,
+                 k0, t: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr):
+    """The shared dequantize step: W'[rows, k0 : k0 + B] of slot t, float32, base stage plus residual."""
+    codes = _slot_codes(words[0], words[1], t, BITS)
+    w = tl.load(codebook_ptr + codes) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
     if RES_BITS > 0:
-        w += _stage(res_codes_ptr, res_scales_ptr, res_codebook_ptr, rows, row_mask, k0, K, G, RES_BITS,
-                    BLOCK_N, BLOCK_K)
+        res_codes = _slot_codes(res_words[0], res_words[1], t, RES_BITS)
+        res_scales = _slot_scales(res_scales_ptr, rows, row_mask, k0, K, G)
+        w += tl.load(res_codebook_ptr + res_codes) * res_scales[:, None]
     return w
 
 
 @triton.jit
-def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, LOG_G: tl.constexpr):
-    """Orthonormal Walsh-Hadamard transform of every group of G columns of a [BLOCK_M, BLOCK_K] tile.
+def _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr,
+           RES_BITS: tl.constexpr, B: tl.constexpr):
+    """Words of slots t0..t0+7 for both stages (the residual's equal the base's when there is none)."""
+    words = _octet_words(codes_ptr, rows, row_mask, chunk, t0, K, BITS, B)
+    res_words = words
+    if RES_BITS > 0:
+        res_words = _octet_words(res_codes_ptr, rows, row_mask, chunk, t0, K, RES_BITS, B)
+    return words, res_words
 
-    log2(G) butterfly stages in registers; each pairs columns h apart: (a, b) -> (a + b, a - b).
+
+@triton.jit
+def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG_G: tl.constexpr):
+    """Orthonormal Walsh-Hadamard transform of every group of 2**LOG_G columns of a [BLOCK_M, BLOCK_K] tile.
+
+    log2(G) butterfly stages in registers; each pairs columns h apart: (a, b) -> (a + b, a - b) / sqrt(2).
     """
     pair = tl.arange(0, 2)[None, :, None]
     for stage in tl.static_range(LOG_G):
         y = tl.reshape(x, (BLOCK_M * BLOCK_K // (2 << stage), 2, 1 << stage))
         a = tl.sum(tl.where(pair == 0, y, 0.0), axis=1)
         b = tl.sum(tl.where(pair == 1, y, 0.0), axis=1)
-        y = a[:, None, :] + tl.where(pair == 0, 1.0, -1.0) * b[:, None, :]
+        y = (a[:, None, :] + tl.where(pair == 0, 1.0, -1.0) * b[:, None, :]) * 0.7071067811865476
         x = tl.reshape(y, (BLOCK_M, BLOCK_K))
-    return x * (1.0 / tl.sqrt(G * 1.0))
-
-
-@triton.jit
-def _load_rotated(x_ptr, signs_ptr, tokens, token_mask, k0, K: tl.constexpr, G: tl.constexpr,
-                  LOG_G: tl.constexpr, ROTATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] float32 activation tile, rotated here when ROTATE (else already rotated)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    mask = token_mask[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ROTATE:
-        signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
-        x = fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, G, LOG_G)
     return x
 
 
-@triton.jit
-def fwht_kernel(x_ptr, signs_ptr, out_ptr, M, K: tl.constexpr, G: tl.constexpr, LOG_G: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of G."""
+@triton.jit(do_not_specialize=["M"])
+def fwht_kernel(x_ptr, signs_ptr, out_ptr, M, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size."""
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    x = _load_rotated(x_ptr, signs_ptr, tokens, tokens < M, k0, K, G, LOG_G, True, BLOCK_M, BLOCK_K)
-    cols = k0 + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (tokens < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
+    x = fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
     tl.store(out_ptr + tokens[:, None] * K + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def gemv_kernel(x_ptr, signs_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr,
-                res_scales_ptr, res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-                LOG_G: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr, ROTATE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[M, N] = x' @ W'^T for few tokens, one pass over the packed weight; grid (cdiv(N, BLOCK_N),).
+@triton.jit(do_not_specialize=["M"])
+def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
+                res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[M, N] = x' @ W'^T for few tokens (x' rotated), one pass over the weight; grid (cdiv(N, BLOCK_N),).
 
-    BLOCK_M == 1 multiplies on the CUDA cores; BLOCK_M >= 16 (2-16 tokens, padded) uses `tl.dot`.
+    BLOCK_M == 1 multiplies on the CUDA cores into a [BLOCK_N, B] accumulator reduced once at the
+    end; BLOCK_M == 16 (2-16 tokens, padded) multiplies each slot tile with `tl.dot`.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     tokens = tl.arange(0, BLOCK_M)
-    token_mask = tokens < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _load_rotated(x_ptr, signs_ptr, tokens, token_mask, k0, K, G, LOG_G, ROTATE, BLOCK_M, BLOCK_K)
-        w = dequant_tile(codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
-                         rows, row_mask, k0, K, G, BITS, RES_BITS, BLOCK_N, BLOCK_K)
-        if BLOCK_M == 1:
-            acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
-        else:
-            dtype = out_ptr.dtype.element_ty
-            acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-    mask = token_mask[:, None] & row_mask[None, :]
-    tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    cols = tl.arange(0, B)
+    dtype = out_ptr.dtype.element_ty
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for chunk in range(0, K // (32 * B)):
+        for t0 in tl.static_range(0, 32, 8):
+            words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
+            for j in tl.static_range(8):
+                k0 = chunk * 32 * B + (t0 + j) * B
+                w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
+                                 rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
+                if BLOCK_M == 1:
+                    x = tl.load(x_ptr + k0 + cols).to(tl.float32)
+                    acc += w * x[None, :]
+                else:
+                    x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
+                    acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+    if BLOCK_M == 1:
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(dtype), mask=row_mask)
+    else:
+        mask = (tokens < M)[:, None] & row_mask[None, :]
+        tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def gemm_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 GROUP_M: tl.constexpr):
-    """out[M, N] = x' @ W'^T for many tokens (x' already rotated); tiles visited in L2-friendly groups."""
+    """out[M, N] = x' @ W'^T for many tokens (x' rotated); output tiles visited in L2-friendly groups."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    size_m = min(tiles_m - first_m, GROUP_M)
+    first_m = pid // (GROUP_M * tiles_n) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
     tile_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
     tile_n = (pid % (GROUP_M * tiles_n)) // size_m
     tokens = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    cols = tl.arange(0, B)
     dtype = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _load_rotated(x_ptr, x_ptr, tokens, tokens < M, k0, K, G, 0, False, BLOCK_M, BLOCK_K)
-        w = dequant_tile(codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
-                         rows, row_mask, k0, K, G, BITS, RES_BITS, BLOCK_N, BLOCK_K)
-        acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+    for chunk in range(0, K // (32 * B)):
+        for t0 in tl.static_range(0, 32, 8):
+            words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
+            for j in tl.static_range(8):
+                k0 = chunk * 32 * B + (t0 + j) * B
+                w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
+                                 rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
+                x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
+                acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
     mask = (tokens < M)[:, None] & row_mask[None, :]
     tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(dtype), mask=mask)
 
 
 @triton.jit
-def dequant_kernel(out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                   res_codebook_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                   RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[N, K] = W' in out's dtype; grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
+def dequant_kernel(out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
+                   N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                   RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[N, K] = W' in out's dtype; grid (cdiv(N, BLOCK_N), K // (32 * B)): one chunk per program."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    w = dequant_tile(codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
-                     rows, rows < N, k0, K, G, BITS, RES_BITS, BLOCK_N, BLOCK_K)
-    cols = k0 + tl.arange(0, BLOCK_K)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    row_mask = rows < N
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, B)
+    for t0 in tl.static_range(0, 32, 8):
+        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
+        for j in tl.static_range(8):
+            k0 = chunk * 32 * B + (t0 + j) * B
+            w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
+                             rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
+            tl.store(out_ptr + rows[:, None] * K + k0 + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=row_mask[:, None])

@@ -30,10 +30,8 @@ class LaunchConfig(BaseModel):
     strategy: Literal["gemv", "gemm", "dequant"]
     block_m: int = 1
     block_n: int = 32
-    block_k: int = 256
     num_warps: int = 4
     num_stages: int = 1
-    rotate_in_kernel: bool = False
 
 
 class TuneEntry(BaseModel):
@@ -57,23 +55,20 @@ def token_bucket(tokens: int) -> int:
     return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
 
 
-def candidate_configs(bucket: int, group_size: int) -> list[LaunchConfig]:
-    """The launch configurations worth timing for a token bucket (block_k a multiple of the group)."""
+GEMV_SHAPES = ((8, 4), (16, 4), (32, 4), (32, 8), (64, 8))  # (block_n, num_warps), one token
+GEMV_DOT_SHAPES = ((16, 4), (32, 4), (64, 4), (64, 8))  # 2-16 tokens, padded to 16
+GEMM_SHAPES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2))  # (m, n, warps, stages)
+
+
+def candidate_configs(bucket: int) -> list[LaunchConfig]:
+    """The launch configurations worth timing for a token bucket."""
     if bucket == 1:
-        shapes = [(8, 512, 4, False), (16, 512, 4, False), (16, 256, 4, False), (32, 256, 8, False),
-                  (8, 1024, 4, False), (16, 512, 4, True), (8, 1024, 8, True)]
-        configs = [LaunchConfig(strategy="gemv", block_n=bn, block_k=bk, num_warps=w, rotate_in_kernel=r)
-                   for bn, bk, w, r in shapes]
-    elif bucket == 16:
-        shapes = [(16, 256, 4, False), (32, 256, 4, False), (64, 128, 4, False), (32, 512, 8, False), (32, 256, 4, True)]
-        configs = [LaunchConfig(strategy="gemv", block_m=16, block_n=bn, block_k=bk, num_warps=w, rotate_in_kernel=r)
-                   for bn, bk, w, r in shapes]
-    else:
-        shapes = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)] if bucket >= 256 else [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
-        configs = [LaunchConfig(strategy="gemm", block_m=bm, block_n=bn, block_k=128, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in shapes]
-        configs.append(LaunchConfig(strategy="dequant", block_n=32, block_k=256))
-    return [c.model_copy(update={"block_k": max(c.block_k, group_size)}) for c in configs]
+        return [LaunchConfig(strategy="gemv", block_n=n, num_warps=w) for n, w in GEMV_SHAPES]
+    if bucket == 16:
+        return [LaunchConfig(strategy="gemv", block_m=16, block_n=n, num_warps=w) for n, w in GEMV_DOT_SHAPES]
+    shapes = GEMM_SHAPES if bucket >= 256 else GEMM_SHAPES[:2]
+    configs = [LaunchConfig(strategy="gemm", block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return configs + [LaunchConfig(strategy="dequant", block_n=32)]
 
 
 def default_cache_dir() -> Path:
