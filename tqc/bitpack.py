@@ -55,17 +55,21 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(planes, dim=-1)
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of `pack`: int32 [..., K * bits / 32] -> codes [..., K] as int64."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(*packed.shape[:-1], k, dtype=torch.int64, device=packed.device)
+def unpack(packed: torch.Tensor, bits: int, k: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of `pack`: int32 [..., K * bits / 32] -> codes [..., K] (int64 unless `dtype` says).
+
+    Works in int32 throughout: an arithmetic shift smears the sign bit only into bits above the
+    field being extracted, which the mask drops, so no widening to int64 is needed.
+    """
+    words = packed.to(torch.int32)
+    codes: torch.Tensor | None = None
     start = 0
     for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
-        per_word = WORD_BITS // width
-        count = k // per_word
-        plane = words[..., start : start + count]
-        offsets = torch.arange(per_word, dtype=torch.int64, device=packed.device) * width
-        part = (plane.unsqueeze(-1) >> offsets) & (2**width - 1)
-        codes |= part.reshape(*packed.shape[:-1], k) << shift
+        count = k * width // WORD_BITS
+        offsets = torch.arange(0, WORD_BITS, width, dtype=torch.int32, device=packed.device)
+        part = ((words[..., start : start + count, None] >> offsets) & (2**width - 1)).reshape(*packed.shape[:-1], k)
+        if shift:
+            part <<= shift
+        codes = part if codes is None else codes.bitwise_or_(part)
         start += count
-    return codes
+    return codes if dtype == torch.int32 else codes.to(dtype)

@@ -24,6 +24,6 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torc
 def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
     bits = spec.option.base_bits
     n, k = spec.out_features, spec.in_features
-    codes = unpack(tensors["codes"], bits, k).view(n, spec.groups, spec.group_size).float()
-    weight = codes * tensors["scales"].float()[..., None] + tensors["zeros"].float()[..., None]
+    codes = unpack(tensors["codes"], bits, k, torch.int32).view(n, spec.groups, spec.group_size)
+    weight = codes.float().mul_(tensors["scales"].float()[..., None]).add_(tensors["zeros"].float()[..., None])
     return weight.reshape(n, k)

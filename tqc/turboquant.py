@@ -11,37 +11,63 @@ from __future__ import annotations
 import torch
 
 from .bitpack import pack, unpack
-from .codebook import gaussian_codebook, nearest_code
+from .codebook import gaussian_codebook
 from .layout import LayerSpec
 from .rotation import random_signs, rotate
 
-SCALE_GRID = torch.linspace(0.7, 1.3, 13)
+SCALE_GRID = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # multiples of the group's RMS, searched first
+ZOOM_STEP = 0.05  # then best +- this multiple of the RMS
 REFINE_STEPS = 3
 ROW_CHUNK = 4096
 
 
-def _fit_chunk(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [rows, groups, g] -> (codes uint8 like x, scales fp16 [rows, groups])."""
-    rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-12)
+def _lookup(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebook[codes] for int32/int64 codes (index_select: several times faster than indexing)."""
+    return codebook.index_select(0, codes.reshape(-1)).view(codes.shape)
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor, midpoints: torch.Tensor):
+    """Nearest-level codes (int32) of x / scale, and the squared error per (row, group)."""
+    normalized = x / scale[..., None]
+    codes = torch.bucketize(normalized, midpoints, out_int32=True)
+    error = normalized.sub_(_lookup(codebook, codes)).square_().sum(-1).mul_(scale.square())
+    return codes, error
+
+
+def _search_scale(x: torch.Tensor, codebook: torch.Tensor, midpoints: torch.Tensor):
+    """Per-group scale with the least error among the RMS grid and one zoomed step around its best."""
+    rms = x.square().mean(-1).sqrt_().clamp_min_(1e-12)
     best_err = torch.full_like(rms, float("inf"))
     best_scale = rms.clone()
-    for multiplier in SCALE_GRID:
-        scale = rms * multiplier
-        approx = codebook[nearest_code(x / scale[..., None], codebook).long()] * scale[..., None]
-        err = (x - approx).pow(2).sum(-1)
+
+    def consider(scale: torch.Tensor) -> None:
+        nonlocal best_err, best_scale
+        _, err = _encode(x, scale, codebook, midpoints)
         better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    scale = best_scale
-    for _ in range(REFINE_STEPS):
-        levels = codebook[nearest_code(x / scale[..., None], codebook).long()]
-        refined = (x * levels).sum(-1) / levels.pow(2).sum(-1).clamp_min(1e-12)
-        refined_err = (x - levels * refined[..., None]).pow(2).sum(-1)
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+
+    for multiplier in SCALE_GRID:
+        consider(rms * multiplier)
+    grid_best = best_scale
+    for direction in (-1.0, 1.0):
+        consider(grid_best + rms * (direction * ZOOM_STEP))
+    return best_scale, best_err
+
+
+def _fit_chunk(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [rows, groups, g] -> (codes uint8 like x, scales fp16 [rows, groups])."""
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    scale, best_err = _search_scale(x, codebook, midpoints)
+    for _ in range(REFINE_STEPS):  # least-squares scale for the current codes, kept if it helps
+        codes, _ = _encode(x, scale, codebook, midpoints)
+        levels = _lookup(codebook, codes)
+        refined = (x * levels).sum(-1) / levels.square().sum(-1).clamp_min_(1e-12)
+        refined_err = (x - levels * refined[..., None]).square_().sum(-1)
         scale = torch.where((refined > 0) & (refined_err < best_err), refined, scale)
         best_err = torch.minimum(refined_err, best_err)
     scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
-    codes = nearest_code(x / scale[..., None], codebook)
-    return codes, scale.to(torch.float16)
+    codes, _ = _encode(x, scale, codebook, midpoints)
+    return codes.to(torch.uint8), scale.to(torch.float16)
 
 
 def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +78,10 @@ def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [rows, groups, g] and scales [rows, groups] -> float32 values."""
+    """codes [rows, groups, g] (any integer dtype) and scales [rows, groups] -> float32 values."""
     codebook = gaussian_codebook(bits).to(scales.device)
-    return codebook[codes.long()] * scales.float()[..., None]
+    index = codes if codes.dtype in (torch.int32, torch.int64) else codes.int()
+    return _lookup(codebook, index).mul_(scales.float()[..., None])
 
 
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
@@ -82,9 +109,10 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tenso
     option = spec.option
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     shape = (n, spec.groups, g)
-    weight = decode_stage(unpack(tensors["codes"], option.base_bits, k).view(shape), tensors["scales"], option.base_bits)
+    codes = unpack(tensors["codes"], option.base_bits, k, torch.int32).view(shape)
+    weight = decode_stage(codes, tensors["scales"], option.base_bits)
     if option.residual_bits:
-        codes = unpack(tensors["residual_codes"], option.residual_bits, k).view(shape)
+        codes = unpack(tensors["residual_codes"], option.residual_bits, k, torch.int32).view(shape)
         weight += decode_stage(codes, tensors["residual_scales"], option.residual_bits)
     return weight.reshape(n, k)
 
