@@ -45,45 +45,62 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Score packed models (or the 16-bit source) against the source; one JSON file per model."""
     import torch  # noqa: PLC0415
 
-    from .evaluate import Windows, evaluate, token_windows  # noqa: PLC0415
-    from .models import load_model, load_tokenizer, resolve_model  # noqa: PLC0415
+    from .evaluate import Windows, batch_size_for, evaluate_many, token_windows  # noqa: PLC0415
+    from .models import load_model, load_tokenizer  # noqa: PLC0415
+
+    torch.set_grad_enabled(False)
+    if bool(args.packed) == (args.model is not None):
+        raise CommandError("give packed directories, or --model NAME to evaluate the 16-bit source model")
+    if args.output and len(args.packed) > 1:
+        raise CommandError("-o/--output names one file: give it with one packed directory only")
+    if not Path(args.data).is_file():
+        raise CommandError(f"{args.data}: no such evaluation file")
+    source, candidates = _eval_candidates(args)
+    reference = load_model(source)
+    windows = Windows(args.data, args.seq_len, args.windows)
+    ids = token_windows(load_tokenizer(source), windows)
+    vocab = reference.config.get_text_config().vocab_size
+    batch_size = args.batch_size or batch_size_for(vocab, args.seq_len)
+    models = [model for _, model, _, _ in candidates]
+    all_metrics = evaluate_many(models, reference, ids, batch_size, progress=not args.quiet)
+    for (label, _, size, output), metrics in zip(candidates, all_metrics):
+        result = {"model": label, "source": source.name, "data": str(args.data), "seq_len": args.seq_len}
+        result |= {"windows": args.windows, "batch_size": batch_size} | metrics.as_dict() | size
+        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
+        print(
+            f"{label}: ppl {metrics.perplexity:.3f} (source {metrics.source_perplexity:.3f}), "
+            f"KLD {metrics.kl_divergence:.4f}, top-1 {metrics.top1_agreement:.3f}, "
+            f"{size['size_mb']:.1f} MB, {size['bits_per_weight']:.3f} bits/weight of quantized linears"
+        )
+        print(f"wrote {output}")
+
+
+def _eval_candidates(args: argparse.Namespace):
+    """(source, [(label, model, size, output path)]) for `tqc eval`; packed models share one source."""
+    from .models import load_model, resolve_model  # noqa: PLC0415
     from .packed import WEIGHTS_FILE, load_packed, read_manifest  # noqa: PLC0415
     from .reporting import packed_size, source_size  # noqa: PLC0415
 
-    torch.set_grad_enabled(False)
-    if (args.packed is None) == (args.model is None):
-        raise CommandError("give a packed directory, or --model NAME to evaluate the 16-bit source model")
-    if not Path(args.data).is_file():
-        raise CommandError(f"{args.data}: no such evaluation file")
-    if args.packed is not None:
-        directory = Path(args.packed)
-        manifest = read_manifest(directory)
-        source = resolve_model(manifest.source.name)
-        model = load_packed(directory)
-        size = packed_size(directory / WEIGHTS_FILE, manifest)
-        label, default_output = str(directory), directory / "eval.json"
-    else:
+    if args.model is not None:
         source = resolve_model(args.model)
         model = load_model(source)
         for param in model.parameters():
             param.data = param.data.half().float()
-        size = source_size(model)
-        label, default_output = f"{args.model} (16-bit)", Path(f"eval-{args.model}-fp16.json")
-    reference = load_model(source)
-    windows = Windows(args.data, args.seq_len, args.windows)
-    metrics = evaluate(model, reference, token_windows(load_tokenizer(source), windows), progress=not args.quiet)
-    result = {"model": label, "data": str(args.data), "seq_len": args.seq_len, "windows": args.windows}
-    result |= metrics.as_dict() | size
-    output = Path(args.output) if args.output else default_output
-    write_text_atomic(output, json.dumps(result, indent=2) + "\n")
-    print(
-        f"{label}: ppl {metrics.perplexity:.3f} (source {metrics.source_perplexity:.3f}), "
-        f"KLD {metrics.kl_divergence:.4f}, top-1 {metrics.top1_agreement:.3f}, "
-        f"{size['size_mb']:.1f} MB, {size['bits_per_weight']:.3f} bits/weight of quantized linears"
-    )
-    print(f"wrote {output}")
+        output = Path(args.output or f"eval-{args.model}-fp16.json")
+        return source, [(f"{args.model} (16-bit)", model, source_size(model), output)]
+    directories = [Path(d) for d in args.packed]
+    manifests = [read_manifest(d) for d in directories]
+    names = {m.source.name for m in manifests}
+    if len(names) > 1:
+        raise CommandError(f"packed models of different sources ({', '.join(sorted(names))}): evaluate them separately")
+    candidates = [
+        (str(d), load_packed(d), packed_size(d / WEIGHTS_FILE, m), Path(args.output or d / "eval.json"))
+        for d, m in zip(directories, manifests)
+    ]
+    return resolve_model(manifests[0].source.name), candidates
 
 
 # --------------------------------------------------------------------------------------- inspect
@@ -148,11 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     build_cmd.set_defaults(run=cmd_build)
 
     eval_cmd = commands.add_parser("eval", help="perplexity, KL divergence and top-1 agreement against the source")
-    eval_cmd.add_argument("packed", nargs="?", help="packed model directory")
+    eval_cmd.add_argument("packed", nargs="*", help="packed model directories of one source (its forward is shared)")
     eval_cmd.add_argument("--model", help="evaluate the 16-bit source model instead")
     eval_cmd.add_argument("--data", default=DEFAULT_DATA)
     eval_cmd.add_argument("--seq-len", type=int, default=512)
     eval_cmd.add_argument("--windows", type=int, default=40)
+    eval_cmd.add_argument("--batch-size", type=int, help="windows per forward (default: as many as 1 GiB of logits allows, at most 8)")
     eval_cmd.add_argument("-o", "--output", help="JSON results (default: PACKED/eval.json)")
     eval_cmd.add_argument("-q", "--quiet", action="store_true")
     eval_cmd.set_defaults(run=cmd_eval)

@@ -11,6 +11,7 @@ where both models rank the same token first.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,32 +53,72 @@ def token_windows(tokenizer, windows: Windows) -> torch.Tensor:
     return ids[: windows.count * windows.seq_len].view(windows.count, windows.seq_len)
 
 
+LOGIT_BUDGET = 2**28  # float32 logits held per model per batch (1 GiB): bounds the batch size
+
+
+def batch_size_for(vocab_size: int, seq_len: int, budget: int = LOGIT_BUDGET, most: int = 8) -> int:
+    """Windows per forward: as many as the logit budget allows (Gemma's 262k vocabulary gets fewer)."""
+    return max(1, min(most, budget // (vocab_size * seq_len)))
+
+
+class _Totals:
+    """Running sums for one model: NLL, KL to the source, top-1 agreement."""
+
+    def __init__(self) -> None:
+        self.nll = self.kld = self.agree = 0.0
+
+    def add(self, logits: torch.Tensor, ref_logp: torch.Tensor, ref_top: torch.Tensor, targets: torch.Tensor) -> None:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        self.nll += F.nll_loss(logp, targets, reduction="sum").item()
+        self.kld += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+        self.agree += (logp.argmax(-1) == ref_top).sum().item()
+
+
 @torch.no_grad()
-def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [batch, seq_len - 1, vocab] on CPU (float32 or the model's dtype)."""
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device)).logits[:, :-1].float().cpu()
-    return F.log_softmax(logits, dim=-1)
+    return model(input_ids=ids.to(device)).logits[:, :-1].cpu()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: nn.Module, ids: torch.Tensor, progress: bool = True) -> Metrics:
-    """Score `model` against `source` on the windows `ids` [count, seq_len], one window at a time."""
-    nll = source_nll = kld = agree = 0.0
-    count = 0
-    for window in tqdm(ids, desc="eval", unit="window", disable=not progress):
-        window = window[None]
-        targets = window[:, 1:].reshape(-1)
-        logp = _log_probs(model, window).flatten(0, 1)
-        ref = _log_probs(source, window).flatten(0, 1)
-        nll += F.nll_loss(logp, targets, reduction="sum").item()
-        source_nll += F.nll_loss(ref, targets, reduction="sum").item()
-        kld += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
-        agree += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
-        count += targets.numel()
-    return Metrics(
-        perplexity=math.exp(nll / count),
-        source_perplexity=math.exp(source_nll / count),
-        kl_divergence=kld / count,
-        top1_agreement=agree / count,
-        tokens=count,
-    )
+def evaluate_many(
+    models: Sequence[nn.Module], source: nn.Module, ids: torch.Tensor, batch_size: int = 1, progress: bool = True
+) -> list[Metrics]:
+    """Score every model against `source` on the windows `ids` [count, seq_len].
+
+    Windows go through each model `batch_size` at a time; the source runs once per batch for all
+    models. Log-softmax and KL are taken one window at a time, so memory stays at the batch's
+    logits. Batching changes only float rounding, never which tokens are scored.
+    """
+    totals = [_Totals() for _ in models]
+    source_nll = 0.0
+    bar = tqdm(total=len(ids), desc="eval", unit="window", disable=not progress)
+    for batch in ids.split(batch_size):
+        targets = batch[:, 1:]
+        ref_logits = _logits(source, batch)
+        ref = [F.log_softmax(window.float(), dim=-1) for window in ref_logits]
+        del ref_logits
+        source_nll += sum(F.nll_loss(r, t, reduction="sum").item() for r, t in zip(ref, targets))
+        ref_top = [r.argmax(-1) for r in ref]
+        for model, total in zip(models, totals):
+            for i, window in enumerate(_logits(model, batch)):
+                total.add(window, ref[i], ref_top[i], targets[i])
+        bar.update(len(batch))
+    bar.close()
+    count = targets.shape[1] * len(ids)
+    return [
+        Metrics(
+            perplexity=math.exp(total.nll / count),
+            source_perplexity=math.exp(source_nll / count),
+            kl_divergence=total.kld / count,
+            top1_agreement=total.agree / count,
+            tokens=count,
+        )
+        for total in totals
+    ]
+
+
+def evaluate(model: nn.Module, source: nn.Module, ids: torch.Tensor, progress: bool = True, batch_size: int = 1) -> Metrics:
+    """Score one `model` against `source` on the windows `ids` [count, seq_len]."""
+    return evaluate_many([model], source, ids, batch_size, progress)[0]
