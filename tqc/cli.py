@@ -7,7 +7,6 @@ as one line `tqc: error: ...` with exit status 1; nothing is left half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,6 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .evaluate import Windows, batch_size_for, evaluate_many, token_windows  # noqa: PLC0415
     from .models import load_model, load_tokenizer  # noqa: PLC0415
+    from .reporting import EvalResult  # noqa: PLC0415
 
     torch.set_grad_enabled(False)
     if bool(args.packed) == (args.model is not None):
@@ -67,9 +67,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     models = [model for _, model, _, _ in candidates]
     all_metrics = evaluate_many(models, reference, ids, batch_size, progress=not args.quiet)
     for (label, _, size, output), metrics in zip(candidates, all_metrics):
-        result = {"model": label, "source": source.name, "data": str(args.data), "seq_len": args.seq_len}
-        result |= {"windows": args.windows, "batch_size": batch_size} | metrics.as_dict() | size
-        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
+        result = EvalResult(
+            model=label, source=source.name, data=str(args.data), seq_len=args.seq_len, windows=args.windows,
+            batch_size=batch_size, **metrics.as_dict(), **size,
+        )
+        write_text_atomic(output, result.model_dump_json(indent=2) + "\n")
         print(
             f"{label}: ppl {metrics.perplexity:.3f} (source {metrics.source_perplexity:.3f}), "
             f"KLD {metrics.kl_divergence:.4f}, top-1 {metrics.top1_agreement:.3f}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .layout import layer_bytes
@@ -21,3 +22,23 @@ def source_size(model: nn.Module) -> dict[str, float]:
     """Size of the model with every parameter stored in 16 bits (tied tensors once)."""
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     return {"size_mb": 2 * sum(unique.values()) / 1e6, "bits_per_weight": 16.0}
+
+
+class EvalResult(BaseModel):
+    """What `tqc eval` writes (JSON), one file per evaluated model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    source: str
+    data: str
+    seq_len: int
+    windows: int
+    batch_size: int
+    perplexity: float
+    source_perplexity: float
+    kl_divergence: float
+    top1_agreement: float
+    tokens: int
+    size_mb: float
+    bits_per_weight: float
