@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tqc.models import LinearShape, SourceModel, linear_layers, load_model, load_tokenizer
 from tqc.options import resolve_group_size
@@ -14,7 +13,7 @@ from tqc.plan import ModelRef
 
 from .data import sample_windows
 from .measurement import DataRef, LayerScore, Measurement, cache_path, measurement_key, read_measurement, write_measurement
-from .scores import DEFAULT_ROWS, layer_scores, prior_scores
+from .scores import DEFAULT_ROWS, prior_scores, score_layers
 from .statistics import collect
 
 
@@ -38,22 +37,18 @@ def calibrate(
     model = model if model is not None else load_model(source)
     windows = sample_windows(load_tokenizer(source), data)
     stats = collect(model, windows, seed=data.seed, progress=progress)
-    layers = {}
+    linears = linear_layers(model)
+    sizes = {name: group_size_for(linear.in_features, group_size) for name, linear in linears.items()}
     with torch.no_grad():
-        items = list(linear_layers(model).items())
-        for name, linear in tqdm(items, desc="score", unit="layer", disable=not progress):
-            size = group_size_for(linear.in_features, group_size)
-            entry = stats[name]
-            options = {}
-            if size is not None:
-                options = layer_scores(name, linear.weight, entry.hessian, entry.alpha, size, seed, rows)
-            layers[name] = LayerScore(
-                in_features=linear.in_features,
-                out_features=linear.out_features,
-                group_size=size or group_size,
-                alpha=entry.alpha,
-                options=options,
-            )
+        todo = {name: (linears[name].weight, stats[name].hessian, stats[name].alpha, size) for name, size in sizes.items() if size}
+        scores = score_layers(todo, seed, rows)
+    layers = {
+        name: LayerScore(
+            in_features=linear.in_features, out_features=linear.out_features, group_size=sizes[name] or group_size,
+            alpha=stats[name].alpha, options=scores.get(name, {}),
+        )  # fmt: skip
+        for name, linear in linears.items()
+    }
     model_ref = ModelRef(name=source.name, sha256=source.sha256())
     return Measurement(
         method="fisher-proxy", model=model_ref, data=data, group_size=group_size, seed=seed, rows_per_layer=rows, layers=layers

@@ -51,3 +51,16 @@ def test_sliding_window_layers_hold_their_window(llama8b):
     windowed = replace(llama8b, kv_layers=(0, 100) * 16)
     per_token_layer = 2 * 8 * 128 * 2
     assert kv_cache_bytes(windowed, Runtime(context=1000)) == per_token_layer * (16 * 1000 + 16 * 100)
+
+
+def test_smollm2_tied_head_costs_nothing_in_fp16():
+    from tqc.layout import LayerSpec
+    from tqc.memory import linear_cost
+    from tqc.options import QuantOption
+
+    geometry = model_geometry(empty_model(load_config(resolve_model("smollm2"))))
+    assert geometry.tied_head == "lm_head"
+    assert geometry.other_weights == 49152 * 576 + (2 * 30 + 1) * 576  # embedding once, norms
+    fp16, four = LayerSpec(QuantOption.parse("fp16"), 64, 576, 49152), LayerSpec(QuantOption.parse("4"), 64, 576, 49152)
+    assert linear_cost(fp16, "lm_head", geometry) == 0
+    assert linear_cost(four, "lm_head", geometry) == 49152 * 576 // 2 + 49152 * 9 * 2 + 8  # untied when quantized

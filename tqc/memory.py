@@ -80,12 +80,13 @@ def model_geometry(model: nn.Module) -> ModelGeometry:
     }
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    tied = head is not None and embedding is not None and head.weight is embedding.weight
-    other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
-    if tied:
-        other += embedding.weight.numel()  # shared with the head: counted here, the head costs 0 in fp16
-    head_name = next((name for name, layer in linears.items() if layer is head), None) if tied else None
     text = _text_config(model.config)
+    # the config says whether the head shares the embedding (a meta-device model may not tie them yet)
+    tied = head is not None and embedding is not None and bool(getattr(text, "tie_word_embeddings", False))
+    other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
+    if head is not None and embedding is not None and head.weight is embedding.weight:
+        other += embedding.weight.numel()  # one tensor: counted as the embedding; the fp16 head costs 0
+    head_name = next((name for name, layer in linears.items() if layer is head), None) if tied else None
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     window = getattr(text, "sliding_window", None) or 0

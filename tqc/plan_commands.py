@@ -94,12 +94,12 @@ def measurement_for(args: argparse.Namespace, source: SourceModel, model: ModelR
 
 
 def plan_budget(args: argparse.Namespace) -> tuple[Plan, dict[str, str]]:
+    budget, runtime, rules = parse_size(args.budget), runtime_from(args), rules_from(args)  # cheap checks first
     source = resolve_model(args.model)
     shapes, geometry = model_shapes(source)
     model = ModelRef(name=args.model, sha256=source.sha256())
     measurement = measurement_for(args, source, model, shapes)
-    rules = rules_from(args)
-    plan = allocated_plan(model, measurement, shapes, geometry, runtime_from(args), parse_size(args.budget), rules)
+    plan = allocated_plan(model, measurement, shapes, geometry, runtime, budget, rules)
     return plan, layer_notes(plan, layer_candidates(measurement, shapes, geometry, rules))
 
 
