@@ -1,0 +1,74 @@
+"""`tqc bench static`: compile the generated kernels for sm_90 on any machine (no GPU) and read the SASS.
+
+For a memory-bound kernel that turns out instruction-bound, the number of SASS instructions each
+thread issues per weight is the quantity to drive down; registers and stack (spills) say whether a
+configuration can run at all. This compiles ahead of time with Triton's bundled ptxas and counts
+the instructions of cuobjdump's disassembly. The time estimates divide work by the H100's issue
+rate (132 SMs x 4 schedulers x 32 lanes x 1.755 GHz) and by a stated memory bandwidth; they are
+estimates, printed as such, never measurements.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import triton_kernels as tk
+from .registry import KernelKey
+from .repack import slot_words
+from .tuning import LaunchConfig
+
+H100_ISSUE_PER_S = 132 * 4 * 32 * 1.755e9  # thread-instructions per second
+POINTERS = ("x_ptr", "out_ptr", "codes_ptr", "scales_ptr", "codebook_ptr", "res_codes_ptr", "res_scales_ptr",
+            "res_codebook_ptr")
+POINTER_TYPES = ("*bf16", "*bf16", "*i32", "*fp16", "*fp32", "*i32", "*fp16", "*fp32")
+
+
+def compile_for_hopper(key: KernelKey, config: LaunchConfig):
+    """The compiled gemv/gemm kernel of a key and launch configuration, for sm_90."""
+    fn = tk.gemv_kernel if config.strategy == "gemv" else tk.gemm_kernel
+    signature = dict(zip(POINTERS, POINTER_TYPES)) | {"M": "i32"}
+    constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": slot_words(key.k, key.group_size),
+                  "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+    if config.strategy == "gemm":
+        constexprs["GROUP_M"] = 8
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    names = list(signature)
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS))})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_summary(kernel) -> dict:
+    """Registers, stack bytes and SASS instruction counts of a compiled kernel."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(kernel.asm["cubin"])
+        handle.flush()
+        usage = _run(f"{tools}/cuobjdump", "--dump-resource-usage", handle.name)
+        sass = _run(f"{tools}/cuobjdump", "--dump-sass", handle.name)
+    ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "instructions": sum(ops.values()), "top": dict(ops.most_common(8))}
+
+
+def _run(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def gemv_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
+    """Instructions per weight of the GEMV main loop, and the issue- and memory-bound times it implies."""
+    b = slot_words(key.k, key.group_size)
+    weights_per_thread = config.block_n * 32 * b / (32 * config.num_warps)  # one chunk iteration
+    per_weight = summary["instructions"] / weights_per_thread  # the loop body dominates the listing
+    weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
+    return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
+            "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}

@@ -1,0 +1,143 @@
+"""tqc.kernels on CPU: kernel layout, registry, tuning cache, attach; and the interpreted accuracy run.
+
+The kernels themselves are checked against the reference path by tests/test_kernels_accuracy.py,
+which this module runs under TRITON_INTERPRET=1 in a subprocess (the variable changes how
+`triton.jit` decorates, so it must never reach this process).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tqc.bitpack import pack, plane_widths
+from tqc.kernels import attach, detach
+from tqc.kernels.repack import slot_words, to_bitpack_layout, to_kernel_layout
+from tqc.kernels.tuning import LaunchConfig, Tuner, TuneFile, candidate_configs, token_bucket
+from tqc.layout import LayerSpec
+from tqc.linear import TurboQuantLinear
+from tqc.options import QuantOption
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER_SHAPES = [(4096, 128), (14336, 128), (576, 64), (1536, 128), (96, 32)]  # (K, group size)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("k", "group_size"), LAYER_SHAPES)
+def test_kernel_layout_round_trip_is_exact(bits, k, group_size):
+    codes = torch.randint(0, 2**bits, (5, k), generator=torch.Generator().manual_seed(k + bits))
+    packed = pack(codes, bits)
+    words = to_kernel_layout(packed, bits, k, group_size)
+    assert words.shape == packed.shape and words.dtype == torch.int32
+    assert torch.equal(to_bitpack_layout(words, bits, k, group_size), packed)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kernel_layout_places_each_code_where_the_docs_say(bits):
+    """Word (chunk c, run a, column kw) of a plane of width w holds slot t = a * 32/w + j in bits [j*w, (j+1)*w)."""
+    k, group_size = 4096, 128
+    b = slot_words(k, group_size)
+    codes = torch.randint(0, 2**bits, (3, k), generator=torch.Generator().manual_seed(bits))
+    words = to_kernel_layout(pack(codes, bits), bits, k, group_size).to(torch.int64) & 0xFFFFFFFF
+    row, position = 2, 0
+    for plane, width in enumerate(plane_widths(bits)):
+        low_bits = sum(plane_widths(bits)[plane + 1 :])
+        for index in torch.randint(0, k * width // 32, (50,), generator=torch.Generator().manual_seed(plane)).tolist():
+            chunk, rest = divmod(index, width * b)
+            run, column = divmod(rest, b)
+            for j in range(32 // width):
+                slot = run * (32 // width) + j
+                code = codes[row, chunk * 32 * b + slot * b + column].item()
+                field = (words[row, position + index].item() >> (j * width)) & (2**width - 1)
+                assert field == (code >> low_bits) & (2**width - 1)
+        position += k * width // 32
+
+
+@pytest.mark.parametrize(("k", "group_size"), LAYER_SHAPES)
+def test_slot_words_divides_the_group_and_the_row(k, group_size):
+    b = slot_words(k, group_size)
+    assert b & (b - 1) == 0 and group_size % b == 0 and k % (32 * b) == 0
+
+
+def test_llama_shapes_get_the_widest_slots():
+    assert {slot_words(k, 128) for k in (4096, 8192, 14336, 28672)} == {64}
+
+
+def test_token_buckets_choose_the_strategy_family():
+    assert [token_bucket(m) for m in (1, 2, 16, 17, 128, 2048, 10_000)] == [1, 16, 16, 64, 256, 4096, 4096]
+    assert {c.strategy for c in candidate_configs(1)} == {"gemv"}
+    assert {c.block_m for c in candidate_configs(16)} == {16}
+    assert {c.strategy for c in candidate_configs(4096)} == {"gemm", "dequant"}
+
+
+def test_tuning_cache_round_trip_and_invalidation(tmp_path):
+    path = tmp_path / "gpu.json"
+    calls = []
+
+    def timer(fn):
+        fn()
+        return 1e-6 * (len(calls) + 1)
+
+    tuner = Tuner("H100", "3.6.0", path, timer=timer)
+    candidates = candidate_configs(1)
+    best = tuner.config("b4r0g128n64k256", 1, lambda config: calls.append(config), candidates)
+    assert best == candidates[0] and len(calls) == len(candidates)
+    again = Tuner("H100", "3.6.0", path, timer=timer)  # a second load does not tune again
+    assert again.config("b4r0g128n64k256", 1, lambda config: calls.append(config), candidates) == best
+    assert len(calls) == len(candidates)
+    assert TuneFile.model_validate_json(path.read_text()).triton_version == "3.6.0"
+    assert Tuner("H100", "3.7.0", path).data.entries == {}  # another Triton version retunes
+    assert Tuner("H200", "3.6.0", path).data.entries == {}
+    path.write_text("{not json")
+    assert Tuner("H100", "3.6.0", path).data.entries == {}
+
+
+def test_tuner_skips_configurations_that_fail():
+    def run(config: LaunchConfig):
+        if config.block_n != 16:
+            raise RuntimeError("out of resources")
+
+    tuner = Tuner("H100", "3.6.0", None, timer=lambda fn: fn() or 1e-6)
+    assert tuner.config("key", 1, run, candidate_configs(1)).block_n == 16
+    with pytest.raises(RuntimeError, match="no launch configuration ran"):
+        tuner.config("other", 1, lambda config: 1 / 0, candidate_configs(1))
+
+
+def test_attach_leaves_cpu_models_on_the_reference_path():
+    layer = TurboQuantLinear(LayerSpec(QuantOption.parse("4+2"), 64, 256, 32))
+    layer.refresh_signs()
+    model = torch.nn.Sequential(layer)
+    before = layer.codes.clone()
+    assert attach(model) == 0
+    assert layer.kernel is None and torch.equal(layer.codes, before)
+    detach(model)
+    assert torch.equal(layer.codes, before)
+
+
+def test_prepare_and_restore_round_trip():
+    from tqc.kernels.registry import prepare, restore
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    layer = random_turboquant_linear(LayerSpec(QuantOption.parse("3+4"), 128, 512, 16), "cpu")
+    codes, residual = layer.codes.clone(), layer.residual_codes.clone()
+    prepare(layer)
+    prepare(layer)  # idempotent
+    assert not torch.equal(layer.codes, codes)
+    restore(layer)
+    assert torch.equal(layer.codes, codes) and torch.equal(layer.residual_codes, residual)
+
+
+def test_kernels_match_reference_under_the_interpreter():
+    """Every (bits, residual) and strategy against the reference path, TRITON_INTERPRET=1, small shapes."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels_accuracy.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
