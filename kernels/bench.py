@@ -4,6 +4,7 @@
                        against a bf16 torch.nn.functional.linear measured in the same run, plus the
                        device's copy bandwidth
     tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
+    tqc bench static   no GPU needed: compile the GEMV for sm_90, count SASS instructions per weight
 
 Every timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), over enough
 copies of the weights that they do not fit in L2, so each replay streams them from device memory.
@@ -179,11 +180,23 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     decode.add_argument("--layers", type=int, default=32)
     decode.add_argument("-o", "--output", default="bench-decode.json")
+    static = kinds.add_parser("static", help="compile the one-token GEMV for sm_90 here (no GPU) and count its SASS")
+    static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
+    static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
+    static.add_argument("--bandwidth", type=float, default=2700.0, help="GB/s assumed for the memory-bound estimate")
+    static.add_argument("-o", "--output", default="bench-static.json")
+    static.set_defaults(run=_static)
     for parser in (layers, decode):
         parser.add_argument("--cache-dir", type=Path, help="kernel tuning cache (default ~/.cache/tqc/kernels)")
         parser.add_argument("-v", "--verbose", action="store_true", help="print each tuning result")
     layers.set_defaults(run=_checked(cmd_layers))
     decode.set_defaults(run=_checked(cmd_decode))
+
+
+def _static(args: argparse.Namespace) -> None:
+    from .static_report import cmd_static  # noqa: PLC0415
+
+    cmd_static(args)
 
 
 def _checked(command):

@@ -102,8 +102,11 @@ class LayerKernel:
         launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_M": config.block_m,
                   "BLOCK_N": config.block_n}
         if config.strategy == "gemv":
+            if m != 1:
+                raise ValueError(f"the GEMV kernel takes one token, got {m}")
             grid = (triton.cdiv(n, config.block_n),)
-            tk.gemv_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch)
+            del launch["BLOCK_M"]
+            tk.gemv_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch)
         else:
             grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
             tk.gemm_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch, GROUP_M=8)

@@ -33,12 +33,13 @@ POINTER_TYPES = ("*bf16", "*bf16", "*i32", "*fp16", "*fp32", "*i32", "*fp16", "*
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled gemv/gemm kernel of a key and launch configuration, for sm_90."""
-    fn = tk.gemv_kernel if config.strategy == "gemv" else tk.gemm_kernel
-    signature = dict(zip(POINTERS, POINTER_TYPES)) | {"M": "i32"}
+    gemv = config.strategy == "gemv"
+    fn = tk.gemv_kernel if gemv else tk.gemm_kernel
+    signature = dict(zip(POINTERS, POINTER_TYPES)) | ({} if gemv else {"M": "i32"})
     constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": slot_words(key.k, key.group_size),
-                  "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
-    if config.strategy == "gemm":
-        constexprs["GROUP_M"] = 8
+                  "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_N": config.block_n}
+    if not gemv:
+        constexprs |= {"BLOCK_M": config.block_m, "GROUP_M": 8}
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
@@ -72,3 +73,32 @@ def gemv_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
             "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
+
+
+def static_rows(models: list[str], options: list[str], configs: list[LaunchConfig], bandwidth_gbps: float) -> list[dict]:
+    """One row per (shape, option, configuration): resources, instructions per weight, time estimates."""
+    from .bench import SHAPES, layer_key  # noqa: PLC0415
+
+    rows = []
+    for model in models:
+        for layer, (n, k) in SHAPES[model].items():
+            for option in options:
+                key = layer_key(option, n, k, 128)
+                for config in configs:
+                    summary = sass_summary(compile_for_hopper(key, config))
+                    row = {"model": model, "layer": layer, "option": option, "n": n, "k": k} | config.model_dump()
+                    row |= summary | gemv_estimate(key, config, summary, bandwidth_gbps)
+                    rows.append(row)
+                    print(f"{model:<10} {layer:<17} {option:>4} BN={config.block_n:<3} warps={config.num_warps} "
+                          f"regs {row['registers']:>3} stack {row['stack']:>5}  {row['instructions_per_weight']:5.2f} instr/weight  "
+                          f"issue-bound {row['issue_bound_us']:7.1f} us  memory-bound {row['memory_bound_us']:7.1f} us", flush=True)
+    return rows
+
+
+def cmd_static(args) -> None:
+    from .bench import save  # noqa: PLC0415
+    from .tuning import candidate_configs  # noqa: PLC0415
+
+    configs = candidate_configs(1)
+    rows = static_rows(args.models, args.options, configs, args.bandwidth)
+    save({"triton": triton.__version__, "target": "sm_90", "bandwidth_gbps_assumed": args.bandwidth, "rows": rows}, args.output)

@@ -2,15 +2,17 @@
 
 Strategies (registry.py chooses one by the number of tokens):
     fwht_kernel     rotate activations: x' = FWHT_G(x * signs) / sqrt(G), per group of G inputs
-    gemv_kernel     1-16 tokens: one pass over the packed weight, decoded in registers
-    gemm_kernel     prefill: tiled, each decoded slot tile feeds a tensor-core `tl.dot`
+    gemv_kernel     one token: one pass over the packed weight, decoded in registers, CUDA cores
+    gemm_kernel     2+ tokens: tiled, each decoded slot tile feeds a tensor-core `tl.dot`
+                    (BLOCK_M = 16 for 2-16 tokens: still a single pass over the weight)
     dequant_kernel  write the decoded weight in bf16/fp16 (then cuBLAS, for very many tokens)
 
 The codes are in the kernel layout of repack.py (docs/kernel_layout.md): per row, chunks of
 32 * B codes, code k = chunk * 32B + t * B + kw. For every slot t a [BLOCK_N, B] tile of codes is
 a shift and a mask of one contiguous [BLOCK_N, B] word tile, so decoding is elementwise, and the
 activations it multiplies are the contiguous x[k0 : k0 + B]. The words of slots t0..t0+7 are
-loaded once (`_octet_words`) and decoded eight times. Code bits, residual bits, group size, N, K
+loaded once (`_octet_words`) and decoded eight times (GEMV, where decoding is the bottleneck;
+the tiled kernel loops over slots at run time, keeping its code and compile time small). Code bits, residual bits, group size, N, K
 and B are constexpr: each distinct layer configuration compiles to its own specialised kernel.
 """
 
@@ -21,7 +23,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _octet_words(ptr, rows, row_mask, chunk, t0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, B: tl.constexpr):
+def _octet_words(ptr, rows, row_mask, chunk, t0, K: tl.constexpr, BITS: tl.constexpr, B: tl.constexpr):
     """The [BLOCK_N, B] words holding slots t0..t0+7 of a chunk: the high plane and (odd bits) the 1-bit plane."""
     HIGH: tl.constexpr = BITS - BITS % 2
     base = rows[:, None] * (K * BITS // 32) + tl.arange(0, B)[None, :]
@@ -33,7 +35,7 @@ def _octet_words(ptr, rows, row_mask, chunk, t0: tl.constexpr, K: tl.constexpr, 
 
 
 @triton.jit
-def _slot_codes(high, low, t: tl.constexpr, BITS: tl.constexpr):
+def _slot_codes(high, low, t, BITS: tl.constexpr):
     """The b-bit codes of slot t from its words."""
     HIGH: tl.constexpr = BITS - BITS % 2
     codes = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << HIGH) - 1)
@@ -50,7 +52,7 @@ def _slot_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexp
 
 @triton.jit
 def slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr, rows, row_mask,
-                 k0, t: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr):
+                 k0, t, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr):
     """The shared dequantize step: W'[rows, k0 : k0 + B] of slot t, float32, base stage plus residual."""
     codes = _slot_codes(words[0], words[1], t, BITS)
     w = tl.load(codebook_ptr + codes) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
@@ -62,7 +64,7 @@ def slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, r
 
 
 @triton.jit
-def _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr,
+def _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K: tl.constexpr, BITS: tl.constexpr,
            RES_BITS: tl.constexpr, B: tl.constexpr):
     """Words of slots t0..t0+7 for both stages (the residual's equal the base's when there is none)."""
     words = _octet_words(codes_ptr, rows, row_mask, chunk, t0, K, BITS, B)
@@ -101,24 +103,19 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, M, K: tl.constexpr, LOG_G: tl.constex
     tl.store(out_ptr + tokens[:, None] * K + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[M, N] = x' @ W'^T for few tokens (x' rotated), one pass over the weight; grid (cdiv(N, BLOCK_N),).
+                res_codebook_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[N] = W' x' for one token (x' rotated), one pass over the weight; grid (cdiv(N, BLOCK_N),).
 
-    BLOCK_M == 1 multiplies on the CUDA cores into a [BLOCK_N, B] accumulator reduced once at the
-    end; BLOCK_M == 16 (2-16 tokens, padded) multiplies each slot tile with `tl.dot`.
+    The 32 slots of a chunk are unrolled, so every slot's shift is a constant and the words of
+    eight slots are loaded once; products accumulate in a [BLOCK_N, B] tile reduced at the end.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    tokens = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, B)
-    dtype = out_ptr.dtype.element_ty
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
     for chunk in range(0, K // (32 * B)):
         for t0 in tl.static_range(0, 32, 8):
             words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
@@ -126,17 +123,8 @@ def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_p
                 k0 = chunk * 32 * B + (t0 + j) * B
                 w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
                                  rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
-                if BLOCK_M == 1:
-                    x = tl.load(x_ptr + k0 + cols).to(tl.float32)
-                    acc += w * x[None, :]
-                else:
-                    x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
-                    acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-    if BLOCK_M == 1:
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(dtype), mask=row_mask)
-    else:
-        mask = (tokens < M)[:, None] & row_mask[None, :]
-        tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(dtype), mask=mask)
+                acc += w * tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -144,7 +132,10 @@ def gemm_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_p
                 res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                 BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 GROUP_M: tl.constexpr):
-    """out[M, N] = x' @ W'^T for many tokens (x' rotated); output tiles visited in L2-friendly groups."""
+    """out[M, N] = x' @ W'^T for 2 or more tokens (x' rotated), on tensor cores; tiles in L2-friendly groups.
+
+    With BLOCK_M = 16 and M <= 16 (one row of tiles) this is a single pass over the weight.
+    """
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = pid // (GROUP_M * tiles_n) * GROUP_M
@@ -157,15 +148,13 @@ def gemm_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_p
     cols = tl.arange(0, B)
     dtype = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for chunk in range(0, K // (32 * B)):
-        for t0 in tl.static_range(0, 32, 8):
-            words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
-            for j in tl.static_range(8):
-                k0 = chunk * 32 * B + (t0 + j) * B
-                w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
-                                 rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
-                x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
-                acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+    for slot in range(0, K // B):  # not unrolled: decoding is shared by BLOCK_M tokens here
+        chunk, t = slot // 32, slot % 32
+        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t, K, BITS, RES_BITS, B)
+        w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
+                         rows, row_mask, slot * B, t, K, G, BITS, RES_BITS)
+        x = tl.load(x_ptr + tokens[:, None] * K + slot * B + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
+        acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
     mask = (tokens < M)[:, None] & row_mask[None, :]
     tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(dtype), mask=mask)
 

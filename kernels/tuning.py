@@ -55,20 +55,19 @@ def token_bucket(tokens: int) -> int:
     return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
 
 
-GEMV_SHAPES = ((8, 4), (16, 4), (32, 4), (32, 8), (64, 8))  # (block_n, num_warps), one token
-GEMV_DOT_SHAPES = ((16, 4), (32, 4), (64, 4), (64, 8))  # 2-16 tokens, padded to 16
-GEMM_SHAPES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2))  # (m, n, warps, stages)
+# Chosen with `tqc bench static` (sm_90 SASS, no GPU): BLOCK_N 64 spills, 32 needs 8 warps.
+GEMV_SHAPES = ((8, 4), (16, 4), (16, 8), (32, 8))  # (block_n, num_warps), one token
+SKINNY_SHAPES = ((16, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3))  # 2-16 tokens: (m, n, warps, stages)
+GEMM_SHAPES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))  # (128, 64, 4) spills
 
 
 def candidate_configs(bucket: int) -> list[LaunchConfig]:
     """The launch configurations worth timing for a token bucket."""
     if bucket == 1:
         return [LaunchConfig(strategy="gemv", block_n=n, num_warps=w) for n, w in GEMV_SHAPES]
-    if bucket == 16:
-        return [LaunchConfig(strategy="gemv", block_m=16, block_n=n, num_warps=w) for n, w in GEMV_DOT_SHAPES]
-    shapes = GEMM_SHAPES if bucket >= 256 else GEMM_SHAPES[:2]
+    shapes = SKINNY_SHAPES if bucket == 16 else GEMM_SHAPES if bucket >= 256 else GEMM_SHAPES[:2]
     configs = [LaunchConfig(strategy="gemm", block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-    return configs + [LaunchConfig(strategy="dequant", block_n=32)]
+    return configs + ([LaunchConfig(strategy="dequant", block_n=32)] if bucket >= 256 else [])
 
 
 def default_cache_dir() -> Path:
