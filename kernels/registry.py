@@ -21,7 +21,7 @@ from tqc.codebook import gaussian_codebook
 from tqc.layout import LayerSpec
 
 from . import triton_kernels as tk
-from .repack import slot_words, to_bitpack_layout, to_kernel_layout
+from .repack import pair_table, slot_words, to_bitpack_layout, to_kernel_layout
 from .tuning import LaunchConfig, Tuner, candidate_configs, token_bucket
 
 KERNEL_LAYOUT = "kernel"
@@ -57,22 +57,25 @@ class LayerKernel:
 
     key: KernelKey
     tuner: Tuner
-    _codebooks: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    _codebooks: dict[tuple[int, torch.device, bool], torch.Tensor] = field(default_factory=dict)
 
-    def codebook(self, bits: int, device: torch.device) -> torch.Tensor:
-        if (bits, device) not in self._codebooks:
-            self._codebooks[(bits, device)] = gaussian_codebook(bits).to(device)
-        return self._codebooks[(bits, device)]
+    def codebook(self, bits: int, device: torch.device, pairs: bool = False) -> torch.Tensor:
+        """The stage's Lloyd-Max codebook on `device`, or its pair table (repack.pair_table) for the GEMV."""
+        if (bits, device, pairs) not in self._codebooks:
+            table = pair_table(gaussian_codebook(bits), bits) if pairs else gaussian_codebook(bits)
+            self._codebooks[(bits, device, pairs)] = table.to(device)
+        return self._codebooks[(bits, device, pairs)]
 
-    def weights(self, module) -> tuple[torch.Tensor, ...]:
-        """The six weight arguments of every kernel: codes, scales, codebook, then the residual's."""
+    def weights(self, module, pairs: bool = False) -> tuple[torch.Tensor, ...]:
+        """The six weight arguments of every kernel: codes, scales, codebook (or pair table), then the residual's."""
         if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
             raise ValueError("the layer's codes are not in the kernel layout: call tqc.kernels.prepare(module)")
         device = module.codes.device
-        base = (module.codes, module.scales, self.codebook(self.key.bits, device))
+        base = (module.codes, module.scales, self.codebook(self.key.bits, device, pairs))
         if not self.key.residual_bits:
             return base + base  # never read: RES_BITS == 0 is a constexpr branch
-        return base + (module.residual_codes, module.residual_scales, self.codebook(self.key.residual_bits, device))
+        residual = self.codebook(self.key.residual_bits, device, pairs)
+        return base + (module.residual_codes, module.residual_scales, residual)
 
     def constexprs(self) -> dict[str, int]:
         k = self.key
@@ -106,7 +109,7 @@ class LayerKernel:
                 raise ValueError(f"the GEMV kernel takes one token, got {m}")
             grid = (triton.cdiv(n, config.block_n),)
             del launch["BLOCK_M"]
-            tk.gemv_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch)
+            tk.gemv_kernel[grid](rotated, out, *self.weights(module, pairs=True), **self.constexprs(), **launch)
         else:
             grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
             tk.gemm_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch, GROUP_M=8)

@@ -4,7 +4,7 @@ tqc/bitpack.py packs 32 / w consecutive codes of a row in one word. The kernels 
 one wide, contiguous load gives every thread the codes of the same "slot", so a tile decodes
 with a shift and a mask, elementwise, no reshuffling in registers. So a row of K codes is cut
 into chunks of 32 * B codes (B = `slot_words(K, G)`, a power of two dividing G); inside a chunk
-code k = t * B + kw (slot t in 0..31, column kw in 0..B-1). A plane of width w stores, per
+code k = t * B + kw (slot t in 0..31, column kw in 0..B-1; 2B divides G). A plane of width w stores, per
 chunk, w runs of B words; word (a, kw) holds slots t = a * (32 / w) + j, j = 0 .. 32 / w - 1, in
 bits [j * w, (j + 1) * w). Planes are split and ordered as in bitpack (4 -> [4], 3 -> [2, 1],
 2 -> [2]), each plane contiguous per row, so a row still takes exactly K * b / 32 words.
@@ -21,11 +21,29 @@ WORD_BITS = 32
 
 
 def slot_words(k: int, group_size: int) -> int:
-    """B: the largest power of two <= min(64, group size) with K a multiple of 32 * B."""
+    """B: the largest power of two <= min(64, group size / 2) with K a multiple of 32 * B.
+
+    2B dividing G keeps two neighbouring slots (t even, t + 1) inside one group.
+    """
     b = MAX_SLOT_WORDS
-    while b > 1 and (k % (WORD_BITS * b) or group_size % b):
+    while b > 1 and (k % (WORD_BITS * b) or group_size % (2 * b)):
         b //= 2
     return b
+
+
+def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 [2**(2 bits), 2]: the values of slots (t, t + 1), t even, indexed as the GEMV extracts them.
+
+    Even bits: the index is the 2b-bit field of both codes, slot t low. 3 bits: the 4-bit field of
+    the 2-bit plane, shifted left by 2, or'd with the 2-bit field of the 1-bit plane.
+    """
+    index = torch.arange(2 ** (2 * bits))
+    if bits % 2 == 0:
+        first, second = index & (2**bits - 1), index >> bits
+    else:
+        high, low = index >> 2, index & 3
+        first, second = ((high & 3) << 1) | (low & 1), ((high >> 2) << 1) | (low >> 1)
+    return torch.stack((codebook[first], codebook[second]), dim=-1).contiguous()
 
 
 def _to_slot_order(codes: torch.Tensor, b: int) -> torch.Tensor:

@@ -26,16 +26,16 @@ from .repack import slot_words
 from .tuning import LaunchConfig
 
 H100_ISSUE_PER_S = 132 * 4 * 32 * 1.755e9  # thread-instructions per second
-POINTERS = ("x_ptr", "out_ptr", "codes_ptr", "scales_ptr", "codebook_ptr", "res_codes_ptr", "res_scales_ptr",
-            "res_codebook_ptr")
-POINTER_TYPES = ("*bf16", "*bf16", "*i32", "*fp16", "*fp32", "*i32", "*fp16", "*fp32")
+ARGUMENT_TYPES = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "codebook_ptr": "*fp32",
+                  "table_ptr": "*fp32", "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_codebook_ptr": "*fp32",
+                  "res_table_ptr": "*fp32", "M": "i32"}
 
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled gemv/gemm kernel of a key and launch configuration, for sm_90."""
     gemv = config.strategy == "gemv"
     fn = tk.gemv_kernel if gemv else tk.gemm_kernel
-    signature = dict(zip(POINTERS, POINTER_TYPES)) | ({} if gemv else {"M": "i32"})
+    signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
     constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": slot_words(key.k, key.group_size),
                   "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_N": config.block_n}
     if not gemv:
@@ -43,7 +43,7 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS))})
+                       attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")})
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 

@@ -11,8 +11,9 @@ The codes are in the kernel layout of repack.py (docs/kernel_layout.md): per row
 32 * B codes, code k = chunk * 32B + t * B + kw. For every slot t a [BLOCK_N, B] tile of codes is
 a shift and a mask of one contiguous [BLOCK_N, B] word tile, so decoding is elementwise, and the
 activations it multiplies are the contiguous x[k0 : k0 + B]. The words of slots t0..t0+7 are
-loaded once (`_octet_words`) and decoded eight times (GEMV, where decoding is the bottleneck;
-the tiled kernel loops over slots at run time, keeping its code and compile time small). Code bits, residual bits, group size, N, K
+loaded once (`_octet_words`) and decoded eight times (GEMV, where decoding is the bottleneck,
+two codes per codebook gather; the tiled kernel loops over slots at run time, keeping its code
+and compile time small). Code bits, residual bits, group size, N, K
 and B are constexpr: each distinct layer configuration compiles to its own specialised kernel.
 """
 
@@ -104,13 +105,35 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, M, K: tl.constexpr, LOG_G: tl.constex
 
 
 @triton.jit
-def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                res_codebook_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _pair_values(high, low, table_ptr, t, BITS: tl.constexpr):
+    """Codebook values of slots t and t + 1 (t even) with one 8-byte gather from the pair table."""
+    HIGH: tl.constexpr = BITS - BITS % 2
+    index = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << (2 * HIGH)) - 1)
+    if BITS % 2 == 1:
+        index = (index << 2) | ((low >> t) & 3)
+    offsets = index[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    offsets = tl.max_contiguous(tl.multiple_of(offsets, (1, 1, 2)), (1, 1, 2))  # one 8-byte load per pair
+    return tl.split(tl.load(table_ptr + offsets))
+
+
+@triton.jit
+def _pair_products(words, table_ptr, scales_ptr, rows, row_mask, k0, t, x0, x1, K: tl.constexpr,
+                   G: tl.constexpr, BITS: tl.constexpr):
+    """scale * (w_t * x_t + w_t+1 * x_t+1) for one stage: both slots lie in one group (2B divides G)."""
+    first, second = _pair_values(words[0], words[1], table_ptr, t, BITS)
+    return (first * x0[None, :] + second * x1[None, :]) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+
+
+@triton.jit
+def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[N] = W' x' for one token (x' rotated), one pass over the weight; grid (cdiv(N, BLOCK_N),).
 
-    The 32 slots of a chunk are unrolled, so every slot's shift is a constant and the words of
-    eight slots are loaded once; products accumulate in a [BLOCK_N, B] tile reduced at the end.
+    The 32 slots of a chunk are unrolled, so every shift is a constant and the words of eight
+    slots are loaded once. Codes are looked up two at a time in a pair table (repack.pair_table:
+    one 8-byte gather for two weights) and scaled once per pair; products accumulate in a
+    [BLOCK_N, B] tile reduced at the end.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -119,11 +142,14 @@ def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_p
     for chunk in range(0, K // (32 * B)):
         for t0 in tl.static_range(0, 32, 8):
             words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
-            for j in tl.static_range(8):
+            for j in tl.static_range(0, 8, 2):
                 k0 = chunk * 32 * B + (t0 + j) * B
-                w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
-                                 rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
-                acc += w * tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
+                x0 = tl.load(x_ptr + k0 + cols).to(tl.float32)
+                x1 = tl.load(x_ptr + k0 + B + cols).to(tl.float32)
+                acc += _pair_products(words, table_ptr, scales_ptr, rows, row_mask, k0, t0 + j, x0, x1, K, G, BITS)
+                if RES_BITS > 0:
+                    acc += _pair_products(res_words, res_table_ptr, res_scales_ptr, rows, row_mask, k0, t0 + j,
+                                          x0, x1, K, G, RES_BITS)
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 

@@ -61,7 +61,7 @@ def test_kernel_layout_places_each_code_where_the_docs_say(bits):
 @pytest.mark.parametrize(("k", "group_size"), LAYER_SHAPES)
 def test_slot_words_divides_the_group_and_the_row(k, group_size):
     b = slot_words(k, group_size)
-    assert b & (b - 1) == 0 and group_size % b == 0 and k % (32 * b) == 0
+    assert b & (b - 1) == 0 and group_size % (2 * b) == 0 and k % (32 * b) == 0
 
 
 def test_llama_shapes_get_the_widest_slots():
