@@ -49,10 +49,10 @@ def test_budget_plan_fits_and_explains_itself(plan_150mb):
     assert sum(layer.bytes for layer in plan.layers.values()) == (
         plan.budget.breakdown["quantized_linears"] + plan.budget.breakdown["fp16_linears"]
     )
-    assert plan.budget.predicted_damage == pytest.approx(sum(layer.sensitivity for layer in plan.layers.values()))
+    assert plan.budget.predicted_damage == pytest.approx(sum(layer.sensitivity for layer in plan.layers.values()), rel=1e-3)
     assert len({layer.option for layer in plan.layers.values()}) > 1  # mixed precision
-    text = plan_150mb.read_text()
-    assert "# " in text.splitlines()[-1]  # every layer line says what its neighbours would trade
+    layer_lines = [line for line in plan_150mb.read_text().splitlines() if line.startswith("  model.") or line.startswith("  lm_head")]
+    assert len(layer_lines) == 211 and all("  # " in line for line in layer_lines)  # each says what it trades
 
 
 def test_same_inputs_give_byte_identical_plans(plan_150mb, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from functools import lru_cache
 
 from .memory import ModelGeometry, Runtime, breakdown, format_size, model_geometry, parse_size
 from .models import LinearShape, SourceModel, empty_model, linear_shapes, load_config, resolve_model
@@ -20,8 +21,11 @@ class CommandError(ValueError):
     """An error worth one line to the user (`cli.main` prints ValueErrors as one line)."""
 
 
+@lru_cache(maxsize=8)
 def model_shapes(source: SourceModel) -> tuple[dict[str, LinearShape], ModelGeometry]:
-    """Linear shapes and memory geometry from the config alone (meta device, no weights read)."""
+    """Linear shapes and memory geometry from the config alone (meta device, no weights read).
+
+    Cached per source within a process (callers must not mutate the returned dict)."""
     model = empty_model(load_config(source))
     return linear_shapes(model), model_geometry(model)
 

@@ -138,19 +138,24 @@ def allocated_plan(
         group_size = measurement.layers[name].group_size
         layers[name] = LayerPlan(
             option=choice.option, group_size=group_size, bytes=choice.bytes,
-            sensitivity=choice.damage, pinned=name in rules.pinned,
+            sensitivity=_rounded(choice.damage), pinned=name in rules.pinned,
         )  # fmt: skip
     specs = plan_specs(layers, shapes)
     spent = breakdown(specs, geometry, runtime)
     plan_budget = Budget(
         total_bytes=budget, context=runtime.context, batch=runtime.batch, kv_bits=runtime.kv_bits,
-        reserve=runtime.reserve, breakdown=spent, predicted_damage=sum(c.damage for c in picked.values()),
+        reserve=runtime.reserve, breakdown=spent, predicted_damage=_rounded(sum(c.damage for c in picked.values())),
         damage_unit="KL nats/token" if measurement.method == "fisher-proxy" else "prior (relative)",
     )  # fmt: skip
     return Plan(
         model=model, seed=measurement.seed, group_size=measurement.group_size, budget=plan_budget,
         calibration=calibration_ref(measurement), layers=layers,
     )  # fmt: skip
+
+
+def _rounded(value: float) -> float:
+    """Four significant digits: what a reviewer reads (the allocation used the full value)."""
+    return float(f"{value:.4g}")
 
 
 def plan_specs(layers: dict[str, LayerPlan], shapes: dict[str, LinearShape]) -> dict[str, LayerSpec]:
@@ -188,5 +193,7 @@ def layer_notes(plan: Plan, candidates: dict[str, list[Choice]]) -> dict[str, st
         if larger:
             best = min(larger, key=lambda c: (c.bytes, c.damage))
             parts.append(f"{best.option}: +{format_size(best.bytes - now.bytes)}, -{now.damage - best.damage:.2g} damage")
+        if not smaller and not larger:
+            parts.append("no extra bytes (shares the embedding)" if now.bytes == 0 else "the only sensible choice")
         notes[name] = "; ".join(p for p in parts if p)
     return notes
