@@ -141,3 +141,15 @@ def test_kernels_match_reference_under_the_interpreter():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("option", ["3", "4+2"])
+def test_gemv_compiles_for_hopper_without_spilling(option):
+    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): registers only, no local-memory stack."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    summary = sass_summary(compile_for_hopper(layer_key(option, 1024, 4096, 128), candidate_configs(1)[0]))
+    assert summary["stack"] == 0 and 0 < summary["registers"] <= 255
+    assert summary["loads"].get("LDG.E.64", 0) > 0  # the pair-table gathers are single 8-byte loads
