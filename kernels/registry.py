@@ -62,7 +62,8 @@ class LayerKernel:
     def codebook(self, bits: int, device: torch.device, pairs: bool = False) -> torch.Tensor:
         """The stage's Lloyd-Max codebook on `device`, or its pair table (repack.pair_table) for the GEMV."""
         if (bits, device, pairs) not in self._codebooks:
-            table = pair_table(gaussian_codebook(bits), bits) if pairs else gaussian_codebook(bits)
+            codebook = gaussian_codebook(bits)
+            table = pair_table(codebook, bits).view(torch.int64).squeeze(-1) if pairs else codebook
             self._codebooks[(bits, device, pairs)] = table.to(device)
         return self._codebooks[(bits, device, pairs)]
 

@@ -34,6 +34,8 @@ def slot_words(k: int, group_size: int) -> int:
 def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 [2**(2 bits), 2]: the values of slots (t, t + 1), t even, indexed as the GEMV extracts them.
 
+    The GEMV reads it as int64 (`.view(torch.int64)`): one 8-byte gather, slot t's bits low.
+
     Even bits: the index is the 2b-bit field of both codes, slot t low. 3 bits: the 4-bit field of
     the 2-bit plane, shifted left by 2, or'd with the 2-bit field of the 1-bit plane.
     """

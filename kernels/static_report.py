@@ -27,8 +27,8 @@ from .tuning import LaunchConfig
 
 H100_ISSUE_PER_S = 132 * 4 * 32 * 1.755e9  # thread-instructions per second
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "codebook_ptr": "*fp32",
-                  "table_ptr": "*fp32", "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_codebook_ptr": "*fp32",
-                  "res_table_ptr": "*fp32", "M": "i32"}
+                  "table_ptr": "*i64", "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_codebook_ptr": "*fp32",
+                  "res_table_ptr": "*i64", "M": "i32"}
 
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):

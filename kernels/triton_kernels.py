@@ -111,9 +111,10 @@ def _pair_values(high, low, table_ptr, t, BITS: tl.constexpr):
     index = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << (2 * HIGH)) - 1)
     if BITS % 2 == 1:
         index = (index << 2) | ((low >> t) & 3)
-    offsets = index[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    offsets = tl.max_contiguous(tl.multiple_of(offsets, (1, 1, 2)), (1, 1, 2))  # one 8-byte load per pair
-    return tl.split(tl.load(table_ptr + offsets))
+    pair = tl.load(table_ptr + index)  # int64: slot t's float32 bits low, slot t + 1's high
+    first = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return first, second
 
 
 @triton.jit
