@@ -114,10 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--plot", metavar="PNG", help="only draw the curves of the JSON files given with -o")
+    parser.add_argument("--table", action="store_true", help="only print the JSON files given with -o as markdown tables")
     parser.add_argument("-o", "--output", required=True, nargs="+", help="results JSON (several with --plot)")
     args = parser.parse_args(argv)
-    if args.plot:
-        plot([json.loads(Path(path).read_text()) for path in args.output], args.plot)
+    if args.plot or args.table:
+        results = [json.loads(Path(path).read_text()) for path in args.output]
+        if args.plot:
+            plot(results, args.plot)
+        for result in results if args.table else []:
+            print(table(result))
         return
     torch.set_grad_enabled(False)
     curve = Curve(args.model)
@@ -137,9 +142,6 @@ def main(argv: list[str] | None = None) -> None:
         write_text_atomic(output, json.dumps(result, indent=1) + "\n")
         print(f"{label:<26} {point['bits_per_weight']:.3f} bpw  KL {point['kl_divergence']:.4f}  size error {point['size_error']:+.4%}", flush=True)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def plot(results: list[dict], path: str | Path) -> None:
@@ -164,3 +166,24 @@ def plot(results: list[dict], path: str | Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def table(result: dict) -> str:
+    """A markdown table of one model's points, by size."""
+    lines = [
+        f"{result['model']}: KL divergence on {result['data']}, {result['windows']} windows x {result['seq_len']} tokens",
+        "",
+        "| plan | bits/weight | weights MB (predicted) | packed MB (built) | size error | KL divergence | predicted damage |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in sorted(result["points"], key=lambda p: (p["bits_per_weight"], p["label"])):
+        damage = f"{p['predicted_damage']:.3g}" if p["predicted_damage"] is not None else "-"
+        lines.append(
+            f"| {p['label']} | {p['bits_per_weight']:.3f} | {p['predicted_bytes'] / 1e6:.2f} | {p['packed_bytes'] / 1e6:.2f} "
+            f"| {p['size_error']:+.3%} | {p['kl_divergence']:.4f} | {damage} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -142,7 +142,8 @@ def check_plan(path: str) -> None:
     runtime = Runtime(budget.context, budget.batch, budget.kv_bits, budget.reserve) if budget else Runtime()
     spent = breakdown(specs, geometry, runtime)
     stale = _edited_layers(plan, specs, geometry)
-    print_summary(plan)
+    counts = Counter(layer.option for layer in plan.layers.values())
+    print(f"{len(plan.layers)} linear layers ({', '.join(f'{o}: {n}' for o, n in sorted(counts.items()))})")
     _print_parts(spent)
     if stale:
         print(f"{len(stale)} layer(s) differ from their recorded bytes (edited by hand): {', '.join(stale[:5])}")
