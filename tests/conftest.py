@@ -10,17 +10,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def train_text() -> Path:
-    path = DATA / "wiki.train.txt"
+def _data_file(name: str) -> Path:
+    path = DATA / name
     if not path.is_file():
         pytest.fail(f"{path} is missing: CI expects ../shared beside the checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def train_text() -> Path:
+    return _data_file("wiki.train.txt")
 
 
 @pytest.fixture(scope="session")
 def test_text() -> Path:
-    path = DATA / "wiki.test.txt"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: CI expects ../shared beside the checkout")
-    return path
+    return _data_file("wiki.test.txt")
