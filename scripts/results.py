@@ -78,10 +78,10 @@ def _commands(model: str, row: Row, windows: int, packed: Path) -> tuple[list[li
     ], ["tqc", "eval", str(packed), *common_eval]
 
 
-def run(model: str, windows: int) -> None:
+def run(model: str, windows: int, only: list[str] | None = None) -> None:
     """Build the missing packed models and evaluate the rows without a result at `windows`."""
     for batch in ROW_BATCHES:
-        pending = [row for row in batch if not _done(model, row, windows)]
+        pending = [row for row in batch if not _done(model, row, windows) and (not only or row.key in only)]
         for row in pending:
             build_commands, _ = _commands(model, row, windows, WORK / model / row.key)
             if build_commands and not (REPO / WORK / model / row.key / "manifest.json").is_file():
@@ -272,13 +272,14 @@ def main() -> None:
     run_cmd = commands.add_parser("run", help="plan, build and evaluate the rows of one model")
     run_cmd.add_argument("--model", choices=MODELS, required=True)
     run_cmd.add_argument("--windows", type=int, default=4, help="512-token windows of wiki.test.txt")
+    run_cmd.add_argument("--rows", nargs="+", metavar="OPTION", help="only these rows (e.g. 3+2 rtn3 fp16)")
     trip = commands.add_parser("roundtrip", help="tqc.load(packed) logits against the in-memory quantized model")
     trip.add_argument("--model", choices=MODELS, required=True)
     trip.add_argument("--option", default="3+2", help="a row already built by `run`")
     commands.add_parser("table", help="write docs/results.md from docs/results/*.json")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.model, args.windows)
+        run(args.model, args.windows, args.rows)
     elif args.command == "roundtrip":
         round_trip(args.model, args.option)
     else:
