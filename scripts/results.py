@@ -261,6 +261,15 @@ def render(results: Path, output: Path) -> None:
             *_commands_section(rows),
             "",
         ]
+    trips = [RoundTrip.model_validate_json(p.read_text()) for p in sorted(results.glob("roundtrip-*.json"))]
+    if trips:
+        parts += ["## Round trip: `tqc.load` against the in-memory quantized model", ""]
+        parts += [
+            f"- `{t.packed}`: logits over {t.tokens} tokens {'equal' if t.equal else 'DIFFER'} "
+            f"(max abs difference {t.max_abs_difference:.3g}); `{t.command}`"
+            for t in trips
+        ]
+        parts.append("")
     parts.append(NOTES)
     write_text_atomic(output, "\n".join(parts))
     print(f"wrote {output}")
