@@ -193,12 +193,24 @@ def _label(row: ResultRow) -> str:
     return label if row.group_size == 128 else f"{label} (g={row.group_size})"
 
 
+def _ppl(value: float) -> str:
+    return f"{value:.3f}" if value < 1e4 else f"{value:.3g}"
+
+
+def _missing(model: str, rows: list[ResultRow]) -> list[str]:
+    have = {Row(r.option, r.group_size).key for r in rows}
+    missing = [key for key in TABLE_ORDER if key not in have]
+    if not missing:
+        return []
+    return [f"Rows not run yet: {', '.join(missing)} (`nice python scripts/results.py run --model {model}` adds them).", ""]
+
+
 def _table(rows: list[ResultRow]) -> list[str]:
     lines = ["| row | PPL | KLD | top-1 | MB | bits/weight |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         r = row.result
         lines.append(
-            f"| {_label(row)} | {r.perplexity:.3f} | {r.kl_divergence:.4f} | {r.top1_agreement:.3f} "
+            f"| {_label(row)} | {_ppl(r.perplexity)} | {r.kl_divergence:.4f} | {r.top1_agreement:.3f} "
             f"| {r.size_mb:.1f} | {r.bits_per_weight:.3f} |"
         )
     return lines
@@ -254,6 +266,7 @@ def render(results: Path, output: Path) -> None:
             "",
             *_table(rows),
             "",
+            *_missing(model, rows),
             *_comparison(rows),
             "",
             "Commands that made each row:",
