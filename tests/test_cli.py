@@ -5,21 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from cli_helpers import one_line_error
 from tqc.cli import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    code, _, err = run(capsys, *argv)
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tqc: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli_helpers import one_line_error, run
 from tqc.cli import main
 from tqc.plan import read_plan
 
@@ -15,20 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 MEASUREMENT = REPO / "plans" / "measurements" / "smollm2.json"
 LLAMA_70B = str(REPO / "plans" / "configs" / "llama-3-70b" / "config.json")
 LLAMA_8B = str(REPO / "plans" / "configs" / "llama-3-8b" / "config.json")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    code, _, err = run(capsys, *argv)
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tqc: error: "), err
-    return lines[0]
 
 
 def budget_plan(path: Path, budget: str = "150MB", *extra: str) -> Path:

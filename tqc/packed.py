@@ -28,7 +28,7 @@ from .layout import LayerSpec, layer_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
 from .models import LinearShape, empty_model, linear_layers, linear_shapes, load_config, load_model, load_tokenizer, resolve_model
 from .options import QuantOption
-from .plan import ModelRef, Plan, PlanError, plan_to_text
+from .plan import ModelRef, Plan, PlanError, current_umask, plan_to_text
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -163,6 +163,7 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
     specs = quantize_model(model, plan, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         save_file(_storage_state(model), staging / WEIGHTS_FILE, metadata={"format": "tqc", "format_version": str(FORMAT_VERSION)})
         config = model.config

@@ -179,12 +179,19 @@ def _annotate(text: str, notes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file under a temporary name in the same directory, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file ordinary permissions
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
