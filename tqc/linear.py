@@ -46,6 +46,8 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in the basis the prepared input lives in (transient; never cached)."""
+        if getattr(self, "codes_layout", None) is not None:
+            raise RuntimeError("codes are in the GPU kernel layout; call tqc.kernels.detach(model) for the reference path")
         return self.scheme.dequantize(self.packed_tensors(), self.spec).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
