@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 class DataRef(_Strict):
     """The calibration samples: seeded windows of a training text."""
 
-    path: str
+    path: str = Field(description="the text's file name in ../shared/data, else its path (see data.find_data)")
     sha256: str
     samples: int
     seq_len: int
@@ -77,12 +77,22 @@ def cache_path(key: str) -> Path:
 def read_measurement(path: str | Path) -> Measurement:
     path = Path(path)
     try:
-        return Measurement.model_validate_json(path.read_text())
+        return _stable_data(Measurement.model_validate_json(path.read_text()))
     except OSError as err:
         raise PlanError(f"{path}: cannot read measurement ({err.strerror})") from None
     except ValidationError as err:
         first = err.errors()[0]
         raise PlanError(f"{path}: invalid measurement: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _stable_data(measurement: Measurement) -> Measurement:
+    """Older files record the data by absolute path: turn it into the reference `data_ref` writes now."""
+    from .data import stable_ref  # noqa: PLC0415  (data.py imports this module)
+
+    data = measurement.data
+    if data is None or not Path(data.path).is_absolute():
+        return measurement
+    return measurement.model_copy(update={"data": data.model_copy(update={"path": stable_ref(Path(data.path), data.sha256)})})
 
 
 def write_measurement(measurement: Measurement, path: str | Path) -> None:
