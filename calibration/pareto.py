@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         for result in results if args.table else []:
             print(table(result))
         return
+    curve = Curve(args.model)  # calibrates on first use: needs gradients, so before they are turned off
     torch.set_grad_enabled(False)
-    curve = Curve(args.model)
     output = Path(args.output[0])
     result = json.loads(output.read_text()) if output.is_file() else {"model": args.model, "points": []}
     result |= {"data": TEST_DATA.name, "windows": args.windows, "seq_len": args.seq_len}
