@@ -4,6 +4,7 @@
                        against a bf16 torch.nn.functional.linear measured in the same run, plus the
                        device's copy bandwidth
     tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
+    tqc bench gemlite  the peer kernel (gemlite) beside tqc and bf16 at the same shapes
     tqc bench static   no GPU needed: compile the GEMV for sm_90, count SASS instructions per weight
 
 Every timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), over enough
@@ -71,7 +72,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     from tqc.layout import LayerSpec, layer_bytes  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
-    from .registry import prepare  # noqa: PLC0415
+    from .registry import prepare, rotate  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
 
     rows = []
@@ -84,6 +85,10 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
         bf16_times[m] = time_layers(bf16_layers, x)
         rows.append(row("bf16", n, k, m, bf16_bytes, bf16_times[m], bf16_times[m]))
     del weights, bf16_layers
+    signs = torch.ones(k, device="cuda")
+    for m in tokens:  # the activation rotation alone: part of every quantized time below
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        rows.append(row("rotate", n, k, m, 0, time_layers([lambda x: rotate(x, signs, group_size)], x), bf16_times[m]))
     for name in options:
         spec = LayerSpec(QuantOption.parse(name), group_size, k, n)
         nbytes = layer_bytes(spec)
@@ -191,6 +196,9 @@ def add_parser(subparsers) -> None:
         parser.add_argument("-v", "--verbose", action="store_true", help="print each tuning result")
     layers.set_defaults(run=_checked(cmd_layers))
     decode.set_defaults(run=_checked(cmd_decode))
+    from .peer_bench import add_parser as add_peer_parser  # noqa: PLC0415 (it imports this module)
+
+    add_peer_parser(kinds, _checked)
 
 
 def _static(args: argparse.Namespace) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
-from .registry import KernelKey
-from .tuning import TOKEN_BUCKETS, LaunchConfig, candidate_configs
+from .registry import KernelKey, LayerKernel
+from .tuning import TOKEN_BUCKETS, LaunchConfig
 
 
 def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[tuple[KernelKey, int, LaunchConfig]]:
@@ -19,7 +19,8 @@ def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[tuple[Kerne
     from .tuning import token_bucket  # noqa: PLC0415
 
     buckets = {token_bucket(m): m for m in token_counts}
-    return [(key, m, config) for key in keys for bucket, m in buckets.items() for config in candidate_configs(bucket)]
+    return [(key, m, config) for key in keys for bucket, m in buckets.items()
+            for config in LayerKernel(key, None).candidates(bucket)]
 
 
 def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
@@ -42,10 +43,13 @@ def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
         torch.cuda.synchronize()
     except Exception as err:  # the tuner will skip it as well
         return f"{key.name} {config.model_dump()}: {str(err).splitlines()[0]}"
+    finally:
+        del module, x
+        torch.cuda.empty_cache()  # workers share the GPU: hand back what this job held
     return None
 
 
-def precompile(keys: list[KernelKey], token_counts: list[int] = list(TOKEN_BUCKETS), workers: int = 12) -> list[str]:
+def precompile(keys: list[KernelKey], token_counts: list[int] = list(TOKEN_BUCKETS), workers: int = 8) -> list[str]:
     """Compile every candidate of every key in parallel; return the failures, one line each."""
     jobs = jobs_for(keys, token_counts)
     context = multiprocessing.get_context("spawn")

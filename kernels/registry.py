@@ -3,7 +3,8 @@
 A `KernelKey` (code bits, residual bits, group size, N, K) fixes every constexpr of the kernel
 sources in triton_kernels.py; `generate(specs)` returns one `LayerKernel` per distinct key, and
 `kernel_for(spec)` is the registry the loader uses. A `LayerKernel` picks the strategy by the
-number of tokens (GEMV for 1-16, tiled GEMM or dequantize + cuBLAS beyond) with the launch
+number of tokens (split-K GEMV for one, split-K tensor-core "skinny" kernel for 2-16, tiled GEMM or
+dequantize + cuBLAS beyond) with the launch
 parameters the tuner found for this GPU (tuning.py), and launches it. `prepare(module)` repacks a
 layer's codes into the kernel layout (repack.py) once, when the kernel is attached.
 """
@@ -94,26 +95,33 @@ class LayerKernel:
         return out.reshape(*lead, self.key.n)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        return candidate_configs(bucket)
+        return candidate_configs(bucket, self.key.bits, self.key.residual_bits, slot_words(self.key.k, self.key.group_size))
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
-        m, n = x.shape[0], self.key.n
-        rotated = rotate(x, module.signs, self.key.group_size)
+        m, n, k = x.shape[0], self.key.n, self.key.k
         if config.strategy == "dequant":
-            return F.linear(rotated, self.dequantize(module, x.dtype, config.block_n))
+            return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_M": config.block_m,
-                  "BLOCK_N": config.block_n}
-        if config.strategy == "gemv":
-            if m != 1:
-                raise ValueError(f"the GEMV kernel takes one token, got {m}")
-            grid = (triton.cdiv(n, config.block_n),)
-            del launch["BLOCK_M"]
-            tk.gemv_kernel[grid](rotated, out, *self.weights(module, pairs=True), **self.constexprs(), **launch)
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_N": config.block_n}
+        if config.strategy in ("gemv", "skinny"):
+            splits = k // (config.slots * slot_words(k, self.key.group_size))
+            rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None)
+            grid = (triton.cdiv(n, config.block_n), splits)
+            if config.strategy == "gemv":
+                if m != 1:
+                    raise ValueError(f"the GEMV kernel takes one token, got {m}")
+                tk.gemv_kernel[grid](rotated, out, *self.weights(module, pairs=True), **self.constexprs(), **launch,
+                                     SLOTS=config.slots)
+            else:
+                if m > config.block_m:
+                    raise ValueError(f"the skinny kernel takes at most {config.block_m} tokens, got {m}")
+                tk.skinny_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch,
+                                       BLOCK_M=config.block_m, SLOTS=config.slots)
         else:
             grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-            tk.gemm_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch, GROUP_M=8)
+            tk.gemm_kernel[grid](rotate(x, module.signs, self.key.group_size), out, *self.weights(module), m,
+                                 **self.constexprs(), **launch, BLOCK_M=config.block_m, GROUP_M=8)
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
@@ -124,14 +132,20 @@ class LayerKernel:
         return out
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16) -> torch.Tensor:
-    """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K]."""
+def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16,
+           clear: torch.Tensor | None = None) -> torch.Tensor:
+    """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K].
+
+    `clear`, if given, is zeroed by the same launch (the output a split-K kernel adds into).
+    """
     m, k = x.shape
     block_k = max(group_size, 256)
     block_m = min(block_m, triton.next_power_of_2(m))
     out = torch.empty_like(x)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    tk.fwht_kernel[grid](x, signs, out, m, K=k, LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k)
+    target = out if clear is None else clear
+    tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
+                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k)
     return out
 
 

@@ -53,8 +53,20 @@ def _to_slot_order(codes: torch.Tensor, b: int) -> torch.Tensor:
     return codes.reshape(codes.shape[0], -1, WORD_BITS, b)
 
 
+ROWS_PER_STEP = 4096  # rows converted at once: the int64 intermediates of a 128k-row head would take gigabytes
+
+
 def to_kernel_layout(packed: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
     """Repack int32 codes from the bitpack layout into the kernel layout (same shape, same device)."""
+    return torch.cat([_rows_to_kernel_layout(rows, bits, k, group_size) for rows in packed.split(ROWS_PER_STEP)])
+
+
+def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
+    """Inverse of `to_kernel_layout`."""
+    return torch.cat([_rows_to_bitpack_layout(rows, bits, k, group_size) for rows in words.split(ROWS_PER_STEP)])
+
+
+def _rows_to_kernel_layout(packed: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
     b = slot_words(k, group_size)
     codes = _to_slot_order(unpack(packed, bits, k), b)
     n, chunks = codes.shape[:2]
@@ -68,8 +80,7 @@ def to_kernel_layout(packed: torch.Tensor, bits: int, k: int, group_size: int) -
     return torch.cat(planes, dim=-1)
 
 
-def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
-    """Inverse of `to_kernel_layout`."""
+def _rows_to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
     b = slot_words(k, group_size)
     n = words.shape[0]
     chunks = k // (WORD_BITS * b)

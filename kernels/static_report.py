@@ -38,7 +38,9 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
     constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": slot_words(key.k, key.group_size),
                   "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_N": config.block_n}
-    if not gemv:
+    if gemv:
+        constexprs |= {"SLOTS": config.slots}
+    else:
         constexprs |= {"BLOCK_M": config.block_m, "GROUP_M": 8}
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
@@ -69,7 +71,7 @@ def _run(*command: str) -> str:
 def gemv_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
     """Instructions per weight of the GEMV main loop, and the issue- and memory-bound times it implies."""
     b = slot_words(key.k, key.group_size)
-    weights_per_thread = config.block_n * 32 * b / (32 * config.num_warps)  # one chunk iteration
+    weights_per_thread = config.block_n * config.slots * b / (32 * config.num_warps)  # one program
     per_weight = summary["instructions"] / weights_per_thread  # the loop body dominates the listing
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
@@ -100,6 +102,6 @@ def cmd_static(args) -> None:
     from .bench import save  # noqa: PLC0415
     from .tuning import candidate_configs  # noqa: PLC0415
 
-    configs = candidate_configs(1)
+    configs = [c for c in candidate_configs(1) if c.slots == 32]  # valid for every option
     rows = static_rows(args.models, args.options, configs, args.bandwidth)
     save({"triton": triton.__version__, "target": "sm_90", "bandwidth_gbps_assumed": args.bandwidth, "rows": rows}, args.output)

@@ -2,9 +2,10 @@
 
 Strategies (registry.py chooses one by the number of tokens):
     fwht_kernel     rotate activations: x' = FWHT_G(x * signs) / sqrt(G), per group of G inputs
-    gemv_kernel     one token: one pass over the packed weight, decoded in registers, CUDA cores
-    gemm_kernel     2+ tokens: tiled, each decoded slot tile feeds a tensor-core `tl.dot`
-                    (BLOCK_M = 16 for 2-16 tokens: still a single pass over the weight)
+                    (and zero the output the split-K kernels add into)
+    gemv_kernel     one token: split-K, decoded in registers, CUDA cores, one pass over the weight
+    skinny_kernel   2-16 tokens: split-K, each decoded slot tile feeds a tensor-core `tl.dot`
+    gemm_kernel     many tokens: tiled over M and N, each program walks all of K
     dequant_kernel  write the decoded weight in bf16/fp16 (then cuBLAS, for very many tokens)
 
 The codes are in the kernel layout of repack.py (docs/kernel_layout.md): per row, chunks of
@@ -91,10 +92,18 @@ def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG_G: tl.constex
     return x
 
 
-@triton.jit(do_not_specialize=["M"])
-def fwht_kernel(x_ptr, signs_ptr, out_ptr, M, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size."""
+@triton.jit(do_not_specialize=["M", "CLEAR"])
+def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
+
+    Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds into), saving a launch.
+    """
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    for start in range(program * BLOCK_K, CLEAR, programs * BLOCK_K):
+        offsets = start + tl.arange(0, BLOCK_K)
+        tl.store(clear_ptr + offsets, tl.zeros((BLOCK_K,), dtype=clear_ptr.dtype.element_ty), mask=offsets < CLEAR)
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (tokens < M)[:, None] & (cols < K)[None, :]
@@ -118,40 +127,83 @@ def _pair_values(high, low, table_ptr, t, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pair_products(words, table_ptr, scales_ptr, rows, row_mask, k0, t, x0, x1, K: tl.constexpr,
-                   G: tl.constexpr, BITS: tl.constexpr):
-    """scale * (w_t * x_t + w_t+1 * x_t+1) for one stage: both slots lie in one group (2B divides G)."""
+def _pair_dot(words, table_ptr, scales_ptr, rows, row_mask, k0, t, x0, x1, K: tl.constexpr, G: tl.constexpr,
+              BITS: tl.constexpr):
+    """scale * (w_t * x_t + w_t+1 * x_t+1) for one stage (slots t, t + 1 lie in one group: 2B divides G)."""
     first, second = _pair_values(words[0], words[1], table_ptr, t, BITS)
     return (first * x0[None, :] + second * x1[None, :]) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
 
 
 @triton.jit
+def _accumulate(out_ptr, offsets, values, mask, SPLIT: tl.constexpr):
+    """Store a program's partial result, or add it atomically when K is split over several programs."""
+    if SPLIT:
+        tl.atomic_add(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                 N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
-                RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[N] = W' x' for one token (x' rotated), one pass over the weight; grid (cdiv(N, BLOCK_N),).
+                RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr):
+    """out[N] (+)= W' x' for one token (x' rotated); grid (cdiv(N, BLOCK_N), K // (SLOTS * B)).
 
-    The 32 slots of a chunk are unrolled, so every shift is a constant and the words of eight
-    slots are loaded once. Codes are looked up two at a time in a pair table (repack.pair_table:
-    one 8-byte gather for two weights) and scaled once per pair; products accumulate in a
-    [BLOCK_N, B] tile reduced at the end.
+    Split-K: a program takes BLOCK_N rows and SLOTS consecutive slots (SLOTS * B contiguous
+    columns; SLOTS a multiple of 8 and of every plane's slots per word, so the shifts stay
+    constants) and, when K is split, adds its partial sums atomically into `out`, which the
+    rotation kernel has zeroed. The small programs keep every SM busy even for N = 1024. Codes
+    are looked up two at a time in the pair table (repack.pair_table: one 8-byte gather for two
+    weights), scaled once per pair of slots; products accumulate in a [BLOCK_N, B] tile reduced
+    at the end.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    first_slot = tl.program_id(1) * SLOTS
+    chunk, t_first = first_slot // 32, first_slot % 32
     cols = tl.arange(0, B)
     acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
-    for chunk in range(0, K // (32 * B)):
-        for t0 in tl.static_range(0, 32, 8):
-            words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
-            for j in tl.static_range(0, 8, 2):
-                k0 = chunk * 32 * B + (t0 + j) * B
-                x0 = tl.load(x_ptr + k0 + cols).to(tl.float32)
-                x1 = tl.load(x_ptr + k0 + B + cols).to(tl.float32)
-                acc += _pair_products(words, table_ptr, scales_ptr, rows, row_mask, k0, t0 + j, x0, x1, K, G, BITS)
-                if RES_BITS > 0:
-                    acc += _pair_products(res_words, res_table_ptr, res_scales_ptr, rows, row_mask, k0, t0 + j,
-                                          x0, x1, K, G, RES_BITS)
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
+    for t0 in tl.static_range(0, SLOTS, 8):
+        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t_first + t0, K, BITS, RES_BITS, B)
+        for j in tl.static_range(0, 8, 2):
+            k0 = (first_slot + t0 + j) * B
+            x0 = tl.load(x_ptr + k0 + cols).to(tl.float32)
+            x1 = tl.load(x_ptr + k0 + B + cols).to(tl.float32)
+            acc += _pair_dot(words, table_ptr, scales_ptr, rows, row_mask, k0, t0 + j, x0, x1, K, G, BITS)
+            if RES_BITS > 0:
+                acc += _pair_dot(res_words, res_table_ptr, res_scales_ptr, rows, row_mask, k0, t0 + j, x0, x1,
+                                 K, G, RES_BITS)
+    _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, SLOTS * B < K)
+
+
+@triton.jit
+def skinny_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
+                  res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+                  BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SLOTS: tl.constexpr):
+    """out[M, N] (+)= x' @ W'^T for 2-16 tokens on tensor cores; grid (cdiv(N, BLOCK_N), K // (SLOTS * B)).
+
+    The GEMV's split-K decomposition, with each decoded [BLOCK_N, B] slot tile fed to `tl.dot`
+    against the [BLOCK_M, B] activations: one pass over the weight, every SM busy.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    first_slot = tl.program_id(1) * SLOTS
+    chunk, t_first = first_slot // 32, first_slot % 32
+    tokens = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, B)
+    dtype = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in tl.static_range(0, SLOTS, 8):
+        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t_first + t0, K, BITS, RES_BITS, B)
+        for j in tl.static_range(8):
+            k0 = (first_slot + t0 + j) * B
+            w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
+                             rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
+            x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
+            acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+    mask = (tokens < M)[:, None] & row_mask[None, :]
+    _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, SLOTS * B < K)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -20,18 +20,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-TUNE_FORMAT = 1
+TUNE_FORMAT = 2
 
 
 class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["gemv", "gemm", "dequant"]
+    strategy: Literal["gemv", "skinny", "gemm", "dequant"]
     block_m: int = 1
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 1
+    slots: int = 32  # gemv/skinny: slots per program (SLOTS * B columns; fewer slots, more K-splits)
 
 
 class TuneEntry(BaseModel):
@@ -44,7 +45,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[1] = TUNE_FORMAT
+    format: Literal[2] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -55,19 +56,41 @@ def token_bucket(tokens: int) -> int:
     return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
 
 
-# Chosen with `tqc bench static` (sm_90 SASS, no GPU): BLOCK_N 64 spills, 32 needs 8 warps.
-GEMV_SHAPES = ((8, 4), (16, 4), (16, 8), (32, 8))  # (block_n, num_warps), one token
-SKINNY_SHAPES = ((16, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3))  # 2-16 tokens: (m, n, warps, stages)
-GEMM_SHAPES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))  # (128, 64, 4) spills
+# (block_n, num_warps, slots): few rows and few slots per program give many programs (split-K).
+GEMV_SHAPES = ((4, 2, 8), (4, 2, 32), (8, 2, 16), (8, 4, 8), (8, 4, 32), (16, 4, 8), (16, 4, 32), (32, 8, 16))
+SKINNY_SHAPES = ((16, 4, 8), (32, 4, 8), (32, 4, 16), (64, 4, 32))  # 2-16 tokens: (block_n, warps, slots)
+# The fused tiled GEMM ran 25-100x slower than dequantize + cuBLAS at 2048 tokens on the H100
+# (docs/performance.md): its best shape stays a candidate, so that the tuner keeps measuring it.
+GEMM_SHAPES = ((128, 128, 8, 3), (64, 128, 4, 3))
 
 
-def candidate_configs(bucket: int) -> list[LaunchConfig]:
-    """The launch configurations worth timing for a token bucket."""
+def slot_choices(bits: int, residual_bits: int) -> tuple[int, ...]:
+    """Slots per split-K program that keep every shift a constant: multiples of 8 and of each plane's slots per word."""
+    narrowest = min(w for b in (bits, residual_bits) if b for w in ((1,) if b % 2 else ()) + ((b - b % 2),))
+    return tuple(s for s in (8, 16, 32) if s % (32 // narrowest) == 0)
+
+
+def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_width: int = 64) -> list[LaunchConfig]:
+    """The launch configurations worth timing for a token bucket and a layer (bits, B = slot width in columns).
+
+    Tensor-core kernels need B >= 16 (the dot's inner dimension); narrower layers dequantize.
+    """
+    allowed = slot_choices(bits, residual_bits)
+
+    def slots(s: int) -> int:
+        return min((a for a in allowed if a >= s), default=32)
+
     if bucket == 1:
-        return [LaunchConfig(strategy="gemv", block_n=n, num_warps=w) for n, w in GEMV_SHAPES]
-    shapes = SKINNY_SHAPES if bucket == 16 else GEMM_SHAPES if bucket >= 256 else GEMM_SHAPES[:2]
+        return [LaunchConfig(strategy="gemv", block_n=n, num_warps=w, slots=slots(s)) for n, w, s in GEMV_SHAPES]
+    dequant = [LaunchConfig(strategy="dequant", block_n=32)]
+    if slot_width < 16:
+        return dequant
+    if bucket == 16:
+        return [LaunchConfig(strategy="skinny", block_m=16, block_n=n, num_warps=w, slots=slots(s))
+                for n, w, s in SKINNY_SHAPES]
+    shapes = GEMM_SHAPES[:1] if bucket >= 256 else GEMM_SHAPES[1:]
     configs = [LaunchConfig(strategy="gemm", block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-    return configs + ([LaunchConfig(strategy="dequant", block_n=32)] if bucket >= 256 else [])
+    return configs + (dequant if bucket >= 256 else [])
 
 
 def default_cache_dir() -> Path:
@@ -79,10 +102,15 @@ def gpu_slug(name: str) -> str:
 
 
 def device_seconds(fn: Callable[[], object]) -> float:
-    """Median time of fn on the GPU, by CUDA events (triton.testing.do_bench)."""
-    from triton.testing import do_bench  # noqa: PLC0415
+    """Median time of fn on the GPU, replayed in a CUDA graph (triton.testing.do_bench_cudagraph).
 
-    return do_bench(fn, warmup=5, rep=20, return_mode="median") / 1e3
+    A graph removes the host's launch overhead, which for a one-token layer (a few microseconds
+    of GPU work behind tens of microseconds of Python) would otherwise decide the ranking.
+    """
+    from triton.testing import do_bench_cudagraph  # noqa: PLC0415
+
+    fn()  # compile and allocate outside the capture
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") / 1e3
 
 
 class Tuner:

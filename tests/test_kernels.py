@@ -71,8 +71,9 @@ def test_llama_shapes_get_the_widest_slots():
 def test_token_buckets_choose_the_strategy_family():
     assert [token_bucket(m) for m in (1, 2, 16, 17, 128, 2048, 10_000)] == [1, 16, 16, 64, 256, 4096, 4096]
     assert {c.strategy for c in candidate_configs(1)} == {"gemv"}
-    assert {c.block_m for c in candidate_configs(16)} == {16}
+    assert {c.strategy for c in candidate_configs(16)} == {"skinny"} and {c.block_m for c in candidate_configs(16)} == {16}
     assert {c.strategy for c in candidate_configs(4096)} == {"gemm", "dequant"}
+    assert {c.strategy for c in candidate_configs(16, slot_width=2)} == {"dequant"}  # too narrow for tensor cores
 
 
 def test_tuning_cache_round_trip_and_invalidation(tmp_path):
@@ -148,8 +149,11 @@ def test_gemv_compiles_for_hopper_without_spilling(option):
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): registers only, no local-memory stack."""
     pytest.importorskip("triton")
     from tqc.kernels.bench import layer_key
+    from tqc.kernels.registry import LayerKernel
     from tqc.kernels.static_report import compile_for_hopper, sass_summary
 
-    summary = sass_summary(compile_for_hopper(layer_key(option, 1024, 4096, 128), candidate_configs(1)[0]))
-    assert summary["stack"] == 0 and 0 < summary["registers"] <= 255
+    key = layer_key(option, 1024, 4096, 128)
+    config = next(c for c in LayerKernel(key, None).candidates(1) if c.block_n == 16 and c.slots == 32)
+    summary = sass_summary(compile_for_hopper(key, config))
+    assert summary["stack"] == 0 and 0 < summary["registers"] <= 255, config
     assert summary["loads"].get("LDG.E.64", 0) > 0  # the pair-table gathers are single 8-byte loads

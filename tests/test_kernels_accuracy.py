@@ -28,18 +28,19 @@ from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
-from tqc.kernels.tuning import LaunchConfig, Tuner, candidate_configs  # noqa: E402
+from tqc.kernels.tuning import LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = [(1024, 4096, 128)] if CUDA else [(32, 256, 64), (16, 96, 32)]  # B = 8 in one chunk; B = 1 in three chunks
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 TOKENS = [1, 5] if INTERPRET else [1, 3, 16, 77]
-STRATEGIES = {
-    "gemv": LaunchConfig(strategy="gemv", block_n=16),
-    "skinny": LaunchConfig(strategy="gemm", block_m=16, block_n=32, num_stages=2),
-    "gemm": LaunchConfig(strategy="gemm", block_m=32, block_n=32, num_stages=2),
-    "dequant": LaunchConfig(strategy="dequant", block_n=16),
+STRATEGIES = {  # gemv and skinny with their smallest slot count: the most K-splits, atomics included
+    "gemv": lambda slots: LaunchConfig(strategy="gemv", block_n=16, slots=slots),
+    "gemv-whole-chunk": lambda slots: LaunchConfig(strategy="gemv", block_n=8, slots=32),
+    "skinny": lambda slots: LaunchConfig(strategy="skinny", block_m=16, block_n=32, slots=slots),
+    "gemm": lambda slots: LaunchConfig(strategy="gemm", block_m=32, block_n=32, num_stages=2),
+    "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
 }
 
 
@@ -58,6 +59,8 @@ def reference(original, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_counts(config: LaunchConfig) -> list[int]:
+    if config.strategy == "skinny":
+        return [m for m in TOKENS if m <= config.block_m]
     return [1] if config.strategy == "gemv" else TOKENS
 
 
@@ -69,7 +72,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("option", TURBOQUANT_OPTIONS, ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kernel_matches_reference(option, strategy):
-    config = STRATEGIES[strategy]
+    config = STRATEGIES[strategy](min(slot_choices(option.base_bits, option.residual_bits)))
     for n, k, group_size in SHAPES:
         module, original = random_layer(option, n, k, group_size)
         kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))

@@ -1,0 +1,69 @@
+"""`tqc bench gemlite`: the peer kernel (gemlite, Triton) at the same shapes, with bf16 and tqc in the same run.
+
+gemlite's A16Wn layers take affine group quantization (w = (q - z) * s, 2/4 bits, group 128),
+so they move the same number of bytes as tqc's plain 2/4-bit option: the comparison is of
+kernels, not of quantizers. gemlite is installed separately (`pip install gemlite`); it picks
+its launch configurations from the cache it ships for the GPU, or tunes them on first call.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .bench import SHAPES, copies_for, device_info, save, time_layers
+
+
+def gemlite_layer(n: int, k: int, bits: int, group_size: int, seed: int):
+    """A gemlite A16Wn layer with random codes, bf16 activations."""
+    from gemlite.helper import A16Wn  # noqa: PLC0415
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=generator, device="cuda", dtype=torch.uint8)
+    scales = torch.rand(n, k // group_size, generator=generator, device="cuda", dtype=torch.bfloat16) * 0.01
+    zeros = torch.full_like(scales, 2 ** (bits - 1))
+    return A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros, bits, group_size)
+
+
+def cmd_gemlite(args: argparse.Namespace) -> None:
+    import gemlite  # noqa: PLC0415
+
+    from .bench import bench_shape, row  # noqa: PLC0415
+    from .registry import KernelRegistry  # noqa: PLC0415
+    from .tuning import Tuner  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
+    result = {"device": device_info() | {"gemlite": gemlite.__version__}, "group_size": args.group_size, "rows": []}
+    for model in args.models:
+        for layer, (n, k) in SHAPES[model].items():
+            rows = bench_shape(n, k, args.tokens, [str(b) for b in args.bits], args.group_size, registry)
+            bf16 = {r["tokens"]: r["us"] / 1e6 for r in rows if r["option"] == "bf16"}
+            for bits in args.bits:
+                nbytes = n * k * bits // 8 + n * k // args.group_size * 4  # codes, bf16 scales and zeros
+                layers = [gemlite_layer(n, k, bits, args.group_size, seed) for seed in range(copies_for(nbytes))]
+                for m in args.tokens:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    layers[0](x)  # tune outside the graph
+                    rows.append(row(f"gemlite{bits}", n, k, m, nbytes, time_layers(layers, x), bf16[m]))
+                del layers
+                torch.cuda.empty_cache()
+            for r in rows:
+                r |= {"model": model, "layer": layer}
+                print(f"{model:<10} {layer:<17} {n:>5}x{k:<5} M={r['tokens']:<5} {r['option']:>9} {r['us']:9.1f} us "
+                      f"x{r['speedup_vs_bf16']:.2f}", flush=True)
+            result["rows"] += rows
+    save(result, args.output)
+
+
+def add_parser(kinds, checked) -> None:
+    peer = kinds.add_parser("gemlite", help="gemlite's kernels beside tqc's and bf16 at the same shapes")
+    peer.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
+    peer.add_argument("--bits", nargs="+", type=int, default=[4, 2], choices=[2, 4])
+    peer.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 2048])
+    peer.add_argument("--group-size", type=int, default=128)
+    peer.add_argument("--cache-dir", type=Path, help="tqc kernel tuning cache (default ~/.cache/tqc/kernels)")
+    peer.add_argument("-o", "--output", default="bench-gemlite.json")
+    peer.set_defaults(run=checked(cmd_gemlite))
