@@ -79,6 +79,14 @@ def kl_divergence(model, reference: list[torch.Tensor], ids: torch.Tensor) -> fl
     return total / count
 
 
+def reference_logprobs(curve: Curve, windows: int, seq_len: int = 512) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The source model's log-probs on the first `windows` test windows, and the windows' token ids."""
+    ids = token_windows(load_tokenizer(curve.source), Windows(str(TEST_DATA), seq_len, windows))
+    source = load_model(curve.source)
+    reference = [F.log_softmax(source(input_ids=w[None]).logits[0, :-1].float(), dim=-1) for w in ids]
+    return reference, ids
+
+
 def run_point(curve: Curve, label: str, plan: Plan, reference, ids) -> dict:
     with tempfile.TemporaryDirectory(prefix="tqc-pareto-") as scratch:
         packed = Path(scratch) / "packed"
@@ -130,10 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     result = json.loads(output.read_text()) if output.is_file() else {"model": args.model, "points": []}
     result |= {"data": TEST_DATA.name, "windows": args.windows, "seq_len": args.seq_len}
     done = {point["label"] for point in result["points"]}
-    ids = token_windows(load_tokenizer(curve.source), Windows(str(TEST_DATA), args.seq_len, args.windows))
-    source = load_model(curve.source)
-    reference = [F.log_softmax(source(input_ids=w[None]).logits[0, :-1].float(), dim=-1) for w in ids]
-    del source
+    reference, ids = reference_logprobs(curve, args.windows, args.seq_len)
     for label, make in points(curve):
         if label in done or (args.only and label not in args.only):
             continue
