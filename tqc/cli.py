@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
-from .plan import PlanError, read_plan, write_plan, write_text_atomic
+from .plan import PlanError, QuantizerRef, read_plan, write_plan, write_text_atomic
 
 DEFAULT_DATA = "../shared/data/wiki.test.txt"
 DEFAULT_TRAIN = "../shared/data/wiki.train.txt"
@@ -133,6 +134,10 @@ def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--seed", type=int, default=0, help="rotation seed")
     plan.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in fp16 (default: lm_head)")
     plan.add_argument("--override", action="append", metavar="PATTERN=OPTION", help="e.g. '*.down_proj=4+2' (uniform)")
+    plan.add_argument(
+        "--quantizer", choices=get_args(QuantizerRef.model_fields["method"].annotation), default="plain",
+        help="how tqc build fits codes: plain, or tuned to calibration data (gptq, scales; docs/gptq.md)",
+    )  # fmt: skip
     budget = plan.add_argument_group("budget plans")
     budget.add_argument("--context", type=int, default=0, help="tokens of KV cache per sequence")
     budget.add_argument("--batch", type=int, default=1, help="sequences served at once")

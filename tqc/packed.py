@@ -113,15 +113,21 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[
     """
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
-    specs: dict[str, LayerSpec] = {}
-    todo = [(name, entry) for name, entry in plan.layers.items() if entry.quant_option.is_quantized]
-    for name, entry in tqdm(todo, desc="quantize", unit="layer", disable=not progress):
-        linear = layers[name]
-        spec = LayerSpec(entry.quant_option, entry.group_size, linear.in_features, linear.out_features, linear.bias is not None)
+    specs = {
+        name: LayerSpec(entry.quant_option, entry.group_size, layers[name].in_features, layers[name].out_features, layers[name].bias is not None)
+        for name, entry in plan.layers.items()
+        if entry.quant_option.is_quantized
+    }
+    calibrated = set()
+    if plan.quantizer is not None and plan.quantizer.method != "plain":  # tuned to calibration data (docs/gptq.md)
+        from .calibration.gptq import quantize_calibrated  # noqa: PLC0415
+
+        calibrated = quantize_calibrated(model, plan, specs, progress)
+    todo = [name for name in specs if name not in calibrated]
+    for name in tqdm(todo, desc="quantize", unit="layer", disable=not progress or not todo):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, quantize_linear(linear, spec, layer_seed(plan.seed, name)))
-        specs[name] = spec
+        setattr(parent, child, quantize_linear(layers[name], specs[name], layer_seed(plan.seed, name)))
     untie_quantized_head(model, specs)
     with torch.no_grad():
         for param in model.parameters():

@@ -60,6 +60,19 @@ class CalibrationRef(Strict):
     seed: int | None = None
 
 
+class QuantizerRef(Strict):
+    """How `tqc build` fits codes and scales: the plain quantizer, or tuned to calibration inputs
+    (`gptq`: error feedback across columns in the rotated space; `scales`: H-weighted scales only;
+    docs/gptq.md). A plan without this entry builds with the plain quantizer."""
+
+    method: Literal["plain", "gptq", "scales"] = "plain"
+    samples: int = Field(default=32, ge=1, description="calibration windows of the training text")
+    seq_len: int = Field(default=512, ge=2, description="tokens per calibration window")
+    seed: int = Field(default=0, description="seed of the calibration windows")
+    damp: float = Field(default=0.01, gt=0, le=1, description="dampening, a fraction of H's mean diagonal")
+    data: str | None = Field(default=None, description="calibration text (default ../shared/data/wiki.train.txt)")
+
+
 class LayerPlan(Strict):
     option: str = Field(description="quantization option: 2, 3, 4, 4+2, 4+4, rtn4, fp16, ...")
     group_size: int = Field(description="input columns per scale and per rotation block")
@@ -92,6 +105,7 @@ class Plan(Strict):
     group_size: int = 128
     budget: Budget | None = None
     calibration: CalibrationRef | None = None
+    quantizer: QuantizerRef | None = Field(default=None, description="absent: the plain quantizer")
     layers: dict[str, LayerPlan]
 
     def layer_options(self) -> dict[str, QuantOption]:

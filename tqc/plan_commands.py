@@ -13,7 +13,7 @@ from functools import lru_cache
 from .memory import ModelGeometry, Runtime, breakdown, format_size, model_geometry, parse_size
 from .models import LinearShape, SourceModel, empty_model, linear_shapes, load_config, resolve_model
 from .options import QuantOption
-from .plan import ModelRef, Plan, PlanError, read_plan, write_plan
+from .plan import ModelRef, Plan, PlanError, QuantizerRef, read_plan, write_plan
 from .planning import DEFAULT_KEEP, Rules, allocated_plan, layer_candidates, layer_notes, plan_specs, uniform_plan
 
 
@@ -116,6 +116,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if not args.output:
         raise CommandError("give -o/--output PLAN.yaml (or .json)")
     plan, notes = (plan_uniform(args), None) if args.uniform is not None else plan_budget(args)
+    if args.quantizer != "plain":  # a plain plan keeps no entry, so its bytes are those of before
+        plan = plan.model_copy(update={"quantizer": QuantizerRef(method=args.quantizer)})
     write_plan(plan, args.output, notes)
     print_summary(plan)
     if plan.budget is not None:
