@@ -31,12 +31,18 @@ MODELS = ("smollm2", "gemma3-270m")
 
 @dataclass(frozen=True)
 class Row:
-    option: str  # "fp16" is the 16-bit source itself (tqc eval --model)
+    option: str  # "fp16" is the 16-bit source itself (tqc eval --model); "100MB" a budget plan
     group_size: int = 128
+    quantizer: str = "plain"  # `tqc plan --quantizer` (docs/gptq.md)
 
     @property
     def key(self) -> str:
-        return self.option if self.group_size == 128 else f"{self.option}-g{self.group_size}"
+        key = self.option if self.group_size == 128 else f"{self.option}-g{self.group_size}"
+        return key if self.quantizer == "plain" else f"{key}-{self.quantizer}"
+
+    @property
+    def is_budget(self) -> bool:
+        return self.option.endswith("B")
 
 
 # Evaluated batch by batch (each batch shares one source forward), most telling rows first.
@@ -45,8 +51,11 @@ ROW_BATCHES: tuple[tuple[Row, ...], ...] = (
     tuple(Row(option) for option in ("rtn8", "rtn4", "rtn3", "rtn2", "3", "2")),
     tuple(Row(option) for option in ("4", "3+2", "2+2")),
     tuple(Row(option) for option in ("4+4", "4+2")),
+    tuple(Row(option, quantizer="gptq") for option in ("3", "2", "4")),
+    (Row("100MB"), Row("100MB", quantizer="gptq")),
 )
 TABLE_ORDER = ("fp16", "rtn8", "rtn4", "rtn3", "rtn2", "4+4", "4+2", "4", "3+2", "3", "2+2", "2")
+TUNED_ORDER = ("4-gptq", "3-gptq", "2-gptq", "100MB", "100MB-gptq")  # listed, not required (docs/gptq.md)
 
 
 class ResultRow(BaseModel):
@@ -57,6 +66,7 @@ class ResultRow(BaseModel):
     model_name: str
     option: str
     group_size: int
+    quantizer: str = "plain"
     commands: list[str]
     result: EvalResult
 
@@ -72,8 +82,10 @@ def _commands(model: str, row: Row, windows: int, packed: Path) -> tuple[list[li
     if row.option == "fp16":
         return [], ["tqc", "eval", "--model", model, *common_eval, "-o", str(RESULTS / f"{model}-fp16.json")]
     plan = packed.with_suffix(".yaml")
+    choice = ["--budget", row.option] if row.is_budget else ["--uniform", row.option]
+    quantizer = ["--quantizer", row.quantizer] if row.quantizer != "plain" else []
     return [
-        ["tqc", "plan", "--model", model, "--uniform", row.option, "--group-size", str(row.group_size), "-o", str(plan)],
+        ["tqc", "plan", "--model", model, *choice, "--group-size", str(row.group_size), *quantizer, "-o", str(plan)],
         ["tqc", "build", str(plan), "-o", str(packed), "-q"],
     ], ["tqc", "eval", str(packed), *common_eval]
 
@@ -110,7 +122,9 @@ def _done(model: str, row: Row, windows: int) -> bool:
 
 def _record(model: str, row: Row, commands: list[str], eval_json: Path) -> None:
     result = EvalResult.model_validate_json(eval_json.read_text())
-    entry = ResultRow(model_name=model, option=row.option, group_size=row.group_size, commands=commands, result=result)
+    entry = ResultRow(
+        model_name=model, option=row.option, group_size=row.group_size, quantizer=row.quantizer, commands=commands, result=result
+    )
     write_text_atomic(_result_path(model, row), entry.model_dump_json(indent=2) + "\n")
 
 
@@ -181,20 +195,30 @@ Notes
   Gemma: on weights that already sit on a 4-bit grid a fine uniform grid recovers them almost
   exactly, while the rotation spreads each grid value over the group. 4+4 is not the option to
   pick at 8 bits on these two sources.
+- Rows marked GPTQ are built from the same plan plus `quantizer: gptq` (`tqc plan --quantizer
+  gptq`): same format and size, codes and scales tuned block by block to 32 windows of 512 tokens
+  of wiki.train.txt (docs/gptq.md, which also gives their build times).
 - Uniform 2-bit collapses both models with either quantizer (no calibration, every layer at 2 bits);
   it is in the table for the comparison, not as a usable setting.
 """
 
 
+def _key(row: ResultRow) -> str:
+    return Row(row.option, row.group_size, row.quantizer).key
+
+
 def _rows(results: Path, model: str) -> list[ResultRow]:
-    order = {key: i for i, key in enumerate(TABLE_ORDER)}
+    order = {key: i for i, key in enumerate((*TABLE_ORDER, *TUNED_ORDER))}
     found = [ResultRow.model_validate_json(p.read_text()) for p in sorted(results.glob(f"{model}-*.json"))]
     found = [r for r in found if r.model_name == model]
-    return sorted(found, key=lambda r: order.get(Row(r.option, r.group_size).key, len(order)))
+    return sorted(found, key=lambda r: order.get(_key(r), len(order)))
 
 
 def _label(row: ResultRow) -> str:
     label = LABELS.get(row.option, f"TurboQuant {row.option}")
+    if Row(row.option).is_budget:
+        label = f"TurboQuant allocated to {row.option}"
+    label = label if row.quantizer == "plain" else f"{label}, {row.quantizer.upper()}"
     return label if row.group_size == 128 else f"{label} (g={row.group_size})"
 
 
@@ -203,7 +227,7 @@ def _ppl(value: float) -> str:
 
 
 def _missing(model: str, rows: list[ResultRow]) -> list[str]:
-    have = {Row(r.option, r.group_size).key for r in rows}
+    have = {_key(r) for r in rows}
     missing = [key for key in TABLE_ORDER if key not in have]
     if not missing:
         return []
@@ -223,7 +247,7 @@ def _table(rows: list[ResultRow]) -> list[str]:
 
 def _comparison(rows: list[ResultRow]) -> list[str]:
     """TurboQuant against RTN at 3 and 2 bits: KLD and bits per weight side by side."""
-    by_key = {Row(r.option, r.group_size).key: r.result for r in rows}
+    by_key = {_key(r): r.result for r in rows}
     lines = []
     for bits in (3, 2):
         rtn, tq = by_key.get(f"rtn{bits}"), by_key.get(str(bits))
@@ -236,6 +260,23 @@ def _comparison(rows: list[ResultRow]) -> list[str]:
             f"- {bits}-bit: TurboQuant KLD {tq.kl_divergence:.4f} at {tq.bits_per_weight:.3f} bits/weight, "
             f"RTN KLD {rtn.kl_divergence:.4f} at {rtn.bits_per_weight:.3f} bits/weight: TurboQuant is {verdict}, "
             f"with {bits_note} bits per weight."
+        )
+    return lines
+
+
+def _tuned_comparison(rows: list[ResultRow]) -> list[str]:
+    """Each tuned row against the plain row of the same plan (docs/gptq.md)."""
+    by_key = {_key(r): r.result for r in rows}
+    lines = []
+    for row in rows:
+        plain = by_key.get(Row(row.option, row.group_size).key)
+        if row.quantizer == "plain" or plain is None:
+            continue
+        tuned = row.result
+        verdict = "lower" if tuned.kl_divergence < plain.kl_divergence else "HIGHER"
+        lines.append(
+            f"- {row.option} with {row.quantizer.upper()}: KLD {tuned.kl_divergence:.4f} against {plain.kl_divergence:.4f} "
+            f"with the plain quantizer ({verdict}, x{plain.kl_divergence / tuned.kl_divergence:.2f}), same size."
         )
     return lines
 
@@ -273,6 +314,7 @@ def render(results: Path, output: Path) -> None:
             "",
             *_missing(model, rows),
             *_comparison(rows),
+            *_tuned_comparison(rows),
             "",
             "Commands that made each row:",
             "",
