@@ -198,8 +198,9 @@ Notes
 - Rows marked GPTQ are built from the same plan plus `quantizer: gptq` (`tqc plan --quantizer
   gptq`): same format and size, codes and scales tuned block by block to 32 windows of 512 tokens
   of wiki.train.txt (docs/gptq.md, which also gives their build times).
-- Uniform 2-bit collapses both models with either quantizer (no calibration, every layer at 2 bits);
-  it is in the table for the comparison, not as a usable setting.
+- Uniform 2-bit collapses both models with either plain quantizer (no calibration, every layer at 2
+  bits); it is in the table for the comparison, not as a usable setting. With GPTQ, SmolLM2's
+  uniform 2-bit is about as good as its plain uniform 3-bit.
 """
 
 
