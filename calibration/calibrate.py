@@ -13,6 +13,7 @@ from tqc.plan import ModelRef
 
 from .data import sample_windows
 from .measurement import DataRef, LayerScore, Measurement, cache_path, measurement_key, read_measurement, write_measurement
+from .prior import RolePrior, read_prior
 from .scores import DEFAULT_ROWS, prior_scores, score_layers
 from .statistics import collect
 
@@ -55,12 +56,21 @@ def calibrate(
     )
 
 
-def prior_measurement(model: ModelRef, shapes: dict[str, LinearShape], group_size: int = 128, seed: int = 0) -> Measurement:
-    """Data-free scores from shapes alone (a config on the meta device is enough)."""
+def prior_measurement(
+    model: ModelRef, shapes: dict[str, LinearShape], group_size: int = 128, seed: int = 0,
+    prior: RolePrior | None = None,
+) -> Measurement:
+    """Data-free scores from shapes alone (a config on the meta device is enough).
+
+    Each layer's damage is weighted by the role prior (prior.py; by default the checked-in one,
+    fitted on the calibrated models), so that v_proj and k_proj get more bits than q_proj.
+    """
+    prior = prior or read_prior()
     layers = {}
     for name, shape in shapes.items():
         size = group_size_for(shape.in_features, group_size)
-        options = prior_scores(shape.in_features, shape.out_features, size) if size else {}
+        factor = prior.factor(name)
+        options = prior_scores(shape.in_features, shape.out_features, size, factor) if size else {}
         layers[name] = LayerScore(
             in_features=shape.in_features, out_features=shape.out_features, group_size=size or group_size, options=options
         )

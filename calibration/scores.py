@@ -106,12 +106,13 @@ def theory_error(option: QuantOption) -> float:
     return error * gaussian_distortion(option.residual_bits) if option.residual_bits else error
 
 
-def prior_scores(in_features: int, out_features: int, group_size: int) -> dict[str, OptionScore]:
-    """Data-free scores: every weight equally sensitive, damage = relative error x weights / 1e9."""
+def prior_scores(in_features: int, out_features: int, group_size: int, factor: float = 1.0) -> dict[str, OptionScore]:
+    """Data-free scores: damage = relative error x weights x factor / 1e9 (factor: the layer's
+    relative sensitivity per weight, 1 when every weight counts alike; see prior.RolePrior)."""
     return {
         option.name: OptionScore(
             bytes=layer_bytes(LayerSpec(option, group_size, in_features, out_features)),
-            damage=theory_error(option) * in_features * out_features / 1e9,
+            damage=theory_error(option) * in_features * out_features * factor / 1e9,
             relative_error=theory_error(option),
         )
         for option in TURBOQUANT_OPTIONS
