@@ -124,13 +124,17 @@ def cmd_layers(args: argparse.Namespace) -> None:
     compile_and_report(keys, args.tokens)
     for model in args.models:
         for layer, (n, k) in SHAPES[model].items():
-            rows = bench_shape(n, k, args.tokens, args.options, args.group_size, registry)
-            for r in rows:
-                r |= {"model": model, "layer": layer}
-                print(f"{model:<10} {layer:<17} {n:>5}x{k:<5} M={r['tokens']:<5} {r['option']:>5} {r['us']:9.1f} us "
-                      f"{r['weight_gbps']:7.0f} GB/s  x{r['speedup_vs_bf16']:.2f}", flush=True)
-            result["rows"] += rows
+            result["rows"] += report(bench_shape(n, k, args.tokens, args.options, args.group_size, registry), model, layer)
     save(result, args.output)
+
+
+def report(rows: list[dict], model: str, layer: str) -> list[dict]:
+    """Label the rows of one shape with the model and layer, and print them."""
+    for r in rows:
+        r |= {"model": model, "layer": layer}
+        print(f"{model:<10} {layer:<17} {r['n']:>5}x{r['k']:<5} M={r['tokens']:<5} {r['option']:>9} {r['us']:9.1f} us "
+              f"{r['weight_gbps']:7.0f} GB/s  x{r['speedup_vs_bf16']:.2f}", flush=True)
+    return rows
 
 
 def layer_key(option: str, n: int, k: int, group_size: int):

@@ -30,7 +30,7 @@ def gemlite_layer(n: int, k: int, bits: int, group_size: int, seed: int):
 def cmd_gemlite(args: argparse.Namespace) -> None:
     import gemlite  # noqa: PLC0415
 
-    from .bench import bench_shape, row  # noqa: PLC0415
+    from .bench import bench_shape, report, row  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
@@ -50,11 +50,7 @@ def cmd_gemlite(args: argparse.Namespace) -> None:
                     rows.append(row(f"gemlite{bits}", n, k, m, nbytes, time_layers(layers, x), bf16[m]))
                 del layers
                 torch.cuda.empty_cache()
-            for r in rows:
-                r |= {"model": model, "layer": layer}
-                print(f"{model:<10} {layer:<17} {n:>5}x{k:<5} M={r['tokens']:<5} {r['option']:>9} {r['us']:9.1f} us "
-                      f"x{r['speedup_vs_bf16']:.2f}", flush=True)
-            result["rows"] += rows
+            result["rows"] += report(rows, model, layer)
     save(result, args.output)
 
 
