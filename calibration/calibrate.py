@@ -33,10 +33,8 @@ def calibrate(
     rows: int = DEFAULT_ROWS,
     model: nn.Module | None = None,
     progress: bool = True,
-    quantizer: str = "plain",
 ) -> Measurement:
-    """One pass for H and Fisher sensitivities, then every TurboQuant option scored per layer
-    (the damage the plain quantizer leaves, or with quantizer "gptq" the damage GPTQ leaves)."""
+    """One pass for H and Fisher sensitivities, then every TurboQuant option scored per layer."""
     model = model if model is not None else load_model(source)
     windows = sample_windows(load_tokenizer(source), data)
     stats = collect(model, windows, seed=data.seed, progress=progress)
@@ -44,7 +42,7 @@ def calibrate(
     sizes = {name: group_size_for(linear.in_features, group_size) for name, linear in linears.items()}
     with torch.no_grad():
         todo = {name: (linears[name].weight, stats[name].hessian, stats[name].alpha, size) for name, size in sizes.items() if size}
-        scores = score_layers(todo, seed, rows, quantizer, progress)
+        scores = score_layers(todo, seed, rows)
     layers = {
         name: LayerScore(
             in_features=linear.in_features, out_features=linear.out_features, group_size=sizes[name] or group_size,
@@ -54,7 +52,7 @@ def calibrate(
     }
     model_ref = ModelRef(name=source.name, sha256=source.sha256())
     return Measurement(
-        method="fisher-proxy-gptq" if quantizer == "gptq" else "fisher-proxy", model=model_ref, data=data, group_size=group_size, seed=seed, rows_per_layer=rows, layers=layers
+        method="fisher-proxy", model=model_ref, data=data, group_size=group_size, seed=seed, rows_per_layer=rows, layers=layers
     )
 
 
@@ -87,13 +85,12 @@ def cached_calibration(
     rows: int = DEFAULT_ROWS,
     progress: bool = True,
     cache_dir: Path | None = None,
-    quantizer: str = "plain",
 ) -> tuple[Measurement, Path]:
     """The measurement for these settings, from the cache if present, else calibrated and cached."""
-    key = measurement_key(source.sha256(), data, group_size, seed, rows, quantizer)
+    key = measurement_key(source.sha256(), data, group_size, seed, rows)
     path = (cache_dir / f"{key}.json") if cache_dir else cache_path(key)
     if path.is_file():
         return read_measurement(path), path
-    measurement = calibrate(source, data, group_size, seed, rows, progress=progress, quantizer=quantizer)
+    measurement = calibrate(source, data, group_size, seed, rows, progress=progress)
     write_measurement(measurement, path)
     return measurement, path

@@ -54,9 +54,7 @@ class LayerScore(_Strict):
 class Measurement(_Strict):
     measurement_version: Literal[1] = MEASUREMENT_VERSION
     tqc_version: str = __version__
-    method: Literal["fisher-proxy", "fisher-proxy-gptq", "prior"] = Field(
-        description="fisher-proxy: damage of the plain quantizer; -gptq: of GPTQ (docs/gptq.md); prior: data-free"
-    )
+    method: Literal["fisher-proxy", "prior"]
     model: ModelRef
     data: DataRef | None = None
     group_size: int
@@ -65,13 +63,10 @@ class Measurement(_Strict):
     layers: dict[str, LayerScore]
 
 
-def measurement_key(model_sha: str, data: DataRef | None, group_size: int, seed: int, rows: int | None,
-                    quantizer: str = "plain") -> str:
+def measurement_key(model_sha: str, data: DataRef | None, group_size: int, seed: int, rows: int | None) -> str:
     """A short stable key of everything that changes a measurement."""
     data_key = data.model_dump(exclude={"path"}) if data else "prior"  # the file's sha256 stands for it
     parts = [model_sha, group_size, seed, rows, data_key, MEASUREMENT_VERSION]
-    if quantizer != "plain":  # plain keys stay those of before, so existing caches are still found
-        parts.append(quantizer)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 

@@ -10,13 +10,12 @@ sample of rows (an unbiased estimate of the sum over rows), through the quantize
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from tqc.codebook import gaussian_distortion
 from tqc.layout import LayerSpec, layer_bytes, layer_seed
 from tqc.options import TURBOQUANT_BASE_BITS, TURBOQUANT_OPTIONS, QuantOption
 from tqc.rotation import random_signs, rotate
-from tqc.turboquant import decode_stage, dequantize, fit_stage
+from tqc.turboquant import decode_stage, fit_stage
 
 from .measurement import OptionScore
 
@@ -64,40 +63,21 @@ def residual_errors(groups: torch.Tensor) -> dict[QuantOption, torch.Tensor]:
     return left_by_option
 
 
-def gptq_residual_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, group_size: int, seed: int,
-                         rows: int) -> dict[QuantOption, torch.Tensor]:
-    """What every option leaves of the layer's sampled rows when GPTQ quantizes them (rotated groups [m, g])."""
-    from .gptq import gptq_quantize  # noqa: PLC0415 (gptq imports this module)
-
-    index = sample_rows(weight.shape[0], rows, name, seed)
-    k = weight.shape[1]
-    rotated = rotated_rows(name, weight, group_size, seed, rows).reshape(-1, k)
-    left = {}
-    for option in TURBOQUANT_OPTIONS:
-        spec = LayerSpec(option, group_size, k, len(index))
-        tensors = gptq_quantize(weight[index], spec, layer_seed(seed, name), hessian)
-        left[option] = (rotated - dequantize(tensors, spec)).reshape(-1, group_size)
-    return left
-
-
 def score_layers(
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]], seed: int, rows: int, quantizer: str = "plain",
-    progress: bool = False,
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]], seed: int, rows: int
 ) -> dict[str, dict[str, OptionScore]]:
     """Score every TurboQuant option of every layer {name: (weight, H, alpha, group size)}.
 
-    quantizer "plain": stage fits work group by group, so the sampled rows of all layers that
-    share a group size are quantized together in one call per stage (one large tensor op instead
-    of 211 small ones). "gptq": each layer's sampled rows are quantized by GPTQ with the layer's
-    H (calibration/gptq.py), option by option, so the damage is the one a GPTQ build leaves.
+    Stage fits work group by group, so the sampled rows of all layers that share a group size are
+    quantized together in one call per stage (one large tensor op instead of 211 small ones).
     """
     scores: dict[str, dict[str, OptionScore]] = {}
     for group_size in sorted({entry[3] for entry in layers.values()}):
         names = [name for name, entry in layers.items() if entry[3] == group_size]
         parts = [rotated_rows(name, layers[name][0], group_size, seed, rows) for name in names]
+        left = residual_errors(torch.cat(parts))
         offsets = [0, *torch.tensor([len(p) for p in parts]).cumsum(0).tolist()]
-        left = residual_errors(torch.cat(parts)) if quantizer == "plain" else None
-        for i, name in enumerate(tqdm(names, desc=f"{quantizer} scores g{group_size}", unit="layer", disable=not progress)):
+        for i, name in enumerate(names):
             weight, hessian, alpha, _ = layers[name]
             n, k = weight.shape
             h = rotated_hessian(hessian.float(), random_signs(layer_seed(seed, name), k), group_size)
@@ -108,13 +88,9 @@ def score_layers(
                 return float(((flat @ h) * flat).sum()) * factor
 
             energy = quadratic(parts[i])
-            if left is None:
-                mine = gptq_residual_errors(name, weight, hessian, group_size, seed, rows)
-            else:
-                mine = {option: rest[offsets[i] : offsets[i + 1]] for option, rest in left.items()}
             scores[name] = {
-                option.name: _option_score(option, LayerSpec(option, group_size, k, n), alpha, quadratic(rest), energy)
-                for option, rest in mine.items()
+                option.name: _option_score(option, LayerSpec(option, group_size, k, n), alpha, quadratic(rest[offsets[i] : offsets[i + 1]]), energy)
+                for option, rest in left.items()
             }
     return scores
 

@@ -142,16 +142,3 @@ def test_plan_command_records_the_quantizer(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(tuned.read_text().replace("method: gptq", "method: optq"))
     assert "field 'quantizer.method'" in one_line_error(capsys, "plan", "--check", str(bad))
-
-
-def test_gptq_scores_are_the_damage_a_gptq_build_leaves(model, hessians):
-    """Scoring with quantizer "gptq" measures exactly GPTQ's output error, below the plain quantizer's."""
-    from tqc.calibration.scores import score_layers
-
-    weight = linear_layers(model)[LAYER].weight
-    layers = {LAYER: (weight, hessians["calibration"], 1.0, 64)}
-    scores = {q: score_layers(layers, seed=0, rows=weight.shape[0], quantizer=q)[LAYER] for q in ("plain", "gptq")}
-    spec = _spec(model, "3")
-    tensors = gptq.gptq_quantize(weight, spec, layer_seed(0, LAYER), hessians["calibration"])
-    assert scores["gptq"]["3"].damage == pytest.approx(_output_error(model, tensors, spec, hessians["calibration"]), rel=1e-3)
-    assert all(scores["gptq"][o].damage < scores["plain"][o].damage for o in ("2", "3", "4"))

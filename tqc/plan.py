@@ -49,10 +49,9 @@ class Budget(Strict):
 
 
 class CalibrationRef(Strict):
-    """Where the sensitivity scores came from: a calibration pass (scoring the plain quantizer, or
-    GPTQ: fisher-proxy-gptq) or the data-free prior."""
+    """Where the sensitivity scores came from: a calibration pass or the data-free prior."""
 
-    method: Literal["fisher-proxy", "fisher-proxy-gptq", "prior"]
+    method: Literal["fisher-proxy", "prior"]
     rows_per_layer: int | None = None
     data: str | None = None
     data_sha256: str | None = None

@@ -92,8 +92,7 @@ def measurement_for(args: argparse.Namespace, source: SourceModel, model: ModelR
     if args.prior or not source.weight_files:
         return prior_measurement(model, shapes, args.group_size, args.seed)
     data = data_ref(args.data, args.samples, args.seq_len, args.calib_seed)
-    scored = "gptq" if args.quantizer == "gptq" else "plain"  # allocate by the damage the build will leave
-    measurement, path = cached_calibration(source, data, args.group_size, args.seed, args.rows, quantizer=scored)
+    measurement, path = cached_calibration(source, data, args.group_size, args.seed, args.rows)
     print(f"sensitivities from {path}")
     return measurement
 

@@ -145,7 +145,7 @@ def allocated_plan(
     plan_budget = Budget(
         total_bytes=budget, context=runtime.context, batch=runtime.batch, kv_bits=runtime.kv_bits,
         reserve=runtime.reserve, breakdown=spent, predicted_damage=_rounded(sum(c.damage for c in picked.values())),
-        damage_unit="prior (relative)" if measurement.method == "prior" else "KL nats/token",
+        damage_unit="KL nats/token" if measurement.method == "fisher-proxy" else "prior (relative)",
     )  # fmt: skip
     return Plan(
         model=model, seed=measurement.seed, group_size=measurement.group_size, budget=plan_budget,
