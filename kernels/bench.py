@@ -5,7 +5,7 @@
                        device's copy bandwidth
     tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
     tqc bench gemlite  the peer kernel (gemlite) beside tqc and bf16 at the same shapes
-    tqc bench static   no GPU needed: compile the GEMV for sm_90, count SASS instructions per weight
+    tqc bench static   no GPU needed: compile the one-token kernels for sm_90, count SASS instructions per weight
 
 Every timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), over enough
 copies of the weights that they do not fit in L2, so each replay streams them from device memory.
@@ -119,12 +119,12 @@ def cmd_layers(args: argparse.Namespace) -> None:
     registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose))
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
-    keys = [layer_key(option, n, k, args.group_size) for model in args.models for n, k in SHAPES[model].values()
-            for option in args.options]
-    compile_and_report(keys, args.tokens)
-    for model in args.models:
-        for layer, (n, k) in SHAPES[model].items():
-            result["rows"] += report(bench_shape(n, k, args.tokens, args.options, args.group_size, registry), model, layer)
+    shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
+              if not args.layers or layer in args.layers]
+    compile_and_report([layer_key(option, n, k, args.group_size) for *_, n, k in shapes for option in args.options],
+                       args.tokens)
+    for model, layer, n, k in shapes:
+        result["rows"] += report(bench_shape(n, k, args.tokens, args.options, args.group_size, registry), model, layer)
     save(result, args.output)
 
 
@@ -182,6 +182,7 @@ def add_parser(subparsers) -> None:
     layers.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     layers.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128, 2048])
     layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
+    layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama, random weights")
@@ -189,7 +190,7 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     decode.add_argument("--layers", type=int, default=32)
     decode.add_argument("-o", "--output", default="bench-decode.json")
-    static = kinds.add_parser("static", help="compile the one-token GEMV for sm_90 here (no GPU) and count its SASS")
+    static = kinds.add_parser("static", help="compile the one-token kernels for sm_90 here (no GPU) and count their SASS")
     static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
     static.add_argument("--bandwidth", type=float, default=2700.0, help="GB/s assumed for the memory-bound estimate")

@@ -39,6 +39,8 @@ def cmd_gemlite(args: argparse.Namespace) -> None:
     result = {"device": device_info() | {"gemlite": gemlite.__version__}, "group_size": args.group_size, "rows": []}
     for model in args.models:
         for layer, (n, k) in SHAPES[model].items():
+            if args.layers and layer not in args.layers:
+                continue
             rows = bench_shape(n, k, args.tokens, [str(b) for b in args.bits], args.group_size, registry)
             bf16 = {r["tokens"]: r["us"] / 1e6 for r in rows if r["option"] == "bf16"}
             for bits in args.bits:
@@ -57,6 +59,7 @@ def cmd_gemlite(args: argparse.Namespace) -> None:
 def add_parser(kinds, checked) -> None:
     peer = kinds.add_parser("gemlite", help="gemlite's kernels beside tqc's and bf16 at the same shapes")
     peer.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
+    peer.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     peer.add_argument("--bits", nargs="+", type=int, default=[4, 2], choices=[2, 4])
     peer.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 2048])
     peer.add_argument("--group-size", type=int, default=128)

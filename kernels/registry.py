@@ -2,10 +2,10 @@
 
 A `KernelKey` (code bits, residual bits, group size, N, K) fixes every constexpr of the kernel
 sources in triton_kernels.py; `generate(specs)` returns one `LayerKernel` per distinct key, and
-`kernel_for(spec)` is the registry the loader uses. A `LayerKernel` picks the strategy by the
-number of tokens (split-K GEMV for one, split-K tensor-core "skinny" kernel for 2-16, tiled GEMM or
-dequantize + cuBLAS beyond) with the launch
-parameters the tuner found for this GPU (tuning.py), and launches it. `prepare(module)` repacks a
+`kernel_for(spec)` is the registry the loader uses. A `LayerKernel` runs the strategy and launch
+parameters the tuner found for this GPU and token bucket (tuning.py): the tensor-core kernel split
+over K for few tokens, or tiled over M and N for many, the CUDA-core kernel for one token, or
+dequantize + cuBLAS. `prepare(module)` repacks a
 layer's codes into the kernel layout (repack.py) once, when the kernel is attached.
 """
 
@@ -14,18 +14,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 
-from tqc.codebook import gaussian_codebook
 from tqc.layout import LayerSpec
 
 from . import triton_kernels as tk
-from .repack import pair_table, slot_words, to_bitpack_layout, to_kernel_layout
+from .lut import table_words
+from .repack import slot_words, to_bitpack_layout, to_kernel_layout
 from .tuning import LaunchConfig, Tuner, candidate_configs, token_bucket
 
 KERNEL_LAYOUT = "kernel"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 
 
 @dataclass(frozen=True, order=True)
@@ -58,31 +61,29 @@ class LayerKernel:
 
     key: KernelKey
     tuner: Tuner
-    _codebooks: dict[tuple[int, torch.device, bool], torch.Tensor] = field(default_factory=dict)
+    _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
 
-    def codebook(self, bits: int, device: torch.device, pairs: bool = False) -> torch.Tensor:
-        """The stage's Lloyd-Max codebook on `device`, or its pair table (repack.pair_table) for the GEMV."""
-        if (bits, device, pairs) not in self._codebooks:
-            codebook = gaussian_codebook(bits)
-            table = pair_table(codebook, bits).view(torch.int64).squeeze(-1) if pairs else codebook
-            self._codebooks[(bits, device, pairs)] = table.to(device)
-        return self._codebooks[(bits, device, pairs)]
+    def table(self, bits: int, device: torch.device) -> torch.Tensor:
+        """A stage's PRMT table (lut.table_words) as int32 on `device`."""
+        if (bits, device) not in self._tables:
+            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits)]
+            self._tables[(bits, device)] = torch.tensor(words, dtype=torch.int32, device=device)
+        return self._tables[(bits, device)]
 
-    def weights(self, module, pairs: bool = False) -> tuple[torch.Tensor, ...]:
-        """The six weight arguments of every kernel: codes, scales, codebook (or pair table), then the residual's."""
+    def weights(self, module) -> tuple[torch.Tensor, ...]:
+        """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
         if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
             raise ValueError("the layer's codes are not in the kernel layout: call tqc.kernels.prepare(module)")
         device = module.codes.device
-        base = (module.codes, module.scales, self.codebook(self.key.bits, device, pairs))
+        base = (module.codes, module.scales, self.table(self.key.bits, device))
         if not self.key.residual_bits:
             return base + base  # never read: RES_BITS == 0 is a constexpr branch
-        residual = self.codebook(self.key.residual_bits, device, pairs)
-        return base + (module.residual_codes, module.residual_scales, residual)
+        return base + (module.residual_codes, module.residual_scales, self.table(self.key.residual_bits, device))
 
     def constexprs(self) -> dict[str, int]:
         k = self.key
         return {"N": k.n, "K": k.k, "G": k.group_size, "B": slot_words(k.k, k.group_size), "BITS": k.bits,
-                "RES_BITS": k.residual_bits}
+                "RES_BITS": k.residual_bits, "ASM": not INTERPRETED}
 
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -95,33 +96,30 @@ class LayerKernel:
         return out.reshape(*lead, self.key.n)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        return candidate_configs(bucket, self.key.bits, self.key.residual_bits, slot_words(self.key.k, self.key.group_size))
+        b = slot_words(self.key.k, self.key.group_size)
+        return candidate_configs(bucket, self.key.bits, self.key.residual_bits, b, self.key.k // b)
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
         m, n, k = x.shape[0], self.key.n, self.key.k
         if config.strategy == "dequant":
             return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
+        slot_count = k // slot_words(k, self.key.group_size)
+        iters = slot_count // config.slots if config.whole_k else config.iters
+        splits = slot_count // (config.slots * iters)
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_N": config.block_n}
-        if config.strategy in ("gemv", "skinny"):
-            splits = k // (config.slots * slot_words(k, self.key.group_size))
-            rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None)
+        rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16)
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_N": config.block_n,
+                  "SLOTS": config.slots, "ITERS": iters}
+        if config.strategy == "fma":
+            if m != 1:
+                raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
             grid = (triton.cdiv(n, config.block_n), splits)
-            if config.strategy == "gemv":
-                if m != 1:
-                    raise ValueError(f"the GEMV kernel takes one token, got {m}")
-                tk.gemv_kernel[grid](rotated, out, *self.weights(module, pairs=True), **self.constexprs(), **launch,
-                                     SLOTS=config.slots)
-            else:
-                if m > config.block_m:
-                    raise ValueError(f"the skinny kernel takes at most {config.block_m} tokens, got {m}")
-                tk.skinny_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch,
-                                       BLOCK_M=config.block_m, SLOTS=config.slots)
+            tk.lut_fma_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch)
         else:
-            grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-            tk.gemm_kernel[grid](rotate(x, module.signs, self.key.group_size), out, *self.weights(module), m,
-                                 **self.constexprs(), **launch, BLOCK_M=config.block_m, GROUP_M=8)
+            grid = (triton.cdiv(n, config.block_n), splits, triton.cdiv(m, config.block_m))
+            tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch,
+                                    BLOCK_M=config.block_m)
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
@@ -133,15 +131,16 @@ class LayerKernel:
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16,
-           clear: torch.Tensor | None = None) -> torch.Tensor:
+           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K].
 
     `clear`, if given, is zeroed by the same launch (the output a split-K kernel adds into).
+    `dtype`: of the result (the lookup kernels take fp16, the tensor cores' operand type), else x's.
     """
     m, k = x.shape
     block_k = max(group_size, 256)
     block_m = min(block_m, triton.next_power_of_2(m))
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=dtype or x.dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     target = out if clear is None else clear
     tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,

@@ -1,23 +1,49 @@
 """The kernel layout of packed codes (docs/kernel_layout.md), and the conversions to and from it.
 
 tqc/bitpack.py packs 32 / w consecutive codes of a row in one word. The kernels want instead that
-one wide, contiguous load gives every thread the codes of the same "slot", so a tile decodes
-with a shift and a mask, elementwise, no reshuffling in registers. So a row of K codes is cut
-into chunks of 32 * B codes (B = `slot_words(K, G)`, a power of two dividing G); inside a chunk
-code k = t * B + kw (slot t in 0..31, column kw in 0..B-1; 2B divides G). A plane of width w stores, per
-chunk, w runs of B words; word (a, kw) holds slots t = a * (32 / w) + j, j = 0 .. 32 / w - 1, in
-bits [j * w, (j + 1) * w). Planes are split and ordered as in bitpack (4 -> [4], 3 -> [2, 1],
-2 -> [2]), each plane contiguous per row, so a row still takes exactly K * b / 32 words.
+one wide, contiguous load gives every thread the codes of the same slots, and that the register
+lookups of lut.py find every bit where their PTX expects it. So a row of K codes is cut into
+chunks of 32 * B codes (B = `slot_words(K, G)`, a power of two, 2B dividing G); inside a chunk
+code k = t * B + kw (slot t in 0..31, column kw in 0..B-1). Codes are stored as lut.stored_code
+(sign and magnitude for 3 and 4 bits) and split into planes: 4 bits -> one nibble plane, 3 bits
+-> a crumb plane (2-bit magnitudes) and a sign plane, 2 bits -> one crumb plane. A plane of width
+w stores, per chunk, w runs of B words: word (a, kw) holds slots t = a * (32 / w) + j, j = 0 ..
+32 / w - 1, at the bit positions of `slot_bits`. Planes are contiguous per row, in that order,
+so a row still takes exactly K * b / 32 words.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tqc.bitpack import pack, plane_shifts, plane_widths, unpack
+from tqc.bitpack import pack, unpack
+
+from .lut import codebook_code, stored_code
 
 MAX_SLOT_WORDS = 64
 WORD_BITS = 32
+SIGN_NIBBLE = (3, 7, 2, 6, 1, 5, 0, 4)  # 4-bit: slot j's sign sits in bit 3 of this nibble
+
+
+def planes(bits: int) -> tuple[tuple[str, int], ...]:
+    """The (kind, width) planes of a code width, in storage order."""
+    return {4: (("nibble", 4),), 3: (("crumb", 2), ("sign", 1)), 2: (("crumb", 2),)}[bits]
+
+
+def slot_bits(kind: str, slot: int) -> tuple[tuple[int, int], ...]:
+    """(bit of the stored code, bit of the word) pairs for slot j of a word of this plane kind.
+
+    nibble: magnitude in nibble j, sign in bit 3 of nibble SIGN_NIBBLE[j] (pair p's signs land on
+    bits 15 and 31 after a left shift by 4p). crumb: pair p = j // 2 at bit 16 (p // 4) + 2 (p % 4),
+    its second slot 8 bits higher. sign: pair p at bit 15 - p, its second slot 16 bits higher.
+    """
+    pair, second = divmod(slot, 2)
+    if kind == "nibble":
+        return (0, 4 * slot), (1, 4 * slot + 1), (2, 4 * slot + 2), (3, 4 * SIGN_NIBBLE[slot] + 3)
+    if kind == "crumb":
+        low = 16 * (pair // 4) + 2 * (pair % 4) + 8 * second
+        return (0, low), (1, low + 1)
+    return ((2, 15 - pair + 16 * second),)
 
 
 def slot_words(k: int, group_size: int) -> int:
@@ -29,23 +55,6 @@ def slot_words(k: int, group_size: int) -> int:
     while b > 1 and (k % (WORD_BITS * b) or group_size % (2 * b)):
         b //= 2
     return b
-
-
-def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 [2**(2 bits), 2]: the values of slots (t, t + 1), t even, indexed as the GEMV extracts them.
-
-    The GEMV reads it as int64 (`.view(torch.int64)`): one 8-byte gather, slot t's bits low.
-
-    Even bits: the index is the 2b-bit field of both codes, slot t low. 3 bits: the 4-bit field of
-    the 2-bit plane, shifted left by 2, or'd with the 2-bit field of the 1-bit plane.
-    """
-    index = torch.arange(2 ** (2 * bits))
-    if bits % 2 == 0:
-        first, second = index & (2**bits - 1), index >> bits
-    else:
-        high, low = index >> 2, index & 3
-        first, second = ((high & 3) << 1) | (low & 1), ((high >> 2) << 1) | (low >> 1)
-    return torch.stack((codebook[first], codebook[second]), dim=-1).contiguous()
 
 
 def _to_slot_order(codes: torch.Tensor, b: int) -> torch.Tensor:
@@ -68,16 +77,18 @@ def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int) -
 
 def _rows_to_kernel_layout(packed: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
     b = slot_words(k, group_size)
-    codes = _to_slot_order(unpack(packed, bits, k), b)
+    codes = _to_slot_order(stored_code(unpack(packed, bits, k), bits), b)
     n, chunks = codes.shape[:2]
-    planes = []
-    for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
+    out = []
+    for kind, width in planes(bits):
         per_word = WORD_BITS // width
-        part = ((codes >> shift) & (2**width - 1)).reshape(n, chunks, width, per_word, b)
-        offsets = torch.arange(per_word, dtype=torch.int64, device=packed.device).view(1, 1, 1, -1, 1) * width
-        word = (part << offsets).sum(dim=3)  # [N, chunks, width, B], < 2**32
-        planes.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).reshape(n, -1))
-    return torch.cat(planes, dim=-1)
+        slots = codes.reshape(n, chunks, width, per_word, b)
+        word = torch.zeros(n, chunks, width, b, dtype=torch.int64, device=packed.device)
+        for j in range(per_word):
+            for source, target in slot_bits(kind, j):
+                word |= ((slots[:, :, :, j] >> source) & 1) << target
+        out.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).reshape(n, -1))
+    return torch.cat(out, dim=-1)
 
 
 def _rows_to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
@@ -86,12 +97,13 @@ def _rows_to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: 
     chunks = k // (WORD_BITS * b)
     codes = torch.zeros(n, chunks, WORD_BITS, b, dtype=torch.int64, device=words.device)
     start = 0
-    for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
+    for kind, width in planes(bits):
         per_word = WORD_BITS // width
         count = k * width // WORD_BITS
-        plane = (words[:, start : start + count].to(torch.int64) & 0xFFFFFFFF).reshape(n, chunks, width, 1, b)
-        offsets = torch.arange(per_word, dtype=torch.int64, device=words.device).view(1, 1, 1, -1, 1) * width
-        part = ((plane >> offsets) & (2**width - 1)).reshape(n, chunks, WORD_BITS, b)
-        codes |= part << shift
+        plane = (words[:, start : start + count].to(torch.int64) & 0xFFFFFFFF).reshape(n, chunks, width, b)
+        slots = codes.view(n, chunks, width, per_word, b)
+        for j in range(per_word):
+            for source, target in slot_bits(kind, j):
+                slots[:, :, :, j] |= ((plane >> target) & 1) << source
         start += count
-    return pack(codes.reshape(n, k), bits)
+    return pack(codebook_code(codes.reshape(n, k), bits), bits)

@@ -26,22 +26,20 @@ from .repack import slot_words
 from .tuning import LaunchConfig
 
 H100_ISSUE_PER_S = 132 * 4 * 32 * 1.755e9  # thread-instructions per second
-ARGUMENT_TYPES = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "codebook_ptr": "*fp32",
-                  "table_ptr": "*i64", "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_codebook_ptr": "*fp32",
-                  "res_table_ptr": "*i64", "M": "i32"}
+ARGUMENT_TYPES = {"x_ptr": "*fp16", "out_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "table_ptr": "*i32",
+                  "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_table_ptr": "*i32", "M": "i32"}
 
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
-    """The compiled gemv/gemm kernel of a key and launch configuration, for sm_90."""
-    gemv = config.strategy == "gemv"
-    fn = tk.gemv_kernel if gemv else tk.gemm_kernel
+    """The compiled one-token kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
+    fn = tk.lut_fma_kernel if config.strategy == "fma" else tk.lut_dot_kernel
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-    constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": slot_words(key.k, key.group_size),
-                  "BITS": key.bits, "RES_BITS": key.residual_bits, "BLOCK_N": config.block_n}
-    if gemv:
-        constexprs |= {"SLOTS": config.slots}
-    else:
-        constexprs |= {"BLOCK_M": config.block_m, "GROUP_M": 8}
+    b = slot_words(key.k, key.group_size)
+    iters = key.k // b // config.slots if config.whole_k else config.iters
+    constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": b, "BITS": key.bits, "RES_BITS": key.residual_bits,
+                  "BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters, "ASM": True}
+    if config.strategy == "dot":
+        constexprs["BLOCK_M"] = config.block_m
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
@@ -68,29 +66,30 @@ def _run(*command: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def gemv_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
-    """Instructions per weight of the GEMV main loop, and the issue- and memory-bound times it implies."""
+def one_token_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
+    """Instructions per weight of the one-token kernel, and the issue- and memory-bound times it implies."""
     b = slot_words(key.k, key.group_size)
-    weights_per_thread = config.block_n * config.slots * b / (32 * config.num_warps)  # one program
+    weights_per_thread = config.block_n * config.slots * config.iters * b / (32 * config.num_warps)  # one program
     per_weight = summary["instructions"] / weights_per_thread  # the loop body dominates the listing
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
             "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
 
 
-def static_rows(models: list[str], options: list[str], configs: list[LaunchConfig], bandwidth_gbps: float) -> list[dict]:
-    """One row per (shape, option, configuration): resources, instructions per weight, time estimates."""
+def static_rows(models: list[str], options: list[str], bandwidth_gbps: float) -> list[dict]:
+    """One row per (shape, option, one-token candidate): resources, instructions per weight, time estimates."""
     from .bench import SHAPES, layer_key  # noqa: PLC0415
+    from .registry import LayerKernel  # noqa: PLC0415
 
     rows = []
     for model in models:
         for layer, (n, k) in SHAPES[model].items():
             for option in options:
                 key = layer_key(option, n, k, 128)
-                for config in configs:
+                for config in LayerKernel(key, None).candidates(1):
                     summary = sass_summary(compile_for_hopper(key, config))
                     row = {"model": model, "layer": layer, "option": option, "n": n, "k": k} | config.model_dump()
-                    row |= summary | gemv_estimate(key, config, summary, bandwidth_gbps)
+                    row |= summary | one_token_estimate(key, config, summary, bandwidth_gbps)
                     rows.append(row)
                     print(f"{model:<10} {layer:<17} {option:>4} BN={config.block_n:<3} warps={config.num_warps} "
                           f"regs {row['registers']:>3} stack {row['stack']:>5}  {row['instructions_per_weight']:5.2f} instr/weight  "
@@ -100,8 +99,6 @@ def static_rows(models: list[str], options: list[str], configs: list[LaunchConfi
 
 def cmd_static(args) -> None:
     from .bench import save  # noqa: PLC0415
-    from .tuning import candidate_configs  # noqa: PLC0415
 
-    configs = [c for c in candidate_configs(1) if c.slots == 32]  # valid for every option
-    rows = static_rows(args.models, args.options, configs, args.bandwidth)
+    rows = static_rows(args.models, args.options, args.bandwidth)
     save({"triton": triton.__version__, "target": "sm_90", "bandwidth_gbps_assumed": args.bandwidth, "rows": rows}, args.output)

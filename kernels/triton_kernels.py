@@ -1,21 +1,20 @@
-"""The Triton kernel sources: one per strategy, every layer property a `tl.constexpr`.
+"""The Triton kernel sources: every layer property a `tl.constexpr`, each configuration its own kernel.
 
-Strategies (registry.py chooses one by the number of tokens):
     fwht_kernel     rotate activations: x' = FWHT_G(x * signs) / sqrt(G), per group of G inputs
                     (and zero the output the split-K kernels add into)
-    gemv_kernel     one token: split-K, decoded in registers, CUDA cores, one pass over the weight
-    skinny_kernel   2-16 tokens: split-K, each decoded slot tile feeds a tensor-core `tl.dot`
-    gemm_kernel     many tokens: tiled over M and N, each program walks all of K
-    dequant_kernel  write the decoded weight in bf16/fp16 (then cuBLAS, for very many tokens)
+    lut_dot_kernel  any number of tokens on tensor cores: decode a slot pair to fp16 in registers,
+                    `tl.dot` with the activations, scale; split over K with atomics for few tokens
+    lut_fma_kernel  one token on CUDA cores, for layers too narrow for tensor cores (2B < 16)
+    dequant_kernel  write the decoded weight (then cuBLAS, for very many tokens)
 
-The codes are in the kernel layout of repack.py (docs/kernel_layout.md): per row, chunks of
-32 * B codes, code k = chunk * 32B + t * B + kw. For every slot t a [BLOCK_N, B] tile of codes is
-a shift and a mask of one contiguous [BLOCK_N, B] word tile, so decoding is elementwise, and the
-activations it multiplies are the contiguous x[k0 : k0 + B]. The words of slots t0..t0+7 are
-loaded once (`_octet_words`) and decoded eight times (GEMV, where decoding is the bottleneck,
-two codes per codebook gather; the tiled kernel loops over slots at run time, keeping its code
-and compile time small). Code bits, residual bits, group size, N, K
-and B are constexpr: each distinct layer configuration compiles to its own specialised kernel.
+The codes are in the kernel layout of repack.py (docs/kernel_layout.md). The unit of decoding is
+a **slot pair** (t, t + 1) of a chunk: `decode_pair` turns the [BLOCK_N, B] word tile(s) holding
+it (`stage_words`, loaded once per word) into an fp16 [BLOCK_N, 2B] tile whose column 2 kw + h is
+slot t + h of column kw, i.e. input k0 + h B + kw (k0 = first input of slot t); `pair_inputs`
+loads the activations in that order.
+Decoding is a codebook lookup in registers (lut.py: PRMT byte permutes, no memory gather), run as
+inline PTX on a GPU and as the same bit arithmetic in Triton under TRITON_INTERPRET (ASM=False).
+Both stages of a residual option decode the same way; each stage's scale multiplies its dot.
 """
 
 from __future__ import annotations
@@ -23,57 +22,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .lut import (CRUMB_ASM, CRUMB_CONSTRAINTS, NIBBLE_ASM, NIBBLE_CONSTRAINTS, SIGNED_CRUMB_ASM,
+                  SIGNED_CRUMB_CONSTRAINTS)
 
-@triton.jit
-def _octet_words(ptr, rows, row_mask, chunk, t0, K: tl.constexpr, BITS: tl.constexpr, B: tl.constexpr):
-    """The [BLOCK_N, B] words holding slots t0..t0+7 of a chunk: the high plane and (odd bits) the 1-bit plane."""
-    HIGH: tl.constexpr = BITS - BITS % 2
-    base = rows[:, None] * (K * BITS // 32) + tl.arange(0, B)[None, :]
-    high = tl.load(ptr + base + (chunk * HIGH + t0 // (32 // HIGH)) * B, mask=row_mask[:, None], other=0)
-    low = high
-    if BITS % 2 == 1:
-        low = tl.load(ptr + base + K * HIGH // 32 + chunk * B, mask=row_mask[:, None], other=0)
-    return high, low
-
-
-@triton.jit
-def _slot_codes(high, low, t, BITS: tl.constexpr):
-    """The b-bit codes of slot t from its words."""
-    HIGH: tl.constexpr = BITS - BITS % 2
-    codes = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << HIGH) - 1)
-    if BITS % 2 == 1:
-        codes = (codes << 1) | ((low >> t) & 1)
-    return codes
-
-
-@triton.jit
-def _slot_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
-    """float32 [BLOCK_N]: the scale of the group holding columns k0 .. k0 + B (B divides G)."""
-    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr, rows, row_mask,
-                 k0, t, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr):
-    """The shared dequantize step: W'[rows, k0 : k0 + B] of slot t, float32, base stage plus residual."""
-    codes = _slot_codes(words[0], words[1], t, BITS)
-    w = tl.load(codebook_ptr + codes) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
-    if RES_BITS > 0:
-        res_codes = _slot_codes(res_words[0], res_words[1], t, RES_BITS)
-        res_scales = _slot_scales(res_scales_ptr, rows, row_mask, k0, K, G)
-        w += tl.load(res_codebook_ptr + res_codes) * res_scales[:, None]
-    return w
-
-
-@triton.jit
-def _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K: tl.constexpr, BITS: tl.constexpr,
-           RES_BITS: tl.constexpr, B: tl.constexpr):
-    """Words of slots t0..t0+7 for both stages (the residual's equal the base's when there is none)."""
-    words = _octet_words(codes_ptr, rows, row_mask, chunk, t0, K, BITS, B)
-    res_words = words
-    if RES_BITS > 0:
-        res_words = _octet_words(res_codes_ptr, rows, row_mask, chunk, t0, K, RES_BITS, B)
-    return words, res_words
+NIBBLE_ASM = tl.constexpr(NIBBLE_ASM)
+NIBBLE_CONSTRAINTS = tl.constexpr(NIBBLE_CONSTRAINTS)
+CRUMB_ASM = tl.constexpr(CRUMB_ASM)
+CRUMB_CONSTRAINTS = tl.constexpr(CRUMB_CONSTRAINTS)
+SIGNED_CRUMB_ASM = tl.constexpr(SIGNED_CRUMB_ASM)
+SIGNED_CRUMB_CONSTRAINTS = tl.constexpr(SIGNED_CRUMB_CONSTRAINTS)
 
 
 @triton.jit
@@ -114,29 +71,130 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr,
 
 
 @triton.jit
-def _pair_values(high, low, table_ptr, t, BITS: tl.constexpr):
-    """Codebook values of slots t and t + 1 (t even) with one 8-byte gather from the pair table."""
-    HIGH: tl.constexpr = BITS - BITS % 2
-    index = (high >> ((t % (32 // HIGH)) * HIGH)) & ((1 << (2 * HIGH)) - 1)
-    if BITS % 2 == 1:
-        index = (index << 2) | ((low >> t) & 3)
-    pair = tl.load(table_ptr + index)  # int64: slot t's float32 bits low, slot t + 1's high
-    first = pair.to(tl.int32).to(tl.float32, bitcast=True)
-    second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+def _plane_tile(ptr, rows, row_mask, chunk, slot, START: tl.constexpr, WIDTH: tl.constexpr, ROW_WORDS: tl.constexpr,
+                B: tl.constexpr):
+    """The [BLOCK_N, B] words of one plane (width WIDTH, START words into the row) holding `slot` of `chunk`."""
+    word = START + (chunk * WIDTH + slot // (32 // WIDTH)) * B
+    return tl.load(ptr + rows[:, None] * ROW_WORDS + word + tl.arange(0, B)[None, :], mask=row_mask[:, None], other=0)
+
+
+@triton.jit
+def _doubled(words):
+    """[R, B] -> [R, 2B], column 2 kw + h = column kw: the two elements one packed asm call receives."""
+    return tl.reshape(tl.join(words, words), (words.shape[0], 2 * words.shape[1]))
+
+
+@triton.jit
+def _splat(value, like):
+    """An int32 tile shaped like `like`, every element `value` (an asm operand)."""
+    return value + tl.zeros_like(like)
+
+
+@triton.jit
+def _half_bits(low, high, sign):
+    """fp16 from its low byte, high byte (sign bit clear) and sign: the interpreter's PRMT."""
+    return (low | (high << 8) | (sign << 15)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _table_byte(table_ptr, word, index):
+    """Byte `index % 4` of table word `word + index // 4` (the interpreter's PRMT lookup)."""
+    return (tl.load(table_ptr + word + index // 4) >> (8 * (index % 4))) & 0xFF
+
+
+@triton.jit
+def stage_words(codes_ptr, rows, row_mask, chunk, slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
+    """The doubled word tiles holding `slot` of a stage: (codes, signs); signs only for 3 bits (else the codes).
+
+    A nibble word holds 8 slots, a crumb word 16, a sign word 32: the kernels load once per
+    WORD_SLOTS = 8 (4 bits) or 16 slots and decode several pairs.
+    """
+    ROW_WORDS: tl.constexpr = K * BITS // 32
+    words = _plane_tile(codes_ptr, rows, row_mask, chunk, slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B)
+    signs = words
+    if BITS == 3:
+        signs = _plane_tile(codes_ptr, rows, row_mask, chunk, slot, K * 2 // 32, 1, ROW_WORDS, B)
+    return _doubled(words), _doubled(signs)
+
+
+@triton.jit
+def decode_pair(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):
+    """fp16 [BLOCK_N, 2B]: column 2 kw + h is the codebook value of slot `start + OFFSET + h`, column kw.
+
+    `words`, `signs` are stage_words of that slot; `start`, a multiple of every plane's slots per
+    word, fixes the pair's bit positions as constexprs. 4-bit words decode here in plain Triton (the
+    interpreter's path): on a GPU decode_quad looks them up two pairs at a time.
+    """
+    h = (tl.arange(0, 2 * B) % 2)[None, :]
+    if BITS == 4:
+        PAIR: tl.constexpr = (OFFSET % 8) // 2
+        magnitude = (words >> (4 * (2 * PAIR + h))) & 7
+        sign = (words >> (15 - 4 * PAIR + 16 * h)) & 1
+        values = _half_bits(_table_byte(table_ptr, 0, magnitude), _table_byte(table_ptr, 2, magnitude), sign)
+    else:
+        PAIR: tl.constexpr = (OFFSET % 16) // 2
+        SIGN_PAIR: tl.constexpr = OFFSET // 2
+        shift: tl.constexpr = 16 * (PAIR // 4) + 2 * (PAIR % 4)
+        if ASM:
+            t0, t1 = tl.load(table_ptr), tl.load(table_ptr + 1)
+            args = [words, _splat(shift, words), _splat(t0, words), _splat(t1, words)]
+            if BITS == 3:
+                values = tl.inline_asm_elementwise(SIGNED_CRUMB_ASM, SIGNED_CRUMB_CONSTRAINTS,
+                                                   args + [signs, _splat(SIGN_PAIR, words)], dtype=tl.float16,
+                                                   is_pure=True, pack=2)
+            else:
+                values = tl.inline_asm_elementwise(CRUMB_ASM, CRUMB_CONSTRAINTS, args, dtype=tl.float16,
+                                                   is_pure=True, pack=2)
+        else:
+            code = (words >> (shift + 8 * h)) & 3
+            sign = tl.zeros_like(code)
+            if BITS == 3:
+                sign = (signs >> (15 - SIGN_PAIR + 16 * h)) & 1
+            values = _half_bits(_table_byte(table_ptr, 0, code), _table_byte(table_ptr, 1, code), sign)
+    return values
+
+
+@triton.jit
+def decode_quad(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):
+    """The decode_pair tiles of slots OFFSET, OFFSET + 1 and OFFSET + 2, OFFSET + 3 (OFFSET % 4 == 0).
+
+    For 4 bits both come from one PRMT lookup of the word's nibbles (NIBBLE_ASM returns both).
+    """
+    if BITS == 4 and ASM:
+        t0, t1, t2, t3 = tl.load(table_ptr), tl.load(table_ptr + 1), tl.load(table_ptr + 2), tl.load(table_ptr + 3)
+        q: tl.constexpr = (OFFSET % 8) // 4
+        first, second = tl.inline_asm_elementwise(
+            NIBBLE_ASM, NIBBLE_CONSTRAINTS,
+            [words, _splat(t0, words), _splat(t1, words), _splat(t2, words), _splat(t3, words), _splat(16 * q, words),
+             _splat(8 * q, words), _splat(8 * q + 4, words)],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        first = decode_pair(words, signs, table_ptr, OFFSET, B, BITS, ASM)
+        second = decode_pair(words, signs, table_ptr, OFFSET + 2, B, BITS, ASM)
     return first, second
 
 
 @triton.jit
-def _pair_dot(words, table_ptr, scales_ptr, rows, row_mask, k0, t, x0, x1, K: tl.constexpr, G: tl.constexpr,
-              BITS: tl.constexpr):
-    """scale * (w_t * x_t + w_t+1 * x_t+1) for one stage (slots t, t + 1 lie in one group: 2B divides G)."""
-    first, second = _pair_values(words[0], words[1], table_ptr, t, BITS)
-    return (first * x0[None, :] + second * x1[None, :]) * _slot_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr):
+    """[BLOCK_M, 2B]: the activations in decode_pair's column order (k0 + h B + kw at 2 kw + h)."""
+    offsets = tokens[:, None] * K + k0 + tl.arange(0, B)[None, :]
+    first = tl.load(x_ptr + offsets, mask=token_mask[:, None], other=0.0)
+    second = tl.load(x_ptr + offsets + B, mask=token_mask[:, None], other=0.0)
+    joined = tl.join(first, second)
+    return tl.reshape(joined, (joined.shape[0], 2 * B))
+
+
+@triton.jit
+def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
+    """float32 [BLOCK_N]: each row's scale of the group holding input k0 (a pair never straddles groups)."""
+    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _accumulate(out_ptr, offsets, values, mask, SPLIT: tl.constexpr):
-    """Store a program's partial result, or add it atomically when K is split over several programs."""
+    """Store a program's result, or add it atomically when K is split over several programs."""
     if SPLIT:
         tl.atomic_add(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
     else:
@@ -144,114 +202,133 @@ def _accumulate(out_ptr, offsets, values, mask, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
-                N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
-                RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr):
-    """out[N] (+)= W' x' for one token (x' rotated); grid (cdiv(N, BLOCK_N), K // (SLOTS * B)).
-
-    Split-K: a program takes BLOCK_N rows and SLOTS consecutive slots (SLOTS * B contiguous
-    columns; SLOTS a multiple of 8 and of every plane's slots per word, so the shifts stay
-    constants) and, when K is split, adds its partial sums atomically into `out`, which the
-    rotation kernel has zeroed. The small programs keep every SM busy even for N = 1024. Codes
-    are looked up two at a time in the pair table (repack.pair_table: one 8-byte gather for two
-    weights), scaled once per pair of slots; products accumulate in a [BLOCK_N, B] tile reduced
-    at the end.
-    """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    first_slot = tl.program_id(1) * SLOTS
-    chunk, t_first = first_slot // 32, first_slot % 32
-    cols = tl.arange(0, B)
-    acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
-    for t0 in tl.static_range(0, SLOTS, 8):
-        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t_first + t0, K, BITS, RES_BITS, B)
-        for j in tl.static_range(0, 8, 2):
-            k0 = (first_slot + t0 + j) * B
-            x0 = tl.load(x_ptr + k0 + cols).to(tl.float32)
-            x1 = tl.load(x_ptr + k0 + B + cols).to(tl.float32)
-            acc += _pair_dot(words, table_ptr, scales_ptr, rows, row_mask, k0, t0 + j, x0, x1, K, G, BITS)
-            if RES_BITS > 0:
-                acc += _pair_dot(res_words, res_table_ptr, res_scales_ptr, rows, row_mask, k0, t0 + j, x0, x1,
-                                 K, G, RES_BITS)
-    _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, SLOTS * B < K)
+def _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr, G: tl.constexpr,
+              B: tl.constexpr):
+    """acc + scale * (x' @ w^T) for one decoded slot pair starting at input k0, on tensor cores."""
+    x = pair_inputs(x_ptr, tokens, token_mask, k0, K, B)
+    return acc + tl.dot(x, tl.trans(w)) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[None, :]
 
 
 @triton.jit
-def skinny_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                  res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                  BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SLOTS: tl.constexpr):
-    """out[M, N] (+)= x' @ W'^T for 2-16 tokens on tensor cores; grid (cdiv(N, BLOCK_N), K // (SLOTS * B)).
-
-    The GEMV's split-K decomposition, with each decoded [BLOCK_N, B] slot tile fed to `tl.dot`
-    against the [BLOCK_M, B] activations: one pass over the weight, every SM busy.
-    """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    first_slot = tl.program_id(1) * SLOTS
-    chunk, t_first = first_slot // 32, first_slot % 32
-    tokens = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, B)
-    dtype = out_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in tl.static_range(0, SLOTS, 8):
-        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t_first + t0, K, BITS, RES_BITS, B)
-        for j in tl.static_range(8):
-            k0 = (first_slot + t0 + j) * B
-            w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
-                             rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
-            x = tl.load(x_ptr + tokens[:, None] * K + k0 + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
-            acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-    mask = (tokens < M)[:, None] & row_mask[None, :]
-    _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, SLOTS * B < K)
+def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr):
+    """acc + scale * w * x' elementwise ([BLOCK_N, 2B], float32) for one decoded slot pair, one token."""
+    one = tl.arange(0, 1)
+    x = pair_inputs(x_ptr, one, one < 1, k0, K, B).to(tl.float32)
+    return acc + w.to(tl.float32) * x * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
 
 
 @triton.jit(do_not_specialize=["M"])
-def gemm_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr,
-                res_codebook_ptr, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                GROUP_M: tl.constexpr):
-    """out[M, N] = x' @ W'^T for 2 or more tokens (x' rotated), on tensor cores; tiles in L2-friendly groups.
+def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
+                   N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                   RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+                   ITERS: tl.constexpr, ASM: tl.constexpr):
+    """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
-    With BLOCK_M = 16 and M <= 16 (one row of tiles) this is a single pass over the weight.
+    A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
+    every plane's slots per word; K = splits * ITERS * SLOTS * B). Few tokens: many splits, each
+    adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
+    busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
+    a tiled GEMM.
     """
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * tiles_n) * GROUP_M
-    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
-    tile_n = (pid % (GROUP_M * tiles_n)) // size_m
-    tokens = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    cols = tl.arange(0, B)
-    dtype = out_ptr.dtype.element_ty
+    tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for slot in range(0, K // B):  # not unrolled: decoding is shared by BLOCK_M tokens here
-        chunk, t = slot // 32, slot % 32
-        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t, K, BITS, RES_BITS, B)
-        w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
-                         rows, row_mask, slot * B, t, K, G, BITS, RES_BITS)
-        x = tl.load(x_ptr + tokens[:, None] * K + slot * B + cols[None, :], mask=(tokens < M)[:, None], other=0.0)
-        acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-    mask = (tokens < M)[:, None] & row_mask[None, :]
-    tl.store(out_ptr + tokens[:, None] * N + rows[None, :], acc.to(dtype), mask=mask)
+    for step in range(ITERS):
+        first_slot = (tl.program_id(1) * ITERS + step) * SLOTS
+        chunk = first_slot // 32
+        start = first_slot % 32
+        for offset in tl.static_range(0, SLOTS, 4):
+            k0 = (first_slot + offset) * B
+            if offset % WORD_SLOTS == 0:
+                words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
+            first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+            acc = _dot_pair(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
+            acc = _dot_pair(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B)
+            if RES_BITS > 0:
+                if offset % RES_WORD_SLOTS == 0:
+                    res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
+                                                       RES_BITS)
+                first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+                acc = _dot_pair(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
+                acc = _dot_pair(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K,
+                                G, B)
+    mask = token_mask[:, None] & row_mask[None, :]
+    _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
 
 
 @triton.jit
-def dequant_kernel(out_ptr, codes_ptr, scales_ptr, codebook_ptr, res_codes_ptr, res_scales_ptr, res_codebook_ptr,
+def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
-                   RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                   RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
+                   ASM: tl.constexpr):
+    """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel."""
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
+    for step in range(ITERS):
+        first_slot = (tl.program_id(1) * ITERS + step) * SLOTS
+        chunk = first_slot // 32
+        start = first_slot % 32
+        for offset in tl.static_range(0, SLOTS, 4):
+            k0 = (first_slot + offset) * B
+            if offset % WORD_SLOTS == 0:
+                words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
+            first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+            acc = _fma_pair(acc, x_ptr, first, scales_ptr, rows, row_mask, k0, K, G, B)
+            acc = _fma_pair(acc, x_ptr, second, scales_ptr, rows, row_mask, k0 + 2 * B, K, G, B)
+            if RES_BITS > 0:
+                if offset % RES_WORD_SLOTS == 0:
+                    res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
+                                                       RES_BITS)
+                first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+                acc = _fma_pair(acc, x_ptr, first, res_scales_ptr, rows, row_mask, k0, K, G, B)
+                acc = _fma_pair(acc, x_ptr, second, res_scales_ptr, rows, row_mask, k0 + 2 * B, K, G, B)
+    _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, K > SLOTS * B * ITERS)
+
+
+@triton.jit
+def dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                   N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                   RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """out[N, K] = W' in out's dtype; grid (cdiv(N, BLOCK_N), K // (32 * B)): one chunk per program."""
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     chunk = tl.program_id(1)
-    cols = tl.arange(0, B)
-    for t0 in tl.static_range(0, 32, 8):
-        words, res_words = _octet(codes_ptr, res_codes_ptr, rows, row_mask, chunk, t0, K, BITS, RES_BITS, B)
-        for j in tl.static_range(8):
-            k0 = chunk * 32 * B + (t0 + j) * B
-            w = slot_weights(words, res_words, codebook_ptr, scales_ptr, res_codebook_ptr, res_scales_ptr,
-                             rows, row_mask, k0, t0 + j, K, G, BITS, RES_BITS)
-            tl.store(out_ptr + rows[:, None] * K + k0 + cols[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=row_mask[:, None])
+    for offset in tl.static_range(0, 32, 4):
+        k0 = (chunk * 32 + offset) * B
+        if offset % WORD_SLOTS == 0:
+            words, signs = stage_words(codes_ptr, rows, row_mask, chunk, offset, K, B, BITS)
+        first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+        res_first, res_second = first, second  # unread when RES_BITS == 0
+        if RES_BITS > 0:
+            if offset % RES_WORD_SLOTS == 0:
+                res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, offset, K, B, RES_BITS)
+            res_first, res_second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+        for half in tl.static_range(2):
+            start = k0 + half * 2 * B
+            if half == 0:
+                w, r = first, res_first
+            else:
+                w, r = second, res_second
+            w = w.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, start, K, G)[:, None]
+            if RES_BITS > 0:
+                w += r.to(tl.float32) * _row_scales(res_scales_ptr, rows, row_mask, start, K, G)[:, None]
+            _store_pair(out_ptr, w, rows, row_mask, start, K, B)
+
+
+@triton.jit
+def _store_pair(out_ptr, w, rows, row_mask, k0, K: tl.constexpr, B: tl.constexpr):
+    """Store a decoded pair tile (column 2 kw + h = input k0 + h B + kw) as two contiguous [BLOCK_N, B] runs."""
+    first, second = tl.split(tl.reshape(w, (w.shape[0], B, 2)))
+    offsets = rows[:, None] * K + k0 + tl.arange(0, B)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offsets, first.to(dtype), mask=row_mask[:, None])
+    tl.store(out_ptr + offsets + B, second.to(dtype), mask=row_mask[:, None])

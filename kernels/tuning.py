@@ -20,19 +20,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-TUNE_FORMAT = 2
+TUNE_FORMAT = 3
 
 
 class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["gemv", "skinny", "gemm", "dequant"]
-    block_m: int = 1
+    strategy: Literal["dot", "fma", "dequant"]
+    block_m: int = 16
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 1
-    slots: int = 32  # gemv/skinny: slots per program (SLOTS * B columns; fewer slots, more K-splits)
+    slots: int = 32  # dot/fma: slots decoded per step (a multiple of every plane's slots per word)
+    iters: int = 1  # dot/fma: steps per program; K / (slots * B * iters) programs split K ("all": one split)
+    whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
 
 
 class TuneEntry(BaseModel):
@@ -45,7 +47,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[2] = TUNE_FORMAT
+    format: Literal[3] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -56,41 +58,48 @@ def token_bucket(tokens: int) -> int:
     return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
 
 
-# (block_n, num_warps, slots): few rows and few slots per program give many programs (split-K).
-GEMV_SHAPES = ((4, 2, 8), (4, 2, 32), (8, 2, 16), (8, 4, 8), (8, 4, 32), (16, 4, 8), (16, 4, 32), (32, 8, 16))
-SKINNY_SHAPES = ((16, 4, 8), (32, 4, 8), (32, 4, 16), (64, 4, 32))  # 2-16 tokens: (block_n, warps, slots)
-# The fused tiled GEMM ran 25-100x slower than dequantize + cuBLAS at 2048 tokens on the H100
-# (docs/performance.md): its best shape stays a candidate, so that the tuner keeps measuring it.
-GEMM_SHAPES = ((128, 128, 8, 3), (64, 128, 4, 3))
+# (block_n, num_warps, slots, iters[, num_stages]): few rows and slots per program give many programs
+# (split-K); num_stages > 1 lets Triton prefetch the next step's loads.
+# One token runs on CUDA cores (fma: it beat the tensor-core kernel padded to 16 rows on every
+# H100 key of run 3); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
+FMA_SHAPES = ((16, 4, 8, 1), (16, 4, 8, 2), (32, 4, 8, 2), (32, 4, 8, 4), (64, 4, 8, 1), (32, 8, 16, 1),
+              (16, 4, 8, 4, 3), (32, 4, 8, 4, 3))
+SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
+                (64, 4, 8, 4, 3))
+GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
+MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
 
 def slot_choices(bits: int, residual_bits: int) -> tuple[int, ...]:
-    """Slots per split-K program that keep every shift a constant: multiples of 8 and of each plane's slots per word."""
-    narrowest = min(w for b in (bits, residual_bits) if b for w in ((1,) if b % 2 else ()) + ((b - b % 2),))
-    return tuple(s for s in (8, 16, 32) if s % (32 // narrowest) == 0)
+    """Slots per step that keep every shift a constant: multiples of each plane's slots per word."""
+    per_word = max(32 if b == 3 else 16 if b == 2 else 8 for b in (bits, residual_bits) if b)
+    return tuple(s for s in (8, 16, 32) if s % per_word == 0)
 
 
-def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_width: int = 64) -> list[LaunchConfig]:
-    """The launch configurations worth timing for a token bucket and a layer (bits, B = slot width in columns).
-
-    Tensor-core kernels need B >= 16 (the dot's inner dimension); narrower layers dequantize.
-    """
+def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_width: int = 64,
+                      slot_count: int = 64) -> list[LaunchConfig]:
+    """The launch configurations worth timing for a token bucket and a layer (B = slot width, K / B slots)."""
     allowed = slot_choices(bits, residual_bits)
 
-    def slots(s: int) -> int:
-        return min((a for a in allowed if a >= s), default=32)
+    def split(strategy: str, n: int, w: int, s: int, i: int, stages: int = 1) -> LaunchConfig | None:
+        slots = min((a for a in allowed if a >= s), default=32)
+        iters = max(1, min(i, slot_count // slots))
+        if slot_count % (slots * iters):
+            return None
+        return LaunchConfig(strategy=strategy, block_n=n, num_warps=w, slots=slots, iters=iters, num_stages=stages)
 
-    if bucket == 1:
-        return [LaunchConfig(strategy="gemv", block_n=n, num_warps=w, slots=slots(s)) for n, w, s in GEMV_SHAPES]
     dequant = [LaunchConfig(strategy="dequant", block_n=32)]
-    if slot_width < 16:
-        return dequant
-    if bucket == 16:
-        return [LaunchConfig(strategy="skinny", block_m=16, block_n=n, num_warps=w, slots=slots(s))
-                for n, w, s in SKINNY_SHAPES]
-    shapes = GEMM_SHAPES[:1] if bucket >= 256 else GEMM_SHAPES[1:]
-    configs = [LaunchConfig(strategy="gemm", block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-    return configs + (dequant if bucket >= 256 else [])
+    configs = []
+    if bucket == 1:
+        configs += [split("fma", *shape) for shape in FMA_SHAPES]
+    if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
+        configs += [split("dot", *shape) for shape in SPLIT_SHAPES]
+    if slot_width >= MIN_DOT_WIDTH and bucket > 16:
+        configs += [LaunchConfig(strategy="dot", block_m=m, block_n=n, num_warps=w, slots=min(allowed), whole_k=True)
+                    for m, n, w in GEMM_SHAPES]
+    if bucket > 1:
+        configs += dequant
+    return list(dict.fromkeys(c for c in configs if c is not None))
 
 
 def default_cache_dir() -> Path:

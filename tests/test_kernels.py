@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tqc.bitpack import pack, plane_widths
-from tqc.kernels import attach, detach
+import numpy as np
+
+from tqc.bitpack import pack
+from tqc.codebook import gaussian_codebook
+from tqc.kernels import attach, detach, lut
 from tqc.kernels.repack import slot_words, to_bitpack_layout, to_kernel_layout
 from tqc.kernels.tuning import LaunchConfig, Tuner, TuneFile, candidate_configs, token_bucket
 from tqc.layout import LayerSpec
@@ -37,25 +40,41 @@ def test_kernel_layout_round_trip_is_exact(bits, k, group_size):
     assert torch.equal(to_bitpack_layout(words, bits, k, group_size), packed)
 
 
+def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int) -> np.ndarray:
+    """Every code of a kernel-layout row block, decoded by lut.py's emulation of the kernels' PTX: [N, K]."""
+    n, chunks = words.shape[0], k // (32 * b)
+    values = np.zeros((n, chunks, 32, b), np.float32)
+    if bits == 4:
+        plane = words.reshape(n, chunks, 4, b)
+        for slot in range(0, 32, 2):
+            pair = lut.half2_values(lut.emulate_nibble_pair(plane[:, :, slot // 8], (slot % 8) // 2))
+            values[:, :, slot], values[:, :, slot + 1] = pair[..., 0], pair[..., 1]
+    else:
+        crumbs = words[:, : k // 16].reshape(n, chunks, 2, b)
+        for slot in range(0, 32, 2):
+            half2 = lut.emulate_crumb_pair(crumbs[:, :, slot // 16], (slot % 16) // 2, bits)
+            if bits == 3:
+                half2 = lut.emulate_sign(half2, words[:, k // 16 :].reshape(n, chunks, b), slot // 2)
+            pair = lut.half2_values(half2)
+            values[:, :, slot], values[:, :, slot + 1] = pair[..., 0], pair[..., 1]
+    return values.reshape(n, k)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_kernel_layout_places_each_code_where_the_docs_say(bits):
-    """Word (chunk c, run a, column kw) of a plane of width w holds slot t = a * 32/w + j in bits [j*w, (j+1)*w)."""
-    k, group_size = 4096, 128
-    b = slot_words(k, group_size)
-    codes = torch.randint(0, 2**bits, (3, k), generator=torch.Generator().manual_seed(bits))
-    words = to_kernel_layout(pack(codes, bits), bits, k, group_size).to(torch.int64) & 0xFFFFFFFF
-    row, position = 2, 0
-    for plane, width in enumerate(plane_widths(bits)):
-        low_bits = sum(plane_widths(bits)[plane + 1 :])
-        for index in torch.randint(0, k * width // 32, (50,), generator=torch.Generator().manual_seed(plane)).tolist():
-            chunk, rest = divmod(index, width * b)
-            run, column = divmod(rest, b)
-            for j in range(32 // width):
-                slot = run * (32 // width) + j
-                code = codes[row, chunk * 32 * b + slot * b + column].item()
-                field = (words[row, position + index].item() >> (j * width)) & (2**width - 1)
-                assert field == (code >> low_bits) & (2**width - 1)
-        position += k * width // 32
+@pytest.mark.parametrize(("k", "group_size"), [(4096, 128), (576, 64)])
+def test_register_lookups_decode_every_code_of_the_kernel_layout(bits, k, group_size):
+    """The PRMT tables and selectors (emulated bit for bit) turn each stored code into its fp16 codebook value."""
+    codes = torch.randint(0, 2**bits, (6, k), generator=torch.Generator().manual_seed(bits + k))
+    words = to_kernel_layout(pack(codes, bits), bits, k, group_size).numpy().view(np.uint32)
+    decoded = decode_like_the_kernels(words, bits, k, slot_words(k, group_size))
+    assert np.array_equal(decoded, gaussian_codebook(bits).half().float()[codes].numpy())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sign_magnitude_codes_round_trip(bits):
+    codes = torch.arange(2**bits)
+    stored = lut.stored_code(codes, bits)
+    assert sorted(stored.tolist()) == codes.tolist() and torch.equal(lut.codebook_code(stored, bits), codes)
 
 
 @pytest.mark.parametrize(("k", "group_size"), LAYER_SHAPES)
@@ -70,10 +89,13 @@ def test_llama_shapes_get_the_widest_slots():
 
 def test_token_buckets_choose_the_strategy_family():
     assert [token_bucket(m) for m in (1, 2, 16, 17, 128, 2048, 10_000)] == [1, 16, 16, 64, 256, 4096, 4096]
-    assert {c.strategy for c in candidate_configs(1)} == {"gemv"}
-    assert {c.strategy for c in candidate_configs(16)} == {"skinny"} and {c.block_m for c in candidate_configs(16)} == {16}
-    assert {c.strategy for c in candidate_configs(4096)} == {"gemm", "dequant"}
+    assert {c.strategy for c in candidate_configs(1)} == {"fma"}
+    assert {c.strategy for c in candidate_configs(16)} == {"dot"} | {"dequant"}
+    assert {c.block_m for c in candidate_configs(16) if c.strategy == "dot"} == {16}
+    assert {(c.strategy, c.whole_k) for c in candidate_configs(4096)} == {("dot", True), ("dequant", False)}
     assert {c.strategy for c in candidate_configs(16, slot_width=2)} == {"dequant"}  # too narrow for tensor cores
+    for config in candidate_configs(1, bits=3, slot_count=576 // 2):  # 3-bit steps take whole chunks of 32 slots
+        assert config.slots == 32 and (576 // 2) % (config.slots * config.iters) == 0
 
 
 def test_tuning_cache_round_trip_and_invalidation(tmp_path):
@@ -144,16 +166,19 @@ def test_kernels_match_reference_under_the_interpreter():
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
 
-@pytest.mark.parametrize("option", ["3", "4+2"])
-def test_gemv_compiles_for_hopper_without_spilling(option):
-    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): registers only, no local-memory stack."""
+@pytest.mark.parametrize(("option", "bucket"), [("3", 1), ("4+2", 1), ("4", 16), ("2", 16)])
+def test_lookup_kernels_compile_for_hopper_without_spilling(option, bucket):
+    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): no local-memory stack, lookups in registers."""
     pytest.importorskip("triton")
     from tqc.kernels.bench import layer_key
     from tqc.kernels.registry import LayerKernel
     from tqc.kernels.static_report import compile_for_hopper, sass_summary
 
     key = layer_key(option, 1024, 4096, 128)
-    config = next(c for c in LayerKernel(key, None).candidates(1) if c.block_n == 16 and c.slots == 32)
+    config = LayerKernel(key, None).candidates(bucket)[0]
     summary = sass_summary(compile_for_hopper(key, config))
     assert summary["stack"] == 0 and 0 < summary["registers"] <= 255, config
-    assert summary["loads"].get("LDG.E.64", 0) > 0  # the pair-table gathers are single 8-byte loads
+    assert summary["top"].get("PRMT", 0) > 0  # the codebook is looked up by byte permutes
+    stages = 1 + (key.residual_bits > 0)
+    decoded_per_thread = stages * config.block_n * config.slots * config.iters * 64 / (32 * config.num_warps)
+    assert sum(summary["loads"].values()) < 0.35 * decoded_per_thread  # no codebook gathers (the pair table: 0.78)

@@ -3,8 +3,10 @@
 Runs compiled on a CUDA device (full Llama-3-8B shapes, bf16 and fp16), or on CPU under Triton's
 interpreter when TRITON_INTERPRET=1 (small shapes; tests/test_kernels.py starts that run in a
 subprocess so the variable never leaks into the rest of the suite). Skipped otherwise.
-Tolerance: relative Frobenius error of the output below 2e-2 (bf16) / 5e-3 (fp16) / 1e-4 (fp32)
-against the float64 reference, a fraction of the quantization error itself.
+Tolerance: relative Frobenius error of the output below 2e-2 (bf16) / 5e-3 (fp16) / 2e-3 (fp32)
+against the float64 reference, a fraction of the quantization error itself. (The kernels look the
+codebook up in fp16 and multiply fp16 activations on tensor cores, accumulating in fp32: about
+5e-4 relative, whatever the model's dtype.)
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
-from tqc.kernels.tuning import LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
+from tqc.kernels.repack import slot_words  # noqa: E402
+from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = [(1024, 4096, 128)] if CUDA else [(32, 256, 64), (16, 96, 32)]  # B = 8 in one chunk; B = 1 in three chunks
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
-TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-3}
 TOKENS = [1, 5] if INTERPRET else [1, 3, 16, 77]
-STRATEGIES = {  # gemv and skinny with their smallest slot count: the most K-splits, atomics included
-    "gemv": lambda slots: LaunchConfig(strategy="gemv", block_n=16, slots=slots),
-    "gemv-whole-chunk": lambda slots: LaunchConfig(strategy="gemv", block_n=8, slots=32),
-    "skinny": lambda slots: LaunchConfig(strategy="skinny", block_m=16, block_n=32, slots=slots),
-    "gemm": lambda slots: LaunchConfig(strategy="gemm", block_m=32, block_n=32, num_stages=2),
+STRATEGIES = {  # the split kernels with their smallest slot count: the most K-splits, atomics included
+    "dot-split": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots),
+    "dot-whole-k": lambda slots: LaunchConfig(strategy="dot", block_m=32, block_n=32, slots=slots, whole_k=True),
+    "fma": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots),
+    "fma-two-steps": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=2),
     "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
 }
 
@@ -59,9 +62,13 @@ def reference(original, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_counts(config: LaunchConfig) -> list[int]:
-    if config.strategy == "skinny":
-        return [m for m in TOKENS if m <= config.block_m]
-    return [1] if config.strategy == "gemv" else TOKENS
+    return [1] if config.strategy == "fma" else TOKENS
+
+
+def runs_on(config: LaunchConfig, k: int, group_size: int) -> bool:
+    """Whether the strategy serves this shape: tensor cores need B >= 8; steps must tile K."""
+    b = slot_words(k, group_size)
+    return (config.strategy != "dot" or b >= MIN_DOT_WIDTH) and (k // b) % (config.slots * config.iters) == 0
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,6 +81,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_kernel_matches_reference(option, strategy):
     config = STRATEGIES[strategy](min(slot_choices(option.base_bits, option.residual_bits)))
     for n, k, group_size in SHAPES:
+        if not runs_on(config, k, group_size):
+            continue
         module, original = random_layer(option, n, k, group_size)
         kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
         for dtype in DTYPES:
