@@ -217,6 +217,48 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     return acc + w.to(tl.float32) * x * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
 
 
+@triton.jit
+def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
+                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr):
+    """One decoded pair into the accumulator: on tensor cores (DOT) or CUDA cores (one token)."""
+    if DOT:
+        acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
+    else:
+        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B)
+    return acc
+
+
+@triton.jit
+def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
+              row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+              BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
+              DOT: tl.constexpr):
+    """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
+    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
+    chunk = first_slot // 32
+    start = first_slot % 32
+    for offset in tl.static_range(0, SLOTS, 4):
+        k0 = (first_slot + offset) * B
+        if offset % WORD_SLOTS == 0:
+            words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
+        first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT)
+        acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
+                           DOT)
+        if RES_BITS > 0:
+            if offset % RES_WORD_SLOTS == 0:
+                res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
+                                                   RES_BITS)
+            first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+            acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
+                               DOT)
+            acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
+                               K, G, B, DOT)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
@@ -230,32 +272,15 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
     a tiled GEMM.
     """
-    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
-    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(ITERS):
-        first_slot = (tl.program_id(1) * ITERS + step) * SLOTS
-        chunk = first_slot // 32
-        start = first_slot % 32
-        for offset in tl.static_range(0, SLOTS, 4):
-            k0 = (first_slot + offset) * B
-            if offset % WORD_SLOTS == 0:
-                words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
-            first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
-            acc = _dot_pair(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
-            acc = _dot_pair(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B)
-            if RES_BITS > 0:
-                if offset % RES_WORD_SLOTS == 0:
-                    res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
-                                                       RES_BITS)
-                first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
-                acc = _dot_pair(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
-                acc = _dot_pair(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K,
-                                G, B)
+        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                        rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
+                        RES_BITS, SLOTS, ASM, True)
     mask = token_mask[:, None] & row_mask[None, :]
     _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
 
@@ -266,29 +291,13 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
                    ASM: tl.constexpr):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel."""
-    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
-    RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
     for step in range(ITERS):
-        first_slot = (tl.program_id(1) * ITERS + step) * SLOTS
-        chunk = first_slot // 32
-        start = first_slot % 32
-        for offset in tl.static_range(0, SLOTS, 4):
-            k0 = (first_slot + offset) * B
-            if offset % WORD_SLOTS == 0:
-                words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
-            first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
-            acc = _fma_pair(acc, x_ptr, first, scales_ptr, rows, row_mask, k0, K, G, B)
-            acc = _fma_pair(acc, x_ptr, second, scales_ptr, rows, row_mask, k0 + 2 * B, K, G, B)
-            if RES_BITS > 0:
-                if offset % RES_WORD_SLOTS == 0:
-                    res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
-                                                       RES_BITS)
-                first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
-                acc = _fma_pair(acc, x_ptr, first, res_scales_ptr, rows, row_mask, k0, K, G, B)
-                acc = _fma_pair(acc, x_ptr, second, res_scales_ptr, rows, row_mask, k0 + 2 * B, K, G, B)
+        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                        rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
+                        RES_BITS, SLOTS, ASM, False)
     _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, K > SLOTS * B * ITERS)
 
 
