@@ -115,7 +115,9 @@ class LayerKernel:
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
             grid = (triton.cdiv(n, config.block_n), splits)
-            tk.lut_fma_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch)
+            b = slot_words(k, self.key.group_size)
+            tk.lut_fma_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch,
+                                    SUM_RUN=min(config.sum_run, 2 * b))
         else:
             grid = (triton.cdiv(n, config.block_n), splits, triton.cdiv(m, config.block_m))
             tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch,

@@ -40,6 +40,8 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
                   "BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters, "ASM": True}
     if config.strategy == "dot":
         constexprs["BLOCK_M"] = config.block_m
+    else:
+        constexprs["SUM_RUN"] = min(config.sum_run, 2 * b)
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},

@@ -210,21 +210,33 @@ def _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0,
 
 
 @triton.jit
-def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr):
-    """acc + scale * w * x' elementwise ([BLOCK_N, 2B], float32) for one decoded slot pair, one token."""
+def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+              SUM_RUN: tl.constexpr):
+    """acc + scale * w * x' for one decoded slot pair, one token, float32.
+
+    SUM_RUN = 1: elementwise into a [BLOCK_N, 2B] accumulator. SUM_RUN = r > 1: the products of
+    r neighbouring columns (one thread's run) are summed first, into a [BLOCK_N, 2B / r]
+    accumulator: fewer registers and one multiply less per weight.
+    """
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B).to(tl.float32)
-    return acc + w.to(tl.float32) * x * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+    if SUM_RUN == 1:
+        acc = acc + w.to(tl.float32) * x * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+    else:
+        products = w.to(tl.float32) * x
+        runs = tl.sum(tl.reshape(products, (products.shape[0], 2 * B // SUM_RUN, SUM_RUN)), axis=2)
+        acc = acc + runs * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+    return acc
 
 
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
-                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr):
+                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, SUM_RUN: tl.constexpr):
     """One decoded pair into the accumulator: on tensor cores (DOT) or CUDA cores (one token)."""
     if DOT:
         acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B)
+        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, SUM_RUN)
     return acc
 
 
@@ -232,7 +244,7 @@ def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, 
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
               row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr):
+              DOT: tl.constexpr, SUM_RUN: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
@@ -244,18 +256,18 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
-        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT)
+        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT, SUM_RUN)
         acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
-                           DOT)
+                           DOT, SUM_RUN)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
             first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
             acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
-                               DOT)
+                               DOT, SUM_RUN)
             acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
-                               K, G, B, DOT)
+                               K, G, B, DOT, SUM_RUN)
     return acc
 
 
@@ -280,7 +292,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, True)
+                        RES_BITS, SLOTS, ASM, True, 1)
     mask = token_mask[:, None] & row_mask[None, :]
     _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
 
@@ -289,15 +301,18 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
 def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
-                   ASM: tl.constexpr):
-    """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel."""
+                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1):
+    """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
+
+    SUM_RUN (a power of two <= 2B): see _fma_pair.
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, 2 * B // SUM_RUN), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, False)
+                        RES_BITS, SLOTS, ASM, False, SUM_RUN)
     _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, K > SLOTS * B * ITERS)
 
 

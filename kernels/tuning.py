@@ -35,6 +35,7 @@ class LaunchConfig(BaseModel):
     slots: int = 32  # dot/fma: slots decoded per step (a multiple of every plane's slots per word)
     iters: int = 1  # dot/fma: steps per program; K / (slots * B * iters) programs split K ("all": one split)
     whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
+    sum_run: int = 1  # fma: products summed per thread in runs of this many before scaling (capped at 2B)
 
 
 class TuneEntry(BaseModel):
@@ -66,6 +67,10 @@ FMA_SHAPES = ((16, 4, 8, 1), (16, 4, 8, 2), (32, 4, 8, 2), (32, 4, 8, 4), (64, 4
               (16, 4, 8, 4, 3), (32, 4, 8, 4, 3))
 SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
                 (64, 4, 8, 4, 3))
+# The same with runs of 8 products summed per thread (SUM_RUN): 72 instead of 128 registers at
+# 4 bits (static sm_90 count), so more programs per SM; compiled and CPU-tested, not yet timed.
+FMA_RUN_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 2), (32, 4, 8, 4, 3), (64, 4, 8, 2))
+SUM_RUN = 8
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
@@ -92,6 +97,8 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     configs = []
     if bucket == 1:
         configs += [split("fma", *shape) for shape in FMA_SHAPES]
+        configs += [c.model_copy(update={"sum_run": SUM_RUN}) for c in map(lambda s: split("fma", *s), FMA_RUN_SHAPES)
+                    if c is not None]
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
         configs += [split("dot", *shape) for shape in SPLIT_SHAPES]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:
