@@ -25,7 +25,7 @@ if not (INTERPRET or CUDA):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 from tqc.layout import LayerSpec  # noqa: E402
-from tqc.options import TURBOQUANT_OPTIONS  # noqa: E402
+from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
@@ -123,3 +123,22 @@ def test_tuned_call_matches_reference(tmp_path):
     assert relative_error(out, reference(original, x)) < TOLERANCE[DTYPES[0]]
     assert (tmp_path / "tune.json").is_file()
     assert Tuner("test-gpu", "test", tmp_path / "tune.json").data.entries.keys() == tuner.data.entries.keys()
+
+
+if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
+    @pytest.mark.parametrize("option", ["4", "3", "4+2"])
+    @pytest.mark.parametrize("bucket", [1, 16, 4096])
+    def test_every_tuning_candidate_matches_reference(option, bucket):
+        """Whatever the tuner may choose is correct: each candidate launch configuration of a key.
+
+        The lookups rely on Triton handing each packed asm call the two columns of one word, which
+        depends on the register layout a configuration gets; so no candidate is trusted untested.
+        """
+        n, k, group_size = SHAPES[0]
+        module, original = random_layer(QuantOption.parse(option), n, k, group_size)
+        kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        x = torch.randn(min(bucket, 77), k, generator=torch.Generator().manual_seed(bucket)).to(DEVICE, torch.float16)
+        expected = reference(original, x)
+        for config in kernel.candidates(bucket):
+            error = relative_error(kernel.run(x, module, config), expected)
+            assert error < TOLERANCE[torch.float16], f"{option} {config.model_dump()}: {error:.2e}"
