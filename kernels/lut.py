@@ -16,8 +16,8 @@ bytes, so:
 
 Where the kernel layout puts each bit so that these steps need no other shuffling is
 repack.py's business (docs/kernel_layout.md); `stored_code` / `codebook_code` convert between
-the codebook's index and the stored sign-magnitude code. `emulate` runs the same PTX semantics
-in numpy, so the tables are tested without a GPU.
+the codebook's index and the stored sign-magnitude code. The `emulate_*` functions compute what
+the PTX computes, in numpy, so the tables and bit positions are tested without a GPU.
 """
 
 from __future__ import annotations
