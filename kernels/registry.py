@@ -11,10 +11,10 @@ layer's codes into the kernel layout (repack.py) once, when the kernel is attach
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import os
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +80,15 @@ class LayerKernel:
             return base + base  # never read: RES_BITS == 0 is a constexpr branch
         return base + (module.residual_codes, module.residual_scales, self.table(self.key.residual_bits, device))
 
+    @cached_property
+    def slot_width(self) -> int:
+        """B of the kernel layout (repack.slot_words)."""
+        return slot_words(self.key.k, self.key.group_size)
+
+    @cached_property
     def constexprs(self) -> dict[str, int]:
         k = self.key
-        return {"N": k.n, "K": k.k, "G": k.group_size, "B": slot_words(k.k, k.group_size), "BITS": k.bits,
+        return {"N": k.n, "K": k.k, "G": k.group_size, "B": self.slot_width, "BITS": k.bits,
                 "RES_BITS": k.residual_bits, "ASM": not INTERPRETED}
 
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
@@ -95,40 +101,44 @@ class LayerKernel:
             out += module.bias.to(out.dtype)
         return out.reshape(*lead, self.key.n)
 
+    def specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
+        """(K-splits, every constexpr) of the dot or fma kernel under one launch configuration."""
+        slot_count = self.key.k // self.slot_width
+        iters = slot_count // config.slots if config.whole_k else config.iters
+        constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
+        if config.strategy == "fma":
+            constexprs["SUM_RUN"] = min(config.sum_run, 2 * self.slot_width)
+        else:
+            constexprs["BLOCK_M"] = config.block_m
+        return slot_count // (config.slots * iters), constexprs
+
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        b = slot_words(self.key.k, self.key.group_size)
+        b = self.slot_width
         return candidate_configs(bucket, self.key.bits, self.key.residual_bits, b, self.key.k // b)
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
-        m, n, k = x.shape[0], self.key.n, self.key.k
+        m, n = x.shape[0], self.key.n
         if config.strategy == "dequant":
             return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
-        slot_count = k // slot_words(k, self.key.group_size)
-        iters = slot_count // config.slots if config.whole_k else config.iters
-        splits = slot_count // (config.slots * iters)
+        splits, constexprs = self.specialise(config)
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, "BLOCK_N": config.block_n,
-                  "SLOTS": config.slots, "ITERS": iters}
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
-            grid = (triton.cdiv(n, config.block_n), splits)
-            b = slot_words(k, self.key.group_size)
-            tk.lut_fma_kernel[grid](rotated, out, *self.weights(module), **self.constexprs(), **launch,
-                                    SUM_RUN=min(config.sum_run, 2 * b))
+            tk.lut_fma_kernel[(triton.cdiv(n, config.block_n), splits)](rotated, out, *self.weights(module), **launch)
         else:
             grid = (triton.cdiv(n, config.block_n), splits, triton.cdiv(m, config.block_m))
-            tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **self.constexprs(), **launch,
-                                    BLOCK_M=config.block_m)
+            tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **launch)
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis)."""
         out = torch.empty(self.key.n, self.key.k, device=module.codes.device, dtype=dtype)
-        grid = (triton.cdiv(self.key.n, block_n), self.key.k // (32 * slot_words(self.key.k, self.key.group_size)))
-        tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs(), BLOCK_N=block_n)
+        grid = (triton.cdiv(self.key.n, block_n), self.key.k // (32 * self.slot_width))
+        tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs, BLOCK_N=block_n)
         return out
 
 

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import triton_kernels as tk
-from .registry import KernelKey
+from .registry import KernelKey, LayerKernel
 from .repack import slot_words
 from .tuning import LaunchConfig
 
@@ -34,14 +34,7 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled one-token kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
     fn = tk.lut_fma_kernel if config.strategy == "fma" else tk.lut_dot_kernel
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-    b = slot_words(key.k, key.group_size)
-    iters = key.k // b // config.slots if config.whole_k else config.iters
-    constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "B": b, "BITS": key.bits, "RES_BITS": key.residual_bits,
-                  "BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters, "ASM": True}
-    if config.strategy == "dot":
-        constexprs["BLOCK_M"] = config.block_m
-    else:
-        constexprs["SUM_RUN"] = min(config.sum_run, 2 * b)
+    constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True}
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
@@ -81,7 +74,6 @@ def one_token_estimate(key: KernelKey, config: LaunchConfig, summary: dict, band
 def static_rows(models: list[str], options: list[str], bandwidth_gbps: float) -> list[dict]:
     """One row per (shape, option, one-token candidate): resources, instructions per weight, time estimates."""
     from .bench import SHAPES, layer_key  # noqa: PLC0415
-    from .registry import LayerKernel  # noqa: PLC0415
 
     rows = []
     for model in models:
