@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import numpy as np
+from triton.runtime.errors import OutOfResources
 
 from tqc.bitpack import pack
 from tqc.codebook import gaussian_codebook
@@ -120,15 +121,17 @@ def test_tuning_cache_round_trip_and_invalidation(tmp_path):
     assert Tuner("H100", "3.6.0", path).data.entries == {}
 
 
-def test_tuner_skips_configurations_that_fail():
+def test_tuner_skips_configurations_the_gpu_cannot_run():
     def run(config: LaunchConfig):
         if config.block_n != 16:
-            raise RuntimeError("out of resources")
+            raise OutOfResources(294912, 232448, "shared memory")
 
     tuner = Tuner("H100", "3.6.0", None, timer=lambda fn: fn() or 1e-6)
     assert tuner.config("key", 1, run, candidate_configs(1)).block_n == 16
     with pytest.raises(RuntimeError, match="no launch configuration ran"):
-        tuner.config("other", 1, lambda config: 1 / 0, candidate_configs(1))
+        tuner.config("other", 1, lambda config: run(config.model_copy(update={"block_n": 8})), candidate_configs(1))
+    with pytest.raises(ZeroDivisionError):  # a bug in a candidate is not a resource limit: it surfaces
+        tuner.config("third", 1, lambda config: 1 / 0, candidate_configs(1))
 
 
 def test_attach_leaves_cpu_models_on_the_reference_path():

@@ -126,6 +126,8 @@ def test_tuned_call_matches_reference(tmp_path):
 
 
 if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
+    from triton.runtime.errors import OutOfResources
+
     @pytest.mark.parametrize("option", ["4", "3", "4+2"])
     @pytest.mark.parametrize("bucket", [1, 16, 4096])
     def test_every_tuning_candidate_matches_reference(option, bucket):
@@ -139,6 +141,13 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
         x = torch.randn(min(bucket, 77), k, generator=torch.Generator().manual_seed(bucket)).to(DEVICE, torch.float16)
         expected = reference(original, x)
+        ran = 0
         for config in kernel.candidates(bucket):
-            error = relative_error(kernel.run(x, module, config), expected)
+            try:
+                out = kernel.run(x, module, config)
+            except OutOfResources:  # the tuner skips what this GPU cannot run
+                continue
+            error = relative_error(out, expected)
             assert error < TOLERANCE[torch.float16], f"{option} {config.model_dump()}: {error:.2e}"
+            ran += 1
+        assert ran > 0
