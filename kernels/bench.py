@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 from pathlib import Path
 
 import torch
+
+from .tuning import stream_copies
 
 SHAPES = {  # name -> (out_features N, in_features K)
     "llama3-8b": {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096),
@@ -27,7 +28,6 @@ SHAPES = {  # name -> (out_features N, in_features K)
     "llama3-70b": {"q_proj/o_proj": (8192, 8192), "k_proj/v_proj": (1024, 8192),
                    "gate_proj/up_proj": (28672, 8192), "down_proj": (8192, 28672)},
 }
-STREAM_BYTES = 256 * 2**20  # stream at least this much per replay: several times the L2 cache
 
 
 def device_info() -> dict:
@@ -53,10 +53,6 @@ def copy_bandwidth(gigabytes: float = 2.0) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def copies_for(nbytes: int) -> int:
-    return max(1, math.ceil(STREAM_BYTES / nbytes))
-
-
 def time_layers(layers, x: torch.Tensor) -> float:
     """Seconds per layer call, cycling through `layers` (callables of x) inside one graph."""
     def run():
@@ -77,7 +73,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
 
     rows = []
     bf16_bytes = n * k * 2
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(bf16_bytes))]
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(stream_copies(bf16_bytes))]
     bf16_layers = [lambda x, w=w: F.linear(x, w) for w in weights]
     bf16_times = {}
     for m in tokens:
@@ -92,7 +88,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     for name in options:
         spec = LayerSpec(QuantOption.parse(name), group_size, k, n)
         nbytes = layer_bytes(spec)
-        modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(copies_for(nbytes))]
+        modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(nbytes))]
         for module in modules:
             prepare(module)
         kernel = registry.kernel_for(spec)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import SHAPES, copies_for, device_info, save, time_layers
+from .bench import SHAPES, device_info, save, time_layers
+from .tuning import stream_copies
 
 
 def gemlite_layer(n: int, k: int, bits: int, group_size: int, seed: int):
@@ -45,7 +46,7 @@ def cmd_gemlite(args: argparse.Namespace) -> None:
             bf16 = {r["tokens"]: r["us"] / 1e6 for r in rows if r["option"] == "bf16"}
             for bits in args.bits:
                 nbytes = n * k * bits // 8 + n * k // args.group_size * 4  # codes, bf16 scales and zeros
-                layers = [gemlite_layer(n, k, bits, args.group_size, seed) for seed in range(copies_for(nbytes))]
+                layers = [gemlite_layer(n, k, bits, args.group_size, seed) for seed in range(stream_copies(nbytes))]
                 for m in args.tokens:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     layers[0](x)  # tune outside the graph

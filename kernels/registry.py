@@ -15,17 +15,18 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from tqc.layout import LayerSpec
+from tqc.layout import LayerSpec, layer_bytes
 
 from . import triton_kernels as tk
 from .lut import table_words
 from .repack import slot_words, to_bitpack_layout, to_kernel_layout
-from .tuning import LaunchConfig, Tuner, candidate_configs, token_bucket
+from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, stream_copies, token_bucket
 
 KERNEL_LAYOUT = "kernel"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
@@ -95,11 +96,19 @@ class LayerKernel:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.key.k).contiguous()
         bucket = token_bucket(x2.shape[0])
-        config = self.tuner.config(self.key.name, bucket, lambda c: self.run(x2, module, c), self.candidates(bucket))
+        config = self.tuner.config(self.key.name, bucket, lambda: self.streamed(x2, module), self.candidates(bucket))
         out = self.run(x2, module, config)
         if module.spec.has_bias:
             out += module.bias.to(out.dtype)
         return out.reshape(*lead, self.key.n)
+
+    def streamed(self, x: torch.Tensor, module) -> Harness:
+        """The tuner's harness: run a configuration over enough copies of the layer's weights that
+        they stream from device memory, as in a model's decode step, not from L2 (on a GPU)."""
+        copies = [module]
+        if x.is_cuda:
+            copies = [weight_copy(module) for _ in range(stream_copies(layer_bytes(module.spec)))]
+        return (lambda config: [self.run(x, copy, config) for copy in copies]), len(copies)
 
     def specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         """(K-splits, every constexpr) of the dot or fma kernel under one launch configuration."""
@@ -108,6 +117,7 @@ class LayerKernel:
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         if config.strategy == "fma":
             constexprs["SUM_RUN"] = min(config.sum_run, 2 * self.slot_width)
+            constexprs["HALF_ACC"] = config.accumulate == "fp16"
         else:
             constexprs["BLOCK_M"] = config.block_m
         return slot_count // (config.slots * iters), constexprs
@@ -123,7 +133,8 @@ class LayerKernel:
             return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
         splits, constexprs = self.specialise(config)
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16)
+        rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16,
+                         pair_width=self.slot_width)
         launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs
         if config.strategy == "fma":
             if m != 1:
@@ -142,12 +153,20 @@ class LayerKernel:
         return out
 
 
+def weight_copy(module) -> SimpleNamespace:
+    """A copy of what the kernels read of a prepared layer: its weights cloned, its signs shared."""
+    names = ("codes", "scales", "residual_codes", "residual_scales")
+    return SimpleNamespace(codes_layout=module.codes_layout, signs=module.signs,
+                           **{name: getattr(module, name).clone() for name in names if hasattr(module, name)})
+
+
 def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16,
-           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None, pair_width: int = 0) -> torch.Tensor:
     """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K].
 
     `clear`, if given, is zeroed by the same launch (the output a split-K kernel adds into).
     `dtype`: of the result (the lookup kernels take fp16, the tensor cores' operand type), else x's.
+    `pair_width` = B > 0: columns in the lookup kernels' slot-pair order (fwht_kernel), else natural.
     """
     m, k = x.shape
     block_k = max(group_size, 256)
@@ -156,7 +175,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     target = out if clear is None else clear
     tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
-                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k)
+                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width)
     return out
 
 

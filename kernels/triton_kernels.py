@@ -10,8 +10,8 @@
 The codes are in the kernel layout of repack.py (docs/kernel_layout.md). The unit of decoding is
 a **slot pair** (t, t + 1) of a chunk: `decode_pair` turns the [BLOCK_N, B] word tile(s) holding
 it (`stage_words`, loaded once per word) into an fp16 [BLOCK_N, 2B] tile whose column 2 kw + h is
-slot t + h of column kw, i.e. input k0 + h B + kw (k0 = first input of slot t); `pair_inputs`
-loads the activations in that order.
+slot t + h of column kw, i.e. input k0 + h B + kw (k0 = first input of slot t); the rotation
+stores the activations in that order (pair order) for `pair_inputs`.
 Decoding is a codebook lookup in registers (lut.py: PRMT byte permutes, no memory gather), run as
 inline PTX on a GPU and as the same bit arithmetic in Triton under TRITON_INTERPRET (ASM=False).
 Both stages of a residual option decode the same way; each stage's scale multiplies its dot.
@@ -51,10 +51,12 @@ def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG_G: tl.constex
 
 @triton.jit(do_not_specialize=["M", "CLEAR"])
 def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0):
     """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
 
-    Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds into), saving a launch.
+    PAIR_WIDTH = B > 0 stores each run of 2B outputs in slot-pair order (`pair_inputs`): input
+    h B + kw of the run at position 2 kw + h. Also zeroes clear_ptr[:CLEAR] (the output a
+    split-K kernel adds into), saving a launch.
     """
     programs = tl.num_programs(0) * tl.num_programs(1)
     program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
@@ -67,7 +69,10 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr,
     x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
     x = fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
-    tl.store(out_ptr + tokens[:, None] * K + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+    targets = cols
+    if PAIR_WIDTH > 0:
+        targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2
+    tl.store(out_ptr + tokens[:, None] * K + targets[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -177,13 +182,23 @@ def decode_quad(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, 
 
 
 @triton.jit
-def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr):
-    """[BLOCK_M, 2B]: the activations in decode_pair's column order (k0 + h B + kw at 2 kw + h)."""
-    offsets = tokens[:, None] * K + k0 + tl.arange(0, B)[None, :]
-    first = tl.load(x_ptr + offsets, mask=token_mask[:, None], other=0.0)
-    second = tl.load(x_ptr + offsets + B, mask=token_mask[:, None], other=0.0)
-    joined = tl.join(first, second)
-    return tl.reshape(joined, (joined.shape[0], 2 * B))
+def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_M, 2B] fp16: the activations of the slot pair at input k0, in decode_pair's column order.
+
+    The rotation stored them in that order (fwht_kernel's PAIR_WIDTH). On a GPU they are loaded
+    as words and laid out like a doubled word tile (`_doubled`): each thread's neighbouring
+    columns arrive as one half2 register, the layout of the decoded weights, so nothing is
+    repacked before HALF_FMA_ASM.
+    """
+    if ASM:
+        words = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tokens[:, None] * (K // 2) + k0 // 2
+                        + tl.arange(0, B)[None, :], mask=token_mask[:, None], other=0)
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [_doubled(words)], dtype=tl.float16, is_pure=True,
+                                      pack=2)
+    else:
+        x = tl.load(x_ptr + tokens[:, None] * K + k0 + tl.arange(0, 2 * B)[None, :], mask=token_mask[:, None],
+                    other=0.0)
+    return x
 
 
 @triton.jit
@@ -203,40 +218,54 @@ def _accumulate(out_ptr, offsets, values, mask, SPLIT: tl.constexpr):
 
 @triton.jit
 def _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr, G: tl.constexpr,
-              B: tl.constexpr):
+              B: tl.constexpr, ASM: tl.constexpr):
     """acc + scale * (x' @ w^T) for one decoded slot pair starting at input k0, on tensor cores."""
-    x = pair_inputs(x_ptr, tokens, token_mask, k0, K, B)
+    x = pair_inputs(x_ptr, tokens, token_mask, k0, K, B, ASM)
     return acc + tl.dot(x, tl.trans(w)) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[None, :]
+
+
+# acc + w * x * scale on half2 registers: two products and two sums per instruction pair (HMUL2, HFMA2).
+HALF_FMA_ASM = tl.constexpr("{ .reg .b32 p; mul.rn.f16x2 p, $1, $2; fma.rn.f16x2 $0, p, $3, $4; }")
+HALF_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
 
 
 @triton.jit
 def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-              SUM_RUN: tl.constexpr):
-    """acc + scale * w * x' for one decoded slot pair, one token, float32.
+              SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
+    """acc + scale * w * x' for one decoded slot pair, one token.
 
-    SUM_RUN = 1: elementwise into a [BLOCK_N, 2B] accumulator. SUM_RUN = r > 1: the products of
-    r neighbouring columns (one thread's run) are summed first, into a [BLOCK_N, 2B / r]
-    accumulator: fewer registers and one multiply less per weight.
+    HALF_ACC: in fp16, elementwise into a [BLOCK_N, 2B] fp16 accumulator, two weights per
+    instruction (the sums over one program's slots stay short: at most a few dozen terms).
+    Else in float32. SUM_RUN = 1: elementwise into a [BLOCK_N, 2B] accumulator. SUM_RUN = r > 1:
+    the products of r neighbouring columns (one thread's run) are summed first, into a
+    [BLOCK_N, 2B / r] accumulator: fewer registers and one multiply less per weight.
     """
     one = tl.arange(0, 1)
-    x = pair_inputs(x_ptr, one, one < 1, k0, K, B).to(tl.float32)
-    if SUM_RUN == 1:
-        acc = acc + w.to(tl.float32) * x * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+    x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
+    if HALF_ACC:
+        scale = tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float16)[:, None]
+        if ASM:
+            acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        else:
+            acc = acc + w * x * scale
     else:
-        products = w.to(tl.float32) * x
-        runs = tl.sum(tl.reshape(products, (products.shape[0], 2 * B // SUM_RUN, SUM_RUN)), axis=2)
-        acc = acc + runs * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+        products = w.to(tl.float32) * x.to(tl.float32)
+        if SUM_RUN > 1:
+            products = tl.sum(tl.reshape(products, (products.shape[0], 2 * B // SUM_RUN, SUM_RUN)), axis=2)
+        acc = acc + products * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
     return acc
 
 
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
-                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, SUM_RUN: tl.constexpr):
+                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr,
+                 ASM: tl.constexpr):
     """One decoded pair into the accumulator: on tensor cores (DOT) or CUDA cores (one token)."""
     if DOT:
-        acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B)
+        acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, ASM)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, SUM_RUN)
+        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, SUM_RUN, HALF_ACC, ASM)
     return acc
 
 
@@ -244,7 +273,7 @@ def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, 
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
               row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, SUM_RUN: tl.constexpr):
+              DOT: tl.constexpr, SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
@@ -256,18 +285,19 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
-        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT, SUM_RUN)
+        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
+                           SUM_RUN, HALF_ACC, ASM)
         acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
-                           DOT, SUM_RUN)
+                           DOT, SUM_RUN, HALF_ACC, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
             first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
             acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
-                               DOT, SUM_RUN)
+                               DOT, SUM_RUN, HALF_ACC, ASM)
             acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
-                               K, G, B, DOT, SUM_RUN)
+                               K, G, B, DOT, SUM_RUN, HALF_ACC, ASM)
     return acc
 
 
@@ -292,7 +322,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, True, 1)
+                        RES_BITS, SLOTS, ASM, True, 1, False)
     mask = token_mask[:, None] & row_mask[None, :]
     _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
 
@@ -301,19 +331,22 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
 def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
-                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1):
+                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1, HALF_ACC: tl.constexpr = False):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
 
-    SUM_RUN (a power of two <= 2B): see _fma_pair.
+    SUM_RUN (a power of two <= 2B), HALF_ACC: see _fma_pair.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    acc = tl.zeros((BLOCK_N, 2 * B // SUM_RUN), dtype=tl.float32)
+    if HALF_ACC:
+        acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
+    else:
+        acc = tl.zeros((BLOCK_N, 2 * B // SUM_RUN), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, False, SUM_RUN)
-    _accumulate(out_ptr, rows, tl.sum(acc, axis=1), row_mask, K > SLOTS * B * ITERS)
+                        RES_BITS, SLOTS, ASM, False, SUM_RUN, HALF_ACC)
+    _accumulate(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS)
 
 
 @triton.jit

@@ -8,6 +8,7 @@ in $TQC_KERNEL_CACHE or ~/.cache/tqc/kernels/.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -36,6 +37,7 @@ class LaunchConfig(BaseModel):
     iters: int = 1  # dot/fma: steps per program; K / (slots * B * iters) programs split K ("all": one split)
     whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
     sum_run: int = 1  # fma: products summed per thread in runs of this many before scaling (capped at 2B)
+    accumulate: Literal["fp32", "fp16"] = "fp32"  # fma: fp16 multiplies and sums two weights per instruction
 
 
 class TuneEntry(BaseModel):
@@ -71,6 +73,10 @@ SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64
 # count, 4 bits: 56 against 64 at 16 rows, 40 at 8 rows), so more programs per SM.
 FMA_RUN_SHAPES = ((8, 4, 8, 2), (16, 4, 8, 2), (32, 4, 8, 2), (16, 4, 16, 2, 3), (32, 4, 8, 4, 3), (64, 4, 8, 2))
 SUM_RUN = 8
+# The same with fp16 products and sums (accumulate="fp16"): two weights per HMUL2/HFMA2 instead of
+# conversions, FMUL and FFMA per weight.
+FMA_HALF_SHAPES = ((8, 4, 8, 2), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2), (16, 4, 16, 2, 3), (32, 4, 16, 2, 3),
+                   (16, 4, 16, 4, 3), (16, 4, 8, 4, 3))
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
@@ -99,6 +105,8 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         configs += [split("fma", *shape) for shape in FMA_SHAPES]
         configs += [c.model_copy(update={"sum_run": SUM_RUN}) for c in map(lambda s: split("fma", *s), FMA_RUN_SHAPES)
                     if c is not None]
+        configs += [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
+                    if c is not None]
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
         configs += [split("dot", *shape) for shape in SPLIT_SHAPES]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:
@@ -107,6 +115,15 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     if bucket > 1:
         configs += dequant
     return list(dict.fromkeys(c for c in configs if c is not None))
+
+
+Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, layer calls per run)
+STREAM_BYTES = 256 * 2**20  # weights streamed per timed replay: several times the L2 cache (50 MB on an H100)
+
+
+def stream_copies(nbytes: int) -> int:
+    """Copies of a layer's weights that make one replay stream STREAM_BYTES from device memory."""
+    return max(1, math.ceil(STREAM_BYTES / nbytes))
 
 
 def default_cache_dir() -> Path:
@@ -154,25 +171,27 @@ class Tuner:
         directory = cache_dir or default_cache_dir()
         return cls(gpu, triton.__version__, directory / f"{gpu_slug(gpu)}.json", verbose)
 
-    def config(self, key: str, bucket: int, run: Callable[[LaunchConfig], object],
-               candidates: list[LaunchConfig]) -> LaunchConfig:
-        """The stored choice for (key, bucket), or time the candidates now and store the fastest."""
+    def config(self, key: str, bucket: int, harness: Callable[[], Harness], candidates: list[LaunchConfig]) -> LaunchConfig:
+        """The stored choice for (key, bucket), or time the candidates now and store the fastest.
+
+        `harness()`, called only to tune, gives (run, calls): run(config) makes `calls` layer calls.
+        """
         entry_key = f"{key}/m{bucket}"
         if entry_key not in self.data.entries:
-            self.data.entries[entry_key] = self.tune(run, candidates)
+            self.data.entries[entry_key] = self.tune(*harness(), candidates)
             if self.verbose:
                 entry = self.data.entries[entry_key]
                 print(f"tuned {entry_key}: {entry.config.model_dump()} {entry.microseconds:.1f} us", file=sys.stderr)
             self.save()
         return self.data.entries[entry_key].config
 
-    def tune(self, run: Callable[[LaunchConfig], object], candidates: list[LaunchConfig]) -> TuneEntry:
+    def tune(self, run: Callable[[LaunchConfig], object], calls: int, candidates: list[LaunchConfig]) -> TuneEntry:
         from triton.runtime.errors import OutOfResources  # noqa: PLC0415
 
         best, error = None, None
         for config in candidates:
             try:
-                seconds = self.timer(lambda: run(config))
+                seconds = self.timer(lambda: run(config)) / calls
             except OutOfResources as err:  # a configuration this GPU cannot run (shared memory, registers)
                 error = err
                 continue

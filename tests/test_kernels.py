@@ -109,10 +109,10 @@ def test_tuning_cache_round_trip_and_invalidation(tmp_path):
 
     tuner = Tuner("H100", "3.6.0", path, timer=timer)
     candidates = candidate_configs(1)
-    best = tuner.config("b4r0g128n64k256", 1, lambda config: calls.append(config), candidates)
+    best = tuner.config("b4r0g128n64k256", 1, lambda: (calls.append, 1), candidates)
     assert best == candidates[0] and len(calls) == len(candidates)
     again = Tuner("H100", "3.6.0", path, timer=timer)  # a second load does not tune again
-    assert again.config("b4r0g128n64k256", 1, lambda config: calls.append(config), candidates) == best
+    assert again.config("b4r0g128n64k256", 1, lambda: (calls.append, 1), candidates) == best
     assert len(calls) == len(candidates)
     assert TuneFile.model_validate_json(path.read_text()).triton_version == "3.6.0"
     assert Tuner("H100", "3.7.0", path).data.entries == {}  # another Triton version retunes
@@ -127,11 +127,12 @@ def test_tuner_skips_configurations_the_gpu_cannot_run():
             raise OutOfResources(294912, 232448, "shared memory")
 
     tuner = Tuner("H100", "3.6.0", None, timer=lambda fn: fn() or 1e-6)
-    assert tuner.config("key", 1, run, candidate_configs(1)).block_n == 16
+    assert tuner.config("key", 1, lambda: (run, 1), candidate_configs(1)).block_n == 16
     with pytest.raises(RuntimeError, match="no launch configuration ran"):
-        tuner.config("other", 1, lambda config: run(config.model_copy(update={"block_n": 8})), candidate_configs(1))
+        tuner.config("other", 1, lambda: (lambda config: run(config.model_copy(update={"block_n": 8})), 1),
+                     candidate_configs(1))
     with pytest.raises(ZeroDivisionError):  # a bug in a candidate is not a resource limit: it surfaces
-        tuner.config("third", 1, lambda config: 1 / 0, candidate_configs(1))
+        tuner.config("third", 1, lambda: (lambda config: 1 / 0, 1), candidate_configs(1))
 
 
 def test_attach_leaves_cpu_models_on_the_reference_path():
