@@ -30,6 +30,13 @@ from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, stream_copi
 
 KERNEL_LAYOUT = "kernel"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
+ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (sm_90 and later): a lookup kernel launches while the rotation
+    runs and prefetches its weights before waiting for it."""
+    return ALLOW_PDL and not INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @dataclass(frozen=True, order=True)
@@ -115,6 +122,7 @@ class LayerKernel:
         slot_count = self.key.k // self.slot_width
         iters = slot_count // config.slots if config.whole_k else config.iters
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
+        constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
         if config.strategy == "fma":
             constexprs["SUM_RUN"] = min(config.sum_run, 2 * self.slot_width)
             constexprs["HALF_ACC"] = config.accumulate == "fp16"
@@ -136,6 +144,8 @@ class LayerKernel:
         rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16,
                          pair_width=self.slot_width)
         launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs
+        if uses_pdl(x.device):
+            launch |= {"PDL": True, "launch_pdl": True}
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
@@ -174,8 +184,9 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     out = torch.empty_like(x, dtype=dtype or x.dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     target = out if clear is None else clear
+    pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(x.device) else {}
     tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
-                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width)
+                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width, **pdl)
     return out
 
 

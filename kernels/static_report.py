@@ -34,7 +34,7 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled one-token kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
     fn = tk.lut_fma_kernel if config.strategy == "fma" else tk.lut_dot_kernel
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-    constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True}
+    constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lut import (CRUMB_ASM, CRUMB_CONSTRAINTS, NIBBLE_ASM, NIBBLE_CONSTRAINTS, SIGNED_CRUMB_ASM,
                   SIGNED_CRUMB_CONSTRAINTS)
@@ -51,13 +52,17 @@ def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG_G: tl.constex
 
 @triton.jit(do_not_specialize=["M", "CLEAR"])
 def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0):
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0, PDL: tl.constexpr = False):
     """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
 
     PAIR_WIDTH = B > 0 stores each run of 2B outputs in slot-pair order (`pair_inputs`): input
     h B + kw of the run at position 2 kw + h. Also zeroes clear_ptr[:CLEAR] (the output a
-    split-K kernel adds into), saving a launch.
+    split-K kernel adds into), saving a launch. PDL (programmatic dependent launch, sm_90): wait for
+    the previous kernel, then let the matmul that follows launch at once (it prefetches its weights).
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     programs = tl.num_programs(0) * tl.num_programs(1)
     program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     for start in range(program * BLOCK_K, CLEAR, programs * BLOCK_K):
@@ -269,6 +274,49 @@ def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, 
     return acc
 
 
+# Ask L2 for one 128-byte line ($1), if $2: a hint, nothing waits for it.
+PREFETCH_ASM = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
+
+
+@triton.jit
+def _prefetch_plane(ptr, rows, row_mask, first_slot, START: tl.constexpr, WIDTH: tl.constexpr,
+                    ROW_WORDS: tl.constexpr, B: tl.constexpr, SLOT_COUNT: tl.constexpr):
+    """Prefetch into L2 the words of one plane (as _plane_tile) that SLOT_COUNT slots from first_slot take.
+
+    They are contiguous in each row: words START + s * WIDTH / 32 * B onwards for slot s.
+    """
+    WORDS: tl.constexpr = SLOT_COUNT * WIDTH * B // 32
+    LINES: tl.constexpr = WORDS // 32 if WORDS >= 32 else 1
+    offsets = rows[:, None] * ROW_WORDS + START + first_slot * WIDTH // 32 * B + tl.arange(0, LINES)[None, :] * 32
+    tl.inline_asm_elementwise(PREFETCH_ASM, "=r,l,r", [ptr + offsets, row_mask[:, None].to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                    SLOT_COUNT: tl.constexpr):
+    """Prefetch every plane of a stage's codes for SLOT_COUNT slots from first_slot (stage_words' planes)."""
+    ROW_WORDS: tl.constexpr = K * BITS // 32
+    _prefetch_plane(codes_ptr, rows, row_mask, first_slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B, SLOT_COUNT)
+    if BITS == 3:
+        _prefetch_plane(codes_ptr, rows, row_mask, first_slot, K * 2 // 32, 1, ROW_WORDS, B, SLOT_COUNT)
+
+
+@triton.jit
+def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: tl.constexpr,
+           BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOT_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
+           PDL: tl.constexpr):
+    """A lookup kernel's prologue: prefetch the program's codes (PREFETCH), then, under programmatic
+    dependent launch (PDL), wait for the rotation. Weights are read-only for the model's lifetime,
+    so they may be read before the wait; nothing the previous kernels write is touched before it."""
+    if PREFETCH:
+        _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K, B, BITS, SLOT_COUNT)
+        if RES_BITS > 0:
+            _prefetch_stage(res_codes_ptr, rows, row_mask, first_slot, K, B, RES_BITS, SLOT_COUNT)
+    if PDL:
+        gdc_wait()
+
+
 @triton.jit
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
               row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
@@ -305,17 +353,19 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
 def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
-                   ITERS: tl.constexpr, ASM: tl.constexpr):
+                   ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
     A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
     every plane's slots per word; K = splits * ITERS * SLOTS * B). Few tokens: many splits, each
     adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
-    a tiled GEMM.
+    a tiled GEMM. PREFETCH, PDL: see _start.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
+           SLOTS * ITERS, PREFETCH, PDL)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -331,13 +381,16 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
 def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
-                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1, HALF_ACC: tl.constexpr = False):
+                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1, HALF_ACC: tl.constexpr = False,
+                   PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
 
-    SUM_RUN (a power of two <= 2B), HALF_ACC: see _fma_pair.
+    SUM_RUN (a power of two <= 2B), HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
+           SLOTS * ITERS, PREFETCH, PDL)
     if HALF_ACC:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
     else:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-TUNE_FORMAT = 4  # 4: the summed-run candidates; older caches are retuned
+TUNE_FORMAT = 5  # 5: fp16 accumulation, prefetch, streamed timing; older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -38,6 +38,7 @@ class LaunchConfig(BaseModel):
     whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
     sum_run: int = 1  # fma: products summed per thread in runs of this many before scaling (capped at 2B)
     accumulate: Literal["fp32", "fp16"] = "fp32"  # fma: fp16 multiplies and sums two weights per instruction
+    prefetch: bool = False  # dot/fma: each program first asks L2 for all its codes (triton_kernels._start)
 
 
 class TuneEntry(BaseModel):
@@ -50,7 +51,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[4] = TUNE_FORMAT
+    format: Literal[5] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -105,10 +106,12 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         configs += [split("fma", *shape) for shape in FMA_SHAPES]
         configs += [c.model_copy(update={"sum_run": SUM_RUN}) for c in map(lambda s: split("fma", *s), FMA_RUN_SHAPES)
                     if c is not None]
-        configs += [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
-                    if c is not None]
+        half = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
+                if c is not None]
+        configs += half + [c.model_copy(update={"prefetch": True}) for c in half]
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
-        configs += [split("dot", *shape) for shape in SPLIT_SHAPES]
+        splits = [c for c in map(lambda s: split("dot", *s), SPLIT_SHAPES) if c is not None]
+        configs += splits + [c.model_copy(update={"prefetch": True}) for c in splits]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:
         configs += [LaunchConfig(strategy="dot", block_m=m, block_n=n, num_warps=w, slots=min(allowed), whole_k=True)
                     for m, n, w in GEMM_SHAPES]
