@@ -54,7 +54,7 @@ def sass_summary(kernel) -> dict:
     ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     loads = collections.Counter(re.findall(r"\b(LDG\S*)", sass))
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "instructions": sum(ops.values()), "top": dict(ops.most_common(8)), "loads": dict(loads)}
+            "instructions": sum(ops.values()), "top": dict(ops.most_common(8)), "ops": dict(ops), "loads": dict(loads)}
 
 
 def _run(*command: str) -> str:

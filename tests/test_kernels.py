@@ -186,3 +186,22 @@ def test_lookup_kernels_compile_for_hopper_without_spilling(option, bucket):
     stages = 1 + (key.residual_bits > 0)
     decoded_per_thread = stages * config.block_n * config.slots * config.iters * 64 / (32 * config.num_warps)
     assert sum(summary["loads"].values()) < 0.35 * decoded_per_thread  # no codebook gathers (the pair table: 0.78)
+
+
+@pytest.mark.parametrize("option", ["4", "3", "4+2"])
+def test_fp16_accumulation_multiplies_half2_pairs(option):
+    """The fp16 one-token kernel: two weights per HMUL2/HFMA2, no float32 multiply per weight; its
+    prologue prefetches the codes into L2 and waits for the rotation (programmatic dependent launch)."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.registry import LayerKernel
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key(option, 1024, 4096, 128)
+    config = next(c for c in LayerKernel(key, None).candidates(1) if c.accumulate == "fp16" and c.prefetch)
+    ops = sass_summary(compile_for_hopper(key, config))["ops"]
+    stages = 1 + (key.residual_bits > 0)
+    weights = stages * config.block_n * config.slots * 64 / (32 * config.num_warps)  # per thread, one step
+    assert ops.get("HFMA2", 0) + ops.get("HMUL2", 0) >= weights  # x' and the scale, two weights each
+    assert ops.get("FFMA", 0) + ops.get("FMUL", 0) < weights / 8
+    assert ops.get("CCTL", 0) > 0 and ops.get("ACQBULK", 0) == 1  # prefetch.global.L2, griddepcontrol.wait
