@@ -124,7 +124,6 @@ class LayerKernel:
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
         if config.strategy == "fma":
-            constexprs["SUM_RUN"] = min(config.sum_run, 2 * self.slot_width)
             constexprs["HALF_ACC"] = config.accumulate == "fp16"
         else:
             constexprs["BLOCK_M"] = config.block_m

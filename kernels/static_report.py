@@ -64,8 +64,10 @@ def _run(*command: str) -> str:
 def one_token_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
     """Instructions per weight of the one-token kernel, and the issue- and memory-bound times it implies."""
     b = slot_words(key.k, key.group_size)
-    weights_per_thread = config.block_n * config.slots * config.iters * b / (32 * config.num_warps)  # one program
-    per_weight = summary["instructions"] / weights_per_thread  # the loop body dominates the listing
+    # The listing holds the step loop's body once (Triton does not unroll `range(ITERS)`), so its
+    # count is per step: a program issues about ITERS times the body.
+    weights_per_thread = config.block_n * config.slots * b / (32 * config.num_warps)  # one step
+    per_weight = summary["instructions"] / weights_per_thread
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
             "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}

@@ -236,14 +236,12 @@ HALF_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
 
 @triton.jit
 def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-              SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
-    """acc + scale * w * x' for one decoded slot pair, one token.
+              HALF_ACC: tl.constexpr, ASM: tl.constexpr):
+    """acc + scale * w * x' for one decoded slot pair, one token, elementwise into [BLOCK_N, 2B].
 
-    HALF_ACC: in fp16, elementwise into a [BLOCK_N, 2B] fp16 accumulator, two weights per
-    instruction (the sums over one program's slots stay short: at most a few dozen terms).
-    Else in float32. SUM_RUN = 1: elementwise into a [BLOCK_N, 2B] accumulator. SUM_RUN = r > 1:
-    the products of r neighbouring columns (one thread's run) are summed first, into a
-    [BLOCK_N, 2B / r] accumulator: fewer registers and one multiply less per weight.
+    HALF_ACC: in fp16, two weights per instruction (HALF_FMA_ASM on the half2 registers the decode
+    and pair_inputs produce); the sums over one program's slots stay short, at most a few dozen
+    terms, and programs add up in float32. Else in float32.
     """
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
@@ -255,22 +253,18 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
         else:
             acc = acc + w * x * scale
     else:
-        products = w.to(tl.float32) * x.to(tl.float32)
-        if SUM_RUN > 1:
-            products = tl.sum(tl.reshape(products, (products.shape[0], 2 * B // SUM_RUN, SUM_RUN)), axis=2)
-        acc = acc + products * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+        acc = acc + w.to(tl.float32) * x.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
     return acc
 
 
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
-                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr,
-                 ASM: tl.constexpr):
+                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
     """One decoded pair into the accumulator: on tensor cores (DOT) or CUDA cores (one token)."""
     if DOT:
         acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, ASM)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, SUM_RUN, HALF_ACC, ASM)
+        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, HALF_ACC, ASM)
     return acc
 
 
@@ -321,7 +315,7 @@ def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
               row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, SUM_RUN: tl.constexpr, HALF_ACC: tl.constexpr):
+              DOT: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
@@ -334,18 +328,18 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
         acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
-                           SUM_RUN, HALF_ACC, ASM)
+                           HALF_ACC, ASM)
         acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
-                           DOT, SUM_RUN, HALF_ACC, ASM)
+                           DOT, HALF_ACC, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
             first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
             acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
-                               DOT, SUM_RUN, HALF_ACC, ASM)
+                               DOT, HALF_ACC, ASM)
             acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
-                               K, G, B, DOT, SUM_RUN, HALF_ACC, ASM)
+                               K, G, B, DOT, HALF_ACC, ASM)
     return acc
 
 
@@ -372,7 +366,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, True, 1, False)
+                        RES_BITS, SLOTS, ASM, True, False)
     mask = token_mask[:, None] & row_mask[None, :]
     _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
 
@@ -381,11 +375,11 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
 def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
-                   ASM: tl.constexpr, SUM_RUN: tl.constexpr = 1, HALF_ACC: tl.constexpr = False,
+                   ASM: tl.constexpr, HALF_ACC: tl.constexpr = False,
                    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
 
-    SUM_RUN (a power of two <= 2B), HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start.
+    HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -394,11 +388,11 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     if HALF_ACC:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
     else:
-        acc = tl.zeros((BLOCK_N, 2 * B // SUM_RUN), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                         rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, False, SUM_RUN, HALF_ACC)
+                        RES_BITS, SLOTS, ASM, False, HALF_ACC)
     _accumulate(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-TUNE_FORMAT = 5  # 5: fp16 accumulation, prefetch, streamed timing; older caches are retuned
+TUNE_FORMAT = 6  # 6: fp16 accumulation, prefetch, streamed timing; older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -36,7 +36,6 @@ class LaunchConfig(BaseModel):
     slots: int = 32  # dot/fma: slots decoded per step (a multiple of every plane's slots per word)
     iters: int = 1  # dot/fma: steps per program; K / (slots * B * iters) programs split K ("all": one split)
     whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
-    sum_run: int = 1  # fma: products summed per thread in runs of this many before scaling (capped at 2B)
     accumulate: Literal["fp32", "fp16"] = "fp32"  # fma: fp16 multiplies and sums two weights per instruction
     prefetch: bool = False  # dot/fma: each program first asks L2 for all its codes (triton_kernels._start)
 
@@ -51,7 +50,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[5] = TUNE_FORMAT
+    format: Literal[6] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -65,19 +64,13 @@ def token_bucket(tokens: int) -> int:
 # (block_n, num_warps, slots, iters[, num_stages]): few rows and slots per program give many programs
 # (split-K); num_stages > 1 lets Triton prefetch the next step's loads.
 # One token runs on CUDA cores (fma: it beat the tensor-core kernel padded to 16 rows on every
-# H100 key of run 3); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
-FMA_SHAPES = ((16, 4, 8, 1), (16, 4, 8, 2), (32, 4, 8, 2), (32, 4, 8, 4), (64, 4, 8, 1), (32, 8, 16, 1),
-              (16, 4, 8, 4, 3), (32, 4, 8, 4, 3))
-SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
-                (64, 4, 8, 4, 3))
-# The same with runs of 8 products summed per thread (SUM_RUN): fewer registers (static sm_90
-# count, 4 bits: 56 against 64 at 16 rows, 40 at 8 rows), so more programs per SM.
-FMA_RUN_SHAPES = ((8, 4, 8, 2), (16, 4, 8, 2), (32, 4, 8, 2), (16, 4, 16, 2, 3), (32, 4, 8, 4, 3), (64, 4, 8, 2))
-SUM_RUN = 8
-# The same with fp16 products and sums (accumulate="fp16"): two weights per HMUL2/HFMA2 instead of
-# conversions, FMUL and FFMA per weight.
+# H100 key of run 3), in fp16 pairs (it beat float32 on every key of run 10; two float32 shapes
+# stay candidates); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
+FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4, 3))
 FMA_HALF_SHAPES = ((8, 4, 8, 2), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2), (16, 4, 16, 2, 3), (32, 4, 16, 2, 3),
                    (16, 4, 16, 4, 3), (16, 4, 8, 4, 3))
+SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
+                (64, 4, 8, 4, 3))
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
@@ -103,9 +96,7 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     dequant = [LaunchConfig(strategy="dequant", block_n=32)]
     configs = []
     if bucket == 1:
-        configs += [split("fma", *shape) for shape in FMA_SHAPES]
-        configs += [c.model_copy(update={"sum_run": SUM_RUN}) for c in map(lambda s: split("fma", *s), FMA_RUN_SHAPES)
-                    if c is not None]
+        configs += [split("fma", *shape) for shape in FMA_FP32_SHAPES]
         half = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
                 if c is not None]
         configs += half + [c.model_copy(update={"prefetch": True}) for c in half]

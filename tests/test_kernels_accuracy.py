@@ -43,7 +43,6 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
     "dot-whole-k": lambda slots: LaunchConfig(strategy="dot", block_m=32, block_n=32, slots=slots, whole_k=True),
     "fma": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots),
     "fma-two-steps": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=2),
-    "fma-summed-runs": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots, sum_run=8),
     "fma-fp16": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots, iters=2, accumulate="fp16"),
     "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
 }
