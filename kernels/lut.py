@@ -10,8 +10,8 @@ bytes, so:
 - 2-bit codes (and 3-bit magnitudes): the 4 values' low bytes and high bytes make one 8-byte
   table; the selector `[c1, c1 + 4, c2, c2 + 4]` returns the half2 of two codes in one PRMT.
 - 4-bit codes: the codebook is symmetric, so a code is a sign and a 3-bit magnitude. Two PRMTs
-  (low bytes, high bytes of the 8 magnitudes) look up 4 codes, a third interleaves two of them
-  into a half2, and the signs are xor-ed into bits 15 and 31.
+  (low bytes, high bytes of the 8 magnitudes) look up 4 codes, one xor puts the 4 signs into the
+  high bytes, and two more PRMTs interleave low and high bytes into two half2.
 - 3-bit codes: a 2-bit magnitude (as 2-bit codes, over the 4 magnitudes) and a sign plane.
 
 Where the kernel layout puts each bit so that these steps need no other shuffling is
@@ -32,6 +32,8 @@ from tqc.codebook import gaussian_codebook
 SIGN_MAGNITUDE_BITS = (3, 4)  # stored as sign and magnitude; 2-bit codes are looked up with their sign
 PAIR_LOWS, PAIR_HIGHS = 0x5140, 0x7362  # PRMT selectors: half2 of lookups (0, 1) and (2, 3)
 SIGN_MASK = 0x80008000  # the sign bits of a half2
+TABLE_COPIES = 32  # copies of a table in memory, one per lane (triton_kernels.load_table)
+BYTE_SIGNS = 0x80808080  # the sign bits of 4 high bytes
 
 
 def stored_code(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,13 +79,13 @@ def table_words(bits: int) -> tuple[int, ...]:
 # twice ($n and $n+1). The outputs are half2 registers: slot t low, slot t + 1 high.
 
 # Slots 4q .. 4q + 3 of a nibble word $2: magnitudes at (w >> $12) & 0x7777, tables $4 $6 (low
-# bytes) $8 $10 (high bytes), signs of the two pairs at bits 15 and 31 of w << $14 and w << $16.
+# bytes) $8 $10 (high bytes), the 4 signs at bits 7, 15, 23, 31 of w << $14, xor-ed into the high bytes.
 NIBBLE_ASM = (
     "{ .reg .b32 s, l, h, m; shr.u32 s, $2, $12; and.b32 s, s, 0x7777; prmt.b32 l, $4, $6, s; prmt.b32 h, $8, $10, s; "
-    f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; shl.b32 m, $2, $14; and.b32 m, m, {SIGN_MASK:#x}; xor.b32 $0, $0, m; "
-    f"prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; shl.b32 m, $2, $16; and.b32 m, m, {SIGN_MASK:#x}; xor.b32 $1, $1, m; }}"
+    f"shl.b32 m, $2, $14; and.b32 m, m, {BYTE_SIGNS:#x}; xor.b32 h, h, m; "
+    f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; }}"
 )
-NIBBLE_CONSTRAINTS = "=r,=r" + ",r" * 16
+NIBBLE_CONSTRAINTS = "=r,=r" + ",r" * 14
 
 # One pair of a crumb word $1: codes at bits (w >> $3) & 0x0303, the 8-byte table in $5 $7.
 CRUMB_ASM = ("{ .reg .b32 q; shr.u32 q, $1, $3; and.b32 q, q, 0x0303; mad.lo.u32 q, q, 0x11, 0x4040; "
@@ -114,10 +116,11 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
 def emulate_nibble_pair(words: np.ndarray, pair: int) -> np.ndarray:
     """Pair p of a nibble word as NIBBLE_ASM computes it (q = p // 2), as uint32 half2 bits."""
     t = [np.uint32(x) for x in table_words(4)]
-    s = ((words >> 16) if pair >= 2 else words) & np.uint32(0x7777)
+    quad = pair // 2
+    s = (words >> np.uint32(16 * quad)) & np.uint32(0x7777)
     low, high = prmt(t[0], t[1], s), prmt(t[2], t[3], s)
-    value = prmt(low, high, np.uint32(PAIR_LOWS if pair % 2 == 0 else PAIR_HIGHS))
-    return value ^ ((words << np.uint32(4 * pair)) & np.uint32(SIGN_MASK))
+    high = high ^ ((words << np.uint32(4 * quad)) & np.uint32(BYTE_SIGNS))
+    return prmt(low, high, np.uint32(PAIR_LOWS if pair % 2 == 0 else PAIR_HIGHS))
 
 
 def emulate_crumb_pair(words: np.ndarray, pair: int, bits: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import triton
 from tqc.layout import LayerSpec, layer_bytes
 
 from . import triton_kernels as tk
-from .lut import table_words
+from .lut import TABLE_COPIES, table_words
 from .repack import slot_words, to_bitpack_layout, to_kernel_layout
 from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, stream_copies, token_bucket
 
@@ -72,10 +72,10 @@ class LayerKernel:
     _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
 
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
-        """A stage's PRMT table (lut.table_words) as int32 on `device`."""
+        """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
         if (bits, device) not in self._tables:
             words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits)]
-            self._tables[(bits, device)] = torch.tensor(words, dtype=torch.int32, device=device)
+            self._tables[(bits, device)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
         return self._tables[(bits, device)]
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:

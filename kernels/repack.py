@@ -22,7 +22,7 @@ from .lut import codebook_code, stored_code
 
 MAX_SLOT_WORDS = 64
 WORD_BITS = 32
-SIGN_NIBBLE = (3, 7, 2, 6, 1, 5, 0, 4)  # 4-bit: slot j's sign sits in bit 3 of this nibble
+SIGN_NIBBLE = (1, 3, 5, 7, 0, 2, 4, 6)  # 4-bit: slot j's sign sits in bit 3 of this nibble
 
 
 def planes(bits: int) -> tuple[tuple[str, int], ...]:
@@ -33,8 +33,8 @@ def planes(bits: int) -> tuple[tuple[str, int], ...]:
 def slot_bits(kind: str, slot: int) -> tuple[tuple[int, int], ...]:
     """(bit of the stored code, bit of the word) pairs for slot j of a word of this plane kind.
 
-    nibble: magnitude in nibble j, sign in bit 3 of nibble SIGN_NIBBLE[j] (pair p's signs land on
-    bits 15 and 31 after a left shift by 4p). crumb: pair p = j // 2 at bit 16 (p // 4) + 2 (p % 4),
+    nibble: magnitude in nibble j, sign in bit 3 of nibble SIGN_NIBBLE[j] (the signs of slots
+    4q .. 4q + 3 land on bits 7, 15, 23, 31, the high bytes' sign bits, after a left shift by 4q). crumb: pair p = j // 2 at bit 16 (p // 4) + 2 (p % 4),
     its second slot 8 bits higher. sign: pair p at bit 15 - p, its second slot 16 bits higher.
     """
     pair, second = divmod(slot, 2)

@@ -24,8 +24,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lut import (CRUMB_ASM, CRUMB_CONSTRAINTS, NIBBLE_ASM, NIBBLE_CONSTRAINTS, SIGNED_CRUMB_ASM,
-                  SIGNED_CRUMB_CONSTRAINTS)
+                  SIGNED_CRUMB_CONSTRAINTS, TABLE_COPIES)
 
+TABLE_COPIES = tl.constexpr(TABLE_COPIES)
 NIBBLE_ASM = tl.constexpr(NIBBLE_ASM)
 NIBBLE_CONSTRAINTS = tl.constexpr(NIBBLE_CONSTRAINTS)
 CRUMB_ASM = tl.constexpr(CRUMB_ASM)
@@ -107,9 +108,26 @@ def _half_bits(low, high, sign):
 
 
 @triton.jit
-def _table_byte(table_ptr, word, index):
-    """Byte `index % 4` of table word `word + index // 4` (the interpreter's PRMT lookup)."""
-    return (tl.load(table_ptr + word + index // 4) >> (8 * (index % 4))) & 0xFF
+def _table_byte(first, second, index):
+    """Byte `index` (0-7) of the table words (first, second): the interpreter's PRMT lookup."""
+    return (tl.where(index < 4, first, second) >> (8 * (index % 4))) & 0xFF
+
+
+@triton.jit
+def load_table(table_ptr, rows, BITS: tl.constexpr):
+    """A stage's PRMT table (lut.table_words) as a tuple of [BLOCK_N, 1] int32 tensors, loaded once.
+
+    LayerKernel.table stores TABLE_COPIES copies and each row reads copy `row % TABLE_COPIES`:
+    with a different address per thread the compiler holds the words in registers, where with
+    one address it keeps them in uniform registers and copies one out before every lookup.
+    """
+    WORDS: tl.constexpr = 4 if BITS == 4 else 2
+    base = table_ptr + (rows % TABLE_COPIES)[:, None] * WORDS
+    if BITS == 4:
+        table = (tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3))
+    else:
+        table = (tl.load(base), tl.load(base + 1))
+    return table
 
 
 @triton.jit
@@ -128,7 +146,7 @@ def stage_words(codes_ptr, rows, row_mask, chunk, slot, K: tl.constexpr, B: tl.c
 
 
 @triton.jit
-def decode_pair(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+def decode_pair(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr):
     """fp16 [BLOCK_N, 2B]: column 2 kw + h is the codebook value of slot `start + OFFSET + h`, column kw.
 
@@ -140,15 +158,14 @@ def decode_pair(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, 
     if BITS == 4:
         PAIR: tl.constexpr = (OFFSET % 8) // 2
         magnitude = (words >> (4 * (2 * PAIR + h))) & 7
-        sign = (words >> (15 - 4 * PAIR + 16 * h)) & 1
-        values = _half_bits(_table_byte(table_ptr, 0, magnitude), _table_byte(table_ptr, 2, magnitude), sign)
+        sign = (words >> (16 * (PAIR % 2) + 8 * h + 7 - 4 * (PAIR // 2))) & 1  # repack.SIGN_NIBBLE
+        values = _half_bits(_table_byte(table[0], table[1], magnitude), _table_byte(table[2], table[3], magnitude), sign)
     else:
         PAIR: tl.constexpr = (OFFSET % 16) // 2
         SIGN_PAIR: tl.constexpr = OFFSET // 2
         shift: tl.constexpr = 16 * (PAIR // 4) + 2 * (PAIR % 4)
         if ASM:
-            t0, t1 = tl.load(table_ptr), tl.load(table_ptr + 1)
-            args = [words, _splat(shift, words), _splat(t0, words), _splat(t1, words)]
+            args = [words, _splat(shift, words), _splat(table[0], words), _splat(table[1], words)]
             if BITS == 3:
                 values = tl.inline_asm_elementwise(SIGNED_CRUMB_ASM, SIGNED_CRUMB_CONSTRAINTS,
                                                    args + [signs, _splat(SIGN_PAIR, words)], dtype=tl.float16,
@@ -161,28 +178,28 @@ def decode_pair(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, 
             sign = tl.zeros_like(code)
             if BITS == 3:
                 sign = (signs >> (15 - SIGN_PAIR + 16 * h)) & 1
-            values = _half_bits(_table_byte(table_ptr, 0, code), _table_byte(table_ptr, 1, code), sign)
+            values = _half_bits(_table_byte(table[0], table[0], code), _table_byte(table[1], table[1], code), sign)
     return values
 
 
 @triton.jit
-def decode_quad(words, signs, table_ptr, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+def decode_quad(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr):
     """The decode_pair tiles of slots OFFSET, OFFSET + 1 and OFFSET + 2, OFFSET + 3 (OFFSET % 4 == 0).
 
     For 4 bits both come from one PRMT lookup of the word's nibbles (NIBBLE_ASM returns both).
     """
     if BITS == 4 and ASM:
-        t0, t1, t2, t3 = tl.load(table_ptr), tl.load(table_ptr + 1), tl.load(table_ptr + 2), tl.load(table_ptr + 3)
         q: tl.constexpr = (OFFSET % 8) // 4
         first, second = tl.inline_asm_elementwise(
             NIBBLE_ASM, NIBBLE_CONSTRAINTS,
-            [words, _splat(t0, words), _splat(t1, words), _splat(t2, words), _splat(t3, words), _splat(16 * q, words),
-             _splat(8 * q, words), _splat(8 * q + 4, words)],
+            [words, _splat(table[0], words), _splat(table[1], words), _splat(table[2], words), _splat(table[3], words),
+             _splat(16 * q, words),
+             _splat(4 * q, words)],
             dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     else:
-        first = decode_pair(words, signs, table_ptr, OFFSET, B, BITS, ASM)
-        second = decode_pair(words, signs, table_ptr, OFFSET + 2, B, BITS, ASM)
+        first = decode_pair(words, signs, table, OFFSET, B, BITS, ASM)
+        second = decode_pair(words, signs, table, OFFSET + 2, B, BITS, ASM)
     return first, second
 
 
@@ -297,6 +314,16 @@ def _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: t
 
 
 @triton.jit
+def _tables(table_ptr, res_table_ptr, rows, BITS: tl.constexpr, RES_BITS: tl.constexpr):
+    """Both stages' load_table (the residual's is the base's when there is none: never read)."""
+    table = load_table(table_ptr, rows, BITS)
+    res_table = table
+    if RES_BITS > 0:
+        res_table = load_table(res_table_ptr, rows, RES_BITS)
+    return table, res_table
+
+
+@triton.jit
 def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: tl.constexpr,
            BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOT_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
            PDL: tl.constexpr):
@@ -312,7 +339,7 @@ def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr
 
 
 @triton.jit
-def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, rows,
+def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
               row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr):
@@ -326,7 +353,7 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
         k0 = (first_slot + offset) * B
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
-        first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+        first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
                            HALF_ACC, ASM)
         acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
@@ -335,7 +362,7 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_s
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
-            first, second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+            first, second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
             acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
                                DOT, HALF_ACC, ASM)
             acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
@@ -360,11 +387,12 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     row_mask = rows < N
     _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
+    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(ITERS):
-        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
                         rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
                         RES_BITS, SLOTS, ASM, True, False)
     mask = token_mask[:, None] & row_mask[None, :]
@@ -385,12 +413,13 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     row_mask = rows < N
     _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
+    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     if HALF_ACC:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
     else:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
     for step in range(ITERS):
-        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
                         rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
                         RES_BITS, SLOTS, ASM, False, HALF_ACC)
     _accumulate(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS)
@@ -406,16 +435,17 @@ def dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     chunk = tl.program_id(1)
+    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     for offset in tl.static_range(0, 32, 4):
         k0 = (chunk * 32 + offset) * B
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, offset, K, B, BITS)
-        first, second = decode_quad(words, signs, table_ptr, offset, B, BITS, ASM)
+        first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         res_first, res_second = first, second  # unread when RES_BITS == 0
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, offset, K, B, RES_BITS)
-            res_first, res_second = decode_quad(res_words, res_signs, res_table_ptr, offset, B, RES_BITS, ASM)
+            res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
         for half in tl.static_range(2):
             start = k0 + half * 2 * B
             if half == 0:
