@@ -328,8 +328,9 @@ def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr
            BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOT_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
            PDL: tl.constexpr):
     """A lookup kernel's prologue: prefetch the program's codes (PREFETCH), then, under programmatic
-    dependent launch (PDL), wait for the rotation. Weights are read-only for the model's lifetime,
-    so they may be read before the wait; nothing the previous kernels write is touched before it."""
+    dependent launch (PDL), wait for the rotation. Weights and tables are read-only for the model's
+    lifetime, so they may be read before the wait; nothing the previous kernels write is touched
+    before it."""
     if PREFETCH:
         _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K, B, BITS, SLOT_COUNT)
         if RES_BITS > 0:
@@ -385,9 +386,9 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
     _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
-    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -411,9 +412,9 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
     _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
-    table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     if HALF_ACC:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
     else:
