@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import SimpleNamespace
 
 import torch
@@ -33,6 +33,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter canno
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 
 
+@lru_cache(maxsize=None)
 def uses_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90 and later): a lookup kernel launches while the rotation
     runs and prefetches its weights before waiting for it."""
