@@ -4,7 +4,8 @@
                     (and zero the output the split-K kernels add into)
     lut_dot_kernel  any number of tokens on tensor cores: decode a slot pair to fp16 in registers,
                     `tl.dot` with the activations, scale; split over K with atomics for few tokens
-    lut_fma_kernel  one token on CUDA cores, for layers too narrow for tensor cores (2B < 16)
+    lut_fma_kernel  one token on CUDA cores (fp16 pairs or float32), the tuner's choice for one
+                    token on every H100 key; also serves layers too narrow for tensor cores (2B < 16)
     dequant_kernel  write the decoded weight (then cuBLAS, for very many tokens)
 
 The codes are in the kernel layout of repack.py (docs/kernel_layout.md). The unit of decoding is
@@ -15,6 +16,8 @@ stores the activations in that order (pair order) for `pair_inputs`.
 Decoding is a codebook lookup in registers (lut.py: PRMT byte permutes, no memory gather), run as
 inline PTX on a GPU and as the same bit arithmetic in Triton under TRITON_INTERPRET (ASM=False).
 Both stages of a residual option decode the same way; each stage's scale multiplies its dot.
+On sm_90 the lookup kernels are launched while the rotation runs (programmatic dependent launch,
+PDL): `_start` waits for it after reading only read-only data (tables, prefetched codes).
 """
 
 from __future__ import annotations
