@@ -266,7 +266,7 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
     if HALF_ACC:
-        scale = tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float16)[:, None]
+        scale = _half_scales(scales_ptr, rows, row_mask, k0, K, G)
         if ASM:
             acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
                                             is_pure=True, pack=2)
@@ -274,6 +274,35 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
             acc = acc + w * x * scale
     else:
         acc = acc + w.to(tl.float32) * x.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+    return acc
+
+
+@triton.jit
+def _half_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
+    """fp16 [BLOCK_N, 1]: each row's scale of the group holding input k0."""
+    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float16)[:, None]
+
+
+# acc + (w s + w_res s_res) x' on half2 registers: the two stages' scaled weights summed first
+# (HMUL2, HFMA2), then one HFMA2 by the activations: 3 instructions per 2 weights instead of 4.
+FOLDED_FMA_ASM = tl.constexpr("{ .reg .b32 w; mul.rn.f16x2 w, $1, $2; fma.rn.f16x2 w, $3, $4, w; "
+                              "fma.rn.f16x2 $0, w, $5, $6; }")
+FOLDED_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,r,r")
+
+
+@triton.jit
+def _folded_fma_pair(acc, x_ptr, w, res_w, scales_ptr, res_scales_ptr, rows, row_mask, k0, K: tl.constexpr,
+                     G: tl.constexpr, B: tl.constexpr, ASM: tl.constexpr):
+    """acc + (scale w + res_scale res_w) x' for one slot pair of a residual option, in fp16 (HALF_ACC)."""
+    one = tl.arange(0, 1)
+    x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
+    scale = _half_scales(scales_ptr, rows, row_mask, k0, K, G)
+    res_scale = _half_scales(res_scales_ptr, rows, row_mask, k0, K, G)
+    if ASM:
+        acc = tl.inline_asm_elementwise(FOLDED_FMA_ASM, FOLDED_FMA_CONSTRAINTS, [w, scale, res_w, res_scale, x, acc],
+                                        dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        acc = acc + (w * scale + res_w * res_scale) * x
     return acc
 
 
@@ -348,9 +377,11 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
-    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
+    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
+    `_folded_fma_pair` per pair of both stages; word tiles load once per word."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
+    FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
     chunk = first_slot // 32
     start = first_slot % 32
     for offset in tl.static_range(0, SLOTS, 4):
@@ -358,19 +389,26 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
-        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
-                           HALF_ACC, ASM)
-        acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
-                           DOT, HALF_ACC, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
-            first, second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
-            acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
-                               DOT, HALF_ACC, ASM)
-            acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
-                               K, G, B, DOT, HALF_ACC, ASM)
+            res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
+        if FOLD:
+            acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales_ptr, res_scales_ptr, rows, row_mask, k0, K, G,
+                                   B, ASM)
+            acc = _folded_fma_pair(acc, x_ptr, second, res_second, scales_ptr, res_scales_ptr, rows, row_mask,
+                                   k0 + 2 * B, K, G, B, ASM)
+        else:
+            acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
+                               HALF_ACC, ASM)
+            acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G,
+                               B, DOT, HALF_ACC, ASM)
+            if RES_BITS > 0:
+                acc = _pair_update(acc, x_ptr, res_first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K,
+                                   G, B, DOT, HALF_ACC, ASM)
+                acc = _pair_update(acc, x_ptr, res_second, res_scales_ptr, rows, row_mask, tokens, token_mask,
+                                   k0 + 2 * B, K, G, B, DOT, HALF_ACC, ASM)
     return acc
 
 
