@@ -227,9 +227,9 @@ def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr,
 
 
 @triton.jit
-def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
-    """float32 [BLOCK_N]: each row's scale of the group holding input k0 (a pair never straddles groups)."""
-    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
+def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr = tl.float32):
+    """[BLOCK_N] in DTYPE: each row's scale of the group holding input k0 (a pair never straddles groups)."""
+    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
     if HALF_ACC:
-        scale = tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float16)[:, None]
+        scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
         if ASM:
             acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
                                             is_pure=True, pack=2)
