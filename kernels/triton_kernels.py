@@ -227,9 +227,9 @@ def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr,
 
 
 @triton.jit
-def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
-    """float32 [BLOCK_N]: each row's scale of the group holding input k0 (a pair never straddles groups)."""
-    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float32)
+def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr = tl.float32):
+    """[BLOCK_N] in DTYPE: each row's scale of the group holding input k0 (a pair never straddles groups)."""
+    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
     if HALF_ACC:
-        scale = _half_scales(scales_ptr, rows, row_mask, k0, K, G)
+        scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
         if ASM:
             acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
                                             is_pure=True, pack=2)
@@ -275,12 +275,6 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     else:
         acc = acc + w.to(tl.float32) * x.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
     return acc
-
-
-@triton.jit
-def _half_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr):
-    """fp16 [BLOCK_N, 1]: each row's scale of the group holding input k0."""
-    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(tl.float16)[:, None]
 
 
 # acc + (w s + w_res s_res) x' on half2 registers: the two stages' scaled weights summed first
@@ -296,8 +290,8 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales_ptr, res_scales_ptr, rows, row
     """acc + (scale w + res_scale res_w) x' for one slot pair of a residual option, in fp16 (HALF_ACC)."""
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
-    scale = _half_scales(scales_ptr, rows, row_mask, k0, K, G)
-    res_scale = _half_scales(res_scales_ptr, rows, row_mask, k0, K, G)
+    scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
+    res_scale = _row_scales(res_scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
     if ASM:
         acc = tl.inline_asm_elementwise(FOLDED_FMA_ASM, FOLDED_FMA_CONSTRAINTS, [w, scale, res_w, res_scale, x, acc],
                                         dtype=tl.float16, is_pure=True, pack=2)
