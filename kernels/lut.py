@@ -1,23 +1,22 @@
-"""Codebook lookups in registers: byte-permute (PRMT) tables and the PTX that decodes a slot pair.
+"""Codebook lookups in registers: byte-permute (PRMT) tables and the PTX that decodes 4 codes.
 
 A gather from a codebook in memory costs a load instruction per weight or pair of weights, and on
 the H100 those loads, not the weight traffic, bounded the one-token kernels: with the gather
 replaced by arithmetic the same GEMV ran 2x faster (docs/performance.md, run 3). `prmt.b32 d, a,
 b, sel` picks any 4 of the 8 bytes of two registers by the 4 nibbles of `sel`, so a table of up
 to 8 bytes lives in 2 registers and one instruction looks up 4 bytes. An fp16 codebook value is 2
-bytes, so:
-
-- 2-bit codes (and 3-bit magnitudes): the 4 values' low bytes and high bytes make one 8-byte
-  table; the selector `[c1, c1 + 4, c2, c2 + 4]` returns the half2 of two codes in one PRMT.
-- 4-bit codes: the codebook is symmetric, so a code is a sign and a 3-bit magnitude. Two PRMTs
-  (low bytes, high bytes of the 8 magnitudes) look up 4 codes, one xor puts the 4 signs into the
-  high bytes, and two more PRMTs interleave low and high bytes into two half2.
-- 3-bit codes: a 2-bit magnitude (as 2-bit codes, over the 4 magnitudes) and a sign plane.
+bytes, so every width decodes 4 codes (a quad) at a time: one PRMT looks up their 4 low bytes, one their 4
+high bytes, and two interleave them into two half2.
+- 2-bit codes: the tables are the 4 values' low bytes and their high bytes (one word each).
+- 4-bit codes: the codebook is symmetric, so a code is a sign and a 3-bit magnitude; the tables
+  are the 8 magnitudes' low and high bytes (two words each), and one xor puts the 4 signs into
+  the high bytes.
+- 3-bit codes: a 2-bit magnitude, looked up as 2-bit codes over the 4 magnitudes, and a sign
+  plane, xor-ed in the same way.
 
 Where the kernel layout puts each bit so that these steps need no other shuffling is
 repack.py's business (docs/kernel_layout.md); `stored_code` / `codebook_code` convert between
-the codebook's index and the stored sign-magnitude code. The `emulate_*` functions compute what
-the PTX computes, in numpy, so the tables and bit positions are tested without a GPU.
+the codebook's index and the stored sign-magnitude code. `emulate_quad` computes what the PTX computes, in numpy, so the tables and bit positions are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from tqc.codebook import gaussian_codebook
 
 SIGN_MAGNITUDE_BITS = (3, 4)  # stored as sign and magnitude; 2-bit codes are looked up with their sign
 PAIR_LOWS, PAIR_HIGHS = 0x5140, 0x7362  # PRMT selectors: half2 of lookups (0, 1) and (2, 3)
-SIGN_MASK = 0x80008000  # the sign bits of a half2
 TABLE_COPIES = 32  # copies of a table in memory, one per lane (triton_kernels.load_table)
 BYTE_SIGNS = 0x80808080  # the sign bits of 4 high bytes
 
@@ -76,25 +74,26 @@ def table_words(bits: int) -> tuple[int, ...]:
 
 # The PTX, as `tl.inline_asm_elementwise` runs it with pack=2 on a tile whose two packed elements
 # are the same word (columns 2 kw and 2 kw + 1 of a doubled word tile): every input operand comes
-# twice ($n and $n+1). The outputs are half2 registers: slot t low, slot t + 1 high.
+# twice ($n and $n+1). One call decodes a quad, 4 slots of a word: the selector (w >> $12) & mask
+# holds their magnitudes (or 2-bit codes) in its 4 nibbles; PRMT looks up their low bytes in the
+# table $4 $6 and their high bytes in $8 $10; for signed codes the 4 signs, at bits 7, 15, 23, 31
+# of $14 << $16, are xor-ed into the high bytes; two PRMTs interleave low and high bytes into the
+# outputs, half2 registers holding slots (0, 1) and (2, 3) of the quad.
 
-# Slots 4q .. 4q + 3 of a nibble word $2: magnitudes at (w >> $12) & 0x7777, tables $4 $6 (low
-# bytes) $8 $10 (high bytes), the 4 signs at bits 7, 15, 23, 31 of w << $14, xor-ed into the high bytes.
-NIBBLE_ASM = (
-    "{ .reg .b32 s, l, h, m; shr.u32 s, $2, $12; and.b32 s, s, 0x7777; prmt.b32 l, $4, $6, s; prmt.b32 h, $8, $10, s; "
-    f"shl.b32 m, $2, $14; and.b32 m, m, {BYTE_SIGNS:#x}; xor.b32 h, h, m; "
-    f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; }}"
-)
-NIBBLE_CONSTRAINTS = "=r,=r" + ",r" * 14
 
-# One pair of a crumb word $1: codes at bits (w >> $3) & 0x0303, the 8-byte table in $5 $7.
-CRUMB_ASM = ("{ .reg .b32 q; shr.u32 q, $1, $3; and.b32 q, q, 0x0303; mad.lo.u32 q, q, 0x11, 0x4040; "
-             "prmt.b32 $0, $5, $7, q; }")
-CRUMB_CONSTRAINTS = "=r" + ",r" * 8
-# The same over magnitudes, then the signs: bits 15 and 31 of the sign word $9 shifted left by $11.
-SIGNED_CRUMB_ASM = ("{ .reg .b32 q, m; shr.u32 q, $1, $3; and.b32 q, q, 0x0303; mad.lo.u32 q, q, 0x11, 0x4040; "
-                    f"prmt.b32 $0, $5, $7, q; shl.b32 m, $9, $11; and.b32 m, m, {SIGN_MASK:#x}; xor.b32 $0, $0, m; }}")
-SIGNED_CRUMB_CONSTRAINTS = "=r" + ",r" * 12
+def quad_asm(mask: int, signed: bool) -> str:
+    """The PTX of one quad (above) for a code plane whose selector nibbles are `mask` wide."""
+    sign = f"shl.b32 m, $14, $16; and.b32 m, m, {BYTE_SIGNS:#x}; xor.b32 h, h, m; " if signed else ""
+    return ("{ .reg .b32 s, l, h, m; "
+            f"shr.u32 s, $2, $12; and.b32 s, s, {mask:#06x}; prmt.b32 l, $4, $6, s; prmt.b32 h, $8, $10, s; {sign}"
+            f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; }}")
+
+
+NIBBLE_ASM = quad_asm(0x7777, signed=True)  # 4 bits: 3-bit magnitudes, signs in the same word
+SIGNED_CRUMB_ASM = quad_asm(0x3333, signed=True)  # 3 bits: 2-bit magnitudes, signs in the sign plane
+CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
+SIGNED_CONSTRAINTS = "=r,=r" + ",r" * 16
+UNSIGNED_CONSTRAINTS = "=r,=r" + ",r" * 12
 
 
 # --- numpy emulation of the PTX above (for tests, no GPU) ------------------------------------------
@@ -113,26 +112,17 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
     return out.astype(np.uint32)
 
 
-def emulate_nibble_pair(words: np.ndarray, pair: int) -> np.ndarray:
-    """Pair p of a nibble word as NIBBLE_ASM computes it (q = p // 2), as uint32 half2 bits."""
-    t = [np.uint32(x) for x in table_words(4)]
-    quad = pair // 2
-    s = (words >> np.uint32(16 * quad)) & np.uint32(0x7777)
-    low, high = prmt(t[0], t[1], s), prmt(t[2], t[3], s)
-    high = high ^ ((words << np.uint32(4 * quad)) & np.uint32(BYTE_SIGNS))
-    return prmt(low, high, np.uint32(PAIR_LOWS if pair % 2 == 0 else PAIR_HIGHS))
-
-
-def emulate_crumb_pair(words: np.ndarray, pair: int, bits: int) -> np.ndarray:
-    """Pair p of a crumb word as CRUMB_ASM computes it (shift 16 (p // 4) + 2 (p % 4))."""
+def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | None = None,
+                 sign_shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A quad as quad_asm computes it: the selector from words >> shift, the signs (if any) from
+    signs << sign_shift; (half2 of slots 0 and 1, half2 of slots 2 and 3) as uint32 bits."""
     t = [np.uint32(x) for x in table_words(bits)]
-    q = (words >> np.uint32(16 * (pair // 4) + 2 * (pair % 4))) & np.uint32(0x0303)
-    return prmt(t[0], t[1], (q * np.uint32(0x11) + np.uint32(0x4040)).astype(np.uint32))
-
-
-def emulate_sign(values: np.ndarray, signs: np.ndarray, pair: int) -> np.ndarray:
-    """The sign step of SIGNED_CRUMB_ASM for pair p of a sign word (shift p)."""
-    return values ^ ((signs << np.uint32(pair)) & np.uint32(SIGN_MASK))
+    lows, highs = ((t[0], t[1]), (t[2], t[3])) if bits == 4 else ((t[0], t[0]), (t[1], t[1]))
+    selector = (words >> np.uint32(shift)) & np.uint32(0x7777 if bits == 4 else 0x3333)
+    low, high = prmt(*lows, selector), prmt(*highs, selector)
+    if signs is not None:
+        high = high ^ ((signs << np.uint32(sign_shift)) & np.uint32(BYTE_SIGNS))
+    return prmt(low, high, np.uint32(PAIR_LOWS)), prmt(low, high, np.uint32(PAIR_HIGHS))
 
 
 def half2_values(bits: np.ndarray) -> np.ndarray:

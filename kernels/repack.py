@@ -33,17 +33,20 @@ def planes(bits: int) -> tuple[tuple[str, int], ...]:
 def slot_bits(kind: str, slot: int) -> tuple[tuple[int, int], ...]:
     """(bit of the stored code, bit of the word) pairs for slot j of a word of this plane kind.
 
-    nibble: magnitude in nibble j, sign in bit 3 of nibble SIGN_NIBBLE[j] (the signs of slots
-    4q .. 4q + 3 land on bits 7, 15, 23, 31, the high bytes' sign bits, after a left shift by 4q). crumb: pair p = j // 2 at bit 16 (p // 4) + 2 (p % 4),
-    its second slot 8 bits higher. sign: pair p at bit 15 - p, its second slot 16 bits higher.
+    Slot j is code i = j % 4 of quad j // 4, and each quad's four codes sit where one shift and
+    mask make them the 4 nibbles of a PRMT selector (lut.quad_asm). nibble: magnitude in nibble
+    j, sign in bit 3 of nibble SIGN_NIBBLE[j] (the signs of quad q land on bits 7, 15, 23, 31,
+    the high bytes' sign bits, after a left shift by 4q). crumb: quad r at bit
+    16 (r // 2) + 2 (r % 2), its codes 4 bits apart. sign: slot j of quad u = j // 4 at bit
+    8 i + 7 - u (bits 7, 15, 23, 31 after a left shift by u).
     """
-    pair, second = divmod(slot, 2)
+    quad, i = divmod(slot, 4)
     if kind == "nibble":
         return (0, 4 * slot), (1, 4 * slot + 1), (2, 4 * slot + 2), (3, 4 * SIGN_NIBBLE[slot] + 3)
     if kind == "crumb":
-        low = 16 * (pair // 4) + 2 * (pair % 4) + 8 * second
+        low = 16 * (quad // 2) + 2 * (quad % 2) + 4 * i
         return (0, low), (1, low + 1)
-    return ((2, 15 - pair + 16 * second),)
+    return ((2, 8 * i + 7 - quad),)
 
 
 def slot_words(k: int, group_size: int) -> int:

@@ -26,16 +26,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .lut import (CRUMB_ASM, CRUMB_CONSTRAINTS, NIBBLE_ASM, NIBBLE_CONSTRAINTS, SIGNED_CRUMB_ASM,
-                  SIGNED_CRUMB_CONSTRAINTS, TABLE_COPIES)
+from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
 TABLE_COPIES = tl.constexpr(TABLE_COPIES)
 NIBBLE_ASM = tl.constexpr(NIBBLE_ASM)
-NIBBLE_CONSTRAINTS = tl.constexpr(NIBBLE_CONSTRAINTS)
 CRUMB_ASM = tl.constexpr(CRUMB_ASM)
-CRUMB_CONSTRAINTS = tl.constexpr(CRUMB_CONSTRAINTS)
 SIGNED_CRUMB_ASM = tl.constexpr(SIGNED_CRUMB_ASM)
-SIGNED_CRUMB_CONSTRAINTS = tl.constexpr(SIGNED_CRUMB_CONSTRAINTS)
+SIGNED_CONSTRAINTS = tl.constexpr(SIGNED_CONSTRAINTS)
+UNSIGNED_CONSTRAINTS = tl.constexpr(UNSIGNED_CONSTRAINTS)
 
 
 @triton.jit
@@ -149,39 +147,27 @@ def stage_words(codes_ptr, rows, row_mask, chunk, slot, K: tl.constexpr, B: tl.c
 
 
 @triton.jit
-def decode_pair(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
-                ASM: tl.constexpr):
+def decode_pair(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
     """fp16 [BLOCK_N, 2B]: column 2 kw + h is the codebook value of slot `start + OFFSET + h`, column kw.
 
     `words`, `signs` are stage_words of that slot; `start`, a multiple of every plane's slots per
-    word, fixes the pair's bit positions as constexprs. 4-bit words decode here in plain Triton (the
-    interpreter's path): on a GPU decode_quad looks them up two pairs at a time.
+    word, fixes the pair's bit positions (repack.slot_bits) as constexprs. Plain Triton: the
+    interpreter's path; on a GPU decode_quad looks the codes up with PRMT, a quad at a time.
     """
     h = (tl.arange(0, 2 * B) % 2)[None, :]
+    QUAD: tl.constexpr = OFFSET // 4  # in the chunk
+    I: tl.constexpr = OFFSET % 4  # the pair's first code in its quad
     if BITS == 4:
-        PAIR: tl.constexpr = (OFFSET % 8) // 2
-        magnitude = (words >> (4 * (2 * PAIR + h))) & 7
-        sign = (words >> (16 * (PAIR % 2) + 8 * h + 7 - 4 * (PAIR // 2))) & 1  # repack.SIGN_NIBBLE
+        magnitude = (words >> (4 * (OFFSET % 8 + h))) & 7
+        sign = (words >> (8 * (I + h) + 7 - 4 * (QUAD % 2))) & 1  # repack.SIGN_NIBBLE
         values = _half_bits(_table_byte(table[0], table[1], magnitude), _table_byte(table[2], table[3], magnitude), sign)
     else:
-        PAIR: tl.constexpr = (OFFSET % 16) // 2
-        SIGN_PAIR: tl.constexpr = OFFSET // 2
-        shift: tl.constexpr = 16 * (PAIR // 4) + 2 * (PAIR % 4)
-        if ASM:
-            args = [words, _splat(shift, words), _splat(table[0], words), _splat(table[1], words)]
-            if BITS == 3:
-                values = tl.inline_asm_elementwise(SIGNED_CRUMB_ASM, SIGNED_CRUMB_CONSTRAINTS,
-                                                   args + [signs, _splat(SIGN_PAIR, words)], dtype=tl.float16,
-                                                   is_pure=True, pack=2)
-            else:
-                values = tl.inline_asm_elementwise(CRUMB_ASM, CRUMB_CONSTRAINTS, args, dtype=tl.float16,
-                                                   is_pure=True, pack=2)
-        else:
-            code = (words >> (shift + 8 * h)) & 3
-            sign = tl.zeros_like(code)
-            if BITS == 3:
-                sign = (signs >> (15 - SIGN_PAIR + 16 * h)) & 1
-            values = _half_bits(_table_byte(table[0], table[0], code), _table_byte(table[1], table[1], code), sign)
+        R: tl.constexpr = QUAD % 4  # the quad in its crumb word
+        code = (words >> (16 * (R // 2) + 2 * (R % 2) + 4 * (I + h))) & 3
+        sign = tl.zeros_like(code)
+        if BITS == 3:
+            sign = (signs >> (8 * (I + h) + 7 - QUAD)) & 1
+        values = _half_bits(_table_byte(table[0], table[0], code), _table_byte(table[1], table[1], code), sign)
     return values
 
 
@@ -190,19 +176,33 @@ def decode_quad(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS
                 ASM: tl.constexpr):
     """The decode_pair tiles of slots OFFSET, OFFSET + 1 and OFFSET + 2, OFFSET + 3 (OFFSET % 4 == 0).
 
-    For 4 bits both come from one PRMT lookup of the word's nibbles (NIBBLE_ASM returns both).
+    On a GPU one lut.quad_asm call returns both: the quad's selector is one shift and mask of the
+    word, the signs (4 and 3 bits) one shift of the sign word (the nibble word itself for 4 bits).
     """
-    if BITS == 4 and ASM:
-        q: tl.constexpr = (OFFSET % 8) // 4
-        first, second = tl.inline_asm_elementwise(
-            NIBBLE_ASM, NIBBLE_CONSTRAINTS,
-            [words, _splat(table[0], words), _splat(table[1], words), _splat(table[2], words), _splat(table[3], words),
-             _splat(16 * q, words),
-             _splat(4 * q, words)],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    QUAD: tl.constexpr = OFFSET // 4
+    if ASM:
+        if BITS == 4:
+            lows = [_splat(table[0], words), _splat(table[1], words)]
+            highs = [_splat(table[2], words), _splat(table[3], words)]
+            shift: tl.constexpr = 16 * (QUAD % 2)
+            sign_args = [words, _splat(4 * (QUAD % 2), words)]
+        else:
+            lows = [_splat(table[0], words), _splat(table[0], words)]
+            highs = [_splat(table[1], words), _splat(table[1], words)]
+            R: tl.constexpr = QUAD % 4
+            shift: tl.constexpr = 16 * (R // 2) + 2 * (R % 2)
+            sign_args = [signs, _splat(QUAD, words)]
+        args = [words] + lows + highs + [_splat(shift, words)]
+        if BITS == 2:
+            first, second = tl.inline_asm_elementwise(CRUMB_ASM, UNSIGNED_CONSTRAINTS, args,
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            asm: tl.constexpr = NIBBLE_ASM if BITS == 4 else SIGNED_CRUMB_ASM
+            first, second = tl.inline_asm_elementwise(asm, SIGNED_CONSTRAINTS, args + sign_args,
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     else:
-        first = decode_pair(words, signs, table, OFFSET, B, BITS, ASM)
-        second = decode_pair(words, signs, table, OFFSET + 2, B, BITS, ASM)
+        first = decode_pair(words, signs, table, OFFSET, B, BITS)
+        second = decode_pair(words, signs, table, OFFSET + 2, B, BITS)
     return first, second
 
 
@@ -277,6 +277,29 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     return acc
 
 
+# acc + (w s + w_res s_res) x' on half2 registers: the two stages' scaled weights summed first
+# (HMUL2, HFMA2), then one HFMA2 by the activations: 3 instructions per 2 weights instead of 4.
+FOLDED_FMA_ASM = tl.constexpr("{ .reg .b32 w; mul.rn.f16x2 w, $1, $2; fma.rn.f16x2 w, $3, $4, w; "
+                              "fma.rn.f16x2 $0, w, $5, $6; }")
+FOLDED_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,r,r")
+
+
+@triton.jit
+def _folded_fma_pair(acc, x_ptr, w, res_w, scales_ptr, res_scales_ptr, rows, row_mask, k0, K: tl.constexpr,
+                     G: tl.constexpr, B: tl.constexpr, ASM: tl.constexpr):
+    """acc + (scale w + res_scale res_w) x' for one slot pair of a residual option, in fp16 (HALF_ACC)."""
+    one = tl.arange(0, 1)
+    x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
+    scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
+    res_scale = _row_scales(res_scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
+    if ASM:
+        acc = tl.inline_asm_elementwise(FOLDED_FMA_ASM, FOLDED_FMA_CONSTRAINTS, [w, scale, res_w, res_scale, x, acc],
+                                        dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        acc = acc + (w * scale + res_w * res_scale) * x
+    return acc
+
+
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
                  G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
@@ -348,9 +371,11 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
-    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each; word tiles load once per word."""
+    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
+    `_folded_fma_pair` per pair of both stages; word tiles load once per word."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
+    FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
     chunk = first_slot // 32
     start = first_slot % 32
     for offset in tl.static_range(0, SLOTS, 4):
@@ -358,19 +383,26 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
         if offset % WORD_SLOTS == 0:
             words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
-        acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
-                           HALF_ACC, ASM)
-        acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G, B,
-                           DOT, HALF_ACC, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
                 res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
                                                    RES_BITS)
-            first, second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
-            acc = _pair_update(acc, x_ptr, first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B,
-                               DOT, HALF_ACC, ASM)
-            acc = _pair_update(acc, x_ptr, second, res_scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B,
-                               K, G, B, DOT, HALF_ACC, ASM)
+            res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
+        if FOLD:
+            acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales_ptr, res_scales_ptr, rows, row_mask, k0, K, G,
+                                   B, ASM)
+            acc = _folded_fma_pair(acc, x_ptr, second, res_second, scales_ptr, res_scales_ptr, rows, row_mask,
+                                   k0 + 2 * B, K, G, B, ASM)
+        else:
+            acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
+                               HALF_ACC, ASM)
+            acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G,
+                               B, DOT, HALF_ACC, ASM)
+            if RES_BITS > 0:
+                acc = _pair_update(acc, x_ptr, res_first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K,
+                                   G, B, DOT, HALF_ACC, ASM)
+                acc = _pair_update(acc, x_ptr, res_second, res_scales_ptr, rows, row_mask, tokens, token_mask,
+                                   k0 + 2 * B, K, G, B, DOT, HALF_ACC, ASM)
     return acc
 
 

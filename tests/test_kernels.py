@@ -45,19 +45,18 @@ def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int) -> np.
     """Every code of a kernel-layout row block, decoded by lut.py's emulation of the kernels' PTX: [N, K]."""
     n, chunks = words.shape[0], k // (32 * b)
     values = np.zeros((n, chunks, 32, b), np.float32)
-    if bits == 4:
-        plane = words.reshape(n, chunks, 4, b)
-        for slot in range(0, 32, 2):
-            pair = lut.half2_values(lut.emulate_nibble_pair(plane[:, :, slot // 8], (slot % 8) // 2))
-            values[:, :, slot], values[:, :, slot + 1] = pair[..., 0], pair[..., 1]
-    else:
-        crumbs = words[:, : k // 16].reshape(n, chunks, 2, b)
-        for slot in range(0, 32, 2):
-            half2 = lut.emulate_crumb_pair(crumbs[:, :, slot // 16], (slot % 16) // 2, bits)
-            if bits == 3:
-                half2 = lut.emulate_sign(half2, words[:, k // 16 :].reshape(n, chunks, b), slot // 2)
+    for quad in range(8):  # slots 4 quad .. 4 quad + 3 of a chunk
+        if bits == 4:
+            word, q = words.reshape(n, chunks, 4, b)[:, :, quad // 2], quad % 2
+            pairs = lut.emulate_quad(word, 4, 16 * q, word, 4 * q)
+        else:
+            r = quad % 4
+            crumbs = words[:, : k // 16].reshape(n, chunks, 2, b)[:, :, quad // 4]
+            signs = words[:, k // 16 :].reshape(n, chunks, b) if bits == 3 else None
+            pairs = lut.emulate_quad(crumbs, bits, 16 * (r // 2) + 2 * (r % 2), signs, quad)
+        for p, half2 in enumerate(pairs):
             pair = lut.half2_values(half2)
-            values[:, :, slot], values[:, :, slot + 1] = pair[..., 0], pair[..., 1]
+            values[:, :, 4 * quad + 2 * p], values[:, :, 4 * quad + 2 * p + 1] = pair[..., 0], pair[..., 1]
     return values.reshape(n, k)
 
 
@@ -200,8 +199,7 @@ def test_fp16_accumulation_multiplies_half2_pairs(option):
     key = layer_key(option, 1024, 4096, 128)
     config = next(c for c in LayerKernel(key, None).candidates(1) if c.accumulate == "fp16" and c.prefetch)
     ops = sass_summary(compile_for_hopper(key, config))["ops"]
-    stages = 1 + (key.residual_bits > 0)
-    weights = stages * config.block_n * config.slots * 64 / (32 * config.num_warps)  # per thread, one step
-    assert ops.get("HFMA2", 0) + ops.get("HMUL2", 0) >= weights  # x' and the scale, two weights each
-    assert ops.get("FFMA", 0) + ops.get("FMUL", 0) < weights / 8
+    inputs = config.block_n * config.slots * 64 / (32 * config.num_warps)  # per thread, one step
+    assert ops.get("HFMA2", 0) + ops.get("HMUL2", 0) >= inputs  # x' and the scale(s), two weights each
+    assert ops.get("FFMA", 0) + ops.get("FMUL", 0) < inputs / 8
     assert ops.get("CCTL", 0) > 0 and ops.get("ACQBULK", 0) == 1  # prefetch.global.L2, griddepcontrol.wait
