@@ -165,7 +165,8 @@ def save(result: dict, output: str) -> None:
 def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
-    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose)
+    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose,
+                              fuse=not args.separate, compile_glue=not args.eager_glue)
     result["device"] = device_info()
     save(result, args.output)
 
@@ -185,6 +186,10 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     decode.add_argument("--layers", type=int, default=32)
+    decode.add_argument("--separate", action="store_true",
+                        help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
+    decode.add_argument("--eager-glue", action="store_true",
+                        help="leave the elementwise steps eager (default: torch.compile them, for both models)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
     static = kinds.add_parser("static", help="compile the one-token kernels for sm_90 here (no GPU) and count their SASS")
     static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))

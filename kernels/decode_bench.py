@@ -4,9 +4,17 @@ A compact Llama-3-8B-shaped decoder (RMSNorm, grouped-query attention over a fix
 SwiGLU MLP, a vocabulary-sized head; rotary embeddings omitted, they move no weights) built twice:
 with bf16 nn.Linear layers and with TurboQuantLinear layers running the generated kernels. One
 decode step (one token, batch 1) is captured in a CUDA graph and replayed; tokens/s = 1 / step.
+
+Both models get what a serving engine does for them: projections that read the same input run as
+one matmul (q/k/v, gate/up; for the plan only where the projections share an option, the
+quantized layers then share one rotation seed and one rotation), and with `compile_glue` the
+elementwise work between matmuls (residual add + RMSNorm, SiLU x up) runs as torch.compile'd
+fused kernels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,65 +26,136 @@ MIXED_PLAN = {"q_proj": "4", "k_proj": "4", "v_proj": "4", "o_proj": "4", "gate_
               "down_proj": "4", "lm_head": "4"}
 GROUP_SIZE = 128
 
+# linear(names, sizes, in_features) -> a module whose output concatenates the named projections'
+LinearFactory = Callable[[tuple[str, ...], tuple[int, ...], int], nn.Module]
+
+
+def residual_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after adding `delta`, and its RMS-normalised copy."""
+    h = h + delta
+    return h, F.rms_norm(h, h.shape[-1:], weight)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Glue:
+    """The elementwise steps between matmuls, eager or torch.compile'd."""
+
+    def __init__(self, compiled: bool):
+        self.residual_norm = torch.compile(residual_norm) if compiled else residual_norm
+        self.swiglu = torch.compile(swiglu) if compiled else swiglu
+
+
+def projections(cfg: dict) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], int]]:
+    """A decoder layer's matmuls: attribute -> (projection names, their output sizes, input size)."""
+    h, i, d = cfg["hidden"], cfg["intermediate"], cfg["head_dim"]
+    q, kv = cfg["heads"] * d, cfg["kv_heads"] * d
+    return {"qkv": (("q_proj", "k_proj", "v_proj"), (q, kv, kv), h), "o_proj": (("o_proj",), (h,), q),
+            "gate_up": (("gate_proj", "up_proj"), (i, i), h), "down_proj": (("down_proj",), (h,), i)}
+
+
+def fused(plan: dict[str, str], names: tuple[str, ...], fuse: bool) -> bool:
+    """Whether the projections `names` run as one quantized layer under `plan`."""
+    return fuse and len({plan[name] for name in names}) == 1
+
 
 class Block(nn.Module):
-    """One decoder layer; `linear(name, out, in)` makes its projections."""
+    """One decoder layer; `linear` makes its projections."""
 
-    def __init__(self, linear, cfg: dict):
+    def __init__(self, linear: LinearFactory, cfg: dict, glue: Glue, device: str):
         super().__init__()
-        h, i, d = cfg["hidden"], cfg["intermediate"], cfg["head_dim"]
-        self.heads, self.kv_heads, self.head_dim = cfg["heads"], cfg["kv_heads"], d
-        self.q_proj, self.o_proj = linear("q_proj", self.heads * d, h), linear("o_proj", h, self.heads * d)
-        self.k_proj, self.v_proj = linear("k_proj", self.kv_heads * d, h), linear("v_proj", self.kv_heads * d, h)
-        self.gate_proj, self.up_proj, self.down_proj = linear("gate_proj", i, h), linear("up_proj", i, h), linear("down_proj", h, i)
-        self.norms = nn.Parameter(torch.ones(2, h, device="cuda", dtype=torch.bfloat16))
+        self.heads, self.kv_heads, self.head_dim, self.glue = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], glue
+        for attribute, (names, sizes, k) in projections(cfg).items():
+            setattr(self, attribute, linear(names, sizes, k))
+        self.norms = nn.Parameter(torch.ones(2, cfg["hidden"], device=device, dtype=torch.bfloat16))
 
-    def forward(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(h, h.shape[-1:], self.norms[0])
-        q = self.q_proj(x).view(1, self.heads, 1, self.head_dim)
-        k_cache.index_copy_(2, pos, self.k_proj(x).view(1, self.kv_heads, 1, self.head_dim))
-        v_cache.index_copy_(2, pos, self.v_proj(x).view(1, self.kv_heads, 1, self.head_dim))
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
-        h = h + self.o_proj(attn.reshape(1, -1))
-        x = F.rms_norm(h, h.shape[-1:], self.norms[1])
-        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, h: torch.Tensor, delta: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor):
+        """(residual stream, pending delta) -> the same after this layer; cache is (2, 1, kv, context, d)."""
+        h, x = self.glue.residual_norm(h, delta, self.norms[0])
+        qkv = self.qkv(x)
+        q_width = self.heads * self.head_dim
+        cache.index_copy_(3, pos, qkv[:, q_width:].view(2, 1, self.kv_heads, 1, self.head_dim))
+        q = qkv[:, :q_width].view(1, self.heads, 1, self.head_dim)
+        attn = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
+        h, x = self.glue.residual_norm(h, self.o_proj(attn.reshape(1, -1)), self.norms[1])
+        return h, self.down_proj(self.glue.swiglu(self.gate_up(x)))
 
 
 class Decoder(nn.Module):
-    def __init__(self, linear, cfg: dict, layers: int, context: int):
+    def __init__(self, linear: LinearFactory, cfg: dict, layers: int, context: int, device: str = "cuda",
+                 compile_glue: bool = False):
         super().__init__()
-        self.embed = nn.Embedding(cfg["vocab"], cfg["hidden"], device="cuda", dtype=torch.bfloat16)
-        self.blocks = nn.ModuleList(Block(linear, cfg) for _ in range(layers))
-        self.lm_head = linear("lm_head", cfg["vocab"], cfg["hidden"])
+        glue = Glue(compile_glue)
+        self.residual_norm = glue.residual_norm
+        self.embed = nn.Embedding(cfg["vocab"], cfg["hidden"], device=device, dtype=torch.bfloat16)
+        self.blocks = nn.ModuleList(Block(linear, cfg, glue, device) for _ in range(layers))
+        self.norm = nn.Parameter(torch.ones(cfg["hidden"], device=device, dtype=torch.bfloat16))
+        self.lm_head = linear(("lm_head",), (cfg["vocab"],), cfg["hidden"])
         shape = (layers, 2, 1, cfg["kv_heads"], context, cfg["head_dim"])
-        self.cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        self.cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.embed(token)
+        delta = torch.zeros_like(h)
         for block, cache in zip(self.blocks, self.cache):
-            h = block(h, cache[0], cache[1], pos)
-        return self.lm_head(h)
+            h, delta = block(h, delta, cache, pos)
+        return self.lm_head(self.residual_norm(h, delta, self.norm)[1])
 
 
-def bf16_linear(name: str, n: int, k: int) -> nn.Module:
-    layer = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-    nn.init.normal_(layer.weight, std=0.02)
-    return layer
+class Concatenated(nn.Module):
+    """Separate projections of one input, their outputs concatenated (the unfused fallback)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
 
-def quantized_linear_factory(plan: dict[str, str], registry):
+def bf16_factory(device: str = "cuda") -> LinearFactory:
+    """bf16 projections, always fused into one nn.Linear (what a serving engine runs)."""
+    def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
+        layer = nn.Linear(k, sum(sizes), bias=False, device=device, dtype=torch.bfloat16)
+        nn.init.normal_(layer.weight, std=0.02)
+        return layer
+
+    return linear
+
+
+def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda", fuse: bool = True) -> LinearFactory:
+    """Random TurboQuant projections under `plan`; those sharing an option (and `fuse`) become one layer.
+
+    With a registry the layers are repacked for, and run, its kernels; without one (CPU) they run
+    the reference path.
+    """
     from tqc.layout import LayerSpec  # noqa: PLC0415
+    from tqc.linear import concatenate  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
     from .registry import prepare  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
 
-    def linear(name: str, n: int, k: int) -> nn.Module:
-        spec = LayerSpec(QuantOption.parse(plan[name]), GROUP_SIZE, k, n)
-        module = random_turboquant_linear(spec, "cuda", seed=n + k)
-        prepare(module)
-        module.kernel = registry.kernel_for(spec)
-        return module
+    def one_layer(layers: list) -> nn.Module:
+        layer = layers[0] if len(layers) == 1 else concatenate(layers)
+        if registry is not None:
+            prepare(layer)
+            layer.kernel = registry.kernel_for(layer.spec)
+        return layer
+
+    def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
+        specs = [LayerSpec(QuantOption.parse(plan[name]), GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
+        layers = [random_turboquant_linear(spec, device, seed=k + i) for i, spec in enumerate(specs)]
+        if fused(plan, names, True):  # siblings that could fuse share one rotation seed, fused or not
+            for layer in layers:
+                layer.seed.copy_(layers[0].seed)
+                layer.refresh_signs()
+        if fused(plan, names, fuse):
+            return one_layer(layers)
+        return Concatenated([one_layer([layer]) for layer in layers])
 
     return linear
 
@@ -104,19 +183,22 @@ def linear_weight_bytes(model: Decoder) -> int:
     return total
 
 
-def decoder_keys(options: dict[str, str]) -> list:
+def decoder_keys(plan: dict[str, str], fuse: bool) -> list:
     """The kernel keys of the decoder's layers under a plan."""
     from .bench import layer_key  # noqa: PLC0415
 
-    cfg = LLAMA3_8B
-    h, i, d = cfg["hidden"], cfg["intermediate"], cfg["head_dim"]
-    shapes = {"q_proj": (cfg["heads"] * d, h), "k_proj": (cfg["kv_heads"] * d, h), "v_proj": (cfg["kv_heads"] * d, h),
-              "o_proj": (h, cfg["heads"] * d), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-              "lm_head": (cfg["vocab"], h)}
-    return [layer_key(options[name], n, k, GROUP_SIZE) for name, (n, k) in shapes.items()]
+    groups = [*projections(LLAMA3_8B).values(), (("lm_head",), (LLAMA3_8B["vocab"],), LLAMA3_8B["hidden"])]
+    keys = []
+    for names, sizes, k in groups:
+        if fused(plan, names, fuse):
+            keys.append(layer_key(plan[names[0]], sum(sizes), k, GROUP_SIZE))
+        else:
+            keys += [layer_key(plan[name], n, k, GROUP_SIZE) for name, n in zip(names, sizes)]
+    return keys
 
 
-def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False) -> dict:
+def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
+                     fuse: bool = True, compile_glue: bool = True) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process."""
     from .bench import compile_and_report  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
@@ -124,11 +206,12 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
 
     torch.manual_seed(0)
     options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
-    results = {"plan": options, "context": context, "layers": layers, "shape": LLAMA3_8B}
+    results = {"plan": options, "context": context, "layers": layers, "shape": LLAMA3_8B, "fuse": fuse,
+               "compile_glue": compile_glue}
     registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose))
-    compile_and_report(decoder_keys(options), [1])
-    for label, linear in (("bf16", bf16_linear), ("tqc", quantized_linear_factory(options, registry))):
-        model = Decoder(linear, LLAMA3_8B, layers, context)
+    compile_and_report(decoder_keys(options, fuse), [1])
+    for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
+        model = Decoder(linear, LLAMA3_8B, layers, context, compile_glue=compile_glue)
         seconds = step_seconds(model)
         results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": 1 / seconds, "linear_bytes": linear_weight_bytes(model)}
         print(f"{label:>5}: {1 / seconds:8.1f} tokens/s ({seconds * 1e3:.2f} ms/token), "

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tqc.layout import LayerSpec
-from tqc.linear import TurboQuantLinear, load_packed_tensors, quantize_linear
+from tqc.linear import TurboQuantLinear, concatenate, load_packed_tensors, quantize_linear
 from tqc.options import QuantOption
 
 
@@ -45,3 +45,24 @@ def test_loading_checks_the_layout(linear):
     del tensors["seed"]
     with pytest.raises(ValueError, match="missing"):
         load_packed_tensors(empty, tensors)
+
+
+@pytest.mark.parametrize("option", ["3", "4+2", "rtn4"])
+def test_concatenated_layer_computes_the_separate_outputs(option):
+    torch.manual_seed(1)
+    sources = [nn.Linear(256, n, bias=True) for n in (64, 32, 48)]
+    spec = lambda n: LayerSpec(QuantOption.parse(option), 64, 256, n, has_bias=True)  # noqa: E731
+    layers = [quantize_linear(source, spec(source.out_features), seed=5) for source in sources]
+    fused = concatenate(layers)
+    x = torch.randn(3, 256)
+    assert fused.out_features == 144
+    torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_concatenate_refuses_layers_that_read_the_input_differently(linear):
+    spec = LayerSpec(QuantOption.parse("4"), 64, 256, 80, has_bias=True)
+    with pytest.raises(ValueError, match="rotation seeds"):
+        concatenate([quantize_linear(linear, spec, seed=1), quantize_linear(linear, spec, seed=2)])
+    other = LayerSpec(QuantOption.parse("3"), 64, 256, 80, has_bias=True)
+    with pytest.raises(ValueError, match="must match"):
+        concatenate([quantize_linear(linear, spec, seed=1), quantize_linear(linear, other, seed=1)])

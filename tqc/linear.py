@@ -8,6 +8,8 @@ when one is registered for its spec (`tqc.kernels`), and falls back to the refer
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -112,3 +114,28 @@ def load_packed_tensors(module: QuantizedLinear, tensors: dict[str, torch.Tensor
         setattr(module, name, value.to(getattr(module, name).device))
     if isinstance(module, TurboQuantLinear):
         module.refresh_signs()
+
+
+def concatenate(layers: Sequence[QuantizedLinear]) -> QuantizedLinear:
+    """One layer whose output is the concatenation of `layers`' outputs (fused q/k/v, gate/up).
+
+    Every scheme quantizes rows independently (per-row group scales; TurboQuant's rotation acts on
+    the input), so the packed tensors concatenate along the output dimension. The layers must read
+    the same input the same way: equal option, group size, input size, and rotation seed.
+    """
+    first = layers[0]
+    for layer in layers[1:]:
+        spec = layer.spec
+        if (spec.option, spec.group_size, spec.in_features, spec.has_bias) != (
+                first.spec.option, first.spec.group_size, first.spec.in_features, first.spec.has_bias):
+            raise ValueError(f"cannot concatenate {spec} with {first.spec}: option, group size and input must match")
+        if "seed" in tensor_layout(spec) and not torch.equal(layer.seed, first.seed):
+            raise ValueError("cannot concatenate layers with different rotation seeds")
+        if getattr(layer, "codes_layout", None) is not None:
+            raise ValueError("concatenate layers before tqc.kernels.prepare repacks their codes")
+    spec = dataclasses.replace(first.spec, out_features=sum(layer.out_features for layer in layers))
+    tensors = {name: first.seed if name == "seed" else torch.cat([getattr(layer, name) for layer in layers])
+               for name in tensor_layout(spec)}
+    module = empty_quantized_linear(spec, device=first.scales.device)
+    load_packed_tensors(module, tensors)
+    return module

@@ -1,0 +1,37 @@
+"""The end-to-end decode benchmark's decoder, run on CPU through the reference path."""
+
+import pytest
+import torch
+
+from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, bf16_factory, decoder_keys, quantized_factory
+
+TINY = {"hidden": 128, "intermediate": 256, "heads": 4, "kv_heads": 2, "head_dim": 32, "vocab": 64}
+
+
+def logits(plan: dict[str, str], fuse: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = Decoder(quantized_factory(plan, device="cpu", fuse=fuse), TINY, layers=2, context=8, device="cpu")
+    with torch.no_grad():
+        return model(torch.tensor([3]), torch.tensor([5])).float()
+
+
+def test_fused_projections_compute_what_separate_ones_do():
+    separate, fused = logits(MIXED_PLAN, fuse=False), logits(MIXED_PLAN, fuse=True)
+    assert separate.shape == (1, TINY["vocab"])
+    assert separate.std() > 0
+    torch.testing.assert_close(fused, separate, rtol=1e-3, atol=1e-3)
+
+
+def test_a_plan_with_different_sibling_options_keeps_them_separate():
+    plan = {**MIXED_PLAN, "k_proj": "2"}
+    torch.testing.assert_close(logits(plan, fuse=True), logits(plan, fuse=False), rtol=0, atol=0)
+    rows = {key.n for key in decoder_keys(plan, fuse=True)}
+    assert 4096 + 2 * 1024 not in rows and 2 * 14336 in rows
+
+
+def test_bf16_decoder_runs_one_step():
+    torch.manual_seed(0)
+    model = Decoder(bf16_factory("cpu"), TINY, layers=1, context=8, device="cpu")
+    with torch.no_grad():
+        out = model(torch.tensor([3]), torch.tensor([5]))
+    assert out.shape == (1, TINY["vocab"]) and torch.isfinite(out).all()
