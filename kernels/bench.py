@@ -166,7 +166,8 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
     result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose,
-                              fuse=not args.separate, compile_glue=not args.eager_glue)
+                              fuse=not args.separate, compile_glue=not args.eager_glue,
+                              rotate_in_glue=not args.separate_rotation)
     result["device"] = device_info()
     save(result, args.output)
 
@@ -190,6 +191,9 @@ def add_parser(subparsers) -> None:
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
     decode.add_argument("--eager-glue", action="store_true",
                         help="leave the elementwise steps eager (default: torch.compile them, for both models)")
+    decode.add_argument("--separate-rotation", action="store_true",
+                        help="rotate each quantized layer's input in its own launch (default: inside the norm or "
+                             "SwiGLU step that makes it)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
     static = kinds.add_parser("static", help="compile the one-token kernels for sm_90 here (no GPU) and count their SASS")
     static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))

@@ -103,12 +103,25 @@ class LayerKernel:
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.key.k).contiguous()
-        bucket = token_bucket(x2.shape[0])
-        config = self.tuner.config(self.key.name, bucket, lambda: self.streamed(x2, module), self.candidates(bucket))
-        out = self.run(x2, module, config)
+        out = self.run(x2, module, self.config_for(x2, module))
+        return self.finish(out, module).reshape(*lead, self.key.n)
+
+    def config_for(self, x: torch.Tensor, module) -> LaunchConfig:
+        """The tuned launch configuration for x's token count ([M, K]); tunes on first use."""
+        bucket = token_bucket(x.shape[0])
+        return self.tuner.config(self.key.name, bucket, lambda: self.streamed(x, module), self.candidates(bucket))
+
+    def tuned(self, tokens: int) -> LaunchConfig | None:
+        """The stored configuration for a token count, or None before it has been tuned."""
+        entry = self.tuner.data.entries.get(f"{self.key.name}/m{token_bucket(tokens)}")
+        return entry.config if entry is not None else None
+
+    @staticmethod
+    def finish(out: torch.Tensor, module) -> torch.Tensor:
+        """Add the layer's bias, if any, to a kernel's output."""
         if module.spec.has_bias:
             out += module.bias.to(out.dtype)
-        return out.reshape(*lead, self.key.n)
+        return out
 
     def streamed(self, x: torch.Tensor, module) -> Harness:
         """The tuner's harness: run a configuration over enough copies of the layer's weights that
@@ -136,15 +149,31 @@ class LayerKernel:
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
-        m, n = x.shape[0], self.key.n
         if config.strategy == "dequant":
             return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
+        out = self.output(x.shape[0], x.device, x.dtype)
+        target = self.rotation_target(module, config, out)
+        rotated = rotate(x, module.signs, self.key.group_size, clear=target.clear, dtype=target.dtype,
+                         pair_width=target.pair_width)
+        return self.multiply(rotated, module, config, out)
+
+    def output(self, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The [tokens, N] output buffer a lookup kernel writes (or, split over K, adds into)."""
+        return torch.empty(tokens, self.key.n, device=device, dtype=dtype)
+
+    def rotation_target(self, module, config: LaunchConfig, out: torch.Tensor) -> RotationTarget:
+        """What the rotation before a lookup kernel must write: in slot-pair order, fp16, and the
+        output zeroed when the kernel splits K (a fused producer, kernels/glue.py, does the same)."""
+        splits, _ = self.specialise(config)
+        return RotationTarget(module.signs, self.key.group_size, self.slot_width, torch.float16,
+                              out if splits > 1 else None)
+
+    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor) -> torch.Tensor:
+        """out (+)= rotated @ W'^T by the lookup kernel of `config` (rotated as rotation_target says)."""
+        m, n = rotated.shape[0], self.key.n
         splits, constexprs = self.specialise(config)
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        rotated = rotate(x, module.signs, self.key.group_size, clear=out if splits > 1 else None, dtype=torch.float16,
-                         pair_width=self.slot_width)
         launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs
-        if uses_pdl(x.device):
+        if uses_pdl(rotated.device):
             launch |= {"PDL": True, "launch_pdl": True}
         if config.strategy == "fma":
             if m != 1:
@@ -161,6 +190,19 @@ class LayerKernel:
         grid = (triton.cdiv(self.key.n, block_n), self.key.k // (32 * self.slot_width))
         tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs, BLOCK_N=block_n)
         return out
+
+
+@dataclass(frozen=True)
+class RotationTarget:
+    """How a lookup kernel wants its input rotated: signs and group size of the layer, the columns
+    in slot-pair order of width `pair_width` (fwht_kernel's PAIR_WIDTH), in `dtype`, and `clear`
+    (the output it adds into) zeroed, if not None."""
+
+    signs: torch.Tensor
+    group_size: int
+    pair_width: int
+    dtype: torch.dtype
+    clear: torch.Tensor | None
 
 
 def weight_copy(module) -> SimpleNamespace:

@@ -52,34 +52,54 @@ def fwht_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG_G: tl.constex
     return x
 
 
-@triton.jit(do_not_specialize=["M", "CLEAR"])
-def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0, PDL: tl.constexpr = False):
-    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
-
-    PAIR_WIDTH = B > 0 stores each run of 2B outputs in slot-pair order (`pair_inputs`): input
-    h B + kw of the run at position 2 kw + h. Also zeroes clear_ptr[:CLEAR] (the output a
-    split-K kernel adds into), saving a launch. PDL (programmatic dependent launch, sm_90): wait for
-    the previous kernel, then let the matmul that follows launch at once (it prefetches its weights).
-    """
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+@triton.jit
+def clear_output(clear_ptr, CLEAR, BLOCK: tl.constexpr):
+    """Zero clear_ptr[:CLEAR], spread over all programs of the launch (the output a split-K kernel adds into)."""
     programs = tl.num_programs(0) * tl.num_programs(1)
     program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    for start in range(program * BLOCK_K, CLEAR, programs * BLOCK_K):
-        offsets = start + tl.arange(0, BLOCK_K)
-        tl.store(clear_ptr + offsets, tl.zeros((BLOCK_K,), dtype=clear_ptr.dtype.element_ty), mask=offsets < CLEAR)
-    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (tokens < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    for start in range(program * BLOCK, CLEAR, programs * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        tl.store(clear_ptr + offsets, tl.zeros((BLOCK,), dtype=clear_ptr.dtype.element_ty), mask=offsets < CLEAR)
+
+
+@triton.jit
+def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LOG_G: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr):
+    """Rotate a float32 [BLOCK_M, BLOCK_K] tile of activations (rows `tokens`, columns `cols`, whole
+    groups) and store it: out = FWHT_G(x * signs) / sqrt(G), in slot-pair order if PAIR_WIDTH = B > 0
+    (input h B + kw of each run of 2B at position 2 kw + h; see pair_inputs)."""
     signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
     x = fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
     targets = cols
     if PAIR_WIDTH > 0:
         targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2
     tl.store(out_ptr + tokens[:, None] * K + targets[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Under programmatic dependent launch (sm_90): wait for the previous kernel, then let the next
+    one launch at once (it reads only read-only weights before its own wait)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit(do_not_specialize=["M", "CLEAR"])
+def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
+
+    PAIR_WIDTH: see store_rotated. Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds
+    into), saving a launch. PDL: see pdl_start.
+    """
+    pdl_start(PDL)
+    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (tokens < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH)
 
 
 @triton.jit
@@ -354,15 +374,14 @@ def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr
            BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOT_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
            PDL: tl.constexpr):
     """A lookup kernel's prologue: prefetch the program's codes (PREFETCH), then, under programmatic
-    dependent launch (PDL), wait for the rotation. Weights and tables are read-only for the model's
-    lifetime, so they may be read before the wait; nothing the previous kernels write is touched
-    before it."""
+    dependent launch (PDL), wait for the rotation and let the next kernel launch. Weights and tables
+    are read-only for the model's lifetime, so they may be read before the wait; nothing the
+    previous kernels write is touched before it."""
     if PREFETCH:
         _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K, B, BITS, SLOT_COUNT)
         if RES_BITS > 0:
             _prefetch_stage(res_codes_ptr, rows, row_mask, first_slot, K, B, RES_BITS, SLOT_COUNT)
-    if PDL:
-        gdc_wait()
+    pdl_start(PDL)
 
 
 @triton.jit

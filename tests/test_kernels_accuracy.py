@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
@@ -28,6 +29,7 @@ from tqc.layout import LayerSpec  # noqa: E402
 from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
+from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
 from tqc.kernels.repack import slot_words  # noqa: E402
@@ -102,6 +104,36 @@ def test_rotation_kernel_matches_butterfly():
     assert relative_error(out, rotate(x.double(), signs.double(), group_size)) < 1e-5
 
 
+@pytest.mark.parametrize("step", ["norm", "swiglu"])
+def test_rotation_inside_the_glue_matches_the_separate_steps(step, monkeypatch):
+    """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the lookup kernel's
+    order and zeroes the output the split-K kernel adds into (here filled with NaN beforehand)."""
+    n, k, group_size = SHAPES[0]
+    module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+    kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+    config = STRATEGIES["fma"](8)  # split over K
+    assert kernel.specialise(config)[0] > 1
+    monkeypatch.setattr(kernel, "tuned", lambda tokens: config)
+    monkeypatch.setattr(kernel, "output", lambda tokens, device, dtype: torch.full((tokens, n), float("nan"),
+                                                                                   device=device, dtype=dtype))
+    monkeypatch.setattr(module, "kernel", kernel)
+    dtype, generator = DTYPES[0], torch.Generator().manual_seed(0)
+    if step == "norm":
+        h, delta = (torch.randn(1, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+        weight = (1 + 0.1 * torch.randn(k, generator=generator)).to(DEVICE, dtype)
+        h_out, out = glue.norm_linear(module, h, delta, weight, 1e-5)
+        assert torch.equal(h_out, h + delta)
+        x = F.rms_norm(h + delta, (k,), weight, 1e-5)
+    else:
+        gate_up = torch.randn(1, 2 * k, generator=generator).to(DEVICE, dtype)
+        out = glue.swiglu_linear(module, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    monkeypatch.undo()
+    expected = kernel.run(x, module, config)
+    assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
+
+
 def time_once(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -151,3 +183,23 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             assert error < TOLERANCE[torch.float16], f"{option} {config.model_dump()}: {error:.2e}"
             ran += 1
         assert ran > 0
+
+
+    def test_decoder_with_the_rotation_in_the_glue_matches_separate_rotations():
+        """kernels/decode_bench.py's decoder on the generated kernels: the norm and SwiGLU steps
+        rotating the next layer's input compute what separate rotation launches compute."""
+        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
+        from tqc.kernels.registry import KernelRegistry
+
+        tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 256}
+        registry = KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once))  # any candidate will do
+        outputs = []
+        for rotate_in_glue in (False, True):
+            torch.manual_seed(0)
+            model = Decoder(quantized_factory(MIXED_PLAN, registry), tiny, layers=2, context=8,
+                            rotate_in_glue=rotate_in_glue)
+            with torch.no_grad():
+                model(torch.tensor([3], device=DEVICE), torch.tensor([5], device=DEVICE))  # tunes
+                outputs.append(model(torch.tensor([3], device=DEVICE), torch.tensor([5], device=DEVICE)).float())
+        assert outputs[0].std() > 0
+        assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]

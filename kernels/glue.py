@@ -1,0 +1,150 @@
+"""The rotation fused into the kernel that produces a quantized layer's input (prologue fusion).
+
+A TurboQuant layer rotates its input before the lookup kernel reads it (registry.rotate, one
+launch). In a decoder that input is made by an elementwise step, residual add + RMSNorm before
+q/k/v, gate/up and the head, SiLU x up before down_proj, so the step can write the rotated input
+itself, in the layout the lookup kernel wants (registry.RotationTarget), and zero the output the
+kernel adds into: one launch fewer per layer, and under programmatic dependent launch the lookup
+kernel starts while the step runs.
+
+    norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight)
+    swiglu_rotate_kernel  x = rotate(silu(gate) * up)
+
+`fused_linear(layer, tokens, like, produce)` runs a layer on an input that `produce(target)`
+writes; it returns None (the caller runs the steps unfused) where the layer has no kernel or its
+tuned strategy for this token count is not a lookup kernel. Intermediate values are rounded to
+the activations' dtype where the unfused steps round them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import RotationTarget, uses_pdl
+from .triton_kernels import clear_output, pdl_start, store_rotated
+
+MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
+
+
+def block_width(k: int, group_size: int) -> int | None:
+    """Columns per program for inputs of width k, whole groups; None where no power of two fits."""
+    block = math.gcd(k, MAX_BLOCK_K)
+    return block if block % group_size == 0 else None
+
+
+@triton.jit(do_not_specialize=["CLEAR"])
+def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, eps,
+                       K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """grid (M, K / BLOCK_K): each program sums the squares of its token's whole row, then writes
+    h' and the rotated normalised input for its BLOCK_K columns."""
+    pdl_start(PDL)
+    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    token = tl.program_id(0)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + start + tl.arange(0, BLOCK_K))
+        squares += h * h
+    scale = tl.rsqrt(tl.sum(squares) / K + eps)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols)
+    tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
+    x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
+    tokens = token + tl.arange(0, 1)
+    store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
+                  PAIR_WIDTH)
+
+
+@triton.jit
+def _residual(h_ptr, delta_ptr, like_ptr, offsets):
+    """h + delta at `offsets`, rounded to the activations' dtype as the unfused add is, in float32."""
+    h = tl.load(h_ptr + offsets).to(tl.float32) + tl.load(delta_ptr + offsets).to(tl.float32)
+    return h.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["CLEAR"])
+def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (M, K / BLOCK_K): x = silu(gate) * up for one token's BLOCK_K columns (gate_up is
+    [M, 2K], gate first), rotated."""
+    pdl_start(PDL)
+    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    dtype = gate_up_ptr.dtype.element_ty
+    gate = tl.load(gate_up_ptr + token * 2 * K + cols).to(tl.float32)
+    up = tl.load(gate_up_ptr + token * 2 * K + K + cols).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    x = (silu * up).to(dtype).to(tl.float32)
+    tokens = token + tl.arange(0, 1)
+    store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
+                  PAIR_WIDTH)
+
+
+def _launch(target: RotationTarget, device: torch.device, k: int) -> dict:
+    block = block_width(k, target.group_size)
+    if block is None:
+        raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
+    clear = target.clear
+    pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
+    return {"clear_ptr": clear if clear is not None else torch.empty(0, device=device),
+            "CLEAR": clear.numel() if clear is not None else 0, "K": k, "LOG_G": target.group_size.bit_length() - 1,
+            "BLOCK_K": block, "PAIR_WIDTH": target.pair_width} | pdl
+
+
+def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                target: RotationTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rotate(rms_norm(h + delta) * weight)) for [M, K] activations, in one launch."""
+    m, k = h.shape
+    h_out = torch.empty_like(h)
+    rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
+    launch = _launch(target, h.device, k)
+    norm_rotate_kernel[(m, k // launch["BLOCK_K"])](h, delta, weight, h_out, target.signs, rotated, eps=eps, **launch)
+    return h_out, rotated
+
+
+def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor:
+    """rotate(silu(gate) * up) for [M, 2K] gate_up, in one launch."""
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    rotated = torch.empty(m, k, device=gate_up.device, dtype=target.dtype)
+    launch = _launch(target, gate_up.device, k)
+    swiglu_rotate_kernel[(m, k // launch["BLOCK_K"])](gate_up, target.signs, rotated, **launch)
+    return rotated
+
+
+def fused_linear(layer, tokens: int, like: torch.Tensor,
+                 produce: Callable[[RotationTarget], torch.Tensor]) -> torch.Tensor | None:
+    """layer(x) where `produce(target)` writes x already rotated, or None where the layer's tuned
+    kernel for this token count does not take a rotated input (no kernel or not tuned yet,
+    dequantize + cuBLAS) or its width cannot be cut in whole groups (block_width)."""
+    kernel = getattr(layer, "kernel", None)
+    config = kernel.tuned(tokens) if kernel is not None else None
+    if config is None or config.strategy == "dequant" or block_width(layer.in_features, kernel.key.group_size) is None:
+        return None
+    out = kernel.output(tokens, like.device, like.dtype)
+    rotated = produce(kernel.rotation_target(layer, config, out))
+    return kernel.finish(kernel.multiply(rotated, layer, config, out), layer)
+
+
+def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or None."""
+    residual = []
+
+    def produce(target: RotationTarget) -> torch.Tensor:
+        h_out, rotated = norm_rotate(h, delta, weight, eps, target)
+        residual.append(h_out)
+        return rotated
+
+    out = fused_linear(layer, h.shape[0], h, produce)
+    return None if out is None else (residual[0], out)
+
+
+def swiglu_linear(layer, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """layer(silu(gate) * up) with the rotation in the SwiGLU launch, or None."""
+    return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target))
