@@ -167,7 +167,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
     result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose,
                               fuse=not args.separate, compile_glue=not args.eager_glue,
-                              rotate_in_glue=not args.separate_rotation)
+                              rotate_in_glue=not args.separate_rotation, tokens=args.tokens)
     result["device"] = device_info()
     save(result, args.output)
 
@@ -191,6 +191,8 @@ def add_parser(subparsers) -> None:
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
     decode.add_argument("--eager-glue", action="store_true",
                         help="leave the elementwise steps eager (default: torch.compile them, for both models)")
+    decode.add_argument("--tokens", type=int, default=1,
+                        help="tokens per forward: 1 times decode steps, more a prefill from an empty cache")
     decode.add_argument("--separate-rotation", action="store_true",
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")

@@ -94,13 +94,21 @@ class Block(nn.Module):
         self.norms = nn.Parameter(torch.ones(2, cfg["hidden"], device=device, dtype=torch.bfloat16))
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor):
-        """(residual stream, pending delta) -> the same after this layer; cache is (2, 1, kv, context, d)."""
+        """(residual stream, pending delta) -> the same after this layer, for T tokens at cache
+        positions `pos`; cache is (2, 1, kv, context, d). One token attends to the whole cache
+        (a decode step); several attend causally to positions 0..T-1 (a prefill)."""
         h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0])
-        q_width = self.heads * self.head_dim
-        cache.index_copy_(3, pos, qkv[:, q_width:].view(2, 1, self.kv_heads, 1, self.head_dim))
-        q = qkv[:, :q_width].view(1, self.heads, 1, self.head_dim)
-        attn = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
-        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(attn.reshape(1, -1)), self.norms[1])
+        tokens, q_width = h.shape[0], self.heads * self.head_dim
+        kv = qkv[:, q_width:].view(tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        cache.index_copy_(3, pos, kv.unsqueeze(1))
+        q = qkv[:, :q_width].view(tokens, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        if tokens == 1:
+            attn = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, cache[0, :, :, :tokens], cache[1, :, :, :tokens], is_causal=True,
+                                                  enable_gqa=True)
+        attn = attn.squeeze(0).transpose(0, 1).reshape(tokens, q_width)
+        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(attn), self.norms[1])
         return h, self.glue.swiglu_linear(self.down_proj, gate_up)
 
 
@@ -121,7 +129,7 @@ class Decoder(nn.Module):
         delta = torch.zeros_like(h)
         for block, cache in zip(self.blocks, self.cache):
             h, delta = block(h, delta, cache, pos)
-        return self.glue.norm_linear(self.lm_head, h, delta, self.norm)[1]
+        return self.glue.norm_linear(self.lm_head, h[-1:], delta[-1:], self.norm)[1]  # the next token's logits
 
 
 class Concatenated(nn.Module):
@@ -179,12 +187,12 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
     return linear
 
 
-def step_seconds(model: Decoder) -> float:
-    """Median seconds of one graph-captured decode step."""
+def step_seconds(model: Decoder, tokens: int = 1) -> float:
+    """Median seconds of one graph-captured forward of `tokens` tokens (1: a decode step)."""
     from triton.testing import do_bench_cudagraph  # noqa: PLC0415
 
-    token = torch.tensor([1], device="cuda")
-    pos = torch.tensor([7], device="cuda")
+    token = torch.arange(1, tokens + 1, device="cuda")
+    pos = torch.arange(tokens, device="cuda") + (7 if tokens == 1 else 0)
     with torch.no_grad():
         model(token, pos)  # tune every kernel outside the graph
         model(token, pos)  # compile what runs once the layers are tuned (rotation in the glue)
@@ -218,23 +226,26 @@ def decoder_keys(plan: dict[str, str], fuse: bool) -> list:
 
 
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
-                     fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True) -> dict:
-    """tokens/s of bf16 and of the plan, measured one after the other in this process."""
+                     fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True, tokens: int = 1) -> dict:
+    """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
+    steps (tokens = 1) or of a prefill of `tokens` tokens."""
     from .bench import compile_and_report  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     torch.manual_seed(0)
     options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
-    results = {"plan": options, "context": context, "layers": layers, "shape": LLAMA3_8B, "fuse": fuse,
-               "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
+    context = max(context, tokens)
+    results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": LLAMA3_8B,
+               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
     registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose))
-    compile_and_report(decoder_keys(options, fuse), [1])
+    compile_and_report(decoder_keys(options, fuse), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
         model = Decoder(linear, LLAMA3_8B, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
-        seconds = step_seconds(model)
-        results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": 1 / seconds, "linear_bytes": linear_weight_bytes(model)}
-        print(f"{label:>5}: {1 / seconds:8.1f} tokens/s ({seconds * 1e3:.2f} ms/token), "
+        seconds = step_seconds(model, tokens)
+        results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+                          "linear_bytes": linear_weight_bytes(model)}
+        print(f"{label:>5}: {tokens / seconds:8.1f} tokens/s ({seconds * 1e3:.2f} ms per {tokens} token(s)), "
               f"linear weights {results[label]['linear_bytes'] / 1e9:.2f} GB", flush=True)
         del model
         torch.cuda.empty_cache()

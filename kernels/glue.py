@@ -11,9 +11,10 @@ kernel starts while the step runs.
     swiglu_rotate_kernel  x = rotate(silu(gate) * up)
 
 `fused_linear(layer, tokens, like, produce)` runs a layer on an input that `produce(target)`
-writes; it returns None (the caller runs the steps unfused) where the layer has no kernel or its
-tuned strategy for this token count is not a lookup kernel. Intermediate values are rounded to
-the activations' dtype where the unfused steps round them.
+writes, for every strategy (the lookup kernels want it in slot-pair order, dequantize + cuBLAS in
+natural order); it returns None (the caller runs the steps unfused) where the layer has no kernel
+or is not tuned for this token count yet. Intermediate values are rounded to the activations'
+dtype where the unfused steps round them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import triton.language as tl
 from .registry import RotationTarget, uses_pdl
 from .triton_kernels import clear_output, pdl_start, store_rotated
 
+MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
+# norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
+# 60.9 ms with it and 58.1 ms without (docs/performance.md, run 19)
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
 
 
@@ -41,8 +45,9 @@ def block_width(k: int, group_size: int) -> int | None:
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """grid (M, K / BLOCK_K): each program sums the squares of its token's whole row, then writes
-    h' and the rotated normalised input for its BLOCK_K columns."""
+    """grid (M, P): each program sums the squares of its token's whole row, then writes h' and the
+    rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K / BLOCK_K for one
+    token, 1 for many)."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
@@ -51,13 +56,14 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
         h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + start + tl.arange(0, BLOCK_K))
         squares += h * h
     scale = tl.rsqrt(tl.sum(squares) / K + eps)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols)
-    tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
-    x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
     tokens = token + tl.arange(0, 1)
-    store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
-                  PAIR_WIDTH)
+    for block in range(tl.program_id(1), K // BLOCK_K, tl.num_programs(1)):
+        cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
+        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols)
+        tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
+        x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
+        store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
+                      PAIR_WIDTH)
 
 
 @triton.jit
@@ -104,7 +110,8 @@ def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps:
     h_out = torch.empty_like(h)
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
     launch = _launch(target, h.device, k)
-    norm_rotate_kernel[(m, k // launch["BLOCK_K"])](h, delta, weight, h_out, target.signs, rotated, eps=eps, **launch)
+    column_programs = max(1, k // launch["BLOCK_K"] // m)  # one token: the row over many programs
+    norm_rotate_kernel[(m, column_programs)](h, delta, weight, h_out, target.signs, rotated, eps=eps, **launch)
     return h_out, rotated
 
 
@@ -119,15 +126,15 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor
 
 def fused_linear(layer, tokens: int, like: torch.Tensor,
                  produce: Callable[[RotationTarget], torch.Tensor]) -> torch.Tensor | None:
-    """layer(x) where `produce(target)` writes x already rotated, or None where the layer's tuned
-    kernel for this token count does not take a rotated input (no kernel or not tuned yet,
-    dequantize + cuBLAS) or its width cannot be cut in whole groups (block_width)."""
+    """layer(x) where `produce(target)` writes x already rotated, or None where the layer has no
+    kernel, is not tuned for this token count yet, the tokens are more than MAX_TOKENS, or its
+    width cannot be cut in whole groups (block_width)."""
     kernel = getattr(layer, "kernel", None)
-    config = kernel.tuned(tokens) if kernel is not None else None
-    if config is None or config.strategy == "dequant" or block_width(layer.in_features, kernel.key.group_size) is None:
+    config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
+    if config is None or block_width(layer.in_features, kernel.key.group_size) is None:
         return None
-    out = kernel.output(tokens, like.device, like.dtype)
-    rotated = produce(kernel.rotation_target(layer, config, out))
+    out = kernel.output(tokens, like.device, like.dtype, config)
+    rotated = produce(kernel.rotation_target(layer, config, out, like.dtype))
     return kernel.finish(kernel.multiply(rotated, layer, config, out), layer)
 
 

@@ -149,27 +149,33 @@ class LayerKernel:
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
-        if config.strategy == "dequant":
-            return F.linear(rotate(x, module.signs, self.key.group_size), self.dequantize(module, x.dtype, config.block_n))
-        out = self.output(x.shape[0], x.device, x.dtype)
-        target = self.rotation_target(module, config, out)
-        rotated = rotate(x, module.signs, self.key.group_size, clear=target.clear, dtype=target.dtype,
+        out = self.output(x.shape[0], x.device, x.dtype, config)
+        target = self.rotation_target(module, config, out, x.dtype)
+        rotated = rotate(x, target.signs, target.group_size, clear=target.clear, dtype=target.dtype,
                          pair_width=target.pair_width)
         return self.multiply(rotated, module, config, out)
 
-    def output(self, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The [tokens, N] output buffer a lookup kernel writes (or, split over K, adds into)."""
+    def output(self, tokens: int, device: torch.device, dtype: torch.dtype, config: LaunchConfig) -> torch.Tensor | None:
+        """The [tokens, N] output a lookup kernel writes (or, split over K, adds into); None for
+        dequantize + cuBLAS, whose matmul makes its own."""
+        if config.strategy == "dequant":
+            return None
         return torch.empty(tokens, self.key.n, device=device, dtype=dtype)
 
-    def rotation_target(self, module, config: LaunchConfig, out: torch.Tensor) -> RotationTarget:
-        """What the rotation before a lookup kernel must write: in slot-pair order, fp16, and the
-        output zeroed when the kernel splits K (a fused producer, kernels/glue.py, does the same)."""
+    def rotation_target(self, module, config: LaunchConfig, out: torch.Tensor | None, dtype: torch.dtype) -> RotationTarget:
+        """What the rotation before the matmul must write (a fused producer, kernels/glue.py, does
+        the same): for the lookup kernels in slot-pair order, fp16, and the output zeroed when the
+        kernel splits K; for dequantize + cuBLAS in natural order, in the activations' dtype."""
+        if config.strategy == "dequant":
+            return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
         splits, _ = self.specialise(config)
         return RotationTarget(module.signs, self.key.group_size, self.slot_width, torch.float16,
                               out if splits > 1 else None)
 
-    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor) -> torch.Tensor:
-        """out (+)= rotated @ W'^T by the lookup kernel of `config` (rotated as rotation_target says)."""
+    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None) -> torch.Tensor:
+        """out (+)= rotated @ W'^T under `config` (rotated as rotation_target says)."""
+        if config.strategy == "dequant":
+            return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
         m, n = rotated.shape[0], self.key.n
         splits, constexprs = self.specialise(config)
         launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs

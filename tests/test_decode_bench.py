@@ -8,11 +8,13 @@ from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, bf16_factory, decoder_
 TINY = {"hidden": 128, "intermediate": 256, "heads": 4, "kv_heads": 2, "head_dim": 32, "vocab": 64}
 
 
-def logits(plan: dict[str, str], fuse: bool) -> torch.Tensor:
+def logits(plan: dict[str, str], fuse: bool, tokens: int = 1) -> torch.Tensor:
+    """The next token's logits after a decode step (one token at position 5) or a prefill."""
     torch.manual_seed(0)
     model = Decoder(quantized_factory(plan, device="cpu", fuse=fuse), TINY, layers=2, context=8, device="cpu")
+    pos = torch.tensor([5]) if tokens == 1 else torch.arange(tokens)
     with torch.no_grad():
-        return model(torch.tensor([3]), torch.tensor([5])).float()
+        return model(torch.arange(3, 3 + tokens), pos).float()
 
 
 def test_fused_projections_compute_what_separate_ones_do():
@@ -20,6 +22,13 @@ def test_fused_projections_compute_what_separate_ones_do():
     assert separate.shape == (1, TINY["vocab"])
     assert separate.std() > 0
     torch.testing.assert_close(fused, separate, rtol=1e-3, atol=1e-3)
+
+
+def test_a_prefill_runs_fused_and_separate_projections_alike():
+    prefill = logits(MIXED_PLAN, fuse=True, tokens=4)
+    assert prefill.shape == (1, TINY["vocab"])
+    torch.testing.assert_close(prefill, logits(MIXED_PLAN, fuse=False, tokens=4), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(prefill, logits(MIXED_PLAN, fuse=True, tokens=3))
 
 
 def test_a_plan_with_different_sibling_options_keeps_them_separate():

@@ -105,30 +105,34 @@ def test_rotation_kernel_matches_butterfly():
 
 
 @pytest.mark.parametrize("step", ["norm", "swiglu"])
-def test_rotation_inside_the_glue_matches_the_separate_steps(step, monkeypatch):
-    """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the lookup kernel's
-    order and zeroes the output the split-K kernel adds into (here filled with NaN beforehand)."""
+@pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant"])
+def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, monkeypatch):
+    """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the order the matmul
+    wants and zeroes the output a split-K kernel adds into (here filled with NaN beforehand)."""
     n, k, group_size = SHAPES[0]
     module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
     kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
-    config = STRATEGIES["fma"](8)  # split over K
-    assert kernel.specialise(config)[0] > 1
-    monkeypatch.setattr(kernel, "tuned", lambda tokens: config)
-    monkeypatch.setattr(kernel, "output", lambda tokens, device, dtype: torch.full((tokens, n), float("nan"),
-                                                                                   device=device, dtype=dtype))
+    config = STRATEGIES[strategy](8)
+    tokens = max(count for count in token_counts(config) if count <= glue.MAX_TOKENS)
+    assert strategy == "dequant" or kernel.specialise(config)[0] > 1  # split over K
+    monkeypatch.setattr(kernel, "tuned", lambda count: config)
+    monkeypatch.setattr(kernel, "output", lambda count, device, dtype, chosen: None if chosen.strategy == "dequant"
+                        else torch.full((count, n), float("nan"), device=device, dtype=dtype))
     monkeypatch.setattr(module, "kernel", kernel)
     dtype, generator = DTYPES[0], torch.Generator().manual_seed(0)
     if step == "norm":
-        h, delta = (torch.randn(1, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+        h, delta = (torch.randn(tokens, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
         weight = (1 + 0.1 * torch.randn(k, generator=generator)).to(DEVICE, dtype)
         h_out, out = glue.norm_linear(module, h, delta, weight, 1e-5)
         assert torch.equal(h_out, h + delta)
         x = F.rms_norm(h + delta, (k,), weight, 1e-5)
     else:
-        gate_up = torch.randn(1, 2 * k, generator=generator).to(DEVICE, dtype)
+        gate_up = torch.randn(tokens, 2 * k, generator=generator).to(DEVICE, dtype)
         out = glue.swiglu_linear(module, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         x = F.silu(gate) * up
+        many = torch.zeros(glue.MAX_TOKENS + 1, 2 * k, device=DEVICE, dtype=dtype)
+        assert glue.swiglu_linear(module, many) is None  # a prefill rotates in its own launch
     monkeypatch.undo()
     expected = kernel.run(x, module, config)
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
@@ -185,21 +189,24 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         assert ran > 0
 
 
-    def test_decoder_with_the_rotation_in_the_glue_matches_separate_rotations():
-        """kernels/decode_bench.py's decoder on the generated kernels: the norm and SwiGLU steps
-        rotating the next layer's input compute what separate rotation launches compute."""
+    @pytest.mark.parametrize("tokens", [1, 5])
+    def test_decoder_with_the_rotation_in_the_glue_matches_separate_rotations(tokens):
+        """kernels/decode_bench.py's decoder on the generated kernels, a decode step and a prefill:
+        the norm and SwiGLU steps rotating the next layer's input compute what separate rotation
+        launches compute."""
         from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
         from tqc.kernels.registry import KernelRegistry
 
         tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 256}
         registry = KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once))  # any candidate will do
+        token, pos = torch.arange(1, tokens + 1, device=DEVICE), torch.arange(tokens, device=DEVICE)
         outputs = []
         for rotate_in_glue in (False, True):
             torch.manual_seed(0)
             model = Decoder(quantized_factory(MIXED_PLAN, registry), tiny, layers=2, context=8,
                             rotate_in_glue=rotate_in_glue)
             with torch.no_grad():
-                model(torch.tensor([3], device=DEVICE), torch.tensor([5], device=DEVICE))  # tunes
-                outputs.append(model(torch.tensor([3], device=DEVICE), torch.tensor([5], device=DEVICE)).float())
+                model(token, pos)  # tunes
+                outputs.append(model(token, pos).float())
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
