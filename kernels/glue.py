@@ -44,22 +44,21 @@ def block_width(k: int, group_size: int) -> int | None:
 @triton.jit(do_not_specialize=["CLEAR"])
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
-                       PDL: tl.constexpr = False):
-    """grid (M, P): each program sums the squares of its token's whole row, then writes h' and the
-    rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K / BLOCK_K for one
-    token, 1 for many)."""
+                       ROW: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
+    once: a loop over blocks waited for each load in turn) for the sum of squares, then writes h'
+    and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K / BLOCK_K
+    for one token, 1 for many)."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + start + tl.arange(0, BLOCK_K))
-        squares += h * h
-    scale = tl.rsqrt(tl.sum(squares) / K + eps)
+    row = tl.arange(0, ROW)
+    whole = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + row, row < K)
+    scale = tl.rsqrt(tl.sum(whole * whole) / K + eps)
     tokens = token + tl.arange(0, 1)
     for block in range(tl.program_id(1), K // BLOCK_K, tl.num_programs(1)):
         cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
-        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols)
+        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols, cols < K)
         tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
         x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
         store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
@@ -67,9 +66,10 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
 
 
 @triton.jit
-def _residual(h_ptr, delta_ptr, like_ptr, offsets):
+def _residual(h_ptr, delta_ptr, like_ptr, offsets, mask):
     """h + delta at `offsets`, rounded to the activations' dtype as the unfused add is, in float32."""
-    h = tl.load(h_ptr + offsets).to(tl.float32) + tl.load(delta_ptr + offsets).to(tl.float32)
+    h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     return h.to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
@@ -111,7 +111,8 @@ def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps:
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
     launch = _launch(target, h.device, k)
     column_programs = max(1, k // launch["BLOCK_K"] // m)  # one token: the row over many programs
-    norm_rotate_kernel[(m, column_programs)](h, delta, weight, h_out, target.signs, rotated, eps=eps, **launch)
+    norm_rotate_kernel[(m, column_programs)](h, delta, weight, h_out, target.signs, rotated, eps=eps,
+                                             ROW=triton.next_power_of_2(k), **launch)
     return h_out, rotated
 
 
