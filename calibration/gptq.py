@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from tqc.bitpack import pack
 from tqc.codebook import gaussian_codebook, nearest_code
-from tqc.layout import LayerSpec, layer_seed
+from tqc.layout import LayerSpec, rotation_seed
 from tqc.linear import empty_quantized_linear, load_packed_tensors
 from tqc.models import linear_layers, load_tokenizer, resolve_model
 from tqc.plan import Plan, QuantizerRef
@@ -269,7 +269,7 @@ def _quantize_layers(model, layers, hessians, specs, plan, bar) -> None:
     """Quantize `layers` with the plan's method and swap the results into the model."""
     settings = plan.quantizer
     for name, linear in layers.items():
-        seed = layer_seed(plan.seed, name)
+        seed = rotation_seed(plan.seed, name)
         tensors = METHODS[settings.method](linear.weight, specs[name], seed, hessians[name], settings.damp)
         if specs[name].has_bias:
             tensors["bias"] = linear.bias.detach().to(torch.float16)

@@ -19,7 +19,7 @@ from tqc import __version__
 from tqc.models import CACHE_DIR
 from tqc.plan import ModelRef, PlanError, write_text_atomic
 
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2  # 2: siblings reading one input share its rotation (layout.rotation_seed)
 MEASUREMENT_DIR = CACHE_DIR / "calibration"
 
 
@@ -52,7 +52,7 @@ class LayerScore(_Strict):
 
 
 class Measurement(_Strict):
-    measurement_version: Literal[1] = MEASUREMENT_VERSION
+    measurement_version: Literal[2] = MEASUREMENT_VERSION
     tqc_version: str = __version__
     method: Literal["fisher-proxy", "prior"]
     model: ModelRef

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from tqc.codebook import gaussian_distortion
-from tqc.layout import LayerSpec, layer_bytes, layer_seed
+from tqc.layout import LayerSpec, layer_bytes, layer_seed, rotation_seed
 from tqc.options import TURBOQUANT_BASE_BITS, TURBOQUANT_OPTIONS, QuantOption
 from tqc.rotation import random_signs, rotate
 from tqc.turboquant import decode_stage, fit_stage
@@ -40,7 +40,7 @@ def rotated_rows(name: str, weight: torch.Tensor, group_size: int, seed: int, ro
     """The layer's sampled rows in the rotated basis, as groups [rows * in / g, g]."""
     n, k = weight.shape
     index = sample_rows(n, rows, name, seed)
-    signs = random_signs(layer_seed(seed, name), k)
+    signs = random_signs(rotation_seed(seed, name), k)
     return rotate(weight[index].detach().float(), signs, group_size).reshape(-1, group_size)
 
 
@@ -80,7 +80,7 @@ def score_layers(
         for i, name in enumerate(names):
             weight, hessian, alpha, _ = layers[name]
             n, k = weight.shape
-            h = rotated_hessian(hessian.float(), random_signs(layer_seed(seed, name), k), group_size)
+            h = rotated_hessian(hessian.float(), random_signs(rotation_seed(seed, name), k), group_size)
             factor = n / min(rows, n)
 
             def quadratic(groups: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from tqdm import tqdm
 
-from tqc.layout import LayerSpec, layer_seed
+from tqc.layout import LayerSpec, rotation_seed
 from tqc.linear import quantize_linear
 from tqc.models import linear_layers, load_model, load_tokenizer, resolve_model
 from tqc.options import QuantOption
@@ -42,7 +42,7 @@ def layer_kl(model: nn.Module, reference: torch.Tensor, windows: torch.Tensor, n
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     original = getattr(parent, child)
-    setattr(parent, child, quantize_linear(original, spec, layer_seed(seed, name)))
+    setattr(parent, child, quantize_linear(original, spec, rotation_seed(seed, name)))
     try:
         logp = log_probs(model, windows)
     finally:

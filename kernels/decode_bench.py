@@ -176,7 +176,7 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
     def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
         specs = [LayerSpec(QuantOption.parse(plan[name]), GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
         layers = [random_turboquant_linear(spec, device, seed=k + i) for i, spec in enumerate(specs)]
-        if fused(plan, names, True):  # siblings that could fuse share one rotation seed, fused or not
+        if fused(plan, names, True):  # siblings that could fuse share a rotation seed, as tqc build gives them
             for layer in layers:
                 layer.seed.copy_(layers[0].seed)
                 layer.refresh_signs()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -69,6 +70,9 @@ class ResultRow(BaseModel):
     quantizer: str = "plain"
     commands: list[str]
     result: EvalResult
+    # per-layer: measured when each layer drew its own rotation seed (rows recorded before siblings
+    # reading one input shared it, docs/format.md); such rows are run again by `run`
+    rotation_seeds: Literal["per-layer", "per-input"] = "per-layer"
 
 
 def _run(command: list[str]) -> None:
@@ -117,13 +121,17 @@ def _result_path(model: str, row: Row) -> Path:
 
 def _done(model: str, row: Row, windows: int) -> bool:
     path = _result_path(model, row)
-    return path.is_file() and ResultRow.model_validate_json(path.read_text()).result.windows == windows
+    if not path.is_file():
+        return False
+    row = ResultRow.model_validate_json(path.read_text())
+    return row.result.windows == windows and not _old_seeds(row)
 
 
 def _record(model: str, row: Row, commands: list[str], eval_json: Path) -> None:
     result = EvalResult.model_validate_json(eval_json.read_text())
     entry = ResultRow(
-        model_name=model, option=row.option, group_size=row.group_size, quantizer=row.quantizer, commands=commands, result=result
+        model_name=model, option=row.option, group_size=row.group_size, quantizer=row.quantizer, commands=commands,
+        result=result, rotation_seeds="per-input",
     )
     write_text_atomic(_result_path(model, row), entry.model_dump_json(indent=2) + "\n")
 
@@ -235,14 +243,24 @@ def _missing(model: str, rows: list[ResultRow]) -> list[str]:
     return [f"Rows not run yet: {', '.join(missing)} (`nice python scripts/results.py run --model {model}` adds them).", ""]
 
 
+def _old_seeds(row: ResultRow) -> bool:
+    """A TurboQuant row measured when each layer drew its own rotation seed (RTN does not rotate)."""
+    return row.rotation_seeds == "per-layer" and row.option != "fp16" and not row.option.startswith("rtn")
+
+
 def _table(rows: list[ResultRow]) -> list[str]:
     lines = ["| row | PPL | KLD | top-1 | MB | bits/weight |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         r = row.result
+        mark = " \u2020" if _old_seeds(row) else ""
         lines.append(
-            f"| {_label(row)} | {_ppl(r.perplexity)} | {r.kl_divergence:.4f} | {r.top1_agreement:.3f} "
+            f"| {_label(row)}{mark} | {_ppl(r.perplexity)} | {r.kl_divergence:.4f} | {r.top1_agreement:.3f} "
             f"| {r.size_mb:.1f} | {r.bits_per_weight:.3f} |"
         )
+    if any(map(_old_seeds, rows)):
+        lines += ["", "\u2020 Measured when each layer drew its own rotation seed. A build now draws one seed per "
+                  "input (q/k/v and gate/up share it, docs/format.md), so a rerun quantizes with other random "
+                  "signs; `run` remeasures these rows."]
     return lines
 
 

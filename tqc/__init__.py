@@ -3,11 +3,14 @@
 __version__ = "0.1.0"
 
 
-def load(directory, device="cpu", verify: bool = True):
-    """Load a packed model directory written by `tqc build`, ready for `generate`."""
+def load(directory, device="cpu", verify: bool = True, fuse: bool = True):
+    """Load a packed model directory written by `tqc build`, ready for `generate`.
+
+    `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
+    """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 
-    return load_packed(directory, device=device, verify=verify)
+    return load_packed(directory, device=device, verify=verify, fuse=fuse)
 
 
 __all__ = ["__version__", "load"]

@@ -36,10 +36,28 @@ class LayerSpec:
         return self.in_features * self.out_features
 
 
-def layer_seed(plan_seed: int, layer_name: str) -> int:
-    """The rotation seed of one layer, derived from the plan seed and the layer's name."""
-    digest = hashlib.sha256(f"{plan_seed}:{layer_name}".encode()).digest()
+# Projections that read the same input, by their name in the parent module: they share one
+# rotation, so that a loader can run them as one matmul (tqc.fusion).
+SIBLING_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def layer_seed(plan_seed: int, name: str) -> int:
+    """A seed derived from the plan seed and a name."""
+    digest = hashlib.sha256(f"{plan_seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def input_name(layer_name: str) -> str:
+    """The name of a layer's input: shared by siblings (q/k/v_proj -> 'parent.qkv'), else the layer's own."""
+    parent, _, child = layer_name.rpartition(".")
+    if child not in SIBLING_GROUPS:
+        return layer_name
+    return f"{parent}.{SIBLING_GROUPS[child]}" if parent else SIBLING_GROUPS[child]
+
+
+def rotation_seed(plan_seed: int, layer_name: str) -> int:
+    """The seed of a layer's input rotation: one per input, so siblings reading it rotate it alike."""
+    return layer_seed(plan_seed, input_name(layer_name))
 
 
 def tensor_layout(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .layout import LayerSpec, layer_seed
+from .fusion import fuse_siblings
+from .layout import LayerSpec, rotation_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
 from .models import LinearShape, empty_model, linear_layers, linear_shapes, load_config, load_model, load_tokenizer, resolve_model
 from .options import QuantOption
@@ -127,7 +128,7 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[
     for name in tqdm(todo, desc="quantize", unit="layer", disable=not progress or not todo):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, quantize_linear(layers[name], specs[name], layer_seed(plan.seed, name)))
+        setattr(parent, child, quantize_linear(layers[name], specs[name], rotation_seed(plan.seed, name)))
     untie_quantized_head(model, specs)
     with torch.no_grad():
         for param in model.parameters():
@@ -241,9 +242,13 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_packed(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
-    """Build the model on the meta device, swap in quantized layers, load the packed tensors in place."""
+    """Build the model on the meta device, swap in quantized layers, load the packed tensors in place.
+
+    `fuse`: siblings that read one input (q/k/v, gate/up) run as one matmul (tqc.fusion).
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     if verify:
@@ -277,6 +282,8 @@ def load_packed(
     for module in model.modules():
         if isinstance(module, TurboQuantLinear):
             module.refresh_signs()
+    if fuse:
+        fuse_siblings(model)
     model.to(device)
     _attach_kernels(model)
     return model.eval()

@@ -1,0 +1,91 @@
+"""Siblings that read one input (q/k/v, gate/up) share a rotation seed and load as one matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_packed import IDS, logits, make_tiny_model, plan_for, tokenizer_dir  # noqa: F401  (a fixture)
+
+from tqc.fusion import FusedSiblings, SiblingSlice, fuse_siblings
+from tqc.layout import LayerSpec, rotation_seed
+from tqc.linear import QuantizedLinear, concatenate, quantize_linear
+from tqc.options import QuantOption
+from tqc.packed import build, load_packed
+
+
+def test_siblings_share_a_rotation_seed_and_nothing_else_does():
+    def of(name: str, plan_seed: int = 0) -> int:
+        return rotation_seed(plan_seed, f"model.layers.{name}")
+
+    assert of("0.self_attn.q_proj") == of("0.self_attn.k_proj") == of("0.self_attn.v_proj")
+    assert of("0.mlp.gate_proj") == of("0.mlp.up_proj")
+    others = [of("0.self_attn.q_proj"), of("0.self_attn.o_proj"), of("0.mlp.gate_proj"), of("0.mlp.down_proj"),
+              of("1.self_attn.q_proj"), rotation_seed(0, "lm_head"), of("0.self_attn.q_proj", plan_seed=1)]
+    assert len(set(others)) == len(others)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tokenizer_dir):  # noqa: F811
+    """A tiny Llama built uniform 3+2, and a copy with k_proj at 4 bits."""
+    root = tmp_path_factory.mktemp("fusion")
+    source = make_tiny_model(root / "src", "llama", tokenizer_dir)
+    build(plan_for(str(source), "3+2"), root / "uniform", progress=False)
+    mixed = plan_for(str(source), "3+2", overrides={"*.k_proj": QuantOption.parse("4")})
+    build(mixed, root / "mixed", progress=False)
+    return root
+
+
+def quantized_layers(model) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+
+
+def test_loaded_siblings_run_as_one_matmul(packed):
+    fused, separate = load_packed(packed / "uniform"), load_packed(packed / "uniform", fuse=False)
+    attention, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert isinstance(attention.q_proj, SiblingSlice) and isinstance(mlp.up_proj, SiblingSlice)
+    assert attention.qkv_fused.layer.out_features == sum(p.out_features for p in (attention.q_proj, attention.k_proj,
+                                                                                 attention.v_proj))
+    assert len(quantized_layers(fused)) == len(quantized_layers(separate)) - 3 * len(fused.model.layers)
+    torch.testing.assert_close(logits(fused, IDS), logits(separate, IDS), rtol=1e-5, atol=1e-5)
+    state = fused.state_dict()
+    assert not any(".q_proj." in key or ".up_proj." in key for key in state)  # the slices hold no tensors
+    seeds_saved = 3 * len(fused.model.layers)  # one seed for q/k/v, one for gate/up, per layer
+    assert sum(t.numel() for t in state.values()) == sum(t.numel() for t in separate.state_dict().values()) - seeds_saved
+
+
+def test_siblings_with_another_option_or_seed_stay_separate(packed):
+    model = load_packed(packed / "mixed")
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.k_proj, QuantizedLinear)  # 4 bits among 3+2
+    assert attention.qkv_fused.names == ["q_proj", "v_proj"]
+    torch.testing.assert_close(logits(model, IDS), logits(load_packed(packed / "mixed", fuse=False), IDS),
+                               rtol=1e-5, atol=1e-5)
+
+    old = load_packed(packed / "uniform", fuse=False)  # as a build that drew one seed per layer
+    mlp = old.model.layers[0].mlp
+    mlp.up_proj.seed += 1
+    mlp.up_proj.refresh_signs()
+    expected = logits(old, IDS)
+    fuse_siblings(old)
+    assert isinstance(mlp.up_proj, QuantizedLinear) and not hasattr(mlp, "gate_up_fused")
+    assert torch.equal(logits(old, IDS), expected)
+
+
+def test_a_sibling_never_reads_a_stale_output():
+    torch.manual_seed(0)
+    spec = LayerSpec(QuantOption.parse("3"), 64, 128, 96)
+    layers = [quantize_linear(torch.nn.Linear(128, 96), spec, seed=7) for _ in range(2)]
+    fused = FusedSiblings(concatenate(layers), ["a", "b"])
+    a, b = SiblingSlice(fused, "a", 0, 96), SiblingSlice(fused, "b", 96, 192)
+    calls = []
+    fused.layer.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), layers[1](x))  # any order
+        torch.testing.assert_close(a(x), layers[0](x))
+        assert len(calls) == 1  # one matmul for both
+        torch.testing.assert_close(b(x), layers[1](x))  # after both read it, the output is let go
+        x.mul_(-2)  # changed in place after b read it
+        torch.testing.assert_close(a(x), layers[0](x))
+        torch.testing.assert_close(b(x.clone()), layers[1](x))  # another tensor, equal values
+        assert len(calls) == 4
