@@ -95,14 +95,13 @@ def _commands(model: str, row: Row, windows: int, packed: Path) -> tuple[list[li
 
 
 def run(model: str, windows: int, only: list[str] | None = None) -> None:
-    """Build the missing packed models and evaluate the rows without a result at `windows`."""
+    """Plan, build and evaluate the rows without a current result at `windows` (_done)."""
     for batch in ROW_BATCHES:
         pending = [row for row in batch if not _done(model, row, windows) and (not only or row.key in only)]
         for row in pending:
             build_commands, _ = _commands(model, row, windows, WORK / model / row.key)
-            if build_commands and not (REPO / WORK / model / row.key / "manifest.json").is_file():
-                for command in build_commands:
-                    _run(command)
+            for command in build_commands:  # always: a packed model left by an older build may be stale
+                _run(command)
         if pending and pending[0].option == "fp16":
             _, eval_command = _commands(model, pending[0], windows, WORK / model / "fp16")
             _run(eval_command)
