@@ -12,9 +12,9 @@ kernel starts while the step runs.
 
 `fused_linear(layer, tokens, like, produce)` runs a layer on an input that `produce(target)`
 writes, for every strategy (the lookup kernels want it in slot-pair order, dequantize + cuBLAS in
-natural order); it returns None (the caller runs the steps unfused) where the layer has no kernel
-or is not tuned for this token count yet. Intermediate values are rounded to the activations'
-dtype where the unfused steps round them.
+natural order); it returns None (the caller runs the steps unfused) where the layer has no kernel,
+is not tuned for this token count yet, or takes more than MAX_TOKENS tokens. Intermediate values
+are rounded to the activations' dtype where the unfused steps round them.
 """
 
 from __future__ import annotations
