@@ -138,7 +138,7 @@ class LayerKernel:
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
         if config.strategy == "fma":
-            constexprs["HALF_ACC"] = config.accumulate == "fp16"
+            constexprs |= {"HALF_ACC": config.accumulate == "fp16", "THREADS": 32 * config.num_warps}
         else:
             constexprs["BLOCK_M"] = config.block_m
         return slot_count // (config.slots * iters), constexprs

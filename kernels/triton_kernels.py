@@ -103,11 +103,23 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr,
 
 
 @triton.jit
-def _plane_tile(ptr, rows, row_mask, chunk, slot, START: tl.constexpr, WIDTH: tl.constexpr, ROW_WORDS: tl.constexpr,
+def block_rows(N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, row_mask) of this program's BLOCK_N rows: `rows` clamped to N - 1, so that every
+    weight load stays in bounds without a mask (a masked load also zeroes its registers first);
+    only the final store is masked, by `row_mask`."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if N % BLOCK_N != 0:
+        rows = tl.minimum(rows, N - 1)
+    return rows, row_mask
+
+
+@triton.jit
+def _plane_tile(ptr, rows, chunk, slot, START: tl.constexpr, WIDTH: tl.constexpr, ROW_WORDS: tl.constexpr,
                 B: tl.constexpr):
     """The [BLOCK_N, B] words of one plane (width WIDTH, START words into the row) holding `slot` of `chunk`."""
     word = START + (chunk * WIDTH + slot // (32 // WIDTH)) * B
-    return tl.load(ptr + rows[:, None] * ROW_WORDS + word + tl.arange(0, B)[None, :], mask=row_mask[:, None], other=0)
+    return tl.load(ptr + rows[:, None] * ROW_WORDS + word + tl.arange(0, B)[None, :])
 
 
 @triton.jit
@@ -152,17 +164,17 @@ def load_table(table_ptr, rows, BITS: tl.constexpr):
 
 
 @triton.jit
-def stage_words(codes_ptr, rows, row_mask, chunk, slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
+def stage_words(codes_ptr, rows, chunk, slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
     """The doubled word tiles holding `slot` of a stage: (codes, signs); signs only for 3 bits (else the codes).
 
     A nibble word holds 8 slots, a crumb word 16, a sign word 32: the kernels load once per
     WORD_SLOTS = 8 (4 bits) or 16 slots and decode several pairs.
     """
     ROW_WORDS: tl.constexpr = K * BITS // 32
-    words = _plane_tile(codes_ptr, rows, row_mask, chunk, slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B)
+    words = _plane_tile(codes_ptr, rows, chunk, slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B)
     signs = words
     if BITS == 3:
-        signs = _plane_tile(codes_ptr, rows, row_mask, chunk, slot, K * 2 // 32, 1, ROW_WORDS, B)
+        signs = _plane_tile(codes_ptr, rows, chunk, slot, K * 2 // 32, 1, ROW_WORDS, B)
     return _doubled(words), _doubled(signs)
 
 
@@ -247,9 +259,22 @@ def pair_inputs(x_ptr, tokens, token_mask, k0, K: tl.constexpr, B: tl.constexpr,
 
 
 @triton.jit
-def _row_scales(scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, DTYPE: tl.constexpr = tl.float32):
-    """[BLOCK_N] in DTYPE: each row's scale of the group holding input k0 (a pair never straddles groups)."""
-    return tl.load(scales_ptr + rows * (K // G) + k0 // G, mask=row_mask, other=0.0).to(DTYPE)
+def scale_rows(scales_ptr, rows, first_input, K: tl.constexpr, G: tl.constexpr):
+    """[BLOCK_N] pointers to each row's scale of the group holding input `first_input` (a step's first)."""
+    return scales_ptr + rows * (K // G) + first_input // G
+
+
+@triton.jit
+def _row_scales(scales, first_input, OFFSET: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
+                DTYPE: tl.constexpr = tl.float32):
+    """[BLOCK_N] in DTYPE: each row's scale of the group holding input first_input + OFFSET (a pair
+    never straddles groups); `scales` = scale_rows(.., first_input, ..). ALIGNED: first_input is a
+    multiple of G, so the group is a constant number of scales on and the load an immediate offset."""
+    if ALIGNED:
+        group = OFFSET // G
+    else:
+        group = (first_input % G + OFFSET) // G
+    return tl.load(scales + group).to(DTYPE)
 
 
 @triton.jit
@@ -261,12 +286,70 @@ def _accumulate(out_ptr, offsets, values, mask, SPLIT: tl.constexpr):
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# out[$1] += the half2 ($2, $3), if $4: a packed 16-bit reduction, native on sm_90 and fire and
+# forget. {0}: bf16 or f16.
+PAIR_ADD_ASM = ("{{ .reg .pred p; .reg .b32 v; setp.ne.b32 p, $4, 0; mov.b32 v, {{$2, $3}}; "
+                "@p red.global.add.noftz.{0}x2 [$1], v; mov.u32 $0, 0; }}")
+BF16_PAIR_ADD_ASM = tl.constexpr(PAIR_ADD_ASM.format("bf16"))
+F16_PAIR_ADD_ASM = tl.constexpr(PAIR_ADD_ASM.format("f16"))
+
+
 @triton.jit
-def _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr, G: tl.constexpr,
-              B: tl.constexpr, ASM: tl.constexpr):
-    """acc + scale * (x' @ w^T) for one decoded slot pair starting at input k0, on tensor cores."""
-    x = pair_inputs(x_ptr, tokens, token_mask, k0, K, B, ASM)
-    return acc + tl.dot(x, tl.trans(w)) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[None, :]
+def _accumulate_rows(out_ptr, rows, sums, row_mask, SPLIT: tl.constexpr, PAIRS: tl.constexpr, THREADS: tl.constexpr,
+                     ASM: tl.constexpr):
+    """The one-token kernel's _accumulate of its [BLOCK_N] row sums.
+
+    Split over K into a 16-bit output, Triton adds one element per atomic, as a program holds
+    fewer rows than threads, and each is a compare-and-swap loop (sm_90 has no scalar 16-bit
+    atomic add). So, where PAIRS (N even), neighbouring rows add as one packed half2 reduction.
+    """
+    BLOCK_N: tl.constexpr = sums.shape[0]
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    if SPLIT and PAIRS and dtype.primitive_bitwidth == 16:
+        low, high = tl.split(tl.reshape(sums.to(dtype), (BLOCK_N // 2, 2)))
+        first, second = tl.split(tl.reshape(rows, (BLOCK_N // 2, 2)))
+        valid, _ = tl.split(tl.reshape(row_mask.to(tl.int32), (BLOCK_N // 2, 2)))  # rows come in pairs
+        if ASM:
+            _add_pairs(out_ptr + first, low, high, valid, THREADS)
+        else:  # the interpreter: the same pairing, two atomic adds
+            tl.atomic_add(out_ptr + first, low, mask=valid != 0, sem="relaxed")
+            tl.atomic_add(out_ptr + second, high, mask=valid != 0, sem="relaxed")
+    else:
+        _accumulate(out_ptr, rows, sums, row_mask, SPLIT)
+
+
+@triton.jit
+def _add_pairs(pointers, low, high, valid, THREADS: tl.constexpr):
+    """*pointers += (low, high) as half2, where `valid`, one packed reduction (PAIR_ADD_ASM) per pair.
+
+    Triton spreads a tensor with fewer elements than the program's threads over them in copies; a
+    store or atomic of its own runs in one copy only, an asm statement in every copy, which would
+    add each pair again. So the P pairs are laid out over THREADS elements first, P of them live.
+    """
+    P: tl.constexpr = low.shape[0]
+    asm: tl.constexpr = BF16_PAIR_ADD_ASM if low.dtype == tl.bfloat16 else F16_PAIR_ADD_ASM
+    if P < THREADS:
+        live = tl.arange(0, THREADS) < P
+        pointers = _spread(pointers, THREADS)
+        low, high = _spread(low, THREADS), _spread(high, THREADS)
+        valid = tl.where(live, _spread(valid, THREADS), 0)
+    addresses = pointers.to(tl.int64)  # an integer operand: Triton checks pointer and float operands' types
+    tl.inline_asm_elementwise(asm, "=r,l,h,h,r", [addresses, low, high, valid], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _spread(values, SIZE: tl.constexpr):
+    """[SIZE] from [P] (P dividing SIZE): element i is values[i % P]."""
+    P: tl.constexpr = values.shape[0]
+    return tl.reshape(tl.broadcast_to(values[None, :], (SIZE // P, P)), (SIZE,))
+
+
+@triton.jit
+def _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
+              G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, ASM: tl.constexpr):
+    """acc + scale * (x' @ w^T) for one decoded slot pair at input first_input + OFFSET, on tensor cores."""
+    x = pair_inputs(x_ptr, tokens, token_mask, first_input + OFFSET, K, B, ASM)
+    return acc + tl.dot(x, tl.trans(w)) * _row_scales(scales, first_input, OFFSET, G, ALIGNED)[None, :]
 
 
 # acc + w * x * scale on half2 registers: two products and two sums per instruction pair (HMUL2, HFMA2).
@@ -275,8 +358,8 @@ HALF_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
 
 
 @triton.jit
-def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-              HALF_ACC: tl.constexpr, ASM: tl.constexpr):
+def _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+              B: tl.constexpr, ALIGNED: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
     """acc + scale * w * x' for one decoded slot pair, one token, elementwise into [BLOCK_N, 2B].
 
     HALF_ACC: in fp16, two weights per instruction (HALF_FMA_ASM on the half2 registers the decode
@@ -284,16 +367,16 @@ def _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K: tl.constexpr, G:
     terms, and programs add up in float32. Else in float32.
     """
     one = tl.arange(0, 1)
-    x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
+    x = pair_inputs(x_ptr, one, one < 1, first_input + OFFSET, K, B, ASM)
     if HALF_ACC:
-        scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
+        scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
         if ASM:
             acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
                                             is_pure=True, pack=2)
         else:
             acc = acc + w * x * scale
     else:
-        acc = acc + w.to(tl.float32) * x.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, k0, K, G)[:, None]
+        acc = acc + w.to(tl.float32) * x.to(tl.float32) * _row_scales(scales, first_input, OFFSET, G, ALIGNED)[:, None]
     return acc
 
 
@@ -305,13 +388,13 @@ FOLDED_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,r,r")
 
 
 @triton.jit
-def _folded_fma_pair(acc, x_ptr, w, res_w, scales_ptr, res_scales_ptr, rows, row_mask, k0, K: tl.constexpr,
-                     G: tl.constexpr, B: tl.constexpr, ASM: tl.constexpr):
+def _folded_fma_pair(acc, x_ptr, w, res_w, scales, res_scales, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
+                     G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, ASM: tl.constexpr):
     """acc + (scale w + res_scale res_w) x' for one slot pair of a residual option, in fp16 (HALF_ACC)."""
     one = tl.arange(0, 1)
-    x = pair_inputs(x_ptr, one, one < 1, k0, K, B, ASM)
-    scale = _row_scales(scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
-    res_scale = _row_scales(res_scales_ptr, rows, row_mask, k0, K, G, tl.float16)[:, None]
+    x = pair_inputs(x_ptr, one, one < 1, first_input + OFFSET, K, B, ASM)
+    scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
+    res_scale = _row_scales(res_scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
     if ASM:
         acc = tl.inline_asm_elementwise(FOLDED_FMA_ASM, FOLDED_FMA_CONSTRAINTS, [w, scale, res_w, res_scale, x, acc],
                                         dtype=tl.float16, is_pure=True, pack=2)
@@ -321,22 +404,24 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales_ptr, res_scales_ptr, rows, row
 
 
 @triton.jit
-def _pair_update(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K: tl.constexpr,
-                 G: tl.constexpr, B: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
-    """One decoded pair into the accumulator: on tensor cores (DOT) or CUDA cores (one token)."""
+def _pair_update(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
+                 G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr,
+                 ASM: tl.constexpr):
+    """One decoded pair (at input first_input + OFFSET) into the accumulator: on tensor cores (DOT)
+    or CUDA cores (one token)."""
     if DOT:
-        acc = _dot_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, ASM)
+        acc = _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED, ASM)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales_ptr, rows, row_mask, k0, K, G, B, HALF_ACC, ASM)
+        acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, ASM)
     return acc
 
 
-# Ask L2 for one 128-byte line ($1), if $2: a hint, nothing waits for it.
-PREFETCH_ASM = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
+# Ask L2 for one 128-byte line ($1): a hint, nothing waits for it.
+PREFETCH_ASM = tl.constexpr("{ prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
 
 
 @triton.jit
-def _prefetch_plane(ptr, rows, row_mask, first_slot, START: tl.constexpr, WIDTH: tl.constexpr,
+def _prefetch_plane(ptr, rows, first_slot, START: tl.constexpr, WIDTH: tl.constexpr,
                     ROW_WORDS: tl.constexpr, B: tl.constexpr, SLOT_COUNT: tl.constexpr):
     """Prefetch into L2 the words of one plane (as _plane_tile) that SLOT_COUNT slots from first_slot take.
 
@@ -345,18 +430,17 @@ def _prefetch_plane(ptr, rows, row_mask, first_slot, START: tl.constexpr, WIDTH:
     WORDS: tl.constexpr = SLOT_COUNT * WIDTH * B // 32
     LINES: tl.constexpr = WORDS // 32 if WORDS >= 32 else 1
     offsets = rows[:, None] * ROW_WORDS + START + first_slot * WIDTH // 32 * B + tl.arange(0, LINES)[None, :] * 32
-    tl.inline_asm_elementwise(PREFETCH_ASM, "=r,l,r", [ptr + offsets, row_mask[:, None].to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    tl.inline_asm_elementwise(PREFETCH_ASM, "=r,l", [ptr + offsets], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+def _prefetch_stage(codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                     SLOT_COUNT: tl.constexpr):
     """Prefetch every plane of a stage's codes for SLOT_COUNT slots from first_slot (stage_words' planes)."""
     ROW_WORDS: tl.constexpr = K * BITS // 32
-    _prefetch_plane(codes_ptr, rows, row_mask, first_slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B, SLOT_COUNT)
+    _prefetch_plane(codes_ptr, rows, first_slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B, SLOT_COUNT)
     if BITS == 3:
-        _prefetch_plane(codes_ptr, rows, row_mask, first_slot, K * 2 // 32, 1, ROW_WORDS, B, SLOT_COUNT)
+        _prefetch_plane(codes_ptr, rows, first_slot, K * 2 // 32, 1, ROW_WORDS, B, SLOT_COUNT)
 
 
 @triton.jit
@@ -370,7 +454,7 @@ def _tables(table_ptr, res_table_ptr, rows, BITS: tl.constexpr, RES_BITS: tl.con
 
 
 @triton.jit
-def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr, B: tl.constexpr,
+def _start(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr,
            BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOT_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
            PDL: tl.constexpr):
     """A lookup kernel's prologue: prefetch the program's codes (PREFETCH), then, under programmatic
@@ -378,50 +462,56 @@ def _start(codes_ptr, res_codes_ptr, rows, row_mask, first_slot, K: tl.constexpr
     are read-only for the model's lifetime, so they may be read before the wait; nothing the
     previous kernels write is touched before it."""
     if PREFETCH:
-        _prefetch_stage(codes_ptr, rows, row_mask, first_slot, K, B, BITS, SLOT_COUNT)
+        _prefetch_stage(codes_ptr, rows, first_slot, K, B, BITS, SLOT_COUNT)
         if RES_BITS > 0:
-            _prefetch_stage(res_codes_ptr, rows, row_mask, first_slot, K, B, RES_BITS, SLOT_COUNT)
+            _prefetch_stage(res_codes_ptr, rows, first_slot, K, B, RES_BITS, SLOT_COUNT)
     pdl_start(PDL)
 
 
 @triton.jit
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
-              row_mask, tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+              tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
-    `_folded_fma_pair` per pair of both stages; word tiles load once per word."""
+    `_folded_fma_pair` per pair of both stages; word tiles load once per word, each row's scales
+    from one address per step (scale_rows)."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
+    ALIGNED: tl.constexpr = SLOTS * B % G == 0  # every step starts a group
     chunk = first_slot // 32
     start = first_slot % 32
+    first_input = first_slot * B
+    scales = scale_rows(scales_ptr, rows, first_input, K, G)
+    res_scales = scales  # never read without a residual stage
+    if RES_BITS > 0:
+        res_scales = scale_rows(res_scales_ptr, rows, first_input, K, G)
     for offset in tl.static_range(0, SLOTS, 4):
-        k0 = (first_slot + offset) * B
         if offset % WORD_SLOTS == 0:
-            words, signs = stage_words(codes_ptr, rows, row_mask, chunk, start + offset, K, B, BITS)
+            words, signs = stage_words(codes_ptr, rows, chunk, start + offset, K, B, BITS)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
-                res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, start + offset, K, B,
-                                                   RES_BITS)
+                res_words, res_signs = stage_words(res_codes_ptr, rows, chunk, start + offset, K, B, RES_BITS)
             res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
+        # each pair's first input is first_input + (offset + 2 half) B
         if FOLD:
-            acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales_ptr, res_scales_ptr, rows, row_mask, k0, K, G,
-                                   B, ASM)
-            acc = _folded_fma_pair(acc, x_ptr, second, res_second, scales_ptr, res_scales_ptr, rows, row_mask,
-                                   k0 + 2 * B, K, G, B, ASM)
+            acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales, res_scales, first_input, offset * B, K, G, B,
+                                   ALIGNED, ASM)
+            acc = _folded_fma_pair(acc, x_ptr, second, res_second, scales, res_scales, first_input, (offset + 2) * B, K,
+                                   G, B, ALIGNED, ASM)
         else:
-            acc = _pair_update(acc, x_ptr, first, scales_ptr, rows, row_mask, tokens, token_mask, k0, K, G, B, DOT,
-                               HALF_ACC, ASM)
-            acc = _pair_update(acc, x_ptr, second, scales_ptr, rows, row_mask, tokens, token_mask, k0 + 2 * B, K, G,
-                               B, DOT, HALF_ACC, ASM)
+            acc = _pair_update(acc, x_ptr, first, scales, tokens, token_mask, first_input, offset * B, K, G, B,
+                               ALIGNED, DOT, HALF_ACC, ASM)
+            acc = _pair_update(acc, x_ptr, second, scales, tokens, token_mask, first_input, (offset + 2) * B, K, G, B,
+                               ALIGNED, DOT, HALF_ACC, ASM)
             if RES_BITS > 0:
-                acc = _pair_update(acc, x_ptr, res_first, res_scales_ptr, rows, row_mask, tokens, token_mask, k0, K,
-                                   G, B, DOT, HALF_ACC, ASM)
-                acc = _pair_update(acc, x_ptr, res_second, res_scales_ptr, rows, row_mask, tokens, token_mask,
-                                   k0 + 2 * B, K, G, B, DOT, HALF_ACC, ASM)
+                acc = _pair_update(acc, x_ptr, res_first, res_scales, tokens, token_mask, first_input, offset * B, K,
+                                   G, B, ALIGNED, DOT, HALF_ACC, ASM)
+                acc = _pair_update(acc, x_ptr, res_second, res_scales, tokens, token_mask, first_input,
+                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, ASM)
     return acc
 
 
@@ -438,17 +528,16 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
     a tiled GEMM. PREFETCH, PDL: see _start.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
-    _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
+    _start(codes_ptr, res_codes_ptr, rows, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
-                        rows, row_mask, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
+                        rows, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
                         RES_BITS, SLOTS, ASM, True, False)
     mask = token_mask[:, None] & row_mask[None, :]
     _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
@@ -458,16 +547,16 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
 def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
-                   ASM: tl.constexpr, HALF_ACC: tl.constexpr = False,
+                   ASM: tl.constexpr, THREADS: tl.constexpr, HALF_ACC: tl.constexpr = False,
                    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
+    THREADS: 32 num_warps (_add_pairs).
 
     HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
-    _start(codes_ptr, res_codes_ptr, rows, row_mask, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
+    _start(codes_ptr, res_codes_ptr, rows, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS,
            SLOTS * ITERS, PREFETCH, PDL)
     if HALF_ACC:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
@@ -475,9 +564,10 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
-                        rows, row_mask, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
+                        rows, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
                         RES_BITS, SLOTS, ASM, False, HALF_ACC)
-    _accumulate(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS)
+    _accumulate_rows(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS, N % 2 == 0,
+                     THREADS, ASM)
 
 
 @triton.jit
@@ -487,30 +577,31 @@ def dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res
     """out[N, K] = W' in out's dtype; grid (cdiv(N, BLOCK_N), K // (32 * B)): one chunk per program."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask = block_rows(N, BLOCK_N)
     chunk = tl.program_id(1)
+    first_input = chunk * 32 * B
+    ALIGNED: tl.constexpr = 32 * B % G == 0
+    scales = scale_rows(scales_ptr, rows, first_input, K, G)
+    res_scales = scale_rows(res_scales_ptr, rows, first_input, K, G)  # never read without a residual stage
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     for offset in tl.static_range(0, 32, 4):
-        k0 = (chunk * 32 + offset) * B
         if offset % WORD_SLOTS == 0:
-            words, signs = stage_words(codes_ptr, rows, row_mask, chunk, offset, K, B, BITS)
+            words, signs = stage_words(codes_ptr, rows, chunk, offset, K, B, BITS)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         res_first, res_second = first, second  # unread when RES_BITS == 0
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
-                res_words, res_signs = stage_words(res_codes_ptr, rows, row_mask, chunk, offset, K, B, RES_BITS)
+                res_words, res_signs = stage_words(res_codes_ptr, rows, chunk, offset, K, B, RES_BITS)
             res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
         for half in tl.static_range(2):
-            start = k0 + half * 2 * B
             if half == 0:
                 w, r = first, res_first
             else:
                 w, r = second, res_second
-            w = w.to(tl.float32) * _row_scales(scales_ptr, rows, row_mask, start, K, G)[:, None]
+            w = w.to(tl.float32) * _row_scales(scales, first_input, (offset + 2 * half) * B, G, ALIGNED)[:, None]
             if RES_BITS > 0:
-                w += r.to(tl.float32) * _row_scales(res_scales_ptr, rows, row_mask, start, K, G)[:, None]
-            _store_pair(out_ptr, w, rows, row_mask, start, K, B)
+                w += r.to(tl.float32) * _row_scales(res_scales, first_input, (offset + 2 * half) * B, G, ALIGNED)[:, None]
+            _store_pair(out_ptr, w, rows, row_mask, first_input + (offset + 2 * half) * B, K, B)
 
 
 @triton.jit

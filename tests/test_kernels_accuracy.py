@@ -36,8 +36,10 @@ from tqc.kernels.repack import slot_words  # noqa: E402
 from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-SHAPES = [(1024, 4096, 128)] if CUDA else [(32, 256, 64), (16, 96, 32)]  # B = 8 in one chunk; B = 1 in three chunks
-DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+# (N, K, group size). Interpreted: B = 8 in one chunk, B = 1 in three chunks; N not a multiple of the
+# row blocks (rows clamped for the loads), and N odd (split-K outputs added one by one, not in pairs).
+SHAPES = [(1024, 4096, 128), (1000, 4096, 128)] if CUDA else [(24, 256, 64), (21, 96, 32)]
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-3}
 TOKENS = [1, 5] if INTERPRET else [1, 3, 16, 77]
 STRATEGIES = {  # the split kernels with their smallest slot count: the most K-splits, atomics included
