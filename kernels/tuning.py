@@ -67,8 +67,8 @@ def token_bucket(tokens: int) -> int:
 # H100 key of run 3), in fp16 pairs (it beat float32 on every key of run 10; two float32 shapes
 # stay candidates); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
 FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4, 3))
-FMA_HALF_SHAPES = ((8, 4, 8, 2), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2), (16, 4, 16, 2, 3), (32, 4, 16, 2, 3),
-                   (16, 4, 16, 4, 3), (16, 4, 8, 4, 3))
+FMA_HALF_SHAPES = ((8, 4, 8, 1), (8, 4, 8, 2), (16, 4, 8, 1), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2),
+                   (16, 4, 16, 2, 3), (32, 4, 16, 2, 3), (16, 4, 16, 4, 3), (16, 4, 8, 4, 3))
 SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
                 (64, 4, 8, 4, 3))
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
