@@ -355,37 +355,24 @@ def _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl
 # acc + w * x * scale on half2 registers: two products and two sums per instruction pair (HMUL2, HFMA2).
 HALF_FMA_ASM = tl.constexpr("{ .reg .b32 p; mul.rn.f16x2 p, $1, $2; fma.rn.f16x2 $0, p, $3, $4; }")
 HALF_FMA_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
-# The same over a thread's 4 neighbouring half2 of one row (8 columns, one group: pack=8, 4
-# registers an operand: w $4-$7, x $8-$11, scale $12-$15, acc $16-$19): their products are summed
-# first and scaled once, 5 instructions instead of 8; the sum lands in the first half2 of acc, the
-# other three pass through unchanged.
-RUN_FMA_ASM = tl.constexpr("{ .reg .b32 p; mul.rn.f16x2 p, $4, $8; fma.rn.f16x2 p, $5, $9, p; "
-                           "fma.rn.f16x2 p, $6, $10, p; fma.rn.f16x2 p, $7, $11, p; fma.rn.f16x2 $0, p, $12, $16; "
-                           "mov.b32 $1, $17; mov.b32 $2, $18; mov.b32 $3, $19; }")
-RUN_FMA_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r" + ",r" * 16)
 
 
 @triton.jit
 def _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-              B: tl.constexpr, ALIGNED: tl.constexpr, HALF_ACC: tl.constexpr, THREADS: tl.constexpr, ASM: tl.constexpr):
+              B: tl.constexpr, ALIGNED: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
     """acc + scale * w * x' for one decoded slot pair, one token, elementwise into [BLOCK_N, 2B].
 
     HALF_ACC: in fp16, two weights per instruction (HALF_FMA_ASM on the half2 registers the decode
     and pair_inputs produce); the sums over one program's slots stay short, at most a few dozen
-    terms, and programs add up in float32. Where each thread holds runs of 8 columns of a row
-    (wide word tiles), RUN_FMA_ASM sums a run before scaling it. Else in float32.
+    terms, and programs add up in float32. Else in float32.
     """
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, first_input + OFFSET, K, B, ASM)
     if HALF_ACC:
         scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
         if ASM:
-            if B >= 32 and w.shape[0] * 2 * B >= 8 * THREADS:  # a thread loads 4 words or more of a row
-                acc = tl.inline_asm_elementwise(RUN_FMA_ASM, RUN_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
-                                                is_pure=True, pack=8)
-            else:
-                acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc],
-                                                dtype=tl.float16, is_pure=True, pack=2)
+            acc = tl.inline_asm_elementwise(HALF_FMA_ASM, HALF_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
         else:
             acc = acc + w * x * scale
     else:
@@ -419,13 +406,13 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales, res_scales, first_input, OFFS
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
                  G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr,
-                 THREADS: tl.constexpr, ASM: tl.constexpr):
+                 ASM: tl.constexpr):
     """One decoded pair (at input first_input + OFFSET) into the accumulator: on tensor cores (DOT)
     or CUDA cores (one token)."""
     if DOT:
         acc = _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED, ASM)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, THREADS, ASM)
+        acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, ASM)
     return acc
 
 
@@ -485,7 +472,7 @@ def _start(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.co
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, HALF_ACC: tl.constexpr, THREADS: tl.constexpr = 0):
+              DOT: tl.constexpr, HALF_ACC: tl.constexpr):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
     `_folded_fma_pair` per pair of both stages; word tiles load once per word, each row's scales
@@ -517,14 +504,14 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
                                    G, B, ALIGNED, ASM)
         else:
             acc = _pair_update(acc, x_ptr, first, scales, tokens, token_mask, first_input, offset * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, THREADS, ASM)
+                               ALIGNED, DOT, HALF_ACC, ASM)
             acc = _pair_update(acc, x_ptr, second, scales, tokens, token_mask, first_input, (offset + 2) * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, THREADS, ASM)
+                               ALIGNED, DOT, HALF_ACC, ASM)
             if RES_BITS > 0:
                 acc = _pair_update(acc, x_ptr, res_first, res_scales, tokens, token_mask, first_input, offset * B, K,
-                                   G, B, ALIGNED, DOT, HALF_ACC, THREADS, ASM)
+                                   G, B, ALIGNED, DOT, HALF_ACC, ASM)
                 acc = _pair_update(acc, x_ptr, res_second, res_scales, tokens, token_mask, first_input,
-                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, THREADS, ASM)
+                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, ASM)
     return acc
 
 
@@ -578,7 +565,7 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
                         rows, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, False, HALF_ACC, THREADS)
+                        RES_BITS, SLOTS, ASM, False, HALF_ACC)
     _accumulate_rows(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS, N % 2 == 0,
                      THREADS, ASM)
 

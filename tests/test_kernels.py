@@ -189,10 +189,8 @@ def test_lookup_kernels_compile_for_hopper_without_spilling(option, bucket):
 
 @pytest.mark.parametrize("option", ["4", "3", "4+2"])
 def test_fp16_accumulation_multiplies_half2_pairs(option):
-    """The fp16 one-token kernel: two weights per HMUL2/HFMA2, no float32 multiply per weight, and
-    for a plain option each thread's run of 8 products summed before it is scaled (RUN_FMA_ASM: 5
-    instructions per 8 inputs, not 8); its prologue prefetches the codes into L2 and waits for the
-    rotation (programmatic dependent launch)."""
+    """The fp16 one-token kernel: two weights per HMUL2/HFMA2, no float32 multiply per weight; its
+    prologue prefetches the codes into L2 and waits for the rotation (programmatic dependent launch)."""
     pytest.importorskip("triton")
     from tqc.kernels.bench import layer_key
     from tqc.kernels.registry import LayerKernel
@@ -202,9 +200,6 @@ def test_fp16_accumulation_multiplies_half2_pairs(option):
     config = next(c for c in LayerKernel(key, None).candidates(1) if c.accumulate == "fp16" and c.prefetch)
     ops = sass_summary(compile_for_hopper(key, config))["ops"]
     inputs = config.block_n * config.slots * 64 / (32 * config.num_warps)  # per thread, one step
-    half2 = ops.get("HFMA2", 0) + ops.get("HMUL2", 0)
-    assert half2 >= inputs / 2  # every product in a half2 instruction, two weights each
-    if "+" not in option:
-        assert half2 < 0.7 * inputs  # runs summed, then scaled once (8 per 8 inputs when scaled pair by pair)
+    assert ops.get("HFMA2", 0) + ops.get("HMUL2", 0) >= inputs  # x' and the scale(s), two weights each
     assert ops.get("FFMA", 0) + ops.get("FMUL", 0) < inputs / 8
     assert ops.get("CCTL", 0) > 0 and ops.get("ACQBULK", 0) == 1  # prefetch.global.L2, griddepcontrol.wait
