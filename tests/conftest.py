@@ -25,3 +25,13 @@ def train_text() -> Path:
 @pytest.fixture(scope="session")
 def test_text() -> Path:
     return _data_file("wiki.test.txt")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer saved once, for the tiny models (tests/tiny_models.py)."""
+    from tqc.models import load_tokenizer, resolve_model
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer(resolve_model("smollm2")).save_pretrained(directory)
+    return directory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packed import IDS, logits, make_tiny_model, plan_for, tokenizer_dir  # noqa: F401  (a fixture)
+from tiny_models import IDS, logits, make_tiny_model, plan_for
 
 from tqc.fusion import FusedSiblings, SiblingSlice, fuse_siblings
 from tqc.layout import LayerSpec, rotation_seed
