@@ -1,0 +1,75 @@
+"""Where a decode step's time goes: kernel launches and kernel time per step, bf16 and tqc (CUDA only).
+
+    python scripts/profile_decode.py [--plan mixed] [--steps 20] [-o profile.json]
+
+Builds the decoders of `tqc bench decode` (kernels/decode_bench.py) with the tuning cache
+($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
+torch.profiler and sums the GPU kernels by name. Under programmatic dependent launch a kernel
+starts before its predecessor ends, so kernel times overlap: their sum can exceed the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+
+from tqc.kernels.decode_bench import LLAMA3_8B, MIXED_PLAN, Decoder, bf16_factory, quantized_factory
+from tqc.kernels.registry import KernelRegistry
+from tqc.kernels.tuning import Tuner
+
+
+def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
+    """{kernel name: {launches, us}} per step of a graph-captured decode step."""
+    token, pos = torch.ones(1, dtype=torch.long, device="cuda"), torch.full((1,), 7, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):  # tune, then compile what runs once the layers are tuned
+            model(token, pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(token, pos)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    table: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"launches": 0.0, "us": 0.0})
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = table[event.name[:80]]
+            entry["launches"] += 1 / steps
+            entry["us"] += event.device_time / steps
+    return dict(sorted(table.items(), key=lambda item: -item[1]["us"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="mixed", help="'mixed' or one option for every layer")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("-o", "--output", default="profile-decode.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    options = MIXED_PLAN if args.plan == "mixed" else dict.fromkeys(MIXED_PLAN, args.plan)
+    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
+    results = {"plan": options, "steps": args.steps}
+    for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
+        model = Decoder(linear, LLAMA3_8B, 32, 1024, compile_glue=True, rotate_in_glue=True)
+        results[label] = table = kernel_table(model, args.steps)
+        print(f"{label}: {sum(e['launches'] for e in table.values()):.0f} launches, "
+              f"{sum(e['us'] for e in table.values()) / 1e3:.2f} ms of kernel time per step")
+        for name, entry in list(table.items())[:12]:
+            print(f"  {entry['launches']:6.0f} x {entry['us'] / max(entry['launches'], 1):7.2f} us = "
+                  f"{entry['us'] / 1e3:6.3f} ms  {name}")
+        del model
+        torch.cuda.empty_cache()
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
