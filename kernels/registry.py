@@ -140,7 +140,7 @@ class LayerKernel:
         if config.strategy == "fma":
             constexprs |= {"HALF_ACC": config.accumulate == "fp16", "THREADS": 32 * config.num_warps}
         else:
-            constexprs["BLOCK_M"] = config.block_m
+            constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left}
         return slot_count // (config.slots * iters), constexprs
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:

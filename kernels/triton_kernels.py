@@ -3,7 +3,8 @@
     fwht_kernel     rotate activations: x' = FWHT_G(x * signs) / sqrt(G), per group of G inputs
                     (and zero the output the split-K kernels add into)
     lut_dot_kernel  any number of tokens on tensor cores: decode a slot pair to fp16 in registers,
-                    `tl.dot` with the activations, scale; split over K with atomics for few tokens
+                    `tl.dot` with the activations, scale; split over K with atomics for few tokens;
+                    WEIGHTS_LEFT: the weights are the left operand, decoded in its register layout
     lut_fma_kernel  one token on CUDA cores (fp16 pairs or float32), the tuner's choice for one
                     token on every H100 key; also serves layers too narrow for tensor cores (2B < 16)
     dequant_kernel  write the decoded weight (then cuBLAS, for very many tokens)
@@ -346,10 +347,21 @@ def _spread(values, SIZE: tl.constexpr):
 
 @triton.jit
 def _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
-              G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, ASM: tl.constexpr):
-    """acc + scale * (x' @ w^T) for one decoded slot pair at input first_input + OFFSET, on tensor cores."""
+              G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, ASM: tl.constexpr):
+    """acc + scale * (x' @ w^T) for one decoded slot pair at input first_input + OFFSET, on tensor cores.
+
+    WEIGHTS_LEFT: acc is [BLOCK_N, BLOCK_M] and gets scale * (w @ x'^T). With the weights as the
+    left operand, sm_90's wgmma reads them from registers and Triton decodes the codes straight in
+    that layout; as the right operand they pass through shared memory (a store, a barrier and
+    ldmatrix per pair).
+    """
     x = pair_inputs(x_ptr, tokens, token_mask, first_input + OFFSET, K, B, ASM)
-    return acc + tl.dot(x, tl.trans(w)) * _row_scales(scales, first_input, OFFSET, G, ALIGNED)[None, :]
+    scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED)
+    if WEIGHTS_LEFT:
+        acc += tl.dot(w, tl.trans(x)) * scale[:, None]
+    else:
+        acc += tl.dot(x, tl.trans(w)) * scale[None, :]
+    return acc
 
 
 # acc + w * x * scale on half2 registers: two products and two sums per instruction pair (HMUL2, HFMA2).
@@ -406,11 +418,12 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales, res_scales, first_input, OFFS
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
                  G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr,
-                 ASM: tl.constexpr):
+                 WEIGHTS_LEFT: tl.constexpr, ASM: tl.constexpr):
     """One decoded pair (at input first_input + OFFSET) into the accumulator: on tensor cores (DOT)
     or CUDA cores (one token)."""
     if DOT:
-        acc = _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED, ASM)
+        acc = _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED,
+                        WEIGHTS_LEFT, ASM)
     else:
         acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, ASM)
     return acc
@@ -472,7 +485,7 @@ def _start(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.co
 def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, HALF_ACC: tl.constexpr):
+              DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
     """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
     `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
     `_folded_fma_pair` per pair of both stages; word tiles load once per word, each row's scales
@@ -504,14 +517,14 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
                                    G, B, ALIGNED, ASM)
         else:
             acc = _pair_update(acc, x_ptr, first, scales, tokens, token_mask, first_input, offset * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, ASM)
+                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
             acc = _pair_update(acc, x_ptr, second, scales, tokens, token_mask, first_input, (offset + 2) * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, ASM)
+                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
             if RES_BITS > 0:
                 acc = _pair_update(acc, x_ptr, res_first, res_scales, tokens, token_mask, first_input, offset * B, K,
-                                   G, B, ALIGNED, DOT, HALF_ACC, ASM)
+                                   G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
                 acc = _pair_update(acc, x_ptr, res_second, res_scales, tokens, token_mask, first_input,
-                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, ASM)
+                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
     return acc
 
 
@@ -519,14 +532,15 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
 def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
-                   ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                   ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
+                   WEIGHTS_LEFT: tl.constexpr = False):
     """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
     A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
     every plane's slots per word; K = splits * ITERS * SLOTS * B). Few tokens: many splits, each
     adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
-    a tiled GEMM. PREFETCH, PDL: see _start.
+    a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair.
     """
     rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
@@ -534,13 +548,19 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
            SLOTS * ITERS, PREFETCH, PDL)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHTS_LEFT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(ITERS):
         acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
                         rows, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, True, False)
-    mask = token_mask[:, None] & row_mask[None, :]
-    _accumulate(out_ptr, tokens[:, None] * N + rows[None, :], acc, mask, K > SLOTS * B * ITERS)
+                        RES_BITS, SLOTS, ASM, True, False, WEIGHTS_LEFT)
+    if WEIGHTS_LEFT:  # acc[row, token]
+        offsets, mask = tokens[None, :] * N + rows[:, None], token_mask[None, :] & row_mask[:, None]
+    else:
+        offsets, mask = tokens[:, None] * N + rows[None, :], token_mask[:, None] & row_mask[None, :]
+    _accumulate(out_ptr, offsets, acc, mask, K > SLOTS * B * ITERS)
 
 
 @triton.jit

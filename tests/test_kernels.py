@@ -92,6 +92,8 @@ def test_token_buckets_choose_the_strategy_family():
     assert {c.strategy for c in candidate_configs(1)} == {"fma"}
     assert {c.strategy for c in candidate_configs(16)} == {"dot"} | {"dequant"}
     assert {c.block_m for c in candidate_configs(16) if c.strategy == "dot"} == {16}
+    assert {c.weights_left for c in candidate_configs(16)} == {False, True}  # the tuner picks the operand order
+    assert all(c.block_n >= 64 for c in candidate_configs(16) if c.weights_left)
     assert {(c.strategy, c.whole_k) for c in candidate_configs(4096)} == {("dot", True), ("dequant", False)}
     assert {c.strategy for c in candidate_configs(16, slot_width=2)} == {"dequant"}  # too narrow for tensor cores
     for config in candidate_configs(1, bits=3, slot_count=576 // 2):  # 3-bit steps take whole chunks of 32 slots

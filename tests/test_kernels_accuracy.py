@@ -44,6 +44,7 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-3}
 TOKENS = [1, 5] if INTERPRET else [1, 3, 16, 77]
 STRATEGIES = {  # the split kernels with their smallest slot count: the most K-splits, atomics included
     "dot-split": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots),
+    "dot-split-weights-left": lambda slots: LaunchConfig(strategy="dot", block_n=64, slots=slots, weights_left=True),
     "dot-whole-k": lambda slots: LaunchConfig(strategy="dot", block_m=32, block_n=32, slots=slots, whole_k=True),
     "fma": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots),
     "fma-two-steps": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=2),
