@@ -197,10 +197,11 @@ def add_parser(subparsers) -> None:
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
-    static = kinds.add_parser("static", help="compile the one-token kernels for sm_90 here (no GPU) and count their SASS")
+    static = kinds.add_parser("static", help="compile the lookup kernels for sm_90 here (no GPU) and count their SASS")
     static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
     static.add_argument("--bandwidth", type=float, default=2700.0, help="GB/s assumed for the memory-bound estimate")
+    static.add_argument("--tokens", type=int, default=1, help="the candidates of this token count's bucket (1 or 16)")
     static.add_argument("-o", "--output", default="bench-static.json")
     static.set_defaults(run=_static)
     for parser in (layers, decode):

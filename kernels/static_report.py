@@ -31,7 +31,7 @@ ARGUMENT_TYPES = {"x_ptr": "*fp16", "out_ptr": "*bf16", "codes_ptr": "*i32", "sc
 
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
-    """The compiled one-token kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
+    """The compiled lookup kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
     fn = tk.lut_fma_kernel if config.strategy == "fma" else tk.lut_dot_kernel
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
     constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
@@ -61,8 +61,8 @@ def _run(*command: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def one_token_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
-    """Instructions per weight of the one-token kernel, and the issue- and memory-bound times it implies."""
+def step_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth_gbps: float) -> dict:
+    """Instructions per weight of a lookup kernel, and the issue- and memory-bound times it implies."""
     b = slot_words(key.k, key.group_size)
     # The listing holds the step loop's body once (Triton does not unroll `range(ITERS)`), so its
     # count is per step: a program issues about ITERS times the body.
@@ -73,28 +73,40 @@ def one_token_estimate(key: KernelKey, config: LaunchConfig, summary: dict, band
             "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
 
 
-def static_rows(models: list[str], options: list[str], bandwidth_gbps: float) -> list[dict]:
-    """One row per (shape, option, one-token candidate): resources, instructions per weight, time estimates."""
+def static_rows(models: list[str], options: list[str], bandwidth_gbps: float, tokens: int = 1) -> list[dict]:
+    """One row per (shape, option, lookup-kernel candidate at this token count): resources,
+    instructions per weight, time estimates; for the tensor-core kernel also its barriers,
+    ldmatrix loads and mma instructions (where the decoded weights go through shared memory)."""
     from .bench import SHAPES, layer_key  # noqa: PLC0415
+    from .tuning import token_bucket  # noqa: PLC0415
 
     rows = []
     for model in models:
         for layer, (n, k) in SHAPES[model].items():
             for option in options:
                 key = layer_key(option, n, k, 128)
-                for config in LayerKernel(key, None).candidates(1):
+                for config in LayerKernel(key, None).candidates(token_bucket(tokens)):
+                    if config.strategy == "dequant":
+                        continue
                     summary = sass_summary(compile_for_hopper(key, config))
+                    ops = summary["ops"]
                     row = {"model": model, "layer": layer, "option": option, "n": n, "k": k} | config.model_dump()
-                    row |= summary | one_token_estimate(key, config, summary, bandwidth_gbps)
+                    row |= summary | step_estimate(key, config, summary, bandwidth_gbps)
+                    row |= {"barriers": ops.get("BAR", 0), "ldmatrix": ops.get("LDSM", 0),
+                            "mma": ops.get("HMMA", 0) + ops.get("HGMMA", 0)}
                     rows.append(row)
-                    print(f"{model:<10} {layer:<17} {option:>4} BN={config.block_n:<3} warps={config.num_warps} "
-                          f"regs {row['registers']:>3} stack {row['stack']:>5}  {row['instructions_per_weight']:5.2f} instr/weight  "
-                          f"issue-bound {row['issue_bound_us']:7.1f} us  memory-bound {row['memory_bound_us']:7.1f} us", flush=True)
+                    shared = (f"  bar {row['barriers']:>2} ldsm {row['ldmatrix']:>2} mma {row['mma']:>3}"
+                              f"{' weights-left' if config.weights_left else ''}") if config.strategy == "dot" else ""
+                    print(f"{model:<10} {layer:<17} {option:>4} {config.strategy:<3} BN={config.block_n:<3} "
+                          f"warps={config.num_warps} regs {row['registers']:>3} stack {row['stack']:>5}  "
+                          f"{row['instructions_per_weight']:5.2f} instr/weight  issue-bound {row['issue_bound_us']:7.1f} us  "
+                          f"memory-bound {row['memory_bound_us']:7.1f} us{shared}", flush=True)
     return rows
 
 
 def cmd_static(args) -> None:
     from .bench import save  # noqa: PLC0415
 
-    rows = static_rows(args.models, args.options, args.bandwidth)
-    save({"triton": triton.__version__, "target": "sm_90", "bandwidth_gbps_assumed": args.bandwidth, "rows": rows}, args.output)
+    rows = static_rows(args.models, args.options, args.bandwidth, args.tokens)
+    save({"triton": triton.__version__, "target": "sm_90", "tokens": args.tokens, "bandwidth_gbps_assumed": args.bandwidth,
+          "rows": rows}, args.output)

@@ -205,3 +205,18 @@ def test_fp16_accumulation_multiplies_half2_pairs(option):
     assert ops.get("HFMA2", 0) + ops.get("HMUL2", 0) >= inputs  # x' and the scale(s), two weights each
     assert ops.get("FFMA", 0) + ops.get("FMUL", 0) < inputs / 8
     assert ops.get("CCTL", 0) > 0 and ops.get("ACQBULK", 0) == 1  # prefetch.global.L2, griddepcontrol.wait
+
+
+def test_weights_left_decode_in_the_wgmma_registers():
+    """With the weights as the left operand (sm_90 wgmma reads it from registers) the decoded
+    tile skips shared memory: far fewer ldmatrix loads than with the activations on the left."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key("4", 1024, 4096, 128)
+    config = LaunchConfig(strategy="dot", block_n=64, num_warps=4, slots=8)
+    right = sass_summary(compile_for_hopper(key, config))["ops"]
+    left = sass_summary(compile_for_hopper(key, config.model_copy(update={"weights_left": True})))["ops"]
+    assert left.get("HGMMA", 0) > 0 and right.get("HGMMA", 0) == 0  # warp-group mma only with weights on the left
+    assert left.get("LDSM", 0) * 2 < right.get("LDSM", 0)
