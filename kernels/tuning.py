@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-TUNE_FORMAT = 6  # 6: fp16 accumulation, prefetch, streamed timing; older caches are retuned
+# 7: the weights-left tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
+TUNE_FORMAT = 7  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -51,7 +52,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[6] = TUNE_FORMAT
+    format: Literal[7] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
