@@ -137,6 +137,8 @@ class LayerKernel:
         iters = slot_count // config.slots if config.whole_k else config.iters
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
+        constexprs["LOOKAHEAD"] = config.lookahead
+        constexprs["STAGES"] = config.num_stages
         if config.strategy == "fma":
             constexprs |= {"HALF_ACC": config.accumulate == "fp16", "THREADS": 32 * config.num_warps}
         else:

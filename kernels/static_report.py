@@ -65,8 +65,9 @@ def step_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth
     """Instructions per weight of a lookup kernel, and the issue- and memory-bound times it implies."""
     b = slot_words(key.k, key.group_size)
     # The listing holds the step loop's body once (Triton does not unroll `range(ITERS)`), so its
-    # count is per step: a program issues about ITERS times the body.
-    weights_per_thread = config.block_n * config.slots * b / (32 * config.num_warps)  # one step
+    # count is per step: a program issues about ITERS times the body. Lookahead unrolls the steps.
+    steps = config.iters if config.lookahead else 1
+    weights_per_thread = config.block_n * config.slots * b * steps / (32 * config.num_warps)
     per_weight = summary["instructions"] / weights_per_thread
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,

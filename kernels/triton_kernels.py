@@ -11,7 +11,7 @@
 
 The codes are in the kernel layout of repack.py (docs/kernel_layout.md). The unit of decoding is
 a **slot pair** (t, t + 1) of a chunk: `decode_pair` turns the [BLOCK_N, B] word tile(s) holding
-it (`stage_words`, loaded once per word) into an fp16 [BLOCK_N, 2B] tile whose column 2 kw + h is
+it (`step_words`, loaded once per word) into an fp16 [BLOCK_N, 2B] tile whose column 2 kw + h is
 slot t + h of column kw, i.e. input k0 + h B + kw (k0 = first input of slot t); the rotation
 stores the activations in that order (pair order) for `pair_inputs`.
 Decoding is a codebook lookup in registers (lut.py: PRMT byte permutes, no memory gather), run as
@@ -165,25 +165,32 @@ def load_table(table_ptr, rows, BITS: tl.constexpr):
 
 
 @triton.jit
-def stage_words(codes_ptr, rows, chunk, slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
-    """The doubled word tiles holding `slot` of a stage: (codes, signs); signs only for 3 bits (else the codes).
+def step_words(codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr):
+    """Load the word tiles one stage's step of SLOTS slots from first_slot reads: a tuple with one
+    (codes, signs) pair of [BLOCK_N, B] int32 tiles per WORD_SLOTS slots; signs only for 3 bits (else the codes).
 
-    A nibble word holds 8 slots, a crumb word 16, a sign word 32: the kernels load once per
-    WORD_SLOTS = 8 (4 bits) or 16 slots and decode several pairs.
+    A nibble word holds 8 slots, a crumb word 16, a sign word 32: each word is loaded once per
+    step and decodes several pairs (`_lut_step` doubles the tiles, `_doubled`, where it uses them).
     """
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16
     ROW_WORDS: tl.constexpr = K * BITS // 32
-    words = _plane_tile(codes_ptr, rows, chunk, slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B)
-    signs = words
-    if BITS == 3:
-        signs = _plane_tile(codes_ptr, rows, chunk, slot, K * 2 // 32, 1, ROW_WORDS, B)
-    return _doubled(words), _doubled(signs)
+    chunk = first_slot // 32
+    start = first_slot % 32
+    tiles = ()
+    for offset in tl.static_range(0, SLOTS, WORD_SLOTS):
+        words = _plane_tile(codes_ptr, rows, chunk, start + offset, 0, 4 if BITS == 4 else 2, ROW_WORDS, B)
+        signs = words
+        if BITS == 3:
+            signs = _plane_tile(codes_ptr, rows, chunk, start + offset, K * 2 // 32, 1, ROW_WORDS, B)
+        tiles = tiles + ((words, signs),)
+    return tiles
 
 
 @triton.jit
 def decode_pair(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
     """fp16 [BLOCK_N, 2B]: column 2 kw + h is the codebook value of slot `start + OFFSET + h`, column kw.
 
-    `words`, `signs` are stage_words of that slot; `start`, a multiple of every plane's slots per
+    `words`, `signs` are the doubled step_words tiles of that slot; `start`, a multiple of every plane's slots per
     word, fixes the pair's bit positions (repack.slot_bits) as constexprs. Plain Triton: the
     interpreter's path; on a GPU decode_quad looks the codes up with PRMT, a quad at a time.
     """
@@ -449,7 +456,7 @@ def _prefetch_plane(ptr, rows, first_slot, START: tl.constexpr, WIDTH: tl.conste
 @triton.jit
 def _prefetch_stage(codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                     SLOT_COUNT: tl.constexpr):
-    """Prefetch every plane of a stage's codes for SLOT_COUNT slots from first_slot (stage_words' planes)."""
+    """Prefetch every plane of a stage's codes for SLOT_COUNT slots from first_slot (step_words' planes)."""
     ROW_WORDS: tl.constexpr = K * BITS // 32
     _prefetch_plane(codes_ptr, rows, first_slot, 0, 4 if BITS == 4 else 2, ROW_WORDS, B, SLOT_COUNT)
     if BITS == 3:
@@ -482,20 +489,29 @@ def _start(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.co
 
 
 @triton.jit
-def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
+def _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+                RES_BITS: tl.constexpr, SLOTS: tl.constexpr):
+    """Both stages' step_words of one step (the residual's are the base's when there is none: never read)."""
+    tiles = step_words(codes_ptr, rows, first_slot, K, B, BITS, SLOTS)
+    res_tiles = tiles
+    if RES_BITS > 0:
+        res_tiles = step_words(res_codes_ptr, rows, first_slot, K, B, RES_BITS, SLOTS)
+    return tiles, res_tiles
+
+
+@triton.jit
+def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows,
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
-    """acc plus SLOTS slots from first_slot of both stages: decode two pairs at a time, then
-    `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores) each, or for a residual option in fp16
-    `_folded_fma_pair` per pair of both stages; word tiles load once per word, each row's scales
-    from one address per step (scale_rows)."""
-    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    """acc plus SLOTS slots from first_slot of both stages, whose word tiles (`_step_tiles`) are
+    loaded: decode two pairs at a time, then `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores)
+    each, or for a residual option in fp16 `_folded_fma_pair` per pair of both stages; each row's
+    scales from one address per step (scale_rows)."""
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per tile of step_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
     ALIGNED: tl.constexpr = SLOTS * B % G == 0  # every step starts a group
-    chunk = first_slot // 32
-    start = first_slot % 32
     first_input = first_slot * B
     scales = scale_rows(scales_ptr, rows, first_input, K, G)
     res_scales = scales  # never read without a residual stage
@@ -503,11 +519,13 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
         res_scales = scale_rows(res_scales_ptr, rows, first_input, K, G)
     for offset in tl.static_range(0, SLOTS, 4):
         if offset % WORD_SLOTS == 0:
-            words, signs = stage_words(codes_ptr, rows, chunk, start + offset, K, B, BITS)
+            words, signs = tiles[offset // WORD_SLOTS]
+            words, signs = _doubled(words), _doubled(signs)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
-                res_words, res_signs = stage_words(res_codes_ptr, rows, chunk, start + offset, K, B, RES_BITS)
+                res_words, res_signs = res_tiles[offset // RES_WORD_SLOTS]
+                res_words, res_signs = _doubled(res_words), _doubled(res_signs)
             res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
         # each pair's first input is first_input + (offset + 2 half) B
         if FOLD:
@@ -528,19 +546,55 @@ def _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scale
     return acc
 
 
+@triton.jit
+def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
+               tokens, token_mask, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
+               RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr, ASM: tl.constexpr,
+               DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, LOOKAHEAD: tl.constexpr,
+               STAGES: tl.constexpr):
+    """acc plus the program's ITERS steps (`_lut_step`), from slot program_id(1) * ITERS * SLOTS.
+
+    A run-time loop, software-pipelined over STAGES steps: Triton copies the loads of the next
+    STAGES - 1 steps into shared memory asynchronously (cp.async) while one step decodes. (The
+    launch option num_stages pipelines only loops with a `tl.dot`, so the CUDA-core kernel names
+    it on its loop.) LOOKAHEAD instead: the steps are unrolled and each step's code words are
+    loaded before the previous step decodes (ptxas may still sink the loads towards their use).
+    """
+    first_slot = tl.program_id(1) * ITERS * SLOTS
+    if LOOKAHEAD:
+        tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot, K, B, BITS, RES_BITS, SLOTS)
+        for step in tl.static_range(ITERS):
+            current, res_current = tiles, res_tiles
+            if step + 1 < ITERS:
+                tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot + (step + 1) * SLOTS, K, B,
+                                               BITS, RES_BITS, SLOTS)
+            acc = _lut_step(acc, x_ptr, current, scales_ptr, table, res_current, res_scales_ptr, res_table, rows,
+                            tokens, token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT,
+                            HALF_ACC, WEIGHTS_LEFT)
+    else:
+        for step in tl.range(ITERS, num_stages=STAGES):
+            tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot + step * SLOTS, K, B, BITS,
+                                           RES_BITS, SLOTS)
+            acc = _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows, tokens,
+                            token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT, HALF_ACC,
+                            WEIGHTS_LEFT)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
                    ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
-                   WEIGHTS_LEFT: tl.constexpr = False):
+                   WEIGHTS_LEFT: tl.constexpr = False, LOOKAHEAD: tl.constexpr = False,
+                   STAGES: tl.constexpr = 1):
     """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
     A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
     every plane's slots per word; K = splits * ITERS * SLOTS * B). Few tokens: many splits, each
     adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
-    a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair.
+    a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair. LOOKAHEAD, STAGES: see _lut_steps.
     """
     rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
@@ -552,10 +606,9 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(ITERS):
-        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
-                        rows, tokens, token_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, True, False, WEIGHTS_LEFT)
+    acc = _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows, tokens,
+                     token_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, True, False, WEIGHTS_LEFT, LOOKAHEAD,
+                     STAGES)
     if WEIGHTS_LEFT:  # acc[row, token]
         offsets, mask = tokens[None, :] * N + rows[:, None], token_mask[None, :] & row_mask[:, None]
     else:
@@ -568,11 +621,12 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr,
                    ASM: tl.constexpr, THREADS: tl.constexpr, HALF_ACC: tl.constexpr = False,
-                   PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                   PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False, LOOKAHEAD: tl.constexpr = False,
+                   STAGES: tl.constexpr = 1):
     """out[N] (+)= W' x' for one token on CUDA cores; grid (cdiv(N, BLOCK_N), splits). As lut_dot_kernel.
     THREADS: 32 num_warps (_add_pairs).
 
-    HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start.
+    HALF_ACC: see _fma_pair. PREFETCH, PDL: see _start. LOOKAHEAD, STAGES: see _lut_steps.
     """
     rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
@@ -582,10 +636,8 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float16)
     else:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
-    for step in range(ITERS):
-        acc = _lut_step(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table,
-                        rows, rows, row_mask, (tl.program_id(1) * ITERS + step) * SLOTS, K, G, B, BITS,
-                        RES_BITS, SLOTS, ASM, False, HALF_ACC)
+    acc = _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows, rows,
+                     row_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, False, HALF_ACC, False, LOOKAHEAD, STAGES)
     _accumulate_rows(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS, N % 2 == 0,
                      THREADS, ASM)
 
@@ -595,7 +647,7 @@ def dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                    RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """out[N, K] = W' in out's dtype; grid (cdiv(N, BLOCK_N), K // (32 * B)): one chunk per program."""
-    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per load of stage_words
+    WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per tile of step_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     rows, row_mask = block_rows(N, BLOCK_N)
     chunk = tl.program_id(1)
@@ -604,14 +656,17 @@ def dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res
     scales = scale_rows(scales_ptr, rows, first_input, K, G)
     res_scales = scale_rows(res_scales_ptr, rows, first_input, K, G)  # never read without a residual stage
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
+    tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, chunk * 32, K, B, BITS, RES_BITS, 32)
     for offset in tl.static_range(0, 32, 4):
         if offset % WORD_SLOTS == 0:
-            words, signs = stage_words(codes_ptr, rows, chunk, offset, K, B, BITS)
+            words, signs = tiles[offset // WORD_SLOTS]
+            words, signs = _doubled(words), _doubled(signs)
         first, second = decode_quad(words, signs, table, offset, B, BITS, ASM)
         res_first, res_second = first, second  # unread when RES_BITS == 0
         if RES_BITS > 0:
             if offset % RES_WORD_SLOTS == 0:
-                res_words, res_signs = stage_words(res_codes_ptr, rows, chunk, offset, K, B, RES_BITS)
+                res_words, res_signs = res_tiles[offset // RES_WORD_SLOTS]
+                res_words, res_signs = _doubled(res_words), _doubled(res_signs)
             res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
         for half in tl.static_range(2):
             if half == 0:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 7: the weights-left tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 7  # older caches are retuned
+# 8: lookahead candidates; 7: weights-left tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
+TUNE_FORMAT = 8  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -40,6 +40,7 @@ class LaunchConfig(BaseModel):
     accumulate: Literal["fp32", "fp16"] = "fp32"  # fma: fp16 multiplies and sums two weights per instruction
     prefetch: bool = False  # dot/fma: each program first asks L2 for all its codes (triton_kernels._start)
     weights_left: bool = False  # dot: the weights are the left operand, decoded in its registers (_dot_pair)
+    lookahead: bool = False  # dot/fma: steps unrolled, each step's codes loaded before the last one decodes
 
 
 class TuneEntry(BaseModel):
@@ -52,7 +53,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[7] = TUNE_FORMAT
+    format: Literal[8] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -64,19 +65,31 @@ def token_bucket(tokens: int) -> int:
 
 
 # (block_n, num_warps, slots, iters[, num_stages]): few rows and slots per program give many programs
-# (split-K); num_stages > 1 lets Triton prefetch the next step's loads.
+# (split-K); num_stages > 1 software-pipelines the step loop (the next steps' loads copied into
+# shared memory while one decodes). Until session 9 the CUDA-core kernel's loop ignored it
+# (Triton pipelines only loops with a tl.dot unless tl.range names the stages), so its
+# num_stages=3 shapes ran unpipelined; pipelined, they lost (run 37) and now run at 1.
 # One token runs on CUDA cores (fma: it beat the tensor-core kernel padded to 16 rows on every
 # H100 key of run 3), in fp16 pairs (it beat float32 on every key of run 10; two float32 shapes
 # stay candidates); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
-FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4, 3))
+FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4))
 FMA_HALF_SHAPES = ((8, 4, 8, 1), (8, 4, 8, 2), (16, 4, 8, 1), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2),
-                   (16, 4, 16, 2, 3), (32, 4, 16, 2, 3), (16, 4, 16, 4, 3), (16, 4, 8, 4, 3))
+                   (16, 4, 16, 2), (32, 4, 16, 2), (16, 4, 8, 4))
 SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
                 (64, 4, 8, 4, 3))
 # With the weights as the left operand, sm_90's wgmma takes them from registers in tiles of 64 rows
 # a warp group: split shapes of 64 rows or more also run that way (H200 run 30: q/o 4-bit at 16
 # tokens 14.3 -> 12.3 us, 3-bit not faster, so the tuner decides per layer).
 WEIGHTS_LEFT_MIN_ROWS = 64
+# Longer programs, up to all of an 8B layer's K in one, as they are and with their steps unrolled,
+# the next step's codes in flight (`lookahead`, as are the shapes above of several steps; on the
+# H200 the one-token kernels wait on latency, a few short steps per program).
+FMA_LONG_SHAPES = ((8, 4, 16, 4), (16, 4, 16, 4), (8, 4, 32, 2), (16, 4, 8, 8), (32, 8, 16, 4))
+# Long programs whose step loop is software-pipelined (num_stages > 1: Triton copies the next steps'
+# loads into shared memory asynchronously while one step decodes; _lut_steps). On the H200 (run 37)
+# every such candidate lost, by 8-20%, to short unpipelined programs; two stay, so the tuner
+# keeps measuring them on other GPUs.
+FMA_PIPELINED_SHAPES = ((16, 4, 8, 4, 3), (8, 4, 16, 4, 3))
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
@@ -106,10 +119,15 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         half = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
                 if c is not None]
         configs += half + [c.model_copy(update={"prefetch": True}) for c in half]
+        long = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s),
+                                                                         FMA_LONG_SHAPES + FMA_PIPELINED_SHAPES)
+                if c is not None]
+        configs += long + [c.model_copy(update={"lookahead": True, "num_stages": 1}) for c in half + long if c.iters > 1]
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
         splits = [c for c in map(lambda s: split("dot", *s), SPLIT_SHAPES) if c is not None]
         splits += [c.model_copy(update={"weights_left": True}) for c in splits if c.block_n >= WEIGHTS_LEFT_MIN_ROWS]
         configs += splits + [c.model_copy(update={"prefetch": True}) for c in splits]
+        configs += [c.model_copy(update={"lookahead": True, "num_stages": 1}) for c in splits if c.iters > 1]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:
         configs += [LaunchConfig(strategy="dot", block_m=m, block_n=n, num_warps=w, slots=min(allowed), whole_k=True)
                     for m, n, w in GEMM_SHAPES]

@@ -94,6 +94,9 @@ def test_token_buckets_choose_the_strategy_family():
     assert {c.block_m for c in candidate_configs(16) if c.strategy == "dot"} == {16}
     assert {c.weights_left for c in candidate_configs(16)} == {False, True}  # the tuner picks the operand order
     assert all(c.block_n >= 64 for c in candidate_configs(16) if c.weights_left)
+    for bucket in (1, 16):  # unrolled with the next step's codes in flight: only where a program has steps to overlap
+        lookahead = [c for c in candidate_configs(bucket) if c.lookahead]
+        assert lookahead and all(c.iters > 1 and c.num_stages == 1 for c in lookahead)
     assert {(c.strategy, c.whole_k) for c in candidate_configs(4096)} == {("dot", True), ("dequant", False)}
     assert {c.strategy for c in candidate_configs(16, slot_width=2)} == {"dequant"}  # too narrow for tensor cores
     for config in candidate_configs(1, bits=3, slot_count=576 // 2):  # 3-bit steps take whole chunks of 32 slots
@@ -220,3 +223,18 @@ def test_weights_left_decode_in_the_wgmma_registers():
     left = sass_summary(compile_for_hopper(key, config.model_copy(update={"weights_left": True})))["ops"]
     assert left.get("HGMMA", 0) > 0 and right.get("HGMMA", 0) == 0  # warp-group mma only with weights on the left
     assert left.get("LDSM", 0) * 2 < right.get("LDSM", 0)
+
+
+def test_num_stages_pipelines_the_cuda_core_step_loop():
+    """num_stages > 1 copies the next steps' loads into shared memory asynchronously (cp.async) in
+    the one-token kernel too: Triton pipelines a loop without tl.dot only where tl.range names the
+    stages, and the launch option alone left this loop as it was."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key("4", 1024, 4096, 128)
+    config = LaunchConfig(strategy="fma", block_n=16, num_warps=4, slots=8, iters=4, accumulate="fp16")
+    plain = sass_summary(compile_for_hopper(key, config))["ops"]
+    pipelined = sass_summary(compile_for_hopper(key, config.model_copy(update={"num_stages": 3})))["ops"]
+    assert plain.get("LDGSTS", 0) == 0 and pipelined.get("LDGSTS", 0) > 0

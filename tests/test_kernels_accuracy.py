@@ -49,6 +49,12 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
     "fma": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots),
     "fma-two-steps": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=2),
     "fma-fp16": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots, iters=2, accumulate="fp16"),
+    # three steps: the interpreter's B = 1 shape (96 slots) runs it for every option
+    "fma-lookahead": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=3, accumulate="fp16",
+                                                lookahead=True),
+    "fma-pipelined": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=3, accumulate="fp16",
+                                                num_stages=3),
+    "dot-split-lookahead": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots, iters=2, lookahead=True),
     "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
 }
 
