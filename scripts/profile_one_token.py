@@ -4,6 +4,9 @@
         python scripts/profile_one_token.py
 
 Tuning comes from the cache ($TQC_KERNEL_CACHE), so the profiled launch is the one a model runs.
+Tune first (e.g. `tqc bench layers`, or a cache carried in): with an empty cache the first launches
+are the tuner's candidates, and --launch-skip counts them. Launches 0-3 are 4096 x 4096, 4-7
+14336 x 4096.
 """
 
 import torch
