@@ -190,8 +190,8 @@ def step_words(codes_ptr, rows, first_slot, K: tl.constexpr, B: tl.constexpr, BI
 def decode_pair(words, signs, table, OFFSET: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr):
     """fp16 [BLOCK_N, 2B]: column 2 kw + h is the codebook value of slot `start + OFFSET + h`, column kw.
 
-    `words`, `signs` are the doubled step_words tiles of that slot; `start`, a multiple of every plane's slots per
-    word, fixes the pair's bit positions (repack.slot_bits) as constexprs. Plain Triton: the
+    `words`, `signs` are the doubled step_words tiles of that slot; `start`, a multiple of every
+    plane's slots per word, fixes the pair's bit positions (repack.slot_bits) as constexprs. Plain Triton: the
     interpreter's path; on a GPU decode_quad looks the codes up with PRMT, a quad at a time.
     """
     h = (tl.arange(0, 2 * B) % 2)[None, :]
