@@ -238,3 +238,17 @@ def test_num_stages_pipelines_the_cuda_core_step_loop():
     plain = sass_summary(compile_for_hopper(key, config))["ops"]
     pipelined = sass_summary(compile_for_hopper(key, config.model_copy(update={"num_stages": 3})))["ops"]
     assert plain.get("LDGSTS", 0) == 0 and pipelined.get("LDGSTS", 0) > 0
+
+
+def test_code_words_are_loaded_evict_first():
+    """The code words, read once, are the loads marked to leave L1 first (triton_kernels._plane_tile);
+    the activations and scales, which every program rereads, are not."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    config = LaunchConfig(strategy="fma", block_n=16, num_warps=4, slots=16, accumulate="fp16")
+    loads = sass_summary(compile_for_hopper(layer_key("4", 14336, 4096, 128), config))["loads"]
+    first = sum(count for name, count in loads.items() if ".EF" in name)
+    assert first == 4  # two word tiles of 16 rows x 64 words: 4 vectors of 4 words per thread
+    assert loads.get("LDG.E.128", 0) > 0 and loads.get("LDG.E.U16", 0) > 0  # activations, scales: default policy
