@@ -140,7 +140,8 @@ class LayerKernel:
         constexprs["LOOKAHEAD"] = config.lookahead
         constexprs["STAGES"] = config.num_stages
         if config.strategy == "fma":
-            constexprs |= {"HALF_ACC": config.accumulate == "fp16", "THREADS": 32 * config.num_warps}
+            half = {"fp32": False, "fp16": True, "fp16_runs": 2}[config.accumulate]  # triton_kernels.HALF_RUNS
+            constexprs |= {"HALF_ACC": half, "THREADS": 32 * config.num_warps}
         else:
             constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left}
         return slot_count // (config.slots * iters), constexprs

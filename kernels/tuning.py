@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 8: lookahead candidates; 7: weights-left tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 8  # older caches are retuned
+# 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation,
+# prefetch, streamed timing.
+TUNE_FORMAT = 9  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -37,7 +38,8 @@ class LaunchConfig(BaseModel):
     slots: int = 32  # dot/fma: slots decoded per step (a multiple of every plane's slots per word)
     iters: int = 1  # dot/fma: steps per program; K / (slots * B * iters) programs split K ("all": one split)
     whole_k: bool = False  # dot: one program walks all of K (iters derived), a tiled GEMM
-    accumulate: Literal["fp32", "fp16"] = "fp32"  # fma: fp16 multiplies and sums two weights per instruction
+    accumulate: Literal["fp32", "fp16", "fp16_runs"] = "fp32"  # fma: fp16 multiplies and sums two weights per
+    # instruction; fp16_runs: and a thread's 8 columns of a row are summed before one scale
     prefetch: bool = False  # dot/fma: each program first asks L2 for all its codes (triton_kernels._start)
     weights_left: bool = False  # dot: the weights are the left operand, decoded in its registers (_dot_pair)
     lookahead: bool = False  # dot/fma: steps unrolled, each step's codes loaded before the last one decodes
@@ -53,7 +55,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[8] = TUNE_FORMAT
+    format: Literal[9] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -72,6 +74,10 @@ def token_bucket(tokens: int) -> int:
 # One token runs on CUDA cores (fma: it beat the tensor-core kernel padded to 16 rows on every
 # H100 key of run 3), in fp16 pairs (it beat float32 on every key of run 10; two float32 shapes
 # stay candidates); 2-16 tokens on tensor cores (dot); beyond, tiles or dequantize + cuBLAS.
+# The short fp16 shapes also run with each thread's 8 columns of a row summed before one scale
+# (fp16_runs, where a thread holds 8 or more columns and B >= 32): on the H200 (run 44) 4-6% faster
+# on every 3-bit 8B one-token key, 1-11% slower at 4 bits; retuned (run 46), every 3-bit key and the
+# large 2-bit ones chose it. The tuner decides per layer.
 FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4))
 FMA_HALF_SHAPES = ((8, 4, 8, 1), (8, 4, 8, 2), (16, 4, 8, 1), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2),
                    (16, 4, 16, 2), (32, 4, 16, 2), (16, 4, 8, 4))
@@ -118,7 +124,9 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         configs += [split("fma", *shape) for shape in FMA_FP32_SHAPES]
         half = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
                 if c is not None]
-        configs += half + [c.model_copy(update={"prefetch": True}) for c in half]
+        runs = [c.model_copy(update={"accumulate": "fp16_runs"}) for c in half
+                if slot_width >= 32 and c.block_n * 2 * slot_width >= 8 * 32 * c.num_warps]
+        configs += half + [c.model_copy(update={"prefetch": True}) for c in half] + runs
         long = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s),
                                                                          FMA_LONG_SHAPES + FMA_PIPELINED_SHAPES)
                 if c is not None]

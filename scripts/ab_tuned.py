@@ -47,6 +47,11 @@ def write_changed_cache(tuner: Tuner, change: dict, directory: Path) -> None:
     print(f"wrote {path}")
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||a||: a changed configuration must compute the same layer up to rounding."""
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
 def compare(args: argparse.Namespace, registry: KernelRegistry, change: dict) -> list[dict]:
     rows = []
     for model in args.models:
@@ -72,11 +77,12 @@ def compare(args: argparse.Namespace, registry: KernelRegistry, change: dict) ->
                             layers = [lambda x, m=m, c=config: kernel.run(x, m, c) for m in modules]
                             times[name].append(time_layers(layers, x) * 1e6)
                     a_us, b_us = statistics.median(times["a"]), statistics.median(times["b"])
+                    difference = relative_difference(kernel.run(x, modules[0], a), kernel.run(x, modules[0], b))
                     rows.append({"model": model, "layer": layer, "option": option, "tokens": tokens,
                                  "bucket": token_bucket(tokens), "config": a.model_dump(), "a_us": a_us, "b_us": b_us,
-                                 "a_rounds": times["a"], "b_rounds": times["b"]})
+                                 "a_rounds": times["a"], "b_rounds": times["b"], "relative_difference": difference})
                     print(f"{model:<10} {layer:<17} {option:>4} M={tokens:<3} {a_us:7.2f} -> {b_us:7.2f} us "
-                          f"({(a_us / b_us - 1) * 100:+5.1f}%)", flush=True)
+                          f"({(a_us / b_us - 1) * 100:+5.1f}%), outputs differ by {difference:.1e}", flush=True)
                 del modules
                 torch.cuda.empty_cache()
     return rows

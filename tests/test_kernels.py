@@ -83,6 +83,24 @@ def test_slot_words_divides_the_group_and_the_row(k, group_size):
     assert b & (b - 1) == 0 and group_size % (2 * b) == 0 and k % (32 * b) == 0
 
 
+def test_run_summed_fp16_scales_once_per_run():
+    """fp16_runs: a thread's 8 columns of a row are multiplied and summed first, then scaled once,
+    so the one-token kernel issues fewer half2 multiplies than the per-pair fp16 kernel (static sm_90)."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.registry import LayerKernel
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key("3", 4096, 4096, 128)
+    runs = next(c for c in LayerKernel(key, None).candidates(1) if c.accumulate == "fp16_runs")
+    ops = {acc: sass_summary(compile_for_hopper(key, runs.model_copy(update={"accumulate": acc})))["ops"]
+           for acc in ("fp16", "fp16_runs")}
+    inputs = runs.block_n * runs.slots * 64 / (32 * runs.num_warps)  # per thread, one step
+    multiplies = {acc: op.get("HFMA2", 0) + op.get("HMUL2", 0) for acc, op in ops.items()}
+    assert multiplies["fp16"] >= inputs  # per pair: product, then scale and sum
+    assert multiplies["fp16_runs"] <= 0.7 * inputs  # 5 per 8 inputs
+
+
 def test_llama_shapes_get_the_widest_slots():
     assert {slot_words(k, 128) for k in (4096, 8192, 14336, 28672)} == {64}
 
