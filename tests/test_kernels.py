@@ -8,6 +8,7 @@ which this module runs under TRITON_INTERPRET=1 in a subprocess (the variable ch
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,41 @@ def test_run_summed_fp16_scales_once_per_run():
     multiplies = {acc: op.get("HFMA2", 0) + op.get("HMUL2", 0) for acc, op in ops.items()}
     assert multiplies["fp16"] >= inputs  # per pair: product, then scale and sum
     assert multiplies["fp16_runs"] <= 0.7 * inputs  # 5 per 8 inputs
+
+
+def registers_rows(shape: list[int], layout: str) -> list[int]:
+    """The row of each of a thread's registers in a 2-D blocked layout (Triton's register order:
+    sizePerThread, then repetitions, each columns first for order [1, 0])."""
+    fields = {name: [int(v) for v in values.split(",")]
+              for name, values in re.findall(r"(\w+) = \[([\d, ]+)\]", layout)}
+    assert fields["order"] == [1, 0], layout
+    (rows, cols), (spt_r, spt_c) = shape, fields["sizePerThread"]
+    tile_rows = spt_r * fields["threadsPerWarp"][0] * fields["warpsPerCTA"][0]
+    tile_cols = spt_c * fields["threadsPerWarp"][1] * fields["warpsPerCTA"][1]
+    return [rep_r * tile_rows + i for rep_r in range(max(1, rows // tile_rows))
+            for _ in range(max(1, cols // tile_cols)) for i in range(spt_r) for _ in range(spt_c)]
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("k", [1024, 4096])  # slot widths B = 32 and 64
+def test_run_summed_packs_stay_in_one_row(bits, k):
+    """RUN_FMA_ASM scales the sum of 8 registers by the first one's row scale: for every fp16_runs
+    candidate, each 8 consecutive registers of a thread must hold one row (static sm_90 layouts)."""
+    pytest.importorskip("triton")
+    from tqc.kernels.registry import KernelKey
+    from tqc.kernels.static_report import compile_for_hopper
+
+    key, slot_width = KernelKey(bits, 0, 128, 1024, k), slot_words(k, 128)
+    runs = [c for c in candidate_configs(1, bits, 0, slot_width, k // slot_width) if c.accumulate == "fp16_runs"]
+    assert runs
+    for config in runs:
+        ttgir = compile_for_hopper(key, config).asm["ttgir"]
+        layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ttgir, re.MULTILINE))
+        packs = re.findall(r"packed_element = 8 .*-> tensor<(\d+)x(\d+)xf16, (#\w+)>", ttgir)
+        assert packs, config
+        for rows, cols, name in packs:
+            owner = registers_rows([int(rows), int(cols)], layouts[name])
+            assert all(len(set(owner[i:i + 8])) == 1 for i in range(0, len(owner), 8)), (config, layouts[name])
 
 
 def test_llama_shapes_get_the_widest_slots():

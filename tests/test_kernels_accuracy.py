@@ -173,7 +173,7 @@ def test_tuned_call_matches_reference(tmp_path):
 if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
     from triton.runtime.errors import OutOfResources
 
-    @pytest.mark.parametrize("option", ["4", "3", "4+2"])
+    @pytest.mark.parametrize("option", ["4", "3", "2", "4+2"])
     @pytest.mark.parametrize("bucket", [1, 16, 4096])
     def test_every_tuning_candidate_matches_reference(option, bucket):
         """Whatever the tuner may choose is correct: each candidate launch configuration of a key.
