@@ -26,7 +26,7 @@ from tqc.layout import LayerSpec, layer_bytes
 from . import triton_kernels as tk
 from .lut import TABLE_COPIES, table_words
 from .repack import slot_words, to_bitpack_layout, to_kernel_layout
-from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, stream_copies, token_bucket
+from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, run_sums_fit, stream_copies, token_bucket
 
 KERNEL_LAYOUT = "kernel"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
@@ -140,7 +140,9 @@ class LayerKernel:
         constexprs["LOOKAHEAD"] = config.lookahead
         constexprs["STAGES"] = config.num_stages
         if config.strategy == "fma":
-            half = {"fp32": False, "fp16": True, "fp16_runs": 2}[config.accumulate]  # triton_kernels.HALF_RUNS
+            half = config.accumulate != "fp32"
+            if config.accumulate == "fp16_runs" and run_sums_fit(config, self.slot_width):
+                half = tk.HALF_RUNS.value
             constexprs |= {"HALF_ACC": half, "THREADS": 32 * config.num_warps}
         else:
             constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left}

@@ -391,21 +391,20 @@ HALF_RUNS = tl.constexpr(2)  # HALF_ACC: True for fp16 per pair (HALF_FMA_ASM), 
 
 @triton.jit
 def _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-              B: tl.constexpr, ALIGNED: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr,
-              THREADS: tl.constexpr = 0):
+              B: tl.constexpr, ALIGNED: tl.constexpr, HALF_ACC: tl.constexpr, ASM: tl.constexpr):
     """acc + scale * w * x' for one decoded slot pair, one token, elementwise into [BLOCK_N, 2B].
 
     HALF_ACC: in fp16, two weights per instruction (HALF_FMA_ASM on the half2 registers the decode
     and pair_inputs produce); the sums over one program's slots stay short, at most a few dozen
-    terms, and programs add up in float32. HALF_RUNS: where each thread holds 8 or more columns of
-    a row (THREADS threads over the [BLOCK_N, 2B] tile, B >= 32), RUN_FMA_ASM sums 4 half2 of
-    products before one scale. Else in float32.
+    terms, and programs add up in float32. HALF_RUNS (only where each thread holds 8 or more
+    columns of a row: tuning.run_sums_fit): RUN_FMA_ASM sums 4 half2 of products before one
+    scale. Else in float32.
     """
     one = tl.arange(0, 1)
     x = pair_inputs(x_ptr, one, one < 1, first_input + OFFSET, K, B, ASM)
     if HALF_ACC:
         scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
-        if ASM and HALF_ACC == HALF_RUNS and B >= 32 and w.shape[0] * 2 * B >= 8 * THREADS:
+        if ASM and HALF_ACC == HALF_RUNS:
             acc = tl.inline_asm_elementwise(RUN_FMA_ASM, RUN_FMA_CONSTRAINTS, [w, x, scale, acc], dtype=tl.float16,
                                             is_pure=True, pack=8)
         elif ASM:
@@ -444,14 +443,14 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales, res_scales, first_input, OFFS
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
                  G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr,
-                 WEIGHTS_LEFT: tl.constexpr, ASM: tl.constexpr, THREADS: tl.constexpr = 0):
+                 WEIGHTS_LEFT: tl.constexpr, ASM: tl.constexpr):
     """One decoded pair (at input first_input + OFFSET) into the accumulator: on tensor cores (DOT)
     or CUDA cores (one token)."""
     if DOT:
         acc = _dot_pair(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED,
                         WEIGHTS_LEFT, ASM)
     else:
-        acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, ASM, THREADS)
+        acc = _fma_pair(acc, x_ptr, w, scales, first_input, OFFSET, K, G, B, ALIGNED, HALF_ACC, ASM)
     return acc
 
 
@@ -522,8 +521,7 @@ def _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: 
 def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows,
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False,
-              THREADS: tl.constexpr = 0):
+              DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
     """acc plus SLOTS slots from first_slot of both stages, whose word tiles (`_step_tiles`) are
     loaded: decode two pairs at a time, then `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores)
     each, or for a residual option in fp16 `_folded_fma_pair` per pair of both stages; each row's
@@ -555,14 +553,14 @@ def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, r
                                    G, B, ALIGNED, ASM)
         else:
             acc = _pair_update(acc, x_ptr, first, scales, tokens, token_mask, first_input, offset * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM, THREADS)
+                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
             acc = _pair_update(acc, x_ptr, second, scales, tokens, token_mask, first_input, (offset + 2) * B, K, G, B,
-                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM, THREADS)
+                               ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
             if RES_BITS > 0:
                 acc = _pair_update(acc, x_ptr, res_first, res_scales, tokens, token_mask, first_input, offset * B, K,
-                                   G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM, THREADS)
+                                   G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
                 acc = _pair_update(acc, x_ptr, res_second, res_scales, tokens, token_mask, first_input,
-                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM, THREADS)
+                                   (offset + 2) * B, K, G, B, ALIGNED, DOT, HALF_ACC, WEIGHTS_LEFT, ASM)
     return acc
 
 
@@ -571,7 +569,7 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                tokens, token_mask, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr, ASM: tl.constexpr,
                DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, LOOKAHEAD: tl.constexpr,
-               STAGES: tl.constexpr, THREADS: tl.constexpr = 0):
+               STAGES: tl.constexpr):
     """acc plus the program's ITERS steps (`_lut_step`), from slot program_id(1) * ITERS * SLOTS.
 
     A run-time loop, software-pipelined over STAGES steps: Triton copies the loads of the next
@@ -590,14 +588,14 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                                                BITS, RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, current, scales_ptr, table, res_current, res_scales_ptr, res_table, rows,
                             tokens, token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT,
-                            HALF_ACC, WEIGHTS_LEFT, THREADS)
+                            HALF_ACC, WEIGHTS_LEFT)
     else:
         for step in tl.range(ITERS, num_stages=STAGES):
             tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot + step * SLOTS, K, B, BITS,
                                            RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows, tokens,
                             token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT, HALF_ACC,
-                            WEIGHTS_LEFT, THREADS)
+                            WEIGHTS_LEFT)
     return acc
 
 
@@ -657,8 +655,7 @@ def lut_fma_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     else:
         acc = tl.zeros((BLOCK_N, 2 * B), dtype=tl.float32)
     acc = _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows, rows,
-                     row_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, False, HALF_ACC, False, LOOKAHEAD, STAGES,
-                     THREADS)
+                     row_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, False, HALF_ACC, False, LOOKAHEAD, STAGES)
     _accumulate_rows(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS, N % 2 == 0,
                      THREADS, ASM)
 

@@ -106,6 +106,12 @@ def slot_choices(bits: int, residual_bits: int) -> tuple[int, ...]:
     return tuple(s for s in (8, 16, 32) if s % per_word == 0)
 
 
+def run_sums_fit(config: LaunchConfig, slot_width: int) -> bool:
+    """fp16_runs needs every thread to hold 8 or more columns of a row of the [block_n, 2B] tile
+    (B = slot_width >= 32); elsewhere the kernel accumulates per pair, as fp16."""
+    return slot_width >= 32 and config.block_n * 2 * slot_width >= 8 * 32 * config.num_warps
+
+
 def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_width: int = 64,
                       slot_count: int = 64) -> list[LaunchConfig]:
     """The launch configurations worth timing for a token bucket and a layer (B = slot width, K / B slots)."""
@@ -124,8 +130,7 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         configs += [split("fma", *shape) for shape in FMA_FP32_SHAPES]
         half = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s), FMA_HALF_SHAPES)
                 if c is not None]
-        runs = [c.model_copy(update={"accumulate": "fp16_runs"}) for c in half
-                if slot_width >= 32 and c.block_n * 2 * slot_width >= 8 * 32 * c.num_warps]
+        runs = [c.model_copy(update={"accumulate": "fp16_runs"}) for c in half if run_sums_fit(c, slot_width)]
         configs += half + [c.model_copy(update={"prefetch": True}) for c in half] + runs
         long = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s),
                                                                          FMA_LONG_SHAPES + FMA_PIPELINED_SHAPES)
