@@ -170,6 +170,7 @@ def dp4a_asm(bits: int) -> str:
 
 
 NO_DOT, NO_ACTIVATIONS, NO_SCALES = tl.constexpr(1), tl.constexpr(2), tl.constexpr(4)  # ABLATE bits
+X_ONCE = tl.constexpr(8)  # ABLATE bit of a variant that computes the same
 DP4A_4 = tl.constexpr(dp4a_asm(4))
 DP4A_2 = tl.constexpr(dp4a_asm(2))
 
@@ -188,6 +189,13 @@ def _step_loads(xq_ptr, xs_ptr, codes_ptr, ws_ptr, rows, first_group, K: tl.cons
     w = tl.load(codes_ptr + rows[:, None, None] * ROW_WORDS + word, eviction_policy="evict_first")
     if ABLATE & NO_ACTIVATIONS:
         x0, x1, x2, x3 = w, w >> 1, w >> 2, w >> 3
+    elif ABLATE & X_ONCE:  # not an ablation: the activations loaded once per thread, broadcast over its rows
+        x0 = tl.broadcast_to(tl.load(xq_ptr + word), w.shape)
+        x1 = tl.broadcast_to(tl.load(xq_ptr + ROW_WORDS + word), w.shape)
+        x2, x3 = x0, x1
+        if BITS == 2:
+            x2 = tl.broadcast_to(tl.load(xq_ptr + 2 * ROW_WORDS + word), w.shape)
+            x3 = tl.broadcast_to(tl.load(xq_ptr + 3 * ROW_WORDS + word), w.shape)
     else:
         x0 = tl.load(xq_ptr + zero_rows + word)
         x1 = tl.load(xq_ptr + zero_rows + ROW_WORDS + word)
@@ -227,8 +235,10 @@ def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, step
     """out[N] += W' x for one token; grid (cdiv(N, BLOCK_N), splits), out zeroed first.
 
     A program takes ITERS steps of GROUPS groups (unrolled), or with STREAM `steps` steps in a
-    run-time loop whose next step's loads are issued before this step's dot products (registers
-    double-buffered, so every warp keeps a step of code words in flight while it computes).
+    run-time loop: STREAM = 1 issues the next step's loads before this step's dot products
+    (registers double-buffered, so every warp keeps a step of code words in flight while it
+    computes); STREAM = s > 1 lets Triton pipeline the loop over s stages (cp.async into shared
+    memory, s - 1 steps ahead).
     """
     WPG: tl.constexpr = G * BITS // 32
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -241,7 +251,13 @@ def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, step
     t2 = tl.load(table_ptr + lane * 4 + 2)
     t3 = tl.load(table_ptr + lane * 4 + 3)
     acc = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
-    if STREAM:
+    if STREAM > 1:
+        first = tl.program_id(1) * steps * GROUPS
+        for step in tl.range(0, steps, num_stages=STREAM):
+            w, x0, x1, x2, x3, scale = _step_loads(xq_ptr, xs_ptr, codes_ptr, ws_ptr, rows, first + step * GROUPS, K, G,
+                                                   BITS, GROUPS, ABLATE)
+            acc = _step_dot(acc, w, x0, x1, x2, x3, scale, t0, t1, t2, t3, BITS, ABLATE)
+    elif STREAM == 1:
         first = tl.program_id(1) * steps * GROUPS
         w, x0, x1, x2, x3, scale = _step_loads(xq_ptr, xs_ptr, codes_ptr, ws_ptr, rows, first, K, G, BITS, GROUPS,
                                                   ABLATE)
@@ -259,6 +275,84 @@ def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, step
             acc = _step_dot(acc, w, x0, x1, x2, x3, scale, t0, t1, t2, t3, BITS, ABLATE)
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.atomic_add(out_ptr + rows, total, mask=row_mask, sem="relaxed")
+
+
+# --- several tokens: decode to int8 in registers, int8 tensor-core dot per group ----------------
+
+@triton.jit
+def quantize_tokens_kernel(x_ptr, xq_ptr, xs_ptr, out_ptr, M, N, K: tl.constexpr, G: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """int8 activations per (token, group) in input order, [M, K], and their scales [M, K / G];
+    also zeroes out[:M * N]. Grid (M, cdiv(K, BLOCK))."""
+    token, block = tl.program_id(0), tl.program_id(1)
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    for start in range((token * tl.num_programs(1) + block) * 1024, M * N, programs * 1024):
+        offsets = start + tl.arange(0, 1024)
+        tl.store(out_ptr + offsets, tl.zeros((1024,), tl.float32), mask=offsets < M * N)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + token * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+    groups = tl.reshape(x, (BLOCK // G, G))
+    scale = tl.max(tl.abs(groups), axis=1) / 127.0
+    scale = tl.where(scale > 0, scale, 1.0)
+    q = tl.extra.cuda.libdevice.rint(groups / scale[:, None]).to(tl.int8)
+    k = tl.reshape(cols, (BLOCK // G, G))
+    tl.store(xq_ptr + token * K + k, q, mask=k < K)
+    group = block * (BLOCK // G) + tl.arange(0, BLOCK // G)
+    tl.store(xs_ptr + token * (K // G) + group, scale, mask=group < K // G)
+
+
+# 4 int8 codebook values of a nibble word's quad (pack=4, int8 out: one register): the quad at
+# bit $5 (0 or 16) of the word $1, tables $9 $13 $17 $21 (module docstring).
+DECODE8_4 = tl.constexpr("{ .reg .b32 s, f, a, b; shr.u32 s, $1, $5; xor.b32 f, s, 0x8888; prmt.b32 a, $9, $13, s; "
+                         "prmt.b32 b, $17, $21, f; xor.b32 $0, a, b; }")
+
+
+@triton.jit
+def _eight(tile):
+    """[R, C] -> [R, C, 8], every element 8 times, the 8 copies in one thread (for a pack=4 asm)."""
+    two = tl.join(tile, tile)
+    four = tl.join(two, two)
+    return tl.reshape(tl.join(four, four), (tile.shape[0], tile.shape[1], 8))
+
+
+@triton.jit
+def int8_dot_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, M, steps, N: tl.constexpr,
+                    K: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[M, N] += x W'^T for a few tokens, 4 bits: per group, the codes decoded to int8 in registers
+    and an int8 dot (int32) with the int8 activations, scaled by weight and activation scales.
+    Grid (cdiv(N, BLOCK_N), K / (G * steps), cdiv(M, BLOCK_M)); out zeroed first."""
+    WPG: tl.constexpr = G // 8
+    ROW_WORDS: tl.constexpr = K // 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    token_mask = tokens < M
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((1, 1, 1), dtype=tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    t0 = tl.load(table_ptr + lane * 4)
+    t1 = tl.load(table_ptr + lane * 4 + 1)
+    t2 = tl.load(table_ptr + lane * 4 + 2)
+    t3 = tl.load(table_ptr + lane * 4 + 3)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(steps):
+        group = tl.program_id(1) * steps + step
+        w = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + group * WPG + tl.arange(0, WPG)[None, :],
+                    eviction_policy="evict_first")
+        words = _eight(w)
+        zero = words * 0
+        shift = (tl.arange(0, 8) // 4 * 16)[None, None, :] + zero
+        q = tl.inline_asm_elementwise(DECODE8_4, "=r" + ",r" * 24, [words, shift, t0 + zero, t1 + zero, t2 + zero,
+                                                                     t3 + zero], dtype=tl.int8, is_pure=True, pack=4)
+        q = tl.reshape(q, (BLOCK_N, G))
+        x = tl.load(xq_ptr + tokens[:, None] * K + group * G + tl.arange(0, G)[None, :], mask=token_mask[:, None],
+                    other=0)
+        dots = tl.dot(q, tl.trans(x), out_dtype=tl.int32)
+        ws = tl.load(ws_ptr + rows * (K // G) + group).to(tl.float32)
+        xs = tl.load(xs_ptr + tokens * (K // G) + group, mask=token_mask, other=0.0)
+        acc += dots.to(tl.float32) * ws[:, None] * xs[None, :]
+    tl.atomic_add(out_ptr + tokens[None, :] * N + rows[:, None], acc, mask=token_mask[None, :] & row_mask[:, None],
+                  sem="relaxed")
 
 
 # --- the lab layer ------------------------------------------------------------------------------
@@ -313,12 +407,12 @@ def unplanar(xq: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gemv(layer: LabLayer, xq, xs, out, config, ablate: int = 0):
-    """config: (BLOCK_N, GROUPS, steps, warps, stream)."""
+    """config: (BLOCK_N, GROUPS, steps, warps, stream: 0 unrolled, 1 double-buffered, s > 1 stages)."""
     block_n, groups, iters, warps, stream = config
     grid = (triton.cdiv(layer.n, block_n), layer.k // (layer.group * groups * iters))
     int8_gemv_kernel[grid](xq.view(torch.int32), xs, layer.codes, layer.folded, layer.table, out, iters, N=layer.n,
                            K=layer.k, G=layer.group, BITS=layer.bits, BLOCK_N=block_n, GROUPS=groups,
-                           ITERS=1 if stream else iters, STREAM=stream, ABLATE=ablate, num_warps=warps)
+                           ITERS=1 if stream else iters, STREAM=int(stream), ABLATE=ablate, num_warps=warps)
 
 
 CONFIGS = ([(16, 4, 2, 4, False), (32, 2, 1, 4, False), (32, 1, 4, 4, False), (32, 4, 4, 4, False)]
@@ -401,6 +495,65 @@ def cmd_run(args) -> None:
         json.dump(result, f, indent=1)
 
 
+def cmd_dot(args) -> None:
+    """Several tokens: int8_dot_kernel (with quantize_tokens_kernel) against bf16 and tqc, 4 bits."""
+    from tqc.kernels.bench import bench_shape, device_info, graph_seconds  # noqa: PLC0415
+    from tqc.kernels.registry import KernelRegistry  # noqa: PLC0415
+    from tqc.kernels.tuning import Tuner, stream_copies  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    result = {"device": device_info(), "tokens": args.tokens, "rows": []}
+    registry = KernelRegistry(Tuner.for_device())
+    m = args.tokens
+    for n, k in args.shapes:
+        tqc_rows = bench_shape(n, k, [m], ["4"], 128, registry)
+        bf16_us, tqc_us = tqc_rows[0]["us"], tqc_rows[-1]["us"]
+        print(f"{n}x{k} M={m}: bf16 {bf16_us:.2f} us, tqc 4-bit {tqc_us:.2f} us (x{bf16_us / tqc_us:.2f})", flush=True)
+        layer = LabLayer(n, k, 4, 128, 0, "cuda")
+        layers = [layer] + [layer.copy() for _ in range(stream_copies(n * k // 2) - 1)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq = torch.empty(m, k, dtype=torch.int8, device="cuda")
+        xs = torch.empty(m, k // 128, dtype=torch.float32, device="cuda")
+        out = torch.empty(m, n, dtype=torch.float32, device="cuda")
+
+        def quantize_tokens():
+            quantize_tokens_kernel[(m, k // 1024)](x, xq, xs, out, m, n, K=k, G=128, BLOCK=1024)
+
+        quantize_tokens()
+        w = layer.levels[layer.index].reshape(n, -1, 128)
+        xg = xq.double().cpu().reshape(m, -1, 128)
+        reference = torch.einsum("ngk,mgk->mng", w, xg) * layer.folded.double().cpu()[None] * xs.double().cpu()[:, None]
+        reference = reference.sum(-1)
+        for block_n, steps, warps in json.loads(args.configs):
+            grid = (triton.cdiv(n, block_n), k // (128 * steps), triton.cdiv(m, 16))
+
+            def run(one, block_n=block_n, steps=steps, warps=warps, grid=grid):
+                int8_dot_kernel[grid](xq, xs, one.codes, one.folded, one.table, out, m, steps, N=n, K=k, G=128,
+                                      BLOCK_N=block_n, BLOCK_M=16, num_warps=warps)
+            try:
+                quantize_tokens()
+                run(layer)
+                torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 (a lab: report and go on)
+                print(f"  {(block_n, steps, warps)} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                continue
+            error = float((out.double().cpu() - reference).norm() / reference.norm())
+
+            def all_layers(run=run):
+                for one in layers:
+                    quantize_tokens()
+                    run(one)
+            us = graph_seconds(all_layers) / len(layers) * 1e6
+            row = {"n": n, "k": k, "tokens": m, "config": [block_n, steps, warps], "us": us, "bf16_us": bf16_us,
+                   "tqc_us": tqc_us, "error_vs_reference": error}
+            result["rows"].append(row)
+            print(f"  {(block_n, steps, warps)} {us:7.2f} us x{bf16_us / us:.2f}  err {error:.1e}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def cmd_static(args) -> None:
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
@@ -409,11 +562,11 @@ def cmd_static(args) -> None:
 
     n, k = 14336, 4096
     for bits in (4, 2):
-        for config in [(16, 4, 4, 4, False), (16, 2, 4, 4, False), (16, 4, 4, 4, True), (32, 2, 8, 4, True)]:
+        for config in [(16, 4, 4, 4, False), (16, 4, 4, 4, True), (64, 1, 8, 8, True), (64, 1, 8, 8, 3), (32, 2, 8, 4, 3)]:
             block_n, groups, iters, warps, stream = config
             fn = int8_gemv_kernel
             const = {"N": n, "K": k, "G": 128, "BITS": bits, "BLOCK_N": block_n, "GROUPS": groups,
-                     "ITERS": 1 if stream else iters, "STREAM": stream, "ABLATE": int(os.environ.get("ABLATE", 0))}
+                     "ITERS": 1 if stream else iters, "STREAM": int(stream), "ABLATE": int(os.environ.get("ABLATE", 0))}
             signature = {"xq_ptr": "*i32", "xs_ptr": "*fp32", "codes_ptr": "*i32", "ws_ptr": "*fp16", "table_ptr": "*i32",
                          "out_ptr": "*fp32", "steps": "i32"} | dict.fromkeys(const, "constexpr")
             names = list(signature)
@@ -436,9 +589,17 @@ def main() -> None:
                      default=[(14336, 4096), (4096, 14336)])
     run.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     run.add_argument("--configs", help="JSON list of [BLOCK_N, GROUPS, steps, warps, stream] (default: a sweep)")
-    run.add_argument("--ablate", type=int, nargs="+", default=[0], help="ABLATE masks: 1 no dot, 2 no activations, 4 no scales")
+    run.add_argument("--ablate", type=int, nargs="+", default=[0], help="ABLATE masks: 1 no dot, 2 no activations, 4 no scales, 8 activations loaded once per thread")
     run.add_argument("-o", "--output", default="int8-lab.json")
     run.set_defaults(run=cmd_run)
+    dot = sub.add_parser("dot")
+    dot.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
+                     default=[(14336, 4096), (4096, 14336)])
+    dot.add_argument("--tokens", type=int, default=16)
+    dot.add_argument("--configs", default="[[64, 4, 4], [64, 8, 4], [128, 4, 4], [128, 4, 8], [64, 2, 4], [128, 8, 8]]",
+                     help="JSON list of [BLOCK_N, steps, warps]")
+    dot.add_argument("-o", "--output", default="int8-dot-lab.json")
+    dot.set_defaults(run=cmd_dot)
     args = parser.parse_args()
     args.run(args)
 
