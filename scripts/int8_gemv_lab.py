@@ -229,6 +229,18 @@ def _step_dot(acc, w, x0, x1, x2, x3, scale, t0, t1, t2, t3, BITS: tl.constexpr,
 
 
 @triton.jit
+def _rows_and_table(table_ptr, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's rows (clamped in bounds, and their mask) and the 4 table words of this lane's copy."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((1, 1, 1), dtype=tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    base = table_ptr + lane * 4
+    return rows, row_mask, tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+
+@triton.jit
 def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, steps, N: tl.constexpr, K: tl.constexpr,
                      G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
                      ITERS: tl.constexpr, STREAM: tl.constexpr, ABLATE: tl.constexpr = 0):
@@ -241,15 +253,7 @@ def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, step
     memory, s - 1 steps ahead).
     """
     WPG: tl.constexpr = G * BITS // 32
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1)
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((1, 1, 1), dtype=tl.int32)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-    t0 = tl.load(table_ptr + lane * 4)
-    t1 = tl.load(table_ptr + lane * 4 + 1)
-    t2 = tl.load(table_ptr + lane * 4 + 2)
-    t3 = tl.load(table_ptr + lane * 4 + 3)
+    rows, row_mask, t0, t1, t2, t3 = _rows_and_table(table_ptr, N, BLOCK_N)
     acc = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
     if STREAM > 1:
         first = tl.program_id(1) * steps * GROUPS
@@ -323,17 +327,9 @@ def int8_dot_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, M, st
     Grid (cdiv(N, BLOCK_N), K / (G * steps), cdiv(M, BLOCK_M)); out zeroed first."""
     WPG: tl.constexpr = G // 8
     ROW_WORDS: tl.constexpr = K // 8
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1)
+    rows, row_mask, t0, t1, t2, t3 = _rows_and_table(table_ptr, N, BLOCK_N)
     tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = tokens < M
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((1, 1, 1), dtype=tl.int32)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-    t0 = tl.load(table_ptr + lane * 4)
-    t1 = tl.load(table_ptr + lane * 4 + 1)
-    t2 = tl.load(table_ptr + lane * 4 + 2)
-    t3 = tl.load(table_ptr + lane * 4 + 3)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(steps):
         group = tl.program_id(1) * steps + step
