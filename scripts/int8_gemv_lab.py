@@ -183,10 +183,20 @@ def _step_loads(xq_ptr, xs_ptr, codes_ptr, ws_ptr, rows, first_group, K: tl.cons
     activations, | NO_SCALES every scale is 1."""
     WPG: tl.constexpr = G * BITS // 32  # code words per group
     ROW_WORDS: tl.constexpr = K * BITS // 32
+    word = (first_group + tl.arange(0, GROUPS))[None, :, None] * WPG + tl.arange(0, WPG)[None, None, :]
+    w = tl.load(codes_ptr + rows[:, None, None] * ROW_WORDS + word, eviction_policy="evict_first")
+    return (w,) + _operands(w, xq_ptr, xs_ptr, ws_ptr, rows, first_group, K, G, BITS, GROUPS, ABLATE)
+
+
+@triton.jit
+def _operands(w, xq_ptr, xs_ptr, ws_ptr, rows, first_group, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+              GROUPS: tl.constexpr, ABLATE: tl.constexpr):
+    """The activation planes and combined scales of the step whose code words `w` are."""
+    WPG: tl.constexpr = G * BITS // 32
+    ROW_WORDS: tl.constexpr = K * BITS // 32
     group = first_group + tl.arange(0, GROUPS)
     word = group[None, :, None] * WPG + tl.arange(0, WPG)[None, None, :]
     zero_rows = (rows * 0)[:, None, None]
-    w = tl.load(codes_ptr + rows[:, None, None] * ROW_WORDS + word, eviction_policy="evict_first")
     if ABLATE & NO_ACTIVATIONS:
         x0, x1, x2, x3 = w, w >> 1, w >> 2, w >> 3
     elif ABLATE & X_ONCE:  # not an ablation: the activations loaded once per thread, broadcast over its rows
@@ -208,7 +218,7 @@ def _step_loads(xq_ptr, xs_ptr, codes_ptr, ws_ptr, rows, first_group, K: tl.cons
     else:
         scale = tl.load(ws_ptr + rows[:, None, None] * (K // G) + group[None, :, None]).to(tl.float32)
         scale = scale * tl.load(xs_ptr + group)[None, :, None]
-    return w, x0, x1, x2, x3, scale
+    return x0, x1, x2, x3, scale
 
 
 @triton.jit
@@ -279,6 +289,24 @@ def int8_gemv_kernel(xq_ptr, xs_ptr, codes_ptr, ws_ptr, table_ptr, out_ptr, step
             acc = _step_dot(acc, w, x0, x1, x2, x3, scale, t0, t1, t2, t3, BITS, ABLATE)
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.atomic_add(out_ptr + rows, total, mask=row_mask, sem="relaxed")
+
+
+@triton.jit
+def int8_gemv_tma_kernel(xq_ptr, xs_ptr, codes_desc, ws_ptr, table_ptr, out_ptr, steps, N: tl.constexpr,
+                         K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUPS: tl.constexpr, STAGES: tl.constexpr, ABLATE: tl.constexpr = 0):
+    """int8_gemv_kernel with the code words brought in by the tensor memory accelerator: the loop
+    pipelined over STAGES, bulk copies into shared memory STAGES - 1 steps ahead, no registers held."""
+    WPG: tl.constexpr = G * BITS // 32
+    rows, row_mask, t0, t1, t2, t3 = _rows_and_table(table_ptr, N, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
+    first = tl.program_id(1) * steps * GROUPS
+    for step in tl.range(0, steps, num_stages=STAGES):
+        group = first + step * GROUPS
+        w = tl.reshape(codes_desc.load([tl.program_id(0) * BLOCK_N, group * WPG]), (BLOCK_N, GROUPS, WPG))
+        x0, x1, x2, x3, scale = _operands(w, xq_ptr, xs_ptr, ws_ptr, rows, group, K, G, BITS, GROUPS, ABLATE)
+        acc = _step_dot(acc, w, x0, x1, x2, x3, scale, t0, t1, t2, t3, BITS, ABLATE)
+    tl.atomic_add(out_ptr + rows, tl.sum(tl.sum(acc, axis=2), axis=1), mask=row_mask, sem="relaxed")
 
 
 # --- several tokens: decode to int8 in registers, int8 tensor-core dot per group ----------------
@@ -403,9 +431,18 @@ def unplanar(xq: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gemv(layer: LabLayer, xq, xs, out, config, ablate: int = 0):
-    """config: (BLOCK_N, GROUPS, steps, warps, stream: 0 unrolled, 1 double-buffered, s > 1 stages)."""
+    """config: (BLOCK_N, GROUPS, steps, warps, stream: 0 unrolled, 1 double-buffered, s > 1 stages,
+    -s: the code words by TMA over s stages)."""
     block_n, groups, iters, warps, stream = config
     grid = (triton.cdiv(layer.n, block_n), layer.k // (layer.group * groups * iters))
+    if stream < 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+        desc = TensorDescriptor.from_tensor(layer.codes, [block_n, groups * layer.group * layer.bits // 32])
+        int8_gemv_tma_kernel[grid](xq.view(torch.int32), xs, desc, layer.folded, layer.table, out, iters, N=layer.n,
+                                   K=layer.k, G=layer.group, BITS=layer.bits, BLOCK_N=block_n, GROUPS=groups,
+                                   STAGES=-stream, ABLATE=ablate, num_warps=warps)
+        return
     int8_gemv_kernel[grid](xq.view(torch.int32), xs, layer.codes, layer.folded, layer.table, out, iters, N=layer.n,
                            K=layer.k, G=layer.group, BITS=layer.bits, BLOCK_N=block_n, GROUPS=groups,
                            ITERS=1 if stream else iters, STREAM=int(stream), ABLATE=ablate, num_warps=warps)
