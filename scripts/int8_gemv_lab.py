@@ -558,6 +558,8 @@ def cmd_dot(args) -> None:
         reference = torch.einsum("ngk,mgk->mng", w, xg) * layer.folded.double().cpu()[None] * xs.double().cpu()[:, None]
         reference = reference.sum(-1)
         for block_n, steps, warps in json.loads(args.configs):
+            if k % (128 * steps):
+                continue  # the steps must cover K exactly
             grid = (triton.cdiv(n, block_n), k // (128 * steps), triton.cdiv(m, 16))
 
             def run(one, block_n=block_n, steps=steps, warps=warps, grid=grid):
