@@ -3,24 +3,20 @@
 The question: is the one-token kernel's speed limit (instructions per weight, docs/performance.md
 "What would be next") lifted by decoding the codes to int8 instead of fp16 and multiplying with
 `dp4a` (4 multiply-adds per instruction) against activations quantized to int8 per group, as
-llama.cpp's MMVQ kernels do with q8_1? Not wired into tqc: its own layout, tables and kernels.
+llama.cpp's MMVQ kernels do with q8_1? And, for a few tokens, by an int8 tensor-core dot? Not
+wired into tqc: its own layout and kernels (docs/performance.md, runs 48-52).
 
-- Codebook: the Lloyd-Max levels rounded to int8 (value * 127 / max), its scale folded into the
-  weight scale. Activations: int8 per group of G with a float32 scale (absmax / 127).
-- 4 bits, no sign handling: a stored code s (the codebook index with bits 2 and 3 swapped, so
-  that s and s + 8 have the same sign) is looked up by two PRMTs whose results are xor-ed:
-  P1 = prmt(A, B, s) gives byte s for s < 8, and for s >= 8 the sign of byte s - 8 replicated
-  (PRMT's sign mode, selector bit 3); P2 = prmt(C, D, s ^ 8) the other way round. With C, D's
-  bytes non-negative and chosen as value ^ replicated sign, P1 ^ P2 is the value for every s.
-  Per code word (8 codes): 1 xor, 2 shifts, 4 PRMT, 2 xor, 2 dp4a.
-- 2 bits: one PRMT of a 4-byte table per 4 codes (shift, mask, PRMT, dp4a).
-- Layout: code word i of a row holds inputs i * 32 / b onwards, in natural order; the int8
-  activations are stored as planes (plane j: the j-th int32 of every code word's activations) so
-  that every load is a contiguous 16-byte one.
+- Codebook and lookups: tqc.kernels.lut_int8 (the levels rounded to int8, their factor folded
+  into the weight scales; 4 bits in two PRMTs and an xor, 2 bits in one PRMT; code words in
+  input order). Per 4-bit code word (8 codes): 1 xor, 2 shifts, 4 PRMT, 2 xor, 2 dp4a.
+- Activations: int8 per group of G with a float32 scale (absmax / 127); for one token stored as
+  planes (plane j: the j-th int32 of every code word's activations) so that every load is a
+  contiguous 16-byte one, for several tokens in input order.
 
     python scripts/int8_gemv_lab.py check            # here: the PRMT tables against the codebook (numpy)
     python scripts/int8_gemv_lab.py static           # here, Triton 3.6 for sm_90: SASS per weight
     python scripts/int8_gemv_lab.py run -o lab.json  # on the device: correctness, time vs bf16 and tqc
+    python scripts/int8_gemv_lab.py dot -o dot.json  # on the device: 16 tokens on int8 tensor cores
 """
 
 from __future__ import annotations
@@ -38,78 +34,19 @@ import triton.language as tl
 
 from tqc.codebook import gaussian_codebook  # noqa: E402
 
-from tqc.kernels.lut import prmt  # noqa: E402
+from tqc.kernels.lut_int8 import emulate_word, int8_levels, int8_table_words, pack_words  # noqa: E402
 
 LANES = 32  # table copies, one per lane (see triton_kernels.load_table)
 
 
-# --- tables -------------------------------------------------------------------------------------
-
-def int8_levels(bits: int) -> tuple[np.ndarray, float]:
-    """The codebook rounded to int8 (ascending) and the factor that maps them back."""
-    levels = gaussian_codebook(bits).double().numpy()
-    factor = np.abs(levels).max() / 127
-    return np.round(levels / factor).astype(np.int64), float(factor)
-
-
-def stored_code(index: np.ndarray, bits: int) -> np.ndarray:
-    """Codebook index -> stored code: 4 bits swap bits 2 and 3 (an involution); 2 bits as is."""
-    if bits == 2:
-        return index
-    return (index & 3) | ((index >> 2 & 1) << 3) | ((index >> 3 & 1) << 2)
-
-
-def table_words(bits: int) -> list[int]:
-    """The PRMT table: 4 bits (A, B, C, D) as in the module docstring; 2 bits the 4 bytes."""
-    levels, _ = int8_levels(bits)
-    by_stored = levels[stored_code(np.arange(2**bits), bits)] & 0xFF
-    if bits == 2:
-        return [int(sum(int(b) << (8 * i) for i, b in enumerate(by_stored)))]
-    first = by_stored[:8]
-    second = by_stored[8:] ^ np.where(first & 0x80, 0xFF, 0)
-    assert not (second & 0x80).any(), "codes s and s + 8 must share a sign"
-    words = [first[:4], first[4:], second[:4], second[4:]]
-    return [int(sum(int(b) << (8 * i) for i, b in enumerate(w))) for w in words]
-
-
-def emulate_word(word: np.ndarray, bits: int) -> np.ndarray:
-    """The int8 values the PTX decodes from uint32 code words, [..., 32 / bits], in input order."""
-    t = [np.uint32(w) for w in table_words(bits)]
-    out = []
-    if bits == 4:
-        flipped = word ^ np.uint32(0x88888888)
-        for shift in (0, 16):
-            value = prmt(t[0], t[1], word >> np.uint32(shift)) ^ prmt(t[2], t[3], flipped >> np.uint32(shift))
-            out.append(value)
-    else:
-        for shift in (0, 2, 16, 18):
-            out.append(prmt(t[0], t[0], (word >> np.uint32(shift)) & np.uint32(0x3333)))
-    data = np.stack(out, axis=-1).astype(np.uint32)
-    return data.view(np.int8).reshape(*word.shape, 32 // bits).astype(np.int64)
-
-
-def pack_codes(index: torch.Tensor, bits: int) -> torch.Tensor:
-    """[N, K] codebook indices -> [N, K * bits / 32] int32 words in the lab layout."""
-    n, k = index.shape
-    per_word = 32 // bits
-    stored = torch.from_numpy(stored_code(index.cpu().numpy().astype(np.int64), bits)).reshape(n, k // per_word, per_word)
-    word = torch.zeros(n, k // per_word, dtype=torch.int64)
-    for p in range(per_word):
-        if bits == 4:
-            shift = 4 * p
-        else:  # input 4 q + i of the word: quad q at bit 16 (q // 2) + 2 (q % 2), its codes a nibble apart
-            q, i = divmod(p, 4)
-            shift = 16 * (q // 2) + 2 * (q % 2) + 4 * i
-        word |= stored[:, :, p] << shift
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).to(index.device)
-
+# --- tables: tqc.kernels.lut_int8 (int8_levels, int8_table_words, emulate_word, pack_words) ----------
 
 def cmd_check(_args) -> None:
     for bits in (4, 2):
         levels, _ = int8_levels(bits)
         rng = np.random.default_rng(0)
         index = rng.integers(0, 2**bits, size=(64, 32 * 32 // bits))
-        words = pack_codes(torch.from_numpy(index), bits).numpy().view(np.uint32)
+        words = pack_words(torch.from_numpy(index), bits).numpy().view(np.uint32)
         decoded = emulate_word(words, bits).reshape(index.shape)
         assert (decoded == levels[index]).all(), f"{bits}-bit decode differs"
         print(f"{bits} bits: the emulated PTX decodes every code to its int8 level {levels.tolist()}")
@@ -388,13 +325,13 @@ class LabLayer:
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.n, self.k, self.bits, self.group = n, k, bits, group
         self.index = torch.randint(0, 2**bits, (n, k), generator=g)
-        self.codes = pack_codes(self.index, bits).to(device)
+        self.codes = pack_words(self.index, bits).to(device)
         levels, factor = int8_levels(bits)
         self.levels = torch.tensor(levels, dtype=torch.float64)
         self.scales = ((torch.rand(n, k // group, generator=g) + 0.5) * 0.02).half()
         self.folded = (self.scales.double() * factor).half().to(device)  # what the kernel reads
         self.exact_levels = gaussian_codebook(bits).double()
-        words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits)]
+        words = [w - 2**32 if w >= 2**31 else w for w in int8_table_words(bits)]
         self.table = torch.tensor((words + [0] * (4 - len(words))) * LANES, dtype=torch.int32, device=device)
 
     def copy(self) -> "LabLayer":
