@@ -5,6 +5,9 @@ Not used by tqc's kernels yet: scripts/int8_gemv_lab.py times them (docs/perform
 group scales. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a tensor-core dot:
 
 - 2 bits: the 4 levels are one word; the selector is the codes' crumbs masked into 4 nibbles.
+- 3 bits: the 8 levels are two words (A, B); the selector's nibbles are a crumb (bits 0-1,
+  from the crumb plane) and a high bit (bit 2, from the high plane), each shifted and masked,
+  joined by one LOP3.
 - 4 bits, 16 levels in two PRMTs and an xor, with no sign step: PRMT picks byte s (s < 8) of
   two registers, and for s >= 8 returns byte s - 8's sign replicated (0x00 or 0xFF). So with
   P1 = prmt(A, B, s) and P2 = prmt(C, D, s ^ 8), P1 ^ P2 is level(s) for every s when A, B hold
@@ -12,10 +15,13 @@ group scales. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a te
   sign bit: codes s and s + 8 must share a sign. The stored code is the codebook index (levels
   ascending, 0-7 negative) with bits 2 and 3 swapped, which makes it so.
 
-The layout the lab uses (`pack_words`): code word i of a row holds inputs i * 32 / b onward in
-input order, 4 bits a nibble each (quads at bits 0 and 16), 2 bits with quad q at bit
-16 (q // 2) + 2 (q % 2) and its codes a nibble apart, so that a shift and a mask make a
-quad's selector. `emulate_word` computes what the PTX computes, in numpy.
+The layout the lab uses (`pack_words`): a row's codes in input order. 4 bits: word i holds
+inputs 8i onward, a nibble each (quads at bits 0 and 16). 2 bits, and the crumb plane of 3 bits
+(the codes' low 2 bits): word i holds inputs 16i onward, quad q at bit 16 (q // 2) + 2 (q % 2)
+and its codes a nibble apart. The high plane of 3 bits follows the crumb plane in the row: word
+i holds the third bits of inputs 32i onward, input 16 h + 4 q + j (h the crumb word's half) at
+bit 16 h + q + 4 j, so that one shift puts a quad's four at the nibbles' bit 2. `emulate`
+computes what the PTX computes, in numpy.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from tqc.codebook import gaussian_codebook
 
 from .lut import prmt
 
-INT8_BITS = (2, 4)  # the widths with an int8 lookup so far
+INT8_BITS = (2, 3, 4)
 SIGN_FLIP = 0x88888888  # the selector nibbles' bit 3, flipped for the second PRMT of 4 bits
 
 
@@ -39,8 +45,8 @@ def int8_levels(bits: int) -> tuple[np.ndarray, float]:
 
 
 def int8_stored_code(index: np.ndarray, bits: int) -> np.ndarray:
-    """Codebook index -> stored code: bits 2 and 3 swapped for 4 bits (its own inverse), as is for 2."""
-    if bits == 2:
+    """Codebook index -> stored code: bits 2 and 3 swapped for 4 bits (its own inverse), as is below."""
+    if bits < 4:
         return index
     return (index & 3) | ((index >> 2 & 1) << 3) | ((index >> 3 & 1) << 2)
 
@@ -51,13 +57,13 @@ def _word(values: np.ndarray) -> int:
 
 
 def int8_table_words(bits: int) -> list[int]:
-    """The PRMT table as unsigned words: (A, B, C, D) for 4 bits (module docstring), one word for 2."""
+    """The PRMT table as unsigned words: one for 2 bits, (A, B) for 3, (A, B, C, D) for 4 (module docstring)."""
     if bits not in INT8_BITS:
         raise ValueError(f"no int8 lookup for {bits}-bit codes")
     levels, _ = int8_levels(bits)
     by_stored = levels[int8_stored_code(np.arange(2**bits), bits)] & 0xFF
-    if bits == 2:
-        return [_word(by_stored)]
+    if bits < 4:
+        return [_word(by_stored[i : i + 4]) for i in range(0, 2**bits, 4)]
     first = by_stored[:8]
     second = by_stored[8:] ^ np.where(first & 0x80, 0xFF, 0)
     if (second & 0x80).any():
@@ -66,32 +72,64 @@ def int8_table_words(bits: int) -> list[int]:
 
 
 def quad_shifts(bits: int) -> tuple[int, ...]:
-    """Where each quad of a code word starts (the shift that brings its selector to bits 0-15)."""
+    """Where each quad of a code word starts (the shift that brings its selector to bits 0-15);
+    for 3 bits, of the crumb word."""
     return (0, 16) if bits == 4 else (0, 2, 16, 18)
 
 
-def emulate_word(words: np.ndarray, bits: int) -> np.ndarray:
-    """The int8 values the PTX decodes from uint32 code words: [..., 32 / bits], in input order."""
+def high_bit(half: int, quad: int, i: int) -> int:
+    """3 bits: the bit of the high-plane word holding code i of quad `quad` of crumb word `half`."""
+    return 16 * half + quad + 4 * i
+
+
+def emulate(words: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The int8 levels the PTX decodes from rows of code words ([N, K * bits / 32] uint32): [N, K]."""
     table = [np.uint32(w) for w in int8_table_words(bits)]
+    crumbs = words[:, : k // 16] if bits == 3 else words
     quads = []
     for shift in quad_shifts(bits):
-        selector = words >> np.uint32(shift)
+        selector = crumbs >> np.uint32(shift)
         if bits == 4:
             quads.append(prmt(table[0], table[1], selector) ^ prmt(table[2], table[3], selector ^ np.uint32(SIGN_FLIP)))
+            continue
+        selector = selector & np.uint32(0x3333)
+        if bits == 3:
+            quads.append(prmt(table[0], table[1], selector | _high_nibbles(words[:, k // 16 :], shift)))
         else:
-            quads.append(prmt(table[0], table[0], selector & np.uint32(0x3333)))
+            quads.append(prmt(table[0], table[0], selector))
     data = np.stack(quads, axis=-1).astype(np.uint32)
-    return data.view(np.int8).reshape(*words.shape, 32 // bits).astype(np.int64)
+    return data.view(np.int8).reshape(words.shape[0], k).astype(np.int64)
+
+
+def _high_nibbles(high: np.ndarray, shift: int) -> np.ndarray:
+    """3 bits: for every crumb word, its quad's (at `shift`) high bits moved to the nibbles' bit 2."""
+    quad = quad_shifts(3).index(shift)
+    out = []
+    for half in (0, 1):
+        base = high_bit(half, quad, 0)  # the quad's 4 bits sit at base + 4 i; they go to 4 i + 2
+        moved = high >> np.uint32(base - 2) if base >= 2 else high << np.uint32(2 - base)
+        out.append(moved & np.uint32(0x4444))
+    return np.stack(out, axis=-1).reshape(high.shape[0], -1)  # crumb word 2 w + half
 
 
 def pack_words(index: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] codebook indices -> [N, K * bits / 32] int32 code words in input order (module docstring)."""
     n, k = index.shape
-    per_word = 32 // bits
     stored = torch.from_numpy(int8_stored_code(index.cpu().numpy().astype(np.int64), bits))
-    stored = stored.reshape(n, k // per_word, per_word)
+    if bits == 3:
+        planes = [_pack(stored & 3, 16, lambda p: quad_shifts(2)[p // 4] + 4 * (p % 4)),
+                  _pack(stored >> 2, 32, lambda p: high_bit(p // 16, p % 16 // 4, p % 4))]
+    else:
+        planes = [_pack(stored, 32 // bits, lambda p: quad_shifts(bits)[p // 4] + 4 * (p % 4))]
+    word = torch.cat(planes, dim=1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).to(index.device)
+
+
+def _pack(values: torch.Tensor, per_word: int, bit_of) -> torch.Tensor:
+    """[N, K] small values -> [N, K / per_word] int64 words, value p of a word at bit `bit_of(p)`."""
+    n, k = values.shape
+    grouped = values.reshape(n, k // per_word, per_word)
     word = torch.zeros(n, k // per_word, dtype=torch.int64)
     for position in range(per_word):
-        quad, i = divmod(position, 4)
-        word |= stored[:, :, position] << (quad_shifts(bits)[quad] + 4 * i)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).to(index.device)
+        word |= grouped[:, :, position] << bit_of(position)
+    return word

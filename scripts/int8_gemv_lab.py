@@ -34,12 +34,12 @@ import triton.language as tl
 
 from tqc.codebook import gaussian_codebook  # noqa: E402
 
-from tqc.kernels.lut_int8 import emulate_word, int8_levels, int8_table_words, pack_words  # noqa: E402
+from tqc.kernels.lut_int8 import emulate, int8_levels, int8_table_words, pack_words  # noqa: E402
 
 LANES = 32  # table copies, one per lane (see triton_kernels.load_table)
 
 
-# --- tables: tqc.kernels.lut_int8 (int8_levels, int8_table_words, emulate_word, pack_words) ----------
+# --- tables: tqc.kernels.lut_int8 (int8_levels, int8_table_words, emulate, pack_words) ---------------
 
 def cmd_check(_args) -> None:
     for bits in (4, 2):
@@ -47,7 +47,7 @@ def cmd_check(_args) -> None:
         rng = np.random.default_rng(0)
         index = rng.integers(0, 2**bits, size=(64, 32 * 32 // bits))
         words = pack_words(torch.from_numpy(index), bits).numpy().view(np.uint32)
-        decoded = emulate_word(words, bits).reshape(index.shape)
+        decoded = emulate(words, bits, index.shape[1])
         assert (decoded == levels[index]).all(), f"{bits}-bit decode differs"
         print(f"{bits} bits: the emulated PTX decodes every code to its int8 level {levels.tolist()}")
 
