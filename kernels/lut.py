@@ -69,7 +69,12 @@ def table_words(bits: int) -> tuple[int, ...]:
     raw = np.array(lookup_values(bits), dtype=np.float16).view(np.uint16).astype(np.uint32)
     lows, highs = raw & 0xFF, raw >> 8
     packed = [lows[i : i + 4] for i in range(0, len(raw), 4)] + [highs[i : i + 4] for i in range(0, len(raw), 4)]
-    return tuple(int(sum(int(b) << (8 * j) for j, b in enumerate(part))) for part in packed)
+    return tuple(byte_word(part) for part in packed)
+
+
+def byte_word(values) -> int:
+    """4 bytes, the first at the lowest address, as an unsigned 32-bit word (a PRMT table word)."""
+    return int(sum(int(b) << (8 * i) for i, b in enumerate(values)))
 
 
 # The PTX, as `tl.inline_asm_elementwise` runs it with pack=2 on a tile whose two packed elements

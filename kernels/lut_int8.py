@@ -31,7 +31,7 @@ import torch
 
 from tqc.codebook import gaussian_codebook
 
-from .lut import prmt
+from .lut import byte_word, prmt
 
 INT8_BITS = (2, 3, 4)
 SIGN_FLIP = 0x88888888  # the selector nibbles' bit 3, flipped for the second PRMT of 4 bits
@@ -51,11 +51,6 @@ def int8_stored_code(index: np.ndarray, bits: int) -> np.ndarray:
     return (index & 3) | ((index >> 2 & 1) << 3) | ((index >> 3 & 1) << 2)
 
 
-def _word(values: np.ndarray) -> int:
-    """4 bytes, first at the lowest address, as an unsigned 32-bit word."""
-    return int(sum(int(b) << (8 * i) for i, b in enumerate(values)))
-
-
 def int8_table_words(bits: int) -> list[int]:
     """The PRMT table as unsigned words: one for 2 bits, (A, B) for 3, (A, B, C, D) for 4 (module docstring)."""
     if bits not in INT8_BITS:
@@ -63,12 +58,12 @@ def int8_table_words(bits: int) -> list[int]:
     levels, _ = int8_levels(bits)
     by_stored = levels[int8_stored_code(np.arange(2**bits), bits)] & 0xFF
     if bits < 4:
-        return [_word(by_stored[i : i + 4]) for i in range(0, 2**bits, 4)]
+        return [byte_word(by_stored[i : i + 4]) for i in range(0, 2**bits, 4)]
     first = by_stored[:8]
     second = by_stored[8:] ^ np.where(first & 0x80, 0xFF, 0)
     if (second & 0x80).any():
         raise AssertionError("codes s and s + 8 must share a sign")
-    return [_word(first[:4]), _word(first[4:]), _word(second[:4]), _word(second[4:])]
+    return [byte_word(first[:4]), byte_word(first[4:]), byte_word(second[:4]), byte_word(second[4:])]
 
 
 def quad_shifts(bits: int) -> tuple[int, ...]:
