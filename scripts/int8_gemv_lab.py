@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -459,7 +458,7 @@ def cmd_run(args) -> None:
                       f" int8 rounding vs the exact layer {exact_error:.2e}", flush=True)
             result["rows"].append({"n": n, "k": k, "bits": bits, "best": best, "quantize_us": q_us,
                                    "int8_error_vs_exact": exact_error})
-            del layers
+            layers.clear()  # free the copies before the next shape
             torch.cuda.empty_cache()
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
@@ -520,7 +519,7 @@ def cmd_dot(args) -> None:
                    "tqc_us": tqc_us, "error_vs_reference": error}
             result["rows"].append(row)
             print(f"  {(block_n, steps, warps)} {us:7.2f} us x{bf16_us / us:.2f}  err {error:.1e}", flush=True)
-        del layers
+        layers.clear()  # free the copies before the next shape
         torch.cuda.empty_cache()
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
