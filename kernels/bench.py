@@ -65,8 +65,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     """Rows for one (N, K): bf16 and every option at every token count."""
     import torch.nn.functional as F  # noqa: PLC0415
 
-    from tqc.layout import LayerSpec, layer_bytes  # noqa: PLC0415
-    from tqc.options import QuantOption  # noqa: PLC0415
+    from tqc.layout import layer_bytes  # noqa: PLC0415
 
     from .registry import prepare, rotate  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
@@ -86,7 +85,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         rows.append(row("rotate", n, k, m, 0, time_layers([lambda x: rotate(x, signs, group_size)], x), bf16_times[m]))
     for name in options:
-        spec = LayerSpec(QuantOption.parse(name), group_size, k, n)
+        spec = bench_spec(name, group_size, k, n)
         nbytes = layer_bytes(spec)
         modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(nbytes))]
         for module in modules:
@@ -133,13 +132,19 @@ def report(rows: list[dict], model: str, layer: str) -> list[dict]:
     return rows
 
 
-def layer_key(option: str, n: int, k: int, group_size: int):
+def bench_spec(option: str, group_size: int, k: int, n: int):
+    """The LayerSpec of a benchmark's option name: a plan's option, '@int8' after it for int8 activations."""
     from tqc.layout import LayerSpec  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
+    name, _, activations = option.partition("@")
+    return LayerSpec(QuantOption.parse(name), group_size, k, n, activations=activations or "fp16")
+
+
+def layer_key(option: str, n: int, k: int, group_size: int):
     from .registry import KernelKey  # noqa: PLC0415
 
-    return KernelKey.of(LayerSpec(QuantOption.parse(option), group_size, k, n))
+    return KernelKey.of(bench_spec(option, group_size, k, n))
 
 
 def compile_and_report(keys, tokens: list[int]) -> None:
@@ -165,7 +170,7 @@ def save(result: dict, output: str) -> None:
 def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
-    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose,
+    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose, args.activations,
                               fuse=not args.separate, compile_glue=not args.eager_glue,
                               rotate_in_glue=not args.separate_rotation, tokens=args.tokens)
     result["device"] = device_info()
@@ -179,12 +184,15 @@ def add_parser(subparsers) -> None:
     layers = kinds.add_parser("layers", help="Llama-3 linear shapes at several token counts")
     layers.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     layers.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128, 2048])
-    layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
+    layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"],
+                        help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama, random weights")
     decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
+    decode.add_argument("--activations", choices=["fp16", "int8"], default="fp16",
+                        help="int8: the plan's layers without a residual on int8 activations")
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     decode.add_argument("--layers", type=int, default=32)
     decode.add_argument("--separate", action="store_true",

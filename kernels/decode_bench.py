@@ -159,10 +159,9 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
     With a registry the layers are repacked for, and run, its kernels; without one (CPU) they run
     the reference path.
     """
-    from tqc.layout import LayerSpec  # noqa: PLC0415
     from tqc.linear import concatenate  # noqa: PLC0415
-    from tqc.options import QuantOption  # noqa: PLC0415
 
+    from .bench import bench_spec  # noqa: PLC0415
     from .registry import prepare  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
 
@@ -174,7 +173,7 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
         return layer
 
     def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
-        specs = [LayerSpec(QuantOption.parse(plan[name]), GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
+        specs = [bench_spec(plan[name], GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
         layers = [random_turboquant_linear(spec, device, seed=k + i) for i, spec in enumerate(specs)]
         if fused(plan, names, True):  # siblings that could fuse share a rotation seed, as tqc build gives them
             for layer in layers:
@@ -225,8 +224,16 @@ def decoder_keys(plan: dict[str, str], fuse: bool) -> list:
     return keys
 
 
+def int8_name(option: str, activations: str) -> str:
+    """A plan option's benchmark name (bench.bench_spec): '@int8' appended where it runs on int8."""
+    from tqc.activations import takes_int8  # noqa: PLC0415
+    from tqc.options import QuantOption  # noqa: PLC0415
+
+    return f"{option}@int8" if takes_int8(QuantOption.parse(option), activations) else option
+
+
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
-                     fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True, tokens: int = 1) -> dict:
+                     activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True, tokens: int = 1) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens."""
     from .bench import compile_and_report  # noqa: PLC0415
@@ -235,6 +242,7 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
 
     torch.manual_seed(0)
     options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
+    options = {name: int8_name(option, activations) for name, option in options.items()}
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": LLAMA3_8B,
                "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}

@@ -128,10 +128,12 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor
 def fused_linear(layer, tokens: int, like: torch.Tensor,
                  produce: Callable[[RotationTarget], torch.Tensor]) -> torch.Tensor | None:
     """layer(x) where `produce(target)` writes x already rotated, or None where the layer has no
-    kernel, is not tuned for this token count yet, the tokens are more than MAX_TOKENS, or its
-    width cannot be cut in whole groups (block_width)."""
+    kernel, is not tuned for this token count yet, the tokens are more than MAX_TOKENS, its width
+    cannot be cut in whole groups (block_width), or it runs on int8 activations (its rotation
+    rounds to int8 in a launch of its own)."""
     kernel = getattr(layer, "kernel", None)
-    config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
+    fusable = kernel is not None and tokens <= MAX_TOKENS and kernel.key.activations == "fp16"
+    config = kernel.tuned(tokens) if fusable else None
     if config is None or block_width(layer.in_features, kernel.key.group_size) is None:
         return None
     out = kernel.output(tokens, like.device, like.dtype, config)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tqc.codebook import gaussian_codebook
+from tqc.bitpack import pack, unpack
+from tqc.codebook import int8_codebook
 
 from .lut import byte_word, prmt
 
@@ -39,12 +40,11 @@ SIGN_FLIP = 0x88888888  # the selector nibbles' bit 3, flipped for the second PR
 
 def int8_levels(bits: int) -> tuple[np.ndarray, float]:
     """The codebook rounded to int8 (ascending, int64 values) and the factor that maps them back."""
-    levels = gaussian_codebook(bits).double().numpy()
-    factor = float(np.abs(levels).max() / 127)
-    return np.round(levels / factor).astype(np.int64), factor
+    levels, factor = int8_codebook(bits)
+    return levels.numpy(), factor
 
 
-def int8_stored_code(index: np.ndarray, bits: int) -> np.ndarray:
+def int8_stored_code(index, bits: int):
     """Codebook index -> stored code: bits 2 and 3 swapped for 4 bits (its own inverse), as is below."""
     if bits < 4:
         return index
@@ -108,23 +108,64 @@ def _high_nibbles(high: np.ndarray, shift: int) -> np.ndarray:
 
 
 def pack_words(index: torch.Tensor, bits: int) -> torch.Tensor:
-    """[N, K] codebook indices -> [N, K * bits / 32] int32 code words in input order (module docstring)."""
-    n, k = index.shape
-    stored = torch.from_numpy(int8_stored_code(index.cpu().numpy().astype(np.int64), bits))
+    """[N, K] codebook indices -> [N, K * bits / 32] int32 code words in input order (module docstring),
+    on index's device."""
+    stored = int8_stored_code(index.long(), bits)
     if bits == 3:
-        planes = [_pack(stored & 3, 16, lambda p: quad_shifts(2)[p // 4] + 4 * (p % 4)),
-                  _pack(stored >> 2, 32, lambda p: high_bit(p // 16, p % 16 // 4, p % 4))]
+        planes = [_pack(stored & 3, 16, _crumb_bit), _pack(stored >> 2, 32, _high_plane_bit)]
     else:
-        planes = [_pack(stored, 32 // bits, lambda p: quad_shifts(bits)[p // 4] + 4 * (p % 4))]
+        planes = [_pack(stored, 32 // bits, _nibble_bit if bits == 4 else _crumb_bit)]
     word = torch.cat(planes, dim=1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).to(index.device)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_words`: [N, K * bits / 32] int32 code words -> [N, K] codebook indices (int64)."""
+    words = words.long() & 0xFFFFFFFF
+    if bits == 3:
+        crumbs = _unpack(words[:, : k // 16], 16, _crumb_bit, 3)
+        stored = crumbs | _unpack(words[:, k // 16 :], 32, _high_plane_bit, 1) << 2
+    else:
+        stored = _unpack(words, 32 // bits, _nibble_bit if bits == 4 else _crumb_bit, 2**bits - 1)
+    return int8_stored_code(stored, bits)
+
+
+def _nibble_bit(position: int) -> int:
+    """4 bits: where code `position` of a word sits (its quad's shift, then a nibble each)."""
+    return quad_shifts(4)[position // 4] + 4 * (position % 4)
+
+
+def _crumb_bit(position: int) -> int:
+    """2 bits and the crumb plane of 3 bits: where code `position` of a word sits."""
+    return quad_shifts(2)[position // 4] + 4 * (position % 4)
+
+
+def _high_plane_bit(position: int) -> int:
+    """The high plane of 3 bits: where the third bit of input `position` of a word's 32 sits."""
+    return high_bit(position // 16, position % 16 // 4, position % 4)
 
 
 def _pack(values: torch.Tensor, per_word: int, bit_of) -> torch.Tensor:
     """[N, K] small values -> [N, K / per_word] int64 words, value p of a word at bit `bit_of(p)`."""
     n, k = values.shape
     grouped = values.reshape(n, k // per_word, per_word)
-    word = torch.zeros(n, k // per_word, dtype=torch.int64)
+    word = torch.zeros(n, k // per_word, dtype=torch.int64, device=values.device)
     for position in range(per_word):
         word |= grouped[:, :, position] << bit_of(position)
     return word
+
+
+def _unpack(words: torch.Tensor, per_word: int, bit_of, mask: int) -> torch.Tensor:
+    """Inverse of `_pack`: [N, W] int64 words -> [N, W * per_word] values of `mask`'s width."""
+    values = torch.stack([words >> bit_of(position) & mask for position in range(per_word)], dim=-1)
+    return values.reshape(words.shape[0], -1)
+
+
+def to_int8_layout(packed: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
+    """A layer's codes from the packed model's bitpack layout into the input-order words above."""
+    return pack_words(unpack(packed, bits, k), bits)
+
+
+def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
+    """Inverse of `to_int8_layout`."""
+    return pack(unpack_words(words, bits, k), bits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
-from .registry import KernelKey, LayerKernel
+from .registry import KernelKey, family
 from .tuning import TOKEN_BUCKETS, LaunchConfig
 
 
@@ -20,7 +20,7 @@ def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[tuple[Kerne
 
     buckets = {token_bucket(m): m for m in token_counts}
     return [(key, m, config) for key in keys for bucket, m in buckets.items()
-            for config in LayerKernel(key, None).candidates(bucket)]
+            for config in family(key)(key, None).candidates(bucket)]
 
 
 def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
@@ -29,17 +29,18 @@ def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
     from tqc.layout import LayerSpec  # noqa: PLC0415
     from tqc.options import QuantOption  # noqa: PLC0415
 
-    from .registry import LayerKernel, prepare  # noqa: PLC0415
+    from .registry import prepare  # noqa: PLC0415
     from .synthetic import random_turboquant_linear  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     key, m, config = job
     option = QuantOption("turboquant", key.bits, key.residual_bits)
-    module = random_turboquant_linear(LayerSpec(option, key.group_size, key.k, key.n), "cuda")
+    module = random_turboquant_linear(LayerSpec(option, key.group_size, key.k, key.n, activations=key.activations),
+                                      "cuda")
     prepare(module)
     x = torch.randn(m, key.k, device="cuda", dtype=torch.bfloat16)
     try:
-        LayerKernel(key, Tuner("none", "none", None)).run(x, module, config)
+        family(key)(key, Tuner("none", "none", None)).run(x, module, config)
         torch.cuda.synchronize()
     except Exception as err:  # the tuner will skip it as well
         return f"{key.name} {config.model_dump()}: {str(err).splitlines()[0]}"

@@ -23,12 +23,16 @@ import triton
 
 from tqc.layout import LayerSpec, layer_bytes
 
+from . import int8_kernels, lut_int8, repack
 from . import triton_kernels as tk
 from .lut import TABLE_COPIES, table_words
-from .repack import slot_words, to_bitpack_layout, to_kernel_layout
-from .tuning import Harness, LaunchConfig, Tuner, candidate_configs, run_sums_fit, stream_copies, token_bucket
+from .repack import slot_words
+from .tuning import (Harness, LaunchConfig, Tuner, candidate_configs, int8_candidates, run_sums_fit, stream_copies,
+                     token_bucket)
 
-KERNEL_LAYOUT = "kernel"
+KERNEL_LAYOUT = "kernel"  # repack.py, for the fp16 lookup kernels
+INT8_LAYOUT = "int8"  # lut_int8.pack_words, for the int8 family
+LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8}  # module: to_<name>_layout, to_bitpack_layout
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 
@@ -49,19 +53,27 @@ class KernelKey:
     group_size: int
     n: int
     k: int
+    activations: str = "fp16"
 
     @classmethod
     def of(cls, spec: LayerSpec) -> KernelKey:
-        return cls(spec.option.base_bits, spec.option.residual_bits, spec.group_size, spec.out_features, spec.in_features)
+        return cls(spec.option.base_bits, spec.option.residual_bits, spec.group_size, spec.out_features, spec.in_features,
+                   spec.activations)
 
     @property
     def name(self) -> str:
-        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}"
+        int8 = "a8" if self.activations == "int8" else ""
+        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}{int8}"
 
 
 def supports(spec: LayerSpec) -> bool:
     """Whether a generated kernel exists for this layer (TurboQuant; RTN stays on the reference path)."""
     return spec.option.scheme == "turboquant" and spec.in_features % 32 == 0 and spec.group_size >= 32
+
+
+def layout_of(spec: LayerSpec) -> str:
+    """The code layout of a layer's kernel family."""
+    return INT8_LAYOUT if spec.activations == "int8" else KERNEL_LAYOUT
 
 
 @dataclass
@@ -81,8 +93,7 @@ class LayerKernel:
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
         """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
-        if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
-            raise ValueError("the layer's codes are not in the kernel layout: call tqc.kernels.prepare(module)")
+        check_layout(module, KERNEL_LAYOUT)
         device = module.codes.device
         base = (module.codes, module.scales, self.table(self.key.bits, device))
         if not self.key.residual_bits:
@@ -203,6 +214,59 @@ class LayerKernel:
         return out
 
 
+class Int8LayerKernel(LayerKernel):
+    """The int8 family of a key on int8 activations (int8_kernels.py): the rotation rounds the input
+    to int8 per (token, group), int8_dot_kernel multiplies; the tuner picks its launch shape."""
+
+    def candidates(self, bucket: int) -> list[LaunchConfig]:
+        return int8_candidates(bucket, self.key.k // self.key.group_size)
+
+    def table(self, bits: int, device: torch.device) -> torch.Tensor:
+        """The int8 PRMT table (lut_int8.int8_table_words), 4 words a copy, one copy a lane."""
+        if (bits, device) not in self._tables:
+            words = [w - 2**32 if w >= 2**31 else w for w in lut_int8.int8_table_words(bits)]
+            words += [0] * (4 - len(words))
+            self._tables[(bits, device)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
+        return self._tables[(bits, device)]
+
+    @cached_property
+    def factor(self) -> float:
+        return lut_int8.int8_levels(self.key.bits)[1]
+
+    def levels(self, device: torch.device) -> torch.Tensor:
+        """The int8 levels by stored code (the decode without inline PTX looks them up in memory)."""
+        if ("levels", device) not in self._tables:
+            levels, _ = lut_int8.int8_levels(self.key.bits)
+            by_stored = levels[lut_int8.int8_stored_code(torch.arange(2**self.key.bits), self.key.bits).numpy()]
+            self._tables[("levels", device)] = torch.tensor(by_stored, dtype=torch.int8, device=device)
+        return self._tables[("levels", device)]
+
+    def weights(self, module) -> tuple[torch.Tensor, ...]:
+        """codes, scales, PRMT table, levels: the weight arguments of int8_dot_kernel."""
+        check_layout(module, INT8_LAYOUT)
+        device = module.codes.device
+        return module.codes, module.scales, self.table(self.key.bits, device), self.levels(device)
+
+    def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
+        m, (n, k, g) = x.shape[0], (self.key.n, self.key.k, self.key.group_size)
+        steps = config.iters
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        values = torch.empty(m, k, device=x.device, dtype=torch.int8)
+        scales = torch.empty(m, k // g, device=x.device, dtype=torch.float32)
+        split = k > g * steps
+        pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(x.device) else {}
+        block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
+        int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+            x, module.signs, values, scales, out, m, out.numel() if split else 0, K=k, LOG_G=g.bit_length() - 1,
+            BLOCK_M=block_m, BLOCK_K=block_k, **pdl)
+        grid = (triton.cdiv(n, config.block_n), k // (g * steps), triton.cdiv(m, config.block_m))
+        int8_kernels.int8_dot_kernel[grid](
+            values, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
+            BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=steps, ASM=not INTERPRETED,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+        return out
+
+
 @dataclass(frozen=True)
 class RotationTarget:
     """How a lookup kernel wants its input rotated: signs and group size of the layer, the columns
@@ -214,6 +278,11 @@ class RotationTarget:
     pair_width: int
     dtype: torch.dtype
     clear: torch.Tensor | None
+
+
+def family(key: KernelKey) -> type[LayerKernel]:
+    """The kernel family that serves a key: the int8 one on int8 activations, else the fp16 lookups."""
+    return Int8LayerKernel if key.activations == "int8" else LayerKernel
 
 
 def weight_copy(module) -> SimpleNamespace:
@@ -243,19 +312,26 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     return out
 
 
+def check_layout(module, layout: str) -> None:
+    if getattr(module, "codes_layout", None) != layout:
+        raise ValueError(f"the layer's codes are not in the {layout} layout: call tqc.kernels.prepare(module)")
+
+
 def prepare(module) -> None:
-    """Repack a layer's codes into the kernel layout, in place (idempotent); `restore` undoes it."""
-    if getattr(module, "codes_layout", None) == KERNEL_LAYOUT:
+    """Repack a layer's codes into its kernel family's layout, in place (idempotent); `restore` undoes it."""
+    layout = layout_of(module.spec)
+    if getattr(module, "codes_layout", None) == layout:
         return
-    _convert(module, to_kernel_layout)
-    module.codes_layout = KERNEL_LAYOUT
+    _convert(module, getattr(LAYOUTS[layout], f"to_{layout}_layout"))
+    module.codes_layout = layout
 
 
 def restore(module) -> None:
     """Put a prepared layer's codes back in the bitpack layout (for saving or the reference path)."""
-    if getattr(module, "codes_layout", None) != KERNEL_LAYOUT:
+    layout = getattr(module, "codes_layout", None)
+    if layout is None:
         return
-    _convert(module, to_bitpack_layout)
+    _convert(module, LAYOUTS[layout].to_bitpack_layout)
     module.codes_layout = None
     module.kernel = None
 
@@ -278,7 +354,7 @@ class KernelRegistry:
         """The generated kernel of a layer's key, created on first use."""
         key = KernelKey.of(spec)
         if key not in self.kernels:
-            self.kernels[key] = LayerKernel(key, self.tuner)
+            self.kernels[key] = family(key)(key, self.tuner)
         return self.kernels[key]
 
     def generate(self, specs: Iterable[LayerSpec]) -> dict[KernelKey, LayerKernel]:

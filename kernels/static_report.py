@@ -20,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import int8_kernels
 from . import triton_kernels as tk
 from .registry import KernelKey, LayerKernel
 from .repack import slot_words
@@ -27,14 +28,19 @@ from .tuning import LaunchConfig
 
 H100_ISSUE_PER_S = 132 * 4 * 32 * 1.755e9  # thread-instructions per second
 ARGUMENT_TYPES = {"x_ptr": "*fp16", "out_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*fp16", "table_ptr": "*i32",
-                  "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_table_ptr": "*i32", "M": "i32"}
+                  "res_codes_ptr": "*i32", "res_scales_ptr": "*fp16", "res_table_ptr": "*i32", "M": "i32",
+                  "q_ptr": "*i8", "xs_ptr": "*fp32", "levels_ptr": "*i8", "factor": "fp32"}
 
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
-    """The compiled lookup kernel (dot or fma strategy) of a key and launch configuration, for sm_90."""
-    fn = tk.lut_fma_kernel if config.strategy == "fma" else tk.lut_dot_kernel
+    """The compiled lookup kernel (dot, fma or int8 strategy) of a key and launch configuration, for sm_90."""
+    fn = {"fma": tk.lut_fma_kernel, "int8": int8_kernels.int8_dot_kernel}.get(config.strategy, tk.lut_dot_kernel)
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-    constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
+    if config.strategy == "int8":
+        constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "BITS": key.bits, "BLOCK_N": config.block_n,
+                      "BLOCK_M": config.block_m, "STEPS": config.iters, "ASM": True, "PDL": True}
+    else:
+        constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
     signature |= dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},

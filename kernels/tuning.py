@@ -30,7 +30,7 @@ class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["dot", "fma", "dequant"]
+    strategy: Literal["dot", "fma", "dequant", "int8"]  # int8: int8_kernels.int8_dot_kernel (iters: groups a program)
     block_m: int = 16
     block_n: int = 32
     num_warps: int = 4
@@ -147,6 +147,26 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     if bucket > 1:
         configs += dequant
     return list(dict.fromkeys(c for c in configs if c is not None))
+
+
+# The int8 family (layers on int8 activations): (block_n, groups per program, warps) split over K for
+# up to 16 tokens (lab runs 50-51 on the H200: (64, 8, 4) and (64, 14, 4) fastest at 8B shapes),
+# (block_m, block_n, warps) tiles over all of K beyond. Pipelined over 3 stages, as in the lab.
+INT8_SPLIT_SHAPES = ((64, 8, 4), (64, 14, 4), (64, 16, 4), (64, 4, 4), (32, 8, 4), (128, 8, 8), (64, 2, 4))
+INT8_TILE_SHAPES = ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
+INT8_STAGES = 3
+
+
+def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
+    """The int8 family's launch configurations for a token bucket and a layer of `groups` groups a row."""
+    if bucket > 64:
+        return [LaunchConfig(strategy="int8", block_m=m, block_n=n, num_warps=w, iters=groups, whole_k=True,
+                             num_stages=INT8_STAGES) for m, n, w in INT8_TILE_SHAPES]
+    block_m = 16 if bucket <= 16 else 64
+    steps = [(n, min(s, groups), w) for n, s, w in INT8_SPLIT_SHAPES]
+    configs = [LaunchConfig(strategy="int8", block_m=block_m, block_n=n, num_warps=w, iters=s, num_stages=INT8_STAGES)
+               for n, s, w in steps if groups % s == 0]
+    return list(dict.fromkeys(configs))
 
 
 Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, layer calls per run)

@@ -31,7 +31,7 @@ from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
-from tqc.kernels.registry import KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
+from tqc.kernels.registry import Int8LayerKernel, KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
 from tqc.kernels.repack import slot_words  # noqa: E402
 from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
 
@@ -60,9 +60,9 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
 
 
 @functools.lru_cache(maxsize=4)
-def random_layer(option, n: int, k: int, group_size: int):
-    """(the layer with its codes in the kernel layout, its reference path's copy)."""
-    module = random_turboquant_linear(LayerSpec(option, group_size, k, n), DEVICE)
+def random_layer(option, n: int, k: int, group_size: int, activations: str = "fp16"):
+    """(the layer with its codes in its kernel family's layout, its reference path's copy)."""
+    module = random_turboquant_linear(LayerSpec(option, group_size, k, n, activations=activations), DEVICE)
     original = copy.deepcopy(module)
     prepare(module)
     return module, original
@@ -103,6 +103,27 @@ def test_kernel_matches_reference(option, strategy):
                 out = kernel.run(x, module, config)
                 error = relative_error(out, reference(original, x))
                 assert error < TOLERANCE[dtype], f"{option} {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
+
+
+INT8_STRATEGIES = {  # split over K one group a program (atomics), and tiles over all of K
+    "int8-split": lambda groups: LaunchConfig(strategy="int8", block_m=16, block_n=16, iters=1),
+    "int8-tiles": lambda groups: LaunchConfig(strategy="int8", block_m=32, block_n=32, iters=groups, whole_k=True),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("strategy", INT8_STRATEGIES)
+def test_int8_kernel_matches_reference(bits, strategy):
+    """The int8 family (activations: int8) against the reference path, which rounds alike."""
+    for n, k, group_size in SHAPES:
+        module, original = random_layer(QuantOption("turboquant", bits), n, k, group_size, "int8")
+        kernel = Int8LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        config = INT8_STRATEGIES[strategy](k // group_size)
+        for dtype in DTYPES:
+            for tokens in TOKENS:
+                x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
+                error = relative_error(kernel.run(x, module, config), reference(original, x))
+                assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
 def test_rotation_kernel_matches_butterfly():
@@ -196,6 +217,19 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             assert error < TOLERANCE[torch.float16], f"{option} {config.model_dump()}: {error:.2e}"
             ran += 1
         assert ran > 0
+
+    @pytest.mark.parametrize("bits", [2, 3, 4])
+    @pytest.mark.parametrize("bucket", [1, 16, 64, 4096])
+    def test_every_int8_candidate_matches_reference(bits, bucket):
+        """As above, for the int8 family (its decode is packed asm too)."""
+        n, k, group_size = SHAPES[1]
+        module, original = random_layer(QuantOption("turboquant", bits), n, k, group_size, "int8")
+        kernel = Int8LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        x = torch.randn(min(bucket, 77), k, generator=torch.Generator().manual_seed(bucket)).to(DEVICE, torch.bfloat16)
+        expected = reference(original, x)
+        for config in kernel.candidates(bucket):
+            error = relative_error(kernel.run(x, module, config), expected)
+            assert error < TOLERANCE[torch.bfloat16], f"{bits}-bit {config.model_dump()}: {error:.2e}"
 
 
     @pytest.mark.parametrize("tokens", [1, 5])

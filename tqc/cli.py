@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from .activations import Activations
 from .plan import PlanError, QuantizerRef, read_plan, write_plan, write_text_atomic
 
 DEFAULT_DATA = "../shared/data/wiki.test.txt"
@@ -138,6 +139,8 @@ def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
         "--quantizer", choices=get_args(QuantizerRef.model_fields["method"].annotation), default="plain",
         help="how tqc build fits codes: plain, or tuned to calibration data (gptq, scales; docs/gptq.md)",
     )  # fmt: skip
+    plan.add_argument("--activations", choices=get_args(Activations), default="fp16",
+                      help="int8: layers without a residual multiply int8 activations (llama.cpp's q8_1 way; tqc.activations)")
     budget = plan.add_argument_group("budget plans")
     budget.add_argument("--context", type=int, default=0, help="tokens of KV cache per sequence")
     budget.add_argument("--batch", type=int, default=1, help="sequences served at once")

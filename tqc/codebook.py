@@ -38,6 +38,14 @@ def gaussian_codebook(bits: int) -> torch.Tensor:
     return torch.tensor(_lloyd_max(bits)[0], dtype=torch.float32)
 
 
+def int8_codebook(bits: int) -> tuple[torch.Tensor, float]:
+    """The codebook rounded to int8 (levels / max * 127, ascending, int64) and the factor that maps
+    the integers back: the levels of layers on int8 activations (tqc.activations)."""
+    levels = _lloyd_max(bits)[0]
+    factor = float(np.abs(levels).max() / 127)
+    return torch.from_numpy(np.round(levels / factor).astype(np.int64)), factor
+
+
 def gaussian_distortion(bits: int) -> float:
     """Mean squared error of the Lloyd-Max quantizer on N(0, 1) (theory)."""
     return _lloyd_max(bits)[1]

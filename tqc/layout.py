@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .activations import Activations, takes_int8
 from .bitpack import packed_words
 from .options import QuantOption
 
@@ -26,6 +27,11 @@ class LayerSpec:
     in_features: int
     out_features: int
     has_bias: bool = False
+    activations: Activations = "fp16"  # "int8": the rotated input rounded to int8 (tqc.activations)
+
+    def __post_init__(self) -> None:
+        if self.activations == "int8" and not takes_int8(self.option, "int8"):
+            raise ValueError(f"option {self.option} cannot run on int8 activations (TurboQuant without a residual only)")
 
     @property
     def groups(self) -> int:

@@ -60,7 +60,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"in={s.in_features}, out={s.out_features}, option={s.option}, group_size={s.group_size}"
+        int8 = ", activations=int8" if s.activations == "int8" else ""
+        return f"in={s.in_features}, out={s.out_features}, option={s.option}, group_size={s.group_size}{int8}"
 
 
 class TurboQuantLinear(QuantizedLinear):
@@ -126,8 +127,7 @@ def concatenate(layers: Sequence[QuantizedLinear]) -> QuantizedLinear:
     first = layers[0]
     for layer in layers[1:]:
         spec = layer.spec
-        if (spec.option, spec.group_size, spec.in_features, spec.has_bias) != (
-                first.spec.option, first.spec.group_size, first.spec.in_features, first.spec.has_bias):
+        if dataclasses.replace(spec, out_features=first.out_features) != first.spec:
             raise ValueError(f"cannot concatenate {spec} with {first.spec}: option, group size and input must match")
         if "seed" in tensor_layout(spec) and not torch.equal(layer.seed, first.seed):
             raise ValueError("cannot concatenate layers with different rotation seeds")

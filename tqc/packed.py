@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
+from .activations import Activations
 from .fusion import fuse_siblings
 from .layout import LayerSpec, rotation_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
@@ -57,9 +58,11 @@ class LayerEntry(_Strict):
     in_features: int
     out_features: int
     has_bias: bool
+    activations: Activations = "fp16"
 
     def spec(self) -> LayerSpec:
-        return LayerSpec(QuantOption.parse(self.option), self.group_size, self.in_features, self.out_features, self.has_bias)
+        return LayerSpec(QuantOption.parse(self.option), self.group_size, self.in_features, self.out_features,
+                         self.has_bias, self.activations)
 
     @classmethod
     def of(cls, spec: LayerSpec) -> LayerEntry:
@@ -69,6 +72,7 @@ class LayerEntry(_Strict):
             in_features=spec.in_features,
             out_features=spec.out_features,
             has_bias=spec.has_bias,
+            activations=spec.activations,
         )
 
 
@@ -115,7 +119,8 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
     specs = {
-        name: LayerSpec(entry.quant_option, entry.group_size, layers[name].in_features, layers[name].out_features, layers[name].bias is not None)
+        name: LayerSpec(entry.quant_option, entry.group_size, layers[name].in_features, layers[name].out_features,
+                        layers[name].bias is not None, plan.layer_activations(entry.quant_option))
         for name, entry in plan.layers.items()
         if entry.quant_option.is_quantized
     }

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import __version__
+from .activations import Activations, takes_int8
 from .options import GROUP_SIZES, QuantOption
 
 SCHEMA_VERSION = 1
@@ -106,10 +107,17 @@ class Plan(Strict):
     budget: Budget | None = None
     calibration: CalibrationRef | None = None
     quantizer: QuantizerRef | None = Field(default=None, description="absent: the plain quantizer")
+    activations: Activations | None = Field(
+        default=None, description="int8: TurboQuant layers without a residual multiply int8 activations "
+        "(tqc.activations); absent: fp16")
     layers: dict[str, LayerPlan]
 
     def layer_options(self) -> dict[str, QuantOption]:
         return {name: layer.quant_option for name, layer in self.layers.items()}
+
+    def layer_activations(self, option: QuantOption) -> Activations:
+        """What a layer of `option` multiplies: int8 where the plan asks for it and the option allows."""
+        return "int8" if takes_int8(option, self.activations or "fp16") else "fp16"
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -118,6 +118,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     plan, notes = (plan_uniform(args), None) if args.uniform is not None else plan_budget(args)
     if args.quantizer != "plain":  # a plain plan keeps no entry, so its bytes are those of before
         plan = plan.model_copy(update={"quantizer": QuantizerRef(method=args.quantizer)})
+    if args.activations != "fp16":  # likewise
+        plan = plan.model_copy(update={"activations": args.activations})
     write_plan(plan, args.output, notes)
     print_summary(plan)
     if plan.budget is not None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .bitpack import pack, unpack
-from .codebook import gaussian_codebook
+from .activations import round_to_int8
+from .codebook import gaussian_codebook, int8_codebook
 from .layout import LayerSpec
 from .rotation import random_signs, rotate
 
@@ -77,9 +78,17 @@ def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [rows, groups, g] (any integer dtype) and scales [rows, groups] -> float32 values."""
-    codebook = gaussian_codebook(bits).to(scales.device)
+def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_levels: bool = False) -> torch.Tensor:
+    """codes [rows, groups, g] (any integer dtype) and scales [rows, groups] -> float32 values.
+
+    int8_levels: through the codebook rounded to int8 (layers on int8 activations, tqc.activations);
+    the codes are fitted against the exact levels either way.
+    """
+    if int8_levels:
+        levels, factor = int8_codebook(bits)
+        codebook = (levels.double() * factor).float().to(scales.device)
+    else:
+        codebook = gaussian_codebook(bits).to(scales.device)
     index = codes if codes.dtype in (torch.int32, torch.int64) else codes.int()
     return _lookup(codebook, index).mul_(scales.float()[..., None])
 
@@ -110,7 +119,7 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tenso
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     shape = (n, spec.groups, g)
     codes = unpack(tensors["codes"], option.base_bits, k, torch.int32).view(shape)
-    weight = decode_stage(codes, tensors["scales"], option.base_bits)
+    weight = decode_stage(codes, tensors["scales"], option.base_bits, spec.activations == "int8")
     if option.residual_bits:
         codes = unpack(tensors["residual_codes"], option.residual_bits, k, torch.int32).view(shape)
         weight += decode_stage(codes, tensors["residual_scales"], option.residual_bits)
@@ -118,5 +127,7 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tenso
 
 
 def prepare_input(x: torch.Tensor, signs: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """Rotate the activation group by group, as the weight was."""
-    return rotate(x, signs, spec.group_size)
+    """Rotate the activation group by group, as the weight was (and round it to int8 per group
+    where the layer runs on int8 activations)."""
+    rotated = rotate(x, signs, spec.group_size)
+    return round_to_int8(rotated, spec.group_size) if spec.activations == "int8" else rotated

@@ -1,0 +1,182 @@
+"""The int8 kernel family: layers on int8 activations (a plan's `activations: int8`, tqc.activations).
+
+    rotate_int8_kernel  x' = rotate(x), rounded to int8 per (token, group): values [M, K] int8 in
+                        input order and scales [M, K / G] float32 (absmax / 127); also zeroes the
+                        output a split-K kernel adds into
+    int8_dot_kernel     out (+)= factor * sum over groups of ws[n, g] xs[m, g] (q_w . q_x), the
+                        codes decoded to int8 in registers (lut_int8: PRMT tables, input-order
+                        code words) and the dot on int8 tensor cores, exact in int32 per group;
+                        split over K with atomics for few tokens, or tiles over M and N for many
+
+Under the interpreter (and as a plain fallback) the decode reads every code's word and looks its
+level up in a 2**bits int8 table in memory; compiled, inline PTX decodes 4 codes a register.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _accumulate, clear_output, fwht_tile, pdl_start
+
+
+ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
+
+
+@triton.jit(do_not_specialize=["M", "CLEAR"])
+def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (cdiv(M, BLOCK_M), K / BLOCK_K): rotate a tile of whole groups, then round each (token,
+    group) to int8 as tqc.activations.quantize_groups does."""
+    pdl_start(PDL)
+    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    G: tl.constexpr = 1 << LOG_G
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (tokens < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = fwht_tile(x * tl.load(signs_ptr + cols, mask=cols < K, other=0.0)[None, :], BLOCK_M, BLOCK_K, LOG_G)
+    groups = tl.reshape(x, (BLOCK_M, BLOCK_K // G, G))
+    scale = tl.max(tl.abs(groups), axis=2) / 127.0
+    scale = tl.where(scale > 0, scale, 1.0)
+    q = (groups / scale[:, :, None] + ROUNDING) - ROUNDING  # to the nearest integer, ties to even, as torch.round
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + tokens[:, None] * K + cols[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)), mask=mask)
+    group = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+    tl.store(scales_ptr + tokens[:, None] * (K // G) + group[None, :], scale,
+             mask=(tokens < M)[:, None] & (group < K // G)[None, :])
+
+
+# 4 codes to 4 int8 levels in one register (pack=4: operands $1-$4 the same code word, $5-$8 the
+# quad's shift, then the table words). lut_int8 documents the tables and the bit positions.
+# 4 bits: two PRMTs and an xor, the second on the selector with its nibbles' bit 3 flipped.
+DECODE_4 = tl.constexpr("{ .reg .b32 s, f, a, b; shr.u32 s, $1, $5; xor.b32 f, s, 0x8888; prmt.b32 a, $9, $13, s; "
+                        "prmt.b32 b, $17, $21, f; xor.b32 $0, a, b; }")
+# 2 bits: the quad's crumbs, a nibble apart, masked into the selector of one PRMT.
+DECODE_2 = tl.constexpr("{ .reg .b32 s; shr.u32 s, $1, $5; and.b32 s, s, 0x3333; prmt.b32 $0, $9, $9, s; }")
+# 3 bits: the crumb word $1 as for 2 bits, the high word $9 shifted right by $13 and left by $17 so
+# that the quad's third bits land at the nibbles' bit 2; 8 levels in $21, $25.
+DECODE_3 = tl.constexpr("{ .reg .b32 s, h; shr.u32 s, $1, $5; and.b32 s, s, 0x3333; shr.u32 h, $9, $13; "
+                        "shl.b32 h, h, $17; and.b32 h, h, 0x4444; or.b32 s, s, h; prmt.b32 $0, $21, $25, s; }")
+
+
+@triton.jit
+def _copies(tile, LOG_COPIES: tl.constexpr):
+    """[R, C] -> [R, C * 2**LOG_COPIES], every element repeated in a row, the copies in one thread
+    (the packed operands of a pack=4 asm)."""
+    x = tile
+    for _ in tl.static_range(LOG_COPIES):
+        x = tl.join(x, x)
+    return tl.reshape(x, (tile.shape[0], tile.shape[1] << LOG_COPIES))
+
+
+@triton.jit
+def _lane_table(table_ptr):
+    """The 4 table words of this lane's copy (LayerKernel.table: one copy a lane, so that every
+    thread holds the words in its own registers), as [1, 1] tensors."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((1, 1), dtype=tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    base = table_ptr + lane * 4
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+
+@triton.jit
+def _decode_asm(codes_ptr, rows, group, table_ptr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """The int8 levels [BLOCK_N, G] of one group of `rows`, decoded by PRMT in registers."""
+    t0, t1, t2, t3 = _lane_table(table_ptr)
+    ROW_WORDS: tl.constexpr = K * BITS // 32
+    if BITS == 4:
+        w = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + group * (G // 8) + tl.arange(0, G // 8)[None, :],
+                    eviction_policy="evict_first")
+        words = _copies(w, 3)
+        shift = (tl.arange(0, G) % 8 // 4 * 16)[None, :] + words * 0
+        zero = words * 0
+        q = tl.inline_asm_elementwise(DECODE_4, "=r" + ",r" * 24, [words, shift, t0 + zero, t1 + zero, t2 + zero,
+                                                                    t3 + zero], dtype=tl.int8, is_pure=True, pack=4)
+    elif BITS == 2:
+        w = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + group * (G // 16) + tl.arange(0, G // 16)[None, :],
+                    eviction_policy="evict_first")
+        words = _copies(w, 4)
+        zero = words * 0
+        shift = _crumb_shift(G)[None, :] + zero
+        q = tl.inline_asm_elementwise(DECODE_2, "=r" + ",r" * 12, [words, shift, t0 + zero], dtype=tl.int8,
+                                      is_pure=True, pack=4)
+    else:
+        crumbs = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + group * (G // 16) + tl.arange(0, G // 16)[None, :],
+                         eviction_policy="evict_first")
+        highs = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + K // 16 + group * (G // 32)
+                        + tl.arange(0, G // 32)[None, :], eviction_policy="evict_first")
+        words, high_words = _copies(crumbs, 4), _copies(highs, 5)
+        zero = words * 0
+        base = _high_base(G)
+        right = tl.maximum(base - 2, 0)[None, :] + zero
+        left = tl.maximum(2 - base, 0)[None, :] + zero
+        q = tl.inline_asm_elementwise(DECODE_3, "=r" + ",r" * 28, [words, _crumb_shift(G)[None, :] + zero, high_words,
+                                                                    right, left, t0 + zero, t1 + zero],
+                                      dtype=tl.int8, is_pure=True, pack=4)
+    return q
+
+
+@triton.jit
+def _crumb_shift(G: tl.constexpr):
+    """2-bit words (and 3 bits' crumb plane): the shift of each input's quad, (0, 2, 16, 18)[quad]."""
+    quad = tl.arange(0, G) % 16 // 4
+    return quad // 2 * 16 + quad % 2 * 2
+
+
+@triton.jit
+def _high_base(G: tl.constexpr):
+    """3 bits: the high-plane bit of each input's quad's first code (lut_int8.high_bit)."""
+    position = tl.arange(0, G)
+    return position % 32 // 16 * 16 + position % 16 // 4
+
+
+@triton.jit
+def _decode_generic(codes_ptr, rows, group, levels_ptr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """The same levels as _decode_asm, from every code's word and an int8 table in memory
+    (`levels_ptr`, indexed by stored code)."""
+    ROW_WORDS: tl.constexpr = K * BITS // 32
+    inputs = group * G + tl.arange(0, G)
+    row_base = codes_ptr + rows[:, None] * ROW_WORDS
+    if BITS == 4:
+        position = inputs % 8
+        word = tl.load(row_base + (inputs // 8)[None, :])
+        stored = word >> (position // 4 * 16 + position % 4 * 4)[None, :] & 15
+    else:
+        position = inputs % 16
+        word = tl.load(row_base + (inputs // 16)[None, :])
+        stored = word >> (_crumb_shift(G) + position % 4 * 4)[None, :] & 3
+        if BITS == 3:
+            high = tl.load(row_base + (K // 16 + inputs // 32)[None, :])
+            stored |= (high >> (_high_base(G) + position % 4 * 4)[None, :] & 1) << 2
+    return tl.load(levels_ptr + stored)
+
+
+@triton.jit(do_not_specialize=["M"])
+def int8_dot_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, factor, M,
+                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr, STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
+    """out[M, N] (+)= the layer on int8 activations (module docstring). Grid (cdiv(N, BLOCK_N),
+    K / (G * STEPS), cdiv(M, BLOCK_M)); each program takes STEPS groups of its rows and tokens;
+    with more than one program over K they add into out, zeroed by rotate_int8_kernel."""
+    pdl_start(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    tokens = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    token_mask = tokens < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(STEPS):
+        group = tl.program_id(1) * STEPS + step
+        if ASM:
+            w = _decode_asm(codes_ptr, rows, group, table_ptr, K, G, BITS)
+        else:
+            w = _decode_generic(codes_ptr, rows, group, levels_ptr, K, G, BITS)
+        x = tl.load(q_ptr + tokens[:, None] * K + group * G + tl.arange(0, G)[None, :], mask=token_mask[:, None],
+                    other=0)
+        dots = tl.dot(w, tl.trans(x), out_dtype=tl.int32)
+        ws = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32)
+        xs = tl.load(xs_ptr + tokens * (K // G) + group, mask=token_mask, other=0.0)
+        acc += dots.to(tl.float32) * ws[:, None] * xs[None, :]
+    offsets = tokens[None, :] * N + rows[:, None]
+    _accumulate(out_ptr, offsets, acc * factor, token_mask[None, :] & row_mask[:, None], K > G * STEPS)
