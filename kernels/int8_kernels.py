@@ -7,6 +7,9 @@
                         codes decoded to int8 in registers (lut_int8: PRMT tables, input-order
                         code words) and the dot on int8 tensor cores, exact in int32 per group;
                         split over K with atomics for few tokens, or tiles over M and N for many
+    int8_dequant_kernel the same weights in 16 bits, for dequantize + cuBLAS on many tokens (with
+                        the rotated input rounded to int8 and multiplied back: the same numbers
+                        up to 16-bit rounding)
 
 Under the interpreter (and as a plain fallback) the decode reads every code's word and looks its
 level up in a 2**bits int8 table in memory; compiled, inline PTX decodes 4 codes a register.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _accumulate, clear_output, fwht_tile, pdl_start
+from .triton_kernels import _accumulate, _add_pairs, clear_output, fwht_tile, pdl_start
 
 
 ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
@@ -25,9 +28,11 @@ ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**
 
 @triton.jit(do_not_specialize=["M", "CLEAR"])
 def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDED: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """grid (cdiv(M, BLOCK_M), K / BLOCK_K): rotate a tile of whole groups, then round each (token,
-    group) to int8 as tqc.activations.quantize_groups does."""
+    group) to int8 as tqc.activations.quantize_groups does. ROUNDED: store the rounded values
+    multiplied back (tqc.activations.round_to_int8) in q_ptr's dtype, for dequantize + cuBLAS."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     G: tl.constexpr = 1 << LOG_G
@@ -40,11 +45,15 @@ def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR,
     scale = tl.max(tl.abs(groups), axis=2) / 127.0
     scale = tl.where(scale > 0, scale, 1.0)
     q = (groups / scale[:, :, None] + ROUNDING) - ROUNDING  # to the nearest integer, ties to even, as torch.round
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-    tl.store(q_ptr + tokens[:, None] * K + cols[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)), mask=mask)
-    group = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
-    tl.store(scales_ptr + tokens[:, None] * (K // G) + group[None, :], scale,
-             mask=(tokens < M)[:, None] & (group < K // G)[None, :])
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    if ROUNDED:
+        q = q * scale[:, :, None]
+    q = tl.reshape(q, (BLOCK_M, BLOCK_K)).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + tokens[:, None] * K + cols[None, :], q, mask=mask)
+    if not ROUNDED:
+        group = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+        tl.store(scales_ptr + tokens[:, None] * (K // G) + group[None, :], scale,
+                 mask=(tokens < M)[:, None] & (group < K // G)[None, :])
 
 
 # 4 codes to 4 int8 levels in one register (pack=4: operands $1-$4 the same code word, $5-$8 the
@@ -155,10 +164,13 @@ def _decode_generic(codes_ptr, rows, group, levels_ptr, K: tl.constexpr, G: tl.c
 @triton.jit(do_not_specialize=["M"])
 def int8_dot_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, factor, M,
                     N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr, STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, STEPS: tl.constexpr, ASM: tl.constexpr, THREADS: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """out[M, N] (+)= the layer on int8 activations (module docstring). Grid (cdiv(N, BLOCK_N),
     K / (G * STEPS), cdiv(M, BLOCK_M)); each program takes STEPS groups of its rows and tokens;
-    with more than one program over K they add into out, zeroed by rotate_int8_kernel."""
+    with more than one program over K they add into out, zeroed by rotate_int8_kernel: neighbouring
+    rows as one packed 16-bit reduction where N is even (a scalar 16-bit atomic is a compare-and-swap
+    loop on sm_90, and took a third of the time at 16 tokens)."""
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -178,5 +190,41 @@ def int8_dot_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, le
         ws = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32)
         xs = tl.load(xs_ptr + tokens * (K // G) + group, mask=token_mask, other=0.0)
         acc += dots.to(tl.float32) * ws[:, None] * xs[None, :]
-    offsets = tokens[None, :] * N + rows[:, None]
-    _accumulate(out_ptr, offsets, acc * factor, token_mask[None, :] & row_mask[:, None], K > G * STEPS)
+    SPLIT: tl.constexpr = K > G * STEPS
+    if SPLIT and N % 2 == 0 and out_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        pairs = tl.reshape(tl.trans(acc * factor).to(out_ptr.dtype.element_ty), (BLOCK_M, BLOCK_N // 2, 2))
+        low, high = tl.split(pairs)
+        first = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+        valid = (token_mask[:, None] & (first < N)[None, :]).to(tl.int32)
+        pointers = out_ptr + tokens[:, None] * N + first[None, :]
+        SIZE: tl.constexpr = BLOCK_M * BLOCK_N // 2
+        pointers, low, high = tl.reshape(pointers, (SIZE,)), tl.reshape(low, (SIZE,)), tl.reshape(high, (SIZE,))
+        valid = tl.reshape(valid, (SIZE,))
+        if ASM:
+            _add_pairs(pointers, low, high, valid, THREADS)
+        else:  # the interpreter: the same pairing, two atomic adds
+            tl.atomic_add(pointers, low, mask=valid != 0, sem="relaxed")
+            tl.atomic_add(pointers + 1, high, mask=valid != 0, sem="relaxed")
+    else:
+        offsets = tokens[None, :] * N + rows[:, None]
+        _accumulate(out_ptr, offsets, acc * factor, token_mask[None, :] & row_mask[:, None], SPLIT)
+
+
+@triton.jit
+def int8_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, factor, N: tl.constexpr,
+                        K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ASM: tl.constexpr):
+    """out[N, K] = the weight the int8 dot multiplies (level * factor * scale), in out's dtype, for
+    dequantize + cuBLAS on many tokens. Grid (cdiv(N, BLOCK_N), K / G)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    group = tl.program_id(1)
+    if ASM:
+        w = _decode_asm(codes_ptr, rows, group, table_ptr, K, G, BITS)
+    else:
+        w = _decode_generic(codes_ptr, rows, group, levels_ptr, K, G, BITS)
+    scale = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32) * factor
+    values = w.to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + rows[:, None] * K + group * G + tl.arange(0, G)[None, :], values.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None])

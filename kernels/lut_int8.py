@@ -1,8 +1,8 @@
 """Codebook lookups to int8 in registers, for kernels on int8 activations (`dp4a`, int8 tensor cores).
 
-Not used by tqc's kernels yet: scripts/int8_gemv_lab.py times them (docs/performance.md, runs
-48-51). The codebook is rounded to int8 (level / max * 127) and the factor back folded into the
-group scales. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a tensor-core dot:
+Used by the int8 kernel family (int8_kernels.py, layers on int8 activations) and by the lab
+scripts/int8_gemv_lab.py (docs/performance.md, runs 48-51). The codebook is rounded to int8
+(level / max * 127) and the factor multiplied back into the output. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a tensor-core dot:
 
 - 2 bits: the 4 levels are one word; the selector is the codes' crumbs masked into 4 nibbles.
 - 3 bits: the 8 levels are two words (A, B); the selector's nibbles are a crumb (bits 0-1,
@@ -15,8 +15,9 @@ group scales. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a te
   sign bit: codes s and s + 8 must share a sign. The stored code is the codebook index (levels
   ascending, 0-7 negative) with bits 2 and 3 swapped, which makes it so.
 
-The layout the lab uses (`pack_words`): a row's codes in input order. 4 bits: word i holds
-inputs 8i onward, a nibble each (quads at bits 0 and 16). 2 bits, and the crumb plane of 3 bits
+The int8 layout (`pack_words`; `to_int8_layout` converts the packed model's bitpack layout at
+attach time): a row's codes in input order. 4 bits: word i holds inputs 8i onward, a nibble each
+(quads at bits 0 and 16). 2 bits, and the crumb plane of 3 bits
 (the codes' low 2 bits): word i holds inputs 16i onward, quad q at bit 16 (q // 2) + 2 (q % 2)
 and its codes a nibble apart. The high plane of 3 bits follows the crumb plane in the row: word
 i holds the third bits of inputs 32i onward, input 16 h + 4 q + j (h the crumb word's half) at

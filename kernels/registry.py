@@ -249,22 +249,48 @@ class Int8LayerKernel(LayerKernel):
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
         m, (n, k, g) = x.shape[0], (self.key.n, self.key.k, self.key.group_size)
+        if config.strategy == "dequant":
+            rounded = self.rotate(x, module, torch.empty_like(x), None)
+            return F.linear(rounded, self.dequantize(module, x.dtype, config.block_n))
         steps = config.iters
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         values = torch.empty(m, k, device=x.device, dtype=torch.int8)
         scales = torch.empty(m, k // g, device=x.device, dtype=torch.float32)
-        split = k > g * steps
-        pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(x.device) else {}
-        block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
-        int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
-            x, module.signs, values, scales, out, m, out.numel() if split else 0, K=k, LOG_G=g.bit_length() - 1,
-            BLOCK_M=block_m, BLOCK_K=block_k, **pdl)
+        self.rotate(x, module, values, scales, out if k > g * steps else None)
         grid = (triton.cdiv(n, config.block_n), k // (g * steps), triton.cdiv(m, config.block_m))
         int8_kernels.int8_dot_kernel[grid](
             values, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
             BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=steps, ASM=not INTERPRETED,
-            num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+            THREADS=32 * config.num_warps, num_warps=config.num_warps, num_stages=config.num_stages,
+            **pdl_launch(x.device))
         return out
+
+    def rotate(self, x: torch.Tensor, module, values: torch.Tensor, scales: torch.Tensor | None,
+               clear: torch.Tensor | None = None) -> torch.Tensor:
+        """x rotated and rounded to int8 per (token, group): into `values` (int8) and `scales`, or,
+        without scales, multiplied back into `values` (x's dtype). `clear` is zeroed on the way."""
+        (m, k), g = x.shape, self.key.group_size
+        block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
+        int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+            x, module.signs, values, values if scales is None else scales, values if clear is None else clear, m,
+            0 if clear is None else clear.numel(),
+            K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=scales is None,
+            **pdl_launch(x.device))
+        return values
+
+    def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
+        """The weight the int8 dot multiplies, [N, K] in `dtype` (rotated basis)."""
+        (n, k, g), device = (self.key.n, self.key.k, self.key.group_size), module.codes.device
+        out = torch.empty(n, k, device=device, dtype=dtype)
+        int8_kernels.int8_dequant_kernel[(triton.cdiv(n, block_n), k // g)](
+            out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits, BLOCK_N=block_n,
+            ASM=not INTERPRETED)
+        return out
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch arguments of programmatic dependent launch, where it is used (uses_pdl)."""
+    return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
 @dataclass(frozen=True)

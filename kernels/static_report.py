@@ -38,7 +38,8 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
     if config.strategy == "int8":
         constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "BITS": key.bits, "BLOCK_N": config.block_n,
-                      "BLOCK_M": config.block_m, "STEPS": config.iters, "ASM": True, "PDL": True}
+                      "BLOCK_M": config.block_m, "STEPS": config.iters, "ASM": True, "PDL": True,
+                      "THREADS": 32 * config.num_warps}
     else:
         constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
     signature |= dict.fromkeys(constexprs, "constexpr")

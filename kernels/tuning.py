@@ -159,9 +159,10 @@ INT8_STAGES = 3
 
 def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
     """The int8 family's launch configurations for a token bucket and a layer of `groups` groups a row."""
-    if bucket > 64:
+    if bucket > 64:  # or the weights dequantized to 16 bits and cuBLAS, on the input rounded alike
         return [LaunchConfig(strategy="int8", block_m=m, block_n=n, num_warps=w, iters=groups, whole_k=True,
-                             num_stages=INT8_STAGES) for m, n, w in INT8_TILE_SHAPES]
+                             num_stages=INT8_STAGES) for m, n, w in INT8_TILE_SHAPES] + [
+            LaunchConfig(strategy="dequant", block_n=32)]
     block_m = 16 if bucket <= 16 else 64
     steps = [(n, min(s, groups), w) for n, s, w in INT8_SPLIT_SHAPES]
     configs = [LaunchConfig(strategy="int8", block_m=block_m, block_n=n, num_warps=w, iters=s, num_stages=INT8_STAGES)

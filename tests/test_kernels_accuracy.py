@@ -105,9 +105,10 @@ def test_kernel_matches_reference(option, strategy):
                 assert error < TOLERANCE[dtype], f"{option} {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
-INT8_STRATEGIES = {  # split over K one group a program (atomics), and tiles over all of K
+INT8_STRATEGIES = {  # split over K one group a program (atomics), tiles over all of K, dequantize + cuBLAS
     "int8-split": lambda groups: LaunchConfig(strategy="int8", block_m=16, block_n=16, iters=1),
     "int8-tiles": lambda groups: LaunchConfig(strategy="int8", block_m=32, block_n=32, iters=groups, whole_k=True),
+    "int8-dequant": lambda groups: LaunchConfig(strategy="dequant", block_n=16),
 }
 
 
