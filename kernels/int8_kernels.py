@@ -7,6 +7,8 @@
                         codes decoded to int8 in registers (lut_int8: PRMT tables, input-order
                         code words) and the dot on int8 tensor cores, exact in int32 per group;
                         split over K with atomics for few tokens, or tiles over M and N for many
+    int8_gemv_kernel    one token on CUDA cores: the codes decoded to int8 and multiplied 4 at a
+                        time with `dp4a` against activations stored in planes (llama.cpp's MMVQ way)
     int8_dequant_kernel the same weights in 16 bits, for dequantize + cuBLAS on many tokens (with
                         the rotated input rounded to int8 and multiplied back: the same numbers
                         up to 16-bit rounding)
@@ -20,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _accumulate, _add_pairs, clear_output, fwht_tile, pdl_start
+from .triton_kernels import _accumulate, _accumulate_rows, _add_pairs, clear_output, fwht_tile, pdl_start
 
 
 ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
@@ -29,10 +31,12 @@ ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**
 @triton.jit(do_not_specialize=["M", "CLEAR"])
 def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDED: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
+                       PER_WORD: tl.constexpr = 0, PDL: tl.constexpr = False):
     """grid (cdiv(M, BLOCK_M), K / BLOCK_K): rotate a tile of whole groups, then round each (token,
     group) to int8 as tqc.activations.quantize_groups does. ROUNDED: store the rounded values
-    multiplied back (tqc.activations.round_to_int8) in q_ptr's dtype, for dequantize + cuBLAS."""
+    multiplied back (tqc.activations.round_to_int8) in q_ptr's dtype, for dequantize + cuBLAS.
+    PER_WORD > 0 (one token, for int8_gemv_kernel): the int8 values in planes, plane j holding the
+    j-th 4 inputs of every code word of PER_WORD inputs, so that each is one int32 load."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     G: tl.constexpr = 1 << LOG_G
@@ -49,7 +53,11 @@ def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR,
     if ROUNDED:
         q = q * scale[:, :, None]
     q = tl.reshape(q, (BLOCK_M, BLOCK_K)).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + tokens[:, None] * K + cols[None, :], q, mask=mask)
+    targets = cols
+    if PER_WORD > 0:
+        position = cols % PER_WORD
+        targets = (position // 4 * (K // PER_WORD) + cols // PER_WORD) * 4 + position % 4
+    tl.store(q_ptr + tokens[:, None] * K + targets[None, :], q, mask=mask)
     if not ROUNDED:
         group = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
         tl.store(scales_ptr + tokens[:, None] * (K // G) + group[None, :], scale,
@@ -67,6 +75,42 @@ DECODE_2 = tl.constexpr("{ .reg .b32 s; shr.u32 s, $1, $5; and.b32 s, s, 0x3333;
 # that the quad's third bits land at the nibbles' bit 2; 8 levels in $21, $25.
 DECODE_3 = tl.constexpr("{ .reg .b32 s, h; shr.u32 s, $1, $5; and.b32 s, s, 0x3333; shr.u32 h, $9, $13; "
                         "shl.b32 h, h, $17; and.b32 h, h, 0x4444; or.b32 s, s, h; prmt.b32 $0, $21, $25, s; }")
+
+
+def dp4a_asm(bits: int) -> str:
+    """PTX for one thread's 4 consecutive code words of a group (pack=4; for 3 bits, crumb words
+    with their high words beside): acc += scale * the sum of their int8 dot products with the
+    activation planes (dp4a, 4 products an instruction). Only the first of the 4 accumulators
+    takes the sum; the other three pass through."""
+    planes = 2 if bits == 4 else 4
+    operands = iter(range(4, 100))
+    def take(count: int) -> list[str]:
+        return [f"${next(operands)}" for _ in range(count)]
+    w = take(4)
+    high = take(4) if bits == 3 else None
+    x = [take(4) for _ in range(planes)]
+    scale, acc = take(4), take(4)
+    t = [take(4)[0] for _ in range({4: 4, 3: 2, 2: 1}[bits])]
+    body = []
+    for e in range(4):
+        if bits == 4:
+            for j, shift in enumerate((0, 16)):
+                body.append(f"shr.u32 s, {w[e]}, {shift}; xor.b32 f, s, 0x88888888; prmt.b32 a, {t[0]}, {t[1]}, s; "
+                            f"prmt.b32 b, {t[2]}, {t[3]}, f; xor.b32 a, a, b; dp4a.s32.s32 d, a, {x[j][e]}, d;")
+            continue
+        for q, shift in enumerate((0, 2, 16, 18)):
+            body.append(f"shr.u32 s, {w[e]}, {shift}; and.b32 s, s, 0x3333;")
+            if bits == 3:  # lut_int8.high_bit: this quad's third bits from 16 * half + q to the nibbles' bit 2
+                base = 16 * (e % 2) + q
+                move = f"shr.u32 h, {high[e]}, {base - 2};" if base >= 2 else f"shl.b32 h, {high[e]}, {2 - base};"
+                body.append(f"{move} and.b32 h, h, 0x4444; or.b32 s, s, h;")
+            body.append(f"prmt.b32 a, {t[0]}, {t[-1]}, s; dp4a.s32.s32 d, a, {x[q][e]}, d;")
+    return ("{ .reg .b32 a, b, f, h, s; .reg .s32 d; .reg .f32 v; mov.s32 d, 0; " + " ".join(body)
+            + f" cvt.rn.f32.s32 v, d; fma.rn.f32 $0, v, {scale[0]}, {acc[0]}; mov.f32 $1, {acc[1]};"
+            f" mov.f32 $2, {acc[2]}; mov.f32 $3, {acc[3]}; }}")
+
+
+DP4A_2, DP4A_3, DP4A_4 = (tl.constexpr(dp4a_asm(bits)) for bits in (2, 3, 4))
 
 
 @triton.jit
@@ -228,3 +272,88 @@ def int8_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, f
     values = w.to(tl.float32) * scale[:, None]
     tl.store(out_ptr + rows[:, None] * K + group * G + tl.arange(0, G)[None, :], values.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None])
+
+
+@triton.jit
+def _gemv_loads(q_ptr, xs_ptr, codes_ptr, scales_ptr, rows, group, K: tl.constexpr, G: tl.constexpr,
+                BITS: tl.constexpr):
+    """One group's operands for int8_gemv_kernel: code words [BLOCK_N, W] (W words a group; for
+    3 bits the crumb words), their high words (3 bits; else the code words again), the activation
+    planes [BLOCK_N, W] as int32 (planes 2 and 3 repeat 0 and 1 for 4 bits), the combined scale."""
+    PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
+    W: tl.constexpr = G // PER_WORD
+    PLANE_WORDS: tl.constexpr = K // PER_WORD
+    ROW_WORDS: tl.constexpr = K * BITS // 32
+    word = group * W + tl.arange(0, W)[None, :]
+    w = tl.load(codes_ptr + rows[:, None] * ROW_WORDS + word, eviction_policy="evict_first")
+    high = w
+    if BITS == 3:
+        high = _copies(tl.load(codes_ptr + rows[:, None] * ROW_WORDS + PLANE_WORDS + group * (W // 2)
+                               + tl.arange(0, W // 2)[None, :], eviction_policy="evict_first"), 1)
+    zero_rows = (rows * 0)[:, None]
+    x0 = tl.load(q_ptr + zero_rows + word)
+    x1 = tl.load(q_ptr + zero_rows + PLANE_WORDS + word)
+    x2, x3 = x0, x1
+    if BITS < 4:
+        x2 = tl.load(q_ptr + zero_rows + 2 * PLANE_WORDS + word)
+        x3 = tl.load(q_ptr + zero_rows + 3 * PLANE_WORDS + word)
+    scale = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32) * tl.load(xs_ptr + group)
+    return w, high, x0, x1, x2, x3, scale[:, None] + (w * 0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_dot(acc, w, high, x0, x1, x2, x3, scale, table_ptr, BITS: tl.constexpr):
+    """acc plus one group's dot products (dp4a_asm)."""
+    t0, t1, t2, t3 = _lane_table(table_ptr)
+    zero = w * 0
+    if BITS == 4:
+        acc = tl.inline_asm_elementwise(DP4A_4, "=f,=f,=f,=f" + ",r" * 12 + ",f" * 8 + ",r" * 16,
+                                        [w, x0, x1, scale, acc, t0 + zero, t1 + zero, t2 + zero, t3 + zero],
+                                        dtype=tl.float32, is_pure=True, pack=4)
+    elif BITS == 3:
+        acc = tl.inline_asm_elementwise(DP4A_3, "=f,=f,=f,=f" + ",r" * 24 + ",f" * 8 + ",r" * 8,
+                                        [w, high, x0, x1, x2, x3, scale, acc, t0 + zero, t1 + zero],
+                                        dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        acc = tl.inline_asm_elementwise(DP4A_2, "=f,=f,=f,=f" + ",r" * 20 + ",f" * 8 + ",r" * 4,
+                                        [w, x0, x1, x2, x3, scale, acc, t0 + zero], dtype=tl.float32,
+                                        is_pure=True, pack=4)
+    return acc
+
+
+@triton.jit
+def int8_gemv_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, factor, N: tl.constexpr,
+                     K: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+                     THREADS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
+    """out[1, N] (+)= the layer on one token's int8 activations (int8 planes: rotate_int8_kernel's
+    PER_WORD) on CUDA cores, `dp4a`. Grid (cdiv(N, BLOCK_N), K / (G * STEPS)); each program takes
+    STEPS groups of its rows, the next group's loads issued before this one's dot products (in
+    registers: Triton's cp.async pipelines were no faster, docs/performance.md run 50)."""
+    pdl_start(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    first = tl.program_id(1) * STEPS
+    if ASM:
+        planes = q_ptr.to(tl.pointer_type(tl.int32))
+        w, high, x0, x1, x2, x3, scale = _gemv_loads(planes, xs_ptr, codes_ptr, scales_ptr, rows, first, K, G, BITS)
+        acc = scale * 0.0
+        for step in range(STEPS):
+            following = first + tl.minimum(step + 1, STEPS - 1)  # the last step loads itself again
+            nw, nhigh, nx0, nx1, nx2, nx3, nscale = _gemv_loads(planes, xs_ptr, codes_ptr, scales_ptr, rows, following,
+                                                                K, G, BITS)
+            acc = _gemv_dot(acc, w, high, x0, x1, x2, x3, scale, table_ptr, BITS)
+            w, high, x0, x1, x2, x3, scale = nw, nhigh, nx0, nx1, nx2, nx3, nscale
+        sums = tl.sum(acc, axis=1)
+    else:  # the interpreter: levels from memory, the activations read back from their planes
+        PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
+        sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for step in range(STEPS):
+            group = first + step
+            w = _decode_generic(codes_ptr, rows, group, levels_ptr, K, G, BITS).to(tl.float32)
+            inputs = group * G + tl.arange(0, G)
+            position = inputs % PER_WORD
+            x = tl.load(q_ptr + (position // 4 * (K // PER_WORD) + inputs // PER_WORD) * 4 + position % 4)
+            scale = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32) * tl.load(xs_ptr + group)
+            sums += tl.sum(w * x.to(tl.float32)[None, :], axis=1) * scale
+    _accumulate_rows(out_ptr, rows, sums * factor, row_mask, K > G * STEPS, N % 2 == 0, THREADS, ASM)

@@ -256,7 +256,16 @@ class Int8LayerKernel(LayerKernel):
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         values = torch.empty(m, k, device=x.device, dtype=torch.int8)
         scales = torch.empty(m, k // g, device=x.device, dtype=torch.float32)
-        self.rotate(x, module, values, scales, out if k > g * steps else None)
+        one_token = config.strategy == "dp4a"
+        if one_token and m != 1:
+            raise ValueError(f"the dp4a kernel takes one token, got {m}")
+        self.rotate(x, module, values, scales, out if k > g * steps else None, self.plane_width if one_token else 0)
+        if one_token:
+            int8_kernels.int8_gemv_kernel[(triton.cdiv(n, config.block_n), k // (g * steps))](
+                values, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
+                BLOCK_N=config.block_n, STEPS=steps, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
+                num_warps=config.num_warps, num_stages=1, **pdl_launch(x.device))
+            return out
         grid = (triton.cdiv(n, config.block_n), k // (g * steps), triton.cdiv(m, config.block_m))
         int8_kernels.int8_dot_kernel[grid](
             values, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
@@ -265,17 +274,23 @@ class Int8LayerKernel(LayerKernel):
             **pdl_launch(x.device))
         return out
 
+    @cached_property
+    def plane_width(self) -> int:
+        """Inputs per code word of the dp4a kernel's activation planes (3 bits: per crumb word)."""
+        return 8 if self.key.bits == 4 else 16
+
     def rotate(self, x: torch.Tensor, module, values: torch.Tensor, scales: torch.Tensor | None,
-               clear: torch.Tensor | None = None) -> torch.Tensor:
-        """x rotated and rounded to int8 per (token, group): into `values` (int8) and `scales`, or,
-        without scales, multiplied back into `values` (x's dtype). `clear` is zeroed on the way."""
+               clear: torch.Tensor | None = None, per_word: int = 0) -> torch.Tensor:
+        """x rotated and rounded to int8 per (token, group): into `values` (int8; in planes of
+        `per_word` inputs if > 0) and `scales`, or, without scales, multiplied back into `values`
+        (x's dtype). `clear` is zeroed on the way."""
         (m, k), g = x.shape, self.key.group_size
         block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
         int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
             x, module.signs, values, values if scales is None else scales, values if clear is None else clear, m,
             0 if clear is None else clear.numel(),
             K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=scales is None,
-            **pdl_launch(x.device))
+            PER_WORD=per_word, **pdl_launch(x.device))
         return values
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:

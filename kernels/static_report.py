@@ -34,12 +34,14 @@ ARGUMENT_TYPES = {"x_ptr": "*fp16", "out_ptr": "*bf16", "codes_ptr": "*i32", "sc
 
 def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled lookup kernel (dot, fma or int8 strategy) of a key and launch configuration, for sm_90."""
-    fn = {"fma": tk.lut_fma_kernel, "int8": int8_kernels.int8_dot_kernel}.get(config.strategy, tk.lut_dot_kernel)
+    fn = {"fma": tk.lut_fma_kernel, "int8": int8_kernels.int8_dot_kernel,
+          "dp4a": int8_kernels.int8_gemv_kernel}.get(config.strategy, tk.lut_dot_kernel)
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-    if config.strategy == "int8":
+    if config.strategy in ("int8", "dp4a"):
         constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "BITS": key.bits, "BLOCK_N": config.block_n,
-                      "BLOCK_M": config.block_m, "STEPS": config.iters, "ASM": True, "PDL": True,
-                      "THREADS": 32 * config.num_warps}
+                      "STEPS": config.iters, "ASM": True, "PDL": True, "THREADS": 32 * config.num_warps}
+        if config.strategy == "int8":
+            constexprs["BLOCK_M"] = config.block_m
     else:
         constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
     signature |= dict.fromkeys(constexprs, "constexpr")

@@ -30,7 +30,8 @@ class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["dot", "fma", "dequant", "int8"]  # int8: int8_kernels.int8_dot_kernel (iters: groups a program)
+    strategy: Literal["dot", "fma", "dequant", "int8", "dp4a"]  # int8 family: int8_dot_kernel, int8_gemv_kernel
+    # (for both, iters: groups a program)
     block_m: int = 16
     block_n: int = 32
     num_warps: int = 4
@@ -155,6 +156,9 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
 INT8_SPLIT_SHAPES = ((64, 8, 4), (64, 14, 4), (64, 16, 4), (64, 4, 4), (32, 8, 4), (128, 8, 8), (64, 2, 4))
 INT8_TILE_SHAPES = ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
 INT8_STAGES = 3
+# One token on CUDA cores with dp4a (block_n, groups a program, warps): the lab's fastest (run 50) and
+# neighbours.
+DP4A_SHAPES = ((64, 8, 8), (128, 8, 4), (64, 8, 4), (64, 4, 4), (32, 8, 4), (64, 16, 8), (128, 4, 4))
 
 
 def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
@@ -167,6 +171,9 @@ def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
     steps = [(n, min(s, groups), w) for n, s, w in INT8_SPLIT_SHAPES]
     configs = [LaunchConfig(strategy="int8", block_m=block_m, block_n=n, num_warps=w, iters=s, num_stages=INT8_STAGES)
                for n, s, w in steps if groups % s == 0]
+    if bucket == 1:
+        configs = [LaunchConfig(strategy="dp4a", block_n=n, num_warps=w, iters=min(s, groups))
+                   for n, s, w in DP4A_SHAPES if groups % min(s, groups) == 0] + configs
     return list(dict.fromkeys(configs))
 
 

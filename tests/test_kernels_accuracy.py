@@ -74,7 +74,7 @@ def reference(original, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_counts(config: LaunchConfig) -> list[int]:
-    return [1] if config.strategy == "fma" else TOKENS
+    return [1] if config.strategy in ("fma", "dp4a") else TOKENS
 
 
 def runs_on(config: LaunchConfig, k: int, group_size: int) -> bool:
@@ -109,6 +109,7 @@ INT8_STRATEGIES = {  # split over K one group a program (atomics), tiles over al
     "int8-split": lambda groups: LaunchConfig(strategy="int8", block_m=16, block_n=16, iters=1),
     "int8-tiles": lambda groups: LaunchConfig(strategy="int8", block_m=32, block_n=32, iters=groups, whole_k=True),
     "int8-dequant": lambda groups: LaunchConfig(strategy="dequant", block_n=16),
+    "int8-dp4a": lambda groups: LaunchConfig(strategy="dp4a", block_n=16, iters=1),
 }
 
 
@@ -121,7 +122,7 @@ def test_int8_kernel_matches_reference(bits, strategy):
         kernel = Int8LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
         config = INT8_STRATEGIES[strategy](k // group_size)
         for dtype in DTYPES:
-            for tokens in TOKENS:
+            for tokens in token_counts(config):
                 x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                 error = relative_error(kernel.run(x, module, config), reference(original, x))
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
