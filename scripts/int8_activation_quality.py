@@ -1,28 +1,24 @@
-"""What int8 activations would cost in quality: a model scored with and without them (CPU, no asserts).
+"""What int8 activations cost in quality: a model scored with 16-bit and int8 activations (CPU, no asserts).
 
-    python scripts/int8_activation_quality.py --options 4 3 4+4 --windows 10 -o int8-quality.json
+    python scripts/int8_activation_quality.py --options 4 3 2 --windows 10 -o int8-quality.json
 
-The lab's faster kernels (scripts/int8_gemv_lab.py) multiply int8 codebook levels by activations
-quantized to int8 per group of the rotation (absmax / 127). Here every TurboQuant layer of the
-model, quantized uniformly at each option, runs the torch reference path twice on the same
-WikiText windows three times: as tqc computes it, with its rotated input rounded to int8 per group,
-and with its codebook levels rounded to int8 as well; each scored against the source model.
+A plan's `activations: int8` (tqc.activations) rounds the rotated input of every TurboQuant layer
+without a residual stage to int8 per (token, group), and its codebook levels to int8. Here the
+model, quantized uniformly at each option, is scored on the same WikiText windows twice, through
+the torch reference path (which the GPU kernels match): as planned with 16-bit activations, and
+with the same codes on int8 activations; each against the source model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from tqc import turboquant
+from tqc.activations import takes_int8
 from tqc.evaluate import Windows, evaluate_many, token_windows
-from tqc.kernels.lut_int8 import int8_levels
-from tqc.linear import TurboQuantLinear
+from tqc.linear import QuantizedLinear
 from tqc.models import linear_shapes, load_model, load_tokenizer, resolve_model
 from tqc.options import QuantOption
 from tqc.packed import quantize_model
@@ -32,53 +28,20 @@ from tqc.planning import uniform_plan
 DATA = "../shared/data/wiki.test.txt"
 
 
-def int8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x rounded to int8 per group of its last dimension, scale absmax / 127, back in x's dtype."""
-    groups = x.float().unflatten(-1, (-1, group))
-    scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-    return (torch.round(groups / scale) * scale).flatten(-2).to(x.dtype)
-
-
-@contextmanager
-def int8_activations():
-    """Every TurboQuantLinear rounds its rotated input to int8 per group while inside."""
-    original = TurboQuantLinear.prepare_input
-
-    def prepare_input(self, x):
-        return int8_groups(turboquant.prepare_input(x, self.signs, self.spec), self.spec.group_size)
-
-    TurboQuantLinear.prepare_input = prepare_input
-    try:
-        yield
-    finally:
-        TurboQuantLinear.prepare_input = original
-
-
-@contextmanager
-def int8_codebooks():
-    """Every codebook rounded to its int8 levels (times their factor) while inside: what an int8
-    lookup decodes from codes chosen with the exact codebook."""
-    original = turboquant.gaussian_codebook
-
-    def rounded(bits: int) -> torch.Tensor:
-        levels, factor = int8_levels(bits)
-        return torch.from_numpy(levels.astype(np.float64) * factor).float()
-
-    turboquant.gaussian_codebook = rounded
-    try:
-        yield
-    finally:
-        turboquant.gaussian_codebook = original
+def set_activations(model, activations: str) -> None:
+    """Every quantized layer that can, on `activations` (the codes stay as they are)."""
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear) and takes_int8(layer.spec.option, "int8"):
+            layer.spec = dataclasses.replace(layer.spec, activations=activations)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--options", nargs="+", default=["4", "3", "4+4"])
+    parser.add_argument("--options", nargs="+", default=["4", "3", "2"])
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("-o", "--output", default="int8-quality.json")
     args = parser.parse_args()
-
     source_ref = resolve_model(args.model)
     source = load_model(source_ref)
     ids = token_windows(load_tokenizer(source_ref), Windows(DATA, 512, args.windows))
@@ -87,18 +50,13 @@ def main() -> None:
         model = load_model(source_ref)
         plan = uniform_plan(ModelRef(name=args.model), linear_shapes(model), QuantOption.parse(option))
         quantize_model(model, plan, progress=False)
-        (plain,) = evaluate_many([model], source, ids, progress=False)
-        with int8_activations():
-            (int8,) = evaluate_many([model], source, ids, progress=False)
-            with int8_codebooks():
-                (both,) = evaluate_many([model], source, ids, progress=False)
-        row = {"option": option, "as_tqc": plain.as_dict(), "int8_activations": int8.as_dict(),
-               "int8_activations_and_levels": both.as_dict()}
-        rows.append(row)
-        print(f"{args.model} {option:>4} (source perplexity {plain.source_perplexity:.3f}): "
+        (fp16,) = evaluate_many([model], source, ids, progress=False)
+        set_activations(model, "int8")
+        (int8,) = evaluate_many([model], source, ids, progress=False)
+        rows.append({"option": option, "fp16_activations": fp16.as_dict(), "int8_activations": int8.as_dict()})
+        print(f"{args.model} {option:>4} (source perplexity {fp16.source_perplexity:.3f}): "
               + "; ".join(f"{name} perplexity {m.perplexity:.3f} KLD {m.kl_divergence:.4f} top-1 {m.top1_agreement:.3f}"
-                          for name, m in (("as tqc", plain), ("int8 activations", int8), ("+ int8 levels", both))),
-              flush=True)
+                          for name, m in (("fp16 activations", fp16), ("int8 activations", int8))), flush=True)
     write_text_atomic(Path(args.output),
                       json.dumps({"model": args.model, "windows": args.windows, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.output}")
