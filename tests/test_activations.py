@@ -4,6 +4,7 @@ and packed-model plumbing, and the quality on SmolLM2 next to 16-bit activations
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tqc.layout import LayerSpec
 from tqc.linear import QuantizedLinear, quantize_linear
 from tqc.models import linear_shapes, load_model, load_tokenizer, resolve_model
 from tqc.options import QuantOption
-from tqc.packed import build, quantize_model, read_manifest
+from tqc.packed import PackedModelError, build, quantize_model, read_manifest
 from tqc.plan import ModelRef, PlanError, parse_plan, plan_to_text, read_plan
 from tqc.planning import uniform_plan
 from tqc.rotation import rotate
@@ -106,6 +107,12 @@ def test_plan_field_reaches_the_packed_model(tmp_path, capsys):
     assert layers["model.layers.0.self_attn.q_proj"].activations == "fp16"
     loaded = tqc.load(packed)
     assert loaded.model.layers[0].mlp.down_proj.spec.activations == "int8"
+    manifest = packed / "manifest.json"  # a hand edit that gives a 4+4 layer int8 activations
+    data = json.loads(manifest.read_text())
+    data["layers"]["model.layers.0.self_attn.q_proj"]["activations"] = "int8"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(PackedModelError, match="self_attn.q_proj: .*4\\+4 cannot run on int8"):
+        tqc.load(packed)
 
 
 def test_plans_without_the_field_are_unchanged_and_bad_values_name_it(tmp_path, capsys):

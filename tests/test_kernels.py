@@ -217,6 +217,26 @@ def test_prepare_and_restore_round_trip():
     assert torch.equal(layer.codes, codes) and torch.equal(layer.residual_codes, residual)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int8_layers_take_the_input_order_layout_and_back(bits):
+    """A layer on int8 activations is repacked into lut_int8's layout (emulated PTX decodes its
+    codebook indices), and restored bit for bit."""
+    from tqc.bitpack import unpack
+    from tqc.kernels.lut_int8 import emulate, int8_levels
+    from tqc.kernels.registry import INT8_LAYOUT, prepare, restore
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    layer = random_turboquant_linear(LayerSpec(QuantOption("turboquant", bits), 64, 512, 16, activations="int8"), "cpu")
+    codes = layer.codes.clone()
+    prepare(layer)
+    assert layer.codes_layout == INT8_LAYOUT
+    levels, _ = int8_levels(bits)
+    decoded = emulate(layer.codes.numpy().view(np.uint32), bits, 512)
+    assert (decoded == levels[unpack(codes, bits, 512).numpy()]).all()
+    restore(layer)
+    assert torch.equal(layer.codes, codes)
+
+
 def test_kernels_match_reference_under_the_interpreter():
     """Every (bits, residual) and strategy against the reference path, TRITON_INTERPRET=1, small shapes."""
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .activations import Activations
+from .activations import Activations, takes_int8
 from .fusion import fuse_siblings
 from .layout import LayerSpec, rotation_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
@@ -59,6 +59,12 @@ class LayerEntry(_Strict):
     out_features: int
     has_bias: bool
     activations: Activations = "fp16"
+
+    @model_validator(mode="after")
+    def _activations_fit_the_option(self) -> LayerEntry:
+        if self.activations == "int8" and not takes_int8(QuantOption.parse(self.option), "int8"):
+            raise ValueError(f"option {self.option} cannot run on int8 activations")
+        return self
 
     def spec(self) -> LayerSpec:
         return LayerSpec(QuantOption.parse(self.option), self.group_size, self.in_features, self.out_features,

@@ -181,6 +181,9 @@ def print_summary(plan: Plan) -> None:
     total = sum(layer.bytes or 0 for layer in plan.layers.values())
     mix = ", ".join(f"{option}: {n}" for option, n in sorted(counts.items()))
     print(f"{len(plan.layers)} linear layers ({mix}); linear weights {total / 1e6:.2f} MB")
+    if plan.activations == "int8":
+        int8 = sum(plan.layer_activations(option) == "int8" for option in plan.layer_options().values())
+        print(f"int8 activations: {int8} layers (TurboQuant without a residual stage)")
 
 
 def _print_parts(parts: dict[str, int]) -> None:
