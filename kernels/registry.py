@@ -219,7 +219,9 @@ class Int8LayerKernel(LayerKernel):
     to int8 per (token, group), int8_dot_kernel multiplies; the tuner picks its launch shape."""
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        return int8_candidates(bucket, self.key.k // self.key.group_size)
+        """The family's launch shapes; dp4a only where a group has 4 code words or more (one asm call)."""
+        configs = int8_candidates(bucket, self.key.k // self.key.group_size)
+        return [c for c in configs if c.strategy != "dp4a" or self.key.group_size // self.plane_width >= 4]
 
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
         """The int8 PRMT table (lut_int8.int8_table_words), 4 words a copy, one copy a lane."""
