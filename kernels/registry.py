@@ -219,9 +219,11 @@ class Int8LayerKernel(LayerKernel):
     to int8 per (token, group), int8_dot_kernel multiplies; the tuner picks its launch shape."""
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        """The family's launch shapes; dp4a only where a group has 4 code words or more (one asm call)."""
-        configs = int8_candidates(bucket, self.key.k // self.key.group_size)
-        return [c for c in configs if c.strategy != "dp4a" or self.key.group_size // self.plane_width >= 4]
+        """The family's launch shapes; dp4a only where a group has 4 code words or more (one asm call)
+        and the tile gives every thread a call of its own (fewer words than 4 a thread: copies)."""
+        words = self.key.group_size // self.plane_width
+        return [c for c in int8_candidates(bucket, self.key.k // self.key.group_size)
+                if c.strategy != "dp4a" or (words >= 4 and c.block_n * words >= 4 * 32 * c.num_warps)]
 
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
         """The int8 PRMT table (lut_int8.int8_table_words), 4 words a copy, one copy a lane."""
