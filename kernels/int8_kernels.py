@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _accumulate, _accumulate_rows, _add_pairs, clear_output, fwht_tile, pdl_start
+from .triton_kernels import _accumulate_rows, clear_output, fwht_tile, pdl_start
 
 
 ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
@@ -84,6 +84,7 @@ def dp4a_asm(bits: int) -> str:
     takes the sum; the other three pass through."""
     planes = 2 if bits == 4 else 4
     operands = iter(range(4, 100))
+
     def take(count: int) -> list[str]:
         return [f"${next(operands)}" for _ in range(count)]
     w = take(4)
@@ -213,8 +214,8 @@ def int8_dot_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, le
     """out[M, N] (+)= the layer on int8 activations (module docstring). Grid (cdiv(N, BLOCK_N),
     K / (G * STEPS), cdiv(M, BLOCK_M)); each program takes STEPS groups of its rows and tokens;
     with more than one program over K they add into out, zeroed by rotate_int8_kernel: neighbouring
-    rows as one packed 16-bit reduction where N is even (a scalar 16-bit atomic is a compare-and-swap
-    loop on sm_90, and took a third of the time at 16 tokens)."""
+    rows as one packed 16-bit reduction where N is even (triton_kernels._accumulate_rows; a scalar
+    16-bit atomic is a compare-and-swap loop on sm_90, and took a third of the time at 16 tokens)."""
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -234,24 +235,11 @@ def int8_dot_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, le
         ws = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32)
         xs = tl.load(xs_ptr + tokens * (K // G) + group, mask=token_mask, other=0.0)
         acc += dots.to(tl.float32) * ws[:, None] * xs[None, :]
-    SPLIT: tl.constexpr = K > G * STEPS
-    if SPLIT and N % 2 == 0 and out_ptr.dtype.element_ty.primitive_bitwidth == 16:
-        pairs = tl.reshape(tl.trans(acc * factor).to(out_ptr.dtype.element_ty), (BLOCK_M, BLOCK_N // 2, 2))
-        low, high = tl.split(pairs)
-        first = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
-        valid = (token_mask[:, None] & (first < N)[None, :]).to(tl.int32)
-        pointers = out_ptr + tokens[:, None] * N + first[None, :]
-        SIZE: tl.constexpr = BLOCK_M * BLOCK_N // 2
-        pointers, low, high = tl.reshape(pointers, (SIZE,)), tl.reshape(low, (SIZE,)), tl.reshape(high, (SIZE,))
-        valid = tl.reshape(valid, (SIZE,))
-        if ASM:
-            _add_pairs(pointers, low, high, valid, THREADS)
-        else:  # the interpreter: the same pairing, two atomic adds
-            tl.atomic_add(pointers, low, mask=valid != 0, sem="relaxed")
-            tl.atomic_add(pointers + 1, high, mask=valid != 0, sem="relaxed")
-    else:
-        offsets = tokens[None, :] * N + rows[:, None]
-        _accumulate(out_ptr, offsets, acc * factor, token_mask[None, :] & row_mask[:, None], SPLIT)
+    SIZE: tl.constexpr = BLOCK_M * BLOCK_N  # token-major, so that neighbouring rows pair up
+    offsets = tl.reshape(tokens[:, None] * N + rows[None, :], (SIZE,))
+    mask = tl.reshape(token_mask[:, None] & row_mask[None, :], (SIZE,))
+    _accumulate_rows(out_ptr, offsets, tl.reshape(tl.trans(acc * factor), (SIZE,)), mask, K > G * STEPS, N % 2 == 0,
+                     THREADS, ASM)
 
 
 @triton.jit

@@ -310,7 +310,8 @@ F16_PAIR_ADD_ASM = tl.constexpr(PAIR_ADD_ASM.format("f16"))
 @triton.jit
 def _accumulate_rows(out_ptr, rows, sums, row_mask, SPLIT: tl.constexpr, PAIRS: tl.constexpr, THREADS: tl.constexpr,
                      ASM: tl.constexpr):
-    """The one-token kernel's _accumulate of its [BLOCK_N] row sums.
+    """The one-token kernel's _accumulate of its [BLOCK_N] row sums (`rows`: their offsets in out;
+    the int8 kernels pass their [tokens, rows] tile flattened token-major).
 
     Split over K into a 16-bit output, Triton adds one element per atomic, as a program holds
     fewer rows than threads, and each is a compare-and-swap loop (sm_90 has no scalar 16-bit
