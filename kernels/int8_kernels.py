@@ -266,44 +266,32 @@ def int8_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, levels_ptr, f
 def _gemv_loads(q_ptr, xs_ptr, codes_ptr, scales_ptr, rows, group, K: tl.constexpr, G: tl.constexpr,
                 BITS: tl.constexpr):
     """One group's operands for int8_gemv_kernel, each [BLOCK_N, W / 4, 4] (W code words a group;
-    for 3 bits crumb words) with the 4 words of a dp4a_asm call in one thread: the code words,
+    for 3 bits crumb words), the last dimension the 4 words of a dp4a_asm call: the code words,
     their high words (3 bits; else the code words again), the activation planes as int32 (planes
-    2 and 3 repeat 0 and 1 for 4 bits), the combined scale."""
+    2 and 3 repeat 0 and 1 for 4 bits), the combined scale. The 4 words are 16 contiguous bytes,
+    so Triton loads them as one vector into one thread (Int8LayerKernel.fits: enough words for
+    every thread to hold 4)."""
     PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     W: tl.constexpr = G // PER_WORD
     PLANE_WORDS: tl.constexpr = K // PER_WORD
     ROW_WORDS: tl.constexpr = K * BITS // 32
-    word = group * W + 4 * tl.arange(0, W // 4)[None, :]  # the first of each 4
-    row_words = codes_ptr + rows[:, None] * ROW_WORDS
-    w = _fours(row_words + word, True)
+    fours, within = 4 * tl.arange(0, W // 4)[None, :, None], tl.arange(0, 4)[None, None, :]
+    word = group * W + fours + within
+    row_words = codes_ptr + rows[:, None, None] * ROW_WORDS
+    w = tl.load(row_words + word, eviction_policy="evict_first")
     high = w
     if BITS == 3:  # crumb word 4a + e takes high word 2a + e // 2
-        high_word = row_words + PLANE_WORDS + group * (W // 2) + 2 * tl.arange(0, W // 4)[None, :]
-        first, second = tl.load(high_word, eviction_policy="evict_first"), tl.load(high_word + 1,
-                                                                                    eviction_policy="evict_first")
-        high = tl.reshape(tl.join(tl.join(first, second), tl.join(first, second)), w.shape)
-    zero_rows = (rows * 0)[:, None]
-    x0 = _fours(q_ptr + zero_rows + word, False)
-    x1 = _fours(q_ptr + zero_rows + PLANE_WORDS + word, False)
+        high = tl.load(row_words + PLANE_WORDS + group * (W // 2) + fours // 2 + within // 2,
+                       eviction_policy="evict_first")
+    zero_rows = (rows * 0)[:, None, None]
+    x0 = tl.load(q_ptr + zero_rows + word)
+    x1 = tl.load(q_ptr + zero_rows + PLANE_WORDS + word)
     x2, x3 = x0, x1
     if BITS < 4:
-        x2 = _fours(q_ptr + zero_rows + 2 * PLANE_WORDS + word, False)
-        x3 = _fours(q_ptr + zero_rows + 3 * PLANE_WORDS + word, False)
+        x2 = tl.load(q_ptr + zero_rows + 2 * PLANE_WORDS + word)
+        x3 = tl.load(q_ptr + zero_rows + 3 * PLANE_WORDS + word)
     scale = tl.load(scales_ptr + rows * (K // G) + group).to(tl.float32) * tl.load(xs_ptr + group)
     return w, high, x0, x1, x2, x3, scale[:, None, None] + (w * 0).to(tl.float32)
-
-
-@triton.jit
-def _fours(pointers, STREAMED: tl.constexpr):
-    """[R, C] pointers to the first of 4 consecutive int32 -> [R, C, 4], the 4 in one thread (tl.join
-    makes its new dimension thread-local; a plain tile may spread a pack=4 asm's operands over
-    threads). Four scalar loads: one 16-byte load would need that layout from Triton's coalescing."""
-    if STREAMED:
-        a, b = tl.load(pointers, eviction_policy="evict_first"), tl.load(pointers + 1, eviction_policy="evict_first")
-        c, d = tl.load(pointers + 2, eviction_policy="evict_first"), tl.load(pointers + 3, eviction_policy="evict_first")
-    else:
-        a, b, c, d = tl.load(pointers), tl.load(pointers + 1), tl.load(pointers + 2), tl.load(pointers + 3)
-    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (pointers.shape[0], pointers.shape[1], 4))
 
 
 @triton.jit

@@ -219,11 +219,14 @@ class Int8LayerKernel(LayerKernel):
     to int8 per (token, group), int8_dot_kernel multiplies; the tuner picks its launch shape."""
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        """The family's launch shapes; dp4a only where a group has 4 code words or more (one asm call)
-        and the tile gives every thread a call of its own (fewer words than 4 a thread: copies)."""
+        """The family's launch shapes (int8_candidates) that this key can run."""
+        return [c for c in int8_candidates(bucket, self.key.k // self.key.group_size) if self.fits(c)]
+
+    def fits(self, config: LaunchConfig) -> bool:
+        """dp4a only where a group has 4 code words or more (one asm call) and the tile gives every
+        thread a call of its own: with fewer, the compiled kernel gives wrong sums (run 56)."""
         words = self.key.group_size // self.plane_width
-        return [c for c in int8_candidates(bucket, self.key.k // self.key.group_size)
-                if c.strategy != "dp4a" or (words >= 4 and c.block_n * words >= 4 * 32 * c.num_warps)]
+        return config.strategy != "dp4a" or (words >= 4 and config.block_n * words >= 4 * 32 * config.num_warps)
 
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
         """The int8 PRMT table (lut_int8.int8_table_words), 4 words a copy, one copy a lane."""
@@ -263,6 +266,8 @@ class Int8LayerKernel(LayerKernel):
         one_token = config.strategy == "dp4a"
         if one_token and m != 1:
             raise ValueError(f"the dp4a kernel takes one token, got {m}")
+        if one_token and not INTERPRETED and not self.fits(config):
+            raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
         self.rotate(x, module, values, scales, out if k > g * steps else None, self.plane_width if one_token else 0)
         if one_token:
             int8_kernels.int8_gemv_kernel[(triton.cdiv(n, config.block_n), k // (g * steps))](

@@ -157,10 +157,7 @@ INT8_SPLIT_SHAPES = ((64, 8, 4), (64, 14, 4), (64, 16, 4), (64, 4, 4), (32, 8, 4
 INT8_TILE_SHAPES = ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
 INT8_STAGES = 3
 # One token on CUDA cores with dp4a (block_n, groups a program, warps): the lab's fastest (run 50) and
-# neighbours. Not offered to the tuner until its inline PTX has passed on a GPU: its first version
-# failed tests/test_kernels_accuracy.py on the H200 (run 55) and the fix is not yet run there
-# (scripts/check_dp4a.py; docs/performance.md, runs 53-55). Meanwhile one token runs int8_dot_kernel.
-ONE_TOKEN_DP4A = False
+# neighbours; Int8LayerKernel.fits drops those that leave a thread fewer than 4 code words.
 DP4A_SHAPES = ((64, 8, 8), (128, 8, 4), (64, 8, 4), (64, 4, 4), (32, 8, 4), (64, 16, 8), (128, 4, 4))
 
 
@@ -174,7 +171,7 @@ def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
     steps = [(n, min(s, groups), w) for n, s, w in INT8_SPLIT_SHAPES]
     configs = [LaunchConfig(strategy="int8", block_m=block_m, block_n=n, num_warps=w, iters=s, num_stages=INT8_STAGES)
                for n, s, w in steps if groups % s == 0]
-    if bucket == 1 and ONE_TOKEN_DP4A:
+    if bucket == 1:
         configs = [LaunchConfig(strategy="dp4a", block_n=n, num_warps=w, iters=min(s, groups))
                    for n, s, w in DP4A_SHAPES if groups % min(s, groups) == 0] + configs
     return list(dict.fromkeys(configs))

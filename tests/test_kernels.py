@@ -287,6 +287,24 @@ def test_int8_kernels_compile_for_hopper_with_register_lookups(bits, strategy):
     decoded_per_thread = config.block_n * 128 / (32 * config.num_warps)  # one group, one step of the loop
     copies = 2 if config.strategy == "dp4a" else config.num_stages  # the loads before the loop and in it
     assert sum(summary["loads"].values()) / copies < 0.75 * decoded_per_thread  # a gather per weight: >= 1
+    if strategy == "dp4a":  # the 4 words of each call loaded as one 16-byte vector (scalar loads: 2.6x slower, run 56)
+        assert any(load.endswith(".128") for load in summary["loads"]), summary["loads"]
+
+
+def test_dp4a_candidates_give_every_thread_four_code_words():
+    """A dp4a launch is offered only where every thread holds the 4 words of an asm call (with fewer,
+    the compiled kernel sums wrong words, run 56): 2 and 3 bits have 8 words a group, 4 bits 16."""
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.registry import Int8LayerKernel
+
+    def shapes(option):
+        kernel = Int8LayerKernel(layer_key(option, 14336, 4096, 128), None)
+        return {(c.block_n, c.num_warps) for c in kernel.candidates(1) if c.strategy == "dp4a"}
+
+    for option, words in (("2@int8", 8), ("3@int8", 8), ("4@int8", 16)):
+        offered = shapes(option)
+        assert offered and all(block_n * words >= 4 * 32 * warps for block_n, warps in offered)
+    assert (64, 8) in shapes("4@int8") and (64, 8) not in shapes("2@int8")
 
 
 @pytest.mark.parametrize("option", ["4", "3", "4+2"])

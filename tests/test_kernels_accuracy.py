@@ -109,7 +109,7 @@ INT8_STRATEGIES = {  # split over K one group a program (atomics), tiles over al
     "int8-split": lambda groups: LaunchConfig(strategy="int8", block_m=16, block_n=16, iters=1),
     "int8-tiles": lambda groups: LaunchConfig(strategy="int8", block_m=32, block_n=32, iters=groups, whole_k=True),
     "int8-dequant": lambda groups: LaunchConfig(strategy="dequant", block_n=16),
-    "int8-dp4a": lambda groups: LaunchConfig(strategy="dp4a", block_n=16, iters=1),
+    "int8-dp4a": lambda groups: LaunchConfig(strategy="dp4a", block_n=128 if CUDA else 16, iters=1),
 }
 
 
