@@ -162,11 +162,14 @@ def _unpack(words: torch.Tensor, per_word: int, bit_of, mask: int) -> torch.Tens
     return values.reshape(words.shape[0], -1)
 
 
+ROWS_AT_ONCE = 2048  # the conversions go through int64 codes, 8 bytes a weight: a vocabulary head at once is GBs
+
+
 def to_int8_layout(packed: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
     """A layer's codes from the packed model's bitpack layout into the input-order words above."""
-    return pack_words(unpack(packed, bits, k), bits)
+    return torch.cat([pack_words(unpack(rows, bits, k), bits) for rows in packed.split(ROWS_AT_ONCE)])
 
 
 def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
     """Inverse of `to_int8_layout`."""
-    return pack(unpack_words(words, bits, k), bits)
+    return torch.cat([pack(unpack_words(rows, bits, k), bits) for rows in words.split(ROWS_AT_ONCE)])

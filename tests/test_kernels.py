@@ -218,16 +218,18 @@ def test_prepare_and_restore_round_trip():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_int8_layers_take_the_input_order_layout_and_back(bits):
+def test_int8_layers_take_the_input_order_layout_and_back(bits, monkeypatch):
     """A layer on int8 activations is repacked into lut_int8's layout (emulated PTX decodes its
-    codebook indices), and restored bit for bit."""
+    codebook indices), and restored bit for bit; rows converted a few at a time (16 = 5 + 5 + 5 + 1)."""
     from tqc.bitpack import unpack
+    from tqc.kernels import lut_int8
     from tqc.kernels.lut_int8 import emulate, int8_levels
     from tqc.kernels.registry import INT8_LAYOUT, prepare, restore
     from tqc.kernels.synthetic import random_turboquant_linear
 
     layer = random_turboquant_linear(LayerSpec(QuantOption("turboquant", bits), 64, 512, 16, activations="int8"), "cpu")
     codes = layer.codes.clone()
+    monkeypatch.setattr(lut_int8, "ROWS_AT_ONCE", 5)
     prepare(layer)
     assert layer.codes_layout == INT8_LAYOUT
     levels, _ = int8_levels(bits)
