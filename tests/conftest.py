@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+
+# `python -m pytest` puts the checkout's root on sys.path, where kernels/ (installed as tqc.kernels)
+# would shadow the `kernels` package that transformers (5.25+) imports when it loads a model.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
 
 
 def _data_file(name: str) -> Path:
