@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 # `python -m pytest` puts the checkout's root on sys.path, where kernels/ (installed as tqc.kernels)
-# would shadow the `kernels` package that transformers (5.25+) imports when it loads a model.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
+# would shadow the `kernels` package that transformers (5.25+) imports when it loads a model. Kept
+# where PYTHONPATH names it (the benchmark device imports tqc from the checkout that way).
+if REPO not in {Path(entry).resolve() for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry}:
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
 
 
 def _data_file(name: str) -> Path:
