@@ -12,9 +12,10 @@ kernel starts while the step runs.
 
 `fused_linear(layer, tokens, like, produce)` runs a layer on an input that `produce(target)`
 writes, for every strategy (the lookup kernels want it in slot-pair order, dequantize + cuBLAS in
-natural order); it returns None (the caller runs the steps unfused) where the layer has no kernel,
-is not tuned for this token count yet, or takes more than MAX_TOKENS tokens. Intermediate values
-are rounded to the activations' dtype where the unfused steps round them.
+natural order, the int8 family rounded to int8 per group with its scales, as rotate_int8_kernel
+writes it); it returns None (the caller runs the steps unfused) where the layer has no kernel, is
+not tuned for this token count yet, or takes more than MAX_TOKENS tokens. Intermediate values are
+rounded to the activations' dtype where the unfused steps round them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .registry import RotationTarget, uses_pdl
-from .triton_kernels import clear_output, pdl_start, store_rotated
+from .int8_kernels import store_int8
+from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
 
 MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
 # norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
@@ -42,9 +44,9 @@ def block_width(k: int, group_size: int) -> int | None:
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
-def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, eps,
+def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
-                       ROW: tl.constexpr, PDL: tl.constexpr = False):
+                       INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr = False):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes h'
     and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K / BLOCK_K
@@ -61,8 +63,8 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
         h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols, cols < K)
         tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
         x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
-        store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
-                      PAIR_WIDTH)
+        _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
+               PER_WORD)
 
 
 @triton.jit
@@ -74,8 +76,9 @@ def _residual(h_ptr, delta_ptr, like_ptr, offsets, mask):
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
-def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                         BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, PDL: tl.constexpr = False):
+def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, K: tl.constexpr,
+                         LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr,
+                         PER_WORD: tl.constexpr, PDL: tl.constexpr = False):
     """grid (M, K / BLOCK_K): x = silu(gate) * up for one token's BLOCK_K columns (gate_up is
     [M, 2K], gate first), rotated."""
     pdl_start(PDL)
@@ -88,19 +91,33 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, clear_ptr, CLEAR, K: t
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     x = (silu * up).to(dtype).to(tl.float32)
     tokens = token + tl.arange(0, 1)
-    store_rotated(x[None, :], signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K,
-                  PAIR_WIDTH)
+    _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, tl.program_id(1), K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
+           PER_WORD)
+
+
+@triton.jit
+def _store(x, signs_ptr, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G: tl.constexpr,
+           BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr, PER_WORD: tl.constexpr):
+    """Rotate one token's column block `block` and store it as the target wants: in 16 bits
+    (store_rotated), or rounded to int8 with its scales (int8_kernels.store_int8)."""
+    cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT8:
+        x = rotate_tile(x, signs_ptr, cols, K, LOG_G, 1, BLOCK_K)
+        store_int8(x, out_ptr, scales_ptr, tokens, tokens >= 0, block, K, LOG_G, 1, BLOCK_K, False, PER_WORD)
+    else:
+        store_rotated(x, signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K, PAIR_WIDTH)
 
 
 def _launch(target: RotationTarget, device: torch.device, k: int) -> dict:
     block = block_width(k, target.group_size)
     if block is None:
         raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
-    clear = target.clear
+    clear, scales, unused = target.clear, target.scales, torch.empty(0, device=device)
     pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
-    return {"clear_ptr": clear if clear is not None else torch.empty(0, device=device),
-            "CLEAR": clear.numel() if clear is not None else 0, "K": k, "LOG_G": target.group_size.bit_length() - 1,
-            "BLOCK_K": block, "PAIR_WIDTH": target.pair_width} | pdl
+    return {"clear_ptr": clear if clear is not None else unused, "CLEAR": clear.numel() if clear is not None else 0,
+            "scales_ptr": scales if scales is not None else unused, "INT8": scales is not None,
+            "PER_WORD": target.per_word, "K": k, "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
+            "PAIR_WIDTH": target.pair_width} | pdl
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -127,18 +144,18 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor
 
 def fused_linear(layer, tokens: int, like: torch.Tensor,
                  produce: Callable[[RotationTarget], torch.Tensor]) -> torch.Tensor | None:
-    """layer(x) where `produce(target)` writes x already rotated, or None where the layer has no
-    kernel, is not tuned for this token count yet, the tokens are more than MAX_TOKENS, its width
-    cannot be cut in whole groups (block_width), or it runs on int8 activations (its rotation
-    rounds to int8 in a launch of its own)."""
+    """layer(x) where `produce(target)` writes x already rotated (on int8 activations: rounded, its
+    scales in target.scales), or None where the layer has no kernel, is not tuned for this token
+    count yet, the tokens are more than MAX_TOKENS, its width cannot be cut in whole groups
+    (block_width), or its strategy rotates in a launch of its own (LayerKernel.fusable)."""
     kernel = getattr(layer, "kernel", None)
-    fusable = kernel is not None and tokens <= MAX_TOKENS and kernel.key.activations == "fp16"
-    config = kernel.tuned(tokens) if fusable else None
-    if config is None or block_width(layer.in_features, kernel.key.group_size) is None:
+    config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
+    if config is None or not kernel.fusable(config) or block_width(layer.in_features, kernel.key.group_size) is None:
         return None
     out = kernel.output(tokens, like.device, like.dtype, config)
-    rotated = produce(kernel.rotation_target(layer, config, out, like.dtype))
-    return kernel.finish(kernel.multiply(rotated, layer, config, out), layer)
+    target = kernel.rotation_target(layer, config, out, like.dtype)
+    rotated = produce(target)
+    return kernel.finish(kernel.multiply(rotated, layer, config, out, target.scales), layer)
 
 
 def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,

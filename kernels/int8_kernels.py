@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _accumulate_rows, clear_output, fwht_tile, pdl_start
+from .triton_kernels import _accumulate_rows, clear_output, pdl_start, rotate_tile
 
 
 ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
@@ -32,19 +32,31 @@ ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**
 def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDED: tl.constexpr = False,
                        PER_WORD: tl.constexpr = 0, PDL: tl.constexpr = False):
-    """grid (cdiv(M, BLOCK_M), K / BLOCK_K): rotate a tile of whole groups, then round each (token,
-    group) to int8 as tqc.activations.quantize_groups does. ROUNDED: store the rounded values
-    multiplied back (tqc.activations.round_to_int8) in q_ptr's dtype, for dequantize + cuBLAS.
-    PER_WORD > 0 (one token, for int8_gemv_kernel): the int8 values in planes, plane j holding the
-    j-th 4 inputs of every code word of PER_WORD inputs, so that each is one int32 load."""
+    """grid (cdiv(M, BLOCK_M), K / BLOCK_K): rotate a tile of whole groups, then round it
+    (store_int8). The norm and SwiGLU steps of a decoder do the same in their own launch (glue.py)."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
-    G: tl.constexpr = 1 << LOG_G
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (tokens < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = fwht_tile(x * tl.load(signs_ptr + cols, mask=cols < K, other=0.0)[None, :], BLOCK_M, BLOCK_K, LOG_G)
+    x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
+    store_int8(x, q_ptr, scales_ptr, tokens, tokens < M, tl.program_id(1), K, LOG_G, BLOCK_M, BLOCK_K, ROUNDED,
+               PER_WORD)
+
+
+@triton.jit
+def store_int8(x, q_ptr, scales_ptr, tokens, token_mask, block, K: tl.constexpr, LOG_G: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDED: tl.constexpr, PER_WORD: tl.constexpr):
+    """Round a rotated float32 tile (rows `tokens`, column block `block` of BLOCK_K, whole groups)
+    to int8 per (token, group) as tqc.activations.quantize_groups does, and store values and
+    scales (absmax / 127). ROUNDED: store the rounded values multiplied back
+    (tqc.activations.round_to_int8) in q_ptr's dtype, for dequantize + cuBLAS, and no scales.
+    PER_WORD > 0 (one token, for int8_gemv_kernel): the int8 values in planes, plane j holding the
+    j-th 4 inputs of every code word of PER_WORD inputs, so that each is one int32 load."""
+    G: tl.constexpr = 1 << LOG_G
+    cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = token_mask[:, None] & (cols < K)[None, :]
     groups = tl.reshape(x, (BLOCK_M, BLOCK_K // G, G))
     scale = tl.max(tl.abs(groups), axis=2) / 127.0
     scale = tl.where(scale > 0, scale, 1.0)
@@ -59,9 +71,9 @@ def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR,
         targets = (position // 4 * (K // PER_WORD) + cols // PER_WORD) * 4 + position % 4
     tl.store(q_ptr + tokens[:, None] * K + targets[None, :], q, mask=mask)
     if not ROUNDED:
-        group = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+        group = block * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
         tl.store(scales_ptr + tokens[:, None] * (K // G) + group[None, :], scale,
-                 mask=(tokens < M)[:, None] & (group < K // G)[None, :])
+                 mask=token_mask[:, None] & (group < K // G)[None, :])
 
 
 # 4 codes to 4 int8 levels in one register (pack=4: operands $1-$4 the same code word, $5-$8 the

@@ -171,6 +171,14 @@ class LayerKernel:
                          pair_width=target.pair_width)
         return self.multiply(rotated, module, config, out)
 
+    def fusable(self, config: LaunchConfig) -> bool:
+        """Whether a decoder's norm or SwiGLU step may write this strategy's input (glue.py): always here."""
+        return True
+
+    def splits(self, config: LaunchConfig) -> int:
+        """Programs over K that add into one output (more than one: the output is zeroed first)."""
+        return self.specialise(config)[0]
+
     def output(self, tokens: int, device: torch.device, dtype: torch.dtype, config: LaunchConfig) -> torch.Tensor | None:
         """The [tokens, N] output a lookup kernel writes (or, split over K, adds into); None for
         dequantize + cuBLAS, whose matmul makes its own."""
@@ -184,12 +192,13 @@ class LayerKernel:
         kernel splits K; for dequantize + cuBLAS in natural order, in the activations' dtype."""
         if config.strategy == "dequant":
             return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
-        splits, _ = self.specialise(config)
         return RotationTarget(module.signs, self.key.group_size, self.slot_width, torch.float16,
-                              out if splits > 1 else None)
+                              out if self.splits(config) > 1 else None)
 
-    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None) -> torch.Tensor:
-        """out (+)= rotated @ W'^T under `config` (rotated as rotation_target says)."""
+    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
+        """out (+)= rotated @ W'^T under `config` (rotated as rotation_target says; `scales`: the
+        int8 family's, unused here)."""
         if config.strategy == "dequant":
             return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
         m, n = rotated.shape[0], self.key.n
@@ -255,32 +264,53 @@ class Int8LayerKernel(LayerKernel):
         return module.codes, module.scales, self.table(self.key.bits, device), self.levels(device)
 
     def run(self, x: torch.Tensor, module, config: LaunchConfig) -> torch.Tensor:
-        m, (n, k, g) = x.shape[0], (self.key.n, self.key.k, self.key.group_size)
+        """Launch one strategy with one launch configuration (x is [M, K], contiguous)."""
+        out = self.output(x.shape[0], x.device, x.dtype, config)
+        target = self.rotation_target(module, config, out, x.dtype)
+        return self.multiply(self.rotate(x, target), module, config, out, target.scales)
+
+    def fusable(self, config: LaunchConfig) -> bool:
+        """Not dequantize + cuBLAS: its input is rounded and multiplied back, which the glue does not do."""
+        return config.strategy != "dequant"
+
+    def splits(self, config: LaunchConfig) -> int:
+        return self.key.k // (self.key.group_size * config.iters)
+
+    def rotation_target(self, module, config: LaunchConfig, out: torch.Tensor | None, dtype: torch.dtype) -> RotationTarget:
+        """int8 values with their scales per (token, group), in the dp4a kernel's planes for one
+        token, and the output zeroed when the kernel splits K; for dequantize + cuBLAS the rounded
+        values multiplied back, in the activations' dtype."""
+        g = self.key.group_size
         if config.strategy == "dequant":
-            rounded = self.rotate(x, module, torch.empty_like(x), None)
-            return F.linear(rounded, self.dequantize(module, x.dtype, config.block_n))
-        steps = config.iters
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        values = torch.empty(m, k, device=x.device, dtype=torch.int8)
-        scales = torch.empty(m, k // g, device=x.device, dtype=torch.float32)
-        one_token = config.strategy == "dp4a"
-        if one_token and m != 1:
-            raise ValueError(f"the dp4a kernel takes one token, got {m}")
-        if one_token and not INTERPRETED and not self.fits(config):
-            raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
-        self.rotate(x, module, values, scales, out if k > g * steps else None, self.plane_width if one_token else 0)
-        if one_token:
-            int8_kernels.int8_gemv_kernel[(triton.cdiv(n, config.block_n), k // (g * steps))](
-                values, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
-                BLOCK_N=config.block_n, STEPS=steps, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
-                num_warps=config.num_warps, num_stages=1, **pdl_launch(x.device))
+            return RotationTarget(module.signs, g, 0, dtype, None)
+        scales = torch.empty(out.shape[0], self.key.k // g, device=out.device, dtype=torch.float32)
+        per_word = self.plane_width if config.strategy == "dp4a" else 0
+        return RotationTarget(module.signs, g, 0, torch.int8, out if self.splits(config) > 1 else None, scales,
+                              per_word)
+
+    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
+        """out (+)= the layer on `rotated` under `config` (int8 values with their `scales`, as
+        rotation_target says; for dequantize + cuBLAS, rounded and multiplied back)."""
+        if config.strategy == "dequant":
+            return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
+        (m, k), n, g = rotated.shape, self.key.n, self.key.group_size
+        if config.strategy == "dp4a":
+            if m != 1:
+                raise ValueError(f"the dp4a kernel takes one token, got {m}")
+            if not INTERPRETED and not self.fits(config):
+                raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
+            int8_kernels.int8_gemv_kernel[(triton.cdiv(n, config.block_n), self.splits(config))](
+                rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
+                BLOCK_N=config.block_n, STEPS=config.iters, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
+                num_warps=config.num_warps, num_stages=1, **pdl_launch(rotated.device))
             return out
-        grid = (triton.cdiv(n, config.block_n), k // (g * steps), triton.cdiv(m, config.block_m))
+        grid = (triton.cdiv(n, config.block_n), self.splits(config), triton.cdiv(m, config.block_m))
         int8_kernels.int8_dot_kernel[grid](
-            values, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
-            BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=steps, ASM=not INTERPRETED,
+            rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
+            BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=config.iters, ASM=not INTERPRETED,
             THREADS=32 * config.num_warps, num_warps=config.num_warps, num_stages=config.num_stages,
-            **pdl_launch(x.device))
+            **pdl_launch(rotated.device))
         return out
 
     @cached_property
@@ -288,18 +318,16 @@ class Int8LayerKernel(LayerKernel):
         """Inputs per code word of the dp4a kernel's activation planes (3 bits: per crumb word)."""
         return 8 if self.key.bits == 4 else 16
 
-    def rotate(self, x: torch.Tensor, module, values: torch.Tensor, scales: torch.Tensor | None,
-               clear: torch.Tensor | None = None, per_word: int = 0) -> torch.Tensor:
-        """x rotated and rounded to int8 per (token, group): into `values` (int8; in planes of
-        `per_word` inputs if > 0) and `scales`, or, without scales, multiplied back into `values`
-        (x's dtype). `clear` is zeroed on the way."""
+    def rotate(self, x: torch.Tensor, target: RotationTarget) -> torch.Tensor:
+        """x rotated and rounded as `target` says (rotate_int8_kernel), in a launch of its own."""
         (m, k), g = x.shape, self.key.group_size
+        values = torch.empty(m, k, device=x.device, dtype=target.dtype)
         block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
         int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
-            x, module.signs, values, values if scales is None else scales, values if clear is None else clear, m,
-            0 if clear is None else clear.numel(),
-            K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=scales is None,
-            PER_WORD=per_word, **pdl_launch(x.device))
+            x, target.signs, values, values if target.scales is None else target.scales,
+            values if target.clear is None else target.clear, m, 0 if target.clear is None else target.clear.numel(),
+            K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=target.scales is None,
+            PER_WORD=target.per_word, **pdl_launch(x.device))
         return values
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
@@ -321,13 +349,17 @@ def pdl_launch(device: torch.device) -> dict:
 class RotationTarget:
     """How a lookup kernel wants its input rotated: signs and group size of the layer, the columns
     in slot-pair order of width `pair_width` (fwht_kernel's PAIR_WIDTH), in `dtype`, and `clear`
-    (the output it adds into) zeroed, if not None."""
+    (the output it adds into) zeroed, if not None. With `scales` (the int8 family): rounded to int8
+    per (token, group), absmax / 127 written there, in planes of `per_word` inputs if > 0
+    (int8_kernels.store_int8)."""
 
     signs: torch.Tensor
     group_size: int
     pair_width: int
     dtype: torch.dtype
     clear: torch.Tensor | None
+    scales: torch.Tensor | None = None
+    per_word: int = 0
 
 
 def family(key: KernelKey) -> type[LayerKernel]:

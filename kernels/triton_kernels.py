@@ -64,13 +64,20 @@ def clear_output(clear_ptr, CLEAR, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rotate_tile(x, signs_ptr, cols, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """FWHT_G(x * signs) / sqrt(G) of a float32 [BLOCK_M, BLOCK_K] tile (columns `cols`, whole groups)."""
+    signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
+    return fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
+
+
+@triton.jit
 def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LOG_G: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr):
     """Rotate a float32 [BLOCK_M, BLOCK_K] tile of activations (rows `tokens`, columns `cols`, whole
     groups) and store it: out = FWHT_G(x * signs) / sqrt(G), in slot-pair order if PAIR_WIDTH = B > 0
     (input h B + kw of each run of 2B at position 2 kw + h; see pair_inputs)."""
-    signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
-    x = fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
+    x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
     targets = cols
     if PAIR_WIDTH > 0:
         targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2

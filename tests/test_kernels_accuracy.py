@@ -137,16 +137,22 @@ def test_rotation_kernel_matches_butterfly():
 
 
 @pytest.mark.parametrize("step", ["norm", "swiglu"])
-@pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant"])
+@pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant", "int8-split", "int8-dp4a"])
 def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, monkeypatch):
-    """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the order the matmul
-    wants and zeroes the output a split-K kernel adds into (here filled with NaN beforehand)."""
+    """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the order and type the
+    matmul wants (on int8 activations rounded, with its scales, in the dp4a kernel's planes for one
+    token) and zeroes the output a split-K kernel adds into (here filled with NaN beforehand)."""
     n, k, group_size = SHAPES[0]
-    module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
-    kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
-    config = STRATEGIES[strategy](8)
+    if strategy.startswith("int8"):
+        module, _ = random_layer(QuantOption.parse("3"), n, k, group_size, "int8")
+        kernel = Int8LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        config = INT8_STRATEGIES[strategy](k // group_size)
+    else:
+        module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+        kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        config = STRATEGIES[strategy](8)
     tokens = max(count for count in token_counts(config) if count <= glue.MAX_TOKENS)
-    assert strategy == "dequant" or kernel.specialise(config)[0] > 1  # split over K
+    assert strategy == "dequant" or kernel.splits(config) > 1  # split over K
     monkeypatch.setattr(kernel, "tuned", lambda count: config)
     monkeypatch.setattr(kernel, "output", lambda count, device, dtype, chosen: None if chosen.strategy == "dequant"
                         else torch.full((count, n), float("nan"), device=device, dtype=dtype))
@@ -234,12 +240,13 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             assert error < TOLERANCE[torch.bfloat16], f"{bits}-bit {config.model_dump()}: {error:.2e}"
 
 
+    @pytest.mark.parametrize("activations", ["fp16", "int8"])
     @pytest.mark.parametrize("tokens", [1, 5])
-    def test_decoder_with_the_rotation_in_the_glue_matches_separate_rotations(tokens):
+    def test_decoder_with_the_rotation_in_the_glue_matches_separate_rotations(tokens, activations):
         """kernels/decode_bench.py's decoder on the generated kernels, a decode step and a prefill:
-        the norm and SwiGLU steps rotating the next layer's input compute what separate rotation
-        launches compute."""
-        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
+        the norm and SwiGLU steps rotating the next layer's input (on int8 activations: rounding
+        it) compute what separate rotation launches compute."""
+        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, int8_name, quantized_factory
         from tqc.kernels.registry import KernelRegistry
 
         tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 256}
@@ -248,7 +255,8 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         outputs = []
         for rotate_in_glue in (False, True):
             torch.manual_seed(0)
-            model = Decoder(quantized_factory(MIXED_PLAN, registry), tiny, layers=2, context=8,
+            plan = {name: int8_name(option, activations) for name, option in MIXED_PLAN.items()}
+            model = Decoder(quantized_factory(plan, registry), tiny, layers=2, context=8,
                             rotate_in_glue=rotate_in_glue)
             with torch.no_grad():
                 model(token, pos)  # tunes
