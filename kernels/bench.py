@@ -172,7 +172,8 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
     result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose, args.activations,
                               fuse=not args.separate, compile_glue=not args.eager_glue,
-                              rotate_in_glue=not args.separate_rotation, tokens=args.tokens)
+                              rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
+                              int8_layers=args.int8_layers)
     result["device"] = device_info()
     save(result, args.output)
 
@@ -193,6 +194,9 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     decode.add_argument("--activations", choices=["fp16", "int8"], default="fp16",
                         help="int8: the plan's layers without a residual on int8 activations")
+    decode.add_argument("--int8-layers", nargs="+", metavar="NAME",
+                        help="with --activations int8: only these projections on int8, of q_proj k_proj v_proj "
+                             "o_proj gate_proj up_proj down_proj lm_head (default: all)")
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     decode.add_argument("--layers", type=int, default=32)
     decode.add_argument("--separate", action="store_true",

@@ -15,7 +15,7 @@ fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -232,17 +232,28 @@ def int8_name(option: str, activations: str) -> str:
     return f"{option}@int8" if takes_int8(QuantOption.parse(option), activations) else option
 
 
+def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str] | None = None) -> dict[str, str]:
+    """The benchmark names of the projections' options: `plan` is 'mixed' (MIXED_PLAN) or one option
+    for all; with int8 activations, `int8_layers` (default: all) take them where the option allows."""
+    options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
+    int8_layers = set(MIXED_PLAN if int8_layers is None else int8_layers)
+    if unknown := int8_layers - MIXED_PLAN.keys():
+        raise ValueError(f"--int8-layers: no projection {', '.join(sorted(unknown))} (one of {', '.join(MIXED_PLAN)})")
+    return {name: int8_name(option, activations if name in int8_layers else "fp16") for name, option in options.items()}
+
+
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
-                     activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True, tokens: int = 1) -> dict:
+                     activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
+                     tokens: int = 1, int8_layers: tuple[str, ...] | None = None) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
-    steps (tokens = 1) or of a prefill of `tokens` tokens."""
+    steps (tokens = 1) or of a prefill of `tokens` tokens. With int8 activations, `int8_layers`
+    names the projections that take them (default: every one the option allows)."""
     from .bench import compile_and_report  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     torch.manual_seed(0)
-    options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
-    options = {name: int8_name(option, activations) for name, option in options.items()}
+    options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": LLAMA3_8B,
                "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}

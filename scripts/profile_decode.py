@@ -1,10 +1,10 @@
 """Where a decode step's time goes: kernel launches and kernel time per step, bf16 and tqc (CUDA only).
 
-    python scripts/profile_decode.py [--plan mixed] [--steps 20] [-o profile.json]
+    python scripts/profile_decode.py [--plan mixed] [--activations int8 [--int8-layers ...]] [--steps 20] [-o profile.json]
 
 Builds the decoders of `tqc bench decode` (kernels/decode_bench.py) with the tuning cache
 ($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
-torch.profiler and sums the GPU kernels by name. Under programmatic dependent launch a kernel
+torch.profiler and sums the GPU kernels by name and grid (a layer's shape). Under programmatic dependent launch a kernel
 starts before its predecessor ends, so kernel times overlap: their sum can exceed the step.
 """
 
@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
-from tqc.kernels.decode_bench import LLAMA3_8B, MIXED_PLAN, Decoder, bf16_factory, quantized_factory
+from tqc.kernels.decode_bench import LLAMA3_8B, Decoder, bf16_factory, plan_options, quantized_factory
 from tqc.kernels.registry import KernelRegistry
 from tqc.kernels.tuning import Tuner
 
@@ -37,24 +38,29 @@ def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
         for _ in range(steps):
             graph.replay()
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as scratch:  # the trace has each launch's grid, events() does not
+        profiler.export_chrome_trace(f"{scratch}/trace.json")
+        trace = json.loads(Path(f"{scratch}/trace.json").read_text())
     table: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"launches": 0.0, "us": 0.0})
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = table[event.name[:80]]
+    for event in trace["traceEvents"]:
+        if event.get("cat") == "kernel":
+            entry = table[f"{event['name'][:70]} grid {event['args'].get('grid')}"]
             entry["launches"] += 1 / steps
-            entry["us"] += event.device_time / steps
+            entry["us"] += event["dur"] / steps
     return dict(sorted(table.items(), key=lambda item: -item[1]["us"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="mixed", help="'mixed' or one option for every layer")
+    parser.add_argument("--activations", choices=["fp16", "int8"], default="fp16")
+    parser.add_argument("--int8-layers", nargs="+", metavar="NAME", help="with --activations int8: only these")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("-o", "--output", default="profile-decode.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    options = MIXED_PLAN if args.plan == "mixed" else dict.fromkeys(MIXED_PLAN, args.plan)
+    options = plan_options(args.plan, args.activations, args.int8_layers)
     registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
     results = {"plan": options, "steps": args.steps}
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
@@ -62,7 +68,7 @@ def main() -> None:
         results[label] = table = kernel_table(model, args.steps)
         print(f"{label}: {sum(e['launches'] for e in table.values()):.0f} launches, "
               f"{sum(e['us'] for e in table.values()) / 1e3:.2f} ms of kernel time per step")
-        for name, entry in list(table.items())[:12]:
+        for name, entry in list(table.items())[:20]:
             print(f"  {entry['launches']:6.0f} x {entry['us'] / max(entry['launches'], 1):7.2f} us = "
                   f"{entry['us'] / 1e3:6.3f} ms  {name}")
         del model

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tqc.checkout import hide_checkout_root
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# `python -m pytest` puts the checkout's root on sys.path, where kernels/ (installed as tqc.kernels)
-# would shadow the `kernels` package that transformers (5.25+) imports when it loads a model. Kept
-# where PYTHONPATH names it (the benchmark device imports tqc from the checkout that way).
-if REPO not in {Path(entry).resolve() for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry}:
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
+hide_checkout_root()  # kernels/ would shadow the `kernels` package transformers imports (tqc.checkout)
 
 
 def _data_file(name: str) -> Path:

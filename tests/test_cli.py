@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from cli_helpers import one_line_error
+from tqc.checkout import ROOT
 from tqc.cli import main
 
 
@@ -75,3 +80,12 @@ def test_missing_packed_directory(capsys, tmp_path):
 
 def test_not_a_packed_directory(capsys, tmp_path):
     assert "manifest.json is missing" in one_line_error(capsys, "eval", str(tmp_path))
+
+
+def test_checkout_root_does_not_shadow_the_kernels_package():
+    """`python -m tqc.cli` in the checkout: kernels/ must not stand in for transformers' `kernels`."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    script = ("from tqc.checkout import hide_checkout_root; hide_checkout_root()\n"
+              "try:\n    import kernels\nexcept ImportError:\n    print('absent')\nelse:\n    print(kernels.__file__)")
+    found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert not found.stdout.strip().startswith(str(ROOT)), found.stdout

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, bf16_factory, decoder_keys, quantized_factory
+from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, bf16_factory, decoder_keys, plan_options, quantized_factory
 
 TINY = {"hidden": 128, "intermediate": 256, "heads": 4, "kv_heads": 2, "head_dim": 32, "vocab": 64}
 
@@ -44,3 +44,13 @@ def test_bf16_decoder_runs_one_step():
     with torch.no_grad():
         out = model(torch.tensor([3]), torch.tensor([5]))
     assert out.shape == (1, TINY["vocab"]) and torch.isfinite(out).all()
+
+
+def test_int8_layers_choose_which_projections_take_int8_activations():
+    assert plan_options("mixed") == MIXED_PLAN
+    mlp = plan_options("mixed", "int8", ["gate_proj", "up_proj", "down_proj"])
+    assert mlp == {**MIXED_PLAN, "gate_proj": "3@int8", "up_proj": "3@int8", "down_proj": "4@int8"}
+    assert set(plan_options("2", "int8").values()) == {"2@int8"}
+    assert set(plan_options("4+4", "int8").values()) == {"4+4"}  # a residual stage keeps 16-bit activations
+    with pytest.raises(ValueError, match="no projection mlp"):
+        plan_options("mixed", "int8", ["mlp"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import get_args
 
 from .activations import Activations
+from .checkout import hide_checkout_root
 from .plan import PlanError, QuantizerRef, read_plan, write_plan, write_text_atomic
 
 DEFAULT_DATA = "../shared/data/wiki.test.txt"
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hide_checkout_root()  # `python -m tqc.cli` in the checkout: kernels/ would shadow transformers' `kernels`
     from .models import ModelNotFoundError  # noqa: PLC0415
     from .packed import PackedModelError  # noqa: PLC0415
 
