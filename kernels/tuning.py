@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
@@ -178,12 +179,18 @@ def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
 
 
 Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, layer calls per run)
-STREAM_BYTES = 256 * 2**20  # weights streamed per timed replay: several times the L2 cache (50 MB on an H100)
+# Weights streamed per timed replay: several times the L2 cache (50-60 MB). A model spreads its
+# layers wider, which some kernels feel: 32 layers' fused 3-bit gate/up on dp4a (1.5 GB) take
+# 26.5 us each where 5 copies of one (230 MB) take 22.3; the fp16 lookups 21.8 against 21.2 (run
+# 67). TQC_STREAM_BYTES (e.g. 2GiB) tunes over a wider footprint; the cache does not record which.
+STREAM_BYTES = 256 * 2**20
 
 
 def stream_copies(nbytes: int) -> int:
-    """Copies of a layer's weights that make one replay stream STREAM_BYTES from device memory."""
-    return max(1, math.ceil(STREAM_BYTES / nbytes))
+    """Copies of a layer's weights that make one replay stream STREAM_BYTES (or TQC_STREAM_BYTES)
+    from device memory."""
+    streamed = parse_size(os.environ["TQC_STREAM_BYTES"]) if os.environ.get("TQC_STREAM_BYTES") else STREAM_BYTES
+    return max(1, math.ceil(streamed / nbytes))
 
 
 def default_cache_dir() -> Path:

@@ -23,7 +23,7 @@ from tqc.bitpack import pack
 from tqc.codebook import gaussian_codebook
 from tqc.kernels import attach, detach, lut
 from tqc.kernels.repack import slot_words, to_bitpack_layout, to_kernel_layout
-from tqc.kernels.tuning import LaunchConfig, Tuner, TuneFile, candidate_configs, token_bucket
+from tqc.kernels.tuning import STREAM_BYTES, LaunchConfig, Tuner, TuneFile, candidate_configs, stream_copies, token_bucket
 from tqc.layout import LayerSpec
 from tqc.linear import TurboQuantLinear
 from tqc.options import QuantOption
@@ -177,6 +177,17 @@ def test_tuning_cache_round_trip_and_invalidation(tmp_path):
     assert Tuner("H200", "3.6.0", path).data.entries == {}
     path.write_text("{not json")
     assert Tuner("H100", "3.6.0", path).data.entries == {}
+
+
+def test_tuning_streams_the_footprint_asked_for(monkeypatch):
+    layer = 46 * 10**6  # Llama-3-8B's fused 3-bit gate/up
+    monkeypatch.delenv("TQC_STREAM_BYTES", raising=False)
+    assert stream_copies(layer) == -(-STREAM_BYTES // layer) == 6
+    monkeypatch.setenv("TQC_STREAM_BYTES", "2GiB")
+    assert stream_copies(layer) == 47
+    monkeypatch.setenv("TQC_STREAM_BYTES", "lots")
+    with pytest.raises(ValueError, match="not a size"):
+        stream_copies(layer)
 
 
 def test_tuner_skips_configurations_the_gpu_cannot_run():
