@@ -1,0 +1,99 @@
+"""Draw the GPU results that people compare, from the JSON the benchmarks saved (docs/bench/).
+
+    python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
+        [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json] [--out docs]
+
+Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
+with the issue's targets) and performance-decode-step.png (a decode step's kernel time by what
+runs, bf16 against tqc, with the step that 3x bf16 allows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
+TARGETS = {"4": 3.2, "3": 4.0, "2": 5.0}  # issue 5, batch-1 decode against bf16
+# A kernel's name (and grid) -> what it is in the decode step; first match wins.
+STEP_PARTS = (("matmuls", ("lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
+              ("norm (+ rotation)", ("norm",)),
+              ("attention", ("sdpa", "lean_reduction", "flash")),
+              ("SwiGLU (+ rotation)", ("silu", "swiglu")),
+              ("KV-cache write", ("index_elementwise", "index_copy")),
+              ("o_proj's rotation", ("fwht",)))
+
+
+def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
+    """Grouped bars: x bf16 per layer (columns) and option (bars), one token."""
+    rows = [row for row in rows if row["tokens"] == tokens and row["option"] not in ("bf16", "rotate")]
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    options = list(dict.fromkeys(row["option"] for row in rows))
+    width = 0.8 / len(options)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, option in enumerate(options):
+        speedups = {row["layer"]: row["speedup_vs_bf16"] for row in rows if row["option"] == option}
+        ax.bar([j + i * width for j in range(len(layers))], [speedups.get(layer, 0) for layer in layers], width,
+               label=option)
+    for bits, target in TARGETS.items():
+        ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
+        ax.text(len(layers) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+    ax.set_ylabel("x bf16 (one token)")
+    ax.set_title("Llama-3-8B layer shapes, one token: speedup over bf16 (same run)")
+    ax.legend(ncol=len(options), fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def step_parts(kernels: dict[str, dict]) -> dict[str, float]:
+    """Milliseconds of kernel time per step by STEP_PARTS (the rest as 'other')."""
+    parts = dict.fromkeys([name for name, _ in STEP_PARTS] + ["other"], 0.0)
+    for kernel, entry in kernels.items():
+        part = next((name for name, keys in STEP_PARTS if any(key in kernel for key in keys)), "other")
+        parts[part] += entry["us"] / 1e3
+    return parts
+
+
+def plot_step(profile: dict, path: Path) -> None:
+    """Stacked horizontal bars of a decode step's kernel time, bf16 and tqc, and the 3x line."""
+    models = ("bf16", "tqc")
+    parts = {model: step_parts(profile[model]) for model in models}
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    left = [0.0, 0.0]
+    for name in parts["bf16"]:
+        widths = [parts[model][name] for model in models]
+        ax.barh(models, widths, left=left, label=name)
+        left = [a + b for a, b in zip(left, widths)]
+    budget = left[0] / 3
+    ax.axvline(budget, color="black", linestyle="--", linewidth=0.8)
+    ax.text(budget, 0.5, f" 3x bf16: {budget:.2f} ms", fontsize=8, va="center")
+    ax.set_xlabel("kernel time per decode step, ms (no programmatic dependent launch: no overlap)")
+    plan = ", ".join(f"{name.removesuffix('_proj')} {option}" for name, option in profile["plan"].items())
+    ax.set_title(f"8B-shaped decoder, one token; tqc plan: {plan}", fontsize=9)
+    ax.legend(ncol=4, fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
+    parser.add_argument("--profile", type=Path, default=BENCH / "h200-run65-profile-mixed-fp16-nopdl.json")
+    parser.add_argument("--out", type=Path, default=BENCH.parent)
+    args = parser.parse_args()
+    plot_layers(json.loads(args.layers.read_text())["rows"], args.out / "performance-layers.png")
+    plot_step(json.loads(args.profile.read_text()), args.out / "performance-decode-step.png")
+    print(f"wrote {args.out / 'performance-layers.png'} and {args.out / 'performance-decode-step.png'}")
+
+
+if __name__ == "__main__":
+    main()
