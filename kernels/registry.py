@@ -139,7 +139,8 @@ class LayerKernel:
         they stream from device memory, as in a model's decode step, not from L2 (on a GPU)."""
         copies = [module]
         if x.is_cuda:
-            copies = [weight_copy(module) for _ in range(stream_copies(layer_bytes(module.spec)))]
+            free_bytes = torch.cuda.mem_get_info(x.device)[0]
+            copies = [weight_copy(module) for _ in range(stream_copies(layer_bytes(module.spec), free_bytes))]
         return (lambda config: [self.run(x, copy, config) for copy in copies]), len(copies)
 
     def specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:

@@ -186,10 +186,12 @@ Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, 
 STREAM_BYTES = 256 * 2**20
 
 
-def stream_copies(nbytes: int) -> int:
+def stream_copies(nbytes: int, free_bytes: int | None = None) -> int:
     """Copies of a layer's weights that make one replay stream STREAM_BYTES (or TQC_STREAM_BYTES)
-    from device memory."""
+    from device memory, in at most half of `free_bytes` where given (a model loading next to them)."""
     streamed = parse_size(os.environ["TQC_STREAM_BYTES"]) if os.environ.get("TQC_STREAM_BYTES") else STREAM_BYTES
+    if free_bytes is not None:
+        streamed = min(streamed, free_bytes // 2)
     return max(1, math.ceil(streamed / nbytes))
 
 

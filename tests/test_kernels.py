@@ -185,6 +185,8 @@ def test_tuning_streams_the_footprint_asked_for(monkeypatch):
     assert stream_copies(layer) == -(-STREAM_BYTES // layer) == 6
     monkeypatch.setenv("TQC_STREAM_BYTES", "2GiB")
     assert stream_copies(layer) == 47
+    assert stream_copies(layer, free_bytes=10 * layer) == 5  # half the free memory at most
+    assert stream_copies(layer, free_bytes=layer) == 1
     monkeypatch.setenv("TQC_STREAM_BYTES", "lots")
     with pytest.raises(ValueError, match="not a size"):
         stream_copies(layer)
