@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tqc.codebook import gaussian_distortion
-from tqc.kv_cache import TurboQuantCache, dequantize_states, kv_divergence, quantize_states
+from tqc.kv_cache import TurboQuantCache, cache_argument, dequantize_states, kv_divergence, quantize_states
 from tqc.models import load_model, resolve_model
 from tqc.rotation import random_signs
 
@@ -25,7 +25,7 @@ def smollm2():
 def test_generate_with_a_quantized_cache(smollm2):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 12, 71, 30, 9]])
     cache = TurboQuantCache(smollm2.config, residual_length=4)
-    out = smollm2.generate(ids, past_key_values=cache, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    out = smollm2.generate(ids, **cache_argument(smollm2, cache), max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert out.shape == (1, 20)
     assert cache.get_seq_length() == 19
     assert cache.layers[0]._quantized_keys.bits == 3 and cache.layers[0]._quantized_values.bits == 2

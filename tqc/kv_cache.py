@@ -7,11 +7,12 @@ QuantizedCache (KIVI), the most recent `residual_length` tokens stay in full pre
 flushed into the quantized store when that window fills.
 
     cache = TurboQuantCache(model.config)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    model.generate(input_ids, cache=cache, max_new_tokens=64)  # older transformers: past_key_values=
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +87,18 @@ class TurboQuantCache(Cache):
         super().__init__(layers=layers)
 
 
+def cache_argument(model, cache: Cache) -> dict[str, Cache]:
+    """The keyword that passes `cache` to the model's forward and generate: `cache` where forward
+    names it (transformers 5.25, which deprecates `past_key_values`), else `past_key_values`."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def chunked_logits(model, ids: torch.Tensor, cache: Cache, chunk: int) -> torch.Tensor:
     """Logits of `ids` fed `chunk` tokens at a time through `cache`, as decoding sees them."""
-    parts = [model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits for s in range(0, ids.shape[1], chunk)]
+    parts = [model(input_ids=ids[:, s : s + chunk], use_cache=True, **cache_argument(model, cache)).logits
+             for s in range(0, ids.shape[1], chunk)]
     return torch.cat(parts, dim=1)
 
 
