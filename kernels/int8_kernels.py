@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _accumulate_rows, clear_output, pdl_start, rotate_tile
+from .triton_kernels import _accumulate_rows, clear_output, input_tile, pdl_start, rotate_tile
 
 
 ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + it - it rounds |x| < 2**22 to an integer in float32
@@ -36,10 +36,7 @@ def rotate_int8_kernel(x_ptr, signs_ptr, q_ptr, scales_ptr, clear_ptr, M, CLEAR,
     (store_int8). The norm and SwiGLU steps of a decoder do the same in their own launch (glue.py)."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
-    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (tokens < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tokens, cols, _, x = input_tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
     x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
     store_int8(x, q_ptr, scales_ptr, tokens, tokens < M, tl.program_id(1), K, LOG_G, BLOCK_M, BLOCK_K, ROUNDED,
                PER_WORD)

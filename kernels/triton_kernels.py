@@ -103,11 +103,17 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr,
     """
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
+    tokens, cols, mask, x = input_tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
+    store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH)
+
+
+@triton.jit
+def input_tile(x_ptr, M, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (tokens, cols, mask, float32 tile) of an [M, K] input, grid (token blocks, column blocks)."""
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (tokens < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH)
+    return tokens, cols, mask, tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
