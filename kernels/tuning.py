@@ -158,8 +158,10 @@ INT8_SPLIT_SHAPES = ((64, 8, 4), (64, 14, 4), (64, 16, 4), (64, 4, 4), (32, 8, 4
 INT8_TILE_SHAPES = ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
 INT8_STAGES = 3
 # One token on CUDA cores with dp4a (block_n, groups a program, warps): the lab's fastest (run 50) and
-# neighbours; Int8LayerKernel.fits drops those that leave a thread fewer than 4 code words.
-DP4A_SHAPES = ((64, 8, 8), (128, 8, 4), (64, 8, 4), (64, 4, 4), (32, 8, 4), (64, 16, 8), (128, 4, 4))
+# neighbours, and (64, 32, 4): whole rows of an 8B layer a program, no split to add up, the longest
+# runs of each row read (over a model's footprint short runs cost more, run 67). Int8LayerKernel.fits
+# drops those that leave a thread fewer than 4 code words.
+DP4A_SHAPES = ((64, 8, 8), (128, 8, 4), (64, 8, 4), (64, 4, 4), (32, 8, 4), (64, 16, 8), (128, 4, 4), (64, 32, 4))
 
 
 def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
