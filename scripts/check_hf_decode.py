@@ -1,0 +1,142 @@
+"""Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
+
+    python3 scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [-o hf_decode.json]
+
+What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
+weights) is built by `tqc build` at one of the benchmark decoder's plans (kernels/decode_bench.py,
+head quantized too), loaded with `tqc.load`, and run by Hugging Face's own decoder layers, where
+each quantized layer rotates its input in a launch of its own (the benchmark decoder fuses that
+into its norm and SwiGLU steps). Both models decode one token through a static KV cache of
+`--context` positions, eagerly (as `generate` runs them) and, on CUDA, replayed from a CUDA graph
+(median of 100 steps each). On the CPU, with `--tiny` shapes, it is a smoke test of the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
+from tqc.kv_cache import cache_argument
+
+# Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
+# position, whatever `cache_position` says, a graph replay included: the prompt leaves room.
+REPLAYS = 100
+STEPS = 2 * REPLAYS + 8
+TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
+
+
+def random_llama(shape: dict, layers: int, directory: Path):
+    """Save a random-weight Llama of `shape` with a one-word tokenizer (timing needs no text)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         head_dim=shape["head_dim"], vocab_size=shape["vocab"], num_hidden_layers=layers,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(directory)
+    return model
+
+
+def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str, str]:
+    """`tqc build` of `source` at the benchmark plan `plan_name`; returns the option per projection."""
+    from tqc.models import empty_model, linear_shapes, load_config, resolve_model
+    from tqc.options import QuantOption
+    from tqc.packed import build
+    from tqc.plan import ModelRef
+    from tqc.planning import uniform_plan
+
+    options = plan_options(plan_name)
+    shapes = linear_shapes(empty_model(load_config(resolve_model(str(source)))))
+    overrides = {f"*{name}": QuantOption.parse(option) for name, option in options.items()}
+    plan = uniform_plan(ModelRef(name=str(source)), shapes, QuantOption.parse("4"), keep=(), overrides=overrides)
+    build(plan, output, progress=False, model=model)
+    return options
+
+
+def step_seconds(model, context: int) -> dict[str, float]:
+    """Median seconds of a decode step through a static cache of `context` positions, all attended
+    (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph."""
+    from transformers import StaticCache
+
+    device = model.device
+    cache = StaticCache(config=model.config, max_cache_len=context)
+    kwargs = dict(use_cache=True, **cache_argument(model, cache))
+    prompt = torch.randint(model.config.vocab_size, (1, context - STEPS), generator=torch.Generator().manual_seed(0))
+    token = prompt[:, -1:].to(device)
+    position = torch.tensor([prompt.shape[1]], device=device)
+
+    def step():
+        return model(input_ids=token, cache_position=position, **kwargs).logits
+
+    def timed(run) -> float:
+        times = []
+        for _ in range(REPLAYS):
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        model(input_ids=prompt.to(device), cache_position=torch.arange(prompt.shape[1], device=device), **kwargs)
+        step()  # tune every kernel
+        result = {"eager": timed(step)}
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            result["graph"] = timed(graph.replay)
+    return result
+
+
+def main() -> None:
+    import tqc
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
+    parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
+    parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
+    parser.add_argument("-o", "--output", default="hf_decode.json")
+    args = parser.parse_args()
+    if args.context <= STEPS:
+        parser.error(f"--context must exceed the {STEPS} positions the timed steps take")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = TINY if args.tiny else LLAMA3_8B
+    with tempfile.TemporaryDirectory() as tmp:
+        source, packed = Path(tmp) / "source", Path(tmp) / "packed"
+        model = random_llama(shape, args.layers, source)
+        options = build_packed(source, model, args.plan, packed)
+        reference = model.to(device)
+        bf16 = step_seconds(reference, args.context)
+        del model, reference
+        quantized = tqc.load(packed, device=device)
+        kernels = sum(getattr(m, "kernel", None) is not None for m in quantized.modules())
+        tq = step_seconds(quantized, args.context)
+    result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
+              "quantized_layers_on_kernels": kernels}
+    for mode in bf16:
+        result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
+        print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
+              f"x{bf16[mode] / tq[mode]:.2f}")
+    print(f"{kernels} quantized layers on generated kernels")
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
