@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from cli_helpers import one_line_error
@@ -80,6 +81,13 @@ def test_missing_packed_directory(capsys, tmp_path):
 
 def test_not_a_packed_directory(capsys, tmp_path):
     assert "manifest.json is missing" in one_line_error(capsys, "eval", str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_build_on_a_gpu_the_machine_lacks(capsys, plan_file, tmp_path):
+    line = one_line_error(capsys, "build", plan_file, "-o", str(tmp_path / "packed"), "--device", "cuda")
+    assert "--device cuda" in line and "no CUDA device" in line
+    assert not (tmp_path / "packed").exists()
 
 
 def test_checkout_root_does_not_shadow_the_kernels_package():

@@ -60,3 +60,20 @@ def test_quantization_is_deterministic():
     a = turboquant.quantize(weight, _spec("3+2", n=32), seed=5)
     b = turboquant.quantize(weight, _spec("3+2", n=32), seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the benchmark device)")
+@pytest.mark.parametrize("option", ["4", "3+2", "rtn4"])
+def test_codes_fitted_on_a_gpu_match_the_cpu(option):
+    """`tqc build --device cuda`: the same codes but for a few at rounding ties, the same scales."""
+    spec = _spec(option, k=1024, n=512)
+    scheme = turboquant if spec.option.scheme == "turboquant" else rtn
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(2))
+    on_cpu = scheme.quantize(weight, spec, seed=7)
+    on_gpu = {name: t.cpu() for name, t in scheme.quantize(weight.cuda(), spec, seed=7).items()}
+    assert on_gpu.keys() == on_cpu.keys()
+    for name in on_cpu:
+        if "codes" in name:
+            assert (on_gpu[name] != on_cpu[name]).float().mean() < 1e-3, name
+        else:
+            torch.testing.assert_close(on_gpu[name].float(), on_cpu[name].float(), rtol=2e-3, atol=0)

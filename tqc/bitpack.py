@@ -49,7 +49,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
         per_word = WORD_BITS // width
         part = ((codes >> shift) & (2**width - 1)).reshape(*codes.shape[:-1], -1, per_word)
-        offsets = torch.arange(per_word, dtype=torch.int64) * width
+        offsets = torch.arange(per_word, dtype=torch.int64, device=codes.device) * width
         word = (part << offsets).sum(dim=-1)  # < 2**32, fits int64
         planes.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
     return torch.cat(planes, dim=-1)

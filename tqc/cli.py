@@ -36,10 +36,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    import torch  # noqa: PLC0415
+
     from .packed import build  # noqa: PLC0415
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device}: no CUDA device on this machine")
     plan = read_plan(args.plan)
-    build(plan, args.output, progress=not args.quiet)
+    build(plan, args.output, progress=not args.quiet, device=args.device)
     print(f"wrote {args.output}")
 
 
@@ -172,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     build_cmd = commands.add_parser("build", help="quantize a model by a plan into a packed directory")
     build_cmd.add_argument("plan")
     build_cmd.add_argument("-o", "--output", required=True, help="packed model directory")
+    build_cmd.add_argument("--device", default="cpu",
+                           help="where the codes are fitted: cpu (byte-identical builds) or cuda (fast, for large models)")
     build_cmd.add_argument("-q", "--quiet", action="store_true")
     build_cmd.set_defaults(run=cmd_build)
 

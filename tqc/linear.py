@@ -92,9 +92,11 @@ def empty_quantized_linear(spec: LayerSpec, device: torch.device | str | None = 
     return MODULES[spec.option.scheme](spec, device)
 
 
-def quantize_linear(linear: nn.Linear, spec: LayerSpec, seed: int) -> QuantizedLinear:
-    """Quantize one nn.Linear into its runtime module."""
-    tensors = SCHEMES[spec.option.scheme].quantize(linear.weight, spec, seed)
+def quantize_linear(linear: nn.Linear, spec: LayerSpec, seed: int, device: torch.device | str | None = None) -> QuantizedLinear:
+    """Quantize one nn.Linear into its runtime module (on the CPU), fitting the codes on `device`
+    (default: where the weight lies)."""
+    weight = linear.weight if device is None else linear.weight.to(device)
+    tensors = SCHEMES[spec.option.scheme].quantize(weight, spec, seed)
     if spec.has_bias:
         tensors["bias"] = linear.bias.detach().to(torch.float16)
     module = empty_quantized_linear(spec, device="cpu")

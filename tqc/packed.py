@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -117,10 +118,13 @@ def check_plan_against_model(plan: Plan, layers: dict[str, LinearShape]) -> None
         raise PlanError(f"plan has no entry for layer '{missing[0]}' (write option: fp16 to keep it unquantized)")
 
 
-def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[str, LayerSpec]:
+def quantize_model(model: nn.Module, plan: Plan, progress: bool = True,
+                   device: torch.device | str | None = None) -> dict[str, LayerSpec]:
     """Replace the plan's quantized layers in place; round the rest to the fp16 storage precision.
 
-    Afterwards the in-memory model computes exactly what the packed model will load.
+    Afterwards the in-memory model computes exactly what the packed model will load. `device`:
+    where the codes of plain (uncalibrated) layers are fitted, one layer at a time (default: where
+    the weights lie). A GPU fits them with other rounding than the CPU: a few codes at ties differ.
     """
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
@@ -139,7 +143,7 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[
     for name in tqdm(todo, desc="quantize", unit="layer", disable=not progress or not todo):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, quantize_linear(layers[name], specs[name], rotation_seed(plan.seed, name)))
+        setattr(parent, child, quantize_linear(layers[name], specs[name], rotation_seed(plan.seed, name), device))
     untie_quantized_head(model, specs)
     with torch.no_grad():
         for param in model.parameters():
@@ -170,15 +174,17 @@ def _storage_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Module | None = None) -> nn.Module:
-    """Quantize the plan's model and write the packed directory; return the in-memory quantized model."""
+def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Module | None = None,
+          device: torch.device | str | None = None) -> nn.Module:
+    """Quantize the plan's model and write the packed directory; return the in-memory quantized model.
+    `device`: where the codes are fitted (quantize_model)."""
     output = Path(output)
     source = resolve_model(plan.model.name)
     if plan.model.sha256 and plan.model.sha256 != source.sha256():
         raise PlanError(f"plan was made for different weights of '{plan.model.name}' (sha256 differs)")
     check_plan_against_model(plan, linear_shapes(empty_model(load_config(source))))
     model = model if model is not None else load_model(source)
-    specs = quantize_model(model, plan, progress)
+    specs = quantize_model(model, plan, progress, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
@@ -316,9 +322,13 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 
 def _attach_kernels(model: nn.Module) -> None:
-    """On CUDA, give each quantized layer its generated Triton kernel (tqc.kernels), if available."""
+    """On CUDA, give each quantized layer its generated Triton kernel (tqc.kernels), if available;
+    where they cannot be imported (no Triton), say so: the layers then run the reference path."""
     try:
         from .kernels import attach  # noqa: PLC0415
-    except ImportError:
+    except ImportError as err:
+        if any(t.is_cuda for t in model.buffers()):
+            warnings.warn(f"tqc: generated kernels unavailable ({err}); quantized layers run the slower reference path",
+                          stacklevel=3)
         return
     attach(model)

@@ -35,7 +35,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int) -> torch.Tensor:
     """Apply R to every group of `group_size` entries along the last dimension of x."""
-    grouped = x.reshape(*x.shape[:-1], -1, group_size) * signs.to(x.dtype).view(-1, group_size)
+    grouped = x.reshape(*x.shape[:-1], -1, group_size) * signs.to(x.device, x.dtype).view(-1, group_size)
     return fwht(grouped).reshape(x.shape)
 
 

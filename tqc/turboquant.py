@@ -73,7 +73,7 @@ def _fit_chunk(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
 
 def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode x [rows, groups, g] at `bits`: (codes uint8 [rows, groups, g], scales fp16 [rows, groups])."""
-    codebook = gaussian_codebook(bits)
+    codebook = gaussian_codebook(bits).to(x.device)
     parts = [_fit_chunk(chunk, codebook) for chunk in x.split(ROW_CHUNK)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -94,7 +94,8 @@ def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_leve
 
 
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
-    """The packed tensors of a TurboQuant layer (see `layout.tensor_layout`)."""
+    """The packed tensors of a TurboQuant layer (see `layout.tensor_layout`), computed on the
+    weight's device (a GPU fits the codes of a large model in seconds)."""
     option = spec.option
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     signs = random_signs(seed, k)
