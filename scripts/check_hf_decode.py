@@ -1,14 +1,15 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
-    python3 scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [-o hf_decode.json]
+    python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
-weights) is built by `tqc build` at one of the benchmark decoder's plans (kernels/decode_bench.py,
-head quantized too), loaded with `tqc.load`, and run by Hugging Face's own decoder layers, where
-each quantized layer rotates its input in a launch of its own (the benchmark decoder fuses that
-into its norm and SwiGLU steps). Both models decode one token through a static KV cache of
-`--context` positions, eagerly (as `generate` runs them) and, on CUDA, replayed from a CUDA graph
-(median of 100 steps each). On the CPU, with `--tiny` shapes, it is a smoke test of the plumbing.
+weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
+(kernels/decode_bench.py, head quantized too), loaded with `tqc.load`, and run by Hugging Face's
+own decoder layers, where each quantized layer rotates its input in a launch of its own (the
+benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode one token through
+a static KV cache of `--context` positions, eagerly (as `generate` runs them) and, on CUDA,
+replayed from a CUDA graph (median of 100 steps each). On the CPU, with `--tiny` shapes, it is a
+smoke test of the plumbing. Compare with `tqc bench decode --layers 4` in the same run.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from tqc.kv_cache import cache_argument
 # position, whatever `cache_position` says, a graph replay included: the prompt leaves room.
 REPLAYS = 100
 STEPS = 2 * REPLAYS + 8
+START = time.perf_counter()
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
 
 
-def random_llama(shape: dict, layers: int, directory: Path):
-    """Save a random-weight Llama of `shape` with a one-word tokenizer (timing needs no text)."""
+def random_llama(shape: dict, layers: int, directory: Path, device: str):
+    """A random-weight Llama of `shape` on `device`; its config and a one-word tokenizer (timing
+    needs no text) saved in `directory`, which `tqc build` reads besides the model it is given."""
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -42,15 +45,17 @@ def random_llama(shape: dict, layers: int, directory: Path):
                          head_dim=shape["head_dim"], vocab_size=shape["vocab"], num_hidden_layers=layers,
                          rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    config.save_pretrained(directory)
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
                             unk_token="<unk>").save_pretrained(directory)
     return model
 
 
 def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str, str]:
-    """`tqc build` of `source` at the benchmark plan `plan_name`; returns the option per projection."""
+    """`tqc build` of `model` (quantized in place, codes fitted where its weights lie) at the
+    benchmark plan `plan_name`; returns the option per projection."""
     from tqc.models import empty_model, linear_shapes, load_config, resolve_model
     from tqc.options import QuantOption
     from tqc.packed import build
@@ -61,7 +66,8 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
     shapes = linear_shapes(empty_model(load_config(resolve_model(str(source)))))
     overrides = {f"*{name}": QuantOption.parse(option) for name, option in options.items()}
     plan = uniform_plan(ModelRef(name=str(source)), shapes, QuantOption.parse("4"), keep=(), overrides=overrides)
-    build(plan, output, progress=False, model=model)
+    device = model.device  # where the codes are fitted; the packed model is assembled on the CPU
+    build(plan, output, progress=False, model=model.cpu(), device=device)
     return options
 
 
@@ -102,8 +108,13 @@ def step_seconds(model, context: int) -> dict[str, float]:
     return result
 
 
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
+
+
 def main() -> None:
     import tqc
+    from tqc.linear import QuantizedLinear
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -119,14 +130,20 @@ def main() -> None:
     shape = TINY if args.tiny else LLAMA3_8B
     with tempfile.TemporaryDirectory() as tmp:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
-        model = random_llama(shape, args.layers, source)
+        model = random_llama(shape, args.layers, source, device)
+        log("random model made")
+        bf16 = step_seconds(model, args.context)
+        log(f"bf16 timed: {bf16}")
         options = build_packed(source, model, args.plan, packed)
-        reference = model.to(device)
-        bf16 = step_seconds(reference, args.context)
-        del model, reference
+        del model
+        log("built")
         quantized = tqc.load(packed, device=device)
         kernels = sum(getattr(m, "kernel", None) is not None for m in quantized.modules())
+        layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
+        if device == "cuda" and kernels < len(layers):
+            raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
         tq = step_seconds(quantized, args.context)
+        log(f"tqc timed: {tq}")
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels}
     for mode in bf16:
