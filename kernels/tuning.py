@@ -159,8 +159,9 @@ INT8_TILE_SHAPES = ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4))
 INT8_STAGES = 3
 # One token on CUDA cores with dp4a (block_n, groups a program, warps): the lab's fastest (run 50) and
 # neighbours, and (64, 32, 4): whole rows of an 8B layer a program, no split to add up, the longest
-# runs of each row read (over a model's footprint short runs cost more, run 67). Int8LayerKernel.fits
-# drops those that leave a thread fewer than 4 code words.
+# runs of each row read (over a model's footprint short runs cost more, run 67; tuned over 2 GiB the
+# fused gate/up keys still chose 4 groups, run 68). Int8LayerKernel.fits drops those that leave a
+# thread fewer than 4 code words.
 DP4A_SHAPES = ((64, 8, 8), (128, 8, 4), (64, 8, 4), (64, 4, 4), (32, 8, 4), (64, 16, 8), (128, 4, 4), (64, 32, 4))
 
 
@@ -185,6 +186,8 @@ Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, 
 # layers wider, which some kernels feel: 32 layers' fused 3-bit gate/up on dp4a (1.5 GB) take
 # 26.5 us each where 5 copies of one (230 MB) take 22.3; the fp16 lookups 21.8 against 21.2 (run
 # 67). TQC_STREAM_BYTES (e.g. 2GiB) tunes over a wider footprint; the cache does not record which.
+# It does not pay: over 2 GiB the tuner chose the same dp4a gate/up configuration, and the decoder
+# ran 2.17 ms against 2.09 (run 68). The slowdown is the kernel's over a wide footprint, not a choice.
 STREAM_BYTES = 256 * 2**20
 
 
