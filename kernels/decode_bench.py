@@ -264,6 +264,9 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
         seconds = step_seconds(model, tokens)
         results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
                           "linear_bytes": linear_weight_bytes(model)}
+        if label == "tqc":  # what the tuner chose, so that runs can be compared key by key
+            results[label]["configs"] = {key.name: kernel.tuned(tokens).model_dump()
+                                         for key, kernel in registry.kernels.items() if kernel.tuned(tokens)}
         print(f"{label:>5}: {tokens / seconds:8.1f} tokens/s ({seconds * 1e3:.2f} ms per {tokens} token(s)), "
               f"linear weights {results[label]['linear_bytes'] / 1e9:.2f} GB", flush=True)
         del model
