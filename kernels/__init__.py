@@ -9,9 +9,14 @@ only when a CUDA layer is found.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch import nn
+
+# The kernels are written for fused multiply-adds, Triton's default so far; Triton 3.9 warns that
+# 3.10 turns it off unless this is set. A user's own setting wins.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False) -> int:
