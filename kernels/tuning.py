@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from tqdm import tqdm
 
 from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
@@ -252,18 +253,21 @@ class Tuner:
         """
         entry_key = f"{key}/m{bucket}"
         if entry_key not in self.data.entries:
-            self.data.entries[entry_key] = self.tune(*harness(), candidates)
+            self.data.entries[entry_key] = self.tune(*harness(), candidates, desc=f"tuning {entry_key}")
             if self.verbose:
                 entry = self.data.entries[entry_key]
                 print(f"tuned {entry_key}: {entry.config.model_dump()} {entry.microseconds:.1f} us", file=sys.stderr)
             self.save()
         return self.data.entries[entry_key].config
 
-    def tune(self, run: Callable[[LaunchConfig], object], calls: int, candidates: list[LaunchConfig]) -> TuneEntry:
+    def tune(self, run: Callable[[LaunchConfig], object], calls: int, candidates: list[LaunchConfig],
+             desc: str = "tuning") -> TuneEntry:
+        """Time every candidate (compiling each on first use: a first load on a new GPU takes a
+        while, shown by a progress bar on a terminal) and return the fastest."""
         from triton.runtime.errors import OutOfResources  # noqa: PLC0415
 
         best, error = None, None
-        for config in candidates:
+        for config in tqdm(candidates, desc=desc, unit="config", leave=False, disable=None):
             try:
                 seconds = self.timer(lambda: run(config)) / calls
             except OutOfResources as err:  # a configuration this GPU cannot run (shared memory, registers)
