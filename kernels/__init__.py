@@ -34,7 +34,7 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
     for module in layers:
         if supports(module.spec):
             prepare(module)
-            module.kernel = registry.kernel_for(module.spec)
+            module.use_kernel(registry.kernel_for(module.spec))
             attached += 1
     return attached
 

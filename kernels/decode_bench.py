@@ -169,7 +169,7 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
         layer = layers[0] if len(layers) == 1 else concatenate(layers)
         if registry is not None:
             prepare(layer)
-            layer.kernel = registry.kernel_for(layer.spec)
+            layer.use_kernel(registry.kernel_for(layer.spec))
         return layer
 
     def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:

@@ -8,13 +8,15 @@ weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchma
 own decoder layers, where each quantized layer rotates its input in a launch of its own (the
 benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode one token through
 a static KV cache of `--context` positions, eagerly (as `generate` runs them) and, on CUDA,
-replayed from a CUDA graph (median of 100 steps each). On the CPU, with `--tiny` shapes, it is a
+replayed from a CUDA graph, then compiled (torch.compile) and replayed from a CUDA graph (median
+of 100 steps each). On the CPU, with `--tiny` shapes, it is a
 smoke test of the plumbing. Compare with `tqc bench decode --layers 4` in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -29,7 +31,7 @@ from tqc.kv_cache import cache_argument
 # Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
 # position, whatever `cache_position` says, a graph replay included: the prompt leaves room.
 REPLAYS = 100
-STEPS = 2 * REPLAYS + 8
+STEPS = 3 * REPLAYS + 16
 START = time.perf_counter()
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
 
@@ -83,8 +85,8 @@ def step_seconds(model, context: int) -> dict[str, float]:
     token = prompt[:, -1:].to(device)
     position = torch.tensor([prompt.shape[1]], device=device)
 
-    def step():
-        return model(input_ids=token, cache_position=position, **kwargs).logits
+    def step(forward=model):
+        return forward(input_ids=token, cache_position=position, **kwargs).logits
 
     def timed(run) -> float:
         times = []
@@ -96,15 +98,24 @@ def step_seconds(model, context: int) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def graph_of(run):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph.replay
+
     with torch.no_grad():
         model(input_ids=prompt.to(device), cache_position=torch.arange(prompt.shape[1], device=device), **kwargs)
         step()  # tune every kernel
         result = {"eager": timed(step)}
         if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            result["graph"] = timed(graph.replay)
+            result["graph"] = timed(graph_of(step))
+            try:  # torch.compile fuses Hugging Face's elementwise steps; tqc's kernels are one op each
+                compiled = functools.partial(step, torch.compile(model))
+                compiled(), compiled()
+                result["compiled_graph"] = timed(graph_of(compiled))
+            except Exception as err:  # a benchmark reports what failed and goes on
+                log(f"torch.compile: {type(err).__name__}: {err}"[:400])
     return result
 
 
@@ -146,7 +157,7 @@ def main() -> None:
         log(f"tqc timed: {tq}")
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels}
-    for mode in bf16:
+    for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
               f"x{bf16[mode] / tq[mode]:.2f}")

@@ -89,3 +89,25 @@ def test_a_sibling_never_reads_a_stale_output():
         torch.testing.assert_close(a(x), layers[0](x))
         torch.testing.assert_close(b(x.clone()), layers[1](x))  # another tensor, equal values
         assert len(calls) == 4
+
+
+def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packed):
+    """torch.compile sees each generated kernel as one op (tqc::kernel_linear) and the fused layer's
+    cache as it runs eagerly: no graph break, one kernel call per fused set, the eager logits.
+    A reference-path stand-in plays the kernel, so this runs without a GPU."""
+    model = load_packed(packed / "uniform")
+    expected = logits(model, IDS)
+    calls = []
+
+    def kernel(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        calls.append(layer.out_features)
+        return torch.nn.functional.linear(layer.prepare_input(x), layer.dequantized_weight(x.dtype))
+
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.use_kernel(kernel)
+    compiled = torch.compile(model, fullgraph=True)  # any graph break raises
+    logits(compiled, IDS)
+    calls.clear()
+    torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer

@@ -37,8 +37,8 @@ class FusedSiblings(nn.Module):
 
     def output_for(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The fused output for input x, as sibling `name` reads it."""
-        if x is not self._input or x._version != self._version:
-            self._input, self._version = x, x._version
+        if x is not self._input or self._changed(x):
+            self._input, self._version = x, self._version_of(x)
             self._output = self.layer(x)
             self._unread = set(self.names)
         output = self._output
@@ -46,6 +46,15 @@ class FusedSiblings(nn.Module):
         if not self._unread:  # every sibling has its slice: hold nothing longer
             self._input = self._output = None
         return output
+
+    def _changed(self, x: torch.Tensor) -> bool:
+        return self._version_of(x) != self._version
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        """x's in-place version; 0 while torch.compile traces (a traced graph changes no input
+        between the siblings' calls, and the counter is no value it can trace)."""
+        return 0 if torch.compiler.is_compiling() else x._version
 
     def extra_repr(self) -> str:
         return f"siblings={self.names}"

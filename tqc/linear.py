@@ -9,6 +9,7 @@ when one is registered for its spec (`tqc.kernels`), and falls back to the refer
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -21,6 +22,22 @@ from .layout import LayerSpec, tensor_layout
 from .rotation import random_signs
 
 SCHEMES: dict[str, ModuleType] = {"turboquant": turboquant, "rtn": rtn}
+# The layers that run a generated kernel, by id(module), for the tqc::kernel_linear op (weakly:
+# a model that is dropped leaves nothing here).
+_KERNEL_LAYERS: weakref.WeakValueDictionary[int, QuantizedLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("tqc::kernel_linear", mutates_args=())
+def kernel_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer `layer`'s generated kernel (its id, see QuantizedLinear.use_kernel) as one op that
+    torch.compile keeps whole: it cannot trace Triton's launcher and tqc's tuner, and needs not."""
+    module = _KERNEL_LAYERS[layer]
+    return module.kernel(x, module)
+
+
+@kernel_linear.register_fake
+def _kernel_linear_shape(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _KERNEL_LAYERS[layer].out_features))
 
 
 class QuantizedLinear(nn.Module):
@@ -52,8 +69,15 @@ class QuantizedLinear(nn.Module):
             raise RuntimeError("codes are in the GPU kernel layout; call tqc.kernels.detach(model) for the reference path")
         return self.scheme.dequantize(self.packed_tensors(), self.spec).to(dtype)
 
+    def use_kernel(self, kernel) -> None:
+        """Run `kernel(x, self)` instead of the reference path (tqc.kernels.attach, on CUDA)."""
+        self.kernel = kernel
+        _KERNEL_LAYERS[id(self)] = self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.is_cuda:
+        if self.kernel is not None:
+            if torch.compiler.is_compiling():
+                return torch.ops.tqc.kernel_linear(x, id(self))
             return self.kernel(x, self)
         bias = self.bias.to(x.dtype) if self.spec.has_bias else None
         return F.linear(self.prepare_input(x), self.dequantized_weight(x.dtype), bias)
