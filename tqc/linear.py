@@ -3,7 +3,8 @@
 `QuantizedLinear` keeps only the tensors of `layout.tensor_layout` (never a full-precision copy of
 the weight). On CPU its forward is the pure torch reference path: rotate the activation, decode the
 weight tile by tile into a transient buffer, multiply. On CUDA it calls the generated Triton kernel
-when one is registered for its spec (`tqc.kernels`), and falls back to the reference otherwise.
+when one is registered for its spec (`tqc.kernels`), and falls back to the reference otherwise;
+under torch.compile the kernel is one custom op, `tqc::kernel_linear`.
 """
 
 from __future__ import annotations
