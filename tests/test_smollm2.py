@@ -55,3 +55,21 @@ def test_packed_size_matches_the_plan(smollm2_build):
     for name in manifest.layers:
         stored = sum(t.numel() * t.element_size() for key, t in state.items() if key.rpartition(".")[0] == name)
         assert stored == plan.layers[name].bytes, name
+
+
+def test_eval_command_scores_the_packed_model_against_its_source(smollm2_build, test_text, tmp_path, capsys):
+    from cli_helpers import one_line_error
+
+    from tqc.cli import main
+    from tqc.reporting import EvalResult
+
+    _, _, directory = smollm2_build
+    output = tmp_path / "eval.json"
+    args = ["eval", str(directory), "--data", str(test_text), "--windows", "2", "--seq-len", "64", "-o", str(output), "-q"]
+    assert main(args + ["--device", "cpu"]) == 0
+    result = EvalResult.model_validate_json(output.read_text())
+    assert result.device == "cpu" and result.tokens == 2 * 63
+    assert 0 < result.kl_divergence < 1 and 0.5 < result.top1_agreement <= 1  # two blocks quantized, the rest fp16
+    assert result.perplexity > 1 and result.source_perplexity > 1
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in one_line_error(capsys, *args, "--device", "cuda")

@@ -65,8 +65,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CommandError("-o/--output names one file: give it with one packed directory only")
     if not Path(args.data).is_file():
         raise CommandError(f"{args.data}: no such evaluation file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device}: no CUDA device on this machine")
     source, candidates = _eval_candidates(args)
-    reference = load_model(source)
+    reference = load_model(source).to(args.device)
     windows = Windows(args.data, args.seq_len, args.windows)
     ids = token_windows(load_tokenizer(source), windows)
     vocab = reference.config.get_text_config().vocab_size
@@ -76,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for (label, _, size, output), metrics in zip(candidates, all_metrics):
         result = EvalResult(
             model=label, source=source.name, data=str(args.data), seq_len=args.seq_len, windows=args.windows,
-            batch_size=batch_size, **metrics.as_dict(), **size,
+            batch_size=batch_size, device=args.device, **metrics.as_dict(), **size,
         )
         write_text_atomic(output, result.model_dump_json(indent=2) + "\n")
         print(
@@ -98,6 +100,7 @@ def _eval_candidates(args: argparse.Namespace):
         model = load_model(source)
         for param in model.parameters():
             param.data = param.data.half().float()
+        model.to(args.device)
         output = Path(args.output or f"eval-{args.model}-fp16.json")
         return source, [(f"{args.model} (16-bit)", model, source_size(model), output)]
     directories = [Path(d) for d in args.packed]
@@ -106,7 +109,7 @@ def _eval_candidates(args: argparse.Namespace):
     if len(names) > 1:
         raise CommandError(f"packed models of different sources ({', '.join(sorted(names))}): evaluate them separately")
     candidates = [
-        (str(d), load_packed(d), packed_size(d / WEIGHTS_FILE, m), Path(args.output or d / "eval.json"))
+        (str(d), load_packed(d, device=args.device), packed_size(d / WEIGHTS_FILE, m), Path(args.output or d / "eval.json"))
         for d, m in zip(directories, manifests)
     ]
     return resolve_model(manifests[0].source.name), candidates
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--seq-len", type=int, default=512)
     eval_cmd.add_argument("--windows", type=int, default=40)
     eval_cmd.add_argument("--batch-size", type=int, help="windows per forward (default: as many as 1 GiB of logits allows, at most 8)")
+    eval_cmd.add_argument("--device", default="cpu", help="cpu, or cuda: packed models on the generated kernels in "
+                          "bf16 (the source model stays float32 there too)")
     eval_cmd.add_argument("-o", "--output", help="JSON results (default: PACKED/eval.json)")
     eval_cmd.add_argument("-q", "--quiet", action="store_true")
     eval_cmd.set_defaults(run=cmd_eval)

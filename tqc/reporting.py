@@ -35,6 +35,7 @@ class EvalResult(BaseModel):
     seq_len: int
     windows: int
     batch_size: int
+    device: str = "cpu"  # cuda: the packed model ran the generated kernels, in bf16
     perplexity: float
     source_perplexity: float
     kl_divergence: float
