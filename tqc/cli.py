@@ -35,13 +35,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------- build
 
 
-def cmd_build(args: argparse.Namespace) -> None:
+def require_device(device: str) -> None:
+    """A one-line error for a CUDA device this machine lacks (before any slow loading)."""
     import torch  # noqa: PLC0415
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA device on this machine")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
     from .packed import build  # noqa: PLC0415
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {args.device}: no CUDA device on this machine")
+    require_device(args.device)
     plan = read_plan(args.plan)
     build(plan, args.output, progress=not args.quiet, device=args.device)
     print(f"wrote {args.output}")
@@ -65,8 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CommandError("-o/--output names one file: give it with one packed directory only")
     if not Path(args.data).is_file():
         raise CommandError(f"{args.data}: no such evaluation file")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {args.device}: no CUDA device on this machine")
+    require_device(args.device)
     source, candidates = _eval_candidates(args)
     reference = load_model(source).to(args.device)
     windows = Windows(args.data, args.seq_len, args.windows)
