@@ -36,6 +36,29 @@ def test_quantized_head_is_untied(tmp_path, tokenizer_dir):
     assert torch.equal(logits(loaded, IDS), logits(in_memory, IDS))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3 ties its head to the embedding
+def test_a_bf16_checkpoint_builds_in_half_the_memory_to_the_same_bytes(tmp_path, family, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tqc.models import load_model, resolve_model
+    from tqc.packed import load_for_build
+
+    fp32 = make_tiny_model(tmp_path / "fp32", family, tokenizer_dir)
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(source)
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, source / path.name)
+    plan = plan_for(str(source), "3", keep=(), overrides={"*.down_proj": QuantOption.parse("fp16")})
+    model = load_for_build(resolve_model(str(source)), plan)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16  # quantized: widened layer by layer
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.float32  # kept: as a float32 load
+    assert dtypes["model.embed_tokens.weight"] == torch.float32
+    build(plan, tmp_path / "half", progress=False)
+    build(plan, tmp_path / "full", progress=False, model=load_model(resolve_model(str(source))))
+    assert (tmp_path / "half" / WEIGHTS_FILE).read_bytes() == (tmp_path / "full" / WEIGHTS_FILE).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def packed_llama(tmp_path_factory, tokenizer_dir) -> Path:
     root = tmp_path_factory.mktemp("packed")

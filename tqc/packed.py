@@ -29,7 +29,7 @@ from .activations import Activations, takes_int8
 from .fusion import fuse_siblings
 from .layout import LayerSpec, rotation_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
-from .models import LinearShape, empty_model, linear_layers, linear_shapes, load_config, load_model, load_tokenizer, resolve_model
+from .models import LinearShape, SourceModel, empty_model, linear_layers, linear_shapes, load_config, load_model, load_tokenizer, resolve_model
 from .options import QuantOption
 from .plan import ModelRef, Plan, PlanError, current_umask, plan_to_text
 
@@ -183,7 +183,7 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
     if plan.model.sha256 and plan.model.sha256 != source.sha256():
         raise PlanError(f"plan was made for different weights of '{plan.model.name}' (sha256 differs)")
     check_plan_against_model(plan, linear_shapes(empty_model(load_config(source))))
-    model = model if model is not None else load_model(source)
+    model = model if model is not None else load_for_build(source, plan)
     specs = quantize_model(model, plan, progress, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -209,6 +209,30 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return model
+
+
+def load_for_build(source: SourceModel, plan: Plan) -> nn.Module:
+    """The source model to quantize. A Hugging Face checkpoint in bf16 or fp16 with plain codes
+    loads in that dtype, everything but the layers to quantize then widened to float32: the same
+    values as a float32 load (the quantizer widens each weight itself), in about half the memory,
+    so the same packed bytes (tests/test_packed.py). GGUF and calibrated (GPTQ) builds load in
+    float32: a GGUF's dequantized values need it, calibration runs the model forward."""
+    dtype = _checkpoint_dtype(source)
+    calibrated = plan.quantizer is not None and plan.quantizer.method != "plain"
+    if source.gguf_file or calibrated or dtype not in (torch.bfloat16, torch.float16):
+        return load_model(source)
+    model = load_model(source, dtype=dtype)
+    quantized = {f"{name}.weight" for name, entry in plan.layers.items() if entry.quant_option.is_quantized}
+    for name, param in model.named_parameters():
+        if name not in quantized:
+            param.data = param.data.float()
+    return model
+
+
+def _checkpoint_dtype(source: SourceModel) -> torch.dtype | None:
+    config = load_config(source)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _replace_dir(staging: Path, output: Path) -> None:
