@@ -36,6 +36,18 @@ def test_quantized_head_is_untied(tmp_path, tokenizer_dir):
     assert torch.equal(logits(loaded, IDS), logits(in_memory, IDS))
 
 
+def test_the_same_plan_builds_the_same_bytes(tmp_path, tokenizer_dir):
+    """Every file of the packed directory, over several builds (safetensors 0.8 writes a header's
+    metadata entries in a random order: one entry only)."""
+    source = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
+    plan = plan_for(str(source), "3+2")
+    builds = []
+    for i in range(4):
+        build(plan, tmp_path / f"packed{i}", progress=False)
+        builds.append({path.name: path.read_bytes() for path in sorted((tmp_path / f"packed{i}").iterdir())})
+    assert all(files == builds[0] for files in builds[1:])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3 ties its head to the embedding
 def test_a_bf16_checkpoint_builds_in_half_the_memory_to_the_same_bytes(tmp_path, family, tokenizer_dir):
     from transformers import AutoModelForCausalLM

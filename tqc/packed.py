@@ -189,7 +189,9 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
-        save_file(_storage_state(model), staging / WEIGHTS_FILE, metadata={"format": "tqc", "format_version": str(FORMAT_VERSION)})
+        # One metadata entry: safetensors writes several in a random order (0.8.0), and the
+        # same plan must give the same bytes. The format version is in the manifest.
+        save_file(_storage_state(model), staging / WEIGHTS_FILE, metadata={"format": "tqc"})
         config = model.config
         config.save_pretrained(staging)
         load_tokenizer(source).save_pretrained(staging)
