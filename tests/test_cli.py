@@ -97,3 +97,13 @@ def test_checkout_root_does_not_shadow_the_kernels_package():
               "try:\n    import kernels\nexcept ImportError:\n    print('absent')\nelse:\n    print(kernels.__file__)")
     found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert not found.stdout.strip().startswith(str(ROOT)), found.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_python_dash_m_reports_errors_raised_in_other_modules_in_one_line(tmp_path):
+    """`python -m tqc.cli` runs the module as __main__, a second copy whose CommandError is not
+    the one kernels/bench.py raises: the error must still be one line, not a traceback."""
+    found = subprocess.run([sys.executable, "-m", "tqc.cli", "bench", "layers"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert found.returncode == 1
+    assert found.stderr.strip().splitlines() == ["tqc: error: tqc bench needs a CUDA device"]

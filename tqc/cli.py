@@ -230,5 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m tqc.cli: run the imported module, whose error classes the
+    from tqc.cli import main as package_main  # other modules raise (this copy's are not those)
+
+    sys.exit(package_main())
