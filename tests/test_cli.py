@@ -83,6 +83,16 @@ def test_not_a_packed_directory(capsys, tmp_path):
     assert "manifest.json is missing" in one_line_error(capsys, "eval", str(tmp_path))
 
 
+def test_build_does_not_replace_what_is_not_a_packed_model(capsys, plan_file, tmp_path):
+    before = open(plan_file).read()
+    line = one_line_error(capsys, "build", plan_file, "-o", plan_file)  # a slip of the keyboard
+    assert "not a packed model directory" in line and open(plan_file).read() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert "not replacing it" in one_line_error(capsys, "build", plan_file, "-o", str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_build_on_a_gpu_the_machine_lacks(capsys, plan_file, tmp_path):
     line = one_line_error(capsys, "build", plan_file, "-o", str(tmp_path / "packed"), "--device", "cuda")

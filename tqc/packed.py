@@ -179,6 +179,7 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
     """Quantize the plan's model and write the packed directory; return the in-memory quantized model.
     `device`: where the codes are fitted (quantize_model)."""
     output = Path(output)
+    _check_replaceable(output)
     source = resolve_model(plan.model.name)
     if plan.model.sha256 and plan.model.sha256 != source.sha256():
         raise PlanError(f"plan was made for different weights of '{plan.model.name}' (sha256 differs)")
@@ -219,9 +220,9 @@ def load_for_build(source: SourceModel, plan: Plan) -> nn.Module:
     values as a float32 load (the quantizer widens each weight itself), in about half the memory,
     so the same packed bytes (tests/test_packed.py). GGUF and calibrated (GPTQ) builds load in
     float32: a GGUF's dequantized values need it, calibration runs the model forward."""
-    dtype = _checkpoint_dtype(source)
     calibrated = plan.quantizer is not None and plan.quantizer.method != "plain"
-    if source.gguf_file or calibrated or dtype not in (torch.bfloat16, torch.float16):
+    dtype = None if source.gguf_file or calibrated else _checkpoint_dtype(source)
+    if dtype not in (torch.bfloat16, torch.float16):
         return load_model(source)
     model = load_model(source, dtype=dtype)
     quantized = {f"{name}.weight" for name, entry in plan.layers.items() if entry.quant_option.is_quantized}
@@ -232,9 +233,16 @@ def load_for_build(source: SourceModel, plan: Plan) -> nn.Module:
 
 
 def _checkpoint_dtype(source: SourceModel) -> torch.dtype | None:
-    config = load_config(source)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = load_config(source).dtype
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _check_replaceable(output: Path) -> None:
+    """Refuse, before any work, to replace what is not an earlier build (or an empty directory)."""
+    if output.is_dir() and ((output / MANIFEST_FILE).is_file() or not any(output.iterdir())):
+        return
+    if output.exists():
+        raise PackedModelError(f"{output}: exists and is not a packed model directory; not replacing it")
 
 
 def _replace_dir(staging: Path, output: Path) -> None:
