@@ -1,7 +1,13 @@
 """The end-to-end decode benchmark's decoder, run on CPU through the reference path."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from tqc.checkout import ROOT
 
 from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, bf16_factory, decoder_keys, plan_options, quantized_factory
 
@@ -54,3 +60,14 @@ def test_int8_layers_choose_which_projections_take_int8_activations():
     assert set(plan_options("4+4", "int8").values()) == {"4+4"}  # a residual stage keeps 16-bit activations
     with pytest.raises(ValueError, match="no projection mlp"):
         plan_options("mixed", "int8", ["mlp"])
+
+
+def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
+    """scripts/check_hf_decode.py (a GPU benchmark) at tiny shapes: random model, tqc build,
+    tqc.load and the timed steps through Hugging Face's static cache all run."""
+    output = tmp_path / "hf.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hf_decode.py"), "--tiny", "--layers", "1",
+                    "--context", "320", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
+    result = json.loads(output.read_text())
+    assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
+    assert result["eager"]["bf16_ms"] > 0 and result["eager"]["tqc_ms"] > 0
