@@ -124,7 +124,7 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True,
 
     Afterwards the in-memory model computes exactly what the packed model will load. `device`:
     where the codes of plain (uncalibrated) layers are fitted, one layer at a time (default: where
-    the weights lie). A GPU fits them with other rounding than the CPU: a few codes at ties differ.
+    the weights lie). A GPU rounds differently from the CPU: a few codes at ties may differ.
     """
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
