@@ -83,6 +83,10 @@ class LayerKernel:
     key: KernelKey
     tuner: Tuner
     _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    # Per-call work done once: a decode step calls every kernel with the same token count, and
+    # rebuilding the candidate list or the constexprs each call costs more than the launch itself.
+    _configs: dict[int, LaunchConfig] = field(default_factory=dict)
+    _specialised: dict[LaunchConfig, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
         """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
@@ -120,7 +124,10 @@ class LayerKernel:
     def config_for(self, x: torch.Tensor, module) -> LaunchConfig:
         """The tuned launch configuration for x's token count ([M, K]); tunes on first use."""
         bucket = token_bucket(x.shape[0])
-        return self.tuner.config(self.key.name, bucket, lambda: self.streamed(x, module), self.candidates(bucket))
+        if bucket not in self._configs:
+            self._configs[bucket] = self.tuner.config(self.key.name, bucket, lambda: self.streamed(x, module),
+                                                      self.candidates(bucket))
+        return self._configs[bucket]
 
     def tuned(self, tokens: int) -> LaunchConfig | None:
         """The stored configuration for a token count, or None before it has been tuned."""
@@ -145,6 +152,11 @@ class LayerKernel:
 
     def specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         """(K-splits, every constexpr) of the dot or fma kernel under one launch configuration."""
+        if config not in self._specialised:
+            self._specialised[config] = self._specialise(config)
+        return self._specialised[config]
+
+    def _specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         slot_count = self.key.k // self.slot_width
         iters = slot_count // config.slots if config.whole_k else config.iters
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}

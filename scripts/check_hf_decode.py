@@ -31,7 +31,7 @@ from tqc.kv_cache import cache_argument
 # Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
 # position, whatever `cache_position` says, a graph replay included: the prompt leaves room.
 REPLAYS = 100
-STEPS = 3 * REPLAYS + 16
+STEPS = 4 * REPLAYS + 16  # eager, profiled eager, graph, compiled graph
 START = time.perf_counter()
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
 
@@ -73,9 +73,10 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
     return options
 
 
-def step_seconds(model, context: int) -> dict[str, float]:
+def step_seconds(model, context: int, profile: bool = False) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
-    (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph."""
+    (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
+    `profile`: log where the eager steps spend their time on the CPU (Python's cProfile)."""
     from transformers import StaticCache
 
     device = model.device
@@ -108,15 +109,60 @@ def step_seconds(model, context: int) -> dict[str, float]:
         model(input_ids=prompt.to(device), cache_position=torch.arange(prompt.shape[1], device=device), **kwargs)
         step()  # tune every kernel
         result = {"eager": timed(step)}
+        if profile:
+            log_profile(lambda: timed(step))
         if device.type == "cuda":
             result["graph"] = timed(graph_of(step))
             try:  # torch.compile fuses Hugging Face's elementwise steps; tqc's kernels are one op each
+                torch._dynamo.reset()
                 compiled = functools.partial(step, torch.compile(model))
                 compiled(), compiled()
                 result["compiled_graph"] = timed(graph_of(compiled))
             except Exception as err:  # a benchmark reports what failed and goes on
                 log(f"torch.compile: {type(err).__name__}: {err}"[:400])
     return result
+
+
+def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32) -> dict[str, float]:
+    """Seconds per new token of `model.generate` (greedy, one sequence), as a user calls it: with
+    the default dynamic cache (eager), and with `cache_implementation="static"`, which
+    transformers compiles with torch.compile and replays from CUDA graphs (after two warm-up
+    calls; the median of three timed ones)."""
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(input_ids=prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
+    result = {}
+    torch._dynamo.reset()  # each model's compiled forward starts afresh, far from the recompile limit
+    for name, extra in (("generate", {"cache_implementation": "dynamic"}),
+                        ("generate_static", {"cache_implementation": "static"})):
+        def run(extra=extra):
+            model.generate(**kwargs, **extra)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+        try:
+            run(), run()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) / new_tokens)
+            result[name] = statistics.median(times)
+        except Exception as err:  # a benchmark reports what failed and goes on
+            log(f"{name}: {type(err).__name__}: {err}"[:400])
+    return result
+
+
+def log_profile(run, lines: int = 25) -> None:
+    """Log the functions where `run` spends the most time of its own (cProfile's tottime)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    log("eager steps profiled:\n" + text.getvalue())
 
 
 def log(message: str) -> None:
@@ -132,6 +178,8 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
+    parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache")
+    parser.add_argument("--profile", action="store_true", help="log a CPU profile of the eager tqc steps")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:
@@ -144,6 +192,8 @@ def main() -> None:
         model = random_llama(shape, args.layers, source, device)
         log("random model made")
         bf16 = step_seconds(model, args.context)
+        if args.generate:
+            bf16 |= generate_seconds(model)
         log(f"bf16 timed: {bf16}")
         options = build_packed(source, model, args.plan, packed)
         del model
@@ -153,7 +203,9 @@ def main() -> None:
         layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
         if device == "cuda" and kernels < len(layers):
             raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
-        tq = step_seconds(quantized, args.context)
+        tq = step_seconds(quantized, args.context, args.profile)
+        if args.generate:
+            tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq}")
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels}

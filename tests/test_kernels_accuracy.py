@@ -33,7 +33,7 @@ from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import Int8LayerKernel, KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
 from tqc.kernels.repack import slot_words  # noqa: E402
-from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices  # noqa: E402
+from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices, token_bucket  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # (N, K, group size). Interpreted: B = 8 in one chunk, B = 1 in three chunks; N not a multiple of the
@@ -190,11 +190,13 @@ def test_tuned_call_matches_reference(tmp_path):
     timer = time_once if INTERPRET else None  # events need a GPU
     tuner = Tuner("test-gpu", "test", tmp_path / "tune.json", timer=timer)
     kernel = LayerKernel(KernelKey.of(module.spec), tuner)
-    if INTERPRET:  # timing every candidate under the interpreter would take minutes: offer two
-        kernel.candidates = lambda bucket: candidate_configs(bucket)[:2]
+    offered = []  # the candidate lists asked for: once a token bucket (a decode step must not rebuild them)
+    own = kernel.candidates if CUDA else lambda bucket: candidate_configs(bucket)[:2]  # timing every
+    kernel.candidates = lambda bucket: offered.append(bucket) or own(bucket)  # one interpreted: minutes
     x = torch.randn(3, k).to(DEVICE, DTYPES[0])
     out = kernel(x, module)
     assert relative_error(out, reference(original, x)) < TOLERANCE[DTYPES[0]]
+    assert torch.equal(kernel(x, module), out) and offered == [token_bucket(3)]
     assert (tmp_path / "tune.json").is_file()
     assert Tuner("test-gpu", "test", tmp_path / "tune.json").data.entries.keys() == tuner.data.entries.keys()
 
