@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, IDS, logits, make_tiny_model, plan_for
 
 from tqc.options import QuantOption
-from tqc.packed import MANIFEST_FILE, WEIGHTS_FILE, PackedModelError, build, load_packed, sha256_file, use_static_cache
+from tqc.packed import MANIFEST_FILE, WEIGHTS_FILE, PackedModelError, build, load_packed, sha256_file
 from tqc.plan import PlanError
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -133,17 +133,13 @@ def test_plan_naming_a_missing_layer_is_refused(tmp_path, tokenizer_dir):
 
 
 def test_generate_through_a_static_cache_gives_the_dynamic_cache_tokens(packed_llama):
-    """What tqc.load sets on a model on generated kernels (use_static_cache), here on the CPU's
-    reference path: greedy decoding through the static cache picks the tokens the default does,
-    and a cache the user chose is left alone."""
+    """The fast decode path on a GPU (`cache_implementation="static"`: transformers compiles the
+    step), here on the CPU's reference path with the fused siblings: greedy decoding through the
+    static cache picks the tokens the default cache does."""
     model = load_packed(packed_llama)
-    assert model.generation_config.cache_implementation is None  # no kernels on the CPU: left as it was
+    args = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        dynamic = model.generate(IDS, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-        use_static_cache(model)
-        assert model.generation_config.cache_implementation == "static"
-        static = model.generate(IDS, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        dynamic = model.generate(IDS, **args)
+        static = model.generate(IDS, cache_implementation="static", **args)
+    assert model.generation_config.cache_implementation is None  # a default tqc leaves alone
     assert torch.equal(static, dynamic)
-    model.generation_config.cache_implementation = "offloaded"
-    use_static_cache(model)
-    assert model.generation_config.cache_implementation == "offloaded"

@@ -294,12 +294,11 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_packed(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
-    fuse: bool = True, static_cache: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """Build the model on the meta device, swap in quantized layers, load the packed tensors in place.
 
     `fuse`: siblings that read one input (q/k/v, gate/up) run as one matmul (tqc.fusion).
-    `static_cache`: on generated kernels, `generate` decodes through a static cache (use_static_cache).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -337,20 +336,8 @@ def load_packed(
     if fuse:
         fuse_siblings(model)
     model.to(device)
-    if _attach_kernels(model) and static_cache:
-        use_static_cache(model)
+    _attach_kernels(model)
     return model.eval()
-
-
-def use_static_cache(model: nn.Module) -> None:
-    """Make `model.generate` decode through a static KV cache unless the model names a cache of its
-    own: transformers then compiles the decode step (torch.compile) and replays it from a CUDA
-    graph, so each generated kernel is a node of the graph, not a Python launch of its own. On an
-    8B-shaped Llama on an H200: 4.7 ms a token, against 39 ms with the default dynamic cache and
-    7.6 / 22 ms for the bf16 model (docs/performance.md, run 73)."""
-    config = getattr(model, "generation_config", None)
-    if config is not None and config.cache_implementation is None:
-        config.cache_implementation = "static"
 
 
 def _config_source(directory: Path):
@@ -368,15 +355,14 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _attach_kernels(model: nn.Module) -> int:
+def _attach_kernels(model: nn.Module) -> None:
     """On CUDA, give each quantized layer its generated Triton kernel (tqc.kernels), if available;
-    where they cannot be imported (no Triton), say so: the layers then run the reference path.
-    Returns how many layers got a kernel."""
+    where they cannot be imported (no Triton), say so: the layers then run the reference path."""
     try:
         from .kernels import attach  # noqa: PLC0415
     except ImportError as err:
         if any(t.is_cuda for t in model.buffers()):
             warnings.warn(f"tqc: generated kernels unavailable ({err}); quantized layers run the slower reference path",
                           stacklevel=3)
-        return 0
-    return attach(model)
+        return
+    attach(model)
