@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import RotationTarget, uses_pdl
+from .registry import RotationTarget, next_power_of_2, pdl_launch
 from .int8_kernels import store_int8
 from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
 
@@ -113,11 +113,10 @@ def _launch(target: RotationTarget, device: torch.device, k: int) -> dict:
     if block is None:
         raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
     clear, scales, unused = target.clear, target.scales, torch.empty(0, device=device)
-    pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
     return {"clear_ptr": clear if clear is not None else unused, "CLEAR": clear.numel() if clear is not None else 0,
             "scales_ptr": scales if scales is not None else unused, "INT8": scales is not None,
             "PER_WORD": target.per_word, "K": k, "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
-            "PAIR_WIDTH": target.pair_width} | pdl
+            "PAIR_WIDTH": target.pair_width} | pdl_launch(device)
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -129,7 +128,7 @@ def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps:
     launch = _launch(target, h.device, k)
     column_programs = max(1, k // launch["BLOCK_K"] // m)  # one token: the row over many programs
     norm_rotate_kernel[(m, column_programs)](h, delta, weight, h_out, target.signs, rotated, eps=eps,
-                                             ROW=triton.next_power_of_2(k), **launch)
+                                             ROW=next_power_of_2(k), **launch)
     return h_out, rotated
 
 

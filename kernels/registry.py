@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from tqc.layout import LayerSpec, layer_bytes
 
@@ -35,6 +34,17 @@ INT8_LAYOUT = "int8"  # lut_int8.pack_words, for the int8 family
 LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8}  # module: to_<name>_layout, to_bitpack_layout
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for launch grids: plain Python, as Triton's own `triton.cdiv` is a compiler
+    function whose host call costs microseconds, a large share of a launch when a decode step is
+    bound by the CPU (runs 71-73)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 @lru_cache(maxsize=None)
@@ -124,10 +134,11 @@ class LayerKernel:
     def config_for(self, x: torch.Tensor, module) -> LaunchConfig:
         """The tuned launch configuration for x's token count ([M, K]); tunes on first use."""
         bucket = token_bucket(x.shape[0])
-        if bucket not in self._configs:
-            self._configs[bucket] = self.tuner.config(self.key.name, bucket, lambda: self.streamed(x, module),
-                                                      self.candidates(bucket))
-        return self._configs[bucket]
+        config = self._configs.get(bucket)
+        if config is None:
+            config = self._configs[bucket] = self.tuner.config(self.key.name, bucket, lambda: self.streamed(x, module),
+                                                               self.candidates(bucket))
+        return config
 
     def tuned(self, tokens: int) -> LaunchConfig | None:
         """The stored configuration for a token count, or None before it has been tuned."""
@@ -152,9 +163,10 @@ class LayerKernel:
 
     def specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         """(K-splits, every constexpr) of the dot or fma kernel under one launch configuration."""
-        if config not in self._specialised:
-            self._specialised[config] = self._specialise(config)
-        return self._specialised[config]
+        specialised = self._specialised.get(config)
+        if specialised is None:
+            specialised = self._specialised[config] = self._specialise(config)
+        return specialised
 
     def _specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         slot_count = self.key.k // self.slot_width
@@ -216,22 +228,20 @@ class LayerKernel:
             return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
         m, n = rotated.shape[0], self.key.n
         splits, constexprs = self.specialise(config)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs
-        if uses_pdl(rotated.device):
-            launch |= {"PDL": True, "launch_pdl": True}
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs | pdl_launch(rotated.device)
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
-            tk.lut_fma_kernel[(triton.cdiv(n, config.block_n), splits)](rotated, out, *self.weights(module), **launch)
+            tk.lut_fma_kernel[(cdiv(n, config.block_n), splits)](rotated, out, *self.weights(module), **launch)
         else:
-            grid = (triton.cdiv(n, config.block_n), splits, triton.cdiv(m, config.block_m))
+            grid = (cdiv(n, config.block_n), splits, cdiv(m, config.block_m))
             tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **launch)
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis)."""
         out = torch.empty(self.key.n, self.key.k, device=module.codes.device, dtype=dtype)
-        grid = (triton.cdiv(self.key.n, block_n), self.key.k // (32 * self.slot_width))
+        grid = (cdiv(self.key.n, block_n), self.key.k // (32 * self.slot_width))
         tk.dequant_kernel[grid](out, *self.weights(module), **self.constexprs, BLOCK_N=block_n)
         return out
 
@@ -313,12 +323,12 @@ class Int8LayerKernel(LayerKernel):
                 raise ValueError(f"the dp4a kernel takes one token, got {m}")
             if not INTERPRETED and not self.fits(config):
                 raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
-            int8_kernels.int8_gemv_kernel[(triton.cdiv(n, config.block_n), self.splits(config))](
+            int8_kernels.int8_gemv_kernel[(cdiv(n, config.block_n), self.splits(config))](
                 rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
                 BLOCK_N=config.block_n, STEPS=config.iters, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
                 num_warps=config.num_warps, num_stages=1, **pdl_launch(rotated.device))
             return out
-        grid = (triton.cdiv(n, config.block_n), self.splits(config), triton.cdiv(m, config.block_m))
+        grid = (cdiv(n, config.block_n), self.splits(config), cdiv(m, config.block_m))
         int8_kernels.int8_dot_kernel[grid](
             rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
             BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=config.iters, ASM=not INTERPRETED,
@@ -335,8 +345,8 @@ class Int8LayerKernel(LayerKernel):
         """x rotated and rounded as `target` says (rotate_int8_kernel), in a launch of its own."""
         (m, k), g = x.shape, self.key.group_size
         values = torch.empty(m, k, device=x.device, dtype=target.dtype)
-        block_m, block_k = min(16, triton.next_power_of_2(m)), max(g, 256)
-        int8_kernels.rotate_int8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+        block_m, block_k = min(16, next_power_of_2(m)), max(g, 256)
+        int8_kernels.rotate_int8_kernel[(cdiv(m, block_m), cdiv(k, block_k))](
             x, target.signs, values, values if target.scales is None else target.scales,
             values if target.clear is None else target.clear, m, 0 if target.clear is None else target.clear.numel(),
             K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=target.scales is None,
@@ -347,7 +357,7 @@ class Int8LayerKernel(LayerKernel):
         """The weight the int8 dot multiplies, [N, K] in `dtype` (rotated basis)."""
         (n, k, g), device = (self.key.n, self.key.k, self.key.group_size), module.codes.device
         out = torch.empty(n, k, device=device, dtype=dtype)
-        int8_kernels.int8_dequant_kernel[(triton.cdiv(n, block_n), k // g)](
+        int8_kernels.int8_dequant_kernel[(cdiv(n, block_n), k // g)](
             out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits, BLOCK_N=block_n,
             ASM=not INTERPRETED)
         return out
@@ -397,13 +407,13 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     """
     m, k = x.shape
     block_k = max(group_size, 256)
-    block_m = min(block_m, triton.next_power_of_2(m))
+    block_m = min(block_m, next_power_of_2(m))
     out = torch.empty_like(x, dtype=dtype or x.dtype)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    grid = (cdiv(m, block_m), cdiv(k, block_k))
     target = out if clear is None else clear
-    pdl = {"PDL": True, "launch_pdl": True} if uses_pdl(x.device) else {}
     tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
-                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width, **pdl)
+                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width,
+                         **pdl_launch(x.device))
     return out
 
 

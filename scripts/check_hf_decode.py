@@ -73,10 +73,11 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
     return options
 
 
-def step_seconds(model, context: int, profile: bool = False) -> dict[str, float]:
+def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
     (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
-    `profile`: log where the eager steps spend their time on the CPU (Python's cProfile)."""
+    `profile`: log where the eager steps spend their time on the CPU (Python's cProfile).
+    `eager_only`: no CUDA graph, no torch.compile."""
     from transformers import StaticCache
 
     device = model.device
@@ -111,7 +112,7 @@ def step_seconds(model, context: int, profile: bool = False) -> dict[str, float]
         result = {"eager": timed(step)}
         if profile:
             log_profile(lambda: timed(step))
-        if device.type == "cuda":
+        if device.type == "cuda" and not eager_only:
             result["graph"] = timed(graph_of(step))
             try:  # torch.compile fuses Hugging Face's elementwise steps; tqc's kernels are one op each
                 torch._dynamo.reset()
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
     parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache")
+    parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of the eager tqc steps")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
@@ -191,7 +193,7 @@ def main() -> None:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
         model = random_llama(shape, args.layers, source, device)
         log("random model made")
-        bf16 = step_seconds(model, args.context)
+        bf16 = step_seconds(model, args.context, eager_only=args.eager_only)
         if args.generate:
             bf16 |= generate_seconds(model)
         log(f"bf16 timed: {bf16}")
@@ -203,7 +205,7 @@ def main() -> None:
         layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
         if device == "cuda" and kernels < len(layers):
             raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
-        tq = step_seconds(quantized, args.context, args.profile)
+        tq = step_seconds(quantized, args.context, args.profile, args.eager_only)
         if args.generate:
             tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq}")

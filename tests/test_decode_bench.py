@@ -67,7 +67,7 @@ def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     tqc.load and the timed steps through Hugging Face's static cache all run."""
     output = tmp_path / "hf.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hf_decode.py"), "--tiny", "--layers", "1",
-                    "--context", "320", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
+                    "--context", "448", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
     result = json.loads(output.read_text())
     assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
     assert result["eager"]["bf16_ms"] > 0 and result["eager"]["tqc_ms"] > 0
