@@ -8,8 +8,8 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True):
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
     On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
-    compiles the step and replays it from CUDA graphs (an 8B-shaped Llama: 8x faster than with the
-    default dynamic cache, docs/performance.md run 73).
+    compiles the step and replays it from CUDA graphs (an 8B-shaped Llama: 6.5x faster than with the
+    default dynamic cache, docs/performance.md run 75).
     """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 
