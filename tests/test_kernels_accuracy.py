@@ -196,7 +196,9 @@ def test_tuned_call_matches_reference(tmp_path):
     x = torch.randn(3, k).to(DEVICE, DTYPES[0])
     out = kernel(x, module)
     assert relative_error(out, reference(original, x)) < TOLERANCE[DTYPES[0]]
-    assert torch.equal(kernel(x, module), out) and offered == [token_bucket(3)]
+    again = kernel(x, module)  # the stored choice (split over K, sums may land in another order)
+    assert relative_error(again, reference(original, x)) < TOLERANCE[DTYPES[0]]
+    assert offered == [token_bucket(3)], f"candidate lists asked for: {offered}"
     assert (tmp_path / "tune.json").is_file()
     assert Tuner("test-gpu", "test", tmp_path / "tune.json").data.entries.keys() == tuner.data.entries.keys()
 
