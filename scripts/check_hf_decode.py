@@ -1,16 +1,19 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
-    python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [-o hf_decode.json]
+    python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
+                                          [--eager-only] [--profile] [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
 weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
 (kernels/decode_bench.py, head quantized too), loaded with `tqc.load`, and run by Hugging Face's
 own decoder layers, where each quantized layer rotates its input in a launch of its own (the
 benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode one token through
-a static KV cache of `--context` positions, eagerly (as `generate` runs them) and, on CUDA,
-replayed from a CUDA graph, then compiled (torch.compile) and replayed from a CUDA graph (median
-of 100 steps each). On the CPU, with `--tiny` shapes, it is a
-smoke test of the plumbing. Compare with `tqc bench decode --layers 4` in the same run.
+a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a CUDA graph, then
+compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps each). `--generate`
+also times `model.generate` with the default dynamic cache (eager) and with a static one (which
+transformers compiles); `--profile` logs a CPU profile of tqc's eager steps. On the CPU, with
+`--tiny` shapes, it is a smoke test of the plumbing. Compare with `tqc bench decode --layers 4`
+in the same run (docs/performance.md, runs 71-77).
 """
 
 from __future__ import annotations
