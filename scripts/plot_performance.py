@@ -1,11 +1,14 @@
 """Draw the GPU results that people compare, from the JSON the benchmarks saved (docs/bench/).
 
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
-        [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json] [--out docs]
+        [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json]
+        [--loaded docs/bench/h200-run75-hf-generate-32layers.json] [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
-with the issue's targets) and performance-decode-step.png (a decode step's kernel time by what
-runs, bf16 against tqc, with a third of bf16's kernel time: what 3x allows).
+with the issue's targets), performance-decode-step.png (a decode step's kernel time by what
+runs, bf16 against tqc, with a third of bf16's kernel time: what 3x allows) and
+performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
+scripts/check_hf_decode.py).
 """
 
 from __future__ import annotations
@@ -84,15 +87,41 @@ def plot_step(profile: dict, path: Path) -> None:
     plt.close(fig)
 
 
+LOADED_MODES = {"eager": "eager step", "generate": "generate,\ndynamic cache", "graph": "step,\nCUDA graph",
+                "generate_static": "generate,\nstatic cache", "compiled_graph": "step, compiled\n+ CUDA graph"}
+
+
+def plot_loaded(result: dict, path: Path) -> None:
+    """Paired bars: ms a token of bf16 and tqc for each way of running a loaded model, with the speedup."""
+    modes = [mode for mode in LOADED_MODES if mode in result]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for offset, model in ((-0.2, "bf16"), (0.2, "tqc")):
+        ax.bar([i + offset for i in range(len(modes))], [result[mode][f"{model}_ms"] for mode in modes], 0.4,
+               label=model)
+    for i, mode in enumerate(modes):
+        top = max(result[mode]["bf16_ms"], result[mode]["tqc_ms"])
+        ax.text(i, top, f"x{result[mode]['speedup']:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(modes)), [LOADED_MODES[mode] for mode in modes], fontsize=8)
+    ax.set_ylabel("ms per token")
+    ax.set_title(f"tqc.load model in Hugging Face's layers, 8B shape ({result['layers']} layers), "
+                 f"context {result['context']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
     parser.add_argument("--profile", type=Path, default=BENCH / "h200-run65-profile-mixed-fp16-nopdl.json")
+    parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     plot_layers(json.loads(args.layers.read_text())["rows"], args.out / "performance-layers.png")
     plot_step(json.loads(args.profile.read_text()), args.out / "performance-decode-step.png")
-    print(f"wrote {args.out / 'performance-layers.png'} and {args.out / 'performance-decode-step.png'}")
+    plot_loaded(json.loads(args.loaded.read_text()), args.out / "performance-loaded.png")
+    print(f"wrote performance-layers.png, performance-decode-step.png and performance-loaded.png in {args.out}")
 
 
 if __name__ == "__main__":
