@@ -64,10 +64,15 @@ def test_int8_layers_choose_which_projections_take_int8_activations():
 
 def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     """scripts/check_hf_decode.py (a GPU benchmark) at tiny shapes: random model, tqc build,
-    tqc.load and the timed steps through Hugging Face's static cache all run."""
+    tqc.load, the timed steps through Hugging Face's static cache and `generate` all run, and
+    scripts/plot_performance.py draws the result."""
     output = tmp_path / "hf.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hf_decode.py"), "--tiny", "--layers", "1",
-                    "--context", "448", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
+                    "--context", "448", "--generate", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
     result = json.loads(output.read_text())
     assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
-    assert result["eager"]["bf16_ms"] > 0 and result["eager"]["tqc_ms"] > 0
+    for mode in ("eager", "generate", "generate_static"):
+        assert result[mode]["bf16_ms"] > 0 and result[mode]["tqc_ms"] > 0, mode
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_performance.py"), "--loaded", str(output),
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    assert (tmp_path / "performance-loaded.png").stat().st_size > 0
