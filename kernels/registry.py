@@ -39,7 +39,7 @@ ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b), for launch grids: plain Python, as Triton's own `triton.cdiv` is a compiler
     function whose host call costs microseconds, a large share of a launch when a decode step is
-    bound by the CPU (runs 71-73)."""
+    bound by the CPU (runs 72-74)."""
     return -(-a // b)
 
 
@@ -228,7 +228,8 @@ class LayerKernel:
             return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
         m, n = rotated.shape[0], self.key.n
         splits, constexprs = self.specialise(config)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages} | constexprs | pdl_launch(rotated.device)
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, **constexprs,
+                  **pdl_launch(rotated.device)}
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")

@@ -33,7 +33,8 @@ from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import Int8LayerKernel, KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
 from tqc.kernels.repack import slot_words  # noqa: E402
-from tqc.kernels.tuning import MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices, token_bucket  # noqa: E402
+from tqc.kernels.tuning import (MIN_DOT_WIDTH, LaunchConfig, Tuner, candidate_configs, slot_choices,  # noqa: E402
+                                token_bucket)
 
 DEVICE = "cuda" if CUDA else "cpu"
 # (N, K, group size). Interpreted: B = 8 in one chunk, B = 1 in three chunks; N not a multiple of the
