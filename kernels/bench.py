@@ -179,7 +179,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """Register `tqc bench layers` and `tqc bench decode`."""
+    """Register `tqc bench layers`, `decode`, `generate`, `static` and the peer benchmarks."""
     bench = subparsers.add_parser("bench", help="benchmark the generated kernels against bf16 (CUDA)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     layers = kinds.add_parser("layers", help="Llama-3 linear shapes at several token counts")
@@ -209,6 +209,13 @@ def add_parser(subparsers) -> None:
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
+    generate = kinds.add_parser("generate", help="a packed model's `generate` speed against its source model")
+    generate.add_argument("packed", help="a packed model directory (tqc build)")
+    generate.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    generate.add_argument("--new-tokens", type=int, default=128)
+    generate.add_argument("--prompt-tokens", type=int, default=32)
+    generate.add_argument("-o", "--output", default="bench-generate.json")
+    generate.set_defaults(run=_generate)
     static = kinds.add_parser("static", help="compile the lookup kernels for sm_90 here (no GPU) and count their SASS")
     static.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
@@ -224,6 +231,12 @@ def add_parser(subparsers) -> None:
     from .peer_bench import add_parser as add_peer_parser  # noqa: PLC0415 (it imports this module)
 
     add_peer_parser(kinds, _checked)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate_bench import cmd_generate  # noqa: PLC0415
+
+    cmd_generate(args)
 
 
 def _static(args: argparse.Namespace) -> None:

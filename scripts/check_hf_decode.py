@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
+from tqc.kernels.generate_bench import generate_seconds
 from tqc.kv_cache import cache_argument
 
 # Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
@@ -124,35 +125,6 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
                 result["compiled_graph"] = timed(graph_of(compiled))
             except Exception as err:  # a benchmark reports what failed and goes on
                 log(f"torch.compile: {type(err).__name__}: {err}"[:400])
-    return result
-
-
-def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32) -> dict[str, float]:
-    """Seconds per new token of `model.generate` (greedy, one sequence), as a user calls it: with
-    the default dynamic cache (eager), and with `cache_implementation="static"`, which
-    transformers compiles with torch.compile and replays from CUDA graphs (after two warm-up
-    calls; the median of three timed ones)."""
-    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
-    kwargs = dict(input_ids=prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=0)
-    result = {}
-    torch._dynamo.reset()  # each model's compiled forward starts afresh, far from the recompile limit
-    for name, extra in (("generate", {"cache_implementation": "dynamic"}),
-                        ("generate_static", {"cache_implementation": "static"})):
-        def run(extra=extra):
-            model.generate(**kwargs, **extra)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-        try:
-            run(), run()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                run()
-                times.append((time.perf_counter() - start) / new_tokens)
-            result[name] = statistics.median(times)
-        except Exception as err:  # a benchmark reports what failed and goes on
-            log(f"{name}: {type(err).__name__}: {err}"[:400])
     return result
 
 

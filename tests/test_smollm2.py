@@ -73,3 +73,27 @@ def test_eval_command_scores_the_packed_model_against_its_source(smollm2_build, 
     assert result.perplexity > 1 and result.source_perplexity > 1
     if not torch.cuda.is_available():
         assert "no CUDA device" in one_line_error(capsys, *args, "--device", "cuda")
+
+
+def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build, tmp_path, capsys):
+    """`tqc bench generate` on the CPU: both models decode through both caches; its errors are one line."""
+    import json
+
+    from cli_helpers import one_line_error
+
+    from tqc.cli import main
+
+    _, _, directory = smollm2_build
+    output = tmp_path / "generate.json"
+    args = ["bench", "generate", str(directory), "--new-tokens", "4", "--prompt-tokens", "8", "-o", str(output)]
+    assert main(args + ["--device", "cpu"]) == 0
+    result = json.loads(output.read_text())
+    assert result["source"] == "smollm2" and result["source_dtype"] == "torch.float32"
+    assert set(result["modes"]) == {"generate", "generate_static"}
+    for entry in result["modes"].values():
+        assert entry["source_ms"] > 0 and entry["tqc_ms"] > 0
+        assert entry["speedup"] == pytest.approx(entry["source_ms"] / entry["tqc_ms"])
+    assert "generate_static" in capsys.readouterr().out
+    assert "not a tqc packed model" in one_line_error(capsys, "bench", "generate", str(tmp_path), "--device", "cpu")
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in one_line_error(capsys, *args)

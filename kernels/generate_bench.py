@@ -1,0 +1,79 @@
+"""`tqc bench generate`: how fast a packed model decodes with `generate`, against its source model.
+
+    tqc bench generate packed/ [--device cuda] [--new-tokens 128] [--prompt-tokens 32] [-o FILE]
+
+The source model (the one the manifest names) runs first, in bf16 on CUDA (float32 on the CPU,
+where bf16 matmuls are slow), then the packed model as `tqc.load` gives it. Each decodes a
+random prompt greedily, a fixed number of new tokens, two ways: with transformers' default
+dynamic cache (eager) and with `cache_implementation="static"`, which transformers compiles
+(torch.compile) and replays from CUDA graphs on a GPU. Reported: milliseconds per new token, the
+median of three calls after two warm-up calls (the first static call compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GENERATE_MODES = {"generate": "dynamic", "generate_static": "static"}  # result key -> cache_implementation
+
+
+def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warmup: int = 2,
+                     repeats: int = 3) -> dict[str, float]:
+    """Seconds per new token of `model.generate` (greedy, one sequence) for each of GENERATE_MODES;
+    a mode that fails is reported on stderr and left out."""
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(input_ids=prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()  # each model's compiled forward starts afresh, far from the recompile limit
+    result = {}
+    for name, cache in GENERATE_MODES.items():
+        def run(cache=cache) -> float:
+            start = time.perf_counter()
+            model.generate(**kwargs, cache_implementation=cache)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / new_tokens
+
+        try:
+            for _ in range(warmup):
+                run()
+            result[name] = statistics.median(run() for _ in range(repeats))
+        except Exception as err:  # a benchmark reports what failed and goes on
+            print(f"{name}: {type(err).__name__}: {err}"[:400], file=sys.stderr)
+    return result
+
+
+def compare(source: dict[str, float], packed: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per mode measured for both: milliseconds per token of each and the packed model's speedup."""
+    return {mode: {"source_ms": source[mode] * 1e3, "tqc_ms": packed[mode] * 1e3, "speedup": source[mode] / packed[mode]}
+            for mode in GENERATE_MODES if mode in source and mode in packed}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tqc.cli import require_device  # noqa: PLC0415
+    from tqc.models import load_model, resolve_model  # noqa: PLC0415
+    from tqc.packed import load_packed, read_manifest  # noqa: PLC0415
+
+    from .bench import save  # noqa: PLC0415
+
+    require_device(args.device)
+    manifest = read_manifest(Path(args.packed))
+    source_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    timing = dict(new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens)
+    with torch.no_grad():
+        model = load_model(resolve_model(manifest.source.name)).to(args.device, source_dtype)
+        source = generate_seconds(model, **timing)
+        del model
+        packed = generate_seconds(load_packed(args.packed, device=args.device), **timing)
+    modes = compare(source, packed)
+    for mode, entry in modes.items():
+        print(f"{mode:16} source ({str(source_dtype).removeprefix('torch.')}) {entry['source_ms']:8.2f} ms, "
+              f"tqc {entry['tqc_ms']:8.2f} ms per token: x{entry['speedup']:.2f}")
+    save({"packed": str(args.packed), "source": manifest.source.name, "source_dtype": str(source_dtype),
+          "device": args.device, **timing, "modes": modes}, args.output)
