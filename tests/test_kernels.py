@@ -263,6 +263,14 @@ def test_kernels_match_reference_under_the_interpreter():
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
 
+def test_rotation_in_kernel_lab_computes_what_the_two_launches_do(tmp_path):
+    """scripts/rotation_in_kernel_lab.py check (interpreted, in a subprocess): the lab kernel that
+    rotates inside the one-token lookup kernel gives tqc's output, whole-K and split over K."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "rotation_in_kernel_lab.py"), "check"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "check passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("option", "bucket"), [("3", 1), ("4+2", 1), ("4", 16), ("2", 16)])
 def test_lookup_kernels_compile_for_hopper_without_spilling(option, bucket):
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): no local-memory stack, lookups in registers."""
