@@ -1,6 +1,7 @@
 """Lab: the activation rotation inside the one-token lookup kernel, instead of a launch of its own.
 
     python3 scripts/rotation_in_kernel_lab.py check              # CPU (TRITON_INTERPRET=1 set here): small shapes
+    python3 scripts/rotation_in_kernel_lab.py static             # no GPU: compile for sm_90, registers and SASS
     python3 scripts/rotation_in_kernel_lab.py time -o lab.json   # CUDA: Llama-3-8B shapes, against tqc and bf16
 
 Today a lone quantized layer at one token makes two launches: `fwht_kernel` rotates the input
@@ -8,9 +9,9 @@ Today a lone quantized layer at one token makes two launches: `fwht_kernel` rota
 each program of the lookup kernel first rotates its own K-range of the input into a scratch row
 (every program over the same K-range writes the same values there: a benign race, each program
 reading back only after its own writes and a barrier), then runs the same steps on it. Split
-over K, the output must still be zeroed first; the lab does that with a separate `zero_()`, so
-the configurations that pay here are the whole-K ones (docs/performance.md, "What would be
-next"). `check` compares the lab kernel with tqc's two launches under Triton's interpreter;
+over K, nothing zeroes the output first any more: the splits add into a float32 buffer kept zero
+between calls and count themselves per row block; the last one writes the output and clears
+buffer and counter (a stream-K fix-up; docs/performance.md, "What would be next"). `check` compares the lab kernel with tqc's two launches under Triton's interpreter;
 `time` measures the tuned configuration of each layer both ways, replayed from CUDA graphs over
 enough weight copies to stream from memory, with bf16 beside it.
 """
@@ -41,14 +42,17 @@ LLAMA3_8B_LAYERS = {"q_proj/o_proj": (4096, 4096), "gate_proj/up_proj": (14336, 
 
 
 @triton.jit
-def lut_fma_rotating_kernel(x_ptr, signs_ptr, scratch_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr,
-                            res_scales_ptr, res_table_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+def lut_fma_rotating_kernel(x_ptr, signs_ptr, scratch_ptr, partial_ptr, counter_ptr, out_ptr, codes_ptr, scales_ptr,
+                            table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N: tl.constexpr, K: tl.constexpr,
+                            G: tl.constexpr,
                             B: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                             SLOTS: tl.constexpr, ITERS: tl.constexpr, ASM: tl.constexpr, THREADS: tl.constexpr,
                             LOG_G: tl.constexpr, ROTATE: tl.constexpr, HALF_ACC: tl.constexpr = False,
                             PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                             LOOKAHEAD: tl.constexpr = False, STAGES: tl.constexpr = 1):
-    """lut_fma_kernel on the unrotated input x [K]: the program's K-range rotated into scratch [K] first."""
+    """lut_fma_kernel on the unrotated input x [K]: the program's K-range rotated into scratch [K]
+    first. Split over K, the splits add into partial [N] (float32, zero between calls) and count
+    themselves per row block in counter; the last one writes the output and leaves zeros behind."""
     rows, row_mask = tk.block_rows(N, BLOCK_N)
     table, res_table = tk._tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)
     tk._start(codes_ptr, res_codes_ptr, rows, tl.program_id(1) * ITERS * SLOTS, K, B, BITS, RES_BITS, SLOTS * ITERS,
@@ -67,22 +71,42 @@ def lut_fma_rotating_kernel(x_ptr, signs_ptr, scratch_ptr, out_ptr, codes_ptr, s
     acc = tk._lut_steps(acc, scratch_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows,
                         rows, row_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, False, HALF_ACC, False, LOOKAHEAD,
                         STAGES)
-    tk._accumulate_rows(out_ptr, rows, tl.sum(acc.to(tl.float32), axis=1), row_mask, K > SLOTS * B * ITERS, N % 2 == 0,
-                        THREADS, ASM)
+    sums = tl.sum(acc.to(tl.float32), axis=1)
+    SPLITS: tl.constexpr = K // (SLOTS * B * ITERS)
+    if SPLITS == 1:
+        tk._accumulate_rows(out_ptr, rows, sums, row_mask, False, N % 2 == 0, THREADS, ASM)
+    else:
+        tl.atomic_add(partial_ptr + rows, sums, mask=row_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds before the count (release, as CUTLASS's semaphore)
+        count = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if count == SPLITS - 1:  # the last split of this row block
+            total = tl.load(partial_ptr + rows, mask=row_mask, cache_modifier=".cg")  # from L2, not a stale L1
+            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(partial_ptr + rows, tl.zeros_like(total), mask=row_mask)
+            tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)
 
 
-def rotating_call(kernel: LayerKernel, config: LaunchConfig, x: torch.Tensor, module, scratch: torch.Tensor) -> torch.Tensor:
-    """One token through the lab kernel under a one-token (fma) configuration; x is [1, K]."""
+class Workspace:
+    """A layer call's scratch: the rotated input [K] (fp16), and for split-K the float32 partial
+    sums [N] and the counters per row block, zero between calls (the kernel leaves them so)."""
+
+    def __init__(self, n: int, k: int, block_n: int, device):
+        self.scratch = torch.empty(k, device=device, dtype=torch.float16)
+        self.partial = torch.zeros(n, device=device, dtype=torch.float32)
+        self.counter = torch.zeros(cdiv(n, block_n), device=device, dtype=torch.int32)
+
+
+def rotating_call(kernel: LayerKernel, config: LaunchConfig, x: torch.Tensor, module, work: Workspace) -> torch.Tensor:
+    """One token through the lab kernel under a one-token (fma) configuration; x is [1, K]. One launch."""
     splits, constexprs = kernel.specialise(config)
     rotate = min(ROTATE_BLOCK, config.slots * constexprs["ITERS"] * kernel.slot_width)
     if rotate % kernel.key.group_size:
         raise ValueError(f"a program's K-range of {rotate} inputs is not whole groups of {kernel.key.group_size}")
-    out = torch.zeros if splits > 1 else torch.empty
-    out = out(1, kernel.key.n, device=x.device, dtype=x.dtype)
+    out = torch.empty(1, kernel.key.n, device=x.device, dtype=x.dtype)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, **constexprs,
               "LOG_G": kernel.key.group_size.bit_length() - 1, "ROTATE": rotate, **pdl_launch(x.device)}
     lut_fma_rotating_kernel[(cdiv(kernel.key.n, config.block_n), splits)](
-        x, module.signs, scratch, out, *kernel.weights(module), **launch)
+        x, module.signs, work.scratch, work.partial, work.counter, out, *kernel.weights(module), **launch)
     return out
 
 
@@ -100,17 +124,50 @@ def check() -> None:
             spec, module = layer(option, n, k, group_size, "cpu")
             kernel = LayerKernel(KernelKey.of(spec), Tuner("none", "none", None))
             x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.float16)  # no bf16 here
-            scratch = torch.empty(k, dtype=torch.float16)
             slots = min(slot_choices(spec.option.base_bits, spec.option.residual_bits))
             for iters in (k // (slots * kernel.slot_width), 1):  # one program over all of K; then split
                 config = LaunchConfig(strategy="fma", block_n=8, num_warps=1, slots=slots, iters=iters)
+                work = Workspace(n, k, config.block_n, "cpu")
                 expected = kernel.run(x, module, config).float()
-                got = rotating_call(kernel, config, x, module, scratch).float()
+                rotating_call(kernel, config, x, module, work)  # a second call must find zeros left behind
+                got = rotating_call(kernel, config, x, module, work).float()
+                if work.partial.any() or work.counter.any():
+                    raise SystemExit("the split-K fix-up left its buffers dirty")
                 error = ((got - expected).norm() / expected.norm()).item()
                 print(f"{option:4} {n}x{k} g{group_size} splits {kernel.splits(config)}: relative difference {error:.1e}")
                 if error > 1e-2:
                     raise SystemExit("the lab kernel disagrees with tqc's launches")
     print("check passed")
+
+
+def static() -> None:
+    """Compile the lab kernel ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at two 8B
+    layers' kinds of launch, whole-K and split, and print registers, stack and SASS instructions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tqc.kernels.static_report import ARGUMENT_TYPES, sass_summary
+
+    types = dict(ARGUMENT_TYPES, x_ptr="*bf16", signs_ptr="*fp32", scratch_ptr="*fp16", partial_ptr="*fp32",
+                 counter_ptr="*i32")
+    fn = lut_fma_rotating_kernel
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    names = list(signature)
+    for option, (n, k), shape in (("4", LLAMA3_8B_LAYERS["gate_proj/up_proj"], dict(block_n=8, slots=32, iters=2)),
+                                  ("3", LLAMA3_8B_LAYERS["down_proj"], dict(block_n=16, slots=32, iters=1))):
+        kernel = LayerKernel(KernelKey.of(LayerSpec(QuantOption.parse(option), 128, k, n)), None)
+        config = LaunchConfig(strategy="fma", accumulate="fp16", num_warps=4, **shape)
+        splits, constexprs = kernel.specialise(config)
+        constexprs = constexprs | {"ASM": True, "PDL": True, "LOG_G": 7,
+                                   "ROTATE": min(ROTATE_BLOCK, config.slots * constexprs["ITERS"] * kernel.slot_width)}
+        source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
+                           attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
+                                  if t.startswith("*")})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        summary = sass_summary(compiled)
+        print(f"{option}-bit {n}x{k}, {splits} split(s): {summary['registers']} registers, stack {summary['stack']} "
+              f"bytes, {summary['instructions']} SASS instructions")
 
 
 def time_layers(output: str) -> None:
@@ -132,11 +189,12 @@ def time_layers(output: str) -> None:
                 print(f"{name} {option}: tuned strategy {config.strategy}, not the one-token kernel; skipped")
                 continue
             copies = [weight_copy(module) for _ in range(stream_copies(layer_bytes(spec)))]
-            scratch = torch.empty(k, device="cuda", dtype=torch.float16)
+            work = Workspace(n, k, config.block_n, "cuda")
             tqc = graph_seconds(lambda: [kernel.run(x, c, config) for c in copies]) / len(copies)
-            lab = graph_seconds(lambda: [rotating_call(kernel, config, x, c, scratch) for c in copies]) / len(copies)
-            error = ((rotating_call(kernel, config, x, module, scratch).float() - kernel.run(x, module, config).float())
-                     .norm() / kernel.run(x, module, config).float().norm()).item()
+            lab = graph_seconds(lambda: [rotating_call(kernel, config, x, c, work) for c in copies]) / len(copies)
+            expected = kernel.run(x, module, config).float()
+            got = rotating_call(kernel, config, x, module, work).float()
+            error = ((got - expected).norm() / expected.norm()).item()
             row = {"layer": name, "n": n, "k": k, "option": option, "config": config.model_dump(),
                    "splits": kernel.splits(config), "bf16_us": bf16 * 1e6, "tqc_us": tqc * 1e6, "lab_us": lab * 1e6,
                    "tqc_speedup": bf16 / tqc, "lab_speedup": bf16 / lab, "relative_difference": error}
@@ -152,12 +210,12 @@ def time_layers(output: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["check", "time"])
+    parser.add_argument("mode", choices=["check", "static", "time"])
     parser.add_argument("-o", "--output", default="rotation_in_kernel_lab.json")
     args = parser.parse_args()
     if args.mode == "time" and not torch.cuda.is_available():
         parser.error("time needs a CUDA device (check runs on the CPU)")
-    check() if args.mode == "check" else time_layers(args.output)
+    {"check": check, "static": static}.get(args.mode, lambda: time_layers(args.output))()
 
 
 if __name__ == "__main__":
