@@ -56,12 +56,14 @@ def compare(source: dict[str, float], packed: dict[str, float]) -> dict[str, dic
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tqc.cli import require_device  # noqa: PLC0415
+    from tqc.cli import CommandError, require_device  # noqa: PLC0415
     from tqc.models import load_model, resolve_model  # noqa: PLC0415
     from tqc.packed import load_packed, read_manifest  # noqa: PLC0415
 
     from .bench import save  # noqa: PLC0415
 
+    if args.new_tokens < 1 or args.prompt_tokens < 1:
+        raise CommandError("--new-tokens and --prompt-tokens must be at least 1")
     require_device(args.device)
     manifest = read_manifest(Path(args.packed))
     source_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -72,6 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         del model
         packed = generate_seconds(load_packed(args.packed, device=args.device), **timing)
     modes = compare(source, packed)
+    if not modes:
+        raise CommandError("generate failed for every cache on one of the models (the errors are above)")
     for mode, entry in modes.items():
         print(f"{mode:16} source ({str(source_dtype).removeprefix('torch.')}) {entry['source_ms']:8.2f} ms, "
               f"tqc {entry['tqc_ms']:8.2f} ms per token: x{entry['speedup']:.2f}")

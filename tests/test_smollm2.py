@@ -94,6 +94,7 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
         assert entry["source_ms"] > 0 and entry["tqc_ms"] > 0
         assert entry["speedup"] == pytest.approx(entry["source_ms"] / entry["tqc_ms"])
     assert "generate_static" in capsys.readouterr().out
+    assert "at least 1" in one_line_error(capsys, *args[:3], "--new-tokens", "0", "--device", "cpu")
     assert "not a tqc packed model" in one_line_error(capsys, "bench", "generate", str(tmp_path), "--device", "cpu")
     if not torch.cuda.is_available():
         assert "no CUDA device" in one_line_error(capsys, *args)
