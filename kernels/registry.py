@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqc.layout import LayerSpec, layer_bytes
 
 from . import int8_kernels, lut_int8, repack
+from .launch import launch
 from . import triton_kernels as tk
 from .lut import TABLE_COPIES, table_words
 from .repack import slot_words
@@ -228,15 +229,15 @@ class LayerKernel:
             return F.linear(rotated, self.dequantize(module, rotated.dtype, config.block_n))
         m, n = rotated.shape[0], self.key.n
         splits, constexprs = self.specialise(config)
-        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages, **constexprs,
-                  **pdl_launch(rotated.device)}
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages, **constexprs,
+                   **pdl_launch(rotated.device)}
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
-            tk.lut_fma_kernel[(cdiv(n, config.block_n), splits)](rotated, out, *self.weights(module), **launch)
+            launch(tk.lut_fma_kernel, (cdiv(n, config.block_n), splits), rotated, out, *self.weights(module), **options)
         else:
             grid = (cdiv(n, config.block_n), splits, cdiv(m, config.block_m))
-            tk.lut_dot_kernel[grid](rotated, out, *self.weights(module), m, **launch)
+            launch(tk.lut_dot_kernel, grid, rotated, out, *self.weights(module), m, **options)
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
@@ -324,14 +325,14 @@ class Int8LayerKernel(LayerKernel):
                 raise ValueError(f"the dp4a kernel takes one token, got {m}")
             if not INTERPRETED and not self.fits(config):
                 raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
-            int8_kernels.int8_gemv_kernel[(cdiv(n, config.block_n), self.splits(config))](
-                rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
+            launch(
+                int8_kernels.int8_gemv_kernel, (cdiv(n, config.block_n), self.splits(config)), rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
                 BLOCK_N=config.block_n, STEPS=config.iters, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
                 num_warps=config.num_warps, num_stages=1, **pdl_launch(rotated.device))
             return out
         grid = (cdiv(n, config.block_n), self.splits(config), cdiv(m, config.block_m))
-        int8_kernels.int8_dot_kernel[grid](
-            rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
+        launch(
+            int8_kernels.int8_dot_kernel, grid, rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
             BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=config.iters, ASM=not INTERPRETED,
             THREADS=32 * config.num_warps, num_warps=config.num_warps, num_stages=config.num_stages,
             **pdl_launch(rotated.device))
@@ -347,8 +348,8 @@ class Int8LayerKernel(LayerKernel):
         (m, k), g = x.shape, self.key.group_size
         values = torch.empty(m, k, device=x.device, dtype=target.dtype)
         block_m, block_k = min(16, next_power_of_2(m)), max(g, 256)
-        int8_kernels.rotate_int8_kernel[(cdiv(m, block_m), cdiv(k, block_k))](
-            x, target.signs, values, values if target.scales is None else target.scales,
+        launch(
+            int8_kernels.rotate_int8_kernel, (cdiv(m, block_m), cdiv(k, block_k)), x, target.signs, values, values if target.scales is None else target.scales,
             values if target.clear is None else target.clear, m, 0 if target.clear is None else target.clear.numel(),
             K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=target.scales is None,
             PER_WORD=target.per_word, **pdl_launch(x.device))
@@ -412,9 +413,9 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     out = torch.empty_like(x, dtype=dtype or x.dtype)
     grid = (cdiv(m, block_m), cdiv(k, block_k))
     target = out if clear is None else clear
-    tk.fwht_kernel[grid](x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
-                         LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width,
-                         **pdl_launch(x.device))
+    launch(tk.fwht_kernel, grid, x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
+           LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width,
+           **pdl_launch(x.device))
     return out
 
 

@@ -1,7 +1,7 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
-                                          [--eager-only] [--profile] [-o hf_decode.json]
+                                          [--eager-only] [--profile] [--launch-paths] [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
 weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
@@ -11,7 +11,9 @@ benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode
 a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a CUDA graph, then
 compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps each). `--generate`
 also times `model.generate` with the default dynamic cache (eager) and with a static one (which
-transformers compiles); `--profile` logs a CPU profile of tqc's eager steps. On the CPU, with
+transformers compiles); `--profile` logs a CPU profile of tqc's eager steps; `--launch-paths` times
+tqc's eager step through Triton's launcher and through the compiled kernels directly
+(kernels/launch.py, the default), alternated three times. On the CPU, with
 `--tiny` shapes, it is a smoke test of the plumbing. Compare with `tqc bench decode --layers 4`
 in the same run (docs/performance.md, runs 71-77).
 """
@@ -128,6 +130,19 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
     return result
 
 
+def launch_paths(model, context: int, rounds: int = 3) -> dict[str, list[float]]:
+    """Median seconds of an eager step, each launch through Triton's launcher or directly, alternated."""
+    from tqc.kernels import launch
+
+    enabled, times = launch.ENABLED, {"triton": [], "direct": []}
+    for _ in range(rounds):
+        for path in times:
+            launch.ENABLED = path == "direct"
+            times[path].append(step_seconds(model, context, eager_only=True)["eager"])
+    launch.ENABLED = enabled
+    return times
+
+
 def log_profile(run, lines: int = 25) -> None:
     """Log the functions where `run` spends the most time of its own (cProfile's tottime)."""
     import cProfile
@@ -157,6 +172,7 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of the eager tqc steps")
+    parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:
@@ -184,12 +200,17 @@ def main() -> None:
         if args.generate:
             tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq}")
+        paths = launch_paths(quantized, args.context) if args.launch_paths else None
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels}
     for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
               f"x{bf16[mode] / tq[mode]:.2f}")
+    if paths:
+        result["launch_paths_ms"] = {path: [t * 1e3 for t in times] for path, times in paths.items()}
+        for path, times in result["launch_paths_ms"].items():
+            print(f"eager tqc step, {path} launches: {', '.join(f'{t:.2f}' for t in times)} ms")
     print(f"{kernels} quantized layers on generated kernels")
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

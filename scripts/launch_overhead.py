@@ -1,25 +1,33 @@
-"""tqc's own CPU time around one quantized layer call, the Triton launches stubbed out (no GPU).
+"""The CPU time of one quantized layer call: tqc's side alone (no GPU), or with real launches.
 
     python3 scripts/launch_overhead.py [--calls 20000] [--profile]
+    python3 scripts/launch_overhead.py --device cuda [-o launch_overhead.json]
 
 A decode step run eagerly is bound by the CPU (docs/performance.md, runs 71-75): each quantized
-layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. This
-measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation and
-lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them.
+layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. On the
+CPU this measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation
+and lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them.
+With `--device cuda` the same layer runs its real kernels, calls issued back to back (the GPU's
+few microseconds a call hide behind the CPU's), through Triton's launcher and through the
+compiled kernels directly (kernels/launch.py), alternated twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
+import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # kernels built on the CPU; they are stubbed out below anyway
+if "cuda" not in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # kernels built on the CPU; they are stubbed out below anyway
 
 import torch  # noqa: E402
 
+from tqc.kernels import launch  # noqa: E402
 from tqc.kernels import triton_kernels as tk  # noqa: E402
 from tqc.kernels.registry import KernelKey, LayerKernel, prepare  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
@@ -39,20 +47,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (cProfile)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: real launches")
+    parser.add_argument("-o", "--output", help="JSON of the timings (with --device cuda)")
     args = parser.parse_args()
-    tk.fwht_kernel = tk.lut_fma_kernel = NoLaunch()
-    module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 4096, 4096), "cpu")
+    if args.device == "cpu":
+        tk.fwht_kernel = tk.lut_fma_kernel = NoLaunch()
+    module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 4096, 4096), args.device)
     prepare(module)
     kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
     config = LaunchConfig(strategy="fma", block_n=32, slots=32, iters=1)
     kernel.tuner.data.entries[f"{kernel.key.name}/m{token_bucket(1)}"] = TuneEntry(config=config, microseconds=0)
     module.use_kernel(kernel)
-    x = torch.randn(1, 1, 4096, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device=args.device)
 
     def calls() -> None:
         for _ in range(args.calls):
             module(x)
 
+    if args.device == "cuda":
+        with torch.no_grad():
+            time_real_launches(calls, args.calls, args.output)
+        return
     with torch.no_grad():
         module(x)
         start = time.perf_counter()
@@ -62,6 +77,26 @@ def main() -> None:
             profiler = cProfile.Profile()
             profiler.runcall(calls)
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
+
+
+def time_real_launches(calls, count: int, output: str | None) -> None:
+    """Microseconds a call through Triton's launcher and directly, alternated twice."""
+    timings = {"triton": [], "direct": []}
+    for _ in range(2):
+        for path in timings:
+            launch.ENABLED = path == "direct"
+            calls()  # warm: the direct path's first call goes through Triton
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            calls()
+            torch.cuda.synchronize()
+            timings[path].append((time.perf_counter() - start) / count * 1e6)
+    for path, times in timings.items():
+        print(f"a layer call, {path} launches: {', '.join(f'{t:.1f}' for t in times)} us")
+    if output:
+        with open(output, "w") as handle:
+            json.dump({"layer": "4-bit 4096 x 4096, one token", "calls": count, "microseconds": timings,
+                       "device": torch.cuda.get_device_name()}, handle, indent=1)
 
 
 if __name__ == "__main__":

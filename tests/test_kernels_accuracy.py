@@ -231,6 +231,29 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             ran += 1
         assert ran > 0
 
+    @pytest.mark.parametrize("tokens", [1, 16])
+    def test_direct_launch_matches_triton_launch(tokens, monkeypatch):
+        """Repeated calls skip Triton's argument binding (kernels/launch.py) and still compute what
+        Triton's own launches compute, bit for bit (whole-K configurations add in a fixed order),
+        with fresh tensors each call and with an input 2 bytes past a 16-byte boundary."""
+        from tqc.kernels import launch as launch_module
+
+        n, k, group_size = SHAPES[0]
+        module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+        kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        strategy = "fma" if tokens == 1 else "dot"
+        config = LaunchConfig(strategy=strategy, block_n=16, block_m=16, slots=min(slot_choices(4, 0)), whole_k=True)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, torch.float16)
+        misaligned = torch.empty(tokens * k + 8, device=DEVICE, dtype=torch.float16)[1:tokens * k + 1].view(tokens, k)
+        misaligned.copy_(x)
+        monkeypatch.setattr(launch_module, "ENABLED", False)
+        expected = kernel.run(x, module, config)
+        monkeypatch.setattr(launch_module, "ENABLED", True)
+        monkeypatch.setattr(launch_module, "_compiled", {})
+        for inputs in (x, x.clone(), x.clone(), misaligned, misaligned):
+            assert torch.equal(kernel.run(inputs, module, config), expected)
+        assert len(launch_module._compiled) == 3  # the rotation of each input, the matmul of its fresh output
+
     @pytest.mark.parametrize("bits", [2, 3, 4])
     @pytest.mark.parametrize("bucket", [1, 16, 64, 4096])
     def test_every_int8_candidate_matches_reference(bits, bucket):
