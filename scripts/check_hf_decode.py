@@ -1,7 +1,8 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
-                                          [--eager-only] [--profile] [--launch-paths] [-o hf_decode.json]
+                                          [--eager-only] [--profile] [--launch-paths] [--keep DIR]
+                                          [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
 weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
@@ -13,7 +14,8 @@ compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps eac
 also times `model.generate` with the default dynamic cache (eager) and with a static one (which
 transformers compiles); `--profile` logs a CPU profile of tqc's eager steps; `--launch-paths` times
 tqc's eager step through Triton's launcher and through the compiled kernels directly
-(kernels/launch.py, the default), alternated three times. On the CPU, with
+(kernels/launch.py, the default), alternated three times; `--keep DIR` leaves the random source
+model and the packed one in DIR/source and DIR/packed (for `tqc bench generate DIR/packed`). On the CPU, with
 `--tiny` shapes, it is a smoke test of the plumbing. Compare with `tqc bench decode --layers 4`
 in the same run (docs/performance.md, runs 71-77).
 """
@@ -21,6 +23,7 @@ in the same run (docs/performance.md, runs 71-77).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -173,6 +176,7 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of the eager tqc steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
+    parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:
@@ -180,9 +184,12 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = TINY if args.tiny else LLAMA3_8B
-    with tempfile.TemporaryDirectory() as tmp:
+    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
+    with keep as tmp:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
         model = random_llama(shape, args.layers, source, device)
+        if args.keep:
+            model.save_pretrained(source)  # the weights too: `tqc bench generate` loads the source model
         log("random model made")
         bf16 = step_seconds(model, args.context, eager_only=args.eager_only)
         if args.generate:
