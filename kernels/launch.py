@@ -38,8 +38,9 @@ def launch(fn, grid: Sequence[int], *args, **kwargs) -> None:
         if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
             raise TypeError("launch takes tensors positionally: a keyword tensor would be keyed by identity")
         compiled = fn[grid](*args, **kwargs)  # binds, finds or compiles, launches
-        tail = tuple(kwargs.get(p.name, p.default) for p in fn.params[len(args):])
-        _compiled[key] = (compiled, tail)
+        if compiled is not None:  # None: Triton compiles in the background; ask it again next call
+            tail = tuple(kwargs.get(p.name, p.default) for p in fn.params[len(args):])
+            _compiled[key] = (compiled, tail)
         return
     compiled, tail = entry
     stream = driver.active.get_current_stream(device)

@@ -85,3 +85,13 @@ def test_disabled_or_hooked_launches_always_go_through_triton(kernel, monkeypatc
 def test_a_tensor_keyword_is_refused(kernel):
     with pytest.raises(TypeError, match="positionally"):
         launch(kernel, (1,), torch.zeros(8), torch.zeros(8), n=torch.zeros(1))
+
+
+def test_a_launch_that_returns_no_kernel_is_not_kept(kernel, monkeypatch):
+    """Triton returns no compiled kernel while it compiles in the background: ask it again."""
+    monkeypatch.setattr(FakeKernel, "__getitem__", lambda self, grid: lambda *args, **kwargs:
+                        self.through_triton.append(args))
+    x = torch.zeros(8)
+    for _ in range(2):
+        launch(kernel, (1,), x, x, 8)
+    assert len(kernel.through_triton) == 2 and not kernel.direct
