@@ -12,7 +12,7 @@ benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode
 a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a CUDA graph, then
 compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps each). `--generate`
 also times `model.generate` with the default dynamic cache (eager) and with a static one (which
-transformers compiles); `--profile` logs a CPU profile of tqc's eager steps; `--launch-paths` times
+transformers compiles); `--profile` logs a CPU profile of the eager steps of both models; `--launch-paths` times
 tqc's eager step through Triton's launcher and through the compiled kernels directly
 (kernels/launch.py, the default), alternated three times; `--keep DIR` leaves the random source
 model and the packed one in DIR/source and DIR/packed (for `tqc bench generate DIR/packed`). On the CPU, with
@@ -146,8 +146,12 @@ def launch_paths(model, context: int, rounds: int = 3) -> dict[str, list[float]]
     return times
 
 
+PROFILE_SOURCES = ("tqc", "triton", "transformers", "torch")  # a function's own time, by where it is defined
+
+
 def log_profile(run, lines: int = 25) -> None:
-    """Log the functions where `run` spends the most time of its own (cProfile's tottime)."""
+    """Log the functions where `run` spends the most time of its own (cProfile's tottime), and
+    that time summed by PROFILE_SOURCES (calls into C, such as a tensor method, count apart)."""
     import cProfile
     import io
     import pstats
@@ -155,8 +159,15 @@ def log_profile(run, lines: int = 25) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(run)
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
-    log("eager steps profiled:\n" + text.getvalue())
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(lines)
+    by_source: dict[str, float] = {}
+    for (filename, _, _), (_, _, own, _, _) in stats.stats.items():
+        source = next((s for s in PROFILE_SOURCES if f"/{s}/" in filename), "C" if filename == "~" else "other")
+        by_source[source] = by_source.get(source, 0.0) + own
+    total = sum(by_source.values())
+    shares = ", ".join(f"{source} {own / total:.0%}" for source, own in sorted(by_source.items(), key=lambda i: -i[1]))
+    log(f"eager steps profiled ({total:.2f} s, own time by source: {shares}):\n" + text.getvalue())
 
 
 def log(message: str) -> None:
@@ -174,7 +185,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
     parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
-    parser.add_argument("--profile", action="store_true", help="log a CPU profile of the eager tqc steps")
+    parser.add_argument("--profile", action="store_true", help="log a CPU profile of both models' eager steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
     parser.add_argument("-o", "--output", default="hf_decode.json")
@@ -191,7 +202,7 @@ def main() -> None:
         if args.keep:
             model.save_pretrained(source)  # the weights too: `tqc bench generate` loads the source model
         log("random model made")
-        bf16 = step_seconds(model, args.context, eager_only=args.eager_only)
+        bf16 = step_seconds(model, args.context, args.profile, args.eager_only)
         if args.generate:
             bf16 |= generate_seconds(model)
         log(f"bf16 timed: {bf16}")

@@ -254,6 +254,28 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             assert torch.equal(kernel.run(inputs, module, config), expected)
         assert len(launch_module._compiled) == 3  # the rotation of each input, the matmul of its fresh output
 
+    def test_direct_launch_replays_from_a_cuda_graph():
+        """A layer call captured after its launches went direct (as a compiled, graphed decode step
+        captures them) replays on new input what an eager call computes."""
+        n, k, group_size = SHAPES[0]
+        module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+        kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+        config = LaunchConfig(strategy="fma", block_n=16, slots=min(slot_choices(4, 0)), whole_k=True)
+        x, other = (torch.randn(1, k, generator=torch.Generator().manual_seed(s)).to(DEVICE, torch.bfloat16)
+                    for s in (1, 2))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the default stream, as torch.cuda.graph wants
+            for _ in range(2):  # the second call goes direct
+                kernel.run(x, module, config)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = kernel.run(x, module, config)
+        x.copy_(other)
+        graph.replay()
+        assert torch.equal(captured, kernel.run(other, module, config))
+
     @pytest.mark.parametrize("bits", [2, 3, 4])
     @pytest.mark.parametrize("bucket", [1, 16, 64, 4096])
     def test_every_int8_candidate_matches_reference(bits, bucket):
