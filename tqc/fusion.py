@@ -24,31 +24,38 @@ from .layout import SIBLING_GROUPS, tensor_layout
 from .linear import QuantizedLinear, concatenate
 
 
+@dataclasses.dataclass
+class _LastCall:
+    """The fused layer's last input and output, until every sibling has read its slice. A plain
+    object: setting an nn.Module's attributes goes through its slow __setattr__, several times a
+    call of an eager decode step."""
+
+    input: torch.Tensor | None = None
+    version: int = -1
+    output: torch.Tensor | None = None
+    unread: set[str] = dataclasses.field(default_factory=set)
+
+
 class FusedSiblings(nn.Module):
     """One concatenated layer serving several siblings; computes once per input."""
 
     def __init__(self, layer: QuantizedLinear, names: list[str]):
         super().__init__()
         self.layer, self.names = layer, names
-        self._input: torch.Tensor | None = None
-        self._version = -1
-        self._output: torch.Tensor | None = None
-        self._unread: set[str] = set()
+        self._last = _LastCall()
 
     def output_for(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The fused output for input x, as sibling `name` reads it."""
-        if x is not self._input or self._changed(x):
-            self._input, self._version = x, self._version_of(x)
-            self._output = self.layer(x)
-            self._unread = set(self.names)
-        output = self._output
-        self._unread.discard(name)
-        if not self._unread:  # every sibling has its slice: hold nothing longer
-            self._input = self._output = None
+        last = self._last
+        if x is not last.input or self._version_of(x) != last.version:
+            last.input, last.version = x, self._version_of(x)
+            last.output = self.layer(x)
+            last.unread = set(self.names)
+        output = last.output
+        last.unread.discard(name)
+        if not last.unread:  # every sibling has its slice: hold nothing longer
+            last.input = last.output = None
         return output
-
-    def _changed(self, x: torch.Tensor) -> bool:
-        return self._version_of(x) != self._version
 
     @staticmethod
     def _version_of(x: torch.Tensor) -> int:
