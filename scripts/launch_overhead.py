@@ -6,7 +6,8 @@
 A decode step run eagerly is bound by the CPU (docs/performance.md, runs 71-75): each quantized
 layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. On the
 CPU this measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation
-and lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them.
+and lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them,
+alone and as the fused q/k/v of a loaded model (tqc/fusion.py) calls it.
 With `--device cuda` the same layer runs its real kernels, calls issued back to back (the GPU's
 few microseconds a call hide behind the CPU's), through Triton's launcher and through the
 compiled kernels directly (kernels/launch.py), alternated twice.
@@ -32,6 +33,7 @@ from tqc.kernels import triton_kernels as tk  # noqa: E402
 from tqc.kernels.registry import KernelKey, LayerKernel, prepare  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.tuning import LaunchConfig, TuneEntry, Tuner, token_bucket  # noqa: E402
+from tqc.fusion import FusedSiblings  # noqa: E402
 from tqc.layout import LayerSpec  # noqa: E402
 from tqc.options import QuantOption  # noqa: E402
 
@@ -73,6 +75,13 @@ def main() -> None:
         start = time.perf_counter()
         calls()
         print(f"tqc's side of a layer call: {(time.perf_counter() - start) / args.calls * 1e6:.1f} us")
+        fused = FusedSiblings(module, ["q_proj", "k_proj", "v_proj"])  # as tqc.load fuses q/k/v
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            for name in fused.names:
+                fused.output_for(x, name)
+        print(f"the same through a fused q/k/v (the layer once, three slices): "
+              f"{(time.perf_counter() - start) / args.calls * 1e6:.1f} us")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(calls)
