@@ -234,7 +234,8 @@ class LayerKernel:
         if config.strategy == "fma":
             if m != 1:
                 raise ValueError(f"the CUDA-core kernel takes one token, got {m}")
-            launch(tk.lut_fma_kernel, (cdiv(n, config.block_n), splits), rotated, out, *self.weights(module), **options)
+            launch(tk.lut_fma_kernel, (cdiv(n, config.block_n), splits), rotated, out, *self.weights(module),
+                   **options)
         else:
             grid = (cdiv(n, config.block_n), splits, cdiv(m, config.block_m))
             launch(tk.lut_dot_kernel, grid, rotated, out, *self.weights(module), m, **options)
@@ -326,13 +327,15 @@ class Int8LayerKernel(LayerKernel):
             if not INTERPRETED and not self.fits(config):
                 raise ValueError(f"dp4a launch {config} does not fit {self.key.name}: too few code words a thread")
             launch(
-                int8_kernels.int8_gemv_kernel, (cdiv(n, config.block_n), self.splits(config)), rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
+                int8_kernels.int8_gemv_kernel, (cdiv(n, config.block_n), self.splits(config)),
+                rotated, scales, out, *self.weights(module), self.factor, N=n, K=k, G=g, BITS=self.key.bits,
                 BLOCK_N=config.block_n, STEPS=config.iters, THREADS=32 * config.num_warps, ASM=not INTERPRETED,
                 num_warps=config.num_warps, num_stages=1, **pdl_launch(rotated.device))
             return out
         grid = (cdiv(n, config.block_n), self.splits(config), cdiv(m, config.block_m))
         launch(
-            int8_kernels.int8_dot_kernel, grid, rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
+            int8_kernels.int8_dot_kernel, grid,
+            rotated, scales, out, *self.weights(module), self.factor, m, N=n, K=k, G=g, BITS=self.key.bits,
             BLOCK_N=config.block_n, BLOCK_M=config.block_m, STEPS=config.iters, ASM=not INTERPRETED,
             THREADS=32 * config.num_warps, num_warps=config.num_warps, num_stages=config.num_stages,
             **pdl_launch(rotated.device))
@@ -349,7 +352,8 @@ class Int8LayerKernel(LayerKernel):
         values = torch.empty(m, k, device=x.device, dtype=target.dtype)
         block_m, block_k = min(16, next_power_of_2(m)), max(g, 256)
         launch(
-            int8_kernels.rotate_int8_kernel, (cdiv(m, block_m), cdiv(k, block_k)), x, target.signs, values, values if target.scales is None else target.scales,
+            int8_kernels.rotate_int8_kernel, (cdiv(m, block_m), cdiv(k, block_k)),
+            x, target.signs, values, values if target.scales is None else target.scales,
             values if target.clear is None else target.clear, m, 0 if target.clear is None else target.clear.numel(),
             K=k, LOG_G=g.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, ROUNDED=target.scales is None,
             PER_WORD=target.per_word, **pdl_launch(x.device))

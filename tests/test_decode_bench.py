@@ -69,7 +69,8 @@ def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     scripts/plot_performance.py draws the result."""
     output = tmp_path / "hf.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hf_decode.py"), "--tiny", "--layers", "1",
-                    "--context", "448", "--generate", "--launch-paths", "-o", str(output)], cwd=tmp_path, check=True, capture_output=True)
+                    "--context", "448", "--generate", "--launch-paths", "-o", str(output)],
+                   cwd=tmp_path, check=True, capture_output=True)
     result = json.loads(output.read_text())
     assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
     for mode in ("eager", "generate", "generate_static"):
