@@ -2,9 +2,10 @@
 
 `fn[grid](*args, **kwargs)` binds and specialises every argument again on each call, and checks
 the kernel's global constexprs: tens of microseconds of Python in Triton 3.6, which is what bounds
-a loaded model's eager decode step (docs/performance.md, runs 71-75 and 78). `launch(fn, grid,
+a loaded model's eager decode step (docs/performance.md, runs 71-75 and 79-80). `launch(fn, grid,
 *args, **kwargs)` goes through Triton once for each combination of keyword values, argument
-dtypes and 16-byte alignment (what Triton specialises a pointer on), keeps the compiled kernel it
+dtypes, 16-byte alignment (what Triton specialises a pointer on) and integer argument values,
+keeps the compiled kernel it
 returns, and from then on hands the arguments straight to that kernel's launcher (the call
 `CompiledKernel.__getitem__` makes). Under the interpreter, with Triton's launch hooks set (a
 profiler), or with `TQC_DIRECT_LAUNCH=0`, every call takes Triton's own path.
