@@ -3,8 +3,9 @@
 `attach(model)` (called by tqc.packed.load_packed) gives every TurboQuant layer on a CUDA device
 the kernel generated for its (bits, residual bits, group size, N, K), after repacking its codes
 into the kernel layout (docs/kernel_layout.md; `detach(model)` puts them back, e.g. before
-saving). On CPU it does nothing and the layers keep the torch reference path. Triton is imported
-only when a CUDA layer is found.
+saving). In Hugging Face's decoder layers it then moves the rotations of q/k/v, gate/up and
+down_proj into the norm and SwiGLU steps (hf_glue.install). On CPU it does nothing and the layers
+keep the torch reference path. Triton is imported only when a CUDA layer is found.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False) -> int:
-    """Set `module.kernel` on each supported quantized layer on CUDA; return how many got one."""
+    """Set `module.kernel` on each supported quantized layer on CUDA, and fuse the rotations into
+    the norm and SwiGLU steps where the model allows (hf_glue); return how many layers got a kernel."""
     from tqc.linear import QuantizedLinear  # noqa: PLC0415
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]
     if not layers:
         return 0
+    from . import hf_glue  # noqa: PLC0415
     from .registry import KernelRegistry, prepare, supports  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
@@ -36,6 +39,7 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
             prepare(module)
             module.use_kernel(registry.kernel_for(module.spec))
             attached += 1
+    hf_glue.install(model)
     return attached
 
 

@@ -8,7 +8,11 @@ kernel adds into: one launch fewer per layer, and under programmatic dependent l
 kernel starts while the step runs.
 
     norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight)
+                          (or, for Hugging Face's RMSNorm, no residual: x = rotate(rms_norm(h) * weight))
     swiglu_rotate_kernel  x = rotate(silu(gate) * up)
+
+The benchmark decoder (decode_bench.py) calls norm_linear and swiglu_linear itself; a model from
+`tqc.load` gets them through hf_glue.py, which replaces its norms and MLPs.
 
 `fused_linear(layer, tokens, like, produce)` runs a layer on an input that `produce(target)`
 writes, for every strategy (the lookup kernels want it in slot-pair order, dequantize + cuBLAS in
@@ -27,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch
 from .int8_kernels import store_int8
 from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
@@ -46,33 +51,45 @@ def block_width(k: int, group_size: int) -> int | None:
 @triton.jit(do_not_specialize=["CLEAR"])
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
-                       INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr = False):
+                       INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
-    once: a loop over blocks waited for each load in turn) for the sum of squares, then writes h'
-    and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K / BLOCK_K
-    for one token, 1 for many)."""
+    once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
+    h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
+    BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h'
+    (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm rounds it, and h_out is
+    the normalised input (delta unused)."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
     row = tl.arange(0, ROW)
-    whole = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + row, row < K)
+    whole = _row(h_ptr, delta_ptr, h_out_ptr, token * K + row, row < K, RESIDUAL)
     scale = tl.rsqrt(tl.sum(whole * whole) / K + eps)
     tokens = token + tl.arange(0, 1)
+    dtype = h_out_ptr.dtype.element_ty
     for block in range(tl.program_id(1), K // BLOCK_K, tl.num_programs(1)):
         cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
-        h = _residual(h_ptr, delta_ptr, h_out_ptr, token * K + cols, cols < K)
-        tl.store(h_out_ptr + token * K + cols, h.to(h_out_ptr.dtype.element_ty))
-        x = (h * scale * tl.load(weight_ptr + cols).to(tl.float32)).to(h_out_ptr.dtype.element_ty).to(tl.float32)
+        h = _row(h_ptr, delta_ptr, h_out_ptr, token * K + cols, cols < K, RESIDUAL)
+        weight = tl.load(weight_ptr + cols).to(tl.float32)
+        if RESIDUAL:
+            tl.store(h_out_ptr + token * K + cols, h.to(dtype))
+            x = (h * scale * weight).to(dtype).to(tl.float32)
+        else:  # weight * (h * scale).to(dtype), in the activations' dtype
+            x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+            tl.store(h_out_ptr + token * K + cols, x.to(dtype))
         _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
                PER_WORD)
 
 
 @triton.jit
-def _residual(h_ptr, delta_ptr, like_ptr, offsets, mask):
-    """h + delta at `offsets`, rounded to the activations' dtype as the unfused add is, in float32."""
+def _row(h_ptr, delta_ptr, like_ptr, offsets, mask, RESIDUAL: tl.constexpr):
+    """h (RESIDUAL: h + delta, rounded to the activations' dtype as the unfused add is) at
+    `offsets`, in float32."""
     h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    h += tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return h.to(like_ptr.dtype.element_ty).to(tl.float32)
+    if RESIDUAL:
+        h += tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(like_ptr.dtype.element_ty).to(tl.float32)
+    return h
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
@@ -108,27 +125,35 @@ def _store(x, signs_ptr, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LO
         store_rotated(x, signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K, PAIR_WIDTH)
 
 
-def _launch(target: RotationTarget, device: torch.device, k: int) -> dict:
+def _target_arguments(target: RotationTarget, rotated: torch.Tensor) -> tuple:
+    """signs, out, scales, clear, CLEAR: the kernels' arguments for `target`, positionally (as
+    kernels/launch.py wants tensors); `rotated` stands in for the pointers the constexprs leave unread."""
+    clear, scales = target.clear, target.scales
+    return (target.signs, rotated, rotated if scales is None else scales, rotated if clear is None else clear,
+            0 if clear is None else clear.numel())
+
+
+def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
     block = block_width(k, target.group_size)
     if block is None:
         raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
-    clear, scales, unused = target.clear, target.scales, torch.empty(0, device=device)
-    return {"clear_ptr": clear if clear is not None else unused, "CLEAR": clear.numel() if clear is not None else 0,
-            "scales_ptr": scales if scales is not None else unused, "INT8": scales is not None,
-            "PER_WORD": target.per_word, "K": k, "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
+    return {"INT8": target.scales is not None, "PER_WORD": target.per_word, "K": k,
+            "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
             "PAIR_WIDTH": target.pair_width} | pdl_launch(device)
 
 
-def norm_rotate(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                 target: RotationTarget) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + delta, rotate(rms_norm(h + delta) * weight)) for [M, K] activations, in one launch."""
+    """For [M, K] activations, in one launch: (h + delta, rotate(rms_norm(h + delta) * weight)),
+    or with delta None (h_normed, rotate(h_normed)), h_normed = rms_norm(h) * weight as Hugging
+    Face's RMSNorm rounds it."""
     m, k = h.shape
     h_out = torch.empty_like(h)
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
-    launch = _launch(target, h.device, k)
-    column_programs = max(1, k // launch["BLOCK_K"] // m)  # one token: the row over many programs
-    norm_rotate_kernel[(m, column_programs)](h, delta, weight, h_out, target.signs, rotated, eps=eps,
-                                             ROW=next_power_of_2(k), **launch)
+    options = _constexprs(target, h.device, k)
+    column_programs = max(1, k // options["BLOCK_K"] // m)  # one token: the row over many programs
+    launch(norm_rotate_kernel, (m, column_programs), h, h if delta is None else delta, weight, h_out,
+           *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, **options)
     return h_out, rotated
 
 
@@ -136,8 +161,9 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor
     """rotate(silu(gate) * up) for [M, 2K] gate_up, in one launch."""
     m, k = gate_up.shape[0], gate_up.shape[1] // 2
     rotated = torch.empty(m, k, device=gate_up.device, dtype=target.dtype)
-    launch = _launch(target, gate_up.device, k)
-    swiglu_rotate_kernel[(m, k // launch["BLOCK_K"])](gate_up, target.signs, rotated, **launch)
+    options = _constexprs(target, gate_up.device, k)
+    launch(swiglu_rotate_kernel, (m, k // options["BLOCK_K"]), gate_up, *_target_arguments(target, rotated),
+           **options)
     return rotated
 
 
@@ -157,9 +183,10 @@ def fused_linear(layer, tokens: int, like: torch.Tensor,
     return kernel.finish(kernel.multiply(rotated, layer, config, out, target.scales), layer)
 
 
-def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or None."""
+    """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or
+    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate)."""
     residual = []
 
     def produce(target: RotationTarget) -> torch.Tensor:

@@ -1,23 +1,26 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
-                                          [--eager-only] [--profile] [--launch-paths] [--keep DIR]
+                                          [--eager-only] [--profile] [--launch-paths] [--glue-paths]
+                                          [--keep DIR]
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
 weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
 (kernels/decode_bench.py, head quantized too), loaded with `tqc.load`, and run by Hugging Face's
-own decoder layers, where each quantized layer rotates its input in a launch of its own (the
-benchmark decoder fuses that into its norm and SwiGLU steps). Both models decode one token through
-a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a CUDA graph, then
-compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps each). `--generate`
-also times `model.generate` with the default dynamic cache (eager) and with a static one (which
-transformers compiles); `--profile` logs a CPU profile of the eager steps of both models; `--launch-paths` times
-tqc's eager step through Triton's launcher and through the compiled kernels directly
-(kernels/launch.py, the default), alternated three times; `--keep DIR` leaves the random source
-model and the packed one in DIR/source and DIR/packed (for `tqc bench generate DIR/packed`). On the CPU, with
-`--tiny` shapes, it is a smoke test of the plumbing. Compare with `tqc bench decode --layers 4`
-in the same run (docs/performance.md, runs 71-77).
+own decoder layers, whose norms and MLPs tqc replaced so that they rotate the next layer's input
+(kernels/hf_glue.py; o_proj and the head rotate in a launch of their own). Both models decode one
+token through a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a
+CUDA graph, then compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps
+each). `--generate` also times `model.generate` with the default dynamic cache (eager) and with a
+static one (which transformers compiles); `--profile` logs a CPU profile of the eager steps of
+both models. `--launch-paths` times tqc's eager step through Triton's launcher and through the
+compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
+step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
+`--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
+`tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a smoke test of the
+plumbing. Compare with `tqc bench decode --layers 4` in the same run (docs/performance.md, runs
+71-77).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import statistics
 import tempfile
@@ -82,11 +86,12 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
     return options
 
 
-def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False) -> dict[str, float]:
+def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False,
+                 compile: bool = True) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
     (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
     `profile`: log where the eager steps spend their time on the CPU (Python's cProfile).
-    `eager_only`: no CUDA graph, no torch.compile."""
+    `eager_only`: no CUDA graph, no torch.compile; `compile`: False, no torch.compile."""
     from transformers import StaticCache
 
     device = model.device
@@ -123,6 +128,7 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
             log_profile(lambda: timed(step))
         if device.type == "cuda" and not eager_only:
             result["graph"] = timed(graph_of(step))
+        if device.type == "cuda" and not eager_only and compile:
             try:  # torch.compile fuses Hugging Face's elementwise steps; tqc's kernels are one op each
                 torch._dynamo.reset()
                 compiled = functools.partial(step, torch.compile(model))
@@ -133,16 +139,22 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
     return result
 
 
-def launch_paths(model, context: int, rounds: int = 3) -> dict[str, list[float]]:
-    """Median seconds of an eager step, each launch through Triton's launcher or directly, alternated."""
-    from tqc.kernels import launch
+# What --launch-paths and --glue-paths switch: a module's ENABLED flag, by the name of each setting.
+PATH_SWITCHES = {"launch": ("tqc.kernels.launch", {"triton": False, "direct": True}),
+                 "glue": ("tqc.kernels.hf_glue", {"separate": False, "fused": True})}
 
-    enabled, times = launch.ENABLED, {"triton": [], "direct": []}
+
+def compare_paths(model, context: int, switch: str, rounds: int = 3) -> dict[str, list[dict[str, float]]]:
+    """Median seconds of a decode step (eager; for the glue also replayed from a CUDA graph) under
+    each setting of PATH_SWITCHES[switch], alternated `rounds` times."""
+    module_name, settings = PATH_SWITCHES[switch]
+    module = importlib.import_module(module_name)
+    enabled, times = module.ENABLED, {name: [] for name in settings}
     for _ in range(rounds):
-        for path in times:
-            launch.ENABLED = path == "direct"
-            times[path].append(step_seconds(model, context, eager_only=True)["eager"])
-    launch.ENABLED = enabled
+        for name, value in settings.items():
+            module.ENABLED = value
+            times[name].append(step_seconds(model, context, eager_only=switch == "launch", compile=False))
+    module.ENABLED = enabled
     return times
 
 
@@ -187,6 +199,8 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of both models' eager steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
+    parser.add_argument("--glue-paths", action="store_true",
+                        help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
@@ -218,17 +232,20 @@ def main() -> None:
         if args.generate:
             tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq}")
-        paths = launch_paths(quantized, args.context) if args.launch_paths else None
+        switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
+        paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels}
     for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
               f"x{bf16[mode] / tq[mode]:.2f}")
-    if paths:
-        result["launch_paths_ms"] = {path: [t * 1e3 for t in times] for path, times in paths.items()}
-        for path, times in result["launch_paths_ms"].items():
-            print(f"eager tqc step, {path} launches: {', '.join(f'{t:.2f}' for t in times)} ms")
+    for switch, times in paths.items():
+        result[f"{switch}_paths_ms"] = {name: [{mode: t * 1e3 for mode, t in run.items()} for run in runs]
+                                        for name, runs in times.items()}
+        for name, runs in result[f"{switch}_paths_ms"].items():
+            for mode in runs[0]:
+                print(f"{mode} tqc step, {switch} {name}: {', '.join(f'{run[mode]:.2f}' for run in runs)} ms")
     print(f"{kernels} quantized layers on generated kernels")
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

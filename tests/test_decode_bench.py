@@ -65,17 +65,18 @@ def test_int8_layers_choose_which_projections_take_int8_activations():
 def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     """scripts/check_hf_decode.py (a GPU benchmark) at tiny shapes: random model, tqc build,
     tqc.load, the timed steps through Hugging Face's static cache, `generate` and the eager steps
-    by launch path all run, and
+    by launch path and with the rotations in the glue or apart all run, and
     scripts/plot_performance.py draws the result."""
     output = tmp_path / "hf.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hf_decode.py"), "--tiny", "--layers", "1",
-                    "--context", "448", "--generate", "--launch-paths", "-o", str(output)],
+                    "--context", "448", "--generate", "--launch-paths", "--glue-paths", "-o", str(output)],
                    cwd=tmp_path, check=True, capture_output=True)
     result = json.loads(output.read_text())
     assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
     for mode in ("eager", "generate", "generate_static"):
         assert result[mode]["bf16_ms"] > 0 and result[mode]["tqc_ms"] > 0, mode
-    assert [len(times) for times in result["launch_paths_ms"].values()] == [3, 3]
+    assert [len(runs) for runs in result["launch_paths_ms"].values()] == [3, 3]
+    assert set(result["glue_paths_ms"]) == {"separate", "fused"}  # graphs only on CUDA
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_performance.py"), "--loaded", str(output),
                     "--out", str(tmp_path)], check=True, capture_output=True)
     assert (tmp_path / "performance-loaded.png").stat().st_size > 0

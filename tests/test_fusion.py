@@ -111,3 +111,22 @@ def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packe
     calls.clear()
     torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
     assert len(calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer
+
+
+def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(packed, monkeypatch):
+    """kernels/hf_glue.py replaces a loaded Llama's norms and MLPs (on CUDA, where the fused layers
+    run kernels; here told they do). Where the fused path does not apply, as on the CPU, the new
+    modules compute Hugging Face's formulas bit for bit, and the state dict keeps its names."""
+    from tqc.kernels import hf_glue
+
+    model = load_packed(packed / "uniform")
+    expected, keys = logits(model, IDS), list(model.state_dict())
+    weight = model.model.layers[0].input_layernorm.weight
+    monkeypatch.setattr(hf_glue, "_runs_kernels", lambda fused: isinstance(fused, FusedSiblings))
+    assert hf_glue.install(model) == 3 * len(model.model.layers)  # two norms and the MLP
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, hf_glue.RotatingRMSNorm) and isinstance(layer.mlp, hf_glue.SwiGLU)
+    assert layer.input_layernorm.weight is weight  # the same parameter, not a copy
+    assert list(model.state_dict()) == keys
+    assert torch.equal(logits(model, IDS), expected)
+    assert not isinstance(model.model.norm, hf_glue.RotatingRMSNorm)  # the head reads a slice of its output

@@ -177,6 +177,64 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
+def tiny_llama_on_kernels(dtype: torch.dtype):
+    """A one-layer random Llama (hidden 256, MLP 512) with every projection at 4 bits, q/k/v and
+    gate/up fused as `tqc.load` fuses them, each on its generated kernel at a fixed launch (fma for
+    one token, split over K on tensor cores for more), on DEVICE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tqc.fusion import fuse_siblings
+    from tqc.linear import QuantizedLinear, quantize_linear
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, vocab_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    layer = model.model.layers[0]
+    seeds = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 3, "up_proj": 3, "down_proj": 4}
+    for parent in (layer.self_attn, layer.mlp):
+        for name, child in list(parent.named_children()):
+            if name in seeds:
+                spec = LayerSpec(QuantOption.parse("4"), 64, child.in_features, child.out_features)
+                setattr(parent, name, quantize_linear(child, spec, seeds[name]))
+    fuse_siblings(model)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.to(DEVICE)
+    configs = {1: LaunchConfig(strategy="fma", block_n=64, slots=8), 3: LaunchConfig(strategy="dot", block_n=64, slots=8)}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            prepare(module)
+            kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+            kernel.tuned = configs.get
+            kernel.config_for = lambda x, layer: configs[x.shape[0]]
+            module.use_kernel(kernel)
+    return model
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(tokens, monkeypatch):
+    """kernels/hf_glue.py in a Llama on the generated kernels: the norms and SwiGLU write the next
+    layer's rotated input, so only o_proj rotates in a launch of its own, and the logits are those
+    of the separate rotation launches."""
+    from tqc.kernels import hf_glue, registry
+
+    model = tiny_llama_on_kernels(DTYPES[0])
+    assert hf_glue.install(model) == 3
+    rotations = []
+    separate_rotate = registry.rotate
+    monkeypatch.setattr(registry, "rotate", lambda *args, **kwargs: rotations.append(1) or separate_rotate(*args, **kwargs))
+    ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits.float()
+        assert len(rotations) == 1
+        monkeypatch.setattr(hf_glue, "ENABLED", False)
+        separate = model(input_ids=ids).logits.float()
+    assert len(rotations) == 1 + 4  # q/k/v, o_proj, gate/up, down_proj
+    assert separate.std() > 0
+    assert relative_error(fused, separate.double().cpu()) < TOLERANCE[DTYPES[0]]
+
+
 def time_once(fn) -> float:
     start = time.perf_counter()
     fn()

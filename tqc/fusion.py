@@ -48,14 +48,25 @@ class FusedSiblings(nn.Module):
         """The fused output for input x, as sibling `name` reads it."""
         last = self._last
         if x is not last.input or self._version_of(x) != last.version:
-            last.input, last.version = x, self._version_of(x)
-            last.output = self.layer(x)
-            last.unread = set(self.names)
+            self.keep(x, self.layer(x))
         output = last.output
         last.unread.discard(name)
         if not last.unread:  # every sibling has its slice: hold nothing longer
             last.input = last.output = None
         return output
+
+    def whole_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused output for input x, read by all siblings at once (a module that replaces their
+        parent's forward, kernels/hf_glue.py)."""
+        for name in self.names[:-1]:
+            self.output_for(x, name)
+        return self.output_for(x, self.names[-1])
+
+    def keep(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Hold `output` as the fused output for input x until every sibling has read it (also for
+        an output computed elsewhere: the step that made x, with the rotation in its launch)."""
+        last = self._last
+        last.input, last.version, last.output, last.unread = x, self._version_of(x), output, set(self.names)
 
     @staticmethod
     def _version_of(x: torch.Tensor) -> int:
