@@ -10,9 +10,9 @@ in each decoder layer whose fused siblings (tqc.fusion) run generated kernels:
 - `mlp` by a `SwiGLU`: SiLU x up and down_proj's rotation in one launch.
 
 The new modules keep the names and tensors of those they replace (the state dict is unchanged).
-Where the fused path does not apply (no kernel, under torch.compile, which fuses the norm itself
-and cannot trace the launches, more than glue.MAX_TOKENS tokens, a layer not tuned yet for the
-token count) they compute Hugging Face's formulas op for op. Only architectures whose norm and MLP
+Where the fused path does not apply (no kernel, more than glue.MAX_TOKENS tokens, a layer not
+tuned yet for the token count) they compute Hugging Face's formulas op for op. Under torch.compile
+each fused step is one custom op (tqc::norm_linear, tqc::swiglu_linear). Only architectures whose norm and MLP
 compute exactly those formulas are touched (NORMS, MLPS), and MLPs only with SiLU.
 `TQC_FUSED_GLUE=0` (or ENABLED = False) keeps the formulas everywhere, to measure the difference.
 """
@@ -20,6 +20,7 @@ compute exactly those formulas are touched (NORMS, MLPS), and MLPs only with SiL
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -42,27 +43,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _fused_path(x: torch.Tensor) -> bool:
-    return ENABLED and x.is_contiguous() and not torch.compiler.is_compiling()
+    return ENABLED and x.is_contiguous()
+
+
+# The replacing modules by id, for the custom ops below (weakly: a dropped model leaves nothing).
+_MODULES: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
 
 class RotatingRMSNorm(nn.Module):
-    """An RMSNorm that also runs the fused layer reading its output (`consumer`) with the rotation
+    """An RMSNorm that also runs the fused layer reading its output (`consumer`), with the rotation
     in its own launch, and hands that layer's output to it."""
 
     def __init__(self, norm: nn.Module, consumer: FusedSiblings):
         super().__init__()
         self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
         self._consumer = (consumer,)  # a tuple: the layer stays registered in its own parent only
+        _MODULES[id(self)] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused_path(x) and x.dtype == self.weight.dtype:
-            consumer = self._consumer[0]
-            fused = glue.norm_linear(consumer.layer, x.view(-1, x.shape[-1]), None, self.weight, self.variance_epsilon)
-            if fused is not None:
-                normed, out = fused[0].view(x.shape), fused[1]
-                consumer.keep(normed, out.view(*x.shape[:-1], out.shape[-1]))
-                return normed
-        return rms_norm(x, self.weight, self.variance_epsilon)
+        if not (_fused_path(x) and x.dtype == self.weight.dtype):
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        if torch.compiler.is_compiling():
+            normed, out = torch.ops.tqc.norm_linear(x, id(self))
+        else:
+            normed, out = self.norm_linear(x)
+        self._consumer[0].keep(normed, out)
+        return normed
+
+    def norm_linear(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the normalised x, the consumer's output for it): the rotation in the norm's launch where
+        glue.norm_linear runs, else Hugging Face's norm and the consumer's own call."""
+        layer = self._consumer[0].layer
+        fused = glue.norm_linear(layer, x.view(-1, x.shape[-1]), None, self.weight, self.variance_epsilon)
+        if fused is None:
+            normed = rms_norm(x, self.weight, self.variance_epsilon)
+            return normed, layer(normed)
+        return fused[0].view(x.shape), fused[1].view(*x.shape[:-1], fused[1].shape[-1])
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, rotates for {self._consumer[0].names}"
@@ -76,15 +92,47 @@ class SwiGLU(nn.Module):
         super().__init__()
         for name, child in mlp.named_children():
             self.add_module(name, child)
+        _MODULES[id(self)] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_fused.whole_output(x)
-        if _fused_path(gate_up):
-            out = glue.swiglu_linear(self.down_proj, gate_up.view(-1, gate_up.shape[-1]))
-            if out is not None:
-                return out.view(*x.shape[:-1], out.shape[-1])
+        if not _fused_path(gate_up):
+            return self.formula(gate_up)
+        if torch.compiler.is_compiling():
+            return torch.ops.tqc.swiglu_linear(gate_up, id(self))
+        return self.swiglu_linear(gate_up)
+
+    def swiglu_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP's output, with the rotation in the SwiGLU launch where glue.swiglu_linear runs."""
+        out = glue.swiglu_linear(self.down_proj, gate_up.view(-1, gate_up.shape[-1]))
+        return self.formula(gate_up) if out is None else out.view(*gate_up.shape[:-1], out.shape[-1])
+
+    def formula(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+# torch.compile keeps each fused step whole, as tqc::kernel_linear (tqc.linear): it cannot trace
+# Triton's launcher, and the norm it would fuse itself is inside the launch.
+@torch.library.custom_op("tqc::norm_linear", mutates_args=())
+def _norm_linear_op(x: torch.Tensor, module: int) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, out = _MODULES[module].norm_linear(x)
+    return normed, out
+
+
+@_norm_linear_op.register_fake
+def _(x: torch.Tensor, module: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], _MODULES[module]._consumer[0].layer.out_features))
+
+
+@torch.library.custom_op("tqc::swiglu_linear", mutates_args=())
+def _swiglu_linear_op(gate_up: torch.Tensor, module: int) -> torch.Tensor:
+    return _MODULES[module].swiglu_linear(gate_up)
+
+
+@_swiglu_linear_op.register_fake
+def _(gate_up: torch.Tensor, module: int) -> torch.Tensor:
+    return gate_up.new_empty((*gate_up.shape[:-1], _MODULES[module].down_proj.out_features))
 
 
 def _runs_kernels(fused: nn.Module | None) -> bool:

@@ -91,42 +91,67 @@ def test_a_sibling_never_reads_a_stale_output():
         assert len(calls) == 4
 
 
-def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packed):
-    """torch.compile sees each generated kernel as one op (tqc::kernel_linear) and the fused layer's
-    cache as it runs eagerly: no graph break, one kernel call per fused set, the eager logits.
-    A reference-path stand-in plays the kernel, so this runs without a GPU."""
-    model = load_packed(packed / "uniform")
-    expected = logits(model, IDS)
-    calls = []
+class StandInKernel:
+    """Plays a layer's generated kernel with the reference path, so that a model "on kernels" runs
+    without a GPU; never tuned, so the fused glue (kernels/glue.py) always falls back."""
 
-    def kernel(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-        calls.append(layer.out_features)
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        self.calls.append(layer.out_features)
         return torch.nn.functional.linear(layer.prepare_input(x), layer.dequantized_weight(x.dtype))
 
+    def tuned(self, tokens: int) -> None:
+        return None
+
+
+def on_stand_in_kernels(model) -> StandInKernel:
+    kernel = StandInKernel()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernel(kernel)
+    return kernel
+
+
+def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packed):
+    """torch.compile sees each generated kernel as one op (tqc::kernel_linear) and the fused layer's
+    cache as it runs eagerly: no graph break, one kernel call per fused set, the eager logits."""
+    model = load_packed(packed / "uniform")
+    expected = logits(model, IDS)
+    kernel = on_stand_in_kernels(model)
     compiled = torch.compile(model, fullgraph=True)  # any graph break raises
     logits(compiled, IDS)
-    calls.clear()
+    kernel.calls.clear()
     torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
-    assert len(calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer
+    assert len(kernel.calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer
 
 
 def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(packed, monkeypatch):
-    """kernels/hf_glue.py replaces a loaded Llama's norms and MLPs (on CUDA, where the fused layers
-    run kernels; here told they do). Where the fused path does not apply, as on the CPU, the new
-    modules compute Hugging Face's formulas bit for bit, and the state dict keeps its names."""
+    """kernels/hf_glue.py replaces a loaded Llama's norms and MLPs where the fused layers run
+    kernels. Where the fused path does not apply (here: never tuned) the new modules compute
+    Hugging Face's formulas bit for bit, the state dict keeps its names, and torch.compile takes
+    each fused step as one op, without a graph break, still one kernel call per fused set."""
     from tqc.kernels import hf_glue
 
     model = load_packed(packed / "uniform")
     expected, keys = logits(model, IDS), list(model.state_dict())
     weight = model.model.layers[0].input_layernorm.weight
-    monkeypatch.setattr(hf_glue, "_runs_kernels", lambda fused: isinstance(fused, FusedSiblings))
+    kernel = on_stand_in_kernels(model)
     assert hf_glue.install(model) == 3 * len(model.model.layers)  # two norms and the MLP
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, hf_glue.RotatingRMSNorm) and isinstance(layer.mlp, hf_glue.SwiGLU)
     assert layer.input_layernorm.weight is weight  # the same parameter, not a copy
+    assert not isinstance(model.model.norm, hf_glue.RotatingRMSNorm)  # the head reads a slice of its output
     assert list(model.state_dict()) == keys
     assert torch.equal(logits(model, IDS), expected)
-    assert not isinstance(model.model.norm, hf_glue.RotatingRMSNorm)  # the head reads a slice of its output
+    compiled = torch.compile(model, fullgraph=True)
+    logits(compiled, IDS)
+    kernel.calls.clear()
+    steps = []  # the fused steps the compiled model runs (as custom ops)
+    for cls, method in ((hf_glue.RotatingRMSNorm, "norm_linear"), (hf_glue.SwiGLU, "swiglu_linear")):
+        own = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, x, own=own, method=method: steps.append(method) or own(self, x))
+    torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
+    assert len(kernel.calls) == len(quantized_layers(model))
+    assert sorted(steps) == sorted(["norm_linear", "norm_linear", "swiglu_linear"] * len(model.model.layers))

@@ -371,3 +371,18 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
                 outputs.append(model(token, pos).float())
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
+
+    def test_hugging_face_glue_compiled_matches_eager():
+        """Under torch.compile the fused norm and SwiGLU steps run as custom ops (kernels/hf_glue.py)
+        and give the eager logits, one token and three."""
+        from tqc.kernels import hf_glue
+
+        model = tiny_llama_on_kernels(torch.bfloat16)
+        hf_glue.install(model)
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            for tokens in (1, 3):
+                ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
+                eager = model(input_ids=ids).logits.float()
+                error = relative_error(compiled(input_ids=ids).logits.float(), eager.double().cpu())
+                assert error < TOLERANCE[torch.bfloat16], f"{tokens} tokens: {error:.2e}"
