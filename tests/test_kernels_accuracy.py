@@ -373,8 +373,8 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
 
     def test_hugging_face_glue_compiled_matches_eager():
-        """Under torch.compile the fused norm and SwiGLU steps run as custom ops (kernels/hf_glue.py)
-        and give the eager logits, one token and three."""
+        """Compiled, a model with kernels/hf_glue.py's modules runs Hugging Face's formulas and
+        gives the eager logits (where the norms and SwiGLU rotate), one token and three."""
         from tqc.kernels import hf_glue
 
         model = tiny_llama_on_kernels(torch.bfloat16)
