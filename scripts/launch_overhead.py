@@ -7,7 +7,8 @@ A decode step run eagerly is bound by the CPU (docs/performance.md, runs 71-75):
 layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. On the
 CPU this measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation
 and lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them,
-alone and as the fused q/k/v of a loaded model (tqc/fusion.py) calls it.
+alone, as the fused q/k/v of a loaded model (tqc/fusion.py) calls it, and with the norm before
+it (Hugging Face's, then with the rotation in the norm's launch: kernels/hf_glue.py).
 With `--device cuda` the same layer runs its real kernels, calls issued back to back (the GPU's
 few microseconds a call hide behind the CPU's), through Triton's launcher and through the
 compiled kernels directly (kernels/launch.py), alternated twice.
@@ -22,6 +23,7 @@ import os
 import pstats
 import sys
 import time
+from types import SimpleNamespace
 
 if "cuda" not in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # kernels built on the CPU; they are stubbed out below anyway
@@ -82,10 +84,32 @@ def main() -> None:
                 fused.output_for(x, name)
         print(f"the same through a fused q/k/v (the layer once, three slices): "
               f"{(time.perf_counter() - start) / args.calls * 1e6:.1f} us")
+        time_norm_and_fused(module, x, args.calls)
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(calls)
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
+
+
+def time_norm_and_fused(module, x: torch.Tensor, count: int) -> None:
+    """A decoder layer's norm and the fused q/k/v reading its output: Hugging Face's RMSNorm (torch
+    ops) and the rotation in the layer's launch, against kernels/hf_glue.py's RotatingRMSNorm."""
+    from tqc.kernels import glue, hf_glue
+
+    glue.norm_rotate_kernel = NoLaunch()
+    weight = torch.ones(x.shape[-1], dtype=x.dtype)
+    norm = hf_glue.RotatingRMSNorm(SimpleNamespace(weight=weight, variance_epsilon=1e-5),
+                                   FusedSiblings(module, ["q_proj", "k_proj", "v_proj"]))
+    fused = norm._consumer[0]
+    for enabled in (False, True):
+        hf_glue.ENABLED = enabled
+        start = time.perf_counter()
+        for _ in range(count):
+            normed = norm(x)
+            for name in fused.names:
+                fused.output_for(normed, name)
+        label = "RotatingRMSNorm, one launch" if enabled else "Hugging Face's RMSNorm (torch ops), then the rotation"
+        print(f"norm + fused q/k/v, {label}: {(time.perf_counter() - start) / count * 1e6:.1f} us")
 
 
 def time_real_launches(calls, count: int, output: str | None) -> None:
