@@ -158,3 +158,28 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     assert steps == []
     logits(model, IDS)
     assert sorted(steps) == sorted(["norm_linear", "norm_linear", "swiglu_linear"] * len(model.model.layers))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_norms_and_mlps_hf_glue_replaces_compute_its_formulas(family):
+    """kernels/hf_glue.py replaces modules by class name (NORMS, MLPS); this transformers' classes
+    must compute what the replacements fall back to, bit for bit."""
+    import importlib
+
+    import transformers
+
+    from tqc.kernels import hf_glue
+
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    classes = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    assert {f"{prefix}RMSNorm", f"{prefix}MLP"} <= hf_glue.NORMS | hf_glue.MLPS
+    config = getattr(transformers, f"{prefix}Config")(hidden_size=64, intermediate_size=96)
+    torch.manual_seed(0)
+    norm, mlp = getattr(classes, f"{prefix}RMSNorm")(64, eps=1e-5), getattr(classes, f"{prefix}MLP")(config)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    norm, mlp = norm.to(torch.bfloat16), mlp.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(norm(x), hf_glue.rms_norm(x, norm.weight, 1e-5))
+        assert type(mlp.act_fn).__name__ in hf_glue.SILU
+        assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
