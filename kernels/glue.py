@@ -8,8 +8,9 @@ kernel adds into: one launch fewer per layer, and under programmatic dependent l
 kernel starts while the step runs.
 
     norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight)
-                          (or, for Hugging Face's RMSNorm, no residual: x = rotate(rms_norm(h) * weight))
-    swiglu_rotate_kernel  x = rotate(silu(gate) * up)
+                          (or, for Hugging Face's RMSNorm, no residual: x = rotate(rms_norm(h) * weight),
+                          Gemma's with 1 + weight)
+    swiglu_rotate_kernel  x = rotate(silu(gate) * up) (or Gemma's gelu_tanh(gate) * up)
 
 The benchmark decoder (decode_bench.py) calls norm_linear and swiglu_linear itself; a model from
 `tqc.load` gets them through hf_glue.py, which replaces its norms and MLPs.
@@ -52,13 +53,14 @@ def block_width(k: int, group_size: int) -> int | None:
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       GEMMA: tl.constexpr, PDL: tl.constexpr = False):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
     BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h'
-    (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm rounds it, and h_out is
-    the normalised input (delta unused)."""
+    (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm computes it, and h_out is
+    the normalised input (delta unused): Llama's rounds before the weight, Gemma's (GEMMA)
+    multiplies by 1 + weight and rounds once."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
@@ -74,8 +76,11 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
         if RESIDUAL:
             tl.store(h_out_ptr + token * K + cols, h.to(dtype))
             x = (h * scale * weight).to(dtype).to(tl.float32)
-        else:  # weight * (h * scale).to(dtype), in the activations' dtype
-            x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        else:
+            if GEMMA:  # (h * scale * (1 + weight)).to(dtype)
+                x = (h * scale * (weight + 1.0)).to(dtype).to(tl.float32)
+            else:  # weight * (h * scale).to(dtype), in the activations' dtype
+                x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
             tl.store(h_out_ptr + token * K + cols, x.to(dtype))
         _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
                PER_WORD)
@@ -95,9 +100,9 @@ def _row(h_ptr, delta_ptr, like_ptr, offsets, mask, RESIDUAL: tl.constexpr):
 @triton.jit(do_not_specialize=["CLEAR"])
 def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, K: tl.constexpr,
                          LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr,
-                         PER_WORD: tl.constexpr, PDL: tl.constexpr = False):
-    """grid (M, K / BLOCK_K): x = silu(gate) * up for one token's BLOCK_K columns (gate_up is
-    [M, 2K], gate first), rotated."""
+                         PER_WORD: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (M, K / BLOCK_K): x = silu(gate) * up (GELU: gelu_tanh(gate) * up, Gemma's) for one
+    token's BLOCK_K columns (gate_up is [M, 2K], gate first), rotated."""
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
@@ -105,8 +110,12 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
     dtype = gate_up_ptr.dtype.element_ty
     gate = tl.load(gate_up_ptr + token * 2 * K + cols).to(tl.float32)
     up = tl.load(gate_up_ptr + token * 2 * K + K + cols).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    x = (silu * up).to(dtype).to(tl.float32)
+    if GELU:  # 0.5 g (1 + tanh(y)) = g sigmoid(2y), y = sqrt(2 / pi) (g + 0.044715 g^3)
+        y = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = (gate / (1.0 + tl.exp(-2.0 * y))).to(dtype).to(tl.float32)
+    else:
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    x = (act * up).to(dtype).to(tl.float32)
     tokens = token + tl.arange(0, 1)
     _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, tl.program_id(1), K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
            PER_WORD)
@@ -143,27 +152,28 @@ def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                target: RotationTarget) -> tuple[torch.Tensor, torch.Tensor]:
+                target: RotationTarget, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For [M, K] activations, in one launch: (h + delta, rotate(rms_norm(h + delta) * weight)),
     or with delta None (h_normed, rotate(h_normed)), h_normed = rms_norm(h) * weight as Hugging
-    Face's RMSNorm rounds it."""
+    Face's Llama RMSNorm rounds it (`gemma`: * (1 + weight), as Gemma's)."""
     m, k = h.shape
     h_out = torch.empty_like(h)
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
     options = _constexprs(target, h.device, k)
     column_programs = max(1, k // options["BLOCK_K"] // m)  # one token: the row over many programs
     launch(norm_rotate_kernel, (m, column_programs), h, h if delta is None else delta, weight, h_out,
-           *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, **options)
+           *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, GEMMA=gemma,
+           **options)
     return h_out, rotated
 
 
-def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget) -> torch.Tensor:
-    """rotate(silu(gate) * up) for [M, 2K] gate_up, in one launch."""
+def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget, gelu: bool = False) -> torch.Tensor:
+    """rotate(silu(gate) * up) for [M, 2K] gate_up (`gelu`: gelu_tanh(gate) * up), in one launch."""
     m, k = gate_up.shape[0], gate_up.shape[1] // 2
     rotated = torch.empty(m, k, device=gate_up.device, dtype=target.dtype)
     options = _constexprs(target, gate_up.device, k)
     launch(swiglu_rotate_kernel, (m, k // options["BLOCK_K"]), gate_up, *_target_arguments(target, rotated),
-           **options)
+           GELU=gelu, **options)
     return rotated
 
 
@@ -184,13 +194,13 @@ def fused_linear(layer, tokens: int, like: torch.Tensor,
 
 
 def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                eps: float, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or
-    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate)."""
+    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate: `gemma`)."""
     residual = []
 
     def produce(target: RotationTarget) -> torch.Tensor:
-        h_out, rotated = norm_rotate(h, delta, weight, eps, target)
+        h_out, rotated = norm_rotate(h, delta, weight, eps, target, gemma)
         residual.append(h_out)
         return rotated
 
@@ -198,6 +208,6 @@ def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torc
     return None if out is None else (residual[0], out)
 
 
-def swiglu_linear(layer, gate_up: torch.Tensor) -> torch.Tensor | None:
-    """layer(silu(gate) * up) with the rotation in the SwiGLU launch, or None."""
-    return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target))
+def swiglu_linear(layer, gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor | None:
+    """layer(silu(gate) * up) (`gelu`: gelu_tanh(gate) * up) with the rotation in the SwiGLU launch, or None."""
+    return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target, gelu))

@@ -35,6 +35,15 @@ def packed(tmp_path_factory, tokenizer_dir):  # noqa: F811
     return root
 
 
+@pytest.fixture(scope="module")
+def packed_gemma(tmp_path_factory, tokenizer_dir):  # noqa: F811
+    """A tiny Gemma 3 built uniform 3+2."""
+    root = tmp_path_factory.mktemp("fusion_gemma")
+    source = make_tiny_model(root / "src", "gemma3_text", tokenizer_dir)
+    build(plan_for(str(source), "3+2"), root / "uniform", progress=False)
+    return root
+
+
 def quantized_layers(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
 
@@ -127,14 +136,16 @@ def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packe
     assert len(kernel.calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer
 
 
-def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(packed, monkeypatch):
-    """kernels/hf_glue.py replaces a loaded Llama's norms and MLPs where the fused layers run
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(family, request, monkeypatch):
+    """kernels/hf_glue.py replaces a loaded model's norms and MLPs where the fused layers run
     kernels. Where the fused path does not apply (here: never tuned) the new modules compute
     Hugging Face's formulas bit for bit and the state dict keeps its names. torch.compile traces
     the formulas (inductor fuses them better than the fused steps run, run 85), without a graph
     break, still one kernel call per fused set."""
     from tqc.kernels import hf_glue
 
+    packed = request.getfixturevalue("packed_gemma" if family == "gemma3" else "packed")
     model = load_packed(packed / "uniform")
     expected, keys = logits(model, IDS), list(model.state_dict())
     weight = model.model.layers[0].input_layernorm.weight
@@ -142,6 +153,10 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     assert hf_glue.install(model) == 3 * len(model.model.layers)  # two norms and the MLP
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, hf_glue.RotatingRMSNorm) and isinstance(layer.mlp, hf_glue.SwiGLU)
+    before_mlp = layer.pre_feedforward_layernorm if family == "gemma3" else layer.post_attention_layernorm
+    assert isinstance(before_mlp, hf_glue.RotatingRMSNorm) and before_mlp._consumer[0] is layer.mlp.gate_up_fused
+    if family == "gemma3":  # its post-attention norm feeds the residual add, not a quantized layer
+        assert not isinstance(layer.post_attention_layernorm, hf_glue.RotatingRMSNorm)
     assert layer.input_layernorm.weight is weight  # the same parameter, not a copy
     assert not isinstance(model.model.norm, hf_glue.RotatingRMSNorm)  # the head reads a slice of its output
     assert list(model.state_dict()) == keys
@@ -160,26 +175,31 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     assert sorted(steps) == sorted(["norm_linear", "norm_linear", "swiglu_linear"] * len(model.model.layers))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3"}
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_the_norms_and_mlps_hf_glue_replaces_compute_its_formulas(family):
-    """kernels/hf_glue.py replaces modules by class name (NORMS, MLPS); this transformers' classes
-    must compute what the replacements fall back to, bit for bit."""
+    """kernels/hf_glue.py replaces modules by class name (NORMS, MLPS, ACTIVATIONS); this
+    transformers' classes must compute what the replacements fall back to, bit for bit."""
     import importlib
 
     import transformers
 
     from tqc.kernels import hf_glue
 
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    prefix = HF_FAMILIES[family]
     classes = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    assert {f"{prefix}RMSNorm", f"{prefix}MLP"} <= hf_glue.NORMS | hf_glue.MLPS
-    config = getattr(transformers, f"{prefix}Config")(hidden_size=64, intermediate_size=96)
+    config_class = getattr(transformers, f"{prefix}TextConfig" if family == "gemma3" else f"{prefix}Config")
     torch.manual_seed(0)
-    norm, mlp = getattr(classes, f"{prefix}RMSNorm")(64, eps=1e-5), getattr(classes, f"{prefix}MLP")(config)
+    norm = getattr(classes, f"{prefix}RMSNorm")(64, eps=1e-5)
+    mlp = getattr(classes, f"{prefix}MLP")(config_class(hidden_size=64, intermediate_size=96))
     torch.nn.init.normal_(norm.weight)
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
     norm, mlp = norm.to(torch.bfloat16), mlp.to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    gemma, gelu = hf_glue.NORMS[type(norm).__name__], hf_glue.ACTIVATIONS[type(mlp.act_fn).__name__]
+    assert type(mlp).__name__ in hf_glue.MLPS and gemma == gelu == (family == "gemma3")
+    act = (lambda g: torch.nn.functional.gelu(g, approximate="tanh")) if gelu else torch.nn.functional.silu
     with torch.no_grad():
-        assert torch.equal(norm(x), hf_glue.rms_norm(x, norm.weight, 1e-5))
-        assert type(mlp.act_fn).__name__ in hf_glue.SILU
-        assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+        assert torch.equal(norm(x), hf_glue.rms_norm(x, norm.weight, 1e-5, gemma))
+        assert torch.equal(mlp(x), mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x)))

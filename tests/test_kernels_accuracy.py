@@ -177,19 +177,21 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
-def tiny_llama_on_kernels(dtype: torch.dtype):
-    """A one-layer random Llama (hidden 256, MLP 512) with every projection at 4 bits, q/k/v and
-    gate/up fused as `tqc.load` fuses them, each on its generated kernel at a fixed launch (fma for
-    one token, split over K on tensor cores for more), on DEVICE."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
+    """A one-layer random Llama or Gemma 3 (hidden 256, MLP 512) with every projection at 4 bits,
+    q/k/v and gate/up fused as `tqc.load` fuses them, each on its generated kernel at a fixed launch
+    (fma for one token, split over K on tensor cores for more), on DEVICE."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     from tqc.fusion import fuse_siblings
     from tqc.linear import QuantizedLinear, quantize_linear
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=64, vocab_size=64, tie_word_embeddings=False)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
+    config = config_class(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64, vocab_size=64, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     layer = model.model.layers[0]
     seeds = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 3, "up_proj": 3, "down_proj": 4}
     for parent in (layer.self_attn, layer.mlp):
@@ -212,14 +214,14 @@ def tiny_llama_on_kernels(dtype: torch.dtype):
     return model
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(tokens, monkeypatch):
-    """kernels/hf_glue.py in a Llama on the generated kernels: the norms and SwiGLU write the next
-    layer's rotated input, so only o_proj rotates in a launch of its own, and the logits are those
-    of the separate rotation launches."""
+@pytest.mark.parametrize(("family", "tokens"), [("llama", 1), ("llama", 3), ("gemma3", 1)])
+def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, monkeypatch):
+    """kernels/hf_glue.py in a Llama and a Gemma 3 (its norm with 1 + weight, its GELU) on the
+    generated kernels: the norms and SwiGLU write the next layer's rotated input, so only o_proj
+    rotates in a launch of its own, and the logits are those of the separate rotation launches."""
     from tqc.kernels import hf_glue, registry
 
-    model = tiny_llama_on_kernels(DTYPES[0])
+    model = tiny_model_on_kernels(DTYPES[0], family)
     assert hf_glue.install(model) == 3
     rotations = []
     separate_rotate = registry.rotate
@@ -377,7 +379,7 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         gives the eager logits (where the norms and SwiGLU rotate), one token and three."""
         from tqc.kernels import hf_glue
 
-        model = tiny_llama_on_kernels(torch.bfloat16)
+        model = tiny_model_on_kernels(torch.bfloat16)
         hf_glue.install(model)
         compiled = torch.compile(model, fullgraph=True)
         with torch.no_grad():
