@@ -87,11 +87,11 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
 
 
 def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False,
-                 compile: bool = True) -> dict[str, float]:
+                 with_compile: bool = True) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
     (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
     `profile`: log where the eager steps spend their time on the CPU (Python's cProfile).
-    `eager_only`: no CUDA graph, no torch.compile; `compile`: False, no torch.compile."""
+    `eager_only`: no CUDA graph, no torch.compile; `with_compile`: False, no torch.compile."""
     from transformers import StaticCache
 
     device = model.device
@@ -128,7 +128,7 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
             log_profile(lambda: timed(step))
         if device.type == "cuda" and not eager_only:
             result["graph"] = timed(graph_of(step))
-        if device.type == "cuda" and not eager_only and compile:
+        if device.type == "cuda" and not eager_only and with_compile:
             try:  # torch.compile fuses Hugging Face's elementwise steps; tqc's kernels are one op each
                 torch._dynamo.reset()
                 compiled = functools.partial(step, torch.compile(model))
@@ -153,7 +153,7 @@ def compare_paths(model, context: int, switch: str, rounds: int = 3) -> dict[str
     for _ in range(rounds):
         for name, value in settings.items():
             module.ENABLED = value
-            times[name].append(step_seconds(model, context, eager_only=switch == "launch", compile=False))
+            times[name].append(step_seconds(model, context, eager_only=switch == "launch", with_compile=False))
     module.ENABLED = enabled
     return times
 
