@@ -23,7 +23,6 @@ import os
 import pstats
 import sys
 import time
-from types import SimpleNamespace
 
 if "cuda" not in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # kernels built on the CPU; they are stubbed out below anyway
@@ -97,8 +96,9 @@ def time_norm_and_fused(module, x: torch.Tensor, count: int) -> None:
     from tqc.kernels import glue, hf_glue
 
     glue.norm_rotate_kernel = NoLaunch()
-    weight = torch.ones(x.shape[-1], dtype=x.dtype)
-    norm = hf_glue.RotatingRMSNorm(SimpleNamespace(weight=weight, variance_epsilon=1e-5),
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = hf_glue.RotatingRMSNorm(LlamaRMSNorm(x.shape[-1], eps=1e-5).to(x.dtype),
                                    FusedSiblings(module, ["q_proj", "k_proj", "v_proj"]))
     fused = norm._consumer[0]
     for enabled in (False, True):

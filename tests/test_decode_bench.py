@@ -80,3 +80,13 @@ def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_performance.py"), "--loaded", str(output),
                     "--out", str(tmp_path)], check=True, capture_output=True)
     assert (tmp_path / "performance-loaded.png").stat().st_size > 0
+
+
+def test_launch_overhead_script_times_every_line_on_cpu(tmp_path):
+    """scripts/launch_overhead.py (launches stubbed) times a layer call, the fused q/k/v and the
+    norm before it both ways; each line a positive number of microseconds."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch_overhead.py"), "--calls", "20"],
+                            cwd=tmp_path, check=True, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.endswith(" us")]
+    assert len(lines) == 4, result.stdout
+    assert all(float(line.split()[-2]) > 0 for line in lines)
