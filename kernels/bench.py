@@ -1,6 +1,6 @@
 """`tqc bench`: layer-level and end-to-end kernel benchmarks on a CUDA device, printed and saved as JSON.
 
-    tqc bench layers   every linear shape of Llama-3-8B / 70B at several token counts, each option
+    tqc bench layers   every linear shape of Llama-3-8B / 70B (or Qwen) at several token counts, each option
                        against a bf16 torch.nn.functional.linear measured in the same run, plus the
                        device's copy bandwidth
     tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
@@ -27,7 +27,13 @@ SHAPES = {  # name -> (out_features N, in_features K)
                   "gate_proj/up_proj": (14336, 4096), "down_proj": (4096, 14336)},
     "llama3-70b": {"q_proj/o_proj": (8192, 8192), "k_proj/v_proj": (1024, 8192),
                    "gate_proj/up_proj": (28672, 8192), "down_proj": (8192, 28672)},
+    # widths that are not multiples of 2048 inputs: code chunks of B = 16 words (repack.slot_words)
+    "qwen2.5-7b": {"q_proj/o_proj": (3584, 3584), "k_proj/v_proj": (512, 3584),
+                   "gate_proj/up_proj": (18944, 3584), "down_proj": (3584, 18944)},
+    "qwen3-4b": {"q_proj": (4096, 2560), "o_proj": (2560, 4096), "k_proj/v_proj": (1024, 2560),
+                 "gate_proj/up_proj": (9728, 2560), "down_proj": (2560, 9728)},
 }
+LLAMA = ["llama3-8b", "llama3-70b"]  # the issue's shapes: `tqc bench layers` by default
 
 
 def device_info() -> dict:
@@ -183,7 +189,7 @@ def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmark the generated kernels against bf16 (CUDA)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     layers = kinds.add_parser("layers", help="Llama-3 linear shapes at several token counts")
-    layers.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    layers.add_argument("--models", nargs="+", default=LLAMA, choices=list(SHAPES))
     layers.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128, 2048])
     layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"],
                         help="plan options; '@int8' after one for int8 activations (4@int8)")

@@ -172,6 +172,9 @@ class LayerKernel:
     def _specialise(self, config: LaunchConfig) -> tuple[int, dict[str, int]]:
         slot_count = self.key.k // self.slot_width
         iters = slot_count // config.slots if config.whole_k else config.iters
+        if slot_count % (config.slots * iters):  # a hand-edited or foreign tuning cache: never run part of K
+            raise ValueError(f"{self.key.name}: {config.slots} slots x {iters} steps a program do not tile "
+                             f"its {slot_count} slots of {self.slot_width} words")
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
         constexprs["LOOKAHEAD"] = config.lookahead

@@ -29,7 +29,7 @@ from tqc.linear import TurboQuantLinear
 from tqc.options import QuantOption
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER_SHAPES = [(4096, 128), (14336, 128), (576, 64), (1536, 128), (96, 32)]  # (K, group size)
+LAYER_SHAPES = [(4096, 128), (14336, 128), (576, 64), (1536, 128), (3584, 128), (96, 32)]  # (K, group size)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -228,6 +228,17 @@ def test_prepare_and_restore_round_trip():
     assert not torch.equal(layer.codes, codes)
     restore(layer)
     assert torch.equal(layer.codes, codes) and torch.equal(layer.residual_codes, residual)
+
+
+def test_a_launch_that_does_not_tile_the_row_is_refused():
+    """Qwen2.5-7B's 3584 inputs are 7 chunks of B = 16 (224 slots): 32 slots x 2 steps a program
+    would leave part of K unread, so asking for it (a stale or edited tuning cache) is an error."""
+    from tqc.kernels.registry import KernelKey, LayerKernel
+
+    kernel = LayerKernel(KernelKey(4, 0, 128, 3584, 3584), None)
+    assert kernel.slot_width == 16 and kernel.splits(LaunchConfig(strategy="fma", slots=32, iters=1)) == 7
+    with pytest.raises(ValueError, match="do not tile its 224 slots of 16 words"):
+        kernel.splits(LaunchConfig(strategy="fma", slots=32, iters=2))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
