@@ -3,7 +3,8 @@
     tqc bench layers   every linear shape of Llama-3-8B / 70B (or Qwen) at several token counts, each option
                        against a bf16 torch.nn.functional.linear measured in the same run, plus the
                        device's copy bandwidth
-    tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights) at a mixed plan vs bf16
+    tqc bench decode   tokens/s of an 8B-shaped Llama decoder (random weights; --model qwen2.5-7b) at a mixed
+                       plan vs bf16
     tqc bench gemlite  the peer kernel (gemlite) beside tqc and bf16 at the same shapes
     tqc bench static   no GPU needed: compile the one-token kernels for sm_90, count SASS instructions per weight
 
@@ -34,6 +35,13 @@ SHAPES = {  # name -> (out_features N, in_features K)
                  "gate_proj/up_proj": (9728, 2560), "down_proj": (2560, 9728)},
 }
 LLAMA = ["llama3-8b", "llama3-70b"]  # the shapes: `tqc bench layers` by default
+# `tqc bench decode --model`: name -> (decoder shape, layers); biases and q/k norms left out, shapes only
+DECODER_SHAPES = {
+    "llama3-8b": ({"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                   "vocab": 128256}, 32),
+    "qwen2.5-7b": ({"hidden": 3584, "intermediate": 18944, "heads": 28, "kv_heads": 4, "head_dim": 128,
+                    "vocab": 152064}, 28),
+}
 
 
 def device_info() -> dict:
@@ -176,10 +184,12 @@ def save(result: dict, output: str) -> None:
 def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
-    result = run_decode_bench(args.plan, args.context, args.layers, args.cache_dir, args.verbose, args.activations,
-                              fuse=not args.separate, compile_glue=not args.eager_glue,
+    shape, layers = DECODER_SHAPES[args.model]
+    result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
+                              args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
                               rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
-                              int8_layers=args.int8_layers)
+                              int8_layers=args.int8_layers, shape=shape)
+    result["model"] = args.model
     result["device"] = device_info()
     save(result, args.output)
 
@@ -196,7 +206,9 @@ def add_parser(subparsers) -> None:
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
     layers.add_argument("-o", "--output", default="bench-layers.json")
-    decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama, random weights")
+    decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
+    decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",
+                        help="the decoder's shapes (decode_bench.DECODER_SHAPES)")
     decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     decode.add_argument("--activations", choices=["fp16", "int8"], default="fp16",
                         help="int8: the plan's layers without a residual on int8 activations")
@@ -204,7 +216,7 @@ def add_parser(subparsers) -> None:
                         help="with --activations int8: only these projections on int8, of q_proj k_proj v_proj "
                              "o_proj gate_proj up_proj down_proj lm_head (default: all)")
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
-    decode.add_argument("--layers", type=int, default=32)
+    decode.add_argument("--layers", type=int, help="decoder layers (default: the model's, 32 or 28)")
     decode.add_argument("--separate", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
     decode.add_argument("--eager-glue", action="store_true",

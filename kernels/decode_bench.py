@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench import DECODER_SHAPES
 from .glue import norm_linear as fused_norm_linear
 from .glue import swiglu_linear as fused_swiglu_linear
 
-LLAMA3_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 128256}
+LLAMA3_8B = DECODER_SHAPES["llama3-8b"][0]
 # About 3.5 bits per weight: attention and down_proj at 4 bits, gate/up at 3, the head at 4.
 MIXED_PLAN = {"q_proj": "4", "k_proj": "4", "v_proj": "4", "o_proj": "4", "gate_proj": "3", "up_proj": "3",
               "down_proj": "4", "lm_head": "4"}
@@ -210,11 +211,11 @@ def linear_weight_bytes(model: Decoder) -> int:
     return total
 
 
-def decoder_keys(plan: dict[str, str], fuse: bool) -> list:
+def decoder_keys(plan: dict[str, str], fuse: bool, shape: dict = LLAMA3_8B) -> list:
     """The kernel keys of the decoder's layers under a plan."""
     from .bench import layer_key  # noqa: PLC0415
 
-    groups = [*projections(LLAMA3_8B).values(), (("lm_head",), (LLAMA3_8B["vocab"],), LLAMA3_8B["hidden"])]
+    groups = [*projections(shape).values(), (("lm_head",), (shape["vocab"],), shape["hidden"])]
     keys = []
     for names, sizes, k in groups:
         if fused(plan, names, fuse):
@@ -244,10 +245,11 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
-                     tokens: int = 1, int8_layers: tuple[str, ...] | None = None) -> dict:
+                     tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
-    steps (tokens = 1) or of a prefill of `tokens` tokens. With int8 activations, `int8_layers`
-    names the projections that take them (default: every one the option allows)."""
+    steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
+    With int8 activations, `int8_layers` names the projections that take them (default: every one
+    the option allows)."""
     from .bench import compile_and_report  # noqa: PLC0415
     from .registry import KernelRegistry  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
@@ -255,12 +257,12 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
     torch.manual_seed(0)
     options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
-    results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": LLAMA3_8B,
+    results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
                "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
     registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose))
-    compile_and_report(decoder_keys(options, fuse), [tokens])
+    compile_and_report(decoder_keys(options, fuse, shape), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
-        model = Decoder(linear, LLAMA3_8B, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
+        model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
         seconds = step_seconds(model, tokens)
         results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
                           "linear_bytes": linear_weight_bytes(model)}
