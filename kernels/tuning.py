@@ -83,7 +83,8 @@ def token_bucket(tokens: int) -> int:
 # large 2-bit ones chose it. The tuner decides per layer.
 FMA_FP32_SHAPES = ((16, 4, 8, 2), (32, 4, 8, 4))
 FMA_HALF_SHAPES = ((8, 4, 8, 1), (8, 4, 8, 2), (16, 4, 8, 1), (16, 4, 8, 2), (16, 4, 16, 1), (32, 4, 8, 2),
-                   (16, 4, 16, 2), (32, 4, 16, 2), (16, 4, 8, 4))
+                   (16, 4, 16, 2), (32, 4, 16, 2), (16, 4, 8, 4),
+                   (32, 4, 32, 1))  # one step of 32 slots: rows in chunks of 16 words (Qwen) run-summed at 3 bits
 SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64, 8, 16, 1), (128, 8, 8, 1),
                 (64, 4, 8, 4, 3))
 # With the weights as the left operand, sm_90's wgmma takes them from registers in tiles of 64 rows
@@ -111,8 +112,9 @@ def slot_choices(bits: int, residual_bits: int) -> tuple[int, ...]:
 
 def run_sums_fit(config: LaunchConfig, slot_width: int) -> bool:
     """fp16_runs needs every thread to hold 8 or more columns of a row of the [block_n, 2B] tile
-    (B = slot_width >= 32); elsewhere the kernel accumulates per pair, as fp16."""
-    return slot_width >= 32 and config.block_n * 2 * slot_width >= 8 * 32 * config.num_warps
+    (B = slot_width >= 16; tests/test_kernels.py checks the layouts); elsewhere the kernel
+    accumulates per pair, as fp16."""
+    return slot_width >= 16 and config.block_n * 2 * slot_width >= 8 * 32 * config.num_warps
 
 
 def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_width: int = 64,

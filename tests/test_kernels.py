@@ -115,8 +115,8 @@ def registers_rows(shape: list[int], layout: str) -> list[int]:
             for _ in range(max(1, cols // tile_cols)) for i in range(spt_r) for _ in range(spt_c)]
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("k", [1024, 4096])  # slot widths B = 32 and 64
+@pytest.mark.parametrize(("bits", "k"), [(bits, k) for bits in (4, 3, 2) for k in (1024, 4096)]
+                         + [(bits, 3584) for bits in (4, 3, 2)])  # slot widths B = 32, 64 and 16
 def test_run_summed_packs_stay_in_one_row(bits, k):
     """RUN_FMA_ASM scales the sum of 8 registers by the first one's row scale: for every fp16_runs
     candidate, each 8 consecutive registers of a thread must hold one row (static sm_90 layouts)."""

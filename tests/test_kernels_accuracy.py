@@ -51,6 +51,8 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
     "fma": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots),
     "fma-two-steps": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=2),
     "fma-fp16": lambda slots: LaunchConfig(strategy="fma", block_n=16, slots=slots, iters=2, accumulate="fp16"),
+    # products summed 8 to a thread's run before one scale (RUN_FMA_ASM), where B >= 16 (tuning.run_sums_fit)
+    "fma-runs": lambda slots: LaunchConfig(strategy="fma", block_n=32, slots=slots, accumulate="fp16_runs"),
     # three steps: the interpreter's B = 1 shape (96 slots) runs it for every option
     "fma-lookahead": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=3, accumulate="fp16",
                                                 lookahead=True),
