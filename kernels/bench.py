@@ -41,6 +41,8 @@ DECODER_SHAPES = {
                    "vocab": 128256}, 32),
     "qwen2.5-7b": ({"hidden": 3584, "intermediate": 18944, "heads": 28, "kv_heads": 4, "head_dim": 128,
                     "vocab": 152064}, 28),
+    "qwen3-4b": ({"hidden": 2560, "intermediate": 9728, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                  "vocab": 151936}, 36),  # q/k/v 4096 + 2 x 1024 wide: attention wider than the residual stream
 }
 
 
@@ -208,7 +210,7 @@ def add_parser(subparsers) -> None:
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",
-                        help="the decoder's shapes (decode_bench.DECODER_SHAPES)")
+                        help="whose shapes the decoder takes (random weights; default Llama-3-8B)")
     decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     decode.add_argument("--activations", choices=["fp16", "int8"], default="fp16",
                         help="int8: the plan's layers without a residual on int8 activations")
@@ -216,7 +218,7 @@ def add_parser(subparsers) -> None:
                         help="with --activations int8: only these projections on int8, of q_proj k_proj v_proj "
                              "o_proj gate_proj up_proj down_proj lm_head (default: all)")
     decode.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
-    decode.add_argument("--layers", type=int, help="decoder layers (default: the model's, 32 or 28)")
+    decode.add_argument("--layers", type=int, help="decoder layers (default: the model's)")
     decode.add_argument("--separate", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
     decode.add_argument("--eager-glue", action="store_true",

@@ -94,13 +94,16 @@ def test_launch_overhead_script_times_every_line_on_cpu(tmp_path):
 
 def test_qwen_decoder_shapes_give_its_fused_layers_and_grouped_attention():
     """`tqc bench decode --model qwen2.5-7b`: q/k/v fused as 3584 + 2 x 512 rows, gate/up as 2 x 18944,
-    the 152064-row head; and a decoder with Qwen2.5's 7 query heads a key/value head decodes."""
+    the 152064-row head (qwen3-4b: attention wider than the hidden size); and a decoder with
+    Qwen2.5's 7 query heads a key/value head, its attention 7 times as wide as its hidden size, decodes."""
     from tqc.kernels.bench import DECODER_SHAPES
 
     shape, layers = DECODER_SHAPES["qwen2.5-7b"]
     keys = {(key.n, key.k, key.bits) for key in decoder_keys(MIXED_PLAN, True, shape)}
     assert keys == {(4608, 3584, 4), (3584, 3584, 4), (37888, 3584, 3), (3584, 18944, 4), (152064, 3584, 4)}
     assert layers == 28
+    keys = {(key.n, key.k) for key in decoder_keys(MIXED_PLAN, True, DECODER_SHAPES["qwen3-4b"][0])}
+    assert keys == {(6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728), (151936, 2560)}  # o_proj 4096 wide
     torch.manual_seed(0)
     seven = {**TINY, "heads": 7, "kv_heads": 1, "head_dim": 128}  # o_proj: 7 groups of 128 inputs
     model = Decoder(quantized_factory(MIXED_PLAN, device="cpu"), seven, layers=1, context=8, device="cpu")
