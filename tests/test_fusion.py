@@ -38,8 +38,18 @@ def packed(tmp_path_factory, tokenizer_dir):  # noqa: F811
 @pytest.fixture(scope="module")
 def packed_gemma(tmp_path_factory, tokenizer_dir):  # noqa: F811
     """A tiny Gemma 3 built uniform 3+2."""
-    root = tmp_path_factory.mktemp("fusion_gemma")
-    source = make_tiny_model(root / "src", "gemma3_text", tokenizer_dir)
+    return build_uniform(tmp_path_factory, tokenizer_dir, "gemma3_text")
+
+
+@pytest.fixture(scope="module")
+def packed_qwen3(tmp_path_factory, tokenizer_dir):  # noqa: F811
+    """A tiny Qwen3 (q/k norms on the projections' outputs) built uniform 3+2."""
+    return build_uniform(tmp_path_factory, tokenizer_dir, "qwen3")
+
+
+def build_uniform(tmp_path_factory, tokenizer_dir, family: str):
+    root = tmp_path_factory.mktemp(f"fusion_{family}")
+    source = make_tiny_model(root / "src", family, tokenizer_dir)
     build(plan_for(str(source), "3+2"), root / "uniform", progress=False)
     return root
 
@@ -136,7 +146,7 @@ def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packe
     assert len(kernel.calls) == len(quantized_layers(model))  # q/k/v once, gate/up once, per layer
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(family, request, monkeypatch):
     """kernels/hf_glue.py replaces a loaded model's norms and MLPs where the fused layers run
     kernels. Where the fused path does not apply (here: never tuned) the new modules compute
@@ -145,7 +155,7 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     break, still one kernel call per fused set."""
     from tqc.kernels import hf_glue
 
-    packed = request.getfixturevalue("packed_gemma" if family == "gemma3" else "packed")
+    packed = request.getfixturevalue({"gemma3": "packed_gemma", "qwen3": "packed_qwen3"}.get(family, "packed"))
     model = load_packed(packed / "uniform")
     expected, keys = logits(model, IDS), list(model.state_dict())
     weight = model.model.layers[0].input_layernorm.weight

@@ -16,6 +16,7 @@ from tqc.planning import uniform_plan
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),  # per-head q/k norms
     "mistral": ("MistralConfig", {}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 32, "query_pre_attn_scalar": 32}),
 }
