@@ -200,7 +200,7 @@ def add_parser(subparsers) -> None:
     """Register `tqc bench layers`, `decode`, `generate`, `static` and the peer benchmarks."""
     bench = subparsers.add_parser("bench", help="benchmark the generated kernels against bf16 (CUDA)")
     kinds = bench.add_subparsers(dest="bench", required=True)
-    layers = kinds.add_parser("layers", help="Llama-3 linear shapes at several token counts")
+    layers = kinds.add_parser("layers", help="Llama-3 (or Qwen) linear shapes at several token counts")
     layers.add_argument("--models", nargs="+", default=LLAMA, choices=list(SHAPES))
     layers.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128, 2048])
     layers.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"],
