@@ -174,7 +174,8 @@ class LayerKernel:
         iters = slot_count // config.slots if config.whole_k else config.iters
         if slot_count % (config.slots * iters):  # a hand-edited or foreign tuning cache: never run part of K
             raise ValueError(f"{self.key.name}: {config.slots} slots x {iters} steps a program do not tile "
-                             f"its {slot_count} slots of {self.slot_width} words")
+                             f"its {slot_count} slots of {self.slot_width} words (a stale tuning cache? remove "
+                             f"~/.cache/tqc/kernels or $TQC_KERNEL_CACHE to tune again)")
         constexprs = self.constexprs | {"BLOCK_N": config.block_n, "SLOTS": config.slots, "ITERS": iters}
         constexprs["PREFETCH"] = config.prefetch and not INTERPRETED
         constexprs["LOOKAHEAD"] = config.lookahead
