@@ -186,7 +186,8 @@ class LayerKernel:
                 half = tk.HALF_RUNS.value
             constexprs |= {"HALF_ACC": half, "THREADS": 32 * config.num_warps}
         else:
-            constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left}
+            constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left,
+                           "SCALE_FIRST": config.scale_first}
         return slot_count // (config.slots * iters), constexprs
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:

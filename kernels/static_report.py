@@ -106,7 +106,8 @@ def static_rows(models: list[str], options: list[str], bandwidth_gbps: float, to
                             "mma": ops.get("HMMA", 0) + ops.get("HGMMA", 0)}
                     rows.append(row)
                     shared = (f"  bar {row['barriers']:>2} ldsm {row['ldmatrix']:>2} mma {row['mma']:>3}"
-                              f"{' weights-left' if config.weights_left else ''}") if config.strategy == "dot" else ""
+                              f"{' weights-left' if config.weights_left else ''}"
+                              f"{' scale-first' if config.scale_first else ''}") if config.strategy == "dot" else ""
                     print(f"{model:<10} {layer:<17} {option:>4} {config.strategy:<3} BN={config.block_n:<3} "
                           f"warps={config.num_warps} regs {row['registers']:>3} stack {row['stack']:>5}  "
                           f"{row['instructions_per_weight']:5.2f} instr/weight  issue-bound {row['issue_bound_us']:7.1f} us  "

@@ -454,6 +454,42 @@ def _folded_fma_pair(acc, x_ptr, w, res_w, scales, res_scales, first_input, OFFS
     return acc
 
 
+# The decoded weights scaled in fp16 before the dot (SCALE_FIRST): w s on half2 registers, or a
+# residual option's two stages folded into one operand, w s + w_res s_res (HMUL2, HFMA2).
+SCALE_ASM = tl.constexpr("mul.rn.f16x2 $0, $1, $2;")
+SCALE_CONSTRAINTS = tl.constexpr("=r,r,r")
+FOLD_SCALE_ASM = tl.constexpr("{ .reg .b32 w; mul.rn.f16x2 w, $1, $2; fma.rn.f16x2 $0, $3, $4, w; }")
+FOLD_SCALE_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
+
+
+@triton.jit
+def _scaled_dot_pair(acc, x_ptr, w, res_w, scales, res_scales, tokens, token_mask, first_input, OFFSET: tl.constexpr,
+                     K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr,
+                     RES_BITS: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, ASM: tl.constexpr):
+    """acc + x' @ (scale w (+ res_scale res_w))^T for one decoded slot pair, on tensor cores
+    (SCALE_FIRST): each row's scale multiplies its decoded weights in fp16, the residual stage's
+    folded in, so the dot accumulates into acc in place, one dot a pair for both stages, with no
+    float32 multiply-add of the [BLOCK_N, BLOCK_M] product after every pair (_dot_pair)."""
+    x = pair_inputs(x_ptr, tokens, token_mask, first_input + OFFSET, K, B, ASM)
+    scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
+    if RES_BITS > 0:
+        res_scale = _row_scales(res_scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
+        if ASM:
+            w = tl.inline_asm_elementwise(FOLD_SCALE_ASM, FOLD_SCALE_CONSTRAINTS, [w, scale, res_w, res_scale],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            w = w * scale + res_w * res_scale
+    elif ASM:
+        w = tl.inline_asm_elementwise(SCALE_ASM, SCALE_CONSTRAINTS, [w, scale], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        w = w * scale
+    if WEIGHTS_LEFT:
+        acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
 @triton.jit
 def _pair_update(acc, x_ptr, w, scales, tokens, token_mask, first_input, OFFSET: tl.constexpr, K: tl.constexpr,
                  G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, DOT: tl.constexpr, HALF_ACC: tl.constexpr,
@@ -535,11 +571,13 @@ def _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot, K: tl.constexpr, B: 
 def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows,
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
-              DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
+              DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False,
+              SCALE_FIRST: tl.constexpr = False):
     """acc plus SLOTS slots from first_slot of both stages, whose word tiles (`_step_tiles`) are
     loaded: decode two pairs at a time, then `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores)
-    each, or for a residual option in fp16 `_folded_fma_pair` per pair of both stages; each row's
-    scales from one address per step (scale_rows)."""
+    each, or for a residual option in fp16 `_folded_fma_pair` per pair of both stages; with
+    SCALE_FIRST `_scaled_dot_pair` per pair of both stages; each row's scales from one address per
+    step (scale_rows)."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per tile of step_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
@@ -559,8 +597,15 @@ def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, r
                 res_words, res_signs = res_tiles[offset // RES_WORD_SLOTS]
                 res_words, res_signs = _doubled(res_words), _doubled(res_signs)
             res_first, res_second = decode_quad(res_words, res_signs, res_table, offset, B, RES_BITS, ASM)
+        else:
+            res_first, res_second = first, second  # never read without a residual stage
         # each pair's first input is first_input + (offset + 2 half) B
-        if FOLD:
+        if DOT and SCALE_FIRST:
+            acc = _scaled_dot_pair(acc, x_ptr, first, res_first, scales, res_scales, tokens, token_mask, first_input,
+                                   offset * B, K, G, B, ALIGNED, RES_BITS, WEIGHTS_LEFT, ASM)
+            acc = _scaled_dot_pair(acc, x_ptr, second, res_second, scales, res_scales, tokens, token_mask,
+                                   first_input, (offset + 2) * B, K, G, B, ALIGNED, RES_BITS, WEIGHTS_LEFT, ASM)
+        elif FOLD:
             acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales, res_scales, first_input, offset * B, K, G, B,
                                    ALIGNED, ASM)
             acc = _folded_fma_pair(acc, x_ptr, second, res_second, scales, res_scales, first_input, (offset + 2) * B, K,
@@ -583,7 +628,7 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                tokens, token_mask, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr, ASM: tl.constexpr,
                DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, LOOKAHEAD: tl.constexpr,
-               STAGES: tl.constexpr):
+               STAGES: tl.constexpr, SCALE_FIRST: tl.constexpr = False):
     """acc plus the program's ITERS steps (`_lut_step`), from slot program_id(1) * ITERS * SLOTS.
 
     A run-time loop, software-pipelined over STAGES steps: Triton copies the loads of the next
@@ -602,14 +647,14 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                                                BITS, RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, current, scales_ptr, table, res_current, res_scales_ptr, res_table, rows,
                             tokens, token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT,
-                            HALF_ACC, WEIGHTS_LEFT)
+                            HALF_ACC, WEIGHTS_LEFT, SCALE_FIRST)
     else:
         for step in tl.range(ITERS, num_stages=STAGES):
             tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot + step * SLOTS, K, B, BITS,
                                            RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows, tokens,
                             token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT, HALF_ACC,
-                            WEIGHTS_LEFT)
+                            WEIGHTS_LEFT, SCALE_FIRST)
     return acc
 
 
@@ -619,14 +664,15 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
                    RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
                    ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                    WEIGHTS_LEFT: tl.constexpr = False, LOOKAHEAD: tl.constexpr = False,
-                   STAGES: tl.constexpr = 1):
+                   STAGES: tl.constexpr = 1, SCALE_FIRST: tl.constexpr = False):
     """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
     A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
     every plane's slots per word; K = splits * ITERS * SLOTS * B). Few tokens: many splits, each
     adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
-    a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair. LOOKAHEAD, STAGES: see _lut_steps.
+    a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair. SCALE_FIRST: see _scaled_dot_pair.
+    LOOKAHEAD, STAGES: see _lut_steps.
     """
     rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
@@ -640,7 +686,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows, tokens,
                      token_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, True, False, WEIGHTS_LEFT, LOOKAHEAD,
-                     STAGES)
+                     STAGES, SCALE_FIRST)
     if WEIGHTS_LEFT:  # acc[row, token]
         offsets, mask = tokens[None, :] * N + rows[:, None], token_mask[None, :] & row_mask[:, None]
     else:

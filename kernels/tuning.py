@@ -23,9 +23,9 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation,
+# 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation,
 # prefetch, streamed timing.
-TUNE_FORMAT = 9  # older caches are retuned
+TUNE_FORMAT = 10  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -46,6 +46,8 @@ class LaunchConfig(BaseModel):
     prefetch: bool = False  # dot/fma: each program first asks L2 for all its codes (triton_kernels._start)
     weights_left: bool = False  # dot: the weights are the left operand, decoded in its registers (_dot_pair)
     lookahead: bool = False  # dot/fma: steps unrolled, each step's codes loaded before the last one decodes
+    scale_first: bool = False  # dot: the decoded weights scaled in fp16 (both stages folded) and the dot
+    # accumulating in place, instead of each pair's product scaled after its dot (_scaled_dot_pair)
 
 
 class TuneEntry(BaseModel):
@@ -58,7 +60,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[9] = TUNE_FORMAT
+    format: Literal[10] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -91,6 +93,10 @@ SPLIT_SHAPES = ((32, 4, 8, 1), (32, 4, 8, 2), (64, 4, 8, 1), (64, 4, 16, 1), (64
 # a warp group: split shapes of 64 rows or more also run that way (H200 run 30: q/o 4-bit at 16
 # tokens 14.3 -> 12.3 us, 3-bit not faster, so the tuner decides per layer).
 WEIGHTS_LEFT_MIN_ROWS = 64
+# Every tensor-core shape also runs with the decoded weights scaled before the dot (`scale_first`,
+# a residual option's two stages folded into one operand): half an fp16 multiply a weight instead
+# of a float32 multiply-add of the [rows, tokens] product after every pair's dot, and one dot a
+# pair for 4+2 and 4+4 instead of two. The tuner decides per layer.
 # Longer programs, up to all of an 8B layer's K in one, as they are and with their steps unrolled,
 # the next step's codes in flight (`lookahead`, as are the shapes above of several steps; on the
 # H200 the one-token kernels wait on latency, a few short steps per program).
@@ -144,11 +150,12 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
         splits = [c for c in map(lambda s: split("dot", *s), SPLIT_SHAPES) if c is not None]
         splits += [c.model_copy(update={"weights_left": True}) for c in splits if c.block_n >= WEIGHTS_LEFT_MIN_ROWS]
+        splits += [c.model_copy(update={"scale_first": True}) for c in splits]
         configs += splits + [c.model_copy(update={"prefetch": True}) for c in splits]
         configs += [c.model_copy(update={"lookahead": True, "num_stages": 1}) for c in splits if c.iters > 1]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:
-        configs += [LaunchConfig(strategy="dot", block_m=m, block_n=n, num_warps=w, slots=min(allowed), whole_k=True)
-                    for m, n, w in GEMM_SHAPES]
+        configs += [LaunchConfig(strategy="dot", block_m=m, block_n=n, num_warps=w, slots=min(allowed), whole_k=True,
+                                 scale_first=scale_first) for m, n, w in GEMM_SHAPES for scale_first in (False, True)]
     if bucket > 1:
         configs += dequant
     return list(dict.fromkeys(c for c in configs if c is not None))

@@ -148,6 +148,10 @@ def test_token_buckets_choose_the_strategy_family():
     assert {c.block_m for c in candidate_configs(16) if c.strategy == "dot"} == {16}
     assert {c.weights_left for c in candidate_configs(16)} == {False, True}  # the tuner picks the operand order
     assert all(c.block_n >= 64 for c in candidate_configs(16) if c.weights_left)
+    for bucket in (16, 4096):  # every tensor-core shape both ways: scaled after each pair's dot, or before it
+        dots = {c for c in candidate_configs(bucket) if c.strategy == "dot"}
+        assert {c.model_copy(update={"scale_first": not c.scale_first}) for c in dots} == dots
+    assert not any(c.scale_first for c in candidate_configs(1))
     for bucket in (1, 16):  # unrolled with the next step's codes in flight: only where a program has steps to overlap
         lookahead = [c for c in candidate_configs(bucket) if c.lookahead]
         assert lookahead and all(c.iters > 1 and c.num_stages == 1 for c in lookahead)
@@ -372,6 +376,24 @@ def test_weights_left_decode_in_the_wgmma_registers():
     left = sass_summary(compile_for_hopper(key, config.model_copy(update={"weights_left": True})))["ops"]
     assert left.get("HGMMA", 0) > 0 and right.get("HGMMA", 0) == 0  # warp-group mma only with weights on the left
     assert left.get("LDSM", 0) * 2 < right.get("LDSM", 0)
+
+
+def test_scale_first_folds_the_residual_into_one_dot():
+    """With the decoded weights scaled before the dot (scale_first), a 4+4 layer multiplies once a
+    pair instead of once a stage, and no float32 multiply-add scales the products after each dot:
+    the row scales go on as half2 multiplies (HMUL2), the residual stage is folded in by HFMA2."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key("4+4", 512, 3584, 128)  # B = 16: 32 inputs a pair, where scaling after each dot costs most
+    config = LaunchConfig(strategy="dot", block_n=64, num_warps=4, slots=16, weights_left=True)
+    per_pair = sass_summary(compile_for_hopper(key, config))["ops"]
+    scaled = sass_summary(compile_for_hopper(key, config.model_copy(update={"scale_first": True})))["ops"]
+    assert scaled["HGMMA"] * 2 == per_pair["HGMMA"]
+    assert per_pair.get("FFMA", 0) > 0 and scaled.get("FFMA", 0) == 0
+    weights = config.block_n * config.slots * 16 // (32 * config.num_warps)  # a thread's, one stage, one step
+    assert scaled.get("HMUL2", 0) >= weights // 2 and scaled.get("HFMA2", 0) >= weights // 2
 
 
 def test_num_stages_pipelines_the_cuda_core_step_loop():

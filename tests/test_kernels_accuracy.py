@@ -59,6 +59,12 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
     "fma-pipelined": lambda slots: LaunchConfig(strategy="fma", block_n=8, slots=slots, iters=3, accumulate="fp16",
                                                 num_stages=3),
     "dot-split-lookahead": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots, iters=2, lookahead=True),
+    # the decoded weights scaled (both stages folded) before a dot that accumulates in place
+    "dot-scale-first": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots, scale_first=True),
+    "dot-scale-first-weights-left": lambda slots: LaunchConfig(strategy="dot", block_n=64, slots=slots,
+                                                               weights_left=True, scale_first=True),
+    "dot-whole-k-scale-first": lambda slots: LaunchConfig(strategy="dot", block_m=32, block_n=32, slots=slots,
+                                                          whole_k=True, scale_first=True),
     "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
 }
 
