@@ -1,6 +1,7 @@
 """Where a decode step's time goes: kernel launches and kernel time per step, bf16 and tqc (CUDA only).
 
-    python scripts/profile_decode.py [--plan mixed] [--activations int8 [--int8-layers ...]] [--steps 20] [-o profile.json]
+    python scripts/profile_decode.py [--model qwen2.5-7b] [--plan mixed] [--activations int8 [--int8-layers ...]]
+                                     [--steps 20] [-o profile.json]
 
 Builds the decoders of `tqc bench decode` (kernels/decode_bench.py) with the tuning cache
 ($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tqc.kernels.decode_bench import LLAMA3_8B, Decoder, bf16_factory, plan_options, quantized_factory
+from tqc.kernels.bench import DECODER_SHAPES
+from tqc.kernels.decode_bench import Decoder, bf16_factory, plan_options, quantized_factory
 from tqc.kernels.registry import KernelRegistry
 from tqc.kernels.tuning import Tuner
 
@@ -52,6 +54,7 @@ def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b", help="the decoder's shapes")
     parser.add_argument("--plan", default="mixed", help="'mixed' or one option for every layer")
     parser.add_argument("--activations", choices=["fp16", "int8"], default="fp16")
     parser.add_argument("--int8-layers", nargs="+", metavar="NAME", help="with --activations int8: only these")
@@ -62,9 +65,10 @@ def main() -> None:
     torch.manual_seed(0)
     options = plan_options(args.plan, args.activations, args.int8_layers)
     registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
-    results = {"plan": options, "steps": args.steps}
+    shape, layers = DECODER_SHAPES[args.model]
+    results = {"model": args.model, "plan": options, "steps": args.steps}
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
-        model = Decoder(linear, LLAMA3_8B, 32, 1024, compile_glue=True, rotate_in_glue=True)
+        model = Decoder(linear, shape, layers, 1024, compile_glue=True, rotate_in_glue=True)
         results[label] = table = kernel_table(model, args.steps)
         print(f"{label}: {sum(e['launches'] for e in table.values()):.0f} launches, "
               f"{sum(e['us'] for e in table.values()) / 1e3:.2f} ms of kernel time per step")
