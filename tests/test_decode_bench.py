@@ -92,6 +92,34 @@ def test_launch_overhead_script_times_every_line_on_cpu(tmp_path):
     assert all(float(line.split()[-2]) > 0 for line in lines)
 
 
+def test_static_vs_tuning_reads_a_verbose_log_and_compiles_its_candidates(tmp_path):
+    """scripts/static_vs_tuning.py: the tensor-core candidates timed for one key and bucket, fastest
+    first, each compiled for sm_90 here (registers, warps an SM holds); other keys and strategies
+    left out, and a key the log never tuned refused."""
+    pytest.importorskip("triton")
+    from tqc.kernels.tuning import LaunchConfig
+
+    def line(us: float, **fields) -> str:
+        return f"  {us:9.1f} us  {LaunchConfig(**fields).model_dump()}"
+
+    log = tmp_path / "tune.log"
+    log.write_text("\n".join([
+        line(9.0, strategy="dot", block_n=64, slots=8),
+        line(7.0, strategy="dot", block_n=32, slots=8, scale_first=True),
+        line(5.0, strategy="dequant"),
+        "tuned b4r0g128n1024k4096/m16: {} 5.0 us",
+        line(1.0, strategy="dot", block_n=16, slots=8),
+        "tuned b4r0g128n4096k4096/m16: {} 1.0 us"]) + "\n")
+    script = str(ROOT / "scripts" / "static_vs_tuning.py")
+    result = subprocess.run([sys.executable, script, str(log), "b4r0g128n1024k4096"], capture_output=True, text=True,
+                            check=True)
+    rows = result.stdout.splitlines()
+    assert [row.split()[0] for row in rows] == ["7.0", "9.0"] and "scale_first" in rows[0]
+    assert all(int(row.split("registers")[1].split()[0]) > 0 and "warps/SM" in row for row in rows)
+    refused = subprocess.run([sys.executable, script, str(log), "b2r0g128n1024k4096"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "no tuning of b2r0g128n1024k4096/m16" in refused.stderr
+
+
 def test_qwen_decoder_shapes_give_its_fused_layers_and_grouped_attention():
     """`tqc bench decode --model qwen2.5-7b`: q/k/v fused as 3584 + 2 x 512 rows, gate/up as 2 x 18944,
     the 152064-row head (qwen3-4b: attention wider than the hidden size); and a decoder with
