@@ -6,7 +6,8 @@
 A decode step run eagerly is bound by the CPU (docs/performance.md, runs 71-75): each quantized
 layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. On the
 CPU this measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation
-and lookup kernels are replaced by no-ops, so what is timed is everything tqc does around them,
+and lookup kernels are replaced by stand-ins whose compiled launch does nothing, reached through
+kernels/launch.py's direct path as on a GPU, so what is timed is everything tqc does around them,
 alone, as the fused q/k/v of a loaded model (tqc/fusion.py) calls it, and with the norm before
 it (Hugging Face's, then with the rotation in the norm's launch: kernels/hf_glue.py).
 With `--device cuda` the same layer runs its real kernels, calls issued back to back (the GPU's
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import json
 import os
 import pstats
 import sys
 import time
+from types import SimpleNamespace
 
 if "cuda" not in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # kernels built on the CPU; they are stubbed out below anyway
@@ -40,10 +43,28 @@ from tqc.options import QuantOption  # noqa: E402
 
 
 class NoLaunch:
-    """Stands in for a Triton kernel: `kernel[grid](...)` does nothing."""
+    """Stands in for a Triton kernel (here an interpreted one): `kernel[grid](...)` returns a
+    compiled kernel whose launch does nothing, so that kernels/launch.py keeps it and calls it
+    directly from then on, as it does a real one's."""
+
+    def __init__(self, kernel):
+        self.params = [SimpleNamespace(name=p.name, default=p.default)
+                       for p in inspect.signature(kernel.fn).parameters.values()]
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        compiled = SimpleNamespace(run=lambda *args: None, function=None, packed_metadata=None)
+        return lambda *args, **kwargs: compiled
+
+
+def stub_launches() -> None:
+    """The lookup, rotation and norm kernels replaced by NoLaunch, launched by the direct path."""
+    from tqc.kernels import glue
+
+    tk.fwht_kernel, tk.lut_fma_kernel = NoLaunch(tk.fwht_kernel), NoLaunch(tk.lut_fma_kernel)
+    glue.norm_rotate_kernel = NoLaunch(glue.norm_rotate_kernel)
+    launch.ENABLED = True
+    launch.driver = SimpleNamespace(active=SimpleNamespace(get_current_device=lambda: 0,
+                                                           get_current_stream=lambda device: 0))
 
 
 def main() -> None:
@@ -54,7 +75,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", help="JSON of the timings (with --device cuda)")
     args = parser.parse_args()
     if args.device == "cpu":
-        tk.fwht_kernel = tk.lut_fma_kernel = NoLaunch()
+        stub_launches()
     module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 4096, 4096), args.device)
     prepare(module)
     kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
@@ -93,9 +114,7 @@ def main() -> None:
 def time_norm_and_fused(module, x: torch.Tensor, count: int) -> None:
     """A decoder layer's norm and the fused q/k/v reading its output: Hugging Face's RMSNorm (torch
     ops) and the rotation in the layer's launch, against kernels/hf_glue.py's RotatingRMSNorm."""
-    from tqc.kernels import glue, hf_glue
-
-    glue.norm_rotate_kernel = NoLaunch()
+    from tqc.kernels import hf_glue
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = hf_glue.RotatingRMSNorm(LlamaRMSNorm(x.shape[-1], eps=1e-5).to(x.dtype),
