@@ -23,8 +23,8 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 10: scale-first tensor-core candidates, whole-row one-token candidates; 9: run-summed fp16 candidates;
-# 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
+# 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation,
+# prefetch, streamed timing.
 TUNE_FORMAT = 10  # older caches are retuned
 
 
@@ -106,12 +106,6 @@ FMA_LONG_SHAPES = ((8, 4, 16, 4), (16, 4, 16, 4), (8, 4, 32, 2), (16, 4, 8, 8), 
 # every such candidate lost, by 8-20%, to short unpipelined programs; two stay, so the tuner
 # keeps measuring them on other GPUs.
 FMA_PIPELINED_SHAPES = ((16, 4, 8, 4, 3), (8, 4, 16, 4, 3))
-# Whole rows a program (block_n, warps), in steps of 32 slots: K-splits add up nothing. The shapes
-# above give them only where a row is 64 slots (Llama-3-8B's 4096 inputs; its head chose (8, 4, 32,
-# 2)); a row of 224 slots (14336 inputs of 64 words, 3584 of 16: Qwen2.5-7B's head) splits only in
-# sevens without these. Up to 8 steps.
-FMA_WHOLE_ROW_SHAPES = ((8, 4), (16, 4))
-MAX_WHOLE_ROW_STEPS = 8
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
 
@@ -149,11 +143,8 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
                 if c is not None]
         runs = [c.model_copy(update={"accumulate": "fp16_runs"}) for c in half if run_sums_fit(c, slot_width)]
         configs += half + [c.model_copy(update={"prefetch": True}) for c in half] + runs
-        whole_rows = tuple((n, w, 32, slot_count // 32) for n, w in FMA_WHOLE_ROW_SHAPES
-                           if slot_count % 32 == 0 and slot_count // 32 <= MAX_WHOLE_ROW_STEPS)
         long = [c.model_copy(update={"accumulate": "fp16"}) for c in map(lambda s: split("fma", *s),
-                                                                         FMA_LONG_SHAPES + FMA_PIPELINED_SHAPES
-                                                                         + whole_rows)
+                                                                         FMA_LONG_SHAPES + FMA_PIPELINED_SHAPES)
                 if c is not None]
         configs += long + [c.model_copy(update={"lookahead": True, "num_stages": 1}) for c in half + long if c.iters > 1]
     if slot_width >= MIN_DOT_WIDTH and 1 < bucket <= 16:
