@@ -23,8 +23,8 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16 accumulation,
-# prefetch, streamed timing.
+# 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left
+# tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
 TUNE_FORMAT = 10  # older caches are retuned
 
 
