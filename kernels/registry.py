@@ -187,7 +187,7 @@ class LayerKernel:
             constexprs |= {"HALF_ACC": half, "THREADS": 32 * config.num_warps}
         else:
             constexprs |= {"BLOCK_M": config.block_m, "WEIGHTS_LEFT": config.weights_left,
-                           "SCALE_FIRST": config.scale_first}
+                           "SCALE_FIRST": config.scale_first, "DOT_PAIRS": config.dot_pairs}
         return slot_count // (config.slots * iters), constexprs
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:

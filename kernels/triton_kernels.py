@@ -470,6 +470,16 @@ def _scaled_dot_pair(acc, x_ptr, w, res_w, scales, res_scales, tokens, token_mas
     (SCALE_FIRST): each row's scale multiplies its decoded weights in fp16, the residual stage's
     folded in, so the dot accumulates into acc in place, one dot a pair for both stages, with no
     float32 multiply-add of the [BLOCK_N, BLOCK_M] product after every pair (_dot_pair)."""
+    w, x = _scaled_pair(x_ptr, w, res_w, scales, res_scales, tokens, token_mask, first_input, OFFSET, K, G, B, ALIGNED,
+                        RES_BITS, ASM)
+    return _dot_into(acc, w, x, WEIGHTS_LEFT)
+
+
+@triton.jit
+def _scaled_pair(x_ptr, w, res_w, scales, res_scales, tokens, token_mask, first_input, OFFSET: tl.constexpr,
+                 K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, ALIGNED: tl.constexpr, RES_BITS: tl.constexpr,
+                 ASM: tl.constexpr):
+    """(scale w (+ res_scale res_w), x') of one decoded slot pair: its operands for _dot_into."""
     x = pair_inputs(x_ptr, tokens, token_mask, first_input + OFFSET, K, B, ASM)
     scale = _row_scales(scales, first_input, OFFSET, G, ALIGNED, tl.float16)[:, None]
     if RES_BITS > 0:
@@ -483,11 +493,28 @@ def _scaled_dot_pair(acc, x_ptr, w, res_w, scales, res_scales, tokens, token_mas
         w = tl.inline_asm_elementwise(SCALE_ASM, SCALE_CONSTRAINTS, [w, scale], dtype=tl.float16, is_pure=True, pack=2)
     else:
         w = w * scale
+    return w, x
+
+
+@triton.jit
+def _dot_into(acc, w, x, WEIGHTS_LEFT: tl.constexpr):
+    """acc + x @ w^T ([BLOCK_M, BLOCK_N]), or with WEIGHTS_LEFT acc + w @ x^T ([BLOCK_N, BLOCK_M])."""
     if WEIGHTS_LEFT:
         acc = tl.dot(w, tl.trans(x), acc)
     else:
         acc = tl.dot(x, tl.trans(w), acc)
     return acc
+
+
+@triton.jit
+def _along_k(a, b):
+    """[R, 2C]: a's C columns, then b's (a, b [R, C]): operands of several pairs joined into one dot's
+    inner dimension, in the same order for the weights and the activations. Joined on a new last
+    dimension that is then moved before the columns, it keeps each thread's registers, where
+    interleaving the two (a plain reshape of the join) sends the weights through shared memory."""
+    ROWS: tl.constexpr = a.shape[0]
+    COLUMNS: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * COLUMNS))
 
 
 @triton.jit
@@ -572,12 +599,12 @@ def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, r
               tokens, token_mask, first_slot, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               BITS: tl.constexpr, RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ASM: tl.constexpr,
               DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False,
-              SCALE_FIRST: tl.constexpr = False):
+              SCALE_FIRST: tl.constexpr = False, DOT_PAIRS: tl.constexpr = 1):
     """acc plus SLOTS slots from first_slot of both stages, whose word tiles (`_step_tiles`) are
     loaded: decode two pairs at a time, then `_dot_pair` (tensor cores) or `_fma_pair` (CUDA cores)
     each, or for a residual option in fp16 `_folded_fma_pair` per pair of both stages; with
-    SCALE_FIRST `_scaled_dot_pair` per pair of both stages; each row's scales from one address per
-    step (scale_rows)."""
+    SCALE_FIRST `_scaled_dot_pair` per pair of both stages, or one dot per DOT_PAIRS pairs (2 or 4,
+    `_along_k`; SLOTS is a multiple of 8); each row's scales from one address per step (scale_rows)."""
     WORD_SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # slots per tile of step_words
     RES_WORD_SLOTS: tl.constexpr = 8 if RES_BITS == 4 else 16
     FOLD: tl.constexpr = RES_BITS > 0 and HALF_ACC and not DOT
@@ -600,11 +627,23 @@ def _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, r
         else:
             res_first, res_second = first, second  # never read without a residual stage
         # each pair's first input is first_input + (offset + 2 half) B
-        if DOT and SCALE_FIRST:
+        if DOT and SCALE_FIRST and DOT_PAIRS == 1:
             acc = _scaled_dot_pair(acc, x_ptr, first, res_first, scales, res_scales, tokens, token_mask, first_input,
                                    offset * B, K, G, B, ALIGNED, RES_BITS, WEIGHTS_LEFT, ASM)
             acc = _scaled_dot_pair(acc, x_ptr, second, res_second, scales, res_scales, tokens, token_mask,
                                    first_input, (offset + 2) * B, K, G, B, ALIGNED, RES_BITS, WEIGHTS_LEFT, ASM)
+        elif DOT and SCALE_FIRST:  # both pairs in one dot, or (DOT_PAIRS = 4) with the two before them
+            w1, x1 = _scaled_pair(x_ptr, first, res_first, scales, res_scales, tokens, token_mask, first_input,
+                                  offset * B, K, G, B, ALIGNED, RES_BITS, ASM)
+            w2, x2 = _scaled_pair(x_ptr, second, res_second, scales, res_scales, tokens, token_mask, first_input,
+                                  (offset + 2) * B, K, G, B, ALIGNED, RES_BITS, ASM)
+            w, x = _along_k(w1, w2), _along_k(x1, x2)
+            if DOT_PAIRS == 2:
+                acc = _dot_into(acc, w, x, WEIGHTS_LEFT)
+            elif offset % 8 == 0:
+                held_w, held_x = w, x
+            else:
+                acc = _dot_into(acc, _along_k(held_w, w), _along_k(held_x, x), WEIGHTS_LEFT)
         elif FOLD:
             acc = _folded_fma_pair(acc, x_ptr, first, res_first, scales, res_scales, first_input, offset * B, K, G, B,
                                    ALIGNED, ASM)
@@ -628,7 +667,7 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                tokens, token_mask, K: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BITS: tl.constexpr,
                RES_BITS: tl.constexpr, SLOTS: tl.constexpr, ITERS: tl.constexpr, ASM: tl.constexpr,
                DOT: tl.constexpr, HALF_ACC: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, LOOKAHEAD: tl.constexpr,
-               STAGES: tl.constexpr, SCALE_FIRST: tl.constexpr = False):
+               STAGES: tl.constexpr, SCALE_FIRST: tl.constexpr = False, DOT_PAIRS: tl.constexpr = 1):
     """acc plus the program's ITERS steps (`_lut_step`), from slot program_id(1) * ITERS * SLOTS.
 
     A run-time loop, software-pipelined over STAGES steps: Triton copies the loads of the next
@@ -647,14 +686,14 @@ def _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scal
                                                BITS, RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, current, scales_ptr, table, res_current, res_scales_ptr, res_table, rows,
                             tokens, token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT,
-                            HALF_ACC, WEIGHTS_LEFT, SCALE_FIRST)
+                            HALF_ACC, WEIGHTS_LEFT, SCALE_FIRST, DOT_PAIRS)
     else:
         for step in tl.range(ITERS, num_stages=STAGES):
             tiles, res_tiles = _step_tiles(codes_ptr, res_codes_ptr, rows, first_slot + step * SLOTS, K, B, BITS,
                                            RES_BITS, SLOTS)
             acc = _lut_step(acc, x_ptr, tiles, scales_ptr, table, res_tiles, res_scales_ptr, res_table, rows, tokens,
                             token_mask, first_slot + step * SLOTS, K, G, B, BITS, RES_BITS, SLOTS, ASM, DOT, HALF_ACC,
-                            WEIGHTS_LEFT, SCALE_FIRST)
+                            WEIGHTS_LEFT, SCALE_FIRST, DOT_PAIRS)
     return acc
 
 
@@ -664,7 +703,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
                    RES_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
                    ITERS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                    WEIGHTS_LEFT: tl.constexpr = False, LOOKAHEAD: tl.constexpr = False,
-                   STAGES: tl.constexpr = 1, SCALE_FIRST: tl.constexpr = False):
+                   STAGES: tl.constexpr = 1, SCALE_FIRST: tl.constexpr = False, DOT_PAIRS: tl.constexpr = 1):
     """out[M, N] (+)= x' @ W'^T on tensor cores; grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)).
 
     A program takes BLOCK_N rows and ITERS runs of SLOTS consecutive slots (SLOTS a multiple of
@@ -672,7 +711,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
     adding its partial sums atomically into the output the rotation kernel zeroed, so every SM is
     busy even for one token (padded to BLOCK_M = 16 rows of the dot). Many tokens: one split,
     a tiled GEMM. PREFETCH, PDL: see _start. WEIGHTS_LEFT: see _dot_pair. SCALE_FIRST: see _scaled_dot_pair.
-    LOOKAHEAD, STAGES: see _lut_steps.
+    LOOKAHEAD, STAGES: see _lut_steps; DOT_PAIRS: _lut_step.
     """
     rows, row_mask = block_rows(N, BLOCK_N)
     table, res_table = _tables(table_ptr, res_table_ptr, rows, BITS, RES_BITS)  # before _start's wait: read-only
@@ -686,7 +725,7 @@ def lut_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _lut_steps(acc, x_ptr, codes_ptr, scales_ptr, table, res_codes_ptr, res_scales_ptr, res_table, rows, tokens,
                      token_mask, K, G, B, BITS, RES_BITS, SLOTS, ITERS, ASM, True, False, WEIGHTS_LEFT, LOOKAHEAD,
-                     STAGES, SCALE_FIRST)
+                     STAGES, SCALE_FIRST, DOT_PAIRS)
     if WEIGHTS_LEFT:  # acc[row, token]
         offsets, mask = tokens[None, :] * N + rows[:, None], token_mask[None, :] & row_mask[:, None]
     else:

@@ -16,16 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tqdm import tqdm
 
 from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left
+# 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left
 # tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 10  # older caches are retuned
+TUNE_FORMAT = 11  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -48,6 +48,14 @@ class LaunchConfig(BaseModel):
     lookahead: bool = False  # dot/fma: steps unrolled, each step's codes loaded before the last one decodes
     scale_first: bool = False  # dot: the decoded weights scaled in fp16 (both stages folded) and the dot
     # accumulating in place, instead of each pair's product scaled after its dot (_scaled_dot_pair)
+    dot_pairs: Literal[1, 2, 4] = 1  # dot with scale_first: slot pairs joined into one dot's inner dimension,
+    # one wait on the tensor cores a dot instead of a pair (_along_k; slots are multiples of 8)
+
+    @model_validator(mode="after")
+    def _joined_pairs_scale_first(self) -> "LaunchConfig":
+        if self.dot_pairs > 1 and not (self.strategy == "dot" and self.scale_first):
+            raise ValueError(f"dot_pairs={self.dot_pairs} needs strategy 'dot' with scale_first")
+        return self
 
 
 class TuneEntry(BaseModel):
@@ -60,7 +68,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[10] = TUNE_FORMAT
+    format: Literal[11] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}
@@ -151,6 +159,7 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
         splits = [c for c in map(lambda s: split("dot", *s), SPLIT_SHAPES) if c is not None]
         splits += [c.model_copy(update={"weights_left": True}) for c in splits if c.block_n >= WEIGHTS_LEFT_MIN_ROWS]
         splits += [c.model_copy(update={"scale_first": True}) for c in splits]
+        splits += [c.model_copy(update={"dot_pairs": 4}) for c in splits if c.scale_first]
         configs += splits + [c.model_copy(update={"prefetch": True}) for c in splits]
         configs += [c.model_copy(update={"lookahead": True, "num_stages": 1}) for c in splits if c.iters > 1]
     if slot_width >= MIN_DOT_WIDTH and bucket > 16:

@@ -1,14 +1,18 @@
-"""Run the tuned kernels of two 4-bit Llama-3-8B shapes a few times, for Nsight Compute (CUDA only).
+"""Run the tuned kernels of two Llama-3-8B shapes a few times, for Nsight Compute (CUDA only).
 
-    ncu --kernel-name lut_fma_kernel --launch-skip 2 --launch-count 1 --section WarpStateStats \
-        python scripts/profile_layer_kernels.py
-    ncu --kernel-name lut_dot_kernel --launch-skip 6 --launch-count 1 --set full \
-        python scripts/profile_layer_kernels.py --tokens 16          # the tensor-core kernel, 14336 x 4096
+    ncu --profile-from-start off --kernel-name lut_fma_kernel --launch-skip 6 --launch-count 1 \
+        --set full python scripts/profile_layer_kernels.py                # one token, 14336 x 4096
+    ncu --profile-from-start off --kernel-name lut_dot_kernel --launch-skip 2 --launch-count 1 \
+        --set full python scripts/profile_layer_kernels.py --tokens 16 --shapes 14336x4096
+    ncu --profile-from-start off --launch-skip 2 --launch-count 2 --set full \
+        python scripts/profile_layer_kernels.py --tokens 16 --shapes 14336x4096 --bf16   # cuBLAS
 
-Tuning comes from the cache ($TQC_KERNEL_CACHE), so the profiled launch is the one a model runs.
-Tune first (e.g. `tqc bench layers`, or a cache carried in): with an empty cache the first launches
-are the tuner's candidates, and --launch-skip counts them. Launches 0-3 are 4096 x 4096, 4-7
-14336 x 4096. One token runs lut_fma_kernel; 2-16 tokens lut_dot_kernel.
+Each shape is called once first, outside the profiled range, so that tuning (from the cache in
+$TQC_KERNEL_CACHE, or by timing candidates when it misses) and compilation are not profiled.
+Inside the range each shape's kernel runs 4 times, in order: by default launches 0-3 are 4096 x
+4096 and 4-7 14336 x 4096. One token
+runs lut_fma_kernel, 2-16 tokens lut_dot_kernel; --bf16 runs torch's bf16 linear instead (cuBLAS may
+launch a split-K reduction after each product, hence --launch-count 2 and one shape).
 """
 
 import argparse
@@ -21,16 +25,47 @@ from tqc.kernels.tuning import Tuner
 from tqc.layout import LayerSpec
 from tqc.options import QuantOption
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--tokens", type=int, default=1)
-parser.add_argument("--option", default="4")
-args = parser.parse_args()
-registry = KernelRegistry(Tuner.for_device())
-for n, k in ((4096, 4096), (14336, 4096)):
-    module = random_turboquant_linear(LayerSpec(QuantOption.parse(args.option), 128, k, n), "cuda")
-    prepare(module)
-    kernel = registry.kernel_for(module.spec)
-    x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
-    for _ in range(4):
-        kernel(x, module)
-torch.cuda.synchronize()
+CALLS = 4
+
+
+def layer_calls(shapes: list[tuple[int, int]], tokens: int, option: str, bf16: bool) -> list:
+    """One callable per shape, warmed up (tuned and compiled) before it is returned."""
+    registry = KernelRegistry(Tuner.for_device())
+    calls = []
+    for n, k in shapes:
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        if bf16:
+            weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            call = lambda x=x, weight=weight: torch.nn.functional.linear(x, weight)  # noqa: E731
+        else:
+            module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, k, n), "cuda")
+            prepare(module)
+            kernel = registry.kernel_for(module.spec)
+            call = lambda x=x, kernel=kernel, module=module: kernel(x, module)  # noqa: E731
+        call()
+        if not bf16:
+            print(f"{n} x {k}: {kernel.tuned(tokens)}", flush=True)
+        calls.append(call)
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--option", default="4")
+    parser.add_argument("--bf16", action="store_true", help="profile torch's bf16 linear instead")
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096"], help="out x in features")
+    args = parser.parse_args()
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes]
+    calls = layer_calls(shapes, args.tokens, args.option, args.bf16)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for call in calls:
+        for _ in range(CALLS):
+            call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+if __name__ == "__main__":
+    main()

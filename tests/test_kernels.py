@@ -149,8 +149,12 @@ def test_token_buckets_choose_the_strategy_family():
     assert {c.weights_left for c in candidate_configs(16)} == {False, True}  # the tuner picks the operand order
     assert all(c.block_n >= 64 for c in candidate_configs(16) if c.weights_left)
     for bucket in (16, 4096):  # every tensor-core shape both ways: scaled after each pair's dot, or before it
-        dots = {c for c in candidate_configs(bucket) if c.strategy == "dot"}
+        dots = {c for c in candidate_configs(bucket) if c.strategy == "dot" and c.dot_pairs == 1}
         assert {c.model_copy(update={"scale_first": not c.scale_first}) for c in dots} == dots
+    sixteen = {c for c in candidate_configs(16) if c.strategy == "dot"}
+    joined = {c for c in sixteen if c.dot_pairs > 1}  # four pairs a dot: every scale-first split that way too
+    assert joined and all(c.scale_first and c.dot_pairs == 4 for c in joined)
+    assert {c.model_copy(update={"dot_pairs": 1}) for c in joined} == {c for c in sixteen if c.scale_first} - joined
     assert not any(c.scale_first for c in candidate_configs(1))
     for bucket in (1, 16):  # unrolled with the next step's codes in flight: only where a program has steps to overlap
         lookahead = [c for c in candidate_configs(bucket) if c.lookahead]
@@ -394,6 +398,31 @@ def test_scale_first_folds_the_residual_into_one_dot():
     assert per_pair.get("FFMA", 0) > 0 and scaled.get("FFMA", 0) == 0
     weights = config.block_n * config.slots * 16 // (32 * config.num_warps)  # a thread's, one stage, one step
     assert scaled.get("HMUL2", 0) >= weights // 2 and scaled.get("HFMA2", 0) >= weights // 2
+
+
+def test_joined_pairs_need_scale_first():
+    """Pairs share a dot only once each pair's scale is in its weights: a cache asking otherwise is refused."""
+    with pytest.raises(ValueError, match="dot_pairs=4 needs"):
+        LaunchConfig(strategy="dot", dot_pairs=4)
+    assert LaunchConfig(strategy="dot", dot_pairs=4, scale_first=True).dot_pairs == 4
+
+
+def test_joined_pairs_wait_once_a_dot():
+    """Four slot pairs joined into one dot's inner dimension (dot_pairs=4) issue the same tensor-core
+    work as one dot a pair, with one arrive and one wait a step instead of one a pair, and the
+    joined weights stay in the registers wgmma reads (no more ldmatrix than a dot a pair)."""
+    pytest.importorskip("triton")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.static_report import compile_for_hopper, sass_summary
+
+    key = layer_key("4", 14336, 4096, 128)
+    config = LaunchConfig(strategy="dot", block_n=64, num_warps=4, slots=8, iters=4, num_stages=3, weights_left=True,
+                          scale_first=True)
+    per_pair = sass_summary(compile_for_hopper(key, config))["ops"]
+    joined = sass_summary(compile_for_hopper(key, config.model_copy(update={"dot_pairs": 4})))["ops"]
+    assert joined["HGMMA"] == per_pair["HGMMA"]
+    assert joined["WARPGROUP"] * 4 == per_pair["WARPGROUP"]
+    assert joined.get("LDSM", 0) <= per_pair.get("LDSM", 0)
 
 
 def test_num_stages_pipelines_the_cuda_core_step_loop():

@@ -63,6 +63,11 @@ STRATEGIES = {  # the split kernels with their smallest slot count: the most K-s
     "dot-scale-first": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots, scale_first=True),
     "dot-scale-first-weights-left": lambda slots: LaunchConfig(strategy="dot", block_n=64, slots=slots,
                                                                weights_left=True, scale_first=True),
+    # and several pairs joined into one dot's inner dimension (_along_k)
+    "dot-two-pairs-a-dot": lambda slots: LaunchConfig(strategy="dot", block_n=16, slots=slots, scale_first=True,
+                                                      dot_pairs=2),
+    "dot-four-pairs-a-dot-weights-left": lambda slots: LaunchConfig(strategy="dot", block_n=64, slots=slots,
+                                                                    weights_left=True, scale_first=True, dot_pairs=4),
     "dot-whole-k-scale-first": lambda slots: LaunchConfig(strategy="dot", block_m=32, block_n=32, slots=slots,
                                                           whole_k=True, scale_first=True),
     "dequant": lambda slots: LaunchConfig(strategy="dequant", block_n=16),
