@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import ast
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +200,19 @@ def int8_candidates(bucket: int, groups: int) -> list[LaunchConfig]:
         configs = [LaunchConfig(strategy="dp4a", block_n=n, num_warps=w, iters=min(s, groups))
                    for n, s, w in DP4A_SHAPES if groups % min(s, groups) == 0] + configs
     return list(dict.fromkeys(configs))
+
+
+def read_verbose_log(path: str | Path) -> dict[str, list[tuple[float, LaunchConfig]]]:
+    """{'KEY/mBUCKET': [(microseconds, configuration), ...]} of every tuning a verbose Tuner printed
+    (`tqc bench layers -v` on stderr): the candidates timed before each 'tuned ENTRY:' line."""
+    runs: dict[str, list[tuple[float, LaunchConfig]]] = {}
+    current: list[tuple[float, LaunchConfig]] = []
+    for line in Path(path).read_text().splitlines():
+        if timed := re.match(r"\s+([\d.]+) us\s+(\{.*\})", line):
+            current.append((float(timed.group(1)), LaunchConfig(**ast.literal_eval(timed.group(2)))))
+        elif tuned := re.match(r"tuned (\S+):", line):
+            runs[tuned.group(1)], current = current, []
+    return runs
 
 
 Harness = tuple[Callable[[LaunchConfig], object], int]  # (run a configuration, layer calls per run)

@@ -11,27 +11,19 @@ instructions a weight: whether a kernel's time follows its instruction count or 
 from __future__ import annotations
 
 import argparse
-import ast
 import re
 
 from tqc.kernels.registry import KernelKey
 from tqc.kernels.static_report import compile_for_hopper, sass_summary, step_estimate
-from tqc.kernels.tuning import LaunchConfig
+from tqc.kernels.tuning import LaunchConfig, read_verbose_log
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 
 
 def timed_candidates(log: str, entry: str) -> list[tuple[float, LaunchConfig]]:
-    """(microseconds, configuration) of every candidate printed before 'tuned ENTRY:' in a verbose log."""
-    runs: dict[str, list] = {}
-    current: list = []
-    with open(log) as handle:
-        for line in handle:
-            if timed := re.match(r"\s+([\d.]+) us\s+(\{.*\})", line):
-                current.append((float(timed.group(1)), LaunchConfig(**ast.literal_eval(timed.group(2)))))
-            elif tuned := re.match(r"tuned (\S+):", line):
-                runs[tuned.group(1)], current = current, []
+    """(microseconds, configuration) of every candidate timed for ENTRY in a verbose log, fastest first."""
+    runs = read_verbose_log(log)
     if entry not in runs:
         raise SystemExit(f"{log} has no tuning of {entry}")
     return sorted(runs[entry], key=lambda run: run[0])
@@ -57,6 +49,7 @@ def main() -> None:
         summary = sass_summary(compile_for_hopper(key, config))
         per_weight = step_estimate(key, config, summary, 1.0)["instructions_per_weight"]
         flags = " ".join(name for name in ("weights_left", "scale_first", "prefetch", "lookahead") if getattr(config, name))
+        flags += f" dot_pairs={config.dot_pairs}" if config.dot_pairs > 1 else ""
         print(f"{microseconds:6.1f} us  registers {summary['registers']:3d}  stack {summary['stack']:3d}  "
               f"warps/SM {warps_per_sm(summary['registers'], config.num_warps):2d}  {per_weight:4.2f} instr/weight  "
               f"rows {config.block_n} warps {config.num_warps} slots {config.slots}x{config.iters} "

@@ -120,6 +120,32 @@ def test_static_vs_tuning_reads_a_verbose_log_and_compiles_its_candidates(tmp_pa
     assert refused.returncode != 0 and "no tuning of b2r0g128n1024k4096/m16" in refused.stderr
 
 
+def test_tuning_by_field_compares_a_knob_per_key(tmp_path):
+    """scripts/tuning_by_field.py: per tuned key, the fastest candidate under each value of a field
+    and the tuner's choice, from a verbose log; a log without tunings refused."""
+    from tqc.kernels.tuning import LaunchConfig
+
+    def line(us: float, **fields) -> str:
+        return f"  {us:9.1f} us  {LaunchConfig(strategy='dot', **fields).model_dump()}"
+
+    log = tmp_path / "tune.log"
+    log.write_text("\n".join([
+        line(9.0, slots=8), line(7.0, slots=8, scale_first=True), line(8.0, slots=8, scale_first=True, dot_pairs=4),
+        "tuned b4r0g128n1024k4096/m16: {} 7.0 us",
+        line(3.0, slots=8), line(2.0, slots=8, scale_first=True, dot_pairs=4),
+        "tuned b4r0g128n4096k4096/m16: {} 2.0 us"]) + "\n")
+    script = str(ROOT / "scripts" / "tuning_by_field.py")
+    rows = subprocess.run([sys.executable, script, str(log), "dot_pairs"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert rows[0].split() == ["b4r0g128n1024k4096/m16", "dot_pairs=1:", "7.0", "us", "dot_pairs=4:", "8.0", "us",
+                               "chose", "1"]
+    assert rows[1].endswith("chose 4") and rows[2] == "chosen: 1 on 1 of 2, 4 on 1 of 2"
+    (tmp_path / "empty.log").write_text("nothing here\n")
+    refused = subprocess.run([sys.executable, script, str(tmp_path / "empty.log"), "dot_pairs"], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "no tuning found" in refused.stderr
+
+
 def test_qwen_decoder_shapes_give_its_fused_layers_and_grouped_attention():
     """`tqc bench decode --model qwen2.5-7b`: q/k/v fused as 3584 + 2 x 512 rows, gate/up as 2 x 18944,
     the 152064-row head (qwen3-4b: attention wider than the hidden size); and a decoder with
