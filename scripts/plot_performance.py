@@ -3,10 +3,12 @@
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
         [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json]
         [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
-        [--qwen docs/bench/h200-run89-qwen-layers.json] [--out docs]
+        [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
+        [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
-with the issue's targets; performance-qwen-layers.png the same for Qwen shapes), performance-decode-step.png (a decode step's kernel time by what
+with the issue's targets; performance-qwen-layers.png the same for Qwen shapes;
+performance-layers-16.png Llama-3-8B's layers at 16 tokens, --sixteen), performance-decode-step.png (a decode step's kernel time by what
 runs, bf16 against tqc, with a third of bf16's kernel time: what 3x allows) and
 performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
 scripts/check_hf_decode.py).
@@ -24,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
-TARGETS = {"4": 3.2, "3": 4.0, "2": 5.0}  # issue 5, batch-1 decode against bf16
+TARGETS = {1: {"4": 3.2, "3": 4.0, "2": 5.0}, 16: {"4": 2.5}}  # issue 5, by tokens: x bf16
 # A kernel's name (and grid) -> what it is in the decode step; first match wins.
 STEP_PARTS = (("matmuls", ("lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
               ("norm (+ rotation)", ("norm",)),
@@ -35,7 +37,7 @@ STEP_PARTS = (("matmuls", ("lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKr
 
 
 def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
-    """Grouped bars: x bf16 per layer (columns) and option (bars), one token."""
+    """Grouped bars: x bf16 per layer (columns) and option (bars) at one token count."""
     rows = [row for row in rows if row["tokens"] == tokens and row["option"] not in ("bf16", "rotate")]
     models = list(dict.fromkeys(row["model"] for row in rows))
     column = (lambda row: row["layer"]) if len(models) == 1 else (lambda row: f"{row['model']}\n{row['layer']}")
@@ -47,12 +49,13 @@ def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
         speedups = {column(row): row["speedup_vs_bf16"] for row in rows if row["option"] == option}
         ax.bar([j + i * width for j in range(len(layers))], [speedups.get(layer, 0) for layer in layers], width,
                label=option)
-    for bits, target in TARGETS.items():
+    for bits, target in TARGETS.get(tokens, {}).items():
         ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
         ax.text(len(layers) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, fontsize=8 if len(models) > 1 else None)
-    ax.set_ylabel("x bf16 (one token)")
-    ax.set_title(f"{', '.join(models)} layer shapes, one token: speedup over bf16 (same run)")
+    count = "one token" if tokens == 1 else f"{tokens} tokens"
+    ax.set_ylabel(f"x bf16 ({count})")
+    ax.set_title(f"{', '.join(models)} layer shapes, {count}: speedup over bf16 (same run)")
     ax.legend(ncol=len(options), fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -120,15 +123,17 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=BENCH / "h200-run65-profile-mixed-fp16-nopdl.json")
     parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
+    parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     plot_layers(json.loads(args.layers.read_text())["rows"], args.out / "performance-layers.png")
     plot_layers(json.loads(args.qwen.read_text())["rows"], args.out / "performance-qwen-layers.png")
+    plot_layers(json.loads(args.sixteen.read_text())["rows"], args.out / "performance-layers-16.png", tokens=16)
     plot_step(json.loads(args.profile.read_text()), args.out / "performance-decode-step.png")
     plot_loaded(json.loads(args.loaded.read_text()), args.out / "performance-loaded.png")
-    print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-decode-step.png and "
-          f"performance-loaded.png in {args.out}")
+    print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-layers-16.png, "
+          f"performance-decode-step.png and performance-loaded.png in {args.out}")
 
 
 if __name__ == "__main__":
