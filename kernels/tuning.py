@@ -8,10 +8,9 @@ in $TQC_KERNEL_CACHE or ~/.cache/tqc/kernels/.
 
 from __future__ import annotations
 
+import ast
 import math
 import os
-import re
-import ast
 import re
 import sys
 from collections.abc import Callable
@@ -25,8 +24,9 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left
-# tensor-core candidates; 6: fp16 accumulation, prefetch, streamed timing.
+# 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates;
+# 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16
+# accumulation, prefetch, streamed timing.
 TUNE_FORMAT = 11  # older caches are retuned
 
 

@@ -91,7 +91,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 finals["bf16"].append(time_layers(bf16, x) * 1e6)
                 for value, row in best.items():
-                    finals[value].append(time_layers([lambda x, m=m, c=row["config"]: kernel.run(x, m, c) for m in modules], x) * 1e6)
+                    layers = [lambda x, m=m, c=row["config"]: kernel.run(x, m, c) for m in modules]
+                    finals[value].append(time_layers(layers, x) * 1e6)
             bf16_us = statistics.median(finals["bf16"])
             print(f"{layer} {option}-bit M={args.tokens}: bf16 {bf16_us:.2f} us")
             for value in values:

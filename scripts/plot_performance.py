@@ -8,8 +8,9 @@
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
 with the issue's targets; performance-qwen-layers.png the same for Qwen shapes;
-performance-layers-16.png Llama-3-8B's layers at 16 tokens, --sixteen), performance-decode-step.png (a decode step's kernel time by what
-runs, bf16 against tqc, with a third of bf16's kernel time: what 3x allows) and
+performance-layers-16.png Llama-3-8B's layers at 16 tokens, --sixteen), performance-decode-step.png
+(a decode step's kernel time by what runs, bf16 against tqc, with a third of bf16's kernel time:
+what 3x allows) and
 performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
 scripts/check_hf_decode.py).
 """

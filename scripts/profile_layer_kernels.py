@@ -9,10 +9,10 @@
 
 Each shape is called once first, outside the profiled range, so that tuning (from the cache in
 $TQC_KERNEL_CACHE, or by timing candidates when it misses) and compilation are not profiled.
-Inside the range each shape's kernel runs 4 times, in order: by default launches 0-3 are 4096 x
-4096 and 4-7 14336 x 4096. One token
-runs lut_fma_kernel, 2-16 tokens lut_dot_kernel; --bf16 runs torch's bf16 linear instead (cuBLAS may
-launch a split-K reduction after each product, hence --launch-count 2 and one shape).
+Inside the range each shape's kernel runs 4 times, in order: by default launches 0-3 are
+4096 x 4096 and 4-7 14336 x 4096. One token runs lut_fma_kernel, 2-16 tokens lut_dot_kernel;
+--bf16 runs torch's bf16 linear instead (cuBLAS may launch a split-K reduction after each
+product, hence --launch-count 2 and one shape).
 """
 
 import argparse
