@@ -83,8 +83,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
 
     from tqc.layout import layer_bytes  # noqa: PLC0415
 
-    from .registry import prepare, rotate  # noqa: PLC0415
-    from .synthetic import random_turboquant_linear  # noqa: PLC0415
+    from .registry import rotate  # noqa: PLC0415
 
     rows = []
     bf16_bytes = n * k * 2
@@ -103,9 +102,7 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     for name in options:
         spec = bench_spec(name, group_size, k, n)
         nbytes = layer_bytes(spec)
-        modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(nbytes))]
-        for module in modules:
-            prepare(module)
+        modules = streamed_modules(spec)
         kernel = registry.kernel_for(spec)
         layers = [lambda x, mod=mod: kernel(x, mod) for mod in modules]
         for m in tokens:
@@ -115,6 +112,25 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
         del modules, layers
         torch.cuda.empty_cache()
     return rows
+
+
+def streamed_modules(spec) -> list:
+    """Random layers of `spec` on CUDA, prepared for their kernels: enough copies that cycling
+    through them streams the weights from device memory (stream_copies), as a model's step does."""
+    from tqc.layout import layer_bytes  # noqa: PLC0415
+
+    from .registry import prepare  # noqa: PLC0415
+    from .synthetic import random_turboquant_linear  # noqa: PLC0415
+
+    modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(layer_bytes(spec)))]
+    for module in modules:
+        prepare(module)
+    return modules
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||a||: two launch configurations must compute the same layer up to rounding."""
+    return float((a.float() - b.float()).norm() / a.float().norm())
 
 
 def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_seconds: float) -> dict:

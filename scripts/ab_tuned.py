@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tqc.kernels.bench import SHAPES, device_info, save, time_layers
-from tqc.kernels.registry import KernelRegistry, prepare
-from tqc.kernels.synthetic import random_turboquant_linear
-from tqc.kernels.tuning import LaunchConfig, Tuner, stream_copies, token_bucket
-from tqc.layout import LayerSpec, layer_bytes
+from tqc.kernels.bench import SHAPES, device_info, relative_difference, save, streamed_modules, time_layers
+from tqc.kernels.registry import KernelRegistry
+from tqc.kernels.tuning import LaunchConfig, Tuner, token_bucket
+from tqc.layout import LayerSpec
 from tqc.options import QuantOption
 
 
@@ -47,11 +46,6 @@ def write_changed_cache(tuner: Tuner, change: dict, directory: Path) -> None:
     print(f"wrote {path}")
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||a||: a changed configuration must compute the same layer up to rounding."""
-    return float((a.float() - b.float()).norm() / a.float().norm())
-
-
 def compare(args: argparse.Namespace, registry: KernelRegistry, change: dict) -> list[dict]:
     rows = []
     for model in args.models:
@@ -60,9 +54,7 @@ def compare(args: argparse.Namespace, registry: KernelRegistry, change: dict) ->
                 continue
             for option in args.options:
                 spec = LayerSpec(QuantOption.parse(option), args.group_size, k, n)
-                modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(layer_bytes(spec)))]
-                for module in modules:
-                    prepare(module)
+                modules = streamed_modules(spec)
                 kernel = registry.kernel_for(spec)
                 for tokens in args.tokens:
                     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)

@@ -18,11 +18,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from tqc.kernels.bench import SHAPES, device_info, save, time_layers
-from tqc.kernels.registry import KernelRegistry, prepare
-from tqc.kernels.synthetic import random_turboquant_linear
+from tqc.kernels.bench import SHAPES, device_info, relative_difference, save, streamed_modules, time_layers
+from tqc.kernels.registry import KernelRegistry
 from tqc.kernels.tuning import Tuner, stream_copies, token_bucket
-from tqc.layout import LayerSpec, layer_bytes
+from tqc.layout import LayerSpec
 from tqc.options import QuantOption
 
 
@@ -39,7 +38,7 @@ def sweep(kernel, modules, x: torch.Tensor, field: str, values: list, where: dic
         if config.strategy != "dot" or any(getattr(config, k) != v for k, v in where.items()):
             continue
         try:
-            reference = kernel.run(x, modules[0], config).float()
+            reference = kernel.run(x, modules[0], config)
         except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: the tuner skips it too
             print(f"  {config}: {type(error).__name__}: {str(error)[:120]}")
             continue
@@ -47,7 +46,7 @@ def sweep(kernel, modules, x: torch.Tensor, field: str, values: list, where: dic
             varied = config.model_copy(update={field: value})
             layers = [lambda x, m=m, c=varied: kernel.run(x, m, c) for m in modules]
             try:
-                difference = float((kernel.run(x, modules[0], varied).float() - reference).norm() / reference.norm())
+                difference = relative_difference(reference, kernel.run(x, modules[0], varied))
                 us = time_layers(layers, x) * 1e6
             except Exception as error:  # noqa: BLE001 - a lab: report and go on
                 print(f"  {varied}: {type(error).__name__}: {str(error)[:120]}")
@@ -80,9 +79,7 @@ def main() -> None:
         bf16 = [lambda x, w=w: F.linear(x, w) for w in weights]
         for option in args.options:
             spec = LayerSpec(QuantOption.parse(option), 128, k, n)
-            modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(layer_bytes(spec)))]
-            for module in modules:
-                prepare(module)
+            modules = streamed_modules(spec)
             kernel = registry.kernel_for(spec)
             rows = sweep(kernel, modules, x, field, values, where)
             best = {value: min((r for r in rows if getattr(r["config"], field) == value), key=lambda r: r["us"])
