@@ -21,7 +21,7 @@ from triton.runtime.errors import OutOfResources
 
 from tqc.bitpack import pack
 from tqc.codebook import gaussian_codebook
-from tqc.kernels import attach, detach, lut
+from tqc.kernels import attach, detach, fragments, lut
 from tqc.kernels.repack import slot_words, to_bitpack_layout, to_kernel_layout
 from tqc.kernels.tuning import STREAM_BYTES, LaunchConfig, Tuner, TuneFile, candidate_configs, stream_copies, token_bucket
 from tqc.layout import LayerSpec
@@ -69,6 +69,20 @@ def test_register_lookups_decode_every_code_of_the_kernel_layout(bits, k, group_
     words = to_kernel_layout(pack(codes, bits), bits, k, group_size).numpy().view(np.uint32)
     decoded = decode_like_the_kernels(words, bits, k, slot_words(k, group_size))
     assert np.array_equal(decoded, gaussian_codebook(bits).half().float()[codes].numpy())
+
+
+@pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 4), (128, 8)])
+def test_fragment_layout_decodes_every_code_where_the_operand_expects_it(block_k, warps):
+    """kernels/fragments.py (the Gluon lab's layout): the PRMT lookups of each packed word, put back in
+    row and input order through the wgmma operand's lane and register mapping, give every code's value."""
+    n, k = 16 * warps * 2, 2 * block_k
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(block_k + warps))
+    words = fragments.pack_fragments(lut.stored_code(codes, 4), block_k, warps)
+    assert words.shape == (2, 2, warps, 32, block_k // 16)
+    decoded = fragments.emulate_fragments(words, n, k, block_k, warps)
+    assert torch.equal(decoded, gaussian_codebook(4).half().float()[codes])
+    assert fragments.fits(n, k, 128, block_k, warps) and not fragments.fits(n, k, 32, block_k, warps)
+    assert not fragments.fits(n + 16, k, 128, block_k, warps)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -423,6 +437,33 @@ def test_joined_pairs_wait_once_a_dot():
     assert joined["HGMMA"] == per_pair["HGMMA"]
     assert joined["WARPGROUP"] * 4 == per_pair["WARPGROUP"]
     assert joined.get("LDSM", 0) <= per_pair.get("LDSM", 0)
+
+
+@pytest.mark.parametrize(("block_k", "iters", "warps", "staged"), [(64, 8, 4, False), (128, 4, 8, False), (64, 8, 4, True)])
+def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, warps, staged):
+    """The Gluon lab kernel on the fragment layout, compiled for sm_90: it compiles at all only if the
+    decoded weights already sit in wgmma's operand layout (the conversion is asserted trivial); then it
+    stores nothing to shared memory but the staged activations, moves each thread's code words as
+    16-byte vectors (loads, or with `staged` asynchronous copies of every step issued before the first
+    decodes), looks every quad up once and issues every step's tensor-core products, without spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels.gluon_kernels import fragment_dot_kernel, x_layout
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": block_k, "ITERS": iters, "X_LAYOUT": x_layout(block_k),
+                  "LOOKAHEAD": 2, "num_warps": warps, "EVICT": True, "STAGED": staged}
+    kernel = compile_gluon_for_hopper(fragment_dot_kernel, constexprs, warps)
+    summary, sass = sass_summary(kernel), kernel.asm["sass"]
+    ops, vectors = summary["ops"], iters * block_k // 64  # a thread's 2 C words a step: C / 2 vectors
+    assert summary["stack"] == 0
+    assert ops["STS"] == iters  # a thread's share of each step's activations, one vector
+    if staged:
+        assert sass.count("LDGSTS.E.BYPASS.128") == vectors
+        assert sass.index("LDGSTS") < sass.index("HGMMA") and sass.rindex("LDGSTS") < sass.index("HGMMA")
+    else:
+        assert summary["loads"]["LDG.E.EF.128"] == vectors
+    assert ops["PRMT"] == 16 * block_k * iters // 32  # a thread's weights: 4 PRMT a quad of them
+    assert ops["HGMMA"] == iters * block_k // 16
 
 
 def test_num_stages_pipelines_the_cuda_core_step_loop():

@@ -1,0 +1,63 @@
+"""The fragment layout of 4-bit codes: each thread's words in the order of wgmma's register operand.
+
+A lab layout (scripts/gluon_dot16_lab.py, docs/kernel_layout.md "Fragment layout"), not yet what
+`tqc build` or `attach` writes. wgmma's A operand (fp16, 16 rows a warp, W warps) gives lane l of
+warp w rows 16 w + l // 4 (+ 8) and, per 16 inputs, columns 2 (l % 4) + {0, 1} (+ 8). Over a step
+of BLOCK_K = 32 C inputs a thread holds 2 rows x C chunks x 8 weights: one nibble word per (row
+half h, chunk ch), its 8 codes in the slot order of tqc's lookups (`repack.slot_bits`): slot
+4 a + 2 b + c of the word of (h, ch) in lane l holds input 32 ch + 16 a + 8 b + 2 (l % 4) + c of
+row 16 w + 8 h + l // 4. Words are stored [row block, step, warp, lane, 2 C], (ch, h) in that
+order in the last dimension, so that a thread's 2 C words of a step are one contiguous vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .lut import emulate_quad, half2_values
+from .repack import slot_bits
+
+
+def _fragment_order(codes: torch.Tensor, block_k: int, warps: int) -> torch.Tensor:
+    """[N, K] -> [N / 16 W, K / block_k, W, 32 lanes, 2 C words, 8 slots]: each code where its word holds it."""
+    n, k = codes.shape
+    c, rows = block_k // 32, 16 * warps
+    # row = 16 W nb + 16 w + 8 h + r, input = block_k s + 32 ch + 16 a + 8 b + 2 q + cc, lane = 4 r + q
+    codes = codes.reshape(n // rows, warps, 2, 8, k // block_k, c, 2, 2, 4, 2)
+    codes = codes.permute(0, 4, 1, 3, 8, 5, 2, 6, 7, 9)  # nb, s, w, r, q, ch, h, a, b, cc
+    return codes.reshape(n // rows, k // block_k, warps, 32, 2 * c, 8)  # slot 4 a + 2 b + cc
+
+
+def _natural_order(values: torch.Tensor, n: int, k: int, block_k: int, warps: int) -> torch.Tensor:
+    """Inverse of _fragment_order: [N / 16 W, K / block_k, W, 32, 2 C, 8] -> [N, K]."""
+    c, rows = block_k // 32, 16 * warps
+    values = values.reshape(n // rows, k // block_k, warps, 8, 4, c, 2, 2, 2, 2)  # nb, s, w, r, q, ch, h, a, b, cc
+    return values.permute(0, 2, 6, 3, 1, 5, 7, 8, 4, 9).reshape(n, k)
+
+
+def fits(n: int, k: int, group_size: int, block_k: int, warps: int) -> bool:
+    """Whether a layer can take this layout: whole row blocks and steps, one scale a row and step."""
+    return n % (16 * warps) == 0 and k % block_k == 0 and block_k % 32 == 0 and group_size % block_k == 0
+
+
+def pack_fragments(stored: torch.Tensor, block_k: int, warps: int = 4) -> torch.Tensor:
+    """[N, K] stored 4-bit codes (`lut.stored_code`) -> int32 words [N / 16 W, K / block_k, W, 32, 2 C]."""
+    codes = _fragment_order(stored.to(torch.int64), block_k, warps)
+    word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=stored.device)
+    for slot in range(8):
+        for source, target in slot_bits("nibble", slot):
+            word |= ((codes[..., slot] >> source) & 1) << target
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: int = 4) -> torch.Tensor:
+    """[N, K] float32 codebook values (unscaled) of fragment words, decoded as the kernel's PRMT lookups
+    decode them (`lut.emulate_quad`, two quads a word), then put back in row and input order."""
+    bits = words.numpy().view(np.uint32)
+    halves = []
+    for shift in (0, 16):  # quad a = 0, 1: slots (0, 1), (2, 3), then (4, 5), (6, 7)
+        pairs = emulate_quad(bits, 4, shift, bits, shift // 4)
+        halves += [half2_values(pair) for pair in pairs]
+    values = torch.from_numpy(np.stack(halves, axis=-2).reshape(*bits.shape, 8))
+    return _natural_order(values, n, k, block_k, warps)

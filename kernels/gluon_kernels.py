@@ -1,0 +1,254 @@
+"""Gluon kernels on the fragment layout of 4-bit codes (kernels/fragments.py): a lab, not yet a tqc kernel family.
+
+`fragment_dot_kernel` multiplies up to 16 tokens on tensor cores with the decoded weights as
+wgmma's register operand: each thread loads its own fragment's code words (16-byte vectors),
+decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operand's registers (the
+layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
+them and multiplies; the activations of the program's steps are staged in shared memory once.
+`fragment_gemv_kernel` is the same decode for one token on CUDA cores. Driven, checked and timed
+by scripts/gluon_dot16_lab.py (docs/performance.md, runs 107-111). Gluon kernels do not run under
+TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py).
+
+4-bit, no residual stage, fp16 activations; G a multiple of BLOCK_K (one scale a row and step).
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from .lut import NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES
+from .triton_kernels import HALF_FMA_ASM as TRITON_HALF_FMA_ASM
+
+TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
+COPIES = gl.constexpr(TABLE_COPIES)
+QUAD_ASM = gl.constexpr(NIBBLE_ASM)
+QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
+SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
+# renamed after Triton 3.6 (the device's), as Triton 3.9 (CI's) calls them
+barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+HALF_FMA_ASM = gl.constexpr(TRITON_HALF_FMA_ASM.value)  # acc + w x scale on half2
+
+
+@gluon.jit
+def _fragment(t, C: gl.constexpr):
+    """[W, 32, 2C] (warp, lane, register) -> [W, 8, 4, C, 2] (warp, lane // 4, lane % 4, chunk, row half)."""
+    return gl.reshape(t, [t.shape[0], 8, 4, C, 2])
+
+
+@gluon.jit
+def _quad(words, tables, SHIFT: gl.constexpr):
+    """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT lookup."""
+    shift = words * 0 + SHIFT
+    sign_shift = words * 0 + SHIFT // 4
+    return gl.inline_asm_elementwise(QUAD_ASM, QUAD_CONSTRAINTS,
+                                     [words, tables[0], tables[1], tables[2], tables[3], shift, words, sign_shift],
+                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+
+
+@gluon.jit
+def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's [W, 32, 2C] words."""
+    doubled = gl.join(_fragment(words, C), _fragment(words, C))
+    first, second = _quad(doubled, tables, 0)  # [4, 8, 4, C, 2, 2 c]
+    third, fourth = _quad(doubled, tables, 16)
+    values = gl.join(gl.join(first, second), gl.join(third, fourth))  # [w, l//4, l%4, ch, h, c, b, a]
+    values = gl.permute(values, (0, 4, 1, 3, 7, 6, 2, 5))  # [w, h, l//4, ch, a, b, l%4, c]
+    values = gl.reshape(values, [16 * words.shape[0], 32 * C])
+    return gl.convert_layout(values, A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _step(acc, words, scale, tables, x_tile, C: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """acc + (scale W) x^T for one step: its words decoded into wgmma's operand, scaled, multiplied."""
+    weights = _decode(words, tables, C, A_LAYOUT)
+    scale, _ = gl.broadcast(scale[:, None], weights)
+    weights = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights, scale], dtype=gl.float16, is_pure=True, pack=2)
+    return warpgroup_mma(weights, x_tile.permute((1, 0)), acc)
+
+
+@gluon.jit
+def _gemv_step(acc, words, scale, tables, x, C: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """acc + W x scale for one step and one token, elementwise in fp16 (HMUL2, HFMA2 a weight pair)."""
+    weights = _decode(words, tables, C, A_LAYOUT)
+    x, _ = gl.broadcast(x[None, :], acc)
+    scale, _ = gl.broadcast(scale[:, None], acc)
+    return gl.inline_asm_elementwise(HALF_FMA_ASM, "=r,r,r,r,r", [weights, x, scale, acc], dtype=gl.float16,
+                                     is_pure=True, pack=2)
+
+
+@gluon.jit
+def _load_codes(pointers, EVICT: gl.constexpr):
+    """A step's code words; EVICT: marked to leave L1 first, as tqc's Triton kernels do (each word is read once)."""
+    if EVICT:
+        words = gl.load(pointers, eviction_policy="evict_first")
+    else:
+        words = gl.load(pointers)
+    return words
+
+
+@gluon.jit
+def _codes_and_tables(codes_ptr, table_ptr, block, first_step, STEPS: gl.constexpr, C: gl.constexpr,
+                      W: gl.constexpr):
+    """(pointers to this thread's words of the program's first step, words a step, the PRMT tables):
+    a step's words are [W warps, 32 lanes, 2C], contiguous per thread (kernels/fragments.py)."""
+    words_layout: gl.constexpr = thread_words_layout(C, W)
+    warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
+    register = gl.arange(0, 2 * C, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
+    thread_words = (warp[:, None, None] * 32 + lane[None, :, None]) * (2 * C) + register[None, None, :]
+    step_words: gl.constexpr = W * 32 * 2 * C
+    codes = codes_ptr + (block * STEPS + first_step) * step_words + thread_words
+    copy = (lane[None, :, None] % COPIES) * 4 + warp[:, None, None] * 0  # each lane its own copy of the table
+    zeros = gl.zeros([W, 32, 2 * C], gl.int32, words_layout)
+    tables = ()
+    for j in gl.static_range(4):
+        table = _fragment(gl.load(table_ptr + copy + j) + zeros, C)
+        tables = tables + (gl.join(table, table),)
+    return codes, step_words, tables
+
+
+@triton.constexpr_function
+def thread_words_layout(chunks, warps):
+    """A step's code words [warps, 32 lanes, 2 chunks], each thread its own 2 chunks words, contiguous."""
+    return gl.BlockedLayout([1, 1, 2 * chunks], [1, 32, 1], [warps, 1, 1], [2, 1, 0])
+
+
+@gluon.jit
+def _copy_codes(codes, step_words, ITERS: gl.constexpr, C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr):
+    """Every step's code words of the program copied into shared memory asynchronously (cp.async), a
+    commit group a step, so that all are in flight at once (ptxas keeps only a step or two of register
+    loads in flight, whatever the source asks); each thread copies, and later reads, its own words."""
+    words = gl.allocate_shared_memory(gl.int32, [ITERS, W, 32, 2 * C],
+                                      gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0]))
+    for i in gl.static_range(ITERS):
+        if EVICT:
+            async_load(words.index(i), codes + i * step_words, eviction_policy="evict_first")
+        else:
+            async_load(words.index(i), codes + i * step_words)
+        async_copy.commit_group()
+    return words
+
+
+@gluon.jit
+def _copied_words(words, i: gl.constexpr, ITERS: gl.constexpr, C: gl.constexpr, W: gl.constexpr):
+    """Step i's words from _copy_codes, once its group has landed."""
+    async_copy.wait_group(ITERS - 1 - i)
+    return words.index(i).load(thread_words_layout(C, W))
+
+
+@gluon.jit
+def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
+    """(loaded, step i's words) of the unrolled step loop: from shared memory (STAGED), or from
+    registers loaded LOOKAHEAD steps ahead (`loaded` grows by one load a step)."""
+    if STAGED:
+        words = _copied_words(copied, i, ITERS, C, W)
+    else:
+        if i == 0:
+            for j in gl.static_range(LOOKAHEAD):
+                if j < ITERS:
+                    loaded = loaded + (_load_codes(codes + j * step_words, EVICT),)
+        if i + LOOKAHEAD < ITERS:
+            loaded = loaded + (_load_codes(codes + (i + LOOKAHEAD) * step_words, EVICT),)
+        words = loaded[i]
+    return loaded, words
+
+
+@triton.constexpr_function
+def staging_layout(block_k, warps):
+    """A [16, block_k] activation tile over 32 warps threads, each its own run of columns, none twice."""
+    columns = 16 * block_k // (32 * warps)  # a thread's
+    lanes_across = block_k // columns
+    return gl.BlockedLayout([1, columns], [32 // lanes_across, lanes_across], [warps, 1], [1, 0])
+
+
+@gluon.jit
+def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
+               G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
+               LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
+                        STAGED: gl.constexpr = False):
+    """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
+    multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
+    step's code words loaded LOOKAHEAD steps before it decodes."""
+    W: gl.constexpr = num_warps
+    BLOCK_N: gl.constexpr = 16 * W
+    C: gl.constexpr = BLOCK_K // 32
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1],
+                                                         instr_shape=[16, 16, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
+    block = gl.program_id(0)
+    first_step = gl.program_id(1) * ITERS
+    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, block, first_step, K // BLOCK_K, C, W)
+    copied = codes
+    if STAGED:
+        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)  # in flight from here
+
+    # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
+    x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
+    tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, x_load_layout))
+    columns = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_load_layout))
+    tiles = ()
+    for i in gl.static_range(ITERS):  # loaded together, then stored
+        offsets = tokens[:, None] * K + (first_step + i) * BLOCK_K + columns[None, :]
+        tiles = tiles + (gl.load(x_ptr + offsets, mask=(tokens < M)[:, None], other=0.0),)
+    for i in gl.static_range(ITERS):
+        x_smem.index(i).store(tiles[i])
+    fence_async_shared()
+    barrier()
+
+    rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    scales = scales_ptr + rows * (K // G)  # a step's group: (first_step + i) * BLOCK_K // G
+    acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
+    loaded = ()
+    for i in gl.static_range(ITERS):
+        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
+        acc = _step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables, x_smem.index(i), C,
+                    a_layout)
+
+    out_rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    out_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, mma_layout))
+    gl.atomic_add(out_ptr + out_tokens[None, :] * N + out_rows[:, None], acc, mask=(out_tokens < M)[None, :],
+                  sem="relaxed")
+
+
+@gluon.jit
+def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
+                G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
+                LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
+                        STAGED: gl.constexpr = False):
+    """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
+    decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
+    sums in float32 across the four lanes that share a row. (M, X_LAYOUT: fragment_dot_kernel's signature.)"""
+    W: gl.constexpr = num_warps
+    BLOCK_N: gl.constexpr = 16 * W
+    C: gl.constexpr = BLOCK_K // 32
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1],
+                                                         instr_shape=[16, 16, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    block = gl.program_id(0)
+    first_step = gl.program_id(1) * ITERS
+    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, block, first_step, K // BLOCK_K, C, W)
+    copied = codes
+    if STAGED:
+        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
+    rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
+    scales = scales_ptr + rows * (K // G)  # a step's group: (first_step + i) * BLOCK_K // G
+    acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
+    loaded = ()
+    for i in gl.static_range(ITERS):
+        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
+        acc = _gemv_step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables,
+                         gl.load(x_ptr + columns + i * BLOCK_K), C, a_layout)
+    gl.atomic_add(out_ptr + rows, gl.sum(acc.to(gl.float32), axis=1), sem="relaxed")
+
+
+def x_layout(block_k: int):
+    """Shared memory of the activations, [steps, 16, block_k]: a step's tile is wgmma's B operand (transposed)."""
+    return gl.NVMMASharedLayout.get_default_for([TOKENS, block_k], gl.float16)
