@@ -102,8 +102,8 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     for name in options:
         spec = bench_spec(name, group_size, k, n)
         nbytes = layer_bytes(spec)
-        modules = streamed_modules(spec)
         kernel = registry.kernel_for(spec)
+        modules = streamed_modules(spec, kernel.layout)
         layers = [lambda x, mod=mod: kernel(x, mod) for mod in modules]
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -114,9 +114,10 @@ def bench_shape(n: int, k: int, tokens: list[int], options: list[str], group_siz
     return rows
 
 
-def streamed_modules(spec) -> list:
-    """Random layers of `spec` on CUDA, prepared for their kernels: enough copies that cycling
-    through them streams the weights from device memory (stream_copies), as a model's step does."""
+def streamed_modules(spec, layout: str | None = None) -> list:
+    """Random layers of `spec` on CUDA, their codes in `layout` (default: registry.layout_of): enough
+    copies that cycling through them streams the weights from device memory (stream_copies), as a
+    model's step does."""
     from tqc.layout import layer_bytes  # noqa: PLC0415
 
     from .registry import prepare  # noqa: PLC0415
@@ -124,7 +125,7 @@ def streamed_modules(spec) -> list:
 
     modules = [random_turboquant_linear(spec, "cuda", seed=i) for i in range(stream_copies(layer_bytes(spec)))]
     for module in modules:
-        prepare(module)
+        prepare(module, layout)
     return modules
 
 
@@ -143,13 +144,15 @@ def cmd_layers(args: argparse.Namespace) -> None:
     from .tuning import Tuner  # noqa: PLC0415
 
     torch.manual_seed(0)
-    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose))
-    result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size, "rows": []}
+    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose), fragments=args.fragments)
+    result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
+              "fragments": args.fragments, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
     shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
               if not args.layers or layer in args.layers]
-    compile_and_report([layer_key(option, n, k, args.group_size) for *_, n, k in shapes for option in args.options],
-                       args.tokens)
+    if not args.fragments:  # the lookup kernels, compiled in parallel before any timing
+        compile_and_report([layer_key(option, n, k, args.group_size) for *_, n, k in shapes for option in args.options],
+                           args.tokens)
     for model, layer, n, k in shapes:
         result["rows"] += report(bench_shape(n, k, args.tokens, args.options, args.group_size, registry), model, layer)
     save(result, args.output)
@@ -223,6 +226,8 @@ def add_parser(subparsers) -> None:
                         help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
+    layers.add_argument("--fragments", action="store_true",
+                        help="4-bit layers on the Gluon fragment family (registry.FragmentLayerKernel; Hopper)")
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",

@@ -1,7 +1,9 @@
 """The fragment layout of 4-bit codes: each thread's words in the order of wgmma's register operand.
 
-A lab layout (scripts/gluon_dot16_lab.py, docs/kernel_layout.md "Fragment layout"), not yet what
-`tqc build` or `attach` writes. wgmma's A operand (fp16, 16 rows a warp, W warps) gives lane l of
+The layout of the fragment kernel family (registry.FragmentLayerKernel, gluon_kernels.py; docs/
+kernel_layout.md "Fragment layout"): `attach(model, fragments=True)` repacks eligible layers into it
+(`to_fragments_layout`, rows of 64 and steps of 64 inputs); scripts/gluon_dot16_lab.py packs other
+step sizes and warp counts for its experiments. wgmma's A operand (fp16, 16 rows a warp, W warps) gives lane l of
 warp w rows 16 w + l // 4 (+ 8) and, per 16 inputs, columns 2 (l % 4) + {0, 1} (+ 8). Over a step
 of BLOCK_K = 32 C inputs a thread holds 2 rows x C chunks x 8 weights: one nibble word per (row
 half h, chunk ch), its 8 codes in the slot order of tqc's lookups (`repack.slot_bits`): slot
@@ -15,8 +17,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lut import emulate_quad, half2_values
+from tqc.bitpack import pack, unpack
+
+from .lut import codebook_code, emulate_quad, half2_values, lookup_values, stored_code
 from .repack import slot_bits
+
+BLOCK_K = 64  # the family's step: inputs a thread's 4 words of a row pair cover, one 16-byte load
+WARPS = 4  # 64 rows a program (one warpgroup)
+ROWS_AT_ONCE = 4096  # rows converted at once (int64 intermediates)
 
 
 def _fragment_order(codes: torch.Tensor, block_k: int, warps: int) -> torch.Tensor:
@@ -36,7 +44,7 @@ def _natural_order(values: torch.Tensor, n: int, k: int, block_k: int, warps: in
     return values.permute(0, 2, 6, 3, 1, 5, 7, 8, 4, 9).reshape(n, k)
 
 
-def fits(n: int, k: int, group_size: int, block_k: int, warps: int) -> bool:
+def fits(n: int, k: int, group_size: int, block_k: int = BLOCK_K, warps: int = WARPS) -> bool:
     """Whether a layer can take this layout: whole row blocks and steps, one scale a row and step."""
     return n % (16 * warps) == 0 and k % block_k == 0 and block_k % 32 == 0 and group_size % block_k == 0
 
@@ -61,3 +69,47 @@ def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: 
         halves += [half2_values(pair) for pair in pairs]
     values = torch.from_numpy(np.stack(halves, axis=-2).reshape(*bits.shape, 8))
     return _natural_order(values, n, k, block_k, warps)
+
+
+def unpack_fragments(words: torch.Tensor, n: int, k: int, block_k: int = BLOCK_K, warps: int = WARPS) -> torch.Tensor:
+    """Inverse of pack_fragments: [N, K] stored codes."""
+    codes = torch.zeros((*words.shape, 8), dtype=torch.int64, device=words.device)
+    word = words.to(torch.int64) & 0xFFFFFFFF
+    for slot in range(8):
+        for source, target in slot_bits("nibble", slot):
+            codes[..., slot] |= ((word >> target) & 1) << source
+    return _natural_order(codes, n, k, block_k, warps)
+
+
+def to_fragments_layout(packed: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
+    """A 4-bit layer's codes from the packed model's bitpack layout into the fragment layout, as
+    [N, K / 8] int32 (the bitpack shape; the kernel reads it flat)."""
+    if bits != 4:
+        raise ValueError(f"the fragment layout holds 4-bit codes, not {bits}-bit")
+    rows = WARPS * 16
+    chunks = [pack_fragments(stored_code(unpack(part, 4, k), 4), BLOCK_K, WARPS).reshape(part.shape[0], -1)
+              for part in packed.split(ROWS_AT_ONCE - ROWS_AT_ONCE % rows)]
+    return torch.cat(chunks)
+
+
+def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
+    """Inverse of `to_fragments_layout`."""
+    rows = WARPS * 16
+    return torch.cat([pack(codebook_code(unpack_fragments(part.reshape(-1), part.shape[0], k), 4), 4)
+                      for part in words.split(ROWS_AT_ONCE - ROWS_AT_ONCE % rows)])
+
+
+def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The weights [N, K] in `dtype` that fragment words and their scales stand for, decoded by torch on
+    the words' device with the fp16 values the kernels look up (for prefill: dequantize + cuBLAS)."""
+    magnitudes = torch.tensor(lookup_values(4), device=words.device)
+    rows = WARPS * 16
+    parts = []
+    for start in range(0, n, ROWS_AT_ONCE - ROWS_AT_ONCE % rows):
+        part = words[start : start + ROWS_AT_ONCE - ROWS_AT_ONCE % rows]
+        stored = unpack_fragments(part.reshape(-1), part.shape[0], k)
+        values = torch.where(stored >= 8, -magnitudes[stored & 7], magnitudes[stored & 7])
+        part_scales = scales[start : start + part.shape[0]].float().repeat_interleave(group_size, dim=1)
+        parts.append((values * part_scales).to(dtype))
+    return torch.cat(parts)

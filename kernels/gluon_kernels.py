@@ -213,8 +213,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
 
     out_rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     out_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, mma_layout))
-    gl.atomic_add(out_ptr + out_tokens[None, :] * N + out_rows[:, None], acc, mask=(out_tokens < M)[None, :],
-                  sem="relaxed")
+    gl.atomic_add(out_ptr + out_tokens[None, :] * N + out_rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                  mask=(out_tokens < M)[None, :], sem="relaxed")
 
 
 @gluon.jit

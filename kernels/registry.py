@@ -5,8 +5,10 @@ sources in triton_kernels.py; `generate(specs)` returns one `LayerKernel` per di
 `kernel_for(spec)` is the registry the loader uses. A `LayerKernel` runs the strategy and launch
 parameters the tuner found for this GPU and token bucket (tuning.py): the tensor-core kernel split
 over K for few tokens, or tiled over M and N for many, the CUDA-core kernel for one token, or
-dequantize + cuBLAS. `prepare(module)` repacks a
-layer's codes into the kernel layout (repack.py) once, when the kernel is attached.
+dequantize + cuBLAS. `prepare(module, layout)` repacks a layer's codes into its family's layout
+(repack.py, lut_int8.py or fragments.py) once, when the kernel is attached. Families: the fp16
+lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, where asked for
+(`KernelRegistry(fragments=True)`), the Gluon fragment family for 4-bit layers (FragmentLayerKernel).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from tqc.layout import LayerSpec, layer_bytes
 
-from . import int8_kernels, lut_int8, repack
+from . import fragments, int8_kernels, lut_int8, repack
 from .launch import launch
 from . import triton_kernels as tk
 from .lut import TABLE_COPIES, table_words
@@ -32,7 +34,10 @@ from .tuning import (Harness, LaunchConfig, Tuner, candidate_configs, int8_candi
 
 KERNEL_LAYOUT = "kernel"  # repack.py, for the fp16 lookup kernels
 INT8_LAYOUT = "int8"  # lut_int8.pack_words, for the int8 family
-LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8}  # module: to_<name>_layout, to_bitpack_layout
+FRAGMENT_LAYOUT = "fragments"  # fragments.py, for the fragment family (Gluon)
+LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8, FRAGMENT_LAYOUT: fragments}  # module: to_<name>_layout,
+# to_bitpack_layout
+MAX_FRAGMENT_TOKENS = 16  # wgmma's n: above, the fragment family dequantizes for cuBLAS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 
@@ -65,16 +70,18 @@ class KernelKey:
     n: int
     k: int
     activations: str = "fp16"
+    codes: str = KERNEL_LAYOUT  # FRAGMENT_LAYOUT: the fragment family (takes_fragments)
 
     @classmethod
-    def of(cls, spec: LayerSpec) -> KernelKey:
+    def of(cls, spec: LayerSpec, codes: str = KERNEL_LAYOUT) -> KernelKey:
         return cls(spec.option.base_bits, spec.option.residual_bits, spec.group_size, spec.out_features, spec.in_features,
-                   spec.activations)
+                   spec.activations, codes)
 
     @property
     def name(self) -> str:
         int8 = "a8" if self.activations == "int8" else ""
-        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}{int8}"
+        fragment = "fr" if self.codes == FRAGMENT_LAYOUT else ""
+        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}{int8}{fragment}"
 
 
 def supports(spec: LayerSpec) -> bool:
@@ -82,8 +89,15 @@ def supports(spec: LayerSpec) -> bool:
     return spec.option.scheme == "turboquant" and spec.in_features % 32 == 0 and spec.group_size >= 32
 
 
+def takes_fragments(spec: LayerSpec) -> bool:
+    """Whether the fragment family can serve a layer: 4-bit TurboQuant without a residual stage on
+    fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64."""
+    return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
+            and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
+
+
 def layout_of(spec: LayerSpec) -> str:
-    """The code layout of a layer's kernel family."""
+    """The code layout of a layer's default kernel family (the fragment family is asked for: KernelRegistry)."""
     return INT8_LAYOUT if spec.activations == "int8" else KERNEL_LAYOUT
 
 
@@ -91,6 +105,7 @@ def layout_of(spec: LayerSpec) -> str:
 class LayerKernel:
     """The generated kernel family of one KernelKey; callable as `kernel(x, module)`."""
 
+    layout = KERNEL_LAYOUT  # of the codes it reads (prepare)
     key: KernelKey
     tuner: Tuner
     _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
@@ -258,6 +273,8 @@ class Int8LayerKernel(LayerKernel):
     """The int8 family of a key on int8 activations (int8_kernels.py): the rotation rounds the input
     to int8 per (token, group), int8_dot_kernel multiplies; the tuner picks its launch shape."""
 
+    layout = INT8_LAYOUT
+
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """The family's launch shapes (int8_candidates) that this key can run."""
         return [c for c in int8_candidates(bucket, self.key.k // self.key.group_size) if self.fits(c)]
@@ -374,6 +391,62 @@ class Int8LayerKernel(LayerKernel):
         return out
 
 
+class FragmentLayerKernel(LayerKernel):
+    """4-bit layers without a residual on fp16 activations, their codes in the order of wgmma's
+    register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
+    tokens, split over K with the output zeroed by the rotation, which writes natural order; dequantize
+    + cuBLAS above. Asked for, not chosen by default (KernelRegistry(fragments=True)): at 16 tokens it
+    takes a third less time than the lookup kernels, at one token 4-20% more (docs/performance.md,
+    runs 107-112). Hopper GPUs; Gluon does not run under TRITON_INTERPRET."""
+
+    layout = FRAGMENT_LAYOUT
+
+    def weights(self, module) -> tuple[torch.Tensor, ...]:
+        """codes, scales, PRMT table: the weight arguments of fragment_dot_kernel."""
+        check_layout(module, FRAGMENT_LAYOUT)
+        return module.codes, module.scales, self.table(self.key.bits, module.codes.device)
+
+    def candidates(self, bucket: int) -> list[LaunchConfig]:
+        """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), or dequantize + cuBLAS
+        above 16 tokens."""
+        if bucket > MAX_FRAGMENT_TOKENS:
+            return [LaunchConfig(strategy="dequant")]
+        steps = self.key.k // fragments.BLOCK_K
+        return [LaunchConfig(strategy="fragments", iters=i) for i in range(1, 17) if steps % i == 0]
+
+    def splits(self, config: LaunchConfig) -> int:
+        return self.key.k // (fragments.BLOCK_K * config.iters)
+
+    def rotation_target(self, module, config: LaunchConfig, out: torch.Tensor | None, dtype: torch.dtype) -> RotationTarget:
+        """Natural order: fp16 with the output zeroed (every program adds into it), or for
+        dequantize + cuBLAS in the activations' dtype."""
+        if config.strategy == "dequant":
+            return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
+        return RotationTarget(module.signs, self.key.group_size, 0, torch.float16, out)
+
+    def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
+        """out += rotated @ W'^T (zeroed by the rotation), or dequantize + cuBLAS."""
+        if config.strategy == "dequant":
+            return F.linear(rotated, self.dequantize(module, rotated.dtype))
+        from . import gluon_kernels as gk  # noqa: PLC0415  (Gluon only where a layer asks for it)
+
+        (m, k), n = rotated.shape, self.key.n
+        if m > MAX_FRAGMENT_TOKENS:
+            raise ValueError(f"the fragment kernel takes up to {MAX_FRAGMENT_TOKENS} tokens, got {m}")
+        grid = (n // (16 * fragments.WARPS), self.splits(config))
+        gk.fragment_dot_kernel[grid](rotated, out, *self.weights(module), m, N=n, K=k, G=self.key.group_size,
+                                     BLOCK_K=fragments.BLOCK_K, ITERS=config.iters, X_LAYOUT=gk.x_layout(fragments.BLOCK_K),
+                                     LOOKAHEAD=2, EVICT=True, num_warps=fragments.WARPS)
+        return out
+
+    def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
+        """The decoded weight W' [N, K] in `dtype` (rotated basis), by torch from the fragment layout."""
+        check_layout(module, FRAGMENT_LAYOUT)
+        return fragments.fragment_weights(module.codes, module.scales, self.key.n, self.key.k, self.key.group_size,
+                                          dtype)
+
+
 def pdl_launch(device: torch.device) -> dict:
     """The launch arguments of programmatic dependent launch, where it is used (uses_pdl)."""
     return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
@@ -397,7 +470,10 @@ class RotationTarget:
 
 
 def family(key: KernelKey) -> type[LayerKernel]:
-    """The kernel family that serves a key: the int8 one on int8 activations, else the fp16 lookups."""
+    """The kernel family that serves a key: the fragment family where the key asks for it, the int8
+    one on int8 activations, else the fp16 lookups."""
+    if key.codes == FRAGMENT_LAYOUT:
+        return FragmentLayerKernel
     return Int8LayerKernel if key.activations == "int8" else LayerKernel
 
 
@@ -433,11 +509,13 @@ def check_layout(module, layout: str) -> None:
         raise ValueError(f"the layer's codes are not in the {layout} layout: call tqc.kernels.prepare(module)")
 
 
-def prepare(module) -> None:
-    """Repack a layer's codes into its kernel family's layout, in place (idempotent); `restore` undoes it."""
-    layout = layout_of(module.spec)
+def prepare(module, layout: str | None = None) -> None:
+    """Repack a layer's codes into `layout` (its kernel's, LayerKernel.layout; default: layout_of its
+    spec), in place; a layer in another kernel layout goes back to bitpack first; `restore` undoes it."""
+    layout = layout or layout_of(module.spec)
     if getattr(module, "codes_layout", None) == layout:
         return
+    restore(module)
     _convert(module, getattr(LAYOUTS[layout], f"to_{layout}_layout"))
     module.codes_layout = layout
 
@@ -465,10 +543,11 @@ class KernelRegistry:
 
     tuner: Tuner
     kernels: dict[KernelKey, LayerKernel] = field(default_factory=dict)
+    fragments: bool = False  # the fragment family for every layer it can serve (takes_fragments)
 
     def kernel_for(self, spec: LayerSpec) -> LayerKernel:
         """The generated kernel of a layer's key, created on first use."""
-        key = KernelKey.of(spec)
+        key = KernelKey.of(spec, FRAGMENT_LAYOUT if self.fragments and takes_fragments(spec) else KERNEL_LAYOUT)
         if key not in self.kernels:
             self.kernels[key] = family(key)(key, self.tuner)
         return self.kernels[key]

@@ -34,8 +34,9 @@ class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["dot", "fma", "dequant", "int8", "dp4a"]  # int8 family: int8_dot_kernel, int8_gemv_kernel
-    # (for both, iters: groups a program)
+    strategy: Literal["dot", "fma", "dequant", "int8", "dp4a", "fragments"]  # int8 family: int8_dot_kernel,
+    # int8_gemv_kernel (for both, iters: groups a program); fragment family: fragment_dot_kernel (iters:
+    # steps of 64 inputs a program)
     block_m: int = 16
     block_n: int = 32
     num_warps: int = 4

@@ -252,6 +252,37 @@ def test_prepare_and_restore_round_trip():
     assert torch.equal(layer.codes, codes) and torch.equal(layer.residual_codes, residual)
 
 
+def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
+    """KernelRegistry(fragments=True): 4-bit layers without a residual on fp16 activations, in whole
+    64-row and 64-input blocks, get the fragment family, whose codes round-trip through its layout and
+    whose torch dequantization (prefill) gives the reference path's weights; the rest keep the lookups."""
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelRegistry, prepare, restore
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    registry = KernelRegistry(Tuner("none", "none", None), fragments=True)
+    layer = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 64, 576, 192), "cpu")  # SmolLM2's k/v
+    kernel = registry.kernel_for(layer.spec)
+    assert isinstance(kernel, FragmentLayerKernel) and kernel.key.name.endswith("fr")
+    for spec in (LayerSpec(QuantOption.parse("3"), 64, 576, 192), LayerSpec(QuantOption.parse("4+2"), 64, 576, 192),
+                 LayerSpec(QuantOption.parse("4"), 64, 576, 96), LayerSpec(QuantOption.parse("4"), 32, 576, 192),
+                 LayerSpec(QuantOption.parse("4"), 64, 576, 192, activations="int8")):
+        assert not isinstance(registry.kernel_for(spec), FragmentLayerKernel), spec
+    codes, want = layer.codes.clone(), layer.dequantized_weight()
+    prepare(layer, kernel.layout)
+    assert layer.codes_layout == FRAGMENT_LAYOUT and layer.codes.shape == codes.shape
+    got = kernel.dequantize(layer, torch.float32)
+    assert ((got - want).norm() / want.norm()).item() < 1e-3  # the kernels' fp16 codebook
+    restore(layer)
+    assert torch.equal(layer.codes, codes)
+    assert [(c.strategy, c.iters) for c in kernel.candidates(16)] == [("fragments", 1), ("fragments", 3), ("fragments", 9)]
+    assert kernel.candidates(32)[0].strategy == "dequant"
+    config = kernel.candidates(1)[0]
+    out = torch.empty(1, 192)
+    target = kernel.rotation_target(layer, config, out, torch.bfloat16)
+    assert target.pair_width == 0 and target.dtype == torch.float16 and target.clear is out  # every program adds
+    assert kernel.splits(config) * config.iters * 64 == 576
+
+
 def test_a_launch_that_does_not_tile_the_row_is_refused():
     """Qwen2.5-7B's 3584 inputs are 7 chunks of B = 16 (224 slots): 32 slots x 2 steps a program
     would leave part of K unread, so asking for it (a stale or edited tuning cache) is an error."""

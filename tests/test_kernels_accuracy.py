@@ -31,7 +31,8 @@ from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
-from tqc.kernels.registry import Int8LayerKernel, KernelKey, LayerKernel, prepare, rotate as triton_rotate  # noqa: E402
+from tqc.kernels.registry import (FRAGMENT_LAYOUT, FragmentLayerKernel, Int8LayerKernel, KernelKey,  # noqa: E402
+                                  LayerKernel, prepare, rotate as triton_rotate)
 from tqc.kernels.repack import slot_words  # noqa: E402
 from tqc.kernels.tuning import (MIN_DOT_WIDTH, LaunchConfig, Tuner, slot_choices,  # noqa: E402
                                 token_bucket)
@@ -141,6 +142,27 @@ def test_int8_kernel_matches_reference(bits, strategy):
                 x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                 error = relative_error(kernel.run(x, module, config), reference(original, x))
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
+
+
+# Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
+# so that the interpreted run skips nothing.
+if CUDA:
+    @pytest.mark.parametrize("iters", [1, 8])
+    def test_fragment_kernel_matches_reference(iters):
+        """The fragment family (4-bit, codes in wgmma's operand order, Gluon) against the reference path:
+        split over K into the output the rotation zeroed at 1-16 tokens, dequantize + cuBLAS above."""
+        kernel_configs = [LaunchConfig(strategy="fragments", iters=iters), LaunchConfig(strategy="dequant")]
+        for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
+            _, original = random_layer(QuantOption.parse("4"), n, k, group_size)
+            module = copy.deepcopy(original)
+            prepare(module, FRAGMENT_LAYOUT)
+            kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
+            for dtype in DTYPES:
+                for config, tokens in [(kernel_configs[0], 1), (kernel_configs[0], 3), (kernel_configs[0], 16),
+                                       (kernel_configs[1], 77)]:
+                    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
+                    error = relative_error(kernel.run(x, module, config), reference(original, x))
+                    assert error < TOLERANCE[dtype], f"fragments {config.strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
 def test_rotation_kernel_matches_butterfly():

@@ -3,17 +3,18 @@
 __version__ = "0.1.0"
 
 
-def load(directory, device="cpu", verify: bool = True, fuse: bool = True):
+def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragments: bool = False):
     """Load a packed model directory written by `tqc build`, ready for `generate`.
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
     On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
     compiles the step and replays it from CUDA graphs (an 8B-shaped Llama: 6.5x faster than with the
-    default dynamic cache, docs/performance.md run 75).
+    default dynamic cache, docs/performance.md run 75). `fragments`: 4-bit layers run the Gluon
+    fragment family on Hopper (faster at 2-16 tokens, slower at one; tqc.kernels.attach).
     """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 
-    return load_packed(directory, device=device, verify=verify, fuse=fuse)
+    return load_packed(directory, device=device, verify=verify, fuse=fuse, fragments=fragments)
 
 
 __all__ = ["__version__", "load"]

@@ -294,11 +294,12 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_packed(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
-    fuse: bool = True,
+    fuse: bool = True, fragments: bool = False,
 ) -> nn.Module:
     """Build the model on the meta device, swap in quantized layers, load the packed tensors in place.
 
     `fuse`: siblings that read one input (q/k/v, gate/up) run as one matmul (tqc.fusion).
+    `fragments`: on CUDA, 4-bit layers run the Gluon fragment family (tqc.kernels.attach).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -336,7 +337,7 @@ def load_packed(
     if fuse:
         fuse_siblings(model)
     model.to(device)
-    _attach_kernels(model)
+    _attach_kernels(model, fragments)
     return model.eval()
 
 
@@ -355,7 +356,7 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _attach_kernels(model: nn.Module) -> None:
+def _attach_kernels(model: nn.Module, fragments: bool = False) -> None:
     """On CUDA, give each quantized layer its generated Triton kernel (tqc.kernels), if available;
     where they cannot be imported (no Triton), say so: the layers then run the reference path."""
     try:
@@ -365,4 +366,4 @@ def _attach_kernels(model: nn.Module) -> None:
             warnings.warn(f"tqc: generated kernels unavailable ({err}); quantized layers run the slower reference path",
                           stacklevel=3)
         return
-    attach(model)
+    attach(model, fragments=fragments)
