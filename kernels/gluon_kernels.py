@@ -21,7 +21,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from .lut import NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES
-from .triton_kernels import HALF_FMA_ASM as TRITON_HALF_FMA_ASM
+from . import triton_kernels as tk
 
 TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
 COPIES = gl.constexpr(TABLE_COPIES)
@@ -31,7 +31,9 @@ SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 # renamed after Triton 3.6 (the device's), as Triton 3.9 (CI's) calls them
 barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-HALF_FMA_ASM = gl.constexpr(TRITON_HALF_FMA_ASM.value)  # acc + w x scale on half2
+HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)
+BF16_PAIR_ADD_ASM = gl.constexpr(tk.BF16_PAIR_ADD_ASM.value)
+F16_PAIR_ADD_ASM = gl.constexpr(tk.F16_PAIR_ADD_ASM.value)  # acc + w x scale on half2
 
 
 @gluon.jit
@@ -211,10 +213,39 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
         acc = _step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables, x_smem.index(i), C,
                     a_layout)
 
-    out_rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
-    out_tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, mma_layout))
-    gl.atomic_add(out_ptr + out_tokens[None, :] * N + out_rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                  mask=(out_tokens < M)[None, :], sem="relaxed")
+    _add_into(out_ptr, acc, block * BLOCK_N, M, N, W)
+
+
+@gluon.jit
+def _add_into(out_ptr, acc, first_row, M, N: gl.constexpr, W: gl.constexpr):
+    """out[token, first_row + r] += acc[r, token] for the M tokens: float32 by atomic adds; 16 bits by
+    packed reductions of neighbouring rows (triton_kernels.PAIR_ADD_ASM), as sm_90 has no scalar 16-bit
+    atomic add and Triton makes each a compare-and-swap loop (3x slower layers, run 113)."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    dtype: gl.constexpr = out_ptr.dtype.element_ty
+    pairs: gl.constexpr = gl.BlockedLayout([2, 4], [8, 4], [W, 1], [0, 1])  # a thread: 2 rows x 4 tokens, once
+    values = gl.convert_layout(acc, pairs).to(dtype)
+    rows = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, pairs))
+    tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, pairs))
+    offsets = tokens[None, :] * N + rows[:, None]
+    valid = (tokens < M)[None, :] & (rows >= 0)[:, None]
+    if dtype == gl.float32:
+        gl.atomic_add(out_ptr + offsets, values, mask=valid, sem="relaxed")
+    else:
+        low, high = _row_pairs(values)
+        first, _ = _row_pairs(offsets)
+        live, _ = _row_pairs(valid.to(gl.int32))
+        asm: gl.constexpr = BF16_PAIR_ADD_ASM if dtype == gl.bfloat16 else F16_PAIR_ADD_ASM
+        gl.inline_asm_elementwise(asm, "=r,l,h,h,r", [(out_ptr + first).to(gl.int64, bitcast=True), low, high, live],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _row_pairs(tile):
+    """[R, T] -> (rows 0, 2, 4, ..., rows 1, 3, 5, ...), each [R / 2, T], without moving data (a thread holds both)."""
+    R: gl.constexpr = tile.shape[0]
+    T: gl.constexpr = tile.shape[1]
+    return gl.split(gl.permute(gl.reshape(tile, [R // 2, 2, T]), (0, 2, 1)))
 
 
 @gluon.jit

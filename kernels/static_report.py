@@ -52,11 +52,11 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int):
+def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str = "*fp32"):
     """A Gluon kernel (gluon_kernels.py) compiled for sm_90 with these constexprs (num_warps among them)."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names} | {"out_ptr": "*fp32"}
+    signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names} | {"out_ptr": out_type}
     names = list(signature)
     source = GluonASTSource(fn, signature, {(names.index(c),): v for c, v in constexprs.items()},
                             {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")})

@@ -476,18 +476,21 @@ def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, 
     decoded weights already sit in wgmma's operand layout (the conversion is asserted trivial); then it
     stores nothing to shared memory but the staged activations, moves each thread's code words as
     16-byte vectors (loads, or with `staged` asynchronous copies of every step issued before the first
-    decodes), looks every quad up once and issues every step's tensor-core products, without spills."""
+    decodes), looks every quad up once and issues every step's tensor-core products, without spills;
+    into a bf16 output it adds neighbouring rows as packed pairs (no compare-and-swap loops)."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels.gluon_kernels import fragment_dot_kernel, x_layout
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
 
     constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": block_k, "ITERS": iters, "X_LAYOUT": x_layout(block_k),
                   "LOOKAHEAD": 2, "num_warps": warps, "EVICT": True, "STAGED": staged}
-    kernel = compile_gluon_for_hopper(fragment_dot_kernel, constexprs, warps)
+    kernel = compile_gluon_for_hopper(fragment_dot_kernel, constexprs, warps, "*bf16")
     summary, sass = sass_summary(kernel), kernel.asm["sass"]
+    assert "REDG.E.ADD.BF16x2" in sass and "ATOMG" not in sass
     ops, vectors = summary["ops"], iters * block_k // 64  # a thread's 2 C words a step: C / 2 vectors
     assert summary["stack"] == 0
-    assert ops["STS"] == iters  # a thread's share of each step's activations, one vector
+    assert ops["STS"] == iters + 4  # a thread's share of each step's activations, one vector; then its
+    # 8 sums once, regrouped by neighbouring rows for the packed reductions (gluon_kernels._add_into)
     if staged:
         assert sass.count("LDGSTS.E.BYPASS.128") == vectors
         assert sass.index("LDGSTS") < sass.index("HGMMA") and sass.rindex("LDGSTS") < sass.index("HGMMA")
