@@ -1,13 +1,15 @@
-"""Gluon kernels on the fragment layout of 4-bit codes (kernels/fragments.py): a lab, not yet a tqc kernel family.
+"""Gluon kernels on the fragment layout of 4-bit codes (kernels/fragments.py): the opt-in fragment family.
 
 `fragment_dot_kernel` multiplies up to 16 tokens on tensor cores with the decoded weights as
 wgmma's register operand: each thread loads its own fragment's code words (16-byte vectors),
 decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operand's registers (the
 layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
 them and multiplies; the activations of the program's steps are staged in shared memory once.
-`fragment_gemv_kernel` is the same decode for one token on CUDA cores. Driven, checked and timed
-by scripts/gluon_dot16_lab.py (docs/performance.md, runs 107-111). Gluon kernels do not run under
-TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py).
+The family (registry.FragmentLayerKernel, `attach(model, fragments=True)`) launches
+fragment_dot_kernel; `fragment_gemv_kernel`, the same decode for one token on CUDA cores, and the
+other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's (scripts/gluon_dot16_lab.py, which checks and
+times them: docs/performance.md, runs 107-113). Gluon kernels do not run under TRITON_INTERPRET: CI
+compiles them for sm_90 (tests/test_kernels.py), the device runs tests/test_kernels_accuracy.py.
 
 4-bit, no residual stage, fp16 activations; G a multiple of BLOCK_K (one scale a row and step).
 """

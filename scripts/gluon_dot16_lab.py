@@ -18,7 +18,8 @@ weights in registers it computes wrong sums in Triton 3.6: the wait does not kee
 registers alive in the PTX (its `deps` are not operands of the instruction), and ptxas gives them
 to the next step's decode while the product still reads them (run 107).
 
-Not a tqc kernel yet: 4 bits only, no residual stage, group size a multiple of the step, tokens <= 16.
+4 bits only, no residual stage, group size a multiple of the step, tokens <= 16. tqc itself runs
+fragment_dot_kernel as an opt-in family (registry.FragmentLayerKernel, steps of 64 inputs).
 
 The code layout: kernels/fragments.py (docs/kernel_layout.md, "Fragment layout").
 """
