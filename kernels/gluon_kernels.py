@@ -171,10 +171,40 @@ def staging_layout(block_k, warps):
     return gl.BlockedLayout([1, columns], [32 // lanes_across, lanes_across], [warps, 1], [1, 0])
 
 
+@triton.constexpr_function
+def accumulator_layout(warps):
+    """wgmma's accumulator over 16 rows a warp and n = 16 tokens."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, 16, 16])
+
+
+@triton.constexpr_function
+def operand_layout(warps):
+    """wgmma's register operand A in fp16: where the decoded weights land."""
+    return gl.DotOperandLayout(operand_index=0, parent=accumulator_layout(warps), k_width=2)
+
+
+@gluon.jit
+def _program_codes(codes_ptr, table_ptr, scales_ptr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
+                   ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
+    """What a program reads its weights with: (first step, its rows in the operand's row layout, their
+    scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
+    words a step, the PRMT tables, and with STAGED every step's words already in flight to shared
+    memory, else the pointers again)."""
+    C: gl.constexpr = BLOCK_K // 32
+    first_step = gl.program_id(1) * ITERS
+    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
+    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, gl.program_id(0), first_step, K // BLOCK_K,
+                                                  C, W)
+    copied = codes
+    if STAGED:
+        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
+    return first_step, rows, scales_ptr + rows * (K // G), codes, step_words, tables, copied
+
+
 @gluon.jit
 def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
-               G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
-               LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
+                        G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
+                        LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
                         STAGED: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
@@ -182,16 +212,11 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1],
-                                                         instr_shape=[16, 16, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    mma_layout: gl.constexpr = accumulator_layout(W)
+    a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
-    block = gl.program_id(0)
-    first_step = gl.program_id(1) * ITERS
-    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, block, first_step, K // BLOCK_K, C, W)
-    copied = codes
-    if STAGED:
-        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)  # in flight from here
+    first_step, rows, scales, codes, step_words, tables, copied = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -206,8 +231,6 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
     fence_async_shared()
     barrier()
 
-    rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
-    scales = scales_ptr + rows * (K // G)  # a step's group: (first_step + i) * BLOCK_K // G
     acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
     loaded = ()
     for i in gl.static_range(ITERS):
@@ -215,7 +238,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
         acc = _step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables, x_smem.index(i), C,
                     a_layout)
 
-    _add_into(out_ptr, acc, block * BLOCK_N, M, N, W)
+    _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
 
 
 @gluon.jit
@@ -252,27 +275,19 @@ def _row_pairs(tile):
 
 @gluon.jit
 def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
-                G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
-                LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
-                        STAGED: gl.constexpr = False):
+                         G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
+                         LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
+                         STAGED: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row. (M, X_LAYOUT: fragment_dot_kernel's signature.)"""
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1],
-                                                         instr_shape=[16, 16, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    block = gl.program_id(0)
-    first_step = gl.program_id(1) * ITERS
-    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, block, first_step, K // BLOCK_K, C, W)
-    copied = codes
-    if STAGED:
-        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
-    rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    a_layout: gl.constexpr = operand_layout(W)
+    first_step, rows, scales, codes, step_words, tables, copied = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
-    scales = scales_ptr + rows * (K // G)  # a step's group: (first_step + i) * BLOCK_K // G
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     loaded = ()
     for i in gl.static_range(ITERS):
