@@ -11,6 +11,7 @@ keep the torch reference path. Triton is imported only when a CUDA layer is foun
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -32,9 +33,13 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
     if not layers:
         return 0
     from . import hf_glue  # noqa: PLC0415
-    from .registry import KernelRegistry, prepare, supports  # noqa: PLC0415
+    from .registry import KernelRegistry, fragments_available, prepare, supports  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
+    missing = fragments and fragments_available(layers[0].codes.device)
+    if missing:
+        warnings.warn(f"tqc: no fragment family here ({missing}); the lookup kernels run instead", stacklevel=2)
+        fragments = False
     registry = KernelRegistry(Tuner.for_device(layers[0].codes.device, cache_dir, verbose), fragments=fragments)
     attached = 0
     for module in layers:

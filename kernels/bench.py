@@ -140,10 +140,13 @@ def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_s
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
-    from .registry import KernelRegistry  # noqa: PLC0415
+    from .registry import KernelRegistry, fragments_available  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     torch.manual_seed(0)
+    missing = args.fragments and fragments_available(torch.device("cuda"))
+    if missing:
+        raise SystemExit(f"tqc bench layers --fragments: {missing}")
     registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose), fragments=args.fragments)
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
               "fragments": args.fragments, "rows": []}

@@ -13,6 +13,7 @@ lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ def takes_fragments(spec: LayerSpec) -> bool:
     fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64."""
     return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
+
+
+def fragments_available(device: torch.device) -> str | None:
+    """Why the fragment family cannot run on `device`, or None if it can: its kernel is Gluon's and
+    multiplies with wgmma, which only sm_90 has."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return f"it needs a Hopper GPU (wgmma), not {device}"
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return "it needs Triton with Gluon (3.5 or later)"
+    return None
 
 
 def layout_of(spec: LayerSpec) -> str:

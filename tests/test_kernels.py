@@ -256,8 +256,11 @@ def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
     """KernelRegistry(fragments=True): 4-bit layers without a residual on fp16 activations, in whole
     64-row and 64-input blocks, get the fragment family, whose codes round-trip through its layout and
     whose torch dequantization (prefill) gives the reference path's weights; the rest keep the lookups."""
-    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelRegistry, prepare, restore
+    from tqc.kernels.registry import (FRAGMENT_LAYOUT, FragmentLayerKernel, KernelRegistry, fragments_available,
+                                      prepare, restore)
     from tqc.kernels.synthetic import random_turboquant_linear
+
+    assert "Hopper" in fragments_available(torch.device("cpu"))  # attach warns and keeps the lookups
 
     registry = KernelRegistry(Tuner("none", "none", None), fragments=True)
     layer = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 64, 576, 192), "cpu")  # SmolLM2's k/v
