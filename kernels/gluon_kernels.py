@@ -22,20 +22,20 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from .lut import NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES
 from . import triton_kernels as tk
+from .lut import NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES
 
 TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
 COPIES = gl.constexpr(TABLE_COPIES)
-QUAD_ASM = gl.constexpr(NIBBLE_ASM)
+QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
+HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
+BF16_PAIR_ADD_ASM = gl.constexpr(tk.BF16_PAIR_ADD_ASM.value)  # out[2 i], out[2 i + 1] += a half2, packed
+F16_PAIR_ADD_ASM = gl.constexpr(tk.F16_PAIR_ADD_ASM.value)
 # renamed after Triton 3.6 (the device's), as Triton 3.9 (CI's) calls them
 barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)
-BF16_PAIR_ADD_ASM = gl.constexpr(tk.BF16_PAIR_ADD_ASM.value)
-F16_PAIR_ADD_ASM = gl.constexpr(tk.F16_PAIR_ADD_ASM.value)  # acc + w x scale on half2
 
 
 @gluon.jit
@@ -58,7 +58,7 @@ def _quad(words, tables, SHIFT: gl.constexpr):
 def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr):
     """[16 W, 32 C] fp16 in wgmma's operand layout from a step's [W, 32, 2C] words."""
     doubled = gl.join(_fragment(words, C), _fragment(words, C))
-    first, second = _quad(doubled, tables, 0)  # [4, 8, 4, C, 2, 2 c]
+    first, second = _quad(doubled, tables, 0)  # [W, 8, 4, C, 2, 2 c]
     third, fourth = _quad(doubled, tables, 16)
     values = gl.join(gl.join(first, second), gl.join(third, fourth))  # [w, l//4, l%4, ch, h, c, b, a]
     values = gl.permute(values, (0, 4, 1, 3, 7, 6, 2, 5))  # [w, h, l//4, ch, a, b, l%4, c]
