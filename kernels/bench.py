@@ -265,6 +265,7 @@ def add_parser(subparsers) -> None:
     static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
     static.add_argument("--bandwidth", type=float, default=2700.0, help="GB/s assumed for the memory-bound estimate")
     static.add_argument("--tokens", type=int, default=1, help="the candidates of this token count's bucket (1 or 16)")
+    static.add_argument("--fragments", action="store_true", help="also the fragment family's candidates (4-bit)")
     static.add_argument("-o", "--output", default="bench-static.json")
     static.set_defaults(run=_static)
     for parser in (layers, decode):
