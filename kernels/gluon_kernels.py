@@ -16,6 +16,8 @@ compiles them for sm_90 (tests/test_kernels.py), the device runs tests/test_kern
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -297,6 +299,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N:
     gl.atomic_add(out_ptr + rows, gl.sum(acc.to(gl.float32), axis=1), sem="relaxed")
 
 
+@lru_cache(maxsize=None)
 def x_layout(block_k: int):
     """Shared memory of the activations, [steps, 16, block_k]: a step's tile is wgmma's B operand (transposed)."""
     return gl.NVMMASharedLayout.get_default_for([TOKENS, block_k], gl.float16)

@@ -408,7 +408,8 @@ class FragmentLayerKernel(LayerKernel):
     tokens, split over K with the output zeroed by the rotation, which writes natural order; dequantize
     + cuBLAS above. Asked for, not chosen by default (KernelRegistry(fragments=True)): at 16 tokens it
     takes a third less time than the lookup kernels, at one token 4-20% more (docs/performance.md,
-    runs 107-112). Hopper GPUs; Gluon does not run under TRITON_INTERPRET."""
+    runs 107-113). Hopper GPUs; Gluon does not run under TRITON_INTERPRET. Its prefill decodes the
+    layout with torch on every call: correct, not fast (not measured)."""
 
     layout = FRAGMENT_LAYOUT
 
@@ -452,7 +453,8 @@ class FragmentLayerKernel(LayerKernel):
         return out
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
-        """The decoded weight W' [N, K] in `dtype` (rotated basis), by torch from the fragment layout."""
+        """The decoded weight W' [N, K] in `dtype` (rotated basis), by torch from the fragment layout (a few
+        int64 passes over the codes, 4096 rows at a time; a Gluon dequantize kernel would be faster)."""
         check_layout(module, FRAGMENT_LAYOUT)
         return fragments.fragment_weights(module.codes, module.scales, self.key.n, self.key.k, self.key.group_size,
                                           dtype)
