@@ -139,23 +139,32 @@ def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_s
             "weight_gbps": nbytes / seconds / 1e9, "speedup_vs_bf16": bf16_seconds / seconds}
 
 
-def cmd_layers(args: argparse.Namespace) -> None:
+def bench_registry(command: str, cache_dir=None, verbose: bool = False, fragments: bool = False):
+    """The KernelRegistry a benchmark runs on this GPU, with the fragment family if asked for (else
+    exit naming `command` where it cannot run)."""
     from .registry import KernelRegistry, fragments_available  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
-    torch.manual_seed(0)
-    missing = args.fragments and fragments_available(torch.device("cuda"))
+    missing = fragments and fragments_available(torch.device("cuda"))
     if missing:
-        raise SystemExit(f"tqc bench layers --fragments: {missing}")
-    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir, verbose=args.verbose), fragments=args.fragments)
+        raise SystemExit(f"{command} --fragments: {missing}")
+    return KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose), fragments=fragments)
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from .registry import KERNEL_LAYOUT  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    registry = bench_registry("tqc bench layers", args.cache_dir, args.verbose, args.fragments)
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
               "fragments": args.fragments, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
     shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
               if not args.layers or layer in args.layers]
-    if not args.fragments:  # the lookup kernels, compiled in parallel before any timing
-        compile_and_report([layer_key(option, n, k, args.group_size) for *_, n, k in shapes for option in args.options],
-                           args.tokens)
+    # the lookup kernels, compiled in parallel before any timing (the fragment family's compile as they tune)
+    keys = [registry.kernel_for(bench_spec(option, args.group_size, k, n)).key for *_, n, k in shapes
+            for option in args.options]
+    compile_and_report([key for key in keys if key.codes == KERNEL_LAYOUT], args.tokens)
     for model, layer, n, k in shapes:
         result["rows"] += report(bench_shape(n, k, args.tokens, args.options, args.group_size, registry), model, layer)
     save(result, args.output)
@@ -212,7 +221,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
     result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
                               args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
                               rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
-                              int8_layers=args.int8_layers, shape=shape)
+                              int8_layers=args.int8_layers, shape=shape, fragments=args.fragments)
     result["model"] = args.model
     result["device"] = device_info()
     save(result, args.output)
@@ -252,6 +261,8 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--separate-rotation", action="store_true",
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
+    decode.add_argument("--fragments", action="store_true",
+                        help="4-bit layers on the Gluon fragment family (as tqc.load(..., fragments=True); Hopper)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
     generate = kinds.add_parser("generate", help="a packed model's `generate` speed against its source model")
     generate.add_argument("packed", help="a packed model directory (tqc build)")

@@ -169,8 +169,9 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
     def one_layer(layers: list) -> nn.Module:
         layer = layers[0] if len(layers) == 1 else concatenate(layers)
         if registry is not None:
-            prepare(layer)
-            layer.use_kernel(registry.kernel_for(layer.spec))
+            kernel = registry.kernel_for(layer.spec)
+            prepare(layer, kernel.layout)
+            layer.use_kernel(kernel)
         return layer
 
     def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
@@ -211,18 +212,21 @@ def linear_weight_bytes(model: Decoder) -> int:
     return total
 
 
-def decoder_keys(plan: dict[str, str], fuse: bool, shape: dict = LLAMA3_8B) -> list:
-    """The kernel keys of the decoder's layers under a plan."""
-    from .bench import layer_key  # noqa: PLC0415
+def decoder_keys(plan: dict[str, str], fuse: bool, shape: dict = LLAMA3_8B, registry=None) -> list:
+    """The lookup-kernel keys of the decoder's layers under a plan (what precompile builds): all of
+    them, or those of the layers `registry` gives to the lookup families."""
+    from .bench import bench_spec  # noqa: PLC0415
+    from .registry import KERNEL_LAYOUT, KernelKey  # noqa: PLC0415
 
     groups = [*projections(shape).values(), (("lm_head",), (shape["vocab"],), shape["hidden"])]
-    keys = []
+    specs = []
     for names, sizes, k in groups:
         if fused(plan, names, fuse):
-            keys.append(layer_key(plan[names[0]], sum(sizes), k, GROUP_SIZE))
+            specs.append(bench_spec(plan[names[0]], GROUP_SIZE, k, sum(sizes)))
         else:
-            keys += [layer_key(plan[name], n, k, GROUP_SIZE) for name, n in zip(names, sizes)]
-    return keys
+            specs += [bench_spec(plan[name], GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
+    keys = [KernelKey.of(spec) if registry is None else registry.kernel_for(spec).key for spec in specs]
+    return [key for key in keys if key.codes == KERNEL_LAYOUT]
 
 
 def int8_name(option: str, activations: str) -> str:
@@ -245,22 +249,21 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
-                     tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B) -> dict:
+                     tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
+                     fragments: bool = False) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one
-    the option allows)."""
-    from .bench import compile_and_report  # noqa: PLC0415
-    from .registry import KernelRegistry  # noqa: PLC0415
-    from .tuning import Tuner  # noqa: PLC0415
+    the option allows). `fragments`: 4-bit layers on the fragment family (registry.FragmentLayerKernel)."""
+    from .bench import bench_registry, compile_and_report  # noqa: PLC0415
 
     torch.manual_seed(0)
     options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
-               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
-    registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose))
-    compile_and_report(decoder_keys(options, fuse, shape), [tokens])
+               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fragments": fragments}
+    registry = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
+    compile_and_report(decoder_keys(options, fuse, shape, registry), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
         model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
         seconds = step_seconds(model, tokens)

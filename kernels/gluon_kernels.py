@@ -6,10 +6,11 @@ decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operan
 layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
 them and multiplies; the activations of the program's steps are staged in shared memory once.
 The family (registry.FragmentLayerKernel, `attach(model, fragments=True)`) launches
-fragment_dot_kernel; `fragment_gemv_kernel`, the same decode for one token on CUDA cores, and the
-other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's (scripts/gluon_dot16_lab.py, which checks and
-times them: docs/performance.md, runs 107-113). Gluon kernels do not run under TRITON_INTERPRET: CI
-compiles them for sm_90 (tests/test_kernels.py), the device runs tests/test_kernels_accuracy.py.
+fragment_dot_kernel, and at one token also `fragment_gemv_kernel` (the same decode on CUDA cores)
+where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's
+(scripts/gluon_dot16_lab.py, which checks and times them: docs/performance.md, runs 107-114).
+Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
+the device runs tests/test_kernels_accuracy.py.
 
 4-bit, no residual stage, fp16 activations; G a multiple of BLOCK_K (one scale a row and step).
 """
@@ -174,6 +175,12 @@ def staging_layout(block_k, warps):
 
 
 @triton.constexpr_function
+def pair_layout(warps):
+    """[16 warps rows, 16 tokens] over the threads, each 2 neighbouring rows x 4 tokens, none twice."""
+    return gl.BlockedLayout([2, 4], [8, 4], [warps, 1], [0, 1])
+
+
+@triton.constexpr_function
 def accumulator_layout(warps):
     """wgmma's accumulator over 16 rows a warp and n = 16 tokens."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, 16, 16])
@@ -250,7 +257,7 @@ def _add_into(out_ptr, acc, first_row, M, N: gl.constexpr, W: gl.constexpr):
     atomic add and Triton makes each a compare-and-swap loop (3x slower layers, run 113)."""
     BLOCK_N: gl.constexpr = acc.shape[0]
     dtype: gl.constexpr = out_ptr.dtype.element_ty
-    pairs: gl.constexpr = gl.BlockedLayout([2, 4], [8, 4], [W, 1], [0, 1])  # a thread: 2 rows x 4 tokens, once
+    pairs: gl.constexpr = pair_layout(W)
     values = gl.convert_layout(acc, pairs).to(dtype)
     rows = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, pairs))
     tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, pairs))
@@ -282,12 +289,13 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N:
                          STAGED: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
-    sums in float32 across the four lanes that share a row. (M, X_LAYOUT: fragment_dot_kernel's signature.)"""
+    sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
+    (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature)."""
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
     a_layout: gl.constexpr = operand_layout(W)
-    first_step, rows, scales, codes, step_words, tables, copied = _program_codes(
+    first_step, _, scales, codes, step_words, tables, copied = _program_codes(
         codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
@@ -296,7 +304,9 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N:
         loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
         acc = _gemv_step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables,
                          gl.load(x_ptr + columns + i * BLOCK_K), C, a_layout)
-    gl.atomic_add(out_ptr + rows, gl.sum(acc.to(gl.float32), axis=1), sem="relaxed")
+    sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
+    token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
+    _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)
 
 
 @lru_cache(maxsize=None)

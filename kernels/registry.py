@@ -405,7 +405,7 @@ class Int8LayerKernel(LayerKernel):
 class FragmentLayerKernel(LayerKernel):
     """4-bit layers without a residual on fp16 activations, their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
-    tokens, split over K with the output zeroed by the rotation, which writes natural order; dequantize
+    tokens or `fragment_gemv_kernel` for one, split over K with the output zeroed by the rotation, which writes natural order; dequantize
     + cuBLAS above. Asked for, not chosen by default (KernelRegistry(fragments=True)): at 16 tokens it
     takes a third less time than the lookup kernels, at one token 4-20% more (docs/performance.md,
     runs 107-113). Hopper GPUs; Gluon does not run under TRITON_INTERPRET. Its prefill decodes the
@@ -419,12 +419,13 @@ class FragmentLayerKernel(LayerKernel):
         return module.codes, module.scales, self.table(self.key.bits, module.codes.device)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
-        """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), or dequantize + cuBLAS
-        above 16 tokens."""
+        """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
+        one token also on CUDA cores; dequantize + cuBLAS above 16 tokens."""
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")]
         steps = self.key.k // fragments.BLOCK_K
-        return [LaunchConfig(strategy="fragments", iters=i) for i in range(1, 17) if steps % i == 0]
+        strategies = ["fragments", "fragment_gemv"] if bucket == 1 else ["fragments"]
+        return [LaunchConfig(strategy=s, iters=i) for s in strategies for i in range(1, 17) if steps % i == 0]
 
     def splits(self, config: LaunchConfig) -> int:
         return self.key.k // (fragments.BLOCK_K * config.iters)
@@ -441,16 +442,23 @@ class FragmentLayerKernel(LayerKernel):
         """out += rotated @ W'^T (zeroed by the rotation), or dequantize + cuBLAS."""
         if config.strategy == "dequant":
             return F.linear(rotated, self.dequantize(module, rotated.dtype))
+        m, n = rotated.shape[0], self.key.n
+        most = 1 if config.strategy == "fragment_gemv" else MAX_FRAGMENT_TOKENS
+        if m > most:
+            raise ValueError(f"the fragment family's {config.strategy} kernel takes up to {most} tokens, got {m}")
+        kernel, constexprs = self.gluon_kernel(config)
+        kernel[(n // (16 * fragments.WARPS), self.splits(config))](rotated, out, *self.weights(module), m, **constexprs)
+        return out
+
+    def gluon_kernel(self, config: LaunchConfig) -> tuple:
+        """The Gluon kernel of a config (fragment_dot_kernel, or fragment_gemv_kernel at one token) and its
+        constexprs, num_warps among them."""
         from . import gluon_kernels as gk  # noqa: PLC0415  (Gluon only where a layer asks for it)
 
-        (m, k), n = rotated.shape, self.key.n
-        if m > MAX_FRAGMENT_TOKENS:
-            raise ValueError(f"the fragment kernel takes up to {MAX_FRAGMENT_TOKENS} tokens, got {m}")
-        grid = (n // (16 * fragments.WARPS), self.splits(config))
-        gk.fragment_dot_kernel[grid](rotated, out, *self.weights(module), m, N=n, K=k, G=self.key.group_size,
-                                     BLOCK_K=fragments.BLOCK_K, ITERS=config.iters, X_LAYOUT=gk.x_layout(fragments.BLOCK_K),
-                                     LOOKAHEAD=2, EVICT=True, num_warps=fragments.WARPS)
-        return out
+        kernel = gk.fragment_gemv_kernel if config.strategy == "fragment_gemv" else gk.fragment_dot_kernel
+        return kernel, {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
+                        "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2,
+                        "EVICT": True, "num_warps": fragments.WARPS}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), by torch from the fragment layout (a few

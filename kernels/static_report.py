@@ -99,7 +99,6 @@ def fragment_rows(models: list[str], bandwidth_gbps: float, tokens: int = 16) ->
     serves at this token count, beside static_rows' lookups: resources, instructions per weight (its
     steps are unrolled: the listing is a whole program) and the same time estimates."""
     from .bench import SHAPES, bench_spec  # noqa: PLC0415
-    from .gluon_kernels import fragment_dot_kernel, x_layout  # noqa: PLC0415
     from .registry import FRAGMENT_LAYOUT, FragmentLayerKernel, takes_fragments  # noqa: PLC0415
     from .tuning import token_bucket  # noqa: PLC0415
 
@@ -109,21 +108,19 @@ def fragment_rows(models: list[str], bandwidth_gbps: float, tokens: int = 16) ->
             spec = bench_spec("4", 128, k, n)
             if not takes_fragments(spec):
                 continue
-            key = KernelKey.of(spec, FRAGMENT_LAYOUT)
-            for config in FragmentLayerKernel(key, None).candidates(token_bucket(tokens)):
+            family = FragmentLayerKernel(KernelKey.of(spec, FRAGMENT_LAYOUT), None)
+            for config in family.candidates(token_bucket(tokens)):
                 if config.strategy == "dequant":
                     continue
-                constexprs = {"N": n, "K": k, "G": 128, "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
-                              "X_LAYOUT": x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
-                              "num_warps": fragments.WARPS}
-                summary = sass_summary(compile_gluon_for_hopper(fragment_dot_kernel, constexprs, fragments.WARPS, "*bf16"))
+                kernel, constexprs = family.gluon_kernel(config)
+                summary = sass_summary(compile_gluon_for_hopper(kernel, constexprs, fragments.WARPS, "*bf16"))
                 per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)
                 weight_bytes = n * k / 2 + n * k // 128 * 2
                 row = {"model": model, "layer": layer, "option": "4", "n": n, "k": k} | config.model_dump() | summary
                 row |= {"instructions_per_weight": per_weight, "issue_bound_us": n * k * per_weight / H100_ISSUE_PER_S * 1e6,
                         "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
                 rows.append(row)
-                print(f"{model:<10} {layer:<17}    4 fragments iters={config.iters:<2} regs {row['registers']:>3} "
+                print(f"{model:<10} {layer:<17}    4 {config.strategy:<13} iters={config.iters:<2} regs {row['registers']:>3} "
                       f"stack {row['stack']:>5}  {per_weight:5.2f} instr/weight  issue-bound {row['issue_bound_us']:7.1f} us"
                       f"  memory-bound {row['memory_bound_us']:7.1f} us", flush=True)
     return rows

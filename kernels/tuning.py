@@ -24,19 +24,19 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates;
+# 12: one-token fragment_gemv candidates; 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates;
 # 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16
 # accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 11  # older caches are retuned
+TUNE_FORMAT = 12  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
     """One way to run a layer: the strategy and its launch parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    strategy: Literal["dot", "fma", "dequant", "int8", "dp4a", "fragments"]  # int8 family: int8_dot_kernel,
-    # int8_gemv_kernel (for both, iters: groups a program); fragment family: fragment_dot_kernel (iters:
-    # steps of 64 inputs a program)
+    strategy: Literal["dot", "fma", "dequant", "int8", "dp4a", "fragments", "fragment_gemv"]  # int8 family:
+    # int8_dot_kernel, int8_gemv_kernel (for both, iters: groups a program); fragment family:
+    # fragment_dot_kernel, fragment_gemv_kernel (iters: steps of 64 inputs a program)
     block_m: int = 16
     block_n: int = 32
     num_warps: int = 4
@@ -71,7 +71,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[11] = TUNE_FORMAT
+    format: Literal[12] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}

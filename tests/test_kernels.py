@@ -503,6 +503,25 @@ def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, 
     assert ops["HGMMA"] == iters * block_k // 16
 
 
+def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
+    """The fragment family's one-token kernel, compiled for sm_90: the same 16-byte code vectors and
+    PRMT lookups as fragment_dot_kernel, no tensor-core products, no spills, and its row sums added
+    into a bf16 output as packed pairs like the dot kernel's."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels.gluon_kernels import fragment_gemv_kernel, x_layout
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    block_k, iters, warps = 64, 8, 4
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": block_k, "ITERS": iters, "X_LAYOUT": x_layout(block_k),
+                  "LOOKAHEAD": 2, "num_warps": warps, "EVICT": True}
+    kernel = compile_gluon_for_hopper(fragment_gemv_kernel, constexprs, warps, "*bf16")
+    summary, sass = sass_summary(kernel), kernel.asm["sass"]
+    assert "REDG.E.ADD.BF16x2" in sass and "ATOMG" not in sass
+    assert summary["stack"] == 0 and "HGMMA" not in summary["ops"]
+    assert summary["loads"]["LDG.E.EF.128"] == iters * block_k // 64
+    assert summary["ops"]["PRMT"] == 16 * block_k * iters // 32
+
+
 def test_num_stages_pipelines_the_cuda_core_step_loop():
     """num_stages > 1 copies the next steps' loads into shared memory asynchronously (cp.async) in
     the one-token kernel too: Triton pipelines a loop without tl.dot only where tl.range names the

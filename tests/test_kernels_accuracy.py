@@ -150,16 +150,16 @@ if CUDA:
     @pytest.mark.parametrize("iters", [1, 8])
     def test_fragment_kernel_matches_reference(iters):
         """The fragment family (4-bit, codes in wgmma's operand order, Gluon) against the reference path:
-        split over K into the output the rotation zeroed at 1-16 tokens, dequantize + cuBLAS above."""
-        kernel_configs = [LaunchConfig(strategy="fragments", iters=iters), LaunchConfig(strategy="dequant")]
+        split over K into the output the rotation zeroed at 1-16 tokens (tensor cores) or one (CUDA
+        cores), dequantize + cuBLAS above."""
+        dot, gemv, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "fragment_gemv", "dequant"))
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
             _, original = random_layer(QuantOption.parse("4"), n, k, group_size)
             module = copy.deepcopy(original)
             prepare(module, FRAGMENT_LAYOUT)
             kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
             for dtype in DTYPES:
-                for config, tokens in [(kernel_configs[0], 1), (kernel_configs[0], 3), (kernel_configs[0], 16),
-                                       (kernel_configs[1], 77)]:
+                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (gemv, 1), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     error = relative_error(kernel.run(x, module, config), reference(original, x))
                     assert error < TOLERANCE[dtype], f"fragments {config.strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
