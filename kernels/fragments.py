@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from tqc.bitpack import pack, unpack
 
@@ -101,15 +103,38 @@ def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 
 
 def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
                      dtype: torch.dtype) -> torch.Tensor:
-    """The weights [N, K] in `dtype` that fragment words and their scales stand for, decoded by torch on
-    the words' device with the fp16 values the kernels look up (for prefill: dequantize + cuBLAS)."""
-    magnitudes = torch.tensor(lookup_values(4), device=words.device)
-    rows = WARPS * 16
-    parts = []
-    for start in range(0, n, ROWS_AT_ONCE - ROWS_AT_ONCE % rows):
-        part = words[start : start + ROWS_AT_ONCE - ROWS_AT_ONCE % rows]
-        stored = unpack_fragments(part.reshape(-1), part.shape[0], k)
-        values = torch.where(stored >= 8, -magnitudes[stored & 7], magnitudes[stored & 7])
-        part_scales = scales[start : start + part.shape[0]].float().repeat_interleave(group_size, dim=1)
-        parts.append((values * part_scales).to(dtype))
-    return torch.cat(parts)
+    """The weights [N, K] in `dtype` that fragment words and their scales stand for, with the fp16
+    values the kernels look up, by `fragment_dequant_kernel` on the words' device (for prefill:
+    dequantize + cuBLAS)."""
+    out = torch.empty(n, k, dtype=dtype, device=words.device)
+    values = torch.tensor(lookup_values(4), device=words.device)
+    bits = torch.tensor([[target for _, target in sorted(slot_bits("nibble", slot))] for slot in range(8)],
+                        dtype=torch.int32, device=words.device)
+    fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, values, bits, N=n, K=k, G=group_size,
+                                                               BLOCK_K=BLOCK_K, W=WARPS)
+    return out
+
+
+@triton.jit
+def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, bits_ptr, N: tl.constexpr, K: tl.constexpr,
+                            G: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """out[N, K] = scale x value of each code, decoded from the fragment layout; grid (N / 16 W, K / BLOCK_K):
+    a program decodes one step of one row block, [W, 32 lanes, 2 C] words, each slot's bits gathered by
+    their positions (bits_ptr [8 slots, 4 code bits]) and written where the layout puts them."""
+    C: tl.constexpr = BLOCK_K // 32
+    STEP_WORDS: tl.constexpr = W * 32 * 2 * C
+    block, step = tl.program_id(0), tl.program_id(1)
+    word = tl.arange(0, STEP_WORDS)  # (warp w, lane l, chunk ch, row half h)
+    words = tl.load(words_ptr + (block * (K // BLOCK_K) + step) * STEP_WORDS + word)
+    lane, chunk, half = word // (2 * C) % 32, word // 2 % C, word % 2
+    slot = tl.arange(0, 8)  # 4 a + 2 b + c
+    code = tl.zeros([STEP_WORDS, 8], tl.int32)
+    for j in tl.static_range(4):
+        code |= ((words[:, None] >> tl.load(bits_ptr + slot * 4 + j)[None, :]) & 1) << j
+    magnitude = tl.load(values_ptr + (code & 7))
+    row = block * 16 * W + word // (64 * C) * 16 + 8 * half + lane // 4
+    column = step * BLOCK_K + 32 * chunk + 2 * (lane % 4)
+    column = column[:, None] + 16 * (slot // 4) + 8 * (slot // 2 % 2) + slot % 2
+    scale = tl.load(scales_ptr + row * (K // G) + step * BLOCK_K // G).to(tl.float32)
+    weight = tl.where(code >= 8, -magnitude, magnitude) * scale[:, None]
+    tl.store(out_ptr + row[:, None] * K + column, weight.to(out_ptr.dtype.element_ty))

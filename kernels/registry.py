@@ -461,8 +461,8 @@ class FragmentLayerKernel(LayerKernel):
                         "EVICT": True, "num_warps": fragments.WARPS}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
-        """The decoded weight W' [N, K] in `dtype` (rotated basis), by torch from the fragment layout (a few
-        int64 passes over the codes, 4096 rows at a time; a Gluon dequantize kernel would be faster)."""
+        """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
+        (fragments.fragment_dequant_kernel)."""
         check_layout(module, FRAGMENT_LAYOUT)
         return fragments.fragment_weights(module.codes, module.scales, self.key.n, self.key.k, self.key.group_size,
                                           dtype)

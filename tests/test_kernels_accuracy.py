@@ -144,6 +144,19 @@ def test_int8_kernel_matches_reference(bits, strategy):
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
+def test_fragment_dequantize_gives_the_lookup_familys_weights():
+    """The fragment family's prefill weights (fragments.fragment_dequant_kernel, plain Triton) equal, bit
+    for bit, what the lookup family's dequant_kernel decodes from the same codes in its own layout."""
+    shapes = [(1024, 4096, 128), (512, 3584, 128)] if CUDA else [(64, 256, 64), (128, 128, 128)]
+    for n, k, group_size in shapes:
+        module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+        lookups = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None)).dequantize(module, torch.float32)
+        prepare(module, FRAGMENT_LAYOUT)
+        family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
+        for dtype in [torch.float32, *DTYPES]:
+            assert torch.equal(family.dequantize(module, dtype), lookups.to(dtype)), f"{n}x{k} g{group_size} {dtype}"
+
+
 # Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
 # so that the interpreted run skips nothing.
 if CUDA:
