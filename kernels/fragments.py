@@ -14,6 +14,8 @@ order in the last dimension, so that a thread's 2 C words of a step are one cont
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import triton
@@ -107,12 +109,20 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
     values the kernels look up, by `fragment_dequant_kernel` on the words' device (for prefill:
     dequantize + cuBLAS)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
-    values = torch.tensor(lookup_values(4), device=words.device)
-    bits = torch.tensor([[target for _, target in sorted(slot_bits("nibble", slot))] for slot in range(8)],
-                        dtype=torch.int32, device=words.device)
+    values, bits = _decode_tables(words.device)
     fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, values, bits, N=n, K=k, G=group_size,
                                                                BLOCK_K=BLOCK_K, W=WARPS)
     return out
+
+
+@lru_cache(maxsize=None)
+def _decode_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the 8
+    fp16 magnitudes as float32, and each slot's 4 code bits' positions in its word [8, 4]."""
+    values = torch.tensor(lookup_values(4), device=device)
+    bits = torch.tensor([[target for _, target in sorted(slot_bits("nibble", slot))] for slot in range(8)],
+                        dtype=torch.int32, device=device)
+    return values, bits
 
 
 @triton.jit
