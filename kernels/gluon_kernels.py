@@ -166,6 +166,17 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
     return loaded, words
 
 
+@gluon.jit
+def _wait_for_previous_kernel(PDL: gl.constexpr):
+    """Under programmatic dependent launch (sm_90): wait for the previous kernel (the rotation, which
+    writes the activations and zeroes the output), then let the next one launch (as the lookup
+    kernels' triton_kernels.pdl_start)."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+
 @triton.constexpr_function
 def staging_layout(block_k, warps):
     """A [16, block_k] activation tile over 32 warps threads, each its own run of columns, none twice."""
@@ -194,11 +205,12 @@ def operand_layout(warps):
 
 @gluon.jit
 def _program_codes(codes_ptr, table_ptr, scales_ptr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
-                   ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
+                   ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr):
     """What a program reads its weights with: (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
     words a step, the PRMT tables, and with STAGED every step's words already in flight to shared
-    memory, else the pointers again)."""
+    memory, else the pointers again). It reads only the read-only weights, so under programmatic
+    dependent launch (PDL) it runs while the rotation finishes, and waits for it last."""
     C: gl.constexpr = BLOCK_K // 32
     first_step = gl.program_id(1) * ITERS
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
@@ -207,6 +219,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, K: gl.constexpr, G: gl.cons
     copied = codes
     if STAGED:
         copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
+    _wait_for_previous_kernel(PDL)
     return first_step, rows, scales_ptr + rows * (K // G), codes, step_words, tables, copied
 
 
@@ -214,7 +227,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, K: gl.constexpr, G: gl.cons
 def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
                         G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
                         LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
-                        STAGED: gl.constexpr = False):
+                        STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes."""
@@ -225,7 +238,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
     first_step, rows, scales, codes, step_words, tables, copied = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED)
+        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -286,7 +299,7 @@ def _row_pairs(tile):
 def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
                          G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
                          LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
-                         STAGED: gl.constexpr = False):
+                         STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -296,7 +309,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N:
     C: gl.constexpr = BLOCK_K // 32
     a_layout: gl.constexpr = operand_layout(W)
     first_step, _, scales, codes, step_words, tables, copied = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED)
+        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     loaded = ()

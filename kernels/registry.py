@@ -447,7 +447,8 @@ class FragmentLayerKernel(LayerKernel):
         if m > most:
             raise ValueError(f"the fragment family's {config.strategy} kernel takes up to {most} tokens, got {m}")
         kernel, constexprs = self.gluon_kernel(config)
-        kernel[(n // (16 * fragments.WARPS), self.splits(config))](rotated, out, *self.weights(module), m, **constexprs)
+        kernel[(n // (16 * fragments.WARPS), self.splits(config))](rotated, out, *self.weights(module), m, **constexprs,
+                                                                    **pdl_launch(rotated.device))
         return out
 
     def gluon_kernel(self, config: LaunchConfig) -> tuple:

@@ -11,6 +11,7 @@ estimates, printed as such, never measurements.
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -53,11 +54,14 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
 
 
 def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str = "*fp32"):
-    """A Gluon kernel (gluon_kernels.py) compiled for sm_90 with these constexprs (num_warps among them)."""
+    """A Gluon kernel (gluon_kernels.py) compiled for sm_90 with these constexprs (num_warps among them;
+    the kernel's defaults for the others: left unset, one would shift the values after it)."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
     signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names} | {"out_ptr": out_type}
     names = list(signature)
+    defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
+    constexprs = {name: defaults[name] for name, kind in signature.items() if kind == "constexpr" and name in defaults} | constexprs
     source = GluonASTSource(fn, signature, {(names.index(c),): v for c, v in constexprs.items()},
                             {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
