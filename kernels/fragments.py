@@ -130,21 +130,22 @@ def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, bits_ptr
                             G: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
     """out[N, K] = scale x value of each code, decoded from the fragment layout; grid (N / 16 W, K / BLOCK_K):
     a program decodes one step of one row block, [W, 32 lanes, 2 C] words, each slot's bits gathered by
-    their positions (bits_ptr [8 slots, 4 code bits]) and written where the layout puts them."""
+    their positions (bits_ptr [8 slots, 4 code bits]), then puts the tile in row and input order
+    (_natural_order's permutation) and stores it a row at a time."""
     C: tl.constexpr = BLOCK_K // 32
     STEP_WORDS: tl.constexpr = W * 32 * 2 * C
     block, step = tl.program_id(0), tl.program_id(1)
-    word = tl.arange(0, STEP_WORDS)  # (warp w, lane l, chunk ch, row half h)
-    words = tl.load(words_ptr + (block * (K // BLOCK_K) + step) * STEP_WORDS + word)
-    lane, chunk, half = word // (2 * C) % 32, word // 2 % C, word % 2
+    words = tl.load(words_ptr + (block * (K // BLOCK_K) + step) * STEP_WORDS + tl.arange(0, STEP_WORDS))
     slot = tl.arange(0, 8)  # 4 a + 2 b + c
     code = tl.zeros([STEP_WORDS, 8], tl.int32)
     for j in tl.static_range(4):
         code |= ((words[:, None] >> tl.load(bits_ptr + slot * 4 + j)[None, :]) & 1) << j
     magnitude = tl.load(values_ptr + (code & 7))
-    row = block * 16 * W + word // (64 * C) * 16 + 8 * half + lane // 4
-    column = step * BLOCK_K + 32 * chunk + 2 * (lane % 4)
-    column = column[:, None] + 16 * (slot // 4) + 8 * (slot // 2 % 2) + slot % 2
-    scale = tl.load(scales_ptr + row * (K // G) + step * BLOCK_K // G).to(tl.float32)
-    weight = tl.where(code >= 8, -magnitude, magnitude) * scale[:, None]
-    tl.store(out_ptr + row[:, None] * K + column, weight.to(out_ptr.dtype.element_ty))
+    value = tl.where(code >= 8, -magnitude, magnitude)
+    # [w, r = l // 4, q = l % 4, ch, h, a, b, c] -> rows (w, h, r) x inputs (ch, a, b, q, c)
+    value = tl.reshape(value, [W, 8, 4, C, 2, 2, 2, 2])
+    value = tl.reshape(tl.permute(value, [0, 4, 1, 3, 5, 6, 2, 7]), [16 * W, BLOCK_K])
+    rows = block * 16 * W + tl.arange(0, 16 * W)
+    scale = tl.load(scales_ptr + rows * (K // G) + step * BLOCK_K // G).to(tl.float32)
+    columns = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + columns[None, :], (value * scale[:, None]).to(out_ptr.dtype.element_ty))
