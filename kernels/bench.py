@@ -269,6 +269,8 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--prompt-tokens", type=int, default=32)
+    generate.add_argument("--fragments", action="store_true",
+                          help="load with fragments=True: 4-bit layers on the Gluon fragment family (Hopper)")
     generate.add_argument("-o", "--output", default="bench-generate.json")
     generate.set_defaults(run=_generate)
     static = kinds.add_parser("static", help="compile the lookup kernels for sm_90 here (no GPU) and count their SASS")

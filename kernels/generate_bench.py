@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model = load_model(resolve_model(manifest.source.name)).to(args.device, source_dtype)
         source = generate_seconds(model, **timing)
         del model
-        packed = generate_seconds(load_packed(args.packed, device=args.device), **timing)
+        packed = generate_seconds(load_packed(args.packed, device=args.device, fragments=args.fragments), **timing)
     modes = compare(source, packed)
     if not modes:
         raise CommandError("generate failed for every cache on one of the models (the errors are above)")
@@ -80,4 +80,4 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{mode:16} source ({str(source_dtype).removeprefix('torch.')}) {entry['source_ms']:8.2f} ms, "
               f"tqc {entry['tqc_ms']:8.2f} ms per token: x{entry['speedup']:.2f}")
     save({"packed": str(args.packed), "source": manifest.source.name, "source_dtype": str(source_dtype),
-          "device": args.device, **timing, "modes": modes}, args.output)
+          "device": args.device, "fragments": args.fragments, **timing, "modes": modes}, args.output)

@@ -2,7 +2,7 @@
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
-                                          [--keep DIR]
+                                          [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--glue-paths", action="store_true",
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
+    parser.add_argument("--fragments", action="store_true", help="load with fragments=True (4-bit layers on the "
+                        "Gluon fragment family; Hopper)")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:
@@ -223,7 +225,7 @@ def main() -> None:
         options = build_packed(source, model, args.plan, packed)
         del model
         log("built")
-        quantized = tqc.load(packed, device=device)
+        quantized = tqc.load(packed, device=device, fragments=args.fragments)
         kernels = sum(getattr(m, "kernel", None) is not None for m in quantized.modules())
         layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
         if device == "cuda" and kernels < len(layers):
@@ -235,7 +237,7 @@ def main() -> None:
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
         paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
-              "quantized_layers_on_kernels": kernels}
+              "quantized_layers_on_kernels": kernels, "fragments": args.fragments}
     for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "

@@ -226,14 +226,13 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
-def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
+def tiny_quantized_model(dtype: torch.dtype, family: str = "llama"):
     """A one-layer random Llama or Gemma 3 (hidden 256, MLP 512) with every projection at 4 bits,
-    q/k/v and gate/up fused as `tqc.load` fuses them, each on its generated kernel at a fixed launch
-    (fma for one token, split over K on tensor cores for more), on DEVICE."""
+    q/k/v and gate/up fused as `tqc.load` fuses them, on DEVICE, on the reference path."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     from tqc.fusion import fuse_siblings
-    from tqc.linear import QuantizedLinear, quantize_linear
+    from tqc.linear import quantize_linear
 
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
                                  "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
@@ -251,7 +250,15 @@ def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
     fuse_siblings(model)
     for param in model.parameters():
         param.data = param.data.to(dtype)
-    model.to(DEVICE)
+    return model.to(DEVICE)
+
+
+def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
+    """tiny_quantized_model with each projection on its generated kernel at a fixed launch (fma for
+    one token, split over K on tensor cores for more)."""
+    from tqc.linear import QuantizedLinear
+
+    model = tiny_quantized_model(dtype, family)
     configs = {1: LaunchConfig(strategy="fma", block_n=64, slots=8), 3: LaunchConfig(strategy="dot", block_n=64, slots=8)}
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
@@ -422,6 +429,24 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
                 outputs.append(model(token, pos).float())
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
+
+    @pytest.mark.parametrize("tokens", [1, 3, 40])
+    def test_model_on_the_fragment_family_matches_the_reference_path(tokens, tmp_path):
+        """attach(model, fragments=True): every projection of a Llama on the fragment family (tuned:
+        one token on CUDA or tensor cores, 3 on tensor cores, 40 dequantized), the norms and SwiGLU
+        rotating for it, gives the reference path's logits."""
+        from tqc.kernels import attach
+        from tqc.linear import QuantizedLinear
+
+        model = tiny_quantized_model(torch.bfloat16)
+        ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits.float()
+            assert attach(model, cache_dir=tmp_path, fragments=True) == 4
+            assert all(isinstance(m.kernel, FragmentLayerKernel) for m in model.modules() if isinstance(m, QuantizedLinear))
+            got = model(input_ids=ids).logits.float()
+        assert expected.std() > 0
+        assert relative_error(got, expected.double().cpu()) < TOLERANCE[torch.bfloat16]
 
     def test_hugging_face_glue_compiled_matches_eager():
         """Compiled, a model with kernels/hf_glue.py's modules runs Hugging Face's formulas and
