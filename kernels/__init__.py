@@ -26,7 +26,8 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
     the norm and SwiGLU steps where the model allows (hf_glue); return how many layers got a kernel.
 
     `fragments`: 4-bit layers without a residual run the Gluon fragment family (registry.
-    FragmentLayerKernel, Hopper GPUs): about a third less time at 2-16 tokens, 4-20% more at one."""
+    FragmentLayerKernel, Hopper GPUs): 28-41% less time at 16 tokens (Llama-3-8B), about the same at one
+    (docs/performance.md, runs 114-120)."""
     from tqc.linear import QuantizedLinear  # noqa: PLC0415
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]

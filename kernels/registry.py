@@ -405,11 +405,12 @@ class Int8LayerKernel(LayerKernel):
 class FragmentLayerKernel(LayerKernel):
     """4-bit layers without a residual on fp16 activations, their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
-    tokens or `fragment_gemv_kernel` for one, split over K with the output zeroed by the rotation, which writes natural order; dequantize
-    + cuBLAS above. Asked for, not chosen by default (KernelRegistry(fragments=True)): at 16 tokens it
-    takes a third less time than the lookup kernels, at one token 4-20% more (docs/performance.md,
-    runs 107-113). Hopper GPUs; Gluon does not run under TRITON_INTERPRET. Its prefill decodes the
-    layout with torch on every call: correct, not fast (not measured)."""
+    tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
+    (natural order), launched under programmatic dependent launch; above 16 tokens
+    `fragments.fragment_dequant_kernel` + cuBLAS. Asked for, not chosen by default
+    (KernelRegistry(fragments=True)): on Llama-3-8B's shapes at 16 tokens it takes 28-41% less time
+    than the lookup kernels, at one token -9 to +5% (docs/performance.md, runs 114-120). Hopper GPUs;
+    Gluon does not run under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT
 

@@ -10,7 +10,7 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragme
     On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
     compiles the step and replays it from CUDA graphs (an 8B-shaped Llama: 6.5x faster than with the
     default dynamic cache, docs/performance.md run 75). `fragments`: 4-bit layers run the Gluon
-    fragment family on Hopper (faster at 2-16 tokens, slower at one; tqc.kernels.attach).
+    fragment family on Hopper (faster at 2-16 tokens, about level at one; tqc.kernels.attach).
     """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 
