@@ -104,14 +104,17 @@ def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 
 
 
 def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """The weights [N, K] in `dtype` that fragment words and their scales stand for, with the fp16
-    values the kernels look up, by `fragment_dequant_kernel` on the words' device (for prefill:
-    dequantize + cuBLAS)."""
+                     dtype: torch.dtype, residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The weights [N, K] in `dtype` that fragment words and their scales stand for, plus a 4-bit
+    residual stage's (its words and scales, in the same layout) if given, with the fp16 values the
+    kernels look up, by `fragment_dequant_kernel` on the words' device (for prefill: dequantize +
+    cuBLAS)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
     values, bits = _decode_tables(words.device)
-    fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, values, bits, N=n, K=k, G=group_size,
-                                                               BLOCK_K=BLOCK_K, W=WARPS)
+    res_words, res_scales = residual or (words, scales)
+    fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, res_words, res_scales, values, bits,
+                                                               N=n, K=k, G=group_size, BLOCK_K=BLOCK_K, W=WARPS,
+                                                               RESIDUAL=residual is not None)
     return out
 
 
@@ -126,15 +129,32 @@ def _decode_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, bits_ptr, N: tl.constexpr, K: tl.constexpr,
-                            G: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
-    """out[N, K] = scale x value of each code, decoded from the fragment layout; grid (N / 16 W, K / BLOCK_K):
-    a program decodes one step of one row block, [W, 32 lanes, 2 C] words, each slot's bits gathered by
-    their positions (bits_ptr [8 slots, 4 code bits]), then puts the tile in row and input order
-    (_natural_order's permutation) and stores it a row at a time."""
+def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, res_words_ptr, res_scales_ptr, values_ptr, bits_ptr,
+                            N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr,
+                            RESIDUAL: tl.constexpr):
+    """out[N, K] = scale x value of each code (+ the residual stage's, with RESIDUAL), decoded from the
+    fragment layout; grid (N / 16 W, K / BLOCK_K): a program decodes one step of one row block and
+    stores it a row at a time (_step_values)."""
+    block, step = tl.program_id(0), tl.program_id(1)
+    rows = block * 16 * W + tl.arange(0, 16 * W)
+    groups = rows * (K // G) + step * BLOCK_K // G
+    weight = _step_values(words_ptr, values_ptr, bits_ptr, block, step, K, BLOCK_K, W)
+    weight = weight * tl.load(scales_ptr + groups).to(tl.float32)[:, None]
+    if RESIDUAL:
+        residual = _step_values(res_words_ptr, values_ptr, bits_ptr, block, step, K, BLOCK_K, W)
+        weight += residual * tl.load(res_scales_ptr + groups).to(tl.float32)[:, None]
+    columns = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + columns[None, :], weight.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _step_values(words_ptr, values_ptr, bits_ptr, block, step, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 W: tl.constexpr):
+    """The codebook values [16 W rows, BLOCK_K inputs] (row and input order) of one step of one row
+    block: its [W, 32 lanes, 2 C] words, each slot's bits gathered by their positions (bits_ptr
+    [8 slots, 4 code bits]), then the tile permuted as _natural_order permutes."""
     C: tl.constexpr = BLOCK_K // 32
     STEP_WORDS: tl.constexpr = W * 32 * 2 * C
-    block, step = tl.program_id(0), tl.program_id(1)
     words = tl.load(words_ptr + (block * (K // BLOCK_K) + step) * STEP_WORDS + tl.arange(0, STEP_WORDS))
     slot = tl.arange(0, 8)  # 4 a + 2 b + c
     code = tl.zeros([STEP_WORDS, 8], tl.int32)
@@ -144,8 +164,4 @@ def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, bits_ptr
     value = tl.where(code >= 8, -magnitude, magnitude)
     # [w, r = l // 4, q = l % 4, ch, h, a, b, c] -> rows (w, h, r) x inputs (ch, a, b, q, c)
     value = tl.reshape(value, [W, 8, 4, C, 2, 2, 2, 2])
-    value = tl.reshape(tl.permute(value, [0, 4, 1, 3, 5, 6, 2, 7]), [16 * W, BLOCK_K])
-    rows = block * 16 * W + tl.arange(0, 16 * W)
-    scale = tl.load(scales_ptr + rows * (K // G) + step * BLOCK_K // G).to(tl.float32)
-    columns = step * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * K + columns[None, :], (value * scale[:, None]).to(out_ptr.dtype.element_ty))
+    return tl.reshape(tl.permute(value, [0, 4, 1, 3, 5, 6, 2, 7]), [16 * W, BLOCK_K])

@@ -33,6 +33,7 @@ COPIES = gl.constexpr(TABLE_COPIES)
 QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
+FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
 BF16_PAIR_ADD_ASM = gl.constexpr(tk.BF16_PAIR_ADD_ASM.value)  # out[2 i], out[2 i + 1] += a half2, packed
 F16_PAIR_ADD_ASM = gl.constexpr(tk.F16_PAIR_ADD_ASM.value)
@@ -70,12 +71,19 @@ def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _step(acc, words, scale, tables, x_tile, C: gl.constexpr, A_LAYOUT: gl.constexpr):
-    """acc + (scale W) x^T for one step: its words decoded into wgmma's operand, scaled, multiplied."""
+def _scaled_weights(words, scales, res_words, res_scales, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr,
+                    RESIDUAL: gl.constexpr):
+    """A step's weights in wgmma's operand layout: its words decoded and scaled by the row's scale
+    (`scales` points at it), plus with RESIDUAL the residual stage's, decoded and scaled (HFMA2)."""
     weights = _decode(words, tables, C, A_LAYOUT)
-    scale, _ = gl.broadcast(scale[:, None], weights)
+    scale, _ = gl.broadcast(gl.load(scales)[:, None], weights)
     weights = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights, scale], dtype=gl.float16, is_pure=True, pack=2)
-    return warpgroup_mma(weights, x_tile.permute((1, 0)), acc)
+    if RESIDUAL:
+        residual = _decode(res_words, tables, C, A_LAYOUT)  # the same 4-bit codebook (turboquant.fit_stage)
+        res_scale, _ = gl.broadcast(gl.load(res_scales)[:, None], residual)
+        weights = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [residual, res_scale, weights], dtype=gl.float16,
+                                            is_pure=True, pack=2)
+    return weights
 
 
 @gluon.jit
@@ -99,24 +107,30 @@ def _load_codes(pointers, EVICT: gl.constexpr):
 
 
 @gluon.jit
-def _codes_and_tables(codes_ptr, table_ptr, block, first_step, STEPS: gl.constexpr, C: gl.constexpr,
-                      W: gl.constexpr):
-    """(pointers to this thread's words of the program's first step, words a step, the PRMT tables):
-    a step's words are [W warps, 32 lanes, 2C], contiguous per thread (kernels/fragments.py)."""
+def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, C: gl.constexpr, W: gl.constexpr):
+    """Pointers to this thread's words of the program's first step: a step's words are [W warps,
+    32 lanes, 2C], contiguous per thread (kernels/fragments.py)."""
     words_layout: gl.constexpr = thread_words_layout(C, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
     register = gl.arange(0, 2 * C, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
     thread_words = (warp[:, None, None] * 32 + lane[None, :, None]) * (2 * C) + register[None, None, :]
-    step_words: gl.constexpr = W * 32 * 2 * C
-    codes = codes_ptr + (block * STEPS + first_step) * step_words + thread_words
-    copy = (lane[None, :, None] % COPIES) * 4 + warp[:, None, None] * 0  # each lane its own copy of the table
+    return codes_ptr + (block * STEPS + first_step) * (W * 32 * 2 * C) + thread_words
+
+
+@gluon.jit
+def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr):
+    """The PRMT tables in the words' layout, each lane its own copy."""
+    words_layout: gl.constexpr = thread_words_layout(C, W)
+    warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
+    copy = (lane[None, :, None] % COPIES) * 4 + warp[:, None, None] * 0
     zeros = gl.zeros([W, 32, 2 * C], gl.int32, words_layout)
     tables = ()
     for j in gl.static_range(4):
         table = _fragment(gl.load(table_ptr + copy + j) + zeros, C)
         tables = tables + (gl.join(table, table),)
-    return codes, step_words, tables
+    return tables
 
 
 @triton.constexpr_function
@@ -167,6 +181,17 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
 
 
 @gluon.jit
+def _residual_words(res_loaded, res_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                    C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RESIDUAL: gl.constexpr):
+    """_step_words for the residual stage's codes (loaded into registers), or nothing without one."""
+    words = 0
+    if RESIDUAL:
+        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W,
+                                        EVICT, False)
+    return res_loaded, words
+
+
+@gluon.jit
 def _wait_for_previous_kernel(PDL: gl.constexpr):
     """Under programmatic dependent launch (sm_90): wait for the previous kernel (the rotation, which
     writes the activations and zeroes the output), then let the next one launch (as the lookup
@@ -204,41 +229,50 @@ def operand_layout(warps):
 
 
 @gluon.jit
-def _program_codes(codes_ptr, table_ptr, scales_ptr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
-                   ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr):
+def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K: gl.constexpr, G: gl.constexpr,
+                   BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
+                   STAGED: gl.constexpr, PDL: gl.constexpr):
     """What a program reads its weights with: (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
-    words a step, the PRMT tables, and with STAGED every step's words already in flight to shared
-    memory, else the pointers again). It reads only the read-only weights, so under programmatic
-    dependent launch (PDL) it runs while the rotation finishes, and waits for it last."""
+    words a step, the PRMT tables, with STAGED every step's words already in flight to shared
+    memory, else the pointers again; then the residual stage's code and scale pointers, read only
+    where the kernel has one). It reads only the read-only weights, so under programmatic dependent
+    launch (PDL) it runs while the rotation finishes, and waits for it last."""
     C: gl.constexpr = BLOCK_K // 32
     first_step = gl.program_id(1) * ITERS
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
-    codes, step_words, tables = _codes_and_tables(codes_ptr, table_ptr, gl.program_id(0), first_step, K // BLOCK_K,
-                                                  C, W)
+    codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, C, W)
+    res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, C, W)
+    tables = _tables(table_ptr, C, W)
+    step_words: gl.constexpr = W * 32 * 2 * C
     copied = codes
     if STAGED:
         copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
     _wait_for_previous_kernel(PDL)
-    return first_step, rows, scales_ptr + rows * (K // G), codes, step_words, tables, copied
+    row_scales = rows * (K // G)
+    return (first_step, rows, scales_ptr + row_scales, codes, step_words, tables, copied, res_codes,
+            res_scales_ptr + row_scales)
 
 
 @gluon.jit
-def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
-                        G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
-                        LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
-                        STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
+def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, M,
+                        N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
+                        X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+                        EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
+                        RESIDUAL: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
-    step's code words loaded LOOKAHEAD steps before it decodes."""
+    step's code words loaded LOOKAHEAD steps before it decodes. RESIDUAL: W adds a 4-bit residual
+    stage in the same layout (res_codes_ptr, res_scales_ptr; without one they are never read)."""
+    gl.static_assert(not (RESIDUAL and STAGED), "STAGED copies the base stage's codes only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
     mma_layout: gl.constexpr = accumulator_layout(W)
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
-    first_step, rows, scales, codes, step_words, tables, copied = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
+    first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -254,11 +288,14 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: 
     barrier()
 
     acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
-    loaded = ()
+    loaded, res_loaded = (), ()
     for i in gl.static_range(ITERS):
         loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
-        acc = _step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables, x_smem.index(i), C,
-                    a_layout)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT,
+                                                RESIDUAL)
+        group = (first_step + i) * BLOCK_K // G
+        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, RESIDUAL)
+        acc = warpgroup_mma(weights, x_smem.index(i).permute((1, 0)), acc)
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
 
@@ -296,27 +333,39 @@ def _row_pairs(tile):
 
 
 @gluon.jit
-def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, M, N: gl.constexpr, K: gl.constexpr,
-                         G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, X_LAYOUT: gl.constexpr,
-                         LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr, EVICT: gl.constexpr = False,
-                         STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
+def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, M,
+                         N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
+                         X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
+                         RESIDUAL: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
-    (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature)."""
+    (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RESIDUAL the two
+    stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2)."""
+    gl.static_assert(not (RESIDUAL and STAGED), "STAGED copies the base stage's codes only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
     a_layout: gl.constexpr = operand_layout(W)
-    first_step, _, scales, codes, step_words, tables, copied = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
+    first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
-    loaded = ()
+    loaded, res_loaded = (), ()
     for i in gl.static_range(ITERS):
         loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
-        acc = _gemv_step(acc, words, gl.load(scales + (first_step + i) * BLOCK_K // G), tables,
-                         gl.load(x_ptr + columns + i * BLOCK_K), C, a_layout)
+        group = (first_step + i) * BLOCK_K // G
+        x = gl.load(x_ptr + columns + i * BLOCK_K)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT,
+                                                RESIDUAL)
+        if RESIDUAL:
+            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, True)
+            x, _ = gl.broadcast(x[None, :], acc)
+            acc = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights, x, acc], dtype=gl.float16, is_pure=True,
+                                            pack=2)
+        else:
+            acc = _gemv_step(acc, words, gl.load(scales + group), tables, x, C, a_layout)
     sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)

@@ -91,8 +91,11 @@ def supports(spec: LayerSpec) -> bool:
 
 
 def takes_fragments(spec: LayerSpec) -> bool:
-    """Whether the fragment family can serve a layer: 4-bit TurboQuant without a residual stage on
-    fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64."""
+    """Whether the fragment family serves a layer: 4-bit TurboQuant without a residual stage on
+    fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64. (Its
+    kernels also take a 4-bit residual stage, RESIDUAL, compiled and checked in CI and their prefill
+    weights tested; 4+4 layers join once their products are checked on a GPU:
+    tests/test_kernels_accuracy.py -k fragment.)"""
     return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
 
@@ -415,9 +418,13 @@ class FragmentLayerKernel(LayerKernel):
     layout = FRAGMENT_LAYOUT
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
-        """codes, scales, PRMT table: the weight arguments of fragment_dot_kernel."""
+        """codes, scales, PRMT table, then the residual stage's codes and scales (the base's again
+        without one: never read): the weight arguments of the family's kernels."""
         check_layout(module, FRAGMENT_LAYOUT)
-        return module.codes, module.scales, self.table(self.key.bits, module.codes.device)
+        base = module.codes, module.scales, self.table(self.key.bits, module.codes.device)
+        if not self.key.residual_bits:
+            return base + base[:2]
+        return base + (module.residual_codes, module.residual_scales)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
@@ -460,14 +467,14 @@ class FragmentLayerKernel(LayerKernel):
         kernel = gk.fragment_gemv_kernel if config.strategy == "fragment_gemv" else gk.fragment_dot_kernel
         return kernel, {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
                         "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2,
-                        "EVICT": True, "num_warps": fragments.WARPS}
+                        "EVICT": True, "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits)}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
         (fragments.fragment_dequant_kernel)."""
-        check_layout(module, FRAGMENT_LAYOUT)
-        return fragments.fragment_weights(module.codes, module.scales, self.key.n, self.key.k, self.key.group_size,
-                                          dtype)
+        codes, scales, _, res_codes, res_scales = self.weights(module)
+        residual = (res_codes, res_scales) if self.key.residual_bits else None
+        return fragments.fragment_weights(codes, scales, self.key.n, self.key.k, self.key.group_size, dtype, residual)
 
 
 def pdl_launch(device: torch.device) -> dict:

@@ -524,6 +524,30 @@ def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
 
 
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
+def test_fragment_kernels_decode_a_residual_stage_beside_the_base(kernel_name):
+    """RESIDUAL (4+4): each step loads the residual's words as a second 16-byte vector a thread,
+    looks them up as many times as the base's, adds them scaled (HFMA2 a weight pair) and issues the
+    same tensor-core products, without spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    iters = 8
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
+                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True}
+    summaries = [sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs | {"RESIDUAL": r},
+                                                       4, "*bf16")) for r in (False, True)]
+    base, both = summaries
+    assert both["stack"] == 0
+    assert both["loads"]["LDG.E.EF.128"] == 2 * base["loads"]["LDG.E.EF.128"] == 2 * iters
+    assert both["ops"]["PRMT"] == 2 * base["ops"]["PRMT"]
+    assert both["ops"].get("HGMMA") == base["ops"].get("HGMMA")
+    weight_pairs = 16 * 64 * iters // 32 // 2  # a thread's: one more half2 multiply-add each
+    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in summaries]
+    assert half2[1] - half2[0] == weight_pairs
+
+
+@pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
 def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name):
     """With PDL (programmatic dependent launch, as the family launches on sm_90) a fragment kernel
     waits for the previous kernel (griddepcontrol.wait, ACQBULK), which writes its activations and

@@ -144,15 +144,20 @@ def test_int8_kernel_matches_reference(bits, strategy):
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
-def test_fragment_dequantize_gives_the_lookup_familys_weights():
-    """The fragment family's prefill weights (fragments.fragment_dequant_kernel, plain Triton) equal, bit
-    for bit, what the lookup family's dequant_kernel decodes from the same codes in its own layout."""
+@pytest.mark.parametrize("option", ["4", "4+4"])
+def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
+    """The fragment family's prefill weights (fragments.fragment_dequant_kernel, plain Triton) equal what
+    the lookup family's dequant_kernel decodes from the same codes in its own layout: bit for bit at 4
+    bits, to float32 rounding with a residual stage (the compiler may fuse its multiply-add)."""
     shapes = [(1024, 4096, 128), (512, 3584, 128)] if CUDA else [(64, 256, 64), (128, 128, 128)]
     for n, k, group_size in shapes:
-        module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+        module, _ = random_layer(QuantOption.parse(option), n, k, group_size)
         lookups = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None)).dequantize(module, torch.float32)
         prepare(module, FRAGMENT_LAYOUT)
         family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
+        if option == "4+4":
+            torch.testing.assert_close(family.dequantize(module, torch.float32), lookups, rtol=1e-6, atol=1e-9)
+            continue
         for dtype in [torch.float32, *DTYPES]:
             assert torch.equal(family.dequantize(module, dtype), lookups.to(dtype)), f"{n}x{k} g{group_size} {dtype}"
 
@@ -160,14 +165,15 @@ def test_fragment_dequantize_gives_the_lookup_familys_weights():
 # Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
 # so that the interpreted run skips nothing.
 if CUDA:
+    @pytest.mark.parametrize("option", ["4", "4+4"])
     @pytest.mark.parametrize("iters", [1, 8])
-    def test_fragment_kernel_matches_reference(iters):
-        """The fragment family (4-bit, codes in wgmma's operand order, Gluon) against the reference path:
-        split over K into the output the rotation zeroed at 1-16 tokens (tensor cores) or one (CUDA
-        cores), dequantize + cuBLAS above."""
+    def test_fragment_kernel_matches_reference(iters, option):
+        """The fragment family (4-bit, with or without a 4-bit residual stage, codes in wgmma's operand
+        order, Gluon) against the reference path: split over K into the output the rotation zeroed at
+        1-16 tokens (tensor cores) or one (CUDA cores), dequantize + cuBLAS above."""
         dot, gemv, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "fragment_gemv", "dequant"))
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
-            _, original = random_layer(QuantOption.parse("4"), n, k, group_size)
+            _, original = random_layer(QuantOption.parse(option), n, k, group_size)
             module = copy.deepcopy(original)
             prepare(module, FRAGMENT_LAYOUT)
             kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
@@ -175,7 +181,7 @@ if CUDA:
                 for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (gemv, 1), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     error = relative_error(kernel.run(x, module, config), reference(original, x))
-                    assert error < TOLERANCE[dtype], f"fragments {config.strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
+                    assert error < TOLERANCE[dtype], f"{option} {config.strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
 def test_rotation_kernel_matches_butterfly():
