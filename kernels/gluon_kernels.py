@@ -12,7 +12,8 @@ where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are 
 Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
 the device runs tests/test_kernels_accuracy.py.
 
-4-bit, no residual stage, fp16 activations; G a multiple of BLOCK_K (one scale a row and step).
+4- or 2-bit codes (BITS), a residual stage of the same width or none (RESIDUAL), fp16 activations;
+G a multiple of BLOCK_K (one scale a row and step).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from . import triton_kernels as tk
-from .lut import NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES
+from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
 TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
 COPIES = gl.constexpr(TABLE_COPIES)
 QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
+CRUMB_QUAD_ASM = gl.constexpr(CRUMB_ASM)  # a quad of 2-bit codes
+CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
@@ -43,27 +46,42 @@ async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_gl
 
 
 @gluon.jit
-def _fragment(t, C: gl.constexpr):
-    """[W, 32, 2C] (warp, lane, register) -> [W, 8, 4, C, 2] (warp, lane // 4, lane % 4, chunk, row half)."""
-    return gl.reshape(t, [t.shape[0], 8, 4, C, 2])
+def _fragment(t, C: gl.constexpr, BITS: gl.constexpr, HIGH_HALF: gl.constexpr):
+    """A thread's words [W, 32, words] (warp, lane, register) -> [W, 8, 4, C, 2] (warp, lane // 4,
+    lane % 4, chunk, row half): a 4-bit word holds one row half; a 2-bit word both, row half 1's
+    quads HIGH_HALF bits up (16; 0 for a table, the same for both)."""
+    if BITS == 4:
+        halves = gl.reshape(t, [t.shape[0], 8, 4, C, 2])
+    else:
+        words = gl.reshape(t, [t.shape[0], 8, 4, C])
+        halves = gl.join(words, words >> HIGH_HALF)
+    return halves
 
 
 @gluon.jit
-def _quad(words, tables, SHIFT: gl.constexpr):
+def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr):
     """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT lookup."""
     shift = words * 0 + SHIFT
-    sign_shift = words * 0 + SHIFT // 4
-    return gl.inline_asm_elementwise(QUAD_ASM, QUAD_CONSTRAINTS,
-                                     [words, tables[0], tables[1], tables[2], tables[3], shift, words, sign_shift],
-                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    if BITS == 4:  # the signs in the same word
+        sign_shift = words * 0 + SHIFT // 4
+        pairs = gl.inline_asm_elementwise(QUAD_ASM, QUAD_CONSTRAINTS,
+                                          [words, tables[0], tables[1], tables[2], tables[3], shift, words, sign_shift],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    else:  # one table word of lows, one of highs
+        pairs = gl.inline_asm_elementwise(CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
+                                          [words, tables[0], tables[0], tables[1], tables[1], shift],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    return pairs
 
 
 @gluon.jit
-def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr):
-    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's [W, 32, 2C] words."""
-    doubled = gl.join(_fragment(words, C), _fragment(words, C))
-    first, second = _quad(doubled, tables, 0)  # [W, 8, 4, C, 2, 2 c]
-    third, fourth = _quad(doubled, tables, 16)
+def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr = 4):
+    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's words [W, 32, 2C] (4 bits) or
+    [W, 32, C] (2 bits)."""
+    halves = _fragment(words, C, BITS, 16)
+    doubled = gl.join(halves, halves)
+    first, second = _quad(doubled, tables, 0, BITS)  # [W, 8, 4, C, 2, 2 c]
+    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS)
     values = gl.join(gl.join(first, second), gl.join(third, fourth))  # [w, l//4, l%4, ch, h, c, b, a]
     values = gl.permute(values, (0, 4, 1, 3, 7, 6, 2, 5))  # [w, h, l//4, ch, a, b, l%4, c]
     values = gl.reshape(values, [16 * words.shape[0], 32 * C])
@@ -72,14 +90,14 @@ def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr):
 
 @gluon.jit
 def _scaled_weights(words, scales, res_words, res_scales, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr,
-                    RESIDUAL: gl.constexpr):
+                    RESIDUAL: gl.constexpr, BITS: gl.constexpr):
     """A step's weights in wgmma's operand layout: its words decoded and scaled by the row's scale
     (`scales` points at it), plus with RESIDUAL the residual stage's, decoded and scaled (HFMA2)."""
-    weights = _decode(words, tables, C, A_LAYOUT)
+    weights = _decode(words, tables, C, A_LAYOUT, BITS)
     scale, _ = gl.broadcast(gl.load(scales)[:, None], weights)
     weights = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights, scale], dtype=gl.float16, is_pure=True, pack=2)
     if RESIDUAL:
-        residual = _decode(res_words, tables, C, A_LAYOUT)  # the same 4-bit codebook (turboquant.fit_stage)
+        residual = _decode(res_words, tables, C, A_LAYOUT, BITS)  # the same codebook (turboquant.fit_stage)
         res_scale, _ = gl.broadcast(gl.load(res_scales)[:, None], residual)
         weights = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [residual, res_scale, weights], dtype=gl.float16,
                                             is_pure=True, pack=2)
@@ -87,9 +105,9 @@ def _scaled_weights(words, scales, res_words, res_scales, tables, C: gl.constexp
 
 
 @gluon.jit
-def _gemv_step(acc, words, scale, tables, x, C: gl.constexpr, A_LAYOUT: gl.constexpr):
+def _gemv_step(acc, words, scale, tables, x, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr):
     """acc + W x scale for one step and one token, elementwise in fp16 (HMUL2, HFMA2 a weight pair)."""
-    weights = _decode(words, tables, C, A_LAYOUT)
+    weights = _decode(words, tables, C, A_LAYOUT, BITS)
     x, _ = gl.broadcast(x[None, :], acc)
     scale, _ = gl.broadcast(scale[:, None], acc)
     return gl.inline_asm_elementwise(HALF_FMA_ASM, "=r,r,r,r,r", [weights, x, scale, acc], dtype=gl.float16,
@@ -107,44 +125,53 @@ def _load_codes(pointers, EVICT: gl.constexpr):
 
 
 @gluon.jit
-def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, C: gl.constexpr, W: gl.constexpr):
+def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, WORDS: gl.constexpr, W: gl.constexpr):
     """Pointers to this thread's words of the program's first step: a step's words are [W warps,
-    32 lanes, 2C], contiguous per thread (kernels/fragments.py)."""
-    words_layout: gl.constexpr = thread_words_layout(C, W)
+    32 lanes, WORDS], contiguous per thread (kernels/fragments.py)."""
+    words_layout: gl.constexpr = thread_words_layout(WORDS, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
-    register = gl.arange(0, 2 * C, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
-    thread_words = (warp[:, None, None] * 32 + lane[None, :, None]) * (2 * C) + register[None, None, :]
-    return codes_ptr + (block * STEPS + first_step) * (W * 32 * 2 * C) + thread_words
+    register = gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
+    thread_words = (warp[:, None, None] * 32 + lane[None, :, None]) * WORDS + register[None, None, :]
+    return codes_ptr + (block * STEPS + first_step) * (W * 32 * WORDS) + thread_words
 
 
 @gluon.jit
-def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr):
-    """The PRMT tables in the words' layout, each lane its own copy."""
-    words_layout: gl.constexpr = thread_words_layout(C, W)
+def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
+    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words) in the decoded words' layout,
+    each lane its own copy."""
+    WORDS: gl.constexpr = thread_word_count(32 * C, BITS)
+    TABLE_WORDS: gl.constexpr = 4 if BITS == 4 else 2
+    words_layout: gl.constexpr = thread_words_layout(WORDS, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
-    copy = (lane[None, :, None] % COPIES) * 4 + warp[:, None, None] * 0
-    zeros = gl.zeros([W, 32, 2 * C], gl.int32, words_layout)
+    copy = (lane[None, :, None] % COPIES) * TABLE_WORDS + warp[:, None, None] * 0
+    zeros = gl.zeros([W, 32, WORDS], gl.int32, words_layout)
     tables = ()
-    for j in gl.static_range(4):
-        table = _fragment(gl.load(table_ptr + copy + j) + zeros, C)
+    for j in gl.static_range(TABLE_WORDS):
+        table = _fragment(gl.load(table_ptr + copy + j) + zeros, C, BITS, 0)
         tables = tables + (gl.join(table, table),)
     return tables
 
 
 @triton.constexpr_function
-def thread_words_layout(chunks, warps):
-    """A step's code words [warps, 32 lanes, 2 chunks], each thread its own 2 chunks words, contiguous."""
-    return gl.BlockedLayout([1, 1, 2 * chunks], [1, 32, 1], [warps, 1, 1], [2, 1, 0])
+def thread_words_layout(words, warps):
+    """A step's code words [warps, 32 lanes, words], each thread its own words, contiguous."""
+    return gl.BlockedLayout([1, 1, words], [1, 32, 1], [warps, 1, 1], [2, 1, 0])
+
+
+@triton.constexpr_function
+def thread_word_count(block_k, bits):
+    """A thread's code words a step of block_k inputs: 2 C for 4 bits, C for 2 (fragments.WORD_CODES)."""
+    return block_k // 32 * (2 if bits == 4 else 1)
 
 
 @gluon.jit
-def _copy_codes(codes, step_words, ITERS: gl.constexpr, C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr):
+def _copy_codes(codes, step_words, ITERS: gl.constexpr, WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr):
     """Every step's code words of the program copied into shared memory asynchronously (cp.async), a
     commit group a step, so that all are in flight at once (ptxas keeps only a step or two of register
     loads in flight, whatever the source asks); each thread copies, and later reads, its own words."""
-    words = gl.allocate_shared_memory(gl.int32, [ITERS, W, 32, 2 * C],
+    words = gl.allocate_shared_memory(gl.int32, [ITERS, W, 32, WORDS],
                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0]))
     for i in gl.static_range(ITERS):
         if EVICT:
@@ -156,19 +183,19 @@ def _copy_codes(codes, step_words, ITERS: gl.constexpr, C: gl.constexpr, W: gl.c
 
 
 @gluon.jit
-def _copied_words(words, i: gl.constexpr, ITERS: gl.constexpr, C: gl.constexpr, W: gl.constexpr):
+def _copied_words(words, i: gl.constexpr, ITERS: gl.constexpr, WORDS: gl.constexpr, W: gl.constexpr):
     """Step i's words from _copy_codes, once its group has landed."""
     async_copy.wait_group(ITERS - 1 - i)
-    return words.index(i).load(thread_words_layout(C, W))
+    return words.index(i).load(thread_words_layout(WORDS, W))
 
 
 @gluon.jit
 def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
+                WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
     """(loaded, step i's words) of the unrolled step loop: from shared memory (STAGED), or from
     registers loaded LOOKAHEAD steps ahead (`loaded` grows by one load a step)."""
     if STAGED:
-        words = _copied_words(copied, i, ITERS, C, W)
+        words = _copied_words(copied, i, ITERS, WORDS, W)
     else:
         if i == 0:
             for j in gl.static_range(LOOKAHEAD):
@@ -182,11 +209,11 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
 
 @gluon.jit
 def _residual_words(res_loaded, res_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                    C: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RESIDUAL: gl.constexpr):
+                    WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RESIDUAL: gl.constexpr):
     """_step_words for the residual stage's codes (loaded into registers), or nothing without one."""
     words = 0
     if RESIDUAL:
-        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W,
+        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
                                         EVICT, False)
     return res_loaded, words
 
@@ -231,7 +258,7 @@ def operand_layout(warps):
 @gluon.jit
 def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K: gl.constexpr, G: gl.constexpr,
                    BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
-                   STAGED: gl.constexpr, PDL: gl.constexpr):
+                   STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr):
     """What a program reads its weights with: (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
     words a step, the PRMT tables, with STAGED every step's words already in flight to shared
@@ -239,15 +266,16 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     where the kernel has one). It reads only the read-only weights, so under programmatic dependent
     launch (PDL) it runs while the rotation finishes, and waits for it last."""
     C: gl.constexpr = BLOCK_K // 32
+    WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     first_step = gl.program_id(1) * ITERS
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
-    codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, C, W)
-    res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, C, W)
-    tables = _tables(table_ptr, C, W)
-    step_words: gl.constexpr = W * 32 * 2 * C
+    codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
+    res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
+    tables = _tables(table_ptr, C, W, BITS)
+    step_words: gl.constexpr = W * 32 * WORDS
     copied = codes
     if STAGED:
-        copied = _copy_codes(codes, step_words, ITERS, C, W, EVICT)
+        copied = _copy_codes(codes, step_words, ITERS, WORDS, W, EVICT)
     _wait_for_previous_kernel(PDL)
     row_scales = rows * (K // G)
     return (first_step, rows, scales_ptr + row_scales, codes, step_words, tables, copied, res_codes,
@@ -259,20 +287,23 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
                         X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                        RESIDUAL: gl.constexpr = False):
+                        RESIDUAL: gl.constexpr = False, BITS: gl.constexpr = 4):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
-    step's code words loaded LOOKAHEAD steps before it decodes. RESIDUAL: W adds a 4-bit residual
-    stage in the same layout (res_codes_ptr, res_scales_ptr; without one they are never read)."""
+    step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4 or 2 (fragments.WORD_CODES).
+    RESIDUAL: W adds a residual stage of as many bits in the same layout (res_codes_ptr,
+    res_scales_ptr; without one they are never read)."""
     gl.static_assert(not (RESIDUAL and STAGED), "STAGED copies the base stage's codes only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
+    WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     mma_layout: gl.constexpr = accumulator_layout(W)
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
     first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL,
+        BITS)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -290,11 +321,12 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
     loaded, res_loaded = (), ()
     for i in gl.static_range(ITERS):
-        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT,
-                                                RESIDUAL)
+        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
+                                                EVICT, RESIDUAL)
         group = (first_step + i) * BLOCK_K // G
-        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, RESIDUAL)
+        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, RESIDUAL,
+                                  BITS)
         acc = warpgroup_mma(weights, x_smem.index(i).permute((1, 0)), acc)
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
@@ -337,7 +369,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
                          X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                         RESIDUAL: gl.constexpr = False):
+                         RESIDUAL: gl.constexpr = False, BITS: gl.constexpr = 4):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -347,25 +379,28 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
+    WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     a_layout: gl.constexpr = operand_layout(W)
     first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL)
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL,
+        BITS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     loaded, res_loaded = (), ()
     for i in gl.static_range(ITERS):
-        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT, STAGED)
+        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
         group = (first_step + i) * BLOCK_K // G
         x = gl.load(x_ptr + columns + i * BLOCK_K)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, C, W, EVICT,
-                                                RESIDUAL)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
+                                                EVICT, RESIDUAL)
         if RESIDUAL:
-            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, True)
+            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, True,
+                                      BITS)
             x, _ = gl.broadcast(x[None, :], acc)
             acc = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights, x, acc], dtype=gl.float16, is_pure=True,
                                             pack=2)
         else:
-            acc = _gemv_step(acc, words, gl.load(scales + group), tables, x, C, a_layout)
+            acc = _gemv_step(acc, words, gl.load(scales + group), tables, x, C, a_layout, BITS)
     sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)

@@ -93,9 +93,9 @@ def supports(spec: LayerSpec) -> bool:
 def takes_fragments(spec: LayerSpec) -> bool:
     """Whether the fragment family serves a layer: 4-bit TurboQuant without a residual stage on
     fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64. (Its
-    kernels also take a 4-bit residual stage, RESIDUAL, compiled and checked in CI and their prefill
-    weights tested; 4+4 layers join once their products are checked on a GPU:
-    tests/test_kernels_accuracy.py -k fragment.)"""
+    kernels also take 2-bit codes and a residual stage of the codes' width, 2 and 4+4: compiled and
+    checked in CI, their prefill weights tested; those layers join once their products are checked
+    on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
     return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
 
@@ -467,14 +467,16 @@ class FragmentLayerKernel(LayerKernel):
         kernel = gk.fragment_gemv_kernel if config.strategy == "fragment_gemv" else gk.fragment_dot_kernel
         return kernel, {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
                         "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2,
-                        "EVICT": True, "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits)}
+                        "EVICT": True, "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits),
+                        "BITS": self.key.bits}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
         (fragments.fragment_dequant_kernel)."""
         codes, scales, _, res_codes, res_scales = self.weights(module)
         residual = (res_codes, res_scales) if self.key.residual_bits else None
-        return fragments.fragment_weights(codes, scales, self.key.n, self.key.k, self.key.group_size, dtype, residual)
+        return fragments.fragment_weights(codes, scales, self.key.n, self.key.k, self.key.group_size, dtype, residual,
+                                          self.key.bits)
 
 
 def pdl_launch(device: torch.device) -> dict:
