@@ -454,21 +454,27 @@ class FragmentLayerKernel(LayerKernel):
         most = 1 if config.strategy == "fragment_gemv" else MAX_FRAGMENT_TOKENS
         if m > most:
             raise ValueError(f"the fragment family's {config.strategy} kernel takes up to {most} tokens, got {m}")
-        kernel, constexprs = self.gluon_kernel(config)
-        kernel[(n // (16 * fragments.WARPS), self.splits(config))](rotated, out, *self.weights(module), m, **constexprs,
-                                                                    **pdl_launch(rotated.device))
+        splits, constexprs = self.specialise(config)  # made once per config (LayerKernel.specialise)
+        self.gluon_kernel(config)[(n // (16 * fragments.WARPS), splits)](rotated, out, *self.weights(module), m,
+                                                                          **constexprs, **pdl_launch(rotated.device))
         return out
 
-    def gluon_kernel(self, config: LaunchConfig) -> tuple:
-        """The Gluon kernel of a config (fragment_dot_kernel, or fragment_gemv_kernel at one token) and its
-        constexprs, num_warps among them."""
+    @staticmethod
+    def gluon_kernel(config: LaunchConfig):
+        """The Gluon kernel of a config: fragment_dot_kernel, or fragment_gemv_kernel at one token."""
         from . import gluon_kernels as gk  # noqa: PLC0415  (Gluon only where a layer asks for it)
 
-        kernel = gk.fragment_gemv_kernel if config.strategy == "fragment_gemv" else gk.fragment_dot_kernel
-        return kernel, {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
-                        "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2,
-                        "EVICT": True, "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits),
-                        "BITS": self.key.bits}
+        return gk.fragment_gemv_kernel if config.strategy == "fragment_gemv" else gk.fragment_dot_kernel
+
+    def _specialise(self, config: LaunchConfig) -> tuple[int, dict]:
+        """(K-splits, every constexpr of gluon_kernel(config), num_warps among them)."""
+        from . import gluon_kernels as gk  # noqa: PLC0415
+
+        return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
+                                     "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
+                                     "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
+                                     "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits),
+                                     "BITS": self.key.bits}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout

@@ -116,8 +116,9 @@ def fragment_rows(models: list[str], bandwidth_gbps: float, tokens: int = 16) ->
             for config in family.candidates(token_bucket(tokens)):
                 if config.strategy == "dequant":
                     continue
-                kernel, constexprs = family.gluon_kernel(config)
-                summary = sass_summary(compile_gluon_for_hopper(kernel, constexprs, fragments.WARPS, "*bf16"))
+                constexprs = family.specialise(config)[1]
+                summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), constexprs, fragments.WARPS,
+                                                                "*bf16"))
                 per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)
                 weight_bytes = n * k / 2 + n * k // 128 * 2
                 row = {"model": model, "layer": layer, "option": "4", "n": n, "k": k} | config.model_dump() | summary
