@@ -119,18 +119,17 @@ def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 
 
 
 def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
-                     dtype: torch.dtype, residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     dtype: torch.dtype, residual: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                      bits: int = 4) -> torch.Tensor:
     """The weights [N, K] in `dtype` that fragment words of `bits`-bit codes and their scales stand for,
-    plus a residual stage's of the same width (its words and scales) if given, with the fp16 values
-    the kernels look up, by `fragment_dequant_kernel` on the words' device (for prefill: dequantize +
-    cuBLAS)."""
+    plus a residual stage's (its words, scales and bits) if given, with the fp16 values the kernels
+    look up, by `fragment_dequant_kernel` on the words' device (for prefill: dequantize + cuBLAS)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
-    values, positions = _decode_tables(words.device, bits)
-    res_words, res_scales = residual or (words, scales)
-    fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, res_words, res_scales, values,
-                                                               positions, N=n, K=k, G=group_size, BLOCK_K=BLOCK_K,
-                                                               W=WARPS, BITS=bits, RESIDUAL=residual is not None)
+    res_words, res_scales, res_bits = residual or (words, scales, 0)
+    tables, res_tables = _decode_tables(words.device, bits), _decode_tables(words.device, res_bits or bits)
+    fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, *tables, res_words, res_scales,
+                                                               *res_tables, N=n, K=k, G=group_size, BLOCK_K=BLOCK_K,
+                                                               W=WARPS, BITS=bits, RES_BITS=res_bits)
     return out
 
 
@@ -147,19 +146,19 @@ def _decode_tables(device: torch.device, bits: int) -> tuple[torch.Tensor, torch
 
 
 @triton.jit
-def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, res_words_ptr, res_scales_ptr, values_ptr, positions_ptr,
-                            N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr,
-                            BITS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """out[N, K] = scale x value of each code (+ the residual stage's, with RESIDUAL), decoded from the
-    fragment layout; grid (N / 16 W, K / BLOCK_K): a program decodes one step of one row block and
-    stores it a row at a time (_step_values)."""
+def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, positions_ptr, res_words_ptr, res_scales_ptr,
+                            res_values_ptr, res_positions_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                            BLOCK_K: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, RES_BITS: tl.constexpr):
+    """out[N, K] = scale x value of each code (+ the residual stage's of RES_BITS bits, its own
+    tables, if RES_BITS), decoded from the fragment layout; grid (N / 16 W, K / BLOCK_K): a program
+    decodes one step of one row block and stores it a row at a time (_step_values)."""
     block, step = tl.program_id(0), tl.program_id(1)
     rows = block * 16 * W + tl.arange(0, 16 * W)
     groups = rows * (K // G) + step * BLOCK_K // G
     weight = _step_values(words_ptr, values_ptr, positions_ptr, block, step, K, BLOCK_K, W, BITS)
     weight = weight * tl.load(scales_ptr + groups).to(tl.float32)[:, None]
-    if RESIDUAL:
-        residual = _step_values(res_words_ptr, values_ptr, positions_ptr, block, step, K, BLOCK_K, W, BITS)
+    if RES_BITS:
+        residual = _step_values(res_words_ptr, res_values_ptr, res_positions_ptr, block, step, K, BLOCK_K, W, RES_BITS)
         weight += residual * tl.load(res_scales_ptr + groups).to(tl.float32)[:, None]
     columns = step * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + columns[None, :], weight.to(out_ptr.dtype.element_ty))

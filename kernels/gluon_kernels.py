@@ -12,8 +12,8 @@ where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are 
 Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
 the device runs tests/test_kernels_accuracy.py.
 
-4- or 2-bit codes (BITS), a residual stage of the same width or none (RESIDUAL), fp16 activations;
-G a multiple of BLOCK_K (one scale a row and step).
+4- or 2-bit codes (BITS), a residual stage of 4 or 2 bits or none (RES_BITS: 4+4, 4+2, 2+2), fp16
+activations; G a multiple of BLOCK_K (one scale a row and step).
 """
 
 from __future__ import annotations
@@ -89,15 +89,16 @@ def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.con
 
 
 @gluon.jit
-def _scaled_weights(words, scales, res_words, res_scales, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr,
-                    RESIDUAL: gl.constexpr, BITS: gl.constexpr):
+def _scaled_weights(words, scales, res_words, res_scales, tables, res_tables, C: gl.constexpr, A_LAYOUT: gl.constexpr,
+                    RES_BITS: gl.constexpr, BITS: gl.constexpr):
     """A step's weights in wgmma's operand layout: its words decoded and scaled by the row's scale
-    (`scales` points at it), plus with RESIDUAL the residual stage's, decoded and scaled (HFMA2)."""
+    (`scales` points at it), plus with RES_BITS the residual stage's, decoded by its own tables and
+    scaled (HFMA2)."""
     weights = _decode(words, tables, C, A_LAYOUT, BITS)
     scale, _ = gl.broadcast(gl.load(scales)[:, None], weights)
     weights = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights, scale], dtype=gl.float16, is_pure=True, pack=2)
-    if RESIDUAL:
-        residual = _decode(res_words, tables, C, A_LAYOUT, BITS)  # the same codebook (turboquant.fit_stage)
+    if RES_BITS:
+        residual = _decode(res_words, res_tables, C, A_LAYOUT, RES_BITS)
         res_scale, _ = gl.broadcast(gl.load(res_scales)[:, None], residual)
         weights = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [residual, res_scale, weights], dtype=gl.float16,
                                             is_pure=True, pack=2)
@@ -208,13 +209,14 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
 
 
 @gluon.jit
-def _residual_words(res_loaded, res_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                    WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RESIDUAL: gl.constexpr):
+def _residual_words(res_loaded, res_codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                    BLOCK_K: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RES_BITS: gl.constexpr):
     """_step_words for the residual stage's codes (loaded into registers), or nothing without one."""
     words = 0
-    if RESIDUAL:
-        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
-                                        EVICT, False)
+    if RES_BITS:
+        WORDS: gl.constexpr = thread_word_count(BLOCK_K, RES_BITS)
+        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS,
+                                        W, EVICT, False)
     return res_loaded, words
 
 
@@ -256,22 +258,29 @@ def operand_layout(warps):
 
 
 @gluon.jit
-def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K: gl.constexpr, G: gl.constexpr,
-                   BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
-                   STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr):
+def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K: gl.constexpr,
+                   G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
+                   STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr, RES_BITS: gl.constexpr):
     """What a program reads its weights with: (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
     words a step, the PRMT tables, with STAGED every step's words already in flight to shared
-    memory, else the pointers again; then the residual stage's code and scale pointers, read only
-    where the kernel has one). It reads only the read-only weights, so under programmatic dependent
-    launch (PDL) it runs while the rotation finishes, and waits for it last."""
+    memory, else the pointers again; then the residual stage's code pointers, scale pointers and
+    tables (the base's where the widths match: one codebook a width), read only where the kernel
+    has one). It reads only the read-only weights, so under programmatic dependent launch (PDL) it
+    runs while the rotation finishes, and waits for it last."""
     C: gl.constexpr = BLOCK_K // 32
     WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     first_step = gl.program_id(1) * ITERS
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
     codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
-    res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
+    res_codes = codes
     tables = _tables(table_ptr, C, W, BITS)
+    res_tables = tables
+    if RES_BITS:
+        RES_WORDS: gl.constexpr = thread_word_count(BLOCK_K, RES_BITS)
+        res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, RES_WORDS, W)
+        if RES_BITS != BITS:
+            res_tables = _tables(res_table_ptr, C, W, RES_BITS)
     step_words: gl.constexpr = W * 32 * WORDS
     copied = codes
     if STAGED:
@@ -279,21 +288,21 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     _wait_for_previous_kernel(PDL)
     row_scales = rows * (K // G)
     return (first_step, rows, scales_ptr + row_scales, codes, step_words, tables, copied, res_codes,
-            res_scales_ptr + row_scales)
+            res_scales_ptr + row_scales, res_tables)
 
 
 @gluon.jit
-def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, M,
+def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                         N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
                         X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                        RESIDUAL: gl.constexpr = False, BITS: gl.constexpr = 4):
+                        RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4 or 2 (fragments.WORD_CODES).
-    RESIDUAL: W adds a residual stage of as many bits in the same layout (res_codes_ptr,
-    res_scales_ptr; without one they are never read)."""
-    gl.static_assert(not (RESIDUAL and STAGED), "STAGED copies the base stage's codes only")
+    RES_BITS: W adds a residual stage of 4 or 2 bits in the same layout (res_codes_ptr,
+    res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read)."""
+    gl.static_assert(not (RES_BITS and STAGED), "STAGED copies the base stage's codes only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
@@ -301,9 +310,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     mma_layout: gl.constexpr = accumulator_layout(W)
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
-    first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL,
-        BITS)
+    first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K, G, BLOCK_K, ITERS, W, EVICT,
+        STAGED, PDL, BITS, RES_BITS)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -322,11 +331,10 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     loaded, res_loaded = (), ()
     for i in gl.static_range(ITERS):
         loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
-                                                EVICT, RESIDUAL)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, BLOCK_K, W, EVICT, RES_BITS)
         group = (first_step + i) * BLOCK_K // G
-        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, RESIDUAL,
-                                  BITS)
+        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C, a_layout,
+                                  RES_BITS, BITS)
         acc = warpgroup_mma(weights, x_smem.index(i).permute((1, 0)), acc)
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
@@ -365,25 +373,25 @@ def _row_pairs(tile):
 
 
 @gluon.jit
-def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, M,
+def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
                          N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
                          X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                         RESIDUAL: gl.constexpr = False, BITS: gl.constexpr = 4):
+                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
-    (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RESIDUAL the two
+    (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RES_BITS the two
     stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2)."""
-    gl.static_assert(not (RESIDUAL and STAGED), "STAGED copies the base stage's codes only")
+    gl.static_assert(not (RES_BITS and STAGED), "STAGED copies the base stage's codes only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
     WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     a_layout: gl.constexpr = operand_layout(W)
-    first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, K, G, BLOCK_K, ITERS, W, EVICT, STAGED, PDL,
-        BITS)
+    first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables = _program_codes(
+        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K, G, BLOCK_K, ITERS, W, EVICT,
+        STAGED, PDL, BITS, RES_BITS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     loaded, res_loaded = (), ()
@@ -391,11 +399,10 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
         group = (first_step + i) * BLOCK_K // G
         x = gl.load(x_ptr + columns + i * BLOCK_K)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W,
-                                                EVICT, RESIDUAL)
-        if RESIDUAL:
-            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, C, a_layout, True,
-                                      BITS)
+        res_loaded, res_words = _residual_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, BLOCK_K, W, EVICT, RES_BITS)
+        if RES_BITS:
+            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
+                                      a_layout, RES_BITS, BITS)
             x, _ = gl.broadcast(x[None, :], acc)
             acc = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights, x, acc], dtype=gl.float16, is_pure=True,
                                             pack=2)

@@ -93,9 +93,9 @@ def supports(spec: LayerSpec) -> bool:
 def takes_fragments(spec: LayerSpec) -> bool:
     """Whether the fragment family serves a layer: 4-bit TurboQuant without a residual stage on
     fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64. (Its
-    kernels also take 2-bit codes and a residual stage of the codes' width, 2 and 4+4: compiled and
-    checked in CI, their prefill weights tested; those layers join once their products are checked
-    on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
+    kernels also take 2-bit codes and a residual stage of 4 or 2 bits, 2, 4+4, 4+2 and 2+2: compiled
+    and checked in CI, their prefill weights tested; those layers join once their products are
+    checked on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
     return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
 
@@ -137,7 +137,7 @@ class LayerKernel:
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
         """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
-        check_layout(module, KERNEL_LAYOUT)
+        check_layout(module, self.layout)
         device = module.codes.device
         base = (module.codes, module.scales, self.table(self.key.bits, device))
         if not self.key.residual_bits:
@@ -417,15 +417,6 @@ class FragmentLayerKernel(LayerKernel):
 
     layout = FRAGMENT_LAYOUT
 
-    def weights(self, module) -> tuple[torch.Tensor, ...]:
-        """codes, scales, PRMT table, then the residual stage's codes and scales (the base's again
-        without one: never read): the weight arguments of the family's kernels."""
-        check_layout(module, FRAGMENT_LAYOUT)
-        base = module.codes, module.scales, self.table(self.key.bits, module.codes.device)
-        if not self.key.residual_bits:
-            return base + base[:2]
-        return base + (module.residual_codes, module.residual_scales)
-
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
         one token also on CUDA cores; dequantize + cuBLAS above 16 tokens."""
@@ -473,14 +464,14 @@ class FragmentLayerKernel(LayerKernel):
         return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
-                                     "num_warps": fragments.WARPS, "RESIDUAL": bool(self.key.residual_bits),
+                                     "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
                                      "BITS": self.key.bits}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
         (fragments.fragment_dequant_kernel)."""
-        codes, scales, _, res_codes, res_scales = self.weights(module)
-        residual = (res_codes, res_scales) if self.key.residual_bits else None
+        codes, scales, _, res_codes, res_scales, _ = self.weights(module)
+        residual = (res_codes, res_scales, self.key.residual_bits) if self.key.residual_bits else None
         return fragments.fragment_weights(codes, scales, self.key.n, self.key.k, self.key.group_size, dtype, residual,
                                           self.key.bits)
 

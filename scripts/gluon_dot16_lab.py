@@ -89,7 +89,7 @@ def run_lab(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, table: 
     m = x.shape[0]
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if out is None else out
     grid = (n // (16 * config.warps), k // (config.block_k * config.iters))
-    KERNELS[config.kernel][grid](x, out, packed, scales, table, packed, scales, m, n, k, group, config.block_k,
+    KERNELS[config.kernel][grid](x, out, packed, scales, table, packed, scales, table, m, n, k, group, config.block_k,
                                  config.iters, x_layout(config.block_k), config.lookahead, num_warps=config.warps,
                                  EVICT=bool(config.evict), STAGED=bool(config.staged))  # no residual stage
     return out

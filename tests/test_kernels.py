@@ -526,11 +526,12 @@ def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
     assert summary["ops"]["PRMT"] == 16 * block_k * iters // 32
 
 
+@pytest.mark.parametrize("res_bits", [4, 2])
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
-def test_fragment_kernels_decode_a_residual_stage_beside_the_base(kernel_name):
-    """RESIDUAL (4+4): each step loads the residual's words as a second 16-byte vector a thread,
-    looks them up as many times as the base's, adds them scaled (HFMA2 a weight pair) and issues the
-    same tensor-core products, without spills."""
+def test_fragment_kernels_decode_a_residual_stage_beside_the_base(kernel_name, res_bits):
+    """RES_BITS (4+4, 4+2): each step loads the residual's words as a second vector a thread (16 bytes
+    at 4 bits, 8 at 2), looks them up as many times as the base's, adds them scaled (HFMA2 a weight
+    pair) and issues the same tensor-core products, without spills."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels import gluon_kernels
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
@@ -538,11 +539,13 @@ def test_fragment_kernels_decode_a_residual_stage_beside_the_base(kernel_name):
     iters = 8
     constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
                   "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True}
-    summaries = [sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs | {"RESIDUAL": r},
-                                                       4, "*bf16")) for r in (False, True)]
+    summaries = [sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs | {"RES_BITS": r},
+                                                       4, "*bf16")) for r in (0, res_bits)]
     base, both = summaries
     assert both["stack"] == 0
-    assert both["loads"]["LDG.E.EF.128"] == 2 * base["loads"]["LDG.E.EF.128"] == 2 * iters
+    vectors = {4: "LDG.E.EF.128", 2: "LDG.E.EF.64"}
+    assert base["loads"]["LDG.E.EF.128"] == iters and vectors[2] not in base["loads"]
+    assert both["loads"][vectors[res_bits]] == base["loads"]["LDG.E.EF.128"] * (1 + (res_bits == 4))
     assert both["ops"]["PRMT"] == 2 * base["ops"]["PRMT"]
     assert both["ops"].get("HGMMA") == base["ops"].get("HGMMA")
     weight_pairs = 16 * 64 * iters // 32 // 2  # a thread's: one more half2 multiply-add each
