@@ -1,4 +1,4 @@
-"""The fragment layout of 4- and 2-bit codes: each thread's words in the order of wgmma's register operand.
+"""The fragment layout of 4-, 3- and 2-bit codes: each thread's words in the order of wgmma's register operand.
 
 The layout of the fragment kernel family (registry.FragmentLayerKernel, gluon_kernels.py; docs/
 kernel_layout.md "Fragment layout"): `attach(model, fragments=True)` repacks eligible layers into it
@@ -13,6 +13,11 @@ order in the last dimension, so that a thread's 2 C words of a step are one cont
 2-bit codes take one word per chunk, both row halves: code 8 h + 4 a + 2 b + c of the word of ch
 holds what slot 4 a + 2 b + c of the 4-bit word (h, ch) holds, in the crumb order of the lookups
 (quad 2 h + a at bit 16 h + 2 a, its codes 4 bits apart), so C words a thread and step.
+3-bit codes are planes, as in the lookups' layout (repack.planes): their 2-bit magnitudes in the
+2-bit layout, then, after every magnitude word of the layer, the signs: a word a thread for two
+chunks 2 i + e, the sign of the magnitude word's code 8 h + 4 a + 2 b + c at bit 8 (2 b + c) + 7 -
+(4 e + 2 h + a), so that a left shift by 4 e + 2 h + a brings a quad's 4 signs to the high bytes'
+sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import triton.language as tl
 from tqc.bitpack import pack, unpack
 
 from .lut import codebook_code, emulate_quad, half2_values, lookup_values, stored_code
-from .repack import slot_bits
+from .repack import planes, slot_bits
 
 BLOCK_K = 64  # the family's step: inputs a thread's 4 words of a row pair cover, one 16-byte load
 WARPS = 4  # 64 rows a program (one warpgroup)
@@ -56,66 +61,98 @@ def fits(n: int, k: int, group_size: int, block_k: int = BLOCK_K, warps: int = W
     return n % (16 * warps) == 0 and k % block_k == 0 and block_k % 32 == 0 and group_size % block_k == 0
 
 
-# codes a word holds and the lookups' name for their bit order (repack.slot_bits): 4 bits, one word
-# per (chunk, row half), slot 4 a + 2 b + c; 2 bits, one word per chunk, code 8 h + 4 a + 2 b + c
-# (crumb quad 2 h + a, the quads of lut.CRUMB_ASM)
-WORD_CODES = {4: (8, "nibble"), 2: (16, "crumb")}
-QUAD_SHIFTS = {4: (0, 16), 2: (0, 2, 16, 18)}  # where a word's quads start, in slot order
+PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32}  # codes a word of each plane kind (repack.planes) holds
+QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's quads start, in slot order
+
+
+def _pack_planes(stored: torch.Tensor, block_k: int, warps: int, bits: int) -> list[torch.Tensor]:
+    """[N, K] stored codes -> each plane of `repack.planes(bits)` as int32 words [N / 16 W, K / block_k,
+    W, 32, words a thread]: slot j of a word holds the code at position j of the word's run of
+    _fragment_order's codes (so a crumb word's code 8 h + 4 a + 2 b + c is slot 4 a + 2 b + c of row
+    half h, and a sign word's code 16 e + 8 h + ... is chunk 2 i + e's)."""
+    codes = _fragment_order(stored.to(torch.int64), block_k, warps)
+    words = []
+    for kind, _ in planes(bits):
+        slots = PLANE_CODES[kind]
+        plane = codes.reshape(*codes.shape[:-2], -1, slots)
+        word = torch.zeros(plane.shape[:-1], dtype=torch.int64, device=stored.device)
+        for slot in range(slots):
+            for source, target in slot_bits(kind, slot):
+                word |= ((plane[..., slot] >> source) & 1) << target
+        words.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
+    return words
 
 
 def pack_fragments(stored: torch.Tensor, block_k: int, warps: int = 4, bits: int = 4) -> torch.Tensor:
-    """[N, K] stored codes (`lut.stored_code`) -> int32 words [N / 16 W, K / block_k, W, 32, words a
-    thread]: 2 C words for 4 bits, C for 2."""
-    slots, kind = WORD_CODES[bits]
-    codes = _fragment_order(stored.to(torch.int64), block_k, warps)
-    codes = codes.reshape(*codes.shape[:-2], -1, slots)
-    word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=stored.device)
-    for slot in range(slots):
-        for source, target in slot_bits(kind, slot):
-            word |= ((codes[..., slot] >> source) & 1) << target
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    """[N, K] stored codes (`lut.stored_code`) -> the fragment layout, flat int32 [N K bits / 32]: each
+    plane whole in turn (3 bits: the magnitudes' crumbs, then the signs), [N / 16 W, K / block_k, W,
+    32, words a thread]."""
+    return torch.cat([plane.flatten() for plane in _pack_planes(stored, block_k, warps, bits)])
+
+
+def _split_planes(words: torch.Tensor, n: int, k: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """Flat fragment words -> each plane's words, flat, rows in order (a row block's are contiguous)."""
+    return words.reshape(-1).split([n * k * width // 32 for _, width in planes(bits)])
 
 
 def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: int = 4, bits: int = 4) -> torch.Tensor:
-    """[N, K] float32 codebook values (unscaled) of fragment words, decoded as the kernel's PRMT lookups
-    decode them (`lut.emulate_quad`, a word's quads in slot order), then put back in row and input order."""
-    raw = words.numpy().view(np.uint32)
+    """[N, K] float32 codebook values (unscaled) of fragment words, decoded as the kernels' PRMT lookups
+    decode them (`lut.emulate_quad`, a word's quads in slot order; at 3 bits the sign word of chunk
+    2 i + e shifted by 4 e + quad, as gluon_kernels._sign_fragment and _quad shift it), then put
+    back in row and input order."""
+    c, rows = block_k // 32, 16 * warps
+    shape = (n // rows, k // block_k, warps, 32, -1)
+    raw, *signs = (plane.reshape(shape).numpy().view(np.uint32) for plane in _split_planes(words, n, k, bits))
+    kind = planes(bits)[0][0]
     halves = []
-    for shift in QUAD_SHIFTS[bits]:  # each quad: slots (0, 1), then (2, 3)
-        pairs = emulate_quad(raw, 4, shift, raw, shift // 4) if bits == 4 else emulate_quad(raw, 2, shift)
+    for quad, shift in enumerate(QUAD_SHIFTS[kind]):  # each quad: slots (0, 1), then (2, 3)
+        if bits == 4:
+            pairs = emulate_quad(raw, 4, shift, raw, shift // 4)
+        elif bits == 3:
+            pairs = emulate_quad(raw, 3, shift, np.repeat(signs[0], 2, axis=-1),
+                                 (4 * (np.arange(c) % 2) + quad).astype(np.uint32))
+        else:
+            pairs = emulate_quad(raw, 2, shift)
         halves += [half2_values(pair) for pair in pairs]
-    values = torch.from_numpy(np.stack(halves, axis=-2).reshape(*raw.shape, WORD_CODES[bits][0]))
+    values = torch.from_numpy(np.stack(halves, axis=-2).reshape(*raw.shape, PLANE_CODES[kind]))
     return _natural_order(values, n, k, block_k, warps)
 
 
 def unpack_fragments(words: torch.Tensor, n: int, k: int, block_k: int = BLOCK_K, warps: int = WARPS,
                      bits: int = 4) -> torch.Tensor:
     """Inverse of pack_fragments: [N, K] stored codes."""
-    slots, kind = WORD_CODES[bits]
-    codes = torch.zeros((*words.shape, slots), dtype=torch.int64, device=words.device)
-    word = words.to(torch.int64) & 0xFFFFFFFF
-    for slot in range(slots):
-        for source, target in slot_bits(kind, slot):
-            codes[..., slot] |= ((word >> target) & 1) << source
+    c, rows = block_k // 32, 16 * warps
+    codes = torch.zeros(n // rows, k // block_k, warps, 32, 2 * c, 8, dtype=torch.int64, device=words.device)
+    for (kind, _), plane in zip(planes(bits), _split_planes(words, n, k, bits)):
+        slots = PLANE_CODES[kind]
+        word = (plane.to(torch.int64) & 0xFFFFFFFF).reshape(*codes.shape[:4], -1)
+        by_word = codes.view(*codes.shape[:4], -1, slots)
+        for slot in range(slots):
+            for source, target in slot_bits(kind, slot):
+                by_word[..., slot] |= ((word >> target) & 1) << source
     return _natural_order(codes, n, k, block_k, warps)
 
 
 def to_fragments_layout(packed: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
-    """A 4- or 2-bit layer's codes from the packed model's bitpack layout into the fragment layout, as
-    [N, K bits / 32] int32 (the bitpack shape; the kernel reads it flat)."""
-    if bits not in WORD_CODES:
-        raise ValueError(f"the fragment layout holds 4- and 2-bit codes, not {bits}-bit")
+    """A layer's codes from the packed model's bitpack layout into the fragment layout, as [N, K bits /
+    32] int32 (the bitpack shape; the kernels read it flat), converted ROWS_AT_ONCE rows at a time."""
     rows = WARPS * 16
-    chunks = [pack_fragments(stored_code(unpack(part, bits, k), bits), BLOCK_K, WARPS, bits).reshape(part.shape[0], -1)
-              for part in packed.split(ROWS_AT_ONCE - ROWS_AT_ONCE % rows)]
-    return torch.cat(chunks)
+    parts = [_pack_planes(stored_code(unpack(part, bits, k), bits), BLOCK_K, WARPS, bits)
+             for part in packed.split(ROWS_AT_ONCE - ROWS_AT_ONCE % rows)]
+    return torch.cat([plane.flatten() for plane_parts in zip(*parts) for plane in plane_parts]).reshape(packed.shape)
 
 
 def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
     """Inverse of `to_fragments_layout`."""
-    rows = WARPS * 16
-    return torch.cat([pack(codebook_code(unpack_fragments(part.reshape(-1), part.shape[0], k, bits=bits), bits), bits)
-                      for part in words.split(ROWS_AT_ONCE - ROWS_AT_ONCE % rows)])
+    n, step = words.shape[0], ROWS_AT_ONCE - ROWS_AT_ONCE % (WARPS * 16)
+    widths = [width for _, width in planes(bits)]
+    out = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        part = torch.cat([plane[start * k * width // 32 : stop * k * width // 32]
+                          for plane, width in zip(_split_planes(words, n, k, bits), widths)])
+        out.append(pack(codebook_code(unpack_fragments(part, stop - start, k, bits=bits), bits), bits))
+    return torch.cat(out)
 
 
 def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
@@ -136,12 +173,12 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
 @lru_cache(maxsize=None)
 def _decode_tables(device: torch.device, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the
-    fp16 values the lookups hold (4-bit: the 8 magnitudes) as float32, and each code's bits' positions
-    in its word [codes a word, bits]."""
-    slots, kind = WORD_CODES[bits]
+    fp16 values the lookups hold (3 and 4 bits: the magnitudes) as float32, and each code's bits'
+    positions in its word, plane by plane: [codes a word, bits of the plane] flat, for 3 bits the
+    magnitudes' [16, 2] then the signs' [32]."""
     values = torch.tensor(lookup_values(bits), device=device)
-    positions = torch.tensor([[target for _, target in sorted(slot_bits(kind, slot))] for slot in range(slots)],
-                             dtype=torch.int32, device=device)
+    positions = torch.tensor([target for kind, _ in planes(bits) for slot in range(PLANE_CODES[kind])
+                              for _, target in sorted(slot_bits(kind, slot))], dtype=torch.int32, device=device)
     return values, positions
 
 
@@ -155,34 +192,44 @@ def fragment_dequant_kernel(out_ptr, words_ptr, scales_ptr, values_ptr, position
     block, step = tl.program_id(0), tl.program_id(1)
     rows = block * 16 * W + tl.arange(0, 16 * W)
     groups = rows * (K // G) + step * BLOCK_K // G
-    weight = _step_values(words_ptr, values_ptr, positions_ptr, block, step, K, BLOCK_K, W, BITS)
+    weight = _step_values(words_ptr, values_ptr, positions_ptr, block, step, N, K, BLOCK_K, W, BITS)
     weight = weight * tl.load(scales_ptr + groups).to(tl.float32)[:, None]
     if RES_BITS:
-        residual = _step_values(res_words_ptr, res_values_ptr, res_positions_ptr, block, step, K, BLOCK_K, W, RES_BITS)
+        residual = _step_values(res_words_ptr, res_values_ptr, res_positions_ptr, block, step, N, K, BLOCK_K, W,
+                                RES_BITS)
         weight += residual * tl.load(res_scales_ptr + groups).to(tl.float32)[:, None]
     columns = step * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + columns[None, :], weight.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _step_values(words_ptr, values_ptr, positions_ptr, block, step, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 W: tl.constexpr, BITS: tl.constexpr):
+def _step_values(words_ptr, values_ptr, positions_ptr, block, step, N: tl.constexpr, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
     """The codebook values [16 W rows, BLOCK_K inputs] (row and input order) of one step of one row
-    block: its words [W, 32 lanes, words a thread], each code's bits gathered by their positions
-    (positions_ptr [codes a word, BITS]), then the tile permuted as _natural_order permutes."""
+    block: its words [W, 32 lanes, words a thread] (3 bits: the magnitudes', then each magnitude
+    word's sign word from the sign plane), each code's bits gathered by their positions
+    (_decode_tables), then the tile permuted as _natural_order permutes."""
     C: tl.constexpr = BLOCK_K // 32
-    SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # codes a word (WORD_CODES)
+    SLOTS: tl.constexpr = 8 if BITS == 4 else 16  # codes a word of the first plane (PLANE_CODES)
+    WIDTH: tl.constexpr = 4 if BITS == 4 else 2  # a code's bits in it
     STEP_WORDS: tl.constexpr = W * 32 * 2 * C * 8 // SLOTS
-    words = tl.load(words_ptr + (block * (K // BLOCK_K) + step) * STEP_WORDS + tl.arange(0, STEP_WORDS))
+    first = block * (K // BLOCK_K) + step
+    words = tl.load(words_ptr + first * STEP_WORDS + tl.arange(0, STEP_WORDS))
     slot = tl.arange(0, SLOTS)
     code = tl.zeros([STEP_WORDS, SLOTS], tl.int32)
-    for j in tl.static_range(BITS):
-        code |= ((words[:, None] >> tl.load(positions_ptr + slot * BITS + j)[None, :]) & 1) << j
-    if BITS == 4:  # sign and magnitude
-        magnitude = tl.load(values_ptr + (code & 7))
-        value = tl.where(code >= 8, -magnitude, magnitude)
-    else:
+    for j in tl.static_range(WIDTH):
+        code |= ((words[:, None] >> tl.load(positions_ptr + slot * WIDTH + j)[None, :]) & 1) << j
+    if BITS == 3:  # word t C + ch's signs: slots 16 (ch % 2) + slot of sign word t C / 2 + ch // 2
+        word = tl.arange(0, STEP_WORDS)
+        sign_word = first * (STEP_WORDS // 2) + word // C * (C // 2) + word % C // 2
+        signs = tl.load(words_ptr + N * K // 16 + sign_word)
+        sign_slot = 16 * (word % C % 2)[:, None] + slot[None, :]
+        code |= ((signs[:, None] >> tl.load(positions_ptr + SLOTS * WIDTH + sign_slot)) & 1) << 2
+    if BITS == 2:
         value = tl.load(values_ptr + code)
+    else:  # sign and magnitude
+        magnitude = tl.load(values_ptr + (code & (2 ** (BITS - 1) - 1)))
+        value = tl.where(code >= 2 ** (BITS - 1), -magnitude, magnitude)
     # [w, r = l // 4, q = l % 4, ch, h, a, b, c] -> rows (w, h, r) x inputs (ch, a, b, q, c)
     value = tl.reshape(value, [W, 8, 4, C, 2, 2, 2, 2])
     return tl.reshape(tl.permute(value, [0, 4, 1, 3, 5, 6, 2, 7]), [16 * W, BLOCK_K])

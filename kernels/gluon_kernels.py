@@ -1,4 +1,4 @@
-"""Gluon kernels on the fragment layout of 4-bit codes (kernels/fragments.py): the opt-in fragment family.
+"""Gluon kernels on the fragment layout of 4-, 3- and 2-bit codes (kernels/fragments.py): the opt-in fragment family.
 
 `fragment_dot_kernel` multiplies up to 16 tokens on tensor cores with the decoded weights as
 wgmma's register operand: each thread loads its own fragment's code words (16-byte vectors),
@@ -12,7 +12,7 @@ where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are 
 Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
 the device runs tests/test_kernels_accuracy.py.
 
-4- or 2-bit codes (BITS), a residual stage of 4 or 2 bits or none (RES_BITS: 4+4, 4+2, 2+2), fp16
+4-, 3- or 2-bit codes (BITS), a residual stage of 4 or 2 bits or none (RES_BITS: 4+4, 4+2, 2+2), fp16
 activations; G a multiple of BLOCK_K (one scale a row and step).
 """
 
@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from . import triton_kernels as tk
-from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, TABLE_COPIES, UNSIGNED_CONSTRAINTS
+from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
 TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
 COPIES = gl.constexpr(TABLE_COPIES)
@@ -35,6 +35,7 @@ QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PR
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
 CRUMB_QUAD_ASM = gl.constexpr(CRUMB_ASM)  # a quad of 2-bit codes
 CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
+SIGNED_CRUMB_QUAD_ASM = gl.constexpr(SIGNED_CRUMB_ASM)  # a quad of 3-bit codes: 2-bit magnitudes, signs apart
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
@@ -59,13 +60,19 @@ def _fragment(t, C: gl.constexpr, BITS: gl.constexpr, HIGH_HALF: gl.constexpr):
 
 
 @gluon.jit
-def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr):
-    """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT lookup."""
+def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs):
+    """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT
+    lookup; at 3 bits with their signs from `signs` (_sign_fragment's), shifted by the quad's a."""
     shift = words * 0 + SHIFT
     if BITS == 4:  # the signs in the same word
         sign_shift = words * 0 + SHIFT // 4
         pairs = gl.inline_asm_elementwise(QUAD_ASM, QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[1], tables[2], tables[3], shift, words, sign_shift],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    elif BITS == 3:  # magnitudes as 2-bit codes, one table word of lows, one of highs
+        sign_shift = words * 0 + SHIFT // 2
+        pairs = gl.inline_asm_elementwise(SIGNED_CRUMB_QUAD_ASM, QUAD_CONSTRAINTS,
+                                          [words, tables[0], tables[0], tables[1], tables[1], shift, signs, sign_shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     else:  # one table word of lows, one of highs
         pairs = gl.inline_asm_elementwise(CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
@@ -75,13 +82,29 @@ def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr):
 
 
 @gluon.jit
+def _sign_fragment(signs, C: gl.constexpr):
+    """A thread's sign words [W, 32, C / 2] (3 bits) -> [W, 8, 4, C, 2] as _fragment lays out the
+    magnitude words, each shifted left by 4 (chunk % 2) + 2 (row half): then a left shift by the
+    quad's a brings its 4 signs to bits 7, 15, 23 and 31 (fragments.py)."""
+    words = gl.reshape(signs, [signs.shape[0], 8, 4, C // 2])
+    chunks = gl.reshape(gl.join(words, words << 4), [signs.shape[0], 8, 4, C])
+    return gl.join(chunks, chunks << 2)
+
+
+@gluon.jit
 def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr = 4):
-    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's words [W, 32, 2C] (4 bits) or
-    [W, 32, C] (2 bits)."""
+    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's words [W, 32, 2C] (4 bits), [W, 32, C]
+    (2 bits), or at 3 bits the pair (magnitude words [W, 32, C], sign words [W, 32, C / 2])."""
+    if BITS == 3:
+        words, sign_words = words
     halves = _fragment(words, C, BITS, 16)
     doubled = gl.join(halves, halves)
-    first, second = _quad(doubled, tables, 0, BITS)  # [W, 8, 4, C, 2, 2 c]
-    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS)
+    signs = 0
+    if BITS == 3:  # the same registers, but reached by reshapes: a linear layout, made the magnitudes' (no data moves)
+        signs = _sign_fragment(sign_words, C)
+        signs = gl.convert_layout(gl.join(signs, signs), doubled.type.layout, assert_trivial=True)
+    first, second = _quad(doubled, tables, 0, BITS, signs)  # [W, 8, 4, C, 2, 2 c]
+    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs)
     values = gl.join(gl.join(first, second), gl.join(third, fourth))  # [w, l//4, l%4, ch, h, c, b, a]
     values = gl.permute(values, (0, 4, 1, 3, 7, 6, 2, 5))  # [w, h, l//4, ch, a, b, l%4, c]
     values = gl.reshape(values, [16 * words.shape[0], 32 * C])
@@ -163,7 +186,8 @@ def thread_words_layout(words, warps):
 
 @triton.constexpr_function
 def thread_word_count(block_k, bits):
-    """A thread's code words a step of block_k inputs: 2 C for 4 bits, C for 2 (fragments.WORD_CODES)."""
+    """A thread's code words a step of block_k inputs: 2 C for 4 bits, C for 2 and for 3 bits' magnitudes
+    (fragments.PLANE_CODES; 3 bits' signs: C / 2 more, in their own plane)."""
     return block_k // 32 * (2 if bits == 4 else 1)
 
 
@@ -209,15 +233,39 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
 
 
 @gluon.jit
-def _residual_words(res_loaded, res_codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                    BLOCK_K: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, RES_BITS: gl.constexpr):
-    """_step_words for the residual stage's codes (loaded into registers), or nothing without one."""
+def _more_words(loaded, codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr, WORDS: gl.constexpr,
+                W: gl.constexpr, EVICT: gl.constexpr, PRESENT: gl.constexpr):
+    """_step_words for another set of code words a step (the residual stage's, 3 bits' signs), WORDS a
+    thread, loaded into registers; or nothing where the kernel has none (not PRESENT)."""
     words = 0
-    if RES_BITS:
-        WORDS: gl.constexpr = thread_word_count(BLOCK_K, RES_BITS)
-        res_loaded, words = _step_words(res_loaded, res_codes, res_codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS,
-                                        W, EVICT, False)
-    return res_loaded, words
+    if PRESENT:
+        loaded, words = _step_words(loaded, codes, codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False)
+    return loaded, words
+
+
+@gluon.jit
+def _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr,
+                LOOKAHEAD: gl.constexpr, BLOCK_K: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
+                STAGED: gl.constexpr, BITS: gl.constexpr):
+    """(loaded, sign_loaded, step i's words of the base stage): _step_words' words, at 3 bits paired
+    with their sign words (_decode)."""
+    loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD,
+                                thread_word_count(BLOCK_K, BITS), W, EVICT, STAGED)
+    sign_loaded, signs = _more_words(sign_loaded, sign_codes, i, ITERS, LOOKAHEAD, BLOCK_K // 64, W, EVICT, BITS == 3)
+    if BITS == 3:
+        words = (words, signs)
+    return loaded, sign_loaded, words
+
+
+@gluon.jit
+def _sign_codes(codes_ptr, first_step, N: gl.constexpr, K: gl.constexpr, BLOCK_K: gl.constexpr, W: gl.constexpr,
+                BITS: gl.constexpr):
+    """At 3 bits, pointers to this thread's sign words of the program's first step (the sign plane
+    follows the N K / 16 magnitude words), else codes_ptr (never read)."""
+    signs = codes_ptr
+    if BITS == 3:
+        signs = _thread_codes(codes_ptr + N * K // 16, gl.program_id(0), first_step, K // BLOCK_K, BLOCK_K // 64, W)
+    return signs
 
 
 @gluon.jit
@@ -299,14 +347,13 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
-    step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4 or 2 (fragments.WORD_CODES).
+    step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
     RES_BITS: W adds a residual stage of 4 or 2 bits in the same layout (res_codes_ptr,
     res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read)."""
-    gl.static_assert(not (RES_BITS and STAGED), "STAGED copies the base stage's codes only")
+    gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
-    WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     mma_layout: gl.constexpr = accumulator_layout(W)
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
@@ -328,10 +375,13 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     barrier()
 
     acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
-    loaded, res_loaded = (), ()
+    sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
+    loaded, res_loaded, sign_loaded = (), (), ()
     for i in gl.static_range(ITERS):
-        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, BLOCK_K, W, EVICT, RES_BITS)
+        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
+                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS)
+        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
+                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
         group = (first_step + i) * BLOCK_K // G
         weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C, a_layout,
                                   RES_BITS, BITS)
@@ -383,23 +433,25 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
     (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RES_BITS the two
     stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2)."""
-    gl.static_assert(not (RES_BITS and STAGED), "STAGED copies the base stage's codes only")
+    gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
-    WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     a_layout: gl.constexpr = operand_layout(W)
     first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables = _program_codes(
         codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K, G, BLOCK_K, ITERS, W, EVICT,
         STAGED, PDL, BITS, RES_BITS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
-    loaded, res_loaded = (), ()
+    sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
+    loaded, res_loaded, sign_loaded = (), (), ()
     for i in gl.static_range(ITERS):
-        loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, STAGED)
+        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
+                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS)
         group = (first_step + i) * BLOCK_K // G
         x = gl.load(x_ptr + columns + i * BLOCK_K)
-        res_loaded, res_words = _residual_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, BLOCK_K, W, EVICT, RES_BITS)
+        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
+                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
         if RES_BITS:
             weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
                                       a_layout, RES_BITS, BITS)

@@ -93,9 +93,9 @@ def supports(spec: LayerSpec) -> bool:
 def takes_fragments(spec: LayerSpec) -> bool:
     """Whether the fragment family serves a layer: 4-bit TurboQuant without a residual stage on
     fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64. (Its
-    kernels also take 2-bit codes and a residual stage of 4 or 2 bits, 2, 4+4, 4+2 and 2+2: compiled
-    and checked in CI, their prefill weights tested; those layers join once their products are
-    checked on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
+    kernels also take 3- and 2-bit codes and a residual stage of 4 or 2 bits, 3, 2, 4+4, 4+2 and the
+    like: compiled and checked in CI, their prefill weights tested; those layers join once their
+    products are checked on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
     return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
 

@@ -71,21 +71,36 @@ def test_register_lookups_decode_every_code_of_the_kernel_layout(bits, k, group_
     assert np.array_equal(decoded, gaussian_codebook(bits).half().float()[codes].numpy())
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 4), (128, 8)])
 def test_fragment_layout_decodes_every_code_where_the_operand_expects_it(block_k, warps, bits):
-    """kernels/fragments.py (the fragment family's layout): the PRMT lookups of each packed word, put back
-    in row and input order through the wgmma operand's lane and register mapping, give every code's
-    value; the layout round-trips with the bitpack layout."""
+    """kernels/fragments.py (the fragment family's layout): the PRMT lookups of each packed word (at 3
+    bits with its shifted sign word), put back in row and input order through the wgmma operand's
+    lane and register mapping, give every code's value; the layout round-trips with the bitpack
+    layout."""
     n, k = 16 * warps * 2, 2 * block_k
     codes = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(block_k + warps))
     words = fragments.pack_fragments(lut.stored_code(codes, bits), block_k, warps, bits)
-    assert words.shape == (2, 2, warps, 32, block_k * bits // 64)  # 2 C words a thread at 4 bits, C at 2
+    assert words.shape == (n * k * bits // 32,)  # 2 C words a thread and step at 4 bits, C at 2, 3 C / 2 at 3
     decoded = fragments.emulate_fragments(words, n, k, block_k, warps, bits)
     assert torch.equal(decoded, gaussian_codebook(bits).half().float()[codes])
     assert torch.equal(lut.codebook_code(fragments.unpack_fragments(words, n, k, block_k, warps, bits), bits), codes)
     assert fragments.fits(n, k, 128, block_k, warps) and not fragments.fits(n, k, 32, block_k, warps)
     assert not fragments.fits(n + 16, k, 128, block_k, warps)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_fragment_layout_of_a_layer_is_converted_in_row_slices_plane_by_plane(bits, monkeypatch):
+    """to_fragments_layout converts ROWS_AT_ONCE rows at a time, yet each plane (3 bits: magnitudes,
+    then signs) stays whole, as the kernels read it; to_bitpack_layout undoes it."""
+    monkeypatch.setattr(fragments, "ROWS_AT_ONCE", 128)
+    n, k = 320, 256  # slices of 128, 128 and 64 rows
+    codes = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes, bits)
+    words = fragments.to_fragments_layout(packed, bits, k)
+    assert words.shape == packed.shape
+    assert torch.equal(words.reshape(-1), fragments.pack_fragments(lut.stored_code(codes, bits), 64, 4, bits))
+    assert torch.equal(fragments.to_bitpack_layout(words, bits, k), packed)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -553,11 +568,13 @@ def test_fragment_kernels_decode_a_residual_stage_beside_the_base(kernel_name, r
     assert half2[1] - half2[0] == weight_pairs
 
 
+@pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
-def test_fragment_kernels_decode_2_bit_codes_into_the_same_registers(kernel_name):
-    """BITS=2: the 2-bit layout's words decode into the operand's registers too (the conversion is
-    asserted trivial when it compiles), from half the code bytes (8-byte loads a thread and step),
-    with as many PRMT lookups and tensor-core products as at 4 bits, without spills."""
+def test_fragment_kernels_decode_2_and_3_bit_codes_into_the_same_registers(kernel_name, bits):
+    """BITS=2 and 3: their layouts' words decode into the operand's registers too (the conversions are
+    asserted trivial when it compiles: at 3 bits the sign words', reshaped to the magnitudes'), from
+    fewer code bytes (8-byte loads a thread and step, at 3 bits 4 bytes of signs more), with as many
+    PRMT lookups and tensor-core products as at 4 bits, without spills."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels import gluon_kernels
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
@@ -565,11 +582,12 @@ def test_fragment_kernels_decode_2_bit_codes_into_the_same_registers(kernel_name
     iters = 8
     constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
                   "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True}
-    four, two = (sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs | {"BITS": bits},
-                                                       4, "*bf16")) for bits in (4, 2))
-    assert two["stack"] == 0
-    assert two["loads"].get("LDG.E.EF.64") == iters and "LDG.E.EF.128" not in two["loads"]
-    assert two["ops"]["PRMT"] == four["ops"]["PRMT"] and two["ops"].get("HGMMA") == four["ops"].get("HGMMA")
+    four, fewer = (sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs | {"BITS": b},
+                                                         4, "*bf16")) for b in (4, bits))
+    assert fewer["stack"] == 0
+    assert fewer["loads"].get("LDG.E.EF.64") == iters and "LDG.E.EF.128" not in fewer["loads"]
+    assert fewer["loads"].get("LDG.E.EF", 0) == (iters if bits == 3 else 0)  # a sign word a thread and step
+    assert fewer["ops"]["PRMT"] == four["ops"]["PRMT"] and fewer["ops"].get("HGMMA") == four["ops"].get("HGMMA")
 
 
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])

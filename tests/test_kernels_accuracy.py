@@ -144,11 +144,11 @@ def test_int8_kernel_matches_reference(bits, strategy):
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
-@pytest.mark.parametrize("option", ["4", "2", "4+4", "4+2"])
+@pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
 def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
     """The fragment family's prefill weights (fragments.fragment_dequant_kernel, plain Triton) equal what
-    the lookup family's dequant_kernel decodes from the same codes in its own layout: bit for bit at 4
-    and 2 bits, to float32 rounding with a residual stage (the compiler may fuse its multiply-add)."""
+    the lookup family's dequant_kernel decodes from the same codes in its own layout: bit for bit at 4,
+    3 and 2 bits, to float32 rounding with a residual stage (the compiler may fuse its multiply-add)."""
     shapes = [(1024, 4096, 128), (512, 3584, 128)] if CUDA else [(64, 256, 64), (128, 128, 128)]
     for n, k, group_size in shapes:
         module, _ = random_layer(QuantOption.parse(option), n, k, group_size)
@@ -165,10 +165,10 @@ def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
 # Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
 # so that the interpreted run skips nothing.
 if CUDA:
-    @pytest.mark.parametrize("option", ["4", "2", "4+4", "4+2"])
+    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     @pytest.mark.parametrize("iters", [1, 8])
     def test_fragment_kernel_matches_reference(iters, option):
-        """The fragment family (4- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
+        """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
         reference path: split over K into the output the rotation zeroed at 1-16 tokens (tensor
         cores) or one (CUDA cores), dequantize + cuBLAS above."""
         dot, gemv, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "fragment_gemv", "dequant"))
