@@ -139,16 +139,26 @@ def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_s
             "weight_gbps": nbytes / seconds / 1e9, "speedup_vs_bf16": bf16_seconds / seconds}
 
 
-def bench_registry(command: str, cache_dir=None, verbose: bool = False, fragments: bool = False):
+def bench_registry(command: str, cache_dir=None, verbose: bool = False, fragments: str | None = None):
     """The KernelRegistry a benchmark runs on this GPU, with the fragment family if asked for (else
-    exit naming `command` where it cannot run)."""
+    exit naming `command` where it cannot run): `fragments` "checked" for the options a GPU has
+    checked on it (registry.CHECKED_FRAGMENT_OPTIONS), "all" for every option its kernels take."""
     from .registry import KernelRegistry, fragments_available  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
     missing = fragments and fragments_available(torch.device("cuda"))
     if missing:
         raise SystemExit(f"{command} --fragments: {missing}")
-    return KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose), fragments=fragments)
+    return KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose), fragments=fragments is not None,
+                          unchecked_fragments=fragments == "all")
+
+
+def add_fragments_argument(parser: argparse.ArgumentParser) -> None:
+    """--fragments [checked|all]: layers on the Gluon fragment family (bench_registry; Hopper)."""
+    parser.add_argument("--fragments", nargs="?", const="checked", choices=["checked", "all"],
+                        help="layers on the Gluon fragment family (Hopper): those of the options a GPU has checked on "
+                             "it (registry.CHECKED_FRAGMENT_OPTIONS, as tqc.load(..., fragments=True)), or with 'all' "
+                             "of every option its kernels take")
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
@@ -238,8 +248,6 @@ def add_parser(subparsers) -> None:
                         help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
-    layers.add_argument("--fragments", action="store_true",
-                        help="4-bit layers on the Gluon fragment family (registry.FragmentLayerKernel; Hopper)")
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",
@@ -261,8 +269,6 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--separate-rotation", action="store_true",
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
-    decode.add_argument("--fragments", action="store_true",
-                        help="4-bit layers on the Gluon fragment family (as tqc.load(..., fragments=True); Hopper)")
     decode.add_argument("-o", "--output", default="bench-decode.json")
     generate = kinds.add_parser("generate", help="a packed model's `generate` speed against its source model")
     generate.add_argument("packed", help="a packed model directory (tqc build)")
@@ -270,7 +276,8 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--prompt-tokens", type=int, default=32)
     generate.add_argument("--fragments", action="store_true",
-                          help="load with fragments=True: 4-bit layers on the Gluon fragment family (Hopper)")
+                          help="load with fragments=True: the layers of the options a GPU has checked on the Gluon "
+                               "fragment family (Hopper)")
     generate.add_argument("-o", "--output", default="bench-generate.json")
     generate.set_defaults(run=_generate)
     static = kinds.add_parser("static", help="compile the lookup kernels for sm_90 here (no GPU) and count their SASS")
@@ -278,10 +285,12 @@ def add_parser(subparsers) -> None:
     static.add_argument("--options", nargs="+", default=["2", "3", "4", "4+2", "4+4"])
     static.add_argument("--bandwidth", type=float, default=2700.0, help="GB/s assumed for the memory-bound estimate")
     static.add_argument("--tokens", type=int, default=1, help="the candidates of this token count's bucket (1 or 16)")
-    static.add_argument("--fragments", action="store_true", help="also the fragment family's candidates (4-bit)")
+    static.add_argument("--fragments", action="store_true",
+                        help="also the fragment family's candidates for the options (GPU-checked or not)")
     static.add_argument("-o", "--output", default="bench-static.json")
     static.set_defaults(run=_static)
     for parser in (layers, decode):
+        add_fragments_argument(parser)
         parser.add_argument("--cache-dir", type=Path, help="kernel tuning cache (default ~/.cache/tqc/kernels)")
         parser.add_argument("-v", "--verbose", action="store_true", help="print each tuning result")
     layers.set_defaults(run=_checked(cmd_layers))

@@ -250,11 +250,11 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
                      tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
-                     fragments: bool = False) -> dict:
+                     fragments: str | None = None) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one
-    the option allows). `fragments`: 4-bit layers on the fragment family (registry.FragmentLayerKernel)."""
+    the option allows). `fragments`: layers on the fragment family, "checked" or "all" (bench_registry)."""
     from .bench import bench_registry, compile_and_report  # noqa: PLC0415
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ over K for few tokens, or tiled over M and N for many, the CUDA-core kernel for 
 dequantize + cuBLAS. `prepare(module, layout)` repacks a layer's codes into its family's layout
 (repack.py, lut_int8.py or fragments.py) once, when the kernel is attached. Families: the fp16
 lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, where asked for
-(`KernelRegistry(fragments=True)`), the Gluon fragment family for 4-bit layers (FragmentLayerKernel).
+(`KernelRegistry(fragments=True)`), the Gluon fragment family (FragmentLayerKernel) for the layers of
+the options a GPU has checked on it (CHECKED_FRAGMENT_OPTIONS).
 """
 
 from __future__ import annotations
@@ -90,13 +91,18 @@ def supports(spec: LayerSpec) -> bool:
     return spec.option.scheme == "turboquant" and spec.in_features % 32 == 0 and spec.group_size >= 32
 
 
-def takes_fragments(spec: LayerSpec) -> bool:
-    """Whether the fragment family serves a layer: 4-bit TurboQuant without a residual stage on
-    fp16 activations, in whole blocks of 64 rows and 64 inputs, a group a multiple of 64. (Its
-    kernels also take 3- and 2-bit codes and a residual stage of 4 or 2 bits, 3, 2, 4+4, 4+2 and the
-    like: compiled and checked in CI, their prefill weights tested; those layers join once their
-    products are checked on a GPU: tests/test_kernels_accuracy.py -k fragment.)"""
-    return (supports(spec) and spec.option.base_bits == 4 and not spec.option.residual_bits
+# The options whose products on the fragment family a GPU has checked (tests/test_kernels_accuracy.py -k
+# fragment). Its kernels take every TurboQuant option, 2-4 bits with a residual stage of 2 or 4 bits or
+# none: compiled and counted in CI, their prefill weights tested interpreted; the others join this set
+# once a GPU run of that test has passed, and until then serve only where asked for (`unchecked`).
+CHECKED_FRAGMENT_OPTIONS = frozenset({"4"})
+
+
+def takes_fragments(spec: LayerSpec, unchecked: bool = False) -> bool:
+    """Whether the fragment family serves a layer: TurboQuant of an option in CHECKED_FRAGMENT_OPTIONS
+    (with `unchecked`, of any option) on fp16 activations, in whole blocks of 64 rows and 64 inputs, a
+    group a multiple of 64."""
+    return (supports(spec) and (unchecked or spec.option.name in CHECKED_FRAGMENT_OPTIONS)
             and spec.activations == "fp16" and fragments.fits(spec.out_features, spec.in_features, spec.group_size))
 
 
@@ -406,7 +412,7 @@ class Int8LayerKernel(LayerKernel):
 
 
 class FragmentLayerKernel(LayerKernel):
-    """4-bit layers without a residual on fp16 activations, their codes in the order of wgmma's
+    """Layers on fp16 activations (those takes_fragments names), their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
     tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
     (natural order), launched under programmatic dependent launch; above 16 tokens
@@ -572,11 +578,13 @@ class KernelRegistry:
 
     tuner: Tuner
     kernels: dict[KernelKey, LayerKernel] = field(default_factory=dict)
-    fragments: bool = False  # the fragment family for every layer it can serve (takes_fragments)
+    fragments: bool = False  # the fragment family for every layer it serves (takes_fragments)
+    unchecked_fragments: bool = False  # ... also of options no GPU has checked on it (benchmarks, tests)
 
     def kernel_for(self, spec: LayerSpec) -> LayerKernel:
         """The generated kernel of a layer's key, created on first use."""
-        key = KernelKey.of(spec, FRAGMENT_LAYOUT if self.fragments and takes_fragments(spec) else KERNEL_LAYOUT)
+        on_fragments = self.fragments and takes_fragments(spec, self.unchecked_fragments)
+        key = KernelKey.of(spec, FRAGMENT_LAYOUT if on_fragments else KERNEL_LAYOUT)
         if key not in self.kernels:
             self.kernels[key] = family(key)(key, self.tuner)
         return self.kernels[key]

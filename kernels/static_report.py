@@ -92,16 +92,21 @@ def step_estimate(key: KernelKey, config: LaunchConfig, summary: dict, bandwidth
     # count is per step: a program issues about ITERS times the body. Lookahead unrolls the steps.
     steps = config.iters if config.lookahead else 1
     weights_per_thread = config.block_n * config.slots * b * steps / (32 * config.num_warps)
-    per_weight = summary["instructions"] / weights_per_thread
+    return time_estimates(key, summary["instructions"] / weights_per_thread, bandwidth_gbps)
+
+
+def time_estimates(key: KernelKey, per_weight: float, bandwidth_gbps: float) -> dict:
+    """Instructions per weight, and the issue-bound and memory-bound times of a layer's kernel."""
     weight_bytes = key.n * key.k * (key.bits + key.residual_bits) / 8 + key.n * key.k // key.group_size * 2 * (1 + (key.residual_bits > 0))
     return {"instructions_per_weight": per_weight, "issue_bound_us": key.n * key.k * per_weight / H100_ISSUE_PER_S * 1e6,
             "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
 
 
-def fragment_rows(models: list[str], bandwidth_gbps: float, tokens: int = 16) -> list[dict]:
-    """The fragment family's candidates (Gluon, 4-bit, registry.FragmentLayerKernel) for every shape it
-    serves at this token count, beside static_rows' lookups: resources, instructions per weight (its
-    steps are unrolled: the listing is a whole program) and the same time estimates."""
+def fragment_rows(models: list[str], options: list[str], bandwidth_gbps: float, tokens: int = 16) -> list[dict]:
+    """The fragment family's candidates (Gluon, registry.FragmentLayerKernel) for every shape and option
+    its kernels take at this token count (whether a GPU has checked them or not: takes_fragments'
+    `unchecked`), beside static_rows' lookups: resources, instructions per weight (its steps are
+    unrolled: the listing is a whole program) and the same time estimates."""
     from .bench import SHAPES, bench_spec  # noqa: PLC0415
     from .registry import FRAGMENT_LAYOUT, FragmentLayerKernel, takes_fragments  # noqa: PLC0415
     from .tuning import token_bucket  # noqa: PLC0415
@@ -109,25 +114,24 @@ def fragment_rows(models: list[str], bandwidth_gbps: float, tokens: int = 16) ->
     rows = []
     for model in models:
         for layer, (n, k) in SHAPES[model].items():
-            spec = bench_spec("4", 128, k, n)
-            if not takes_fragments(spec):
-                continue
-            family = FragmentLayerKernel(KernelKey.of(spec, FRAGMENT_LAYOUT), None)
-            for config in family.candidates(token_bucket(tokens)):
-                if config.strategy == "dequant":
+            for option in options:
+                spec = bench_spec(option, 128, k, n)
+                if not takes_fragments(spec, unchecked=True):
                     continue
-                constexprs = family.specialise(config)[1]
-                summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), constexprs, fragments.WARPS,
-                                                                "*bf16"))
-                per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)
-                weight_bytes = n * k / 2 + n * k // 128 * 2
-                row = {"model": model, "layer": layer, "option": "4", "n": n, "k": k} | config.model_dump() | summary
-                row |= {"instructions_per_weight": per_weight, "issue_bound_us": n * k * per_weight / H100_ISSUE_PER_S * 1e6,
-                        "memory_bound_us": weight_bytes / (bandwidth_gbps * 1e9) * 1e6}
-                rows.append(row)
-                print(f"{model:<10} {layer:<17}    4 {config.strategy:<13} iters={config.iters:<2} regs {row['registers']:>3} "
-                      f"stack {row['stack']:>5}  {per_weight:5.2f} instr/weight  issue-bound {row['issue_bound_us']:7.1f} us"
-                      f"  memory-bound {row['memory_bound_us']:7.1f} us", flush=True)
+                family = FragmentLayerKernel(KernelKey.of(spec, FRAGMENT_LAYOUT), None)
+                for config in family.candidates(token_bucket(tokens)):
+                    if config.strategy == "dequant":
+                        continue
+                    summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), family.specialise(config)[1],
+                                                                    fragments.WARPS, "*bf16"))
+                    per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)
+                    row = {"model": model, "layer": layer, "option": option, "n": n, "k": k} | config.model_dump()
+                    row |= summary | time_estimates(family.key, per_weight, bandwidth_gbps)
+                    rows.append(row)
+                    print(f"{model:<10} {layer:<17} {option:>4} {config.strategy:<13} iters={config.iters:<2} "
+                          f"regs {row['registers']:>3} stack {row['stack']:>5}  {per_weight:5.2f} instr/weight  "
+                          f"issue-bound {row['issue_bound_us']:7.1f} us  memory-bound {row['memory_bound_us']:7.1f} us",
+                          flush=True)
     return rows
 
 
@@ -168,6 +172,6 @@ def cmd_static(args) -> None:
 
     rows = static_rows(args.models, args.options, args.bandwidth, args.tokens)
     if args.fragments:
-        rows += fragment_rows(args.models, args.bandwidth, args.tokens)
+        rows += fragment_rows(args.models, args.options, args.bandwidth, args.tokens)
     save({"triton": triton.__version__, "target": "sm_90", "tokens": args.tokens, "bandwidth_gbps_assumed": args.bandwidth,
           "rows": rows}, args.output)

@@ -271,9 +271,10 @@ def test_prepare_and_restore_round_trip():
 
 
 def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
-    """KernelRegistry(fragments=True): 4-bit layers without a residual on fp16 activations, in whole
-    64-row and 64-input blocks, get the fragment family, whose codes round-trip through its layout (its
-    prefill weights: test_kernels_accuracy.py, interpreted); the rest keep the lookups."""
+    """KernelRegistry(fragments=True): layers of the options a GPU has checked on the fragment family
+    (4 bits) on fp16 activations, in whole 64-row and 64-input blocks, get the family, whose codes
+    round-trip through its layout (its prefill weights: test_kernels_accuracy.py, interpreted); the
+    rest keep the lookups; with unchecked_fragments also 3 bits and 4+2, never the rest."""
     from tqc.kernels.registry import (FRAGMENT_LAYOUT, FragmentLayerKernel, KernelRegistry, fragments_available,
                                       prepare, restore)
     from tqc.kernels.synthetic import random_turboquant_linear
@@ -284,10 +285,14 @@ def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
     layer = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 64, 576, 192), "cpu")  # SmolLM2's k/v
     kernel = registry.kernel_for(layer.spec)
     assert isinstance(kernel, FragmentLayerKernel) and kernel.key.name.endswith("fr")
-    for spec in (LayerSpec(QuantOption.parse("3"), 64, 576, 192), LayerSpec(QuantOption.parse("4+2"), 64, 576, 192),
-                 LayerSpec(QuantOption.parse("4"), 64, 576, 96), LayerSpec(QuantOption.parse("4"), 32, 576, 192),
-                 LayerSpec(QuantOption.parse("4"), 64, 576, 192, activations="int8")):
+    unchecked = KernelRegistry(Tuner("none", "none", None), fragments=True, unchecked_fragments=True)
+    for spec in (LayerSpec(QuantOption.parse("3"), 64, 576, 192), LayerSpec(QuantOption.parse("4+2"), 64, 576, 192)):
         assert not isinstance(registry.kernel_for(spec), FragmentLayerKernel), spec
+        assert isinstance(unchecked.kernel_for(spec), FragmentLayerKernel), spec
+    for spec in (LayerSpec(QuantOption.parse("4"), 64, 576, 96), LayerSpec(QuantOption.parse("4"), 32, 576, 192),
+                 LayerSpec(QuantOption.parse("4"), 64, 576, 192, activations="int8"),
+                 LayerSpec(QuantOption.parse("rtn4"), 64, 576, 192)):
+        assert not isinstance(unchecked.kernel_for(spec), FragmentLayerKernel), spec
     codes = layer.codes.clone()
     prepare(layer, kernel.layout)
     assert layer.codes_layout == FRAGMENT_LAYOUT and layer.codes.shape == codes.shape
