@@ -202,8 +202,9 @@ def main() -> None:
     parser.add_argument("--glue-paths", action="store_true",
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
-    parser.add_argument("--fragments", action="store_true", help="load with fragments=True (4-bit layers on the "
-                        "Gluon fragment family; Hopper)")
+    parser.add_argument("--fragments", action="store_true",
+                        help="load with fragments=True (the layers of the options checked on the Gluon fragment "
+                             "family; Hopper)")
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:

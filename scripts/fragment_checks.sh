@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The fragment family's open checks on a Hopper GPU (docs/performance.md, "What would be next"), in
+# parts that each fit one device call (600 s), results and logs under $OUT:
+#   source scripts/device_setup.sh && bash scripts/fragment_checks.sh accuracy decode
+# accuracy  tests/test_kernels_accuracy.py -k fragment: every option the family's kernels take against
+#           the reference path, and a loaded model; if it passes, add the options to
+#           registry.CHECKED_FRAGMENT_OPTIONS
+# decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
+# layers    Llama-3-8B's layers at 1 and 16 tokens for every option, the family (--fragments all)
+#           beside the lookups
+# prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
+#           (fragments=True: the checked options)
+set -uo pipefail
+out=${OUT:-/tmp/out}
+run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
+  echo "== $*"
+  "${@:2}" 2>&1 | tee "$out/$1.log"
+}
+for part in "$@"; do
+  case $part in
+    accuracy)
+      run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
+    decode)
+      for plan in 4 mixed; do
+        run "decode-$plan-lookups" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
+          -o "$out/decode-$plan-lookups.json"
+        run "decode-$plan-fragments" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 --fragments all \
+          -o "$out/decode-$plan-fragments.json"
+        run "decode-$plan-lookups-again" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
+          -o "$out/decode-$plan-lookups-again.json"
+      done ;;
+    layers)
+      for family in "" "--fragments all"; do
+        name=layers${family:+-fragments}
+        # shellcheck disable=SC2086  # $family is two words or none
+        run "$name" python3 -u -m tqc.cli bench layers $family --models llama3-8b --options 2 3 4 4+2 4+4 \
+          --tokens 1 16 -o "$out/$name.json"
+      done ;;
+    prefill)
+      run prefill python3 -u -m tqc.cli bench decode --plan mixed --tokens 2048 --fragments all \
+        -o "$out/decode-mixed-t2048-fragments.json"
+      run hf-decode python3 -u scripts/check_hf_decode.py --layers 32 --fragments -o "$out/hf-decode-fragments.json" ;;
+    *)
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers, prefill)" >&2
+      exit 2 ;;
+  esac
+done
