@@ -415,7 +415,8 @@ class FragmentLayerKernel(LayerKernel):
     """Layers on fp16 activations (those takes_fragments names), their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
     tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
-    (natural order), launched under programmatic dependent launch; above 16 tokens
+    (natural order), launched under programmatic dependent launch (and, as the lookups, straight to
+    the compiled kernel after the first call: launch.py); above 16 tokens
     `fragments.fragment_dequant_kernel` + cuBLAS. Asked for, not chosen by default
     (KernelRegistry(fragments=True)): on Llama-3-8B's shapes at 16 tokens it takes 28-41% less time
     than the lookup kernels, at one token -9 to +5% (docs/performance.md, runs 114-120). Hopper GPUs;
@@ -452,8 +453,8 @@ class FragmentLayerKernel(LayerKernel):
         if m > most:
             raise ValueError(f"the fragment family's {config.strategy} kernel takes up to {most} tokens, got {m}")
         splits, constexprs = self.specialise(config)  # made once per config (LayerKernel.specialise)
-        self.gluon_kernel(config)[(n // (16 * fragments.WARPS), splits)](rotated, out, *self.weights(module), m,
-                                                                          **constexprs, **pdl_launch(rotated.device))
+        launch(self.gluon_kernel(config), (n // (16 * fragments.WARPS), splits), rotated, out, *self.weights(module), m,
+               **constexprs, **pdl_launch(rotated.device))
         return out
 
     @staticmethod

@@ -170,7 +170,8 @@ if CUDA:
     def test_fragment_kernel_matches_reference(iters, option):
         """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
         reference path: split over K into the output the rotation zeroed at 1-16 tokens (tensor
-        cores) or one (CUDA cores), dequantize + cuBLAS above."""
+        cores) or one (CUDA cores), dequantize + cuBLAS above; each launch twice, the second time
+        straight to the compiled kernel (launch.py)."""
         dot, gemv, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "fragment_gemv", "dequant"))
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
             _, original = random_layer(QuantOption.parse(option), n, k, group_size)
@@ -180,8 +181,10 @@ if CUDA:
             for dtype in DTYPES:
                 for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (gemv, 1), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
-                    error = relative_error(kernel.run(x, module, config), reference(original, x))
-                    assert error < TOLERANCE[dtype], f"{option} {config.strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
+                    for call in ("through Triton", "direct"):  # the second to the compiled kernel (launch.py)
+                        error = relative_error(kernel.run(x, module, config), reference(original, x))
+                        assert error < TOLERANCE[dtype], (f"{option} {config.strategy} {n}x{k} {dtype} M={tokens} "
+                                                          f"{call}: {error:.2e}")
 
 
 def test_rotation_kernel_matches_butterfly():
