@@ -129,13 +129,32 @@ def _scaled_weights(words, scales, res_words, res_scales, tables, res_tables, C:
 
 
 @gluon.jit
-def _gemv_step(acc, words, scale, tables, x, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr):
-    """acc + W x scale for one step and one token, elementwise in fp16 (HMUL2, HFMA2 a weight pair)."""
+def _gemv_step(acc, products, words, scales, tables, x, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr,
+               STEP: gl.constexpr, RUN: gl.constexpr):
+    """(acc, products) after one step of one token, elementwise in fp16, the row's scale at `scales`.
+    RUN 1: acc + W x scale (HMUL2, HFMA2 a weight pair). RUN > 1 (a group's steps, STEP of them
+    done): the run's unscaled products summed (HMUL2, then HFMA2 a weight pair), and scaled into acc
+    once, at its last step (HFMA2)."""
+    if RUN == 1:
+        scale = gl.load(scales)
     weights = _decode(words, tables, C, A_LAYOUT, BITS)
     x, _ = gl.broadcast(x[None, :], acc)
-    scale, _ = gl.broadcast(scale[:, None], acc)
-    return gl.inline_asm_elementwise(HALF_FMA_ASM, "=r,r,r,r,r", [weights, x, scale, acc], dtype=gl.float16,
-                                     is_pure=True, pack=2)
+    if RUN == 1:
+        scale, _ = gl.broadcast(scale[:, None], acc)
+        acc = gl.inline_asm_elementwise(HALF_FMA_ASM, "=r,r,r,r,r", [weights, x, scale, acc], dtype=gl.float16,
+                                        is_pure=True, pack=2)
+    else:
+        if STEP == 0:
+            products = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights, x], dtype=gl.float16, is_pure=True,
+                                                 pack=2)
+        else:
+            products = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights, x, products], dtype=gl.float16,
+                                                 is_pure=True, pack=2)
+        if STEP == RUN - 1:
+            scale, _ = gl.broadcast(gl.load(scales)[:, None], acc)
+            acc = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [products, scale, acc], dtype=gl.float16,
+                                            is_pure=True, pack=2)
+    return acc, products
 
 
 @gluon.jit
@@ -427,12 +446,14 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
                          X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
+                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
     (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RES_BITS the two
-    stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2)."""
+    stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2). SUM_STEPS (the lab's,
+    not yet checked on a GPU): without a residual, where ITERS covers whole groups, a group's steps
+    sum their unscaled products and scale them once (_gemv_step's RUN)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -443,6 +464,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         STAGED, PDL, BITS, RES_BITS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
+    products = acc
+    RUN: gl.constexpr = G // BLOCK_K if SUM_STEPS and ITERS % (G // BLOCK_K) == 0 else 1
     sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
     loaded, res_loaded, sign_loaded = (), (), ()
     for i in gl.static_range(ITERS):
@@ -459,7 +482,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
             acc = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights, x, acc], dtype=gl.float16, is_pure=True,
                                             pack=2)
         else:
-            acc = _gemv_step(acc, words, gl.load(scales + group), tables, x, C, a_layout, BITS)
+            acc, products = _gemv_step(acc, products, words, scales + group, tables, x, C, a_layout, BITS, i % RUN,
+                                       RUN)
     sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)

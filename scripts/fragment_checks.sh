@@ -10,6 +10,8 @@
 #           beside the lookups
 # prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
 #           (fragments=True: the checked options)
+# lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS) beside
+#           it as it is: checked against a dequantized reference, then timed on Llama-3-8B's layers
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -40,8 +42,15 @@ for part in "$@"; do
       run prefill python3 -u -m tqc.cli bench decode --plan mixed --tokens 2048 --fragments all \
         -o "$out/decode-mixed-t2048-fragments.json"
       run hf-decode python3 -u scripts/check_hf_decode.py --layers 32 --fragments -o "$out/hf-decode-fragments.json" ;;
+    lab)
+      configs="gemv:64,8,4,2,1 gemv:64,8,4,2,1,0,1 gemv:64,16,4,2,1 gemv:64,16,4,2,1,0,1"
+      # shellcheck disable=SC2086  # $configs is a list
+      run lab-check python3 -u scripts/gluon_dot16_lab.py check --configs $configs
+      # shellcheck disable=SC2086
+      run lab-bench python3 -u scripts/gluon_dot16_lab.py bench --tokens 1 --configs $configs \
+        --out "$out/lab-gemv-summed.json" ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers, prefill)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers, prefill, lab)" >&2
       exit 2 ;;
   esac
 done

@@ -63,15 +63,22 @@ class Config(NamedTuple):
     lookahead: int = 1
     evict: int = 0  # 1: code words marked evict_first
     staged: int = 0  # 1: code words copied to shared memory asynchronously (cp.async), all steps at once
+    summed: int = 0  # 1 (gemv): a group's steps sum their products before one scale (SUM_STEPS)
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth and sixth number set evict and staged."""
+        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth, sixth and seventh number set evict,
+        staged and summed."""
         kernel, _, numbers = text.partition(":")
         return cls(kernel, *(int(v) for v in numbers.split(",")))
 
     def __str__(self) -> str:
-        return f"{self.kernel}:{self.block_k},{self.iters},{self.warps},{self.lookahead},{self.evict},{self.staged}"
+        return (f"{self.kernel}:{self.block_k},{self.iters},{self.warps},{self.lookahead},{self.evict},{self.staged},"
+                f"{self.summed}")
+
+    def knobs(self) -> dict:
+        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS only where set: gemv's alone)."""
+        return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | ({"SUM_STEPS": True} if self.summed else {})
 
     def fits(self, k: int, tokens: int) -> bool:
         return k % (self.block_k * self.iters) == 0 and (self.kernel == "dot" or tokens == 1)
@@ -80,7 +87,8 @@ class Config(NamedTuple):
 KERNELS = {"dot": fragment_dot_kernel, "gemv": fragment_gemv_kernel}
 CONFIGS = [Config.parse(c) for c in ("dot:64,8,4,2", "dot:128,4,4,2", "dot:64,8,8,2", "dot:128,2,4,2",
                                      "gemv:128,4,4,2", "gemv:128,8,4,2", "gemv:64,8,4,2", "gemv:128,4,8,2",
-                                     "gemv:64,16,4,2", "gemv:128,2,4,2")]
+                                     "gemv:64,16,4,2", "gemv:128,2,4,2", "gemv:64,8,4,2,1,0,1",
+                                     "gemv:64,16,4,2,1,0,1")]
 
 
 def run_lab(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, n: int, k: int,
@@ -91,7 +99,7 @@ def run_lab(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, table: 
     grid = (n // (16 * config.warps), k // (config.block_k * config.iters))
     KERNELS[config.kernel][grid](x, out, packed, scales, table, packed, scales, table, m, n, k, group, config.block_k,
                                  config.iters, x_layout(config.block_k), config.lookahead, num_warps=config.warps,
-                                 EVICT=bool(config.evict), STAGED=bool(config.staged))  # no residual stage
+                                 **config.knobs())  # no residual stage
     return out
 
 
@@ -188,7 +196,7 @@ def static(args) -> None:
     for config in args.configs:
         constexprs = {"N": n, "K": k, "G": 128, "BLOCK_K": config.block_k, "ITERS": config.iters,
                       "X_LAYOUT": x_layout(config.block_k), "LOOKAHEAD": config.lookahead, "num_warps": config.warps,
-                      "EVICT": bool(config.evict), "STAGED": bool(config.staged)}
+                      **config.knobs()}
         kernel = compile_gluon_for_hopper(KERNELS[config.kernel], constexprs, config.warps)
         if args.asm:
             with open(f"/tmp/lab-{str(config).replace(':', '-').replace(',', '-')}.sass", "w") as f:
@@ -200,7 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     configs = argparse.ArgumentParser(add_help=False)
     configs.add_argument("--configs", nargs="+", type=Config.parse, default=CONFIGS,
-                         help="kernel:block_k,iters,warps,lookahead[,evict[,staged]] (kernel dot or gemv)")
+                         help="kernel:block_k,iters,warps,lookahead[,evict[,staged[,summed]]] (kernel dot or gemv)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", parents=[configs]).set_defaults(run=check)
     bench_parser = sub.add_parser("bench", parents=[configs])

@@ -595,6 +595,26 @@ def test_fragment_kernels_decode_2_and_3_bit_codes_into_the_same_registers(kerne
     assert fewer["ops"]["PRMT"] == four["ops"]["PRMT"] and fewer["ops"].get("HGMMA") == four["ops"].get("HGMMA")
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_summed_steps_scale_a_group_once_in_the_one_token_fragment_kernel(bits):
+    """SUM_STEPS (the lab's knob, scripts/gluon_dot16_lab.py): the two 64-input steps of a 128-input
+    group sum their products before one scale, so the half2 multiplies and multiply-adds fall from
+    one a weight to three quarters; the loads and lookups stay, no spills. Off, nothing changes."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    iters = 8
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
+                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "BITS": bits}
+    each, summed = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_gemv_kernel,
+                                                          constexprs | {"SUM_STEPS": s}, 4, "*bf16")) for s in (False, True))
+    weights = 16 * 64 * iters // 32  # a thread's
+    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, summed)]
+    assert half2 == [weights, weights * 3 // 4]
+    assert summed["stack"] == 0 and summed["loads"] == each["loads"] and summed["ops"]["PRMT"] == each["ops"]["PRMT"]
+
+
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
 def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name):
     """With PDL (programmatic dependent launch, as the family launches on sm_90) a fragment kernel
