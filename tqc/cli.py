@@ -13,7 +13,7 @@ from typing import get_args
 
 from .activations import Activations
 from .checkout import hide_checkout_root
-from .plan import PlanError, QuantizerRef, read_plan, write_plan, write_text_atomic
+from .plan import PlanError, QuantizerRef, read_plan, write_text_atomic
 
 DEFAULT_DATA = "../shared/data/wiki.test.txt"
 DEFAULT_TRAIN = "../shared/data/wiki.train.txt"
