@@ -359,9 +359,9 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
 
 
 @gluon.jit
-def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
-                        N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
-                        X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                        M, N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
+                        ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
@@ -442,9 +442,9 @@ def _row_pairs(tile):
 
 
 @gluon.jit
-def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, M,
-                         N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr,
-                         X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                         M, N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
+                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
