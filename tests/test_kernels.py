@@ -272,9 +272,9 @@ def test_prepare_and_restore_round_trip():
 
 def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
     """KernelRegistry(fragments=True): layers of the options a GPU has checked on the fragment family
-    (4 bits) on fp16 activations, in whole 64-row and 64-input blocks, get the family, whose codes
+    (2, 3, 4, 4+2, 4+4) on fp16 activations, in whole 64-row and 64-input blocks, get the family, whose codes
     round-trip through its layout (its prefill weights: test_kernels_accuracy.py, interpreted); the
-    rest keep the lookups; with unchecked_fragments also 3 bits and 4+2, never the rest."""
+    rest keep the lookups; with unchecked_fragments also 2+2 and 3+4, never the rest."""
     from tqc.kernels.registry import (FRAGMENT_LAYOUT, FragmentLayerKernel, KernelRegistry, fragments_available,
                                       prepare, restore)
     from tqc.kernels.synthetic import random_turboquant_linear
@@ -286,8 +286,10 @@ def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
     kernel = registry.kernel_for(layer.spec)
     assert isinstance(kernel, FragmentLayerKernel) and kernel.key.name.endswith("fr")
     unchecked = KernelRegistry(Tuner("none", "none", None), fragments=True, unchecked_fragments=True)
-    for spec in (LayerSpec(QuantOption.parse("3"), 64, 576, 192), LayerSpec(QuantOption.parse("4+2"), 64, 576, 192)):
-        assert not isinstance(registry.kernel_for(spec), FragmentLayerKernel), spec
+    for option in ("3", "4+2"):
+        assert isinstance(registry.kernel_for(LayerSpec(QuantOption.parse(option), 64, 576, 192)), FragmentLayerKernel)
+    for spec in (LayerSpec(QuantOption.parse("2+2"), 64, 576, 192), LayerSpec(QuantOption.parse("3+4"), 64, 576, 192)):
+        assert not isinstance(registry.kernel_for(spec), FragmentLayerKernel), spec  # no GPU has checked them yet
         assert isinstance(unchecked.kernel_for(spec), FragmentLayerKernel), spec
     for spec in (LayerSpec(QuantOption.parse("4"), 64, 576, 96), LayerSpec(QuantOption.parse("4"), 32, 576, 192),
                  LayerSpec(QuantOption.parse("4"), 64, 576, 192, activations="int8"),
