@@ -6,8 +6,9 @@
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
-# layers    Llama-3-8B's layers at 1 and 16 tokens for every option, the family (--fragments all)
-#           beside the lookups
+# layers-family, layers-lookups
+#           Llama-3-8B's gate/up and down at 1 and 16 tokens for every option, on the family
+#           (--fragments all) or the lookups, a part each (with bf16 in the same run)
 # prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
 #           (fragments=True: the checked options)
 # lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS) beside
@@ -31,13 +32,12 @@ for part in "$@"; do
         run "decode-$plan-lookups-again" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
           -o "$out/decode-$plan-lookups-again.json"
       done ;;
-    layers)
-      for family in "" "--fragments all"; do
-        name=layers${family:+-fragments}
-        # shellcheck disable=SC2086  # $family is two words or none
-        run "$name" python3 -u -m tqc.cli bench layers $family --models llama3-8b --options 2 3 4 4+2 4+4 \
-          --tokens 1 16 -o "$out/$name.json"
-      done ;;
+    layers-family | layers-lookups)  # one family a call: both together took over 600 s (run 124)
+      family=${part#layers-}
+      args=()
+      [ "$family" = family ] && args=(--fragments all)
+      run "$part" python3 -u -m tqc.cli bench layers "${args[@]}" --models llama3-8b \
+        --layers gate_proj/up_proj down_proj --options 2 3 4 4+2 4+4 --tokens 1 16 -o "$out/$part.json" ;;
     prefill)
       run prefill python3 -u -m tqc.cli bench decode --plan mixed --tokens 2048 --fragments all \
         -o "$out/decode-mixed-t2048-fragments.json"
@@ -50,7 +50,7 @@ for part in "$@"; do
       run lab-bench python3 -u scripts/gluon_dot16_lab.py bench --tokens 1 --configs $configs \
         --out "$out/lab-gemv-summed.json" ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers, prefill, lab)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab)" >&2
       exit 2 ;;
   esac
 done
