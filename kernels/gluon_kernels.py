@@ -92,9 +92,11 @@ def _sign_fragment(signs, C: gl.constexpr):
 
 
 @gluon.jit
-def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr = 4):
-    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's words [W, 32, 2C] (4 bits), [W, 32, C]
-    (2 bits), or at 3 bits the pair (magnitude words [W, 32, C], sign words [W, 32, C / 2])."""
+def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4):
+    """A step's words [W, 32, 2C] (4 bits), [W, 32, C] (2 bits), or at 3 bits the pair (magnitude
+    words [W, 32, C], sign words [W, 32, C / 2]) decoded: the four quads' values (a, b) = (0, 0),
+    (0, 1), (1, 0), (1, 1), each [W, 8, 4, C, 2, 2] (warp, lane // 4, lane % 4, chunk, row half, c) in
+    fp16: the operand's element (row w 16 + 8 h + lane // 4, column 32 chunk + 16 a + 8 b + 2 (lane % 4) + c)."""
     if BITS == 3:
         words, sign_words = words
     halves = _fragment(words, C, BITS, 16)
@@ -103,12 +105,86 @@ def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.con
     if BITS == 3:  # the same registers, but reached by reshapes: a linear layout, made the magnitudes' (no data moves)
         signs = _sign_fragment(sign_words, C)
         signs = gl.convert_layout(gl.join(signs, signs), doubled.type.layout, assert_trivial=True)
-    first, second = _quad(doubled, tables, 0, BITS, signs)  # [W, 8, 4, C, 2, 2 c]
+    first, second = _quad(doubled, tables, 0, BITS, signs)
     third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs)
+    return first, second, third, fourth
+
+
+@gluon.jit
+def _decode(words, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr = 4):
+    """[16 W, 32 C] fp16 in wgmma's operand layout from a step's words (_quads')."""
+    first, second, third, fourth = _quads(words, tables, C, BITS)
     values = gl.join(gl.join(first, second), gl.join(third, fourth))  # [w, l//4, l%4, ch, h, c, b, a]
     values = gl.permute(values, (0, 4, 1, 3, 7, 6, 2, 5))  # [w, h, l//4, ch, a, b, l%4, c]
-    values = gl.reshape(values, [16 * words.shape[0], 32 * C])
+    values = gl.reshape(values, [16 * first.shape[0], 32 * C])
     return gl.convert_layout(values, A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _operand_quads(tile, like, C: gl.constexpr):
+    """_decode undone: a [16 W, 32 C] tile in wgmma's operand layout (the activations, a row's scale
+    broadcast) as _quads' four quads, in the layout of `like` (a quad of _quads'; asserted trivial:
+    each element in the register of the weight it meets)."""
+    values = gl.reshape(tile, [like.shape[0], 2, 8, C, 2, 2, 4, 2])  # [w, h, l//4, ch, a, b, l%4, c]
+    values = gl.permute(values, (0, 2, 6, 3, 1, 7, 5, 4))  # [w, l//4, l%4, ch, h, c, b, a]
+    low, high = gl.split(values)
+    first, second = gl.split(low)
+    third, fourth = gl.split(high)
+    return (gl.convert_layout(first, like.type.layout, assert_trivial=True),
+            gl.convert_layout(second, like.type.layout, assert_trivial=True),
+            gl.convert_layout(third, like.type.layout, assert_trivial=True),
+            gl.convert_layout(fourth, like.type.layout, assert_trivial=True))
+
+
+@gluon.jit
+def _chunks(quad, C: gl.constexpr):
+    """A quad [W, 8, 4, C, 2, 2] as C tensors [W, 8, 4, 2, 2], one a chunk (in a thread's registers: no data moves)."""
+    chunks = (gl.permute(quad, (0, 1, 2, 4, 5, 3)),)  # the chunk last
+    for _ in gl.static_range(C.bit_length() - 1):  # halve every tensor's chunks
+        halved = ()
+        for j in gl.static_range(len(chunks)):
+            chunk = chunks[j]
+            low, high = gl.split(gl.reshape(chunk, chunk.shape[:-1] + [chunk.shape[-1] // 2, 2]))
+            halved = halved + (low, high)
+        chunks = halved
+    rows = ()
+    for j in gl.static_range(len(chunks)):
+        rows = rows + (gl.reshape(chunks[j], chunks[j].shape[:-1]),)
+    return rows
+
+
+@gluon.jit
+def _row_products(products, quads, x_quads, C: gl.constexpr, FIRST: gl.constexpr):
+    """products [W, 8, 4, 2, 2] (a thread's two rows, a half2 each) plus the step's unscaled weights x
+    inputs summed along the row: one HFMA2 a weight pair (the first, where FIRST, an HMUL2)."""
+    for q in gl.static_range(4):
+        weights = _chunks(quads[q], C)
+        x = _chunks(x_quads[q], C)
+        for j in gl.static_range(C):
+            x_chunk = gl.convert_layout(x[j], weights[j].type.layout, assert_trivial=True)
+            if FIRST and q == 0 and j == 0:
+                products = gl.inline_asm_elementwise(SCALE_ASM, "=r,r,r", [weights[j], x_chunk], dtype=gl.float16,
+                                                     is_pure=True, pack=2)
+            else:
+                products = gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [weights[j], x_chunk, products],
+                                                     dtype=gl.float16, is_pure=True, pack=2)
+    return products
+
+
+@gluon.jit
+def _row_scale(scales, tile, like, C: gl.constexpr):
+    """The rows' scale (at `scales`, in the operand's row layout) as _row_products' sums hold the rows,
+    reached through a [16 W, 32 C] `tile` in the operand layout and a quad `like` (_operand_quads)."""
+    scale, _ = gl.broadcast(gl.load(scales)[:, None], tile)
+    return _chunks(_operand_quads(scale, like, C)[0], C)[0]
+
+
+@gluon.jit
+def _scaled_into(acc, products, scale):
+    """acc + products x scale (_row_products', _row_scale's): a HFMA2 a row and thread."""
+    products = gl.convert_layout(products, acc.type.layout, assert_trivial=True)
+    scale = gl.convert_layout(scale, acc.type.layout, assert_trivial=True)
+    return gl.inline_asm_elementwise(FMA_ASM, "=r,r,r,r", [products, scale, acc], dtype=gl.float16, is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -446,14 +522,18 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          M, N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
                          ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False):
+                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
+                         ROW_SUMS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
     (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RES_BITS the two
     stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2). SUM_STEPS (the lab's,
     not yet checked on a GPU): without a residual, where ITERS covers whole groups, a group's steps
-    sum their unscaled products and scale them once (_gemv_step's RUN)."""
+    sum their unscaled products and scale them once (_gemv_step's RUN). ROW_SUMS (the lab's, not yet
+    checked on a GPU): each thread sums a step's unscaled products along each of its two rows
+    (_row_products: one HFMA2 a weight pair, the residual stage's apart) and scales them into its
+    row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -464,7 +544,11 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         STAGED, PDL, BITS, RES_BITS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
-    products = acc
+    tile = acc
+    like = tables[0]  # a quad's layout (_quads)
+    if ROW_SUMS:  # a thread's two rows, a half2 each
+        acc = _chunks(gl.zeros(like.shape, gl.float16, like.type.layout), C)[0]
+    products, res_products = acc, acc
     RUN: gl.constexpr = G // BLOCK_K if SUM_STEPS and ITERS % (G // BLOCK_K) == 0 else 1
     sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
     loaded, res_loaded, sign_loaded = (), (), ()
@@ -475,7 +559,17 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         x = gl.load(x_ptr + columns + i * BLOCK_K)
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
                                             thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
-        if RES_BITS:
+        if ROW_SUMS:
+            x_quads = _operand_quads(gl.broadcast(x[None, :], tile)[0], like, C)
+            products = _row_products(products, _quads(words, tables, C, BITS), x_quads, C, i % RUN == 0)
+            if RES_BITS:
+                res_products = _row_products(res_products, _quads(res_words, res_tables, C, RES_BITS), x_quads, C,
+                                             i % RUN == 0)
+            if i % RUN == RUN - 1:
+                acc = _scaled_into(acc, products, _row_scale(scales + group, tile, like, C))
+                if RES_BITS:
+                    acc = _scaled_into(acc, res_products, _row_scale(res_scales + group, tile, like, C))
+        elif RES_BITS:
             weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
                                       a_layout, RES_BITS, BITS)
             x, _ = gl.broadcast(x[None, :], acc)
@@ -484,7 +578,11 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         else:
             acc, products = _gemv_step(acc, products, words, scales + group, tables, x, C, a_layout, BITS, i % RUN,
                                        RUN)
-    sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
+    if ROW_SUMS:  # [W, 8, 4, h, c] -> rows w 16 + 8 h + lane // 4
+        rows = gl.permute(gl.sum(gl.sum(acc.to(gl.float32), axis=4), axis=2), (0, 2, 1))
+        sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, pair_layout(W)))
+    else:
+        sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)
 

@@ -11,8 +11,9 @@
 #           (--fragments all) or the lookups, a part each (with bf16 in the same run)
 # prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
 #           (fragments=True: the checked options)
-# lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS) beside
-#           it as it is: checked against a dequantized reference, then timed on Llama-3-8B's layers
+# lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS), a row's
+#           (ROW_SUMS), both, beside it as it is: checked against a dequantized reference, then timed
+#           on Llama-3-8B's layers
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -43,7 +44,8 @@ for part in "$@"; do
         -o "$out/decode-mixed-t2048-fragments.json"
       run hf-decode python3 -u scripts/check_hf_decode.py --layers 32 --fragments -o "$out/hf-decode-fragments.json" ;;
     lab)
-      configs="gemv:64,8,4,2,1 gemv:64,8,4,2,1,0,1 gemv:64,16,4,2,1 gemv:64,16,4,2,1,0,1"
+      configs="gemv:64,8,4,2,1 gemv:64,8,4,2,1,0,1 gemv:64,8,4,2,1,0,0,1 gemv:64,8,4,2,1,0,1,1
+               gemv:64,16,4,2,1 gemv:64,16,4,2,1,0,1 gemv:64,16,4,2,1,0,0,1 gemv:64,16,4,2,1,0,1,1"
       # shellcheck disable=SC2086  # $configs is a list
       run lab-check python3 -u scripts/gluon_dot16_lab.py check --configs $configs
       # shellcheck disable=SC2086

@@ -64,21 +64,23 @@ class Config(NamedTuple):
     evict: int = 0  # 1: code words marked evict_first
     staged: int = 0  # 1: code words copied to shared memory asynchronously (cp.async), all steps at once
     summed: int = 0  # 1 (gemv): a group's steps sum their products before one scale (SUM_STEPS)
+    rows: int = 0  # 1 (gemv): a thread sums a step's products along its rows before one scale (ROW_SUMS)
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth, sixth and seventh number set evict,
-        staged and summed."""
+        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth to eighth number set evict, staged,
+        summed and rows."""
         kernel, _, numbers = text.partition(":")
         return cls(kernel, *(int(v) for v in numbers.split(",")))
 
     def __str__(self) -> str:
         return (f"{self.kernel}:{self.block_k},{self.iters},{self.warps},{self.lookahead},{self.evict},{self.staged},"
-                f"{self.summed}")
+                f"{self.summed},{self.rows}")
 
     def knobs(self) -> dict:
-        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS only where set: gemv's alone)."""
-        return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | ({"SUM_STEPS": True} if self.summed else {})
+        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS, ROW_SUMS only where set: gemv's alone)."""
+        gemv_knobs = {"SUM_STEPS": bool(self.summed), "ROW_SUMS": bool(self.rows)}
+        return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | {k: v for k, v in gemv_knobs.items() if v}
 
     def fits(self, k: int, tokens: int) -> bool:
         return k % (self.block_k * self.iters) == 0 and (self.kernel == "dot" or tokens == 1)

@@ -617,6 +617,30 @@ def test_summed_steps_scale_a_group_once_in_the_one_token_fragment_kernel(bits):
     assert summed["stack"] == 0 and summed["loads"] == each["loads"] and summed["ops"]["PRMT"] == each["ops"]["PRMT"]
 
 
+@pytest.mark.parametrize("res_bits", [0, 4])
+def test_row_sums_scale_a_threads_row_once_a_step_in_the_one_token_fragment_kernel(res_bits):
+    """ROW_SUMS (as the family launches fragment_gemv_kernel): a thread sums a step's unscaled products
+    along each of its two rows, a half2 multiply-add a weight pair (a stage's first an HMUL2), and
+    scales each row's half2 into its sums once a step and stage: from 2 half2 instructions a weight
+    pair (3 with a residual) to 1 (2) plus 2 (4) a step. The activations and scales reach the
+    decoded weights' registers by layout conversions asserted trivial; loads and lookups stay, no
+    spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    iters = 8
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
+                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "RES_BITS": res_bits}
+    each, rows = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_gemv_kernel,
+                                                        constexprs | {"ROW_SUMS": r}, 4, "*bf16")) for r in (False, True))
+    stages = 1 + (res_bits > 0)
+    weight_pairs = 16 * 64 * iters // 32 // 2  # a thread's
+    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, rows)]
+    assert half2 == [weight_pairs * (1 + stages), weight_pairs * stages + 2 * stages * iters]
+    assert rows["stack"] == 0 and rows["loads"] == each["loads"] and rows["ops"]["PRMT"] == each["ops"]["PRMT"]
+
+
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
 def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name):
     """With PDL (programmatic dependent launch, as the family launches on sm_90) a fragment kernel
