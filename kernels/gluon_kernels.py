@@ -439,12 +439,16 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         M, N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                        RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4):
+                        RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
     RES_BITS: W adds a residual stage of 4 or 2 bits in the same layout (res_codes_ptr,
-    res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read)."""
+    res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read). SCALE_AFTER (the lab's, not
+    yet checked on a GPU): the tensor cores multiply the unscaled weights, each stage into an
+    accumulator of its own over a group's steps (where ITERS covers whole groups, else a step), which
+    is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
+    instead of an HMUL2 (HFMA2) a weight pair."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -470,6 +474,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     barrier()
 
     acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
+    products, res_products = acc, acc  # SCALE_AFTER's, a stage each
+    RUN: gl.constexpr = G // BLOCK_K if ITERS % (G // BLOCK_K) == 0 else 1
+    row_scales = (gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))) * (K // G)
     sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
     loaded, res_loaded, sign_loaded = (), (), ()
     for i in gl.static_range(ITERS):
@@ -478,11 +485,28 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
                                             thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
         group = (first_step + i) * BLOCK_K // G
-        weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C, a_layout,
-                                  RES_BITS, BITS)
-        acc = warpgroup_mma(weights, x_smem.index(i).permute((1, 0)), acc)
+        x = x_smem.index(i).permute((1, 0))
+        if SCALE_AFTER:
+            products = warpgroup_mma(_decode(words, tables, C, a_layout, BITS), x, products, use_acc=i % RUN != 0)
+            if RES_BITS:
+                res_products = warpgroup_mma(_decode(res_words, res_tables, C, a_layout, RES_BITS), x, res_products,
+                                             use_acc=i % RUN != 0)
+            if i % RUN == RUN - 1:
+                acc = _scaled_products(acc, products, scales_ptr + row_scales + group)
+                if RES_BITS:
+                    acc = _scaled_products(acc, res_products, res_scales_ptr + row_scales + group)
+        else:
+            weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
+                                      a_layout, RES_BITS, BITS)
+            acc = warpgroup_mma(weights, x, acc)
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
+
+
+@gluon.jit
+def _scaled_products(acc, products, scales):
+    """acc + products x the rows' scales (at `scales`, in the accumulator's row layout), in float32."""
+    return acc + products * gl.load(scales).to(gl.float32)[:, None]
 
 
 @gluon.jit
@@ -547,7 +571,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     tile = acc
     like = tables[0]  # a quad's layout (_quads)
     if ROW_SUMS:  # a thread's two rows, a half2 each
-        acc = _chunks(gl.zeros(like.shape, gl.float16, like.type.layout), C)[0]
+        acc = _chunks(gl.zeros_like(like, dtype=gl.float16), C)[0]
     products, res_products = acc, acc
     RUN: gl.constexpr = G // BLOCK_K if SUM_STEPS and ITERS % (G // BLOCK_K) == 0 else 1
     sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)

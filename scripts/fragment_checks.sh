@@ -12,8 +12,9 @@
 # prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
 #           (fragments=True: the checked options)
 # lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS), a row's
-#           (ROW_SUMS), both, beside it as it is: checked against a dequantized reference, then timed
-#           on Llama-3-8B's layers
+#           (ROW_SUMS), both, beside it as it is, and the 16-token kernel with its products scaled
+#           after the tensor cores (SCALE_AFTER) beside it as it is: checked against a dequantized
+#           reference, then timed on Llama-3-8B's layers
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -49,8 +50,14 @@ for part in "$@"; do
       # shellcheck disable=SC2086  # $configs is a list
       run lab-check python3 -u scripts/gluon_dot16_lab.py check --configs $configs
       # shellcheck disable=SC2086
-      run lab-bench python3 -u scripts/gluon_dot16_lab.py bench --tokens 1 --configs $configs \
-        --out "$out/lab-gemv-summed.json" ;;
+      run lab-bench python3 -u scripts/gluon_dot16_lab.py bench --no-tqc --tokens 1 --configs $configs \
+        --out "$out/lab-gemv-summed.json"
+      configs="dot:64,8,4,2,1 dot:64,8,4,2,1,0,0,0,1 dot:64,16,4,2,1 dot:64,16,4,2,1,0,0,0,1"
+      # shellcheck disable=SC2086
+      run lab-check-dot python3 -u scripts/gluon_dot16_lab.py check --configs $configs
+      # shellcheck disable=SC2086
+      run lab-bench-dot python3 -u scripts/gluon_dot16_lab.py bench --no-tqc --tokens 16 --configs $configs \
+        --out "$out/lab-dot-scaled-after.json" ;;
     *)
       echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab)" >&2
       exit 2 ;;

@@ -65,22 +65,24 @@ class Config(NamedTuple):
     staged: int = 0  # 1: code words copied to shared memory asynchronously (cp.async), all steps at once
     summed: int = 0  # 1 (gemv): a group's steps sum their products before one scale (SUM_STEPS)
     rows: int = 0  # 1 (gemv): a thread sums a step's products along its rows before one scale (ROW_SUMS)
+    after: int = 0  # 1 (dot): the tensor cores multiply unscaled weights, scaled a group at a time (SCALE_AFTER)
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth to eighth number set evict, staged,
-        summed and rows."""
+        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth to ninth number set evict, staged,
+        summed, rows and after."""
         kernel, _, numbers = text.partition(":")
         return cls(kernel, *(int(v) for v in numbers.split(",")))
 
     def __str__(self) -> str:
         return (f"{self.kernel}:{self.block_k},{self.iters},{self.warps},{self.lookahead},{self.evict},{self.staged},"
-                f"{self.summed},{self.rows}")
+                f"{self.summed},{self.rows},{self.after}")
 
     def knobs(self) -> dict:
-        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS, ROW_SUMS only where set: gemv's alone)."""
-        gemv_knobs = {"SUM_STEPS": bool(self.summed), "ROW_SUMS": bool(self.rows)}
-        return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | {k: v for k, v in gemv_knobs.items() if v}
+        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS, ROW_SUMS: gemv's alone, SCALE_AFTER:
+        dot's alone, only where set)."""
+        own = {"SUM_STEPS": bool(self.summed), "ROW_SUMS": bool(self.rows), "SCALE_AFTER": bool(self.after)}
+        return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | {k: v for k, v in own.items() if v}
 
     def fits(self, k: int, tokens: int) -> bool:
         return k % (self.block_k * self.iters) == 0 and (self.kernel == "dot" or tokens == 1)

@@ -641,6 +641,29 @@ def test_row_sums_scale_a_threads_row_once_a_step_in_the_one_token_fragment_kern
     assert rows["stack"] == 0 and rows["loads"] == each["loads"] and rows["ops"]["PRMT"] == each["ops"]["PRMT"]
 
 
+@pytest.mark.parametrize("res_bits", [0, 2])
+def test_scale_after_scales_the_tensor_cores_products_once_a_group(res_bits):
+    """SCALE_AFTER (as the family launches fragment_dot_kernel): the tensor cores multiply the unscaled
+    weights, a stage's over a 128-input group's two steps into an accumulator of its own, scaled into
+    the sums in float32 (8 FFMA a thread, group and stage), where each weight pair took an HMUL2 (and
+    an HFMA2 for the residual); a residual stage takes tensor-core products of its own. No spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    iters = 8
+    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
+                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "RES_BITS": res_bits}
+    each, after = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_dot_kernel,
+                                                         constexprs | {"SCALE_AFTER": a}, 4, "*bf16")) for a in (False, True))
+    stages = 1 + (res_bits > 0)
+    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, after)]
+    assert half2 == [16 * 64 * iters // 32 // 2 * stages, 0]
+    assert after["ops"]["FFMA"] == 8 * stages * iters // 2
+    assert after["ops"]["HGMMA"] == stages * each["ops"]["HGMMA"] and after["stack"] == 0
+    assert after["ops"]["PRMT"] == each["ops"]["PRMT"]
+
+
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
 def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name):
     """With PDL (programmatic dependent launch, as the family launches on sm_90) a fragment kernel
