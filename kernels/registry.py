@@ -411,6 +411,11 @@ class Int8LayerKernel(LayerKernel):
         return out
 
 
+# How the family's kernels apply the scales: a thread's row sums scaled once a step (one token), the
+# tensor cores' unscaled products once a group (1-16 tokens); docs/performance.md, session 26.
+FRAGMENT_SCALING = {"fragment_gemv": {"ROW_SUMS": True}, "fragments": {"SCALE_AFTER": True}}
+
+
 class FragmentLayerKernel(LayerKernel):
     """Layers on fp16 activations (those takes_fragments names), their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
@@ -472,7 +477,7 @@ class FragmentLayerKernel(LayerKernel):
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
                                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits}
+                                     "BITS": self.key.bits} | FRAGMENT_SCALING.get(config.strategy, {})
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
