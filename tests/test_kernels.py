@@ -597,22 +597,34 @@ def test_fragment_kernels_decode_2_and_3_bit_codes_into_the_same_registers(kerne
     assert fewer["ops"]["PRMT"] == four["ops"]["PRMT"] and fewer["ops"].get("HGMMA") == four["ops"].get("HGMMA")
 
 
+def _knob_off_and_on(kernel_name: str, knob: str, **constexprs) -> tuple[dict, dict]:
+    """SASS summaries of a fragment kernel on Llama-3-8B's gate/up at 8 steps of 64 inputs, with a
+    knob off, then on (static_report.sass_summary)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    base = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": 8, "X_LAYOUT": gluon_kernels.x_layout(64),
+            "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True} | constexprs
+    kernel = getattr(gluon_kernels, kernel_name)
+    off, on = (sass_summary(compile_gluon_for_hopper(kernel, base | {knob: v}, 4, "*bf16")) for v in (False, True))
+    return off, on
+
+
+def _half2(summary: dict) -> int:
+    """A summary's half2 multiplies and multiply-adds."""
+    return sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2"))
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_summed_steps_scale_a_group_once_in_the_one_token_fragment_kernel(bits):
     """SUM_STEPS (the lab's knob, scripts/gluon_dot16_lab.py): the two 64-input steps of a 128-input
     group sum their products before one scale, so the half2 multiplies and multiply-adds fall from
     one a weight to three quarters; the loads and lookups stay, no spills. Off, nothing changes."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqc.kernels import gluon_kernels
-    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
-
     iters = 8
-    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
-                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "BITS": bits}
-    each, summed = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_gemv_kernel,
-                                                          constexprs | {"SUM_STEPS": s}, 4, "*bf16")) for s in (False, True))
+    each, summed = _knob_off_and_on("fragment_gemv_kernel", "SUM_STEPS", BITS=bits)
     weights = 16 * 64 * iters // 32  # a thread's
-    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, summed)]
+    half2 = [_half2(each), _half2(summed)]
     assert half2 == [weights, weights * 3 // 4]
     assert summed["stack"] == 0 and summed["loads"] == each["loads"] and summed["ops"]["PRMT"] == each["ops"]["PRMT"]
 
@@ -625,18 +637,11 @@ def test_row_sums_scale_a_threads_row_once_a_step_in_the_one_token_fragment_kern
     pair (3 with a residual) to 1 (2) plus 2 (4) a step. The activations and scales reach the
     decoded weights' registers by layout conversions asserted trivial; loads and lookups stay, no
     spills."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqc.kernels import gluon_kernels
-    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
-
     iters = 8
-    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
-                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "RES_BITS": res_bits}
-    each, rows = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_gemv_kernel,
-                                                        constexprs | {"ROW_SUMS": r}, 4, "*bf16")) for r in (False, True))
+    each, rows = _knob_off_and_on("fragment_gemv_kernel", "ROW_SUMS", RES_BITS=res_bits)
     stages = 1 + (res_bits > 0)
     weight_pairs = 16 * 64 * iters // 32 // 2  # a thread's
-    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, rows)]
+    half2 = [_half2(each), _half2(rows)]
     assert half2 == [weight_pairs * (1 + stages), weight_pairs * stages + 2 * stages * iters]
     assert rows["stack"] == 0 and rows["loads"] == each["loads"] and rows["ops"]["PRMT"] == each["ops"]["PRMT"]
 
@@ -647,17 +652,10 @@ def test_scale_after_scales_the_tensor_cores_products_once_a_group(res_bits):
     weights, a stage's over a 128-input group's two steps into an accumulator of its own, scaled into
     the sums in float32 (8 FFMA a thread, group and stage), where each weight pair took an HMUL2 (and
     an HFMA2 for the residual); a residual stage takes tensor-core products of its own. No spills."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqc.kernels import gluon_kernels
-    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
-
     iters = 8
-    constexprs = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
-                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "RES_BITS": res_bits}
-    each, after = (sass_summary(compile_gluon_for_hopper(gluon_kernels.fragment_dot_kernel,
-                                                         constexprs | {"SCALE_AFTER": a}, 4, "*bf16")) for a in (False, True))
+    each, after = _knob_off_and_on("fragment_dot_kernel", "SCALE_AFTER", RES_BITS=res_bits)
     stages = 1 + (res_bits > 0)
-    half2 = [sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2")) for summary in (each, after)]
+    half2 = [_half2(each), _half2(after)]
     assert half2 == [16 * 64 * iters // 32 // 2 * stages, 0]
     assert after["ops"]["FFMA"] == 8 * stages * iters // 2
     assert after["ops"]["HGMMA"] == stages * each["ops"]["HGMMA"] and after["stack"] == 0
