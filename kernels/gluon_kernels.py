@@ -444,8 +444,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
     RES_BITS: W adds a residual stage of 4 or 2 bits in the same layout (res_codes_ptr,
-    res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read). SCALE_AFTER (the lab's, not
-    yet checked on a GPU): the tensor cores multiply the unscaled weights, each stage into an
+    res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read). SCALE_AFTER (as the family
+    launches it; checked on a GPU, run 125): the tensor cores multiply the unscaled weights, each stage into an
     accumulator of its own over a group's steps (where ITERS covers whole groups, else a step), which
     is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
     instead of an HMUL2 (HFMA2) a weight pair."""
@@ -553,9 +553,9 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
     (_add_into). M is 1; X_LAYOUT is unused (fragment_dot_kernel's signature). With RES_BITS the two
     stages' weights are summed first (HMUL2, HFMA2), then multiplied (HFMA2). SUM_STEPS (the lab's,
-    not yet checked on a GPU): without a residual, where ITERS covers whole groups, a group's steps
-    sum their unscaled products and scale them once (_gemv_step's RUN). ROW_SUMS (the lab's, not yet
-    checked on a GPU): each thread sums a step's unscaled products along each of its two rows
+    checked on a GPU, run 124): without a residual, where ITERS covers whole groups, a group's steps
+    sum their unscaled products and scale them once (_gemv_step's RUN). ROW_SUMS (as the family
+    launches it; checked on a GPU, run 125): each thread sums a step's unscaled products along each of its two rows
     (_row_products: one HFMA2 a weight pair, the residual stage's apart) and scales them into its
     row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
