@@ -411,9 +411,12 @@ class Int8LayerKernel(LayerKernel):
         return out
 
 
-# How the family's kernels apply the scales: a thread's row sums scaled once a step (one token), the
-# tensor cores' unscaled products once a group (1-16 tokens); docs/performance.md, session 26.
-FRAGMENT_SCALING = {"fragment_gemv": {"ROW_SUMS": True}, "fragments": {"SCALE_AFTER": True}}
+# How the family's kernels apply the scales. 1-16 tokens: the tensor cores' unscaled products once a
+# group (SCALE_AFTER). One token, on CUDA cores: a thread's unscaled products summed along its rows
+# (ROW_SUMS), over a group's steps (SUM_STEPS) or both, then scaled; no one way was fastest on every
+# Llama-3-8B shape (run 125), so each is a candidate (LaunchConfig.sums) where it applies.
+FRAGMENT_DOT_SCALING = {"SCALE_AFTER": True}
+GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_steps": {"ROW_SUMS": True, "SUM_STEPS": True}}
 
 
 class FragmentLayerKernel(LayerKernel):
@@ -435,8 +438,17 @@ class FragmentLayerKernel(LayerKernel):
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")]
         steps = self.key.k // fragments.BLOCK_K
-        strategies = ["fragments", "fragment_gemv"] if bucket == 1 else ["fragments"]
-        return [LaunchConfig(strategy=s, iters=i) for s in strategies for i in range(1, 17) if steps % i == 0]
+        iters = [i for i in range(1, 17) if steps % i == 0]
+        configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
+        if bucket == 1:
+            configs += [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
+                        if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
+        return configs
+
+    def sums_steps(self, iters: int) -> bool:
+        """Whether a program of `iters` steps covers whole groups, so SUM_STEPS can sum a group's steps
+        (fragment_gemv_kernel's RUN; without ROW_SUMS only where the layer has no residual stage)."""
+        return iters % (self.key.group_size // fragments.BLOCK_K) == 0
 
     def splits(self, config: LaunchConfig) -> int:
         return self.key.k // (fragments.BLOCK_K * config.iters)
@@ -477,7 +489,12 @@ class FragmentLayerKernel(LayerKernel):
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
                                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits} | FRAGMENT_SCALING.get(config.strategy, {})
+                                     "BITS": self.key.bits} | self.scaling(config)
+
+    @staticmethod
+    def scaling(config: LaunchConfig) -> dict[str, bool]:
+        """The constexprs saying how the config's kernel applies the scales (FRAGMENT_DOT_SCALING, GEMV_SUMS)."""
+        return GEMV_SUMS[config.sums] if config.strategy == "fragment_gemv" else FRAGMENT_DOT_SCALING
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout

@@ -24,10 +24,11 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
-# 12: one-token fragment_gemv candidates; 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core candidates;
-# 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates; 6: fp16
-# accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 12  # older caches are retuned
+# 13: fragment_gemv candidates by how they sum before a scale (sums); 12: one-token fragment_gemv
+# candidates; 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core
+# candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates;
+# 6: fp16 accumulation, prefetch, streamed timing.
+TUNE_FORMAT = 13  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -53,11 +54,15 @@ class LaunchConfig(BaseModel):
     # accumulating in place, instead of each pair's product scaled after its dot (_scaled_dot_pair)
     dot_pairs: Literal[1, 2, 4] = 1  # dot with scale_first: slot pairs joined into one dot's inner dimension,
     # one wait on the tensor cores a dot instead of a pair (_along_k; slots are multiples of 8)
+    sums: Literal["rows", "steps", "rows_steps"] = "rows"  # fragment_gemv: what a thread sums unscaled before
+    # one scale: a step's products along each of its rows (ROW_SUMS), a group's steps (SUM_STEPS), or both
 
     @model_validator(mode="after")
     def _joined_pairs_scale_first(self) -> "LaunchConfig":
         if self.dot_pairs > 1 and not (self.strategy == "dot" and self.scale_first):
             raise ValueError(f"dot_pairs={self.dot_pairs} needs strategy 'dot' with scale_first")
+        if self.sums != "rows" and self.strategy != "fragment_gemv":
+            raise ValueError(f"sums={self.sums!r} needs strategy 'fragment_gemv'")
         return self
 
 
@@ -71,7 +76,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[12] = TUNE_FORMAT
+    format: Literal[13] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}

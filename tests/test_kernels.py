@@ -302,14 +302,35 @@ def test_fragment_family_serves_only_the_layers_it_can_and_repacks_them():
     restore(layer)
     assert torch.equal(layer.codes, codes)
     assert [(c.strategy, c.iters) for c in kernel.candidates(16)] == [("fragments", 1), ("fragments", 3), ("fragments", 9)]
-    assert [(c.strategy, c.iters) for c in kernel.candidates(1)] == [
-        (strategy, iters) for strategy in ("fragments", "fragment_gemv") for iters in (1, 3, 9)]
+    assert [(c.strategy, c.iters, c.sums) for c in kernel.candidates(1)] == [
+        *(("fragments", i, "rows") for i in (1, 3, 9)),
+        *(("fragment_gemv", i, sums) for sums in ("rows", "steps", "rows_steps") for i in (1, 3, 9))]  # 64-input groups
     assert kernel.candidates(32)[0].strategy == "dequant"
     config = kernel.candidates(1)[0]
     out = torch.empty(1, 192)
     target = kernel.rotation_target(layer, config, out, torch.bfloat16)
     assert target.pair_width == 0 and target.dtype == torch.float16 and target.clear is out  # every program adds
     assert kernel.splits(config) * config.iters * 64 == 576
+
+
+def test_one_token_fragment_candidates_sum_a_groups_steps_only_where_a_program_covers_whole_groups():
+    """fragment_gemv's candidates (LaunchConfig.sums): row sums at every step count; a group's two
+    64-input steps summed (SUM_STEPS) only where a program's steps are whole groups, and without row
+    sums only where the layer has no residual stage (the kernel would ignore it); 16 tokens: none."""
+    from tqc.kernels.registry import FragmentLayerKernel, KernelKey
+
+    def gemv(key: KernelKey) -> dict[str, list[int]]:
+        configs = [c for c in FragmentLayerKernel(key, None).candidates(1) if c.strategy == "fragment_gemv"]
+        return {sums: [c.iters for c in configs if c.sums == sums] for sums in ("rows", "steps", "rows_steps")}
+
+    down = [1, 2, 4, 7, 8, 14, 16]  # Llama-3-8B's down: 224 steps
+    assert gemv(KernelKey(4, 0, 128, 4096, 14336)) == {"rows": down, "steps": [2, 4, 8, 14, 16],
+                                                       "rows_steps": [2, 4, 8, 14, 16]}
+    assert gemv(KernelKey(4, 4, 128, 4096, 14336)) == {"rows": down, "steps": [], "rows_steps": [2, 4, 8, 14, 16]}
+    sixteen = FragmentLayerKernel(KernelKey(4, 0, 128, 4096, 4096), None).candidates(16)
+    assert {c.strategy for c in sixteen} == {"fragments"}
+    with pytest.raises(ValueError, match="sums='steps' needs strategy 'fragment_gemv'"):
+        LaunchConfig(strategy="fragments", sums="steps")
 
 
 def test_a_launch_that_does_not_tile_the_row_is_refused():

@@ -170,21 +170,22 @@ if CUDA:
     def test_fragment_kernel_matches_reference(iters, option):
         """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
         reference path: split over K into the output the rotation zeroed at 1-16 tokens (tensor
-        cores) or one (CUDA cores), dequantize + cuBLAS above; each launch twice, the second time
+        cores) or one (CUDA cores, each LaunchConfig.sums), dequantize + cuBLAS above; each launch twice, the second time
         straight to the compiled kernel (launch.py)."""
-        dot, gemv, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "fragment_gemv", "dequant"))
+        dot, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "dequant"))
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
             _, original = random_layer(QuantOption.parse(option), n, k, group_size)
             module = copy.deepcopy(original)
             prepare(module, FRAGMENT_LAYOUT)
             kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
+            gemvs = [c for c in kernel.candidates(1) if c.strategy == "fragment_gemv" and c.iters == iters]  # each sums
             for dtype in DTYPES:
-                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (gemv, 1), (dequant, 77)]:
+                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), *((gemv, 1) for gemv in gemvs), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     for call in ("through Triton", "direct"):  # the second to the compiled kernel (launch.py)
                         error = relative_error(kernel.run(x, module, config), reference(original, x))
-                        assert error < TOLERANCE[dtype], (f"{option} {config.strategy} {n}x{k} {dtype} M={tokens} "
-                                                          f"{call}: {error:.2e}")
+                        assert error < TOLERANCE[dtype], (f"{option} {config.strategy} {config.sums} {n}x{k} {dtype} "
+                                                          f"M={tokens} {call}: {error:.2e}")
 
 
 def test_rotation_kernel_matches_butterfly():
