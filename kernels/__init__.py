@@ -14,6 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 # The kernels are written for fused multiply-adds, Triton's default so far; Triton 3.9 warns that
@@ -21,27 +22,26 @@ from torch import nn
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
-def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False, fragments: bool = False) -> int:
+def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False,
+           fragments: bool | None = None) -> int:
     """Set `module.kernel` on each supported quantized layer on CUDA, and fuse the rotations into
     the norm and SwiGLU steps where the model allows (hf_glue); return how many layers got a kernel.
 
-    `fragments`: 4-bit layers without a residual run the Gluon fragment family (registry.
-    FragmentLayerKernel, Hopper GPUs): 28-41% less time at 16 tokens (Llama-3-8B), about the same at one
-    (docs/performance.md, runs 114-120)."""
+    `fragments`: the layers of the options a GPU has checked on it run the Gluon fragment family
+    (registry.FragmentLayerKernel, Hopper GPUs; on an H100 the 8B-shaped decoder 10% faster than on
+    the lookups, 26-51% less time a layer at 16 tokens: docs/performance.md, run 126). None (the
+    default): where the GPU can run it; True: also, with a warning where it cannot; False: never."""
     from tqc.linear import QuantizedLinear  # noqa: PLC0415
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]
     if not layers:
         return 0
     from . import hf_glue  # noqa: PLC0415
-    from .registry import KernelRegistry, fragments_available, prepare, supports  # noqa: PLC0415
+    from .registry import KernelRegistry, prepare, supports  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
-    missing = fragments and fragments_available(layers[0].codes.device)
-    if missing:
-        warnings.warn(f"tqc: no fragment family here ({missing}); the lookup kernels run instead", stacklevel=2)
-        fragments = False
-    registry = KernelRegistry(Tuner.for_device(layers[0].codes.device, cache_dir, verbose), fragments=fragments)
+    device = layers[0].codes.device
+    registry = KernelRegistry(Tuner.for_device(device, cache_dir, verbose), fragments=runs_fragments(fragments, device))
     attached = 0
     for module in layers:
         if supports(module.spec):
@@ -51,6 +51,17 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
             attached += 1
     hf_glue.install(model)
     return attached
+
+
+def runs_fragments(fragments: bool | None, device: torch.device) -> bool:
+    """attach's `fragments` on `device`: None where the GPU can run the family, True too (warning
+    where it cannot), False never."""
+    from .registry import fragments_available  # noqa: PLC0415
+
+    missing = fragments is not False and fragments_available(device)
+    if missing and fragments:
+        warnings.warn(f"tqc: no fragment family here ({missing}); the lookup kernels run instead", stacklevel=3)
+    return fragments is not False and not missing
 
 
 def detach(model: nn.Module) -> None:

@@ -153,6 +153,17 @@ def bench_registry(command: str, cache_dir=None, verbose: bool = False, fragment
                           unchecked_fragments=fragments == "all")
 
 
+def add_load_family_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fragments / --lookups: tqc.load's `fragments` True / False (default None: the family where
+    the GPU can run it)."""
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--fragments", action="store_const", const=True,
+                        help="load with fragments=True: the layers of the options a GPU has checked on the Gluon "
+                             "fragment family run it (Hopper; tqc.load's default where the GPU can)")
+    family.add_argument("--lookups", dest="fragments", action="store_const", const=False,
+                        help="load with fragments=False: every layer on the lookup kernels")
+
+
 def add_fragments_argument(parser: argparse.ArgumentParser) -> None:
     """--fragments [checked|all]: layers on the Gluon fragment family (bench_registry; Hopper)."""
     parser.add_argument("--fragments", nargs="?", const="checked", choices=["checked", "all"],
@@ -275,9 +286,7 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--prompt-tokens", type=int, default=32)
-    generate.add_argument("--fragments", action="store_true",
-                          help="load with fragments=True: the layers of the options a GPU has checked on the Gluon "
-                               "fragment family (Hopper)")
+    add_load_family_arguments(generate)
     generate.add_argument("-o", "--output", default="bench-generate.json")
     generate.set_defaults(run=_generate)
     static = kinds.add_parser("static", help="compile the lookup kernels for sm_90 here (no GPU) and count their SASS")

@@ -1,7 +1,7 @@
 """The fragment layout of 4-, 3- and 2-bit codes: each thread's words in the order of wgmma's register operand.
 
 The layout of the fragment kernel family (registry.FragmentLayerKernel, gluon_kernels.py; docs/
-kernel_layout.md "Fragment layout"): `attach(model, fragments=True)` repacks eligible layers into it
+kernel_layout.md "Fragment layout"): `attach(model)` on Hopper repacks eligible layers into it
 (`to_fragments_layout`, rows of 64 and steps of 64 inputs); scripts/gluon_dot16_lab.py packs other
 step sizes and warp counts for its experiments. wgmma's A operand (fp16, 16 rows a warp, W warps) gives lane l of
 warp w rows 16 w + l // 4 (+ 8) and, per 16 inputs, columns 2 (l % 4) + {0, 1} (+ 8). Over a step

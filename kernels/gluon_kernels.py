@@ -1,11 +1,11 @@
-"""Gluon kernels on the fragment layout of 4-, 3- and 2-bit codes (kernels/fragments.py): the opt-in fragment family.
+"""Gluon kernels on the fragment layout of 4-, 3- and 2-bit codes (kernels/fragments.py): the fragment family.
 
 `fragment_dot_kernel` multiplies up to 16 tokens on tensor cores with the decoded weights as
 wgmma's register operand: each thread loads its own fragment's code words (16-byte vectors),
 decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operand's registers (the
 layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
 them and multiplies; the activations of the program's steps are staged in shared memory once.
-The family (registry.FragmentLayerKernel, `attach(model, fragments=True)`) launches
+The family (registry.FragmentLayerKernel, `attach(model)` on Hopper) launches
 fragment_dot_kernel, and at one token also `fragment_gemv_kernel` (the same decode on CUDA cores)
 where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's
 (scripts/gluon_dot16_lab.py, which checks and times them: docs/performance.md, runs 107-114).

@@ -8,7 +8,7 @@ over K for few tokens, or tiled over M and N for many, the CUDA-core kernel for 
 dequantize + cuBLAS. `prepare(module, layout)` repacks a layer's codes into its family's layout
 (repack.py, lut_int8.py or fragments.py) once, when the kernel is attached. Families: the fp16
 lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, where asked for
-(`KernelRegistry(fragments=True)`), the Gluon fragment family (FragmentLayerKernel) for the layers of
+(`KernelRegistry(fragments=True)`, as `attach` does on Hopper), the Gluon fragment family (FragmentLayerKernel) for the layers of
 the options a GPU has checked on it (CHECKED_FRAGMENT_OPTIONS).
 """
 
@@ -425,9 +425,10 @@ class FragmentLayerKernel(LayerKernel):
     tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
     (natural order), launched under programmatic dependent launch (and, as the lookups, straight to
     the compiled kernel after the first call: launch.py); above 16 tokens
-    `fragments.fragment_dequant_kernel` + cuBLAS. Asked for, not chosen by default
-    (KernelRegistry(fragments=True)): on Llama-3-8B's shapes at 16 tokens it takes 28-41% less time
-    than the lookup kernels, at one token -9 to +5% (docs/performance.md, runs 114-120). Hopper GPUs;
+    `fragments.fragment_dequant_kernel` + cuBLAS. Asked for by KernelRegistry(fragments=True), which
+    `attach` sets where the GPU can run it: on Llama-3-8B's shapes on an H100 it takes 26-51% less time
+    than the lookup kernels at 16 tokens, 9% less to 1% more at one, the decoder 10% less (docs/
+    performance.md, run 126). Hopper GPUs;
     Gluon does not run under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from tqc.kernels.bench import add_load_family_arguments
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
 from tqc.kernels.generate_bench import generate_seconds
 from tqc.kv_cache import cache_argument
@@ -202,9 +203,7 @@ def main() -> None:
     parser.add_argument("--glue-paths", action="store_true",
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
-    parser.add_argument("--fragments", action="store_true",
-                        help="load with fragments=True (the layers of the options checked on the Gluon fragment "
-                             "family; Hopper)")
+    add_load_family_arguments(parser)
     parser.add_argument("-o", "--output", default="hf_decode.json")
     args = parser.parse_args()
     if args.context <= STEPS:

@@ -257,6 +257,23 @@ def test_attach_leaves_cpu_models_on_the_reference_path():
     assert torch.equal(layer.codes, before)
 
 
+def test_the_fragment_family_runs_by_default_where_the_gpu_can(monkeypatch):
+    """attach's (and tqc.load's) `fragments`: by default (None) the family where fragments_available
+    finds nothing missing, silently the lookups where it does; True warns there; False never."""
+    import warnings
+
+    from tqc.kernels import registry, runs_fragments
+
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not runs_fragments(None, cpu) and not runs_fragments(False, cpu)
+    with pytest.warns(UserWarning, match="no fragment family here .*Hopper"):
+        assert not runs_fragments(True, cpu)
+    monkeypatch.setattr(registry, "fragments_available", lambda device: None)  # as on an H100
+    assert runs_fragments(None, cpu) and runs_fragments(True, cpu) and not runs_fragments(False, cpu)
+
+
 def test_prepare_and_restore_round_trip():
     from tqc.kernels.registry import prepare, restore
     from tqc.kernels.synthetic import random_turboquant_linear

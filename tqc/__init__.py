@@ -3,14 +3,15 @@
 __version__ = "0.1.0"
 
 
-def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragments: bool = False):
+def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragments: bool | None = None):
     """Load a packed model directory written by `tqc build`, ready for `generate`.
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
     On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
     compiles the step and replays it from CUDA graphs (an 8B-shaped Llama: 6.5x faster than with the
-    default dynamic cache, docs/performance.md run 75). `fragments`: 4-bit layers run the Gluon
-    fragment family on Hopper (faster at 2-16 tokens, about level at one; tqc.kernels.attach).
+    default dynamic cache, docs/performance.md run 75). `fragments`: the layers run the Gluon
+    fragment family where the GPU can (Hopper; None, the default), always (True: a warning where it
+    cannot) or never (False: the lookup kernels); tqc.kernels.attach.
     """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 

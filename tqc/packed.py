@@ -294,12 +294,13 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_packed(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
-    fuse: bool = True, fragments: bool = False,
+    fuse: bool = True, fragments: bool | None = None,
 ) -> nn.Module:
     """Build the model on the meta device, swap in quantized layers, load the packed tensors in place.
 
     `fuse`: siblings that read one input (q/k/v, gate/up) run as one matmul (tqc.fusion).
-    `fragments`: on CUDA, 4-bit layers run the Gluon fragment family (tqc.kernels.attach).
+    `fragments`: on CUDA, whether layers run the Gluon fragment family (None: where the GPU can;
+    tqc.kernels.attach).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -356,7 +357,7 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _attach_kernels(model: nn.Module, fragments: bool = False) -> None:
+def _attach_kernels(model: nn.Module, fragments: bool | None = None) -> None:
     """On CUDA, give each quantized layer its generated Triton kernel (tqc.kernels), if available;
     where they cannot be imported (no Triton), say so: the layers then run the reference path."""
     try:
