@@ -4,6 +4,7 @@
         [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json]
         [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
+        [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
         [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
@@ -12,7 +13,8 @@ performance-layers-16.png Llama-3-8B's layers at 16 tokens, --sixteen), performa
 (a decode step's kernel time by what runs, bf16 against tqc, with a third of bf16's kernel time:
 what 3x allows) and
 performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
-scripts/check_hf_decode.py).
+scripts/check_hf_decode.py); performance-families.png (each layer and option on the lookup kernels
+beside the fragment family, x bf16 at one and 16 tokens, --families).
 """
 
 from __future__ import annotations
@@ -58,6 +60,31 @@ def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
     ax.set_ylabel(f"x bf16 ({count})")
     ax.set_title(f"{', '.join(models)} layer shapes, {count}: speedup over bf16 (same run)")
     ax.legend(ncol=len(options), fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_families(families: dict[str, list[dict]], path: Path) -> None:
+    """Paired bars, one panel a token count: x bf16 per (layer, option), one bar a kernel family."""
+    token_counts = sorted({row["tokens"] for rows in families.values() for row in rows})
+    fig, axes = plt.subplots(len(token_counts), 1, figsize=(10, 3.2 * len(token_counts)), squeeze=False)
+    width = 0.8 / len(families)
+    for ax, tokens in zip(axes[:, 0], token_counts):
+        columns = list(dict.fromkeys((row["layer"], row["option"]) for rows in families.values() for row in rows
+                                     if row["tokens"] == tokens and row["option"] not in ("bf16", "rotate")))
+        for i, (name, rows) in enumerate(families.items()):
+            speedups = {(row["layer"], row["option"]): row["speedup_vs_bf16"] for row in rows if row["tokens"] == tokens}
+            ax.bar([j + i * width for j in range(len(columns))], [speedups.get(c, 0) for c in columns], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))],
+                      [f"{layer.split('_')[0]}\n{option}" for layer, option in columns], fontsize=8)
+        ax.set_ylabel(f"x bf16, {'one token' if tokens == 1 else f'{tokens} tokens'}")
+        for bits, target in TARGETS.get(tokens, {}).items():
+            ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
+            ax.text(len(columns) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", ncol=len(families))
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.12 * max(TARGETS.get(tokens, {0: 0}).values())))
+    axes[0, 0].set_title("Llama-3-8B layers with their rotation: lookup kernels beside the fragment family")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -125,6 +152,8 @@ def main() -> None:
     parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
+    parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),
+                        default=[BENCH / "h100-run126-layers-lookups.json", BENCH / "h100-run126-layers-family.json"])
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +162,10 @@ def main() -> None:
     plot_layers(json.loads(args.sixteen.read_text())["rows"], args.out / "performance-layers-16.png", tokens=16)
     plot_step(json.loads(args.profile.read_text()), args.out / "performance-decode-step.png")
     plot_loaded(json.loads(args.loaded.read_text()), args.out / "performance-loaded.png")
+    lookups, family = (json.loads(path.read_text())["rows"] for path in args.families)
+    plot_families({"lookups": lookups, "fragment family": family}, args.out / "performance-families.png")
     print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-layers-16.png, "
-          f"performance-decode-step.png and performance-loaded.png in {args.out}")
+          f"performance-decode-step.png, performance-loaded.png and performance-families.png in {args.out}")
 
 
 if __name__ == "__main__":
