@@ -49,6 +49,14 @@ def _fragment_order(codes: torch.Tensor, block_k: int, warps: int) -> torch.Tens
     return codes.reshape(n // rows, k // block_k, warps, 32, 2 * c, 8)  # slot 4 a + 2 b + cc
 
 
+def fragment_input_order(block_k: int = BLOCK_K) -> torch.Tensor:
+    """The natural input at each position of a step's activations in fragment order (the one-token
+    kernel's X_ORDERED): lane quad q = l % 4's 8 C inputs contiguous, in its words' slot order:
+    position 8 C q + 8 ch + 4 a + 2 b + c holds input 32 ch + 16 a + 8 b + 2 q + c."""
+    q, ch, a, b, c = torch.meshgrid(*(torch.arange(n) for n in (4, block_k // 32, 2, 2, 2)), indexing="ij")
+    return (32 * ch + 16 * a + 8 * b + 2 * q + c).reshape(-1)
+
+
 def _natural_order(values: torch.Tensor, n: int, k: int, block_k: int, warps: int) -> torch.Tensor:
     """Inverse of _fragment_order: [N / 16 W, K / block_k, W, 32, 2 C, 8] -> [N, K]."""
     c, rows = block_k // 32, 16 * warps

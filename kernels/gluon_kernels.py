@@ -137,6 +137,27 @@ def _operand_quads(tile, like, C: gl.constexpr):
 
 
 @gluon.jit
+def _ordered_quads(x_ptr, like, C: gl.constexpr, W: gl.constexpr):
+    """A step's activations stored in fragment order (fragments.fragment_input_order: lane l % 4's 8 C
+    inputs contiguous) as _operand_quads makes them from natural order, in the layout of `like`: each
+    thread loads its 8 C inputs as 16-byte vectors (the 8 threads of a row quad and the warps read
+    the same ones), then both row halves take them (asserted trivial)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8 * C], [32, 1], [W, 1], [1, 0])
+    threads = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, layout))
+    inputs = gl.arange(0, 8 * C, layout=gl.SliceLayout(0, layout))
+    x = gl.load(x_ptr + (threads % 4)[:, None] * (8 * C) + inputs[None, :])
+    values = gl.reshape(x, [W, 8, 4, C, 2, 2, 2])  # [w, l//4, l%4, ch, a, b, c]
+    values = gl.permute(gl.join(values, values), (0, 1, 2, 3, 7, 6, 5, 4))  # [w, l//4, l%4, ch, h, c, b, a]
+    low, high = gl.split(values)
+    first, second = gl.split(low)
+    third, fourth = gl.split(high)
+    return (gl.convert_layout(first, like.type.layout, assert_trivial=True),
+            gl.convert_layout(second, like.type.layout, assert_trivial=True),
+            gl.convert_layout(third, like.type.layout, assert_trivial=True),
+            gl.convert_layout(fourth, like.type.layout, assert_trivial=True))
+
+
+@gluon.jit
 def _chunks(quad, C: gl.constexpr):
     """A quad [W, 8, 4, C, 2, 2] as C tensors [W, 8, 4, 2, 2], one a chunk (in a thread's registers: no data moves)."""
     chunks = (gl.permute(quad, (0, 1, 2, 4, 5, 3)),)  # the chunk last
@@ -547,7 +568,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
-                         ROW_SUMS: gl.constexpr = False):
+                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -557,8 +578,12 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     sum their unscaled products and scale them once (_gemv_step's RUN). ROW_SUMS (as the family
     launches it; checked on a GPU, run 125): each thread sums a step's unscaled products along each of its two rows
     (_row_products: one HFMA2 a weight pair, the residual stage's apart) and scales them into its
-    row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not."""
+    row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not. X_ORDERED
+    (the lab's, with ROW_SUMS; not yet checked on a GPU): x is stored in fragment order
+    (fragments.fragment_input_order), so each thread loads its inputs as two 16-byte vectors a step
+    instead of eight 4-byte words (_ordered_quads)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
+    gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
@@ -580,11 +605,14 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
                                                  LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS)
         group = (first_step + i) * BLOCK_K // G
-        x = gl.load(x_ptr + columns + i * BLOCK_K)
+        x = gl.load(x_ptr + columns + i * BLOCK_K)  # natural order (unused with X_ORDERED: not compiled)
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
                                             thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
         if ROW_SUMS:
-            x_quads = _operand_quads(gl.broadcast(x[None, :], tile)[0], like, C)
+            if X_ORDERED:
+                x_quads = _ordered_quads(x_ptr + (first_step + i) * BLOCK_K, like, C, W)
+            else:
+                x_quads = _operand_quads(gl.broadcast(x[None, :], tile)[0], like, C)
             products = _row_products(products, _quads(words, tables, C, BITS), x_quads, C, i % RUN == 0)
             if RES_BITS:
                 res_products = _row_products(res_products, _quads(res_words, res_tables, C, RES_BITS), x_quads, C,

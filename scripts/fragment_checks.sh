@@ -11,10 +11,11 @@
 #           (--fragments all) or the lookups, a part each (with bf16 in the same run)
 # prefill   the decoder's 2048-token prefill on the family, and a model from tqc.load on it
 #           (fragments=True: the checked options)
-# lab       the one-token kernel with a group's products summed before one scale (SUM_STEPS), a row's
-#           (ROW_SUMS), both, beside it as it is, and the 16-token kernel with its products scaled
-#           after the tensor cores (SCALE_AFTER) beside it as it is: checked against a dequantized
-#           reference, then timed on Llama-3-8B's layers
+# lab       the one-token kernel as the tuner's rows_steps candidates run it (ROW_SUMS, SUM_STEPS) beside
+#           it with the activations in fragment order (X_ORDERED: two 16-byte loads a thread and step),
+#           at 4, 8 and 16 steps, and the 16-token kernel with its products scaled after the tensor
+#           cores (SCALE_AFTER) beside it as it was: checked against a dequantized reference, then
+#           timed on Llama-3-8B's layers
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -45,13 +46,13 @@ for part in "$@"; do
         -o "$out/decode-mixed-t2048-fragments.json"
       run hf-decode python3 -u scripts/check_hf_decode.py --layers 32 --fragments -o "$out/hf-decode-fragments.json" ;;
     lab)
-      configs="gemv:64,8,4,2,1 gemv:64,8,4,2,1,0,1 gemv:64,8,4,2,1,0,0,1 gemv:64,8,4,2,1,0,1,1
-               gemv:64,16,4,2,1 gemv:64,16,4,2,1,0,1 gemv:64,16,4,2,1,0,0,1 gemv:64,16,4,2,1,0,1,1"
+      configs="gemv:64,4,4,2,1,0,1,1 gemv:64,4,4,2,1,0,1,1,0,1 gemv:64,8,4,2,1,0,1,1 gemv:64,8,4,2,1,0,1,1,0,1
+               gemv:64,16,4,2,1,0,1,1 gemv:64,16,4,2,1,0,1,1,0,1"
       # shellcheck disable=SC2086  # $configs is a list
       run lab-check python3 -u scripts/gluon_dot16_lab.py check --configs $configs
       # shellcheck disable=SC2086
       run lab-bench python3 -u scripts/gluon_dot16_lab.py bench --no-tqc --tokens 1 --configs $configs \
-        --out "$out/lab-gemv-summed.json"
+        --out "$out/lab-gemv-ordered.json"
       configs="dot:64,8,4,2,1 dot:64,8,4,2,1,0,0,0,1 dot:64,16,4,2,1 dot:64,16,4,2,1,0,0,0,1"
       # shellcheck disable=SC2086
       run lab-check-dot python3 -u scripts/gluon_dot16_lab.py check --configs $configs

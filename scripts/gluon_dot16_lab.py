@@ -19,7 +19,8 @@ registers alive in the PTX (its `deps` are not operands of the instruction), and
 to the next step's decode while the product still reads them (run 107).
 
 4 bits only, no residual stage, group size a multiple of the step, tokens <= 16. tqc itself runs
-fragment_dot_kernel as an opt-in family (registry.FragmentLayerKernel, steps of 64 inputs).
+the kernels as the fragment family (registry.FragmentLayerKernel, steps of 64 inputs; the default
+on Hopper since session 27).
 
 The code layout: kernels/fragments.py (docs/kernel_layout.md, "Fragment layout").
 """
@@ -33,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from tqc.kernels.fragments import pack_fragments
+from tqc.kernels.fragments import fragment_input_order, pack_fragments
 from tqc.kernels.gluon_kernels import fragment_dot_kernel, fragment_gemv_kernel, x_layout
 from tqc.kernels.lut import TABLE_COPIES, lookup_values, stored_code, table_words
 
@@ -66,22 +67,24 @@ class Config(NamedTuple):
     summed: int = 0  # 1 (gemv): a group's steps sum their products before one scale (SUM_STEPS)
     rows: int = 0  # 1 (gemv): a thread sums a step's products along its rows before one scale (ROW_SUMS)
     after: int = 0  # 1 (dot): the tensor cores multiply unscaled weights, scaled a group at a time (SCALE_AFTER)
+    ordered: int = 0  # 1 (gemv, with rows): x stored in fragment order, two 16-byte loads a thread and step (X_ORDERED)
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth to ninth number set evict, staged,
-        summed, rows and after."""
+        """'dot:64,8,4,2' -> Config('dot', 64, 8, 4, 2); a fifth to tenth number set evict, staged,
+        summed, rows, after and ordered."""
         kernel, _, numbers = text.partition(":")
         return cls(kernel, *(int(v) for v in numbers.split(",")))
 
     def __str__(self) -> str:
         return (f"{self.kernel}:{self.block_k},{self.iters},{self.warps},{self.lookahead},{self.evict},{self.staged},"
-                f"{self.summed},{self.rows},{self.after}")
+                f"{self.summed},{self.rows},{self.after},{self.ordered}")
 
     def knobs(self) -> dict:
-        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS, ROW_SUMS: gemv's alone, SCALE_AFTER:
+        """The kernel's keyword constexprs of this config's knobs (SUM_STEPS, ROW_SUMS, X_ORDERED: gemv's alone, SCALE_AFTER:
         dot's alone, only where set)."""
-        own = {"SUM_STEPS": bool(self.summed), "ROW_SUMS": bool(self.rows), "SCALE_AFTER": bool(self.after)}
+        own = {"SUM_STEPS": bool(self.summed), "ROW_SUMS": bool(self.rows), "SCALE_AFTER": bool(self.after),
+               "X_ORDERED": bool(self.ordered)}
         return {"EVICT": bool(self.evict), "STAGED": bool(self.staged)} | {k: v for k, v in own.items() if v}
 
     def fits(self, k: int, tokens: int) -> bool:
@@ -95,9 +98,19 @@ CONFIGS = [Config.parse(c) for c in ("dot:64,8,4,2", "dot:128,4,4,2", "dot:64,8,
                                      "gemv:64,16,4,2,1,0,1")]
 
 
+def lab_input(x: torch.Tensor, config: Config) -> torch.Tensor:
+    """x [M, K] in the order the config's kernel reads it: with `ordered` each step's inputs in fragment
+    order (fragments.fragment_input_order, as a rotation that wrote that order would leave them)."""
+    if not config.ordered:
+        return x
+    m, k = x.shape
+    return x.reshape(m, k // config.block_k, config.block_k)[..., fragment_input_order(config.block_k)].reshape(m, k)
+
+
 def run_lab(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, n: int, k: int,
             group: int, config: Config, out: torch.Tensor | None = None):
-    """out (+)= x @ W^T in float32: a fresh zeroed output, or `out` as it is (timings: tqc's rotation zeroes it)."""
+    """out (+)= x @ W^T in float32 (x in lab_input's order): a fresh zeroed output, or `out` as it is (timings:
+    tqc's rotation zeroes it)."""
     m = x.shape[0]
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if out is None else out
     grid = (n // (16 * config.warps), k // (config.block_k * config.iters))
@@ -120,7 +133,8 @@ def check(args) -> None:
                 continue
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             want = x.float() @ layer["weights"].T
-            error = float((run_lab(x, packed, layer["scales"], table, n, k, group, config) - want).norm() / want.norm())
+            out = run_lab(lab_input(x, config), packed, layer["scales"], table, n, k, group, config)
+            error = float((out - want).norm() / want.norm())
             worst = max(worst, error)
             print(f"{config} tokens {m}: relative error {error:.1e}")
     print(f"worst {worst:.1e}")
@@ -173,11 +187,12 @@ def bench(args) -> None:
                 if not config.fits(k, m):
                     continue
                 want = x.float() @ layer["weights"].T
-                error = float((run_lab(x, packed[0], scales[0], table, n, k, group, config) - want).norm()
+                ordered = lab_input(x, config)
+                error = float((run_lab(ordered, packed[0], scales[0], table, n, k, group, config) - want).norm()
                               / want.norm())
                 out = torch.zeros(m, n, device="cuda")
                 seconds = time_layers([lambda x, p=p, s=s: run_lab(x, p, s, table, n, k, group, config, out)
-                                       for p, s in zip(packed, scales)], x)
+                                       for p, s in zip(packed, scales)], ordered)
                 bf16, rotation = base[m]["bf16"], base[m]["rotation"]
                 results["rows"].append({"layer": name, "n": n, "k": k, "tokens": m, "config": str(config),
                                         "us": seconds * 1e6, "speedup_vs_bf16": bf16 / seconds,

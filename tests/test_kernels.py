@@ -89,6 +89,20 @@ def test_fragment_layout_decodes_every_code_where_the_operand_expects_it(block_k
     assert not fragments.fits(n + 16, k, 128, block_k, warps)
 
 
+@pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 8)])
+def test_activations_in_fragment_order_give_each_lane_its_words_inputs_contiguously(block_k, warps):
+    """fragments.fragment_input_order (the one-token kernel's X_ORDERED): a step's 8 C positions of
+    lane quad l % 4 hold, in order, the inputs of the codes in that lane's words (word (ch, h), slot
+    4 a + 2 b + c), for both row halves; it is a permutation of the step."""
+    order = fragments.fragment_input_order(block_k)
+    assert torch.equal(order.sort().values, torch.arange(block_k))
+    inputs = fragments._fragment_order(torch.arange(block_k).expand(16 * warps, block_k), block_k, warps)[0, 0]
+    words = inputs.reshape(warps, 32, block_k // 32, 2, 8)  # w, lane, ch, h, slot
+    lane_quads = torch.arange(32) % 4
+    for h in (0, 1):
+        assert torch.equal(words[:, :, :, h].reshape(warps, 32, -1), order.reshape(4, -1)[lane_quads].expand(warps, 32, -1))
+
+
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_fragment_layout_of_a_layer_is_converted_in_row_slices_plane_by_plane(bits, monkeypatch):
     """to_fragments_layout converts ROWS_AT_ONCE rows at a time, yet each plane (3 bits: magnitudes,
@@ -682,6 +696,20 @@ def test_row_sums_scale_a_threads_row_once_a_step_in_the_one_token_fragment_kern
     half2 = [_half2(each), _half2(rows)]
     assert half2 == [weight_pairs * (1 + stages), weight_pairs * stages + 2 * stages * iters]
     assert rows["stack"] == 0 and rows["loads"] == each["loads"] and rows["ops"]["PRMT"] == each["ops"]["PRMT"]
+
+
+@pytest.mark.parametrize("res_bits", [0, 4])
+def test_activations_in_fragment_order_load_as_two_vectors_a_step(res_bits):
+    """X_ORDERED (the lab's, with ROW_SUMS and SUM_STEPS): with x stored in fragment order each thread
+    loads a step's 16 inputs as two 16-byte vectors, where it loaded eight 4-byte pairs; they reach the
+    weights' registers by conversions asserted trivial; the decode and the half2 math stay, no spills."""
+    iters = 8
+    each, ordered = _knob_off_and_on("fragment_gemv_kernel", "X_ORDERED", ROW_SUMS=True, SUM_STEPS=True,
+                                     RES_BITS=res_bits)
+    assert ordered["loads"]["LDG.E.128"] == 2 * iters and "LDG.E.128" not in each["loads"]
+    assert each["loads"]["LDG.E"] - ordered["loads"]["LDG.E"] == 8 * iters
+    assert ordered["stack"] == 0 and ordered["ops"]["PRMT"] == each["ops"]["PRMT"] and _half2(ordered) == _half2(each)
+    assert ordered["instructions"] < each["instructions"]
 
 
 @pytest.mark.parametrize("res_bits", [0, 2])
