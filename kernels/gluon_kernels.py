@@ -126,7 +126,13 @@ def _operand_quads(tile, like, C: gl.constexpr):
     broadcast) as _quads' four quads, in the layout of `like` (a quad of _quads'; asserted trivial:
     each element in the register of the weight it meets)."""
     values = gl.reshape(tile, [like.shape[0], 2, 8, C, 2, 2, 4, 2])  # [w, h, l//4, ch, a, b, l%4, c]
-    values = gl.permute(values, (0, 2, 6, 3, 1, 7, 5, 4))  # [w, l//4, l%4, ch, h, c, b, a]
+    return _split_quads(gl.permute(values, (0, 2, 6, 3, 1, 7, 5, 4)), like)
+
+
+@gluon.jit
+def _split_quads(values, like):
+    """[w, l//4, l%4, ch, h, c, b, a] values as _quads' four quads (a, b), in the layout of `like`
+    (asserted trivial: no data moves)."""
     low, high = gl.split(values)
     first, second = gl.split(low)
     third, fourth = gl.split(high)
@@ -147,14 +153,7 @@ def _ordered_quads(x_ptr, like, C: gl.constexpr, W: gl.constexpr):
     inputs = gl.arange(0, 8 * C, layout=gl.SliceLayout(0, layout))
     x = gl.load(x_ptr + (threads % 4)[:, None] * (8 * C) + inputs[None, :])
     values = gl.reshape(x, [W, 8, 4, C, 2, 2, 2])  # [w, l//4, l%4, ch, a, b, c]
-    values = gl.permute(gl.join(values, values), (0, 1, 2, 3, 7, 6, 5, 4))  # [w, l//4, l%4, ch, h, c, b, a]
-    low, high = gl.split(values)
-    first, second = gl.split(low)
-    third, fourth = gl.split(high)
-    return (gl.convert_layout(first, like.type.layout, assert_trivial=True),
-            gl.convert_layout(second, like.type.layout, assert_trivial=True),
-            gl.convert_layout(third, like.type.layout, assert_trivial=True),
-            gl.convert_layout(fourth, like.type.layout, assert_trivial=True))
+    return _split_quads(gl.permute(gl.join(values, values), (0, 1, 2, 3, 7, 6, 5, 4)), like)  # both row halves
 
 
 @gluon.jit
