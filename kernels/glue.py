@@ -53,7 +53,7 @@ def block_width(k: int, group_size: int) -> int | None:
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
-                       GEMMA: tl.constexpr, PDL: tl.constexpr = False):
+                       GEMMA: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
@@ -83,7 +83,7 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
                 x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
             tl.store(h_out_ptr + token * K + cols, x.to(dtype))
         _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
-               PER_WORD)
+               PER_WORD, FRAGMENT_STEP)
 
 
 @triton.jit
@@ -100,7 +100,8 @@ def _row(h_ptr, delta_ptr, like_ptr, offsets, mask, RESIDUAL: tl.constexpr):
 @triton.jit(do_not_specialize=["CLEAR"])
 def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, K: tl.constexpr,
                          LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr,
-                         PER_WORD: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr = False):
+                         PER_WORD: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr = False,
+                         FRAGMENT_STEP: tl.constexpr = 0):
     """grid (M, K / BLOCK_K): x = silu(gate) * up (GELU: gelu_tanh(gate) * up, Gemma's) for one
     token's BLOCK_K columns (gate_up is [M, 2K], gate first), rotated."""
     pdl_start(PDL)
@@ -118,20 +119,22 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
     x = (act * up).to(dtype).to(tl.float32)
     tokens = token + tl.arange(0, 1)
     _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, tl.program_id(1), K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
-           PER_WORD)
+           PER_WORD, FRAGMENT_STEP)
 
 
 @triton.jit
 def _store(x, signs_ptr, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G: tl.constexpr,
-           BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr, PER_WORD: tl.constexpr):
+           BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr, PER_WORD: tl.constexpr,
+           FRAGMENT_STEP: tl.constexpr):
     """Rotate one token's column block `block` and store it as the target wants: in 16 bits
-    (store_rotated), or rounded to int8 with its scales (int8_kernels.store_int8)."""
+    (store_rotated, in its order), or rounded to int8 with its scales (int8_kernels.store_int8)."""
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
     if INT8:
         x = rotate_tile(x, signs_ptr, cols, K, LOG_G, 1, BLOCK_K)
         store_int8(x, out_ptr, scales_ptr, tokens, tokens >= 0, block, K, LOG_G, 1, BLOCK_K, False, PER_WORD)
     else:
-        store_rotated(x, signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K, PAIR_WIDTH)
+        store_rotated(x, signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K, PAIR_WIDTH,
+                      FRAGMENT_STEP)
 
 
 def _target_arguments(target: RotationTarget, rotated: torch.Tensor) -> tuple:
@@ -148,7 +151,7 @@ def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
         raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
     return {"INT8": target.scales is not None, "PER_WORD": target.per_word, "K": k,
             "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
-            "PAIR_WIDTH": target.pair_width} | pdl_launch(device)
+            "PAIR_WIDTH": target.pair_width, "FRAGMENT_STEP": target.fragment_step} | pdl_launch(device)
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,

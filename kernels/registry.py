@@ -8,8 +8,8 @@ over K for few tokens, or tiled over M and N for many, the CUDA-core kernel for 
 dequantize + cuBLAS. `prepare(module, layout)` repacks a layer's codes into its family's layout
 (repack.py, lut_int8.py or fragments.py) once, when the kernel is attached. Families: the fp16
 lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, where asked for
-(`KernelRegistry(fragments=True)`, as `attach` does on Hopper), the Gluon fragment family (FragmentLayerKernel) for the layers of
-the options a GPU has checked on it (CHECKED_FRAGMENT_OPTIONS).
+(`KernelRegistry(fragments=True)`, as `attach` does on Hopper), the Gluon fragment family
+(FragmentLayerKernel) for the layers of the options a GPU has checked on it (CHECKED_FRAGMENT_OPTIONS).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class LayerKernel:
         out = self.output(x.shape[0], x.device, x.dtype, config)
         target = self.rotation_target(module, config, out, x.dtype)
         rotated = rotate(x, target.signs, target.group_size, clear=target.clear, dtype=target.dtype,
-                         pair_width=target.pair_width)
+                         pair_width=target.pair_width, fragment_step=target.fragment_step)
         return self.multiply(rotated, module, config, out)
 
     def fusable(self, config: LaunchConfig) -> bool:
@@ -416,6 +416,10 @@ class Int8LayerKernel(LayerKernel):
 # (ROW_SUMS), over a group's steps (SUM_STEPS) or both, then scaled; no one way was fastest on every
 # Llama-3-8B shape (run 125), so each is a candidate (LaunchConfig.sums) where it applies.
 FRAGMENT_DOT_SCALING = {"SCALE_AFTER": True}
+# The one-token kernel on activations the rotation wrote in fragment order (LaunchConfig.ordered_inputs,
+# X_ORDERED: two 16-byte loads a thread and step, not eight 4-byte ones): offered to the tuner once a
+# GPU has checked it (test_kernels_accuracy.py runs it regardless; fragment_checks.sh lab times it).
+ORDERED_INPUT_CANDIDATES = False
 GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_steps": {"ROW_SUMS": True, "SUM_STEPS": True}}
 
 
@@ -442,8 +446,10 @@ class FragmentLayerKernel(LayerKernel):
         iters = [i for i in range(1, 17) if steps % i == 0]
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
-            configs += [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
-                        if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
+            gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
+                     if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
+            ordered = [c.model_copy(update={"ordered_inputs": True}) for c in gemvs if c.sums != "steps"]
+            configs += gemvs + (ordered if ORDERED_INPUT_CANDIDATES else [])
         return configs
 
     def sums_steps(self, iters: int) -> bool:
@@ -459,7 +465,8 @@ class FragmentLayerKernel(LayerKernel):
         dequantize + cuBLAS in the activations' dtype."""
         if config.strategy == "dequant":
             return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
-        return RotationTarget(module.signs, self.key.group_size, 0, torch.float16, out)
+        return RotationTarget(module.signs, self.key.group_size, 0, torch.float16, out,
+                              fragment_step=fragments.BLOCK_K if config.ordered_inputs else 0)
 
     def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
                  scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -490,7 +497,7 @@ class FragmentLayerKernel(LayerKernel):
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
                                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits} | self.scaling(config)
+                                     "BITS": self.key.bits, "X_ORDERED": config.ordered_inputs} | self.scaling(config)
 
     @staticmethod
     def scaling(config: LaunchConfig) -> dict[str, bool]:
@@ -517,7 +524,8 @@ class RotationTarget:
     in slot-pair order of width `pair_width` (fwht_kernel's PAIR_WIDTH), in `dtype`, and `clear`
     (the output it adds into) zeroed, if not None. With `scales` (the int8 family): rounded to int8
     per (token, group), absmax / 127 written there, in planes of `per_word` inputs if > 0
-    (int8_kernels.store_int8)."""
+    (int8_kernels.store_int8). With `fragment_step` > 0 (the fragment family's X_ORDERED): the
+    columns in the fragment order of steps that wide (fragments.fragment_input_order)."""
 
     signs: torch.Tensor
     group_size: int
@@ -526,6 +534,7 @@ class RotationTarget:
     clear: torch.Tensor | None
     scales: torch.Tensor | None = None
     per_word: int = 0
+    fragment_step: int = 0
 
 
 def family(key: KernelKey) -> type[LayerKernel]:
@@ -544,12 +553,14 @@ def weight_copy(module) -> SimpleNamespace:
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16,
-           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None, pair_width: int = 0) -> torch.Tensor:
+           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None, pair_width: int = 0,
+           fragment_step: int = 0) -> torch.Tensor:
     """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K].
 
     `clear`, if given, is zeroed by the same launch (the output a split-K kernel adds into).
     `dtype`: of the result (the lookup kernels take fp16, the tensor cores' operand type), else x's.
-    `pair_width` = B > 0: columns in the lookup kernels' slot-pair order (fwht_kernel), else natural.
+    `pair_width` = B > 0: columns in the lookup kernels' slot-pair order (fwht_kernel); `fragment_step`
+    > 0: in the fragment order of steps that wide (fragments.fragment_input_order); else natural.
     """
     m, k = x.shape
     block_k = max(group_size, 256)
@@ -559,6 +570,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     target = out if clear is None else clear
     launch(tk.fwht_kernel, grid, x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
            LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width,
+           FRAGMENT_STEP=fragment_step,
            **pdl_launch(x.device))
     return out
 

@@ -73,14 +73,21 @@ def rotate_tile(x, signs_ptr, cols, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_
 
 @triton.jit
 def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LOG_G: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
+                  FRAGMENT_STEP: tl.constexpr = 0):
     """Rotate a float32 [BLOCK_M, BLOCK_K] tile of activations (rows `tokens`, columns `cols`, whole
     groups) and store it: out = FWHT_G(x * signs) / sqrt(G), in slot-pair order if PAIR_WIDTH = B > 0
-    (input h B + kw of each run of 2B at position 2 kw + h; see pair_inputs)."""
+    (input h B + kw of each run of 2B at position 2 kw + h; see pair_inputs), or in the fragment
+    order of steps of FRAGMENT_STEP > 0 inputs (fragments.fragment_input_order: input
+    32 ch + 16 a + 8 b + 2 q + c of a step at position 8 C q + 8 ch + 4 a + 2 b + c)."""
     x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
     targets = cols
     if PAIR_WIDTH > 0:
         targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2
+    if FRAGMENT_STEP > 0:
+        inner = cols % FRAGMENT_STEP
+        targets = (cols - inner + inner // 2 % 4 * (FRAGMENT_STEP // 4) + inner // 32 * 8 + inner // 16 % 2 * 4
+                   + inner // 8 % 2 * 2 + inner % 2)
     tl.store(out_ptr + tokens[:, None] * K + targets[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,16 +102,17 @@ def pdl_start(PDL: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "CLEAR"])
 def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr, LOG_G: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0, PDL: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr = 0, PDL: tl.constexpr = False,
+                FRAGMENT_STEP: tl.constexpr = 0):
     """out = rotate(x): grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); BLOCK_K a multiple of the group size.
 
-    PAIR_WIDTH: see store_rotated. Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds
+    PAIR_WIDTH, FRAGMENT_STEP: see store_rotated. Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds
     into), saving a launch. PDL: see pdl_start.
     """
     pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     tokens, cols, mask, x = input_tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH)
+    store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH, FRAGMENT_STEP)
 
 
 @triton.jit

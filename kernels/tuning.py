@@ -56,6 +56,8 @@ class LaunchConfig(BaseModel):
     # one wait on the tensor cores a dot instead of a pair (_along_k; slots are multiples of 8)
     sums: Literal["rows", "steps", "rows_steps"] = "rows"  # fragment_gemv: what a thread sums unscaled before
     # one scale: a step's products along each of its rows (ROW_SUMS), a group's steps (SUM_STEPS), or both
+    ordered_inputs: bool = False  # fragment_gemv with row sums: the rotation writes its input in fragment
+    # order, which the kernel loads as two 16-byte vectors a thread and step (X_ORDERED)
 
     @model_validator(mode="after")
     def _joined_pairs_scale_first(self) -> "LaunchConfig":
@@ -63,6 +65,8 @@ class LaunchConfig(BaseModel):
             raise ValueError(f"dot_pairs={self.dot_pairs} needs strategy 'dot' with scale_first")
         if self.sums != "rows" and self.strategy != "fragment_gemv":
             raise ValueError(f"sums={self.sums!r} needs strategy 'fragment_gemv'")
+        if self.ordered_inputs and (self.strategy != "fragment_gemv" or self.sums == "steps"):
+            raise ValueError("ordered_inputs needs strategy 'fragment_gemv' with row sums")
         return self
 
 

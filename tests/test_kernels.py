@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -362,6 +363,29 @@ def test_one_token_fragment_candidates_sum_a_groups_steps_only_where_a_program_c
     assert {c.strategy for c in sixteen} == {"fragments"}
     with pytest.raises(ValueError, match="sums='steps' needs strategy 'fragment_gemv'"):
         LaunchConfig(strategy="fragments", sums="steps")
+
+
+def test_ordered_input_candidates_wait_for_a_gpu_check_and_ask_the_rotation_for_fragment_order(monkeypatch):
+    """LaunchConfig.ordered_inputs (X_ORDERED): not offered while registry.ORDERED_INPUT_CANDIDATES is
+    off; on, every row-summing fragment_gemv candidate also runs on inputs the rotation writes in
+    fragment order (RotationTarget.fragment_step) and the kernel is told so; never without row sums."""
+    from tqc.kernels import registry
+    from tqc.kernels.registry import FragmentLayerKernel, KernelKey
+
+    kernel = FragmentLayerKernel(KernelKey(4, 0, 128, 4096, 14336), None)
+    assert not any(c.ordered_inputs for c in kernel.candidates(1))
+    monkeypatch.setattr(registry, "ORDERED_INPUT_CANDIDATES", True)
+    gemvs = [c for c in kernel.candidates(1) if c.strategy == "fragment_gemv"]
+    ordered = [c for c in gemvs if c.ordered_inputs]
+    assert [(c.sums, c.iters) for c in ordered] == [(c.sums, c.iters) for c in gemvs
+                                                    if c.sums != "steps" and not c.ordered_inputs]
+    layer = SimpleNamespace(signs=torch.ones(14336))
+    pytest.importorskip("triton.experimental.gluon")  # _specialise names the Gluon kernel's constexprs
+    assert kernel.rotation_target(layer, ordered[0], None, torch.bfloat16).fragment_step == 64
+    assert kernel.rotation_target(layer, gemvs[0], None, torch.bfloat16).fragment_step == 0
+    assert kernel._specialise(ordered[0])[1]["X_ORDERED"] and not kernel._specialise(gemvs[0])[1]["X_ORDERED"]
+    with pytest.raises(ValueError, match="ordered_inputs needs strategy 'fragment_gemv' with row sums"):
+        LaunchConfig(strategy="fragment_gemv", sums="steps", ordered_inputs=True)
 
 
 def test_a_launch_that_does_not_tile_the_row_is_refused():

@@ -179,13 +179,16 @@ if CUDA:
             prepare(module, FRAGMENT_LAYOUT)
             kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
             gemvs = [c for c in kernel.candidates(1) if c.strategy == "fragment_gemv" and c.iters == iters]  # each sums
+            gemvs += [c.model_copy(update={"ordered_inputs": True}) for c in gemvs  # offered or not (X_ORDERED)
+                      if c.sums != "steps" and not c.ordered_inputs]
             for dtype in DTYPES:
                 for config, tokens in [(dot, 1), (dot, 3), (dot, 16), *((gemv, 1) for gemv in gemvs), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     for call in ("through Triton", "direct"):  # the second to the compiled kernel (launch.py)
                         error = relative_error(kernel.run(x, module, config), reference(original, x))
-                        assert error < TOLERANCE[dtype], (f"{option} {config.strategy} {config.sums} {n}x{k} {dtype} "
-                                                          f"M={tokens} {call}: {error:.2e}")
+                        assert error < TOLERANCE[dtype], (
+                            f"{option} {config.strategy} {config.sums} ordered={config.ordered_inputs} {n}x{k} "
+                            f"{dtype} M={tokens} {call}: {error:.2e}")
 
 
 def test_rotation_kernel_matches_butterfly():
@@ -194,6 +197,32 @@ def test_rotation_kernel_matches_butterfly():
     signs = torch.randint(0, 2, (k,)).float() * 2 - 1
     out = triton_rotate(x.to(DEVICE), signs.to(DEVICE), group_size)
     assert relative_error(out, rotate(x.double(), signs.double(), group_size)) < 1e-5
+
+
+@pytest.mark.parametrize("step", ["fwht", "norm", "swiglu"])
+def test_rotation_writes_the_fragment_order_where_asked(step):
+    """RotationTarget.fragment_step (the one-token fragment kernel's X_ORDERED): the rotation kernel and
+    the glue's norm and SwiGLU steps write each 64-input step in fragments.fragment_input_order, the
+    same values as in natural order, bit for bit."""
+    from tqc.kernels.fragments import fragment_input_order
+    from tqc.kernels.registry import RotationTarget
+
+    m, k, group_size = 3, 256, 64
+    generator = torch.Generator().manual_seed(5)
+    signs = (torch.randint(0, 2, (k,), generator=generator).float() * 2 - 1).to(DEVICE)
+    x = torch.randn(m, 2 * k, generator=generator).to(DEVICE, torch.float16)
+    weight = torch.randn(k, generator=generator).to(DEVICE, torch.float16)
+
+    def rotated(fragment_step: int) -> torch.Tensor:
+        target = RotationTarget(signs, group_size, 0, torch.float16, None, fragment_step=fragment_step)
+        if step == "fwht":
+            return triton_rotate(x[:, :k], signs, group_size, dtype=torch.float16, fragment_step=fragment_step)
+        if step == "norm":
+            return glue.norm_rotate(x[:, :k].contiguous(), None, weight, 1e-5, target)[1]
+        return glue.swiglu_rotate(x, target)
+
+    natural = rotated(0).reshape(m, k // 64, 64)
+    assert torch.equal(rotated(64).reshape(m, k // 64, 64), natural[..., fragment_input_order(64)])
 
 
 @pytest.mark.parametrize("step", ["norm", "swiglu"])
