@@ -416,24 +416,24 @@ class Int8LayerKernel(LayerKernel):
 # (ROW_SUMS), over a group's steps (SUM_STEPS) or both, then scaled; no one way was fastest on every
 # Llama-3-8B shape (run 125), so each is a candidate (LaunchConfig.sums) where it applies.
 FRAGMENT_DOT_SCALING = {"SCALE_AFTER": True}
+GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_steps": {"ROW_SUMS": True, "SUM_STEPS": True}}
 # The one-token kernel on activations the rotation wrote in fragment order (LaunchConfig.ordered_inputs,
 # X_ORDERED: two 16-byte loads a thread and step, not eight 4-byte ones): offered to the tuner once a
 # GPU has checked it (test_kernels_accuracy.py runs it regardless; fragment_checks.sh lab times it).
 ORDERED_INPUT_CANDIDATES = False
-GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_steps": {"ROW_SUMS": True, "SUM_STEPS": True}}
 
 
 class FragmentLayerKernel(LayerKernel):
     """Layers on fp16 activations (those takes_fragments names), their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
     tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
-    (natural order), launched under programmatic dependent launch (and, as the lookups, straight to
-    the compiled kernel after the first call: launch.py); above 16 tokens
-    `fragments.fragment_dequant_kernel` + cuBLAS. Asked for by KernelRegistry(fragments=True), which
-    `attach` sets where the GPU can run it: on Llama-3-8B's shapes on an H100 it takes 26-51% less time
-    than the lookup kernels at 16 tokens, 9% less to 1% more at one, the decoder 10% less (docs/
-    performance.md, run 126). Hopper GPUs;
-    Gluon does not run under TRITON_INTERPRET."""
+    (natural order; with LaunchConfig.ordered_inputs fragment order), launched under programmatic
+    dependent launch (and, as the lookups, straight to the compiled kernel after the first call:
+    launch.py); above 16 tokens `fragments.fragment_dequant_kernel` + cuBLAS. Asked for by
+    KernelRegistry(fragments=True), which `attach` sets where the GPU can run it: on Llama-3-8B's
+    shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens, 9% less to 1%
+    more at one, the decoder 10% less (docs/performance.md, run 126). Hopper GPUs; Gluon does not run
+    under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT
 
