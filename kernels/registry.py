@@ -432,7 +432,7 @@ class FragmentLayerKernel(LayerKernel):
     launch.py); above 16 tokens `fragments.fragment_dequant_kernel` + cuBLAS. Asked for by
     KernelRegistry(fragments=True), which `attach` sets where the GPU can run it: on Llama-3-8B's
     shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens, 9% less to 1%
-    more at one, the decoder 10% less (docs/performance.md, run 126). Hopper GPUs; Gluon does not run
+    more at one, the decoder 7-10% less (docs/performance.md, run 126). Hopper GPUs; Gluon does not run
     under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT
