@@ -497,12 +497,15 @@ class FragmentLayerKernel(LayerKernel):
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
                                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits, "X_ORDERED": config.ordered_inputs} | self.scaling(config)
+                                     "BITS": self.key.bits} | self.scaling(config)
 
     @staticmethod
     def scaling(config: LaunchConfig) -> dict[str, bool]:
-        """The constexprs saying how the config's kernel applies the scales (FRAGMENT_DOT_SCALING, GEMV_SUMS)."""
-        return GEMV_SUMS[config.sums] if config.strategy == "fragment_gemv" else FRAGMENT_DOT_SCALING
+        """The constexprs saying how the config's kernel applies the scales (FRAGMENT_DOT_SCALING, GEMV_SUMS)
+        and, for the one-token kernel, where it reads its inputs (X_ORDERED)."""
+        if config.strategy != "fragment_gemv":
+            return FRAGMENT_DOT_SCALING
+        return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout

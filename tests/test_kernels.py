@@ -388,6 +388,23 @@ def test_ordered_input_candidates_wait_for_a_gpu_check_and_ask_the_rotation_for_
         LaunchConfig(strategy="fragment_gemv", sums="steps", ordered_inputs=True)
 
 
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_every_fragment_candidate_names_only_its_kernels_parameters(tokens, monkeypatch):
+    """_specialise gives each candidate's Gluon kernel its constexprs; one the kernel lacks fails at
+    launch on a GPU alone (run 127 found X_ORDERED handed to fragment_dot_kernel), so check the names here."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import registry
+    from tqc.kernels.registry import FragmentLayerKernel, KernelKey
+
+    monkeypatch.setattr(registry, "ORDERED_INPUT_CANDIDATES", True)
+    for key in (KernelKey(4, 0, 128, 14336, 4096), KernelKey(3, 2, 128, 4096, 14336)):
+        kernel = FragmentLayerKernel(key, None)
+        for config in kernel.candidates(tokens):
+            names = set(kernel._specialise(config)[1]) - {"num_warps"}
+            unknown = names - set(FragmentLayerKernel.gluon_kernel(config).arg_names)
+            assert not unknown, f"{config.strategy} {config.sums}: {sorted(unknown)}"
+
+
 def test_a_launch_that_does_not_tile_the_row_is_refused():
     """Qwen2.5-7B's 3584 inputs are 7 chunks of B = 16 (224 slots): 32 slots x 2 steps a program
     would leave part of K unread, so asking for it (a stale or edited tuning cache) is an error."""
