@@ -40,6 +40,7 @@ import torch
 from tqc.kernels.bench import add_load_family_arguments
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
 from tqc.kernels.generate_bench import generate_seconds
+from tqc.kernels.registry import FragmentLayerKernel
 from tqc.kv_cache import cache_argument
 
 # Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
@@ -227,6 +228,7 @@ def main() -> None:
         log("built")
         quantized = tqc.load(packed, device=device, fragments=args.fragments)
         kernels = sum(getattr(m, "kernel", None) is not None for m in quantized.modules())
+        on_fragments = sum(isinstance(getattr(m, "kernel", None), FragmentLayerKernel) for m in quantized.modules())
         layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
         if device == "cuda" and kernels < len(layers):
             raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
@@ -237,7 +239,8 @@ def main() -> None:
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
         paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
-              "quantized_layers_on_kernels": kernels, "fragments": args.fragments}
+              "quantized_layers_on_kernels": kernels, "fragments": args.fragments,
+              "layers_on_the_fragment_family": on_fragments}
     for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
@@ -248,7 +251,7 @@ def main() -> None:
         for name, runs in result[f"{switch}_paths_ms"].items():
             for mode in runs[0]:
                 print(f"{mode} tqc step, {switch} {name}: {', '.join(f'{run[mode]:.2f}' for run in runs)} ms")
-    print(f"{kernels} quantized layers on generated kernels")
+    print(f"{kernels} quantized layers on generated kernels, {on_fragments} of them on the fragment family")
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
 
