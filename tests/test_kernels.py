@@ -212,6 +212,15 @@ def test_token_buckets_choose_the_strategy_family():
         assert config.slots == 32 and (576 // 2) % (config.slots * config.iters) == 0
 
 
+def test_pipelined_shapes_stay_within_shared_memory():
+    """A pipelined shape's slots round up to 16 (2 bits) but not to 32 (3 bits: over 227 KB staged)."""
+    def pipelined_slots(bits: int) -> set[int]:
+        return {c.slots for c in candidate_configs(16, bits, 0, 64, 64) if c.strategy == "dot" and c.num_stages > 1}
+
+    assert pipelined_slots(4) == {8} and pipelined_slots(2) == {16} and pipelined_slots(3) == set()
+    assert any(c.slots == 32 for c in candidate_configs(16, 3, 0, 64, 64) if c.strategy == "dot")  # unpipelined stay
+
+
 def test_tuning_cache_round_trip_and_invalidation(tmp_path):
     path = tmp_path / "gpu.json"
     calls = []
