@@ -5,6 +5,7 @@
         [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
+        [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
         [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
@@ -14,7 +15,8 @@ performance-layers-16.png Llama-3-8B's layers at 16 tokens, --sixteen), performa
 what 3x allows) and
 performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
 scripts/check_hf_decode.py); performance-families.png (each layer and option on the lookup kernels
-beside the fragment family, x bf16 at one and 16 tokens, --families).
+beside the fragment family, x bf16 at one and 16 tokens, --families; performance-families-other.png
+the same for other models' shapes, --other-families).
 """
 
 from __future__ import annotations
@@ -68,23 +70,26 @@ def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
 def plot_families(families: dict[str, list[dict]], path: Path) -> None:
     """Paired bars, one panel a token count: x bf16 per (layer, option), one bar a kernel family."""
     token_counts = sorted({row["tokens"] for rows in families.values() for row in rows})
+    models = list(dict.fromkeys(row["model"] for rows in families.values() for row in rows))
     fig, axes = plt.subplots(len(token_counts), 1, figsize=(10, 3.2 * len(token_counts)), squeeze=False)
     width = 0.8 / len(families)
     for ax, tokens in zip(axes[:, 0], token_counts):
-        columns = list(dict.fromkeys((row["layer"], row["option"]) for rows in families.values() for row in rows
-                                     if row["tokens"] == tokens and row["option"] not in ("bf16", "rotate")))
+        columns = list(dict.fromkeys((row["model"], row["layer"], row["option"]) for rows in families.values()
+                                     for row in rows if row["tokens"] == tokens and row["option"] not in ("bf16", "rotate")))
         for i, (name, rows) in enumerate(families.items()):
-            speedups = {(row["layer"], row["option"]): row["speedup_vs_bf16"] for row in rows if row["tokens"] == tokens}
+            speedups = {(row["model"], row["layer"], row["option"]): row["speedup_vs_bf16"] for row in rows
+                        if row["tokens"] == tokens}
             ax.bar([j + i * width for j in range(len(columns))], [speedups.get(c, 0) for c in columns], width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))],
-                      [f"{layer.split('_')[0]}\n{option}" for layer, option in columns], fontsize=8)
+        labels = ["\n".join(([model] if len(models) > 1 else []) + [layer.split("_")[0], option])
+                  for model, layer, option in columns]
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))], labels, fontsize=7 if len(models) > 1 else 8)
         ax.set_ylabel(f"x bf16, {'one token' if tokens == 1 else f'{tokens} tokens'}")
         for bits, target in TARGETS.get(tokens, {}).items():
             ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
             ax.text(len(columns) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
         ax.legend(fontsize=8, loc="upper left", ncol=len(families))
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1.12 * max(TARGETS.get(tokens, {0: 0}).values())))
-    axes[0, 0].set_title("Llama-3-8B layers with their rotation: lookup kernels beside the fragment family")
+        ax.set_ylim(0, 1.15 * max(ax.get_ylim()[1], max(TARGETS.get(tokens, {0: 0}).values())))  # room for the legend
+    axes[0, 0].set_title(f"{', '.join(models)} layers with their rotation: lookup kernels beside the fragment family")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -154,6 +159,9 @@ def main() -> None:
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
     parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),
                         default=[BENCH / "h100-run126-layers-lookups.json", BENCH / "h100-run126-layers-family.json"])
+    parser.add_argument("--other-families", type=Path, nargs="+", metavar="LOOKUPS FAMILY",
+                        default=[BENCH / f"h100-run128-layers{model}-{family}.json"
+                                 for model in ("70b", "qwen") for family in ("lookups", "family")])
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,8 +172,14 @@ def main() -> None:
     plot_loaded(json.loads(args.loaded.read_text()), args.out / "performance-loaded.png")
     lookups, family = (json.loads(path.read_text())["rows"] for path in args.families)
     plot_families({"lookups": lookups, "fragment family": family}, args.out / "performance-families.png")
+    if len(args.other_families) % 2:
+        parser.error("--other-families takes pairs: LOOKUPS FAMILY")
+    rows = [json.loads(path.read_text())["rows"] for path in args.other_families]
+    plot_families({"lookups": sum(rows[0::2], []), "fragment family": sum(rows[1::2], [])},
+                  args.out / "performance-families-other.png")
     print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-layers-16.png, "
-          f"performance-decode-step.png, performance-loaded.png and performance-families.png in {args.out}")
+          f"performance-decode-step.png, performance-loaded.png, performance-families.png and "
+          f"performance-families-other.png in {args.out}")
 
 
 if __name__ == "__main__":
