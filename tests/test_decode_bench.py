@@ -79,7 +79,8 @@ def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
     assert set(result["glue_paths_ms"]) == {"separate", "fused"}  # graphs only on CUDA
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_performance.py"), "--loaded", str(output),
                     "--out", str(tmp_path)], check=True, capture_output=True)
-    assert all((tmp_path / name).stat().st_size > 0 for name in ("performance-loaded.png", "performance-layers-16.png"))
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("performance-loaded.png", "performance-layers-16.png",
+                                                               "performance-families-other.png"))
 
 
 def test_launch_overhead_script_times_every_line_on_cpu(tmp_path):
