@@ -126,10 +126,11 @@ FMA_LONG_SHAPES = ((8, 4, 16, 4), (16, 4, 16, 4), (8, 4, 32, 2), (16, 4, 8, 8), 
 # every such candidate lost, by 8-20%, to short unpipelined programs; two stay, so the tuner
 # keeps measuring them on other GPUs.
 FMA_PIPELINED_SHAPES = ((16, 4, 8, 4, 3), (8, 4, 16, 4, 3))
-# A pipelined shape's slots may round up (slot_choices) to 16 but no further: at 32 (3 bits) the
-# 16-token split shape (64, 4, 8, 4, 3) staged 262-278 KB of shared memory, over the H100's 227 KB,
-# and its 12 variants failed to compile on every 3-bit key (runs 127-128); at 16 (2 bits) it runs,
-# and the 2-bit 8B gate/up key chose it.
+# A pipelined tensor-core shape's slots may round up (slot_choices) to 16 but no further: at 32
+# (3 bits) the 16-token split shape (64, 4, 8, 4, 3) staged 262-278 KB of shared memory, over the
+# H100's 227 KB, and its 12 variants failed to compile on every 3-bit key (runs 127-128); at 16
+# (2 bits) it runs, and the 2-bit 8B gate/up key chose it. (The one-token CUDA-core shapes stage
+# only codes, a few KB, and stay.)
 PIPELINED_MAX_SLOTS = 16
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
@@ -156,7 +157,7 @@ def candidate_configs(bucket: int, bits: int = 4, residual_bits: int = 0, slot_w
     def split(strategy: str, n: int, w: int, s: int, i: int, stages: int = 1) -> LaunchConfig | None:
         slots = min((a for a in allowed if a >= s), default=32)
         iters = max(1, min(i, slot_count // slots))
-        if slot_count % (slots * iters) or (stages > 1 and slots > PIPELINED_MAX_SLOTS):
+        if slot_count % (slots * iters) or (strategy == "dot" and stages > 1 and slots > PIPELINED_MAX_SLOTS):
             return None
         return LaunchConfig(strategy=strategy, block_n=n, num_warps=w, slots=slots, iters=iters, num_stages=stages)
 
