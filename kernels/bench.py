@@ -8,6 +8,9 @@
     tqc bench gemlite  the peer kernel (gemlite) beside tqc and bf16 at the same shapes
     tqc bench static   no GPU needed: compile the one-token kernels for sm_90, count SASS instructions per weight
 
+`layers` and `decode` run the kernels tqc.load runs: on Hopper the fragment family (`--lookups`: the
+lookup kernels; `--fragments all`: the family on every option its kernels take).
+
 Every timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), over enough
 copies of the weights that they do not fit in L2, so each replay streams them from device memory.
 """
@@ -140,17 +143,21 @@ def row(option: str, n: int, k: int, m: int, nbytes: int, seconds: float, bf16_s
 
 
 def bench_registry(command: str, cache_dir=None, verbose: bool = False, fragments: str | None = None):
-    """The KernelRegistry a benchmark runs on this GPU, with the fragment family if asked for (else
-    exit naming `command` where it cannot run): `fragments` "checked" for the options a GPU has
-    checked on it (registry.CHECKED_FRAGMENT_OPTIONS), "all" for every option its kernels take."""
+    """(the KernelRegistry a benchmark runs on this GPU, the family it runs): `fragments` "checked" for
+    the fragment family on the options a GPU has checked on it (registry.CHECKED_FRAGMENT_OPTIONS),
+    "all" for every option its kernels take (else exit naming `command` where it cannot run),
+    "lookups" for the lookup kernels, None as tqc.load does: "checked" where the GPU can run the
+    family, else the lookups. The family comes back as "checked", "all" or None (the lookups)."""
     from .registry import KernelRegistry, fragments_available  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
-    missing = fragments and fragments_available(torch.device("cuda"))
-    if missing:
+    missing = fragments != "lookups" and fragments_available(torch.device("cuda"))
+    if missing and fragments is not None:
         raise SystemExit(f"{command} --fragments: {missing}")
-    return KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose), fragments=fragments is not None,
-                          unchecked_fragments=fragments == "all")
+    family = None if fragments == "lookups" or missing else fragments or "checked"
+    registry = KernelRegistry(Tuner.for_device(cache_dir=cache_dir, verbose=verbose), fragments=family is not None,
+                              unchecked_fragments=family == "all")
+    return registry, family
 
 
 def add_load_family_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,20 +172,24 @@ def add_load_family_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_fragments_argument(parser: argparse.ArgumentParser) -> None:
-    """--fragments [checked|all]: layers on the Gluon fragment family (bench_registry; Hopper)."""
-    parser.add_argument("--fragments", nargs="?", const="checked", choices=["checked", "all"],
-                        help="layers on the Gluon fragment family (Hopper): those of the options a GPU has checked on "
-                             "it (registry.CHECKED_FRAGMENT_OPTIONS, as tqc.load(..., fragments=True)), or with 'all' "
-                             "of every option its kernels take")
+    """--fragments [checked|all] / --lookups: the kernel family a benchmark's layers run (bench_registry;
+    unset, tqc.load's default: the fragment family where the GPU can run it)."""
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--fragments", nargs="?", const="checked", choices=["checked", "all"],
+                        help="layers on the Gluon fragment family (Hopper): those of the options a GPU has checked "
+                             "on it (registry.CHECKED_FRAGMENT_OPTIONS, as tqc.load runs them), or with 'all' of "
+                             "every option its kernels take (default: 'checked' where the GPU can run the family)")
+    family.add_argument("--lookups", dest="fragments", action="store_const", const="lookups",
+                        help="every layer on the lookup kernels (tqc.load(..., fragments=False))")
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
     from .registry import KERNEL_LAYOUT  # noqa: PLC0415
 
     torch.manual_seed(0)
-    registry = bench_registry("tqc bench layers", args.cache_dir, args.verbose, args.fragments)
+    registry, family = bench_registry("tqc bench layers", args.cache_dir, args.verbose, args.fragments)
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
-              "fragments": args.fragments, "rows": []}
+              "fragments": family, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
     shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
               if not args.layers or layer in args.layers]

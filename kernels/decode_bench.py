@@ -254,15 +254,16 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one
-    the option allows). `fragments`: layers on the fragment family, "checked" or "all" (bench_registry)."""
+    the option allows). `fragments`: "checked", "all", "lookups" or None (bench_registry; the
+    result records the family that ran)."""
     from .bench import bench_registry, compile_and_report  # noqa: PLC0415
 
     torch.manual_seed(0)
     options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
-               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fragments": fragments}
-    registry = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
+               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
+    registry, results["fragments"] = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
     compile_and_report(decoder_keys(options, fuse, shape, registry), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
         model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)

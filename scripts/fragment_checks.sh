@@ -28,16 +28,16 @@ for part in "$@"; do
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     decode)
       for plan in 4 mixed; do
-        run "decode-$plan-lookups" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
+        run "decode-$plan-lookups" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 --lookups \
           -o "$out/decode-$plan-lookups.json"
         run "decode-$plan-fragments" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 --fragments all \
           -o "$out/decode-$plan-fragments.json"
-        run "decode-$plan-lookups-again" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
+        run "decode-$plan-lookups-again" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 --lookups \
           -o "$out/decode-$plan-lookups-again.json"
       done ;;
     layers-family | layers-lookups)  # one family a call: both together took over 600 s (run 124)
       family=${part#layers-}
-      args=()
+      args=(--lookups)
       [ "$family" = family ] && args=(--fragments all)
       run "$part" python3 -u -m tqc.cli bench layers "${args[@]}" --models llama3-8b \
         --layers gate_proj/up_proj down_proj --options 2 3 4 4+2 4+4 --tokens 1 16 -o "$out/$part.json" ;;

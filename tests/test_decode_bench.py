@@ -165,3 +165,32 @@ def test_qwen_decoder_shapes_give_its_fused_layers_and_grouped_attention():
     with torch.no_grad():
         out = model(torch.tensor([3]), torch.tensor([5]))
     assert out.shape == (1, TINY["vocab"]) and torch.isfinite(out).all() and out.std() > 0
+
+
+def test_benchmarks_run_the_family_tqc_load_runs(monkeypatch):
+    """`tqc bench layers|decode` unset run what tqc.load runs: the fragment family's checked options
+    where the GPU can run it, else the lookups; --lookups, --fragments [all] choose; asking for the
+    family where it cannot run exits naming the command. (GPU and tuner stubbed: no CUDA here.)"""
+    import argparse
+
+    from tqc.kernels import bench, registry
+    from tqc.kernels.tuning import Tuner
+
+    monkeypatch.setattr(Tuner, "for_device", classmethod(lambda cls, **kwargs: Tuner("stub GPU", "0", None)))
+    parser = argparse.ArgumentParser()
+    bench.add_fragments_argument(parser)
+
+    def family(argv: list[str]) -> tuple[str | None, bool, bool]:
+        kernels, name = bench.bench_registry("tqc bench decode", fragments=parser.parse_args(argv).fragments)
+        return name, kernels.fragments, kernels.unchecked_fragments
+
+    monkeypatch.setattr(registry, "fragments_available", lambda device: None)  # a Hopper GPU
+    assert family([]) == family(["--fragments"]) == ("checked", True, False)
+    assert family(["--fragments", "all"]) == ("all", True, True)
+    assert family(["--lookups"]) == (None, False, False)
+    monkeypatch.setattr(registry, "fragments_available", lambda device: "it needs a Hopper GPU")
+    assert family([]) == family(["--lookups"]) == (None, False, False)
+    with pytest.raises(SystemExit, match="tqc bench decode --fragments: it needs a Hopper GPU"):
+        family(["--fragments"])
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args(["--fragments", "--lookups"])
