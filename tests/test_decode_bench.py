@@ -194,3 +194,22 @@ def test_benchmarks_run_the_family_tqc_load_runs(monkeypatch):
         family(["--fragments"])
     with pytest.raises(SystemExit):  # one or the other
         parser.parse_args(["--fragments", "--lookups"])
+
+
+def test_fixed_time_script_splits_a_layer_into_fixed_time_and_streaming(tmp_path):
+    """scripts/fixed_time.py: rows on a known line (5 us + bytes at 3000 GB/s) give that line back,
+    and the fixed time the 3.2x target leaves beside bf16's 42 us."""
+    def rows(weight_bytes: int, bf16_us: float) -> dict:
+        return {"rows": [{"layer": "gate_proj/up_proj", "option": "4", "tokens": 1, "weight_bytes": weight_bytes,
+                          "us": 5 + weight_bytes / 3000e3},
+                         {"layer": "gate_proj/up_proj", "option": "bf16", "tokens": 1, "weight_bytes": 4 * weight_bytes,
+                          "us": bf16_us}]}
+
+    small, large, output = tmp_path / "small.json", tmp_path / "large.json", tmp_path / "fit.json"
+    small.write_text(json.dumps(rows(30_000_000, 42.0)))
+    large.write_text(json.dumps(rows(120_000_000, 168.0)))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "fixed_time.py"), str(small), str(large), "-o", str(output)],
+                   check=True, capture_output=True)
+    four = next(e for e in json.loads(output.read_text()) if e["option"] == "4")
+    assert four["fixed_us"] == pytest.approx(5.0) and four["gbps"] == pytest.approx(3000.0)
+    assert four["target"] == 3.2 and four["fixed_us_allowed"] == pytest.approx(42.0 / 3.2 - 10.0)
