@@ -7,6 +7,7 @@ which this module runs under TRITON_INTERPRET=1 in a subprocess (the variable ch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -448,10 +449,13 @@ def test_int8_layers_take_the_input_order_layout_and_back(bits, monkeypatch):
 
 
 def test_kernels_match_reference_under_the_interpreter():
-    """Every (bits, residual) and strategy against the reference path, TRITON_INTERPRET=1, small shapes."""
+    """Every (bits, residual) and strategy against the reference path, TRITON_INTERPRET=1, small shapes
+    (on every core where pytest-xdist is installed: half the time on CI's two)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
+    cores = ["-n", "auto"] if importlib.util.find_spec("xdist") else []
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels_accuracy.py")],
+        [sys.executable, "-m", "pytest", "-q", "-x", *cores, "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_kernels_accuracy.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
