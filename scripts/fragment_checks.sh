@@ -16,6 +16,8 @@
 #           at 4, 8 and 16 steps, and the 16-token kernel with its products scaled after the tensor
 #           cores (SCALE_AFTER) beside it as it was: checked against a dequantized reference, then
 #           timed on Llama-3-8B's layers
+# profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
+#           (4096x14336): where gate/up's larger fixed time goes (docs/performance.md, What would be next)
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -59,8 +61,14 @@ for part in "$@"; do
       # shellcheck disable=SC2086
       run lab-bench-dot python3 -u scripts/gluon_dot16_lab.py bench --no-tqc --tokens 16 --configs $configs \
         --out "$out/lab-dot-scaled-after.json" ;;
+    profile)
+      for shape in 14336x4096 4096x14336; do
+        run "ncu-gemv1-4bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \
+          --launch-count 1 --set full --clock-control none python3 scripts/profile_layer_kernels.py --option 4 \
+          --shapes "$shape"
+      done ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, profile)" >&2
       exit 2 ;;
   esac
 done
