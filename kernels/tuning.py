@@ -129,8 +129,8 @@ FMA_PIPELINED_SHAPES = ((16, 4, 8, 4, 3), (8, 4, 16, 4, 3))
 # A pipelined tensor-core shape's slots may round up (slot_choices) to 16 but no further: at 32
 # (3 bits) the 16-token split shape (64, 4, 8, 4, 3) staged 262-278 KB of shared memory, over the
 # H100's 227 KB, and its 12 variants failed to compile on every 3-bit key (runs 127-128); at 16
-# (2 bits) it runs, and the 2-bit 8B gate/up key chose it. (The one-token CUDA-core shapes stage
-# only codes, a few KB, and stay.)
+# (2 bits) it runs, and the 2-bit 8B gate/up key chose it. (No one-token CUDA-core shape failed
+# to compile, so the rule leaves them as they are.)
 PIPELINED_MAX_SLOTS = 16
 GEMM_SHAPES = ((64, 64, 4), (64, 128, 4))  # (block_m, block_n, warps), one program per output tile
 MIN_DOT_WIDTH = 8  # B: a slot pair is the dot's inner dimension 2B, which tensor cores want >= 16
