@@ -5,8 +5,8 @@
 For each (layer, option, tokens) found in both runs, a line through the two points (weight bytes,
 microseconds) gives the rate it streams at and the time it takes whatever its size: the rotation,
 the launch, the program's start and tail. With bf16 in both runs it also says what fixed time the
-first run's shape allows for the issue's targets (plot_performance's TARGETS and RESIDUAL_TARGETS), at the rate measured.
-Prints a table and writes JSON (-o).
+first run's shape allows for the issue's targets (plot_performance's TARGETS and RESIDUAL_TARGETS),
+at the rate measured. Prints a table and writes JSON (-o).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     ncu --profile-from-start off --kernel-name lut_fma_kernel --launch-skip 6 --launch-count 1 \
         --set full python scripts/profile_layer_kernels.py --lookups      # the same on the lookup kernels
     ncu --profile-from-start off --kernel-name lut_dot_kernel --launch-skip 2 --launch-count 1 \
-        --set full python scripts/profile_layer_kernels.py --tokens 16 --shapes 14336x4096
+        --set full python scripts/profile_layer_kernels.py --tokens 16 --shapes 14336x4096 --lookups
     ncu --profile-from-start off --launch-skip 2 --launch-count 2 --set full \
         python scripts/profile_layer_kernels.py --tokens 16 --shapes 14336x4096 --bf16   # cuBLAS
 
