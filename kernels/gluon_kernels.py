@@ -330,17 +330,29 @@ def _copied_words(words, i: gl.constexpr, ITERS: gl.constexpr, WORDS: gl.constex
 
 
 @gluon.jit
+def _first_words(codes, step_words, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr, EVICT: gl.constexpr,
+                 PRESENT: gl.constexpr):
+    """The code words of a program's first LOOKAHEAD steps, a load each (none where not PRESENT)."""
+    loaded = ()
+    if PRESENT:
+        for j in gl.static_range(LOOKAHEAD):
+            if j < ITERS:
+                loaded = loaded + (_load_codes(codes + j * step_words, EVICT),)
+    return loaded
+
+
+@gluon.jit
 def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr):
+                WORDS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr, STAGED: gl.constexpr,
+                PRELOADED: gl.constexpr):
     """(loaded, step i's words) of the unrolled step loop: from shared memory (STAGED), or from
-    registers loaded LOOKAHEAD steps ahead (`loaded` grows by one load a step)."""
+    registers loaded LOOKAHEAD steps ahead (`loaded` grows by one load a step; PRELOADED: it came
+    with the first LOOKAHEAD steps' words, _first_words)."""
     if STAGED:
         words = _copied_words(copied, i, ITERS, WORDS, W)
     else:
-        if i == 0:
-            for j in gl.static_range(LOOKAHEAD):
-                if j < ITERS:
-                    loaded = loaded + (_load_codes(codes + j * step_words, EVICT),)
+        if i == 0 and not PRELOADED:
+            loaded = _first_words(codes, step_words, ITERS, LOOKAHEAD, EVICT, True)
         if i + LOOKAHEAD < ITERS:
             loaded = loaded + (_load_codes(codes + (i + LOOKAHEAD) * step_words, EVICT),)
         words = loaded[i]
@@ -349,24 +361,26 @@ def _step_words(loaded, copied, codes, step_words, i: gl.constexpr, ITERS: gl.co
 
 @gluon.jit
 def _more_words(loaded, codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: gl.constexpr, WORDS: gl.constexpr,
-                W: gl.constexpr, EVICT: gl.constexpr, PRESENT: gl.constexpr):
+                W: gl.constexpr, EVICT: gl.constexpr, PRESENT: gl.constexpr, PRELOADED: gl.constexpr):
     """_step_words for another set of code words a step (the residual stage's, 3 bits' signs), WORDS a
     thread, loaded into registers; or nothing where the kernel has none (not PRESENT)."""
     words = 0
     if PRESENT:
-        loaded, words = _step_words(loaded, codes, codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False)
+        loaded, words = _step_words(loaded, codes, codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False,
+                                    PRELOADED)
     return loaded, words
 
 
 @gluon.jit
 def _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr,
                 LOOKAHEAD: gl.constexpr, BLOCK_K: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
-                STAGED: gl.constexpr, BITS: gl.constexpr):
+                STAGED: gl.constexpr, BITS: gl.constexpr, PRELOADED: gl.constexpr):
     """(loaded, sign_loaded, step i's words of the base stage): _step_words' words, at 3 bits paired
     with their sign words (_decode)."""
     loaded, words = _step_words(loaded, copied, codes, step_words, i, ITERS, LOOKAHEAD,
-                                thread_word_count(BLOCK_K, BITS), W, EVICT, STAGED)
-    sign_loaded, signs = _more_words(sign_loaded, sign_codes, i, ITERS, LOOKAHEAD, BLOCK_K // 64, W, EVICT, BITS == 3)
+                                thread_word_count(BLOCK_K, BITS), W, EVICT, STAGED, PRELOADED)
+    sign_loaded, signs = _more_words(sign_loaded, sign_codes, i, ITERS, LOOKAHEAD, BLOCK_K // 64, W, EVICT, BITS == 3,
+                                     PRELOADED)
     if BITS == 3:
         words = (words, signs)
     return loaded, sign_loaded, words
@@ -421,16 +435,20 @@ def operand_layout(warps):
 
 
 @gluon.jit
-def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K: gl.constexpr,
-                   G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
-                   STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr, RES_BITS: gl.constexpr):
+def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N: gl.constexpr,
+                   K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr,
+                   EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr,
+                   RES_BITS: gl.constexpr, LOOKAHEAD: gl.constexpr, PRELOAD: gl.constexpr):
     """What a program reads its weights with: (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
     words a step, the PRMT tables, with STAGED every step's words already in flight to shared
     memory, else the pointers again; then the residual stage's code pointers, scale pointers and
     tables (the base's where the widths match: one codebook a width), read only where the kernel
-    has one). It reads only the read-only weights, so under programmatic dependent launch (PDL) it
-    runs while the rotation finishes, and waits for it last."""
+    has one; the sign words' pointers (_sign_codes); and with PRELOAD the first LOOKAHEAD steps'
+    words of the base stage, the residual stage and the signs, each a tuple of loads (else empty)).
+    It reads only the read-only weights, so under programmatic dependent launch (PDL) it runs while
+    the rotation finishes, and waits for it last: with PRELOAD the first steps' trips to memory
+    overlap the rotation too."""
     C: gl.constexpr = BLOCK_K // 32
     WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     first_step = gl.program_id(1) * ITERS
@@ -448,10 +466,17 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     copied = codes
     if STAGED:
         copied = _copy_codes(codes, step_words, ITERS, WORDS, W, EVICT)
+    sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
+    first = ((), (), ())
+    if PRELOAD:
+        RES_STEP: gl.constexpr = W * 32 * thread_word_count(BLOCK_K, RES_BITS)
+        first = (_first_words(codes, step_words, ITERS, LOOKAHEAD, EVICT, not STAGED),
+                 _first_words(res_codes, RES_STEP, ITERS, LOOKAHEAD, EVICT, RES_BITS > 0),
+                 _first_words(sign_codes, W * 32 * (BLOCK_K // 64), ITERS, LOOKAHEAD, EVICT, BITS == 3))
     _wait_for_previous_kernel(PDL)
     row_scales = rows * (K // G)
     return (first_step, rows, scales_ptr + row_scales, codes, step_words, tables, copied, res_codes,
-            res_scales_ptr + row_scales, res_tables)
+            res_scales_ptr + row_scales, res_tables, sign_codes, first)
 
 
 @gluon.jit
@@ -459,7 +484,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         M, N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-                        RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False):
+                        RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
+                        PRELOAD: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
@@ -468,7 +494,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     launches it; checked on a GPU, run 125): the tensor cores multiply the unscaled weights, each stage into an
     accumulator of its own over a group's steps (where ITERS covers whole groups, else a step), which
     is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
-    instead of an HMUL2 (HFMA2) a weight pair."""
+    instead of an HMUL2 (HFMA2) a weight pair. PRELOAD (the lab's, run 129): the first LOOKAHEAD steps'
+    code words are loaded before the wait for the previous kernel (_program_codes)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -476,9 +503,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     mma_layout: gl.constexpr = accumulator_layout(W)
     a_layout: gl.constexpr = operand_layout(W)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
-    first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K, G, BLOCK_K, ITERS, W, EVICT,
-        STAGED, PDL, BITS, RES_BITS)
+    (first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
+     first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
+                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD)
 
     # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
     x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
@@ -497,13 +524,12 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     products, res_products = acc, acc  # SCALE_AFTER's, a stage each
     RUN: gl.constexpr = G // BLOCK_K if ITERS % (G // BLOCK_K) == 0 else 1
     row_scales = (gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))) * (K // G)
-    sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
-    loaded, res_loaded, sign_loaded = (), (), ()
+    loaded, res_loaded, sign_loaded = first
     for i in gl.static_range(ITERS):
         loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
-                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS)
+                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOAD)
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
-                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
+                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
         x = x_smem.index(i).permute((1, 0))
         if SCALE_AFTER:
@@ -567,7 +593,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
-                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False):
+                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -580,16 +606,16 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not. X_ORDERED
     (the lab's, with ROW_SUMS; not yet checked on a GPU): x is stored in fragment order
     (fragments.fragment_input_order), so each thread loads its inputs as two 16-byte vectors a step
-    instead of eight 4-byte words (_ordered_quads)."""
+    instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
     a_layout: gl.constexpr = operand_layout(W)
-    first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables = _program_codes(
-        codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, K, G, BLOCK_K, ITERS, W, EVICT,
-        STAGED, PDL, BITS, RES_BITS)
+    (first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
+     first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
+                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     tile = acc
@@ -598,15 +624,14 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         acc = _chunks(gl.zeros_like(like, dtype=gl.float16), C)[0]
     products, res_products = acc, acc
     RUN: gl.constexpr = G // BLOCK_K if SUM_STEPS and ITERS % (G // BLOCK_K) == 0 else 1
-    sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
-    loaded, res_loaded, sign_loaded = (), (), ()
+    loaded, res_loaded, sign_loaded = first
     for i in gl.static_range(ITERS):
         loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
-                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS)
+                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
         x = gl.load(x_ptr + columns + i * BLOCK_K)  # natural order (unused with X_ORDERED: not compiled)
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
-                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0)
+                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOAD)
         if ROW_SUMS:
             if X_ORDERED:
                 x_quads = _ordered_quads(x_ptr + (first_step + i) * BLOCK_K, like, C, W)

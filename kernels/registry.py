@@ -42,6 +42,8 @@ LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8, FRAGMENT_LAYOUT: fragme
 MAX_FRAGMENT_TOKENS = 16  # wgmma's n: above, the fragment family dequantizes for cuBLAS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
+# TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B)
+FRAGMENT_PRELOAD = os.environ.get("TQC_PRELOAD", "0") == "1"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -498,7 +500,7 @@ class FragmentLayerKernel(LayerKernel):
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
                                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits} | self.scaling(config)
+                                     "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
 
     @staticmethod
     def scaling(config: LaunchConfig) -> dict[str, bool]:

@@ -782,24 +782,28 @@ def test_scale_after_scales_the_tensor_cores_products_once_a_group(res_bits):
     assert after["ops"]["PRMT"] == each["ops"]["PRMT"]
 
 
+@pytest.mark.parametrize("preload", [False, True])
 @pytest.mark.parametrize("kernel_name", ["fragment_dot_kernel", "fragment_gemv_kernel"])
-def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name):
+def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(kernel_name, preload):
     """With PDL (programmatic dependent launch, as the family launches on sm_90) a fragment kernel
     waits for the previous kernel (griddepcontrol.wait, ACQBULK), which writes its activations and
     zeroes its output, before it loads an activation or adds into the output; its weights' prologue
-    runs before (without PDL it never waits: test_fragment_gemv_kernel_decodes_...)."""
+    runs before (without PDL it never waits: test_fragment_gemv_kernel_decodes_...), with PRELOAD
+    including the first LOOKAHEAD steps' code vectors, and without it none."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels import gluon_kernels
     from tqc.kernels.static_report import compile_gluon_for_hopper
 
+    lookahead = 2
     constexprs = {"N": 4096, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": 4, "X_LAYOUT": gluon_kernels.x_layout(64),
-                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "PDL": True}
+                  "LOOKAHEAD": lookahead, "num_warps": 4, "EVICT": True, "PDL": True, "PRELOAD": preload}
     sass = compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs, 4, "*bf16").asm["sass"]
     wait = sass.index("ACQBULK")
     before = sass[:wait]
     assert sass.count("ACQBULK") == 1 and sass.index("PREEXIT") > wait and sass.index("REDG") > wait
     # before it: the lookup table (4 words a thread) and code words only, no activation (dot: 16-byte loads)
     assert before.count("LDG.E ") <= 4 and "LDG.E.128 " not in before and "STS" not in before
+    assert before.count("LDG.E.EF.128") == (lookahead if preload else 0)  # a 16-byte code vector a step
 
 
 def test_num_stages_pipelines_the_cuda_core_step_loop():
