@@ -20,7 +20,9 @@
 #           cache): TQC_PRELOAD=1 (the family's first steps' codes loaded before it, gluon_kernels
 #           PRELOAD) and TQC_EARLY_TRIGGER=1 (the rotations let the next matmul launch before they wait,
 #           triton_kernels.pdl_start's EARLY), off, each, both, off again: the one-token decoder at the
-#           mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options 3, 4, 4+2)
+#           mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options 3, 4, 4+2); with the
+#           early trigger the one-token kernel holds shared memory that caps the programs an SM takes
+#           (registry FragmentLayerKernel.reserve). VARIANTS="00 01" picks variants.
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
 #           (4096x14336): where gate/up's larger fixed time goes (docs/performance.md, What would be next)
 set -uo pipefail
@@ -68,11 +70,11 @@ for part in "$@"; do
         --out "$out/lab-dot-scaled-after.json" ;;
     overlap)
       variants="00 10 01 11 00-again"
-      for v in $variants; do
+      for v in ${VARIANTS:-$variants}; do
         export TQC_PRELOAD=${v:0:1} TQC_EARLY_TRIGGER=${v:1:1} TRITON_CACHE_DIR=/tmp/triton-cache-${v:0:2}
         run "overlap-decode-$v" python3 -u -m tqc.cli bench decode --plan mixed --tokens 1 -o "$out/overlap-decode-$v.json"
       done
-      for v in $variants; do
+      for v in ${VARIANTS:-$variants}; do
         export TQC_PRELOAD=${v:0:1} TQC_EARLY_TRIGGER=${v:1:1} TRITON_CACHE_DIR=/tmp/triton-cache-${v:0:2}
         run "overlap-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b --layers gate_proj/up_proj \
           down_proj --options 3 4 4+2 --tokens 1 16 -o "$out/overlap-layers-$v.json"
