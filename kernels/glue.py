@@ -35,7 +35,7 @@ import triton.language as tl
 from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch
 from .int8_kernels import store_int8
-from .triton_kernels import EARLY_TRIGGER, clear_output, pdl_start, rotate_tile, store_rotated
+from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
 
 MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
 # norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
@@ -61,7 +61,7 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
     (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm computes it, and h_out is
     the normalised input (delta unused): Llama's rounds before the weight, Gemma's (GEMMA)
     multiplies by 1 + weight and rounds once."""
-    pdl_start(PDL, EARLY_TRIGGER)
+    pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
     row = tl.arange(0, ROW)
@@ -104,7 +104,7 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
                          FRAGMENT_STEP: tl.constexpr = 0):
     """grid (M, K / BLOCK_K): x = silu(gate) * up (GELU: gelu_tanh(gate) * up, Gemma's) for one
     token's BLOCK_K columns (gate_up is [M, 2K], gate first), rotated."""
-    pdl_start(PDL, EARLY_TRIGGER)
+    pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -593,8 +593,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
-                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
-                         RESERVE: gl.constexpr = 0):
+                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -607,9 +606,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not. X_ORDERED
     (the lab's, with ROW_SUMS; not yet checked on a GPU): x is stored in fragment order
     (fragments.fragment_input_order), so each thread loads its inputs as two 16-byte vectors a step
-    instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. RESERVE (the lab's,
-    run 129): bytes of shared memory a program holds and does not need, so that an SM takes no more
-    than a balanced share of the grid even when its programs arrive early (_reserve_shared_memory)."""
+    instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
@@ -619,7 +616,6 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     (first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
      first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
                              BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD)
-    _reserve_shared_memory(RESERVE, W)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     tile = acc
@@ -665,21 +661,6 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)
-
-
-@gluon.jit
-def _reserve_shared_memory(RESERVE: gl.constexpr, W: gl.constexpr):
-    """Hold RESERVE bytes of shared memory (a multiple of 512) for the program's life: a buffer a set
-    bit (shapes are powers of two), all allocated before any is written, so that they live at once;
-    one word a thread is written to each so that it is kept."""
-    words: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, W], [1, 0])
-    buffers = ()
-    for bit in gl.static_range(9, 18):  # 512 bytes to 128 KB
-        if (RESERVE >> bit) & 1:
-            buffers = buffers + (gl.allocate_shared_memory(gl.int32, [(1 << bit) // 512, 128],
-                                                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])),)
-    for i in gl.static_range(len(buffers)):
-        buffers[i].slice(0, 1).store(gl.zeros([1, 128], gl.int32, words))
 
 
 @lru_cache(maxsize=None)

@@ -44,7 +44,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter canno
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B)
 FRAGMENT_PRELOAD = os.environ.get("TQC_PRELOAD", "0") == "1"
-SM_SHARED_BYTES = 228 * 1024  # shared memory of a Hopper SM; a program also takes 1 KB of it for the driver
 
 
 def cdiv(a: int, b: int) -> int:
@@ -497,11 +496,11 @@ class FragmentLayerKernel(LayerKernel):
         """(K-splits, every constexpr of gluon_kernel(config), num_warps among them)."""
         from . import gluon_kernels as gk  # noqa: PLC0415
 
-        constexprs = {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
-                      "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
-                      "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits, "BITS": self.key.bits,
-                      "PRELOAD": FRAGMENT_PRELOAD}
-        return self.splits(config), constexprs | self.scaling(config) | self.reserve(config)
+        return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
+                                     "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
+                                     "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
+                                     "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
+                                     "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
 
     @staticmethod
     def scaling(config: LaunchConfig) -> dict[str, bool]:
@@ -510,16 +509,6 @@ class FragmentLayerKernel(LayerKernel):
         if config.strategy != "fragment_gemv":
             return FRAGMENT_DOT_SCALING
         return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
-
-    def reserve(self, config: LaunchConfig) -> dict[str, int]:
-        """With the rotations' early trigger (tk.EARLY_TRIGGER, run 129's A/B), the one-token kernel's
-        RESERVE: shared memory that caps the programs an SM holds at a balanced share of the grid,
-        which programs launched early would otherwise crowd onto the SMs free at the time."""
-        if config.strategy != "fragment_gemv" or not tk.EARLY_TRIGGER.value:
-            return {}
-        programs = self.key.n // (16 * fragments.WARPS) * self.splits(config)
-        share = -(-programs // torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
-        return {"RESERVE": 0 if share >= 16 else (SM_SHARED_BYTES // share - 1024) // 512 * 512}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout

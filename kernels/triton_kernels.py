@@ -23,8 +23,6 @@ PDL): `_start` waits for it after reading only read-only data (tables, prefetche
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -37,9 +35,6 @@ CRUMB_ASM = tl.constexpr(CRUMB_ASM)
 SIGNED_CRUMB_ASM = tl.constexpr(SIGNED_CRUMB_ASM)
 SIGNED_CONSTRAINTS = tl.constexpr(SIGNED_CONSTRAINTS)
 UNSIGNED_CONSTRAINTS = tl.constexpr(UNSIGNED_CONSTRAINTS)
-# TQC_EARLY_TRIGGER=1: the rotation kernels let the next matmul launch before they wait (pdl_start's
-# EARLY; run 129's A/B)
-EARLY_TRIGGER = tl.constexpr(os.environ.get("TQC_EARLY_TRIGGER", "0") == "1")
 
 
 @triton.jit
@@ -97,18 +92,12 @@ def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LO
 
 
 @triton.jit
-def pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr = False):
+def pdl_start(PDL: tl.constexpr):
     """Under programmatic dependent launch (sm_90): wait for the previous kernel, then let the next
-    one launch at once (it reads only read-only weights before its own wait). EARLY: let it launch
-    first, while the previous kernel still runs, so that a matmul after a rotation gets its programs
-    and its weights' prologue under way during the matmul before (its wait still waits for this
-    kernel, and this kernel for the one before)."""
+    one launch at once (it reads only read-only weights before its own wait)."""
     if PDL:
-        if EARLY:
-            gdc_launch_dependents()
         gdc_wait()
-        if not EARLY:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
 
 
 @triton.jit(do_not_specialize=["M", "CLEAR"])
@@ -120,7 +109,7 @@ def fwht_kernel(x_ptr, signs_ptr, out_ptr, clear_ptr, M, CLEAR, K: tl.constexpr,
     PAIR_WIDTH, FRAGMENT_STEP: see store_rotated. Also zeroes clear_ptr[:CLEAR] (the output a split-K kernel adds
     into), saving a launch. PDL: see pdl_start.
     """
-    pdl_start(PDL, EARLY_TRIGGER)
+    pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     tokens, cols, mask, x = input_tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
     store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K, LOG_G, BLOCK_M, BLOCK_K, PAIR_WIDTH, FRAGMENT_STEP)

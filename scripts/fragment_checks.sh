@@ -16,15 +16,12 @@
 #           at 4, 8 and 16 steps, and the 16-token kernel with its products scaled after the tensor
 #           cores (SCALE_AFTER) beside it as it was: checked against a dequantized reference, then
 #           timed on Llama-3-8B's layers
-# overlap   what runs before the wait for the previous kernel, side by side (each variant its own Triton
-#           cache): TQC_PRELOAD=1 (the family's first steps' codes loaded before it, gluon_kernels
-#           PRELOAD) and TQC_EARLY_TRIGGER=1 (the rotations let the next matmul launch before they wait,
-#           triton_kernels.pdl_start's EARLY), off, each, both, off again: the one-token decoder at the
-#           mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options 3, 4, 4+2); with the
-#           early trigger the one-token kernel holds shared memory that caps the programs an SM takes
-#           (registry FragmentLayerKernel.reserve). VARIANTS="00 01" picks variants.
+# preload   the family's first steps' codes loaded before the wait for the rotation (TQC_PRELOAD=1,
+#           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
+#           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
+#           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
-#           (4096x14336): where gate/up's larger fixed time goes (docs/performance.md, What would be next)
+#           (4096x14336): run 129 found them level (docs/performance.md)
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -68,18 +65,16 @@ for part in "$@"; do
       # shellcheck disable=SC2086
       run lab-bench-dot python3 -u scripts/gluon_dot16_lab.py bench --no-tqc --tokens 16 --configs $configs \
         --out "$out/lab-dot-scaled-after.json" ;;
-    overlap)
-      variants="00 10 01 11 00-again"
+    preload)
+      variants="0 1 0-again"
       for v in ${VARIANTS:-$variants}; do
-        export TQC_PRELOAD=${v:0:1} TQC_EARLY_TRIGGER=${v:1:1} TRITON_CACHE_DIR=/tmp/triton-cache-${v:0:2}
-        run "overlap-decode-$v" python3 -u -m tqc.cli bench decode --plan mixed --tokens 1 -o "$out/overlap-decode-$v.json"
+        export TQC_PRELOAD=${v:0:1} TRITON_CACHE_DIR=/tmp/triton-cache-preload-${v:0:1}
+        run "preload-decode-$v" python3 -u -m tqc.cli bench decode --plan mixed --tokens 1 -o "$out/preload-decode-$v.json"
+        run "preload-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b --layers gate_proj/up_proj \
+          down_proj --options 3 4 4+2 --tokens 1 16 -o "$out/preload-layers-$v.json"
       done
-      for v in ${VARIANTS:-$variants}; do
-        export TQC_PRELOAD=${v:0:1} TQC_EARLY_TRIGGER=${v:1:1} TRITON_CACHE_DIR=/tmp/triton-cache-${v:0:2}
-        run "overlap-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b --layers gate_proj/up_proj \
-          down_proj --options 3 4 4+2 --tokens 1 16 -o "$out/overlap-layers-$v.json"
-      done
-      unset TQC_PRELOAD TQC_EARLY_TRIGGER TRITON_CACHE_DIR ;;
+      unset TQC_PRELOAD TRITON_CACHE_DIR
+      (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
     profile)
       for shape in 14336x4096 4096x14336; do
         run "ncu-gemv1-4bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \
@@ -87,7 +82,7 @@ for part in "$@"; do
           --shapes "$shape"
       done ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, overlap, profile)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile)" >&2
       exit 2 ;;
   esac
 done

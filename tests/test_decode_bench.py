@@ -213,3 +213,21 @@ def test_fixed_time_script_splits_a_layer_into_fixed_time_and_streaming(tmp_path
     four = next(e for e in json.loads(output.read_text()) if e["option"] == "4")
     assert four["fixed_us"] == pytest.approx(5.0) and four["gbps"] == pytest.approx(3000.0)
     assert four["target"] == 3.2 and four["fixed_us_allowed"] == pytest.approx(42.0 / 3.2 - 10.0)
+
+
+def test_decode_config_sweep_changes_one_cached_entry_in_a_copy(tmp_path):
+    """scripts/decode_config_sweep.py: a variant KEY:FIELD=VALUE copies the tuning cache with that
+    entry's field changed (typed as the field is) and every other entry, and the original, as they were."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from decode_config_sweep import with_override
+
+    config = {"strategy": "fragment_gemv", "iters": 8, "sums": "rows"}
+    cache = {"format": 13, "gpu": "H100", "entries": {"a/m1": {"config": config, "microseconds": 13.0},
+                                                       "b/m1": {"config": dict(config), "microseconds": 9.0}}}
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "h100.json").write_text(json.dumps(cache))
+    changed = json.loads((with_override(tuned, "a/m1:iters=4", tmp_path / "variant") / "h100.json").read_text())
+    assert changed["entries"]["a/m1"]["config"] == config | {"iters": 4}
+    assert changed["entries"]["b/m1"] == cache["entries"]["b/m1"]
+    assert json.loads((tuned / "h100.json").read_text()) == cache
