@@ -1,9 +1,10 @@
 """Where a decode step's time goes: kernel launches and kernel time per step, bf16 and tqc (CUDA only).
 
     python scripts/profile_decode.py [--model qwen2.5-7b] [--plan mixed] [--activations int8 [--int8-layers ...]]
-                                     [--steps 20] [-o profile.json]
+                                     [--steps 20] [--lookups | --fragments [all]] [-o profile.json]
 
-Builds the decoders of `tqc bench decode` (kernels/decode_bench.py) with the tuning cache
+Builds the decoders of `tqc bench decode` (kernels/decode_bench.py), on the kernels it runs (the
+fragment family where the GPU can run it; --lookups: the lookup kernels), with the tuning cache
 ($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
 torch.profiler and sums the GPU kernels by name and grid (a layer's shape). Under programmatic dependent launch a kernel
 starts before its predecessor ends, so kernel times overlap: their sum can exceed the step.
@@ -19,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tqc.kernels.bench import DECODER_SHAPES
+from tqc.kernels.bench import DECODER_SHAPES, add_fragments_argument, bench_registry
 from tqc.kernels.decode_bench import Decoder, bf16_factory, plan_options, quantized_factory
-from tqc.kernels.registry import KernelRegistry
-from tqc.kernels.tuning import Tuner
 
 
 def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
@@ -61,12 +60,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("-o", "--output", default="profile-decode.json")
+    add_fragments_argument(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     options = plan_options(args.plan, args.activations, args.int8_layers)
-    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
+    registry, family = bench_registry("profile_decode.py", args.cache_dir, fragments=args.fragments)
     shape, layers = DECODER_SHAPES[args.model]
-    results = {"model": args.model, "plan": options, "steps": args.steps}
+    results = {"model": args.model, "plan": options, "steps": args.steps, "fragments": family}
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
         model = Decoder(linear, shape, layers, 1024, compile_glue=True, rotate_in_glue=True)
         results[label] = table = kernel_table(model, args.steps)
