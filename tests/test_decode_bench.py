@@ -231,3 +231,15 @@ def test_decode_config_sweep_changes_one_cached_entry_in_a_copy(tmp_path):
     assert changed["entries"]["a/m1"]["config"] == config | {"iters": 4}
     assert changed["entries"]["b/m1"] == cache["entries"]["b/m1"]
     assert json.loads((tuned / "h100.json").read_text()) == cache
+
+
+def test_every_script_with_options_answers_help_without_a_gpu():
+    """scripts/*.py that parse options (argparse) import and print their usage on a machine without a
+    GPU, as CI's: most of them run only on the device, so this is where an import they broke shows first."""
+    scripts = sorted(path for path in (ROOT / "scripts").glob("*.py") if "argparse" in path.read_text())
+    runs = {path.name: subprocess.Popen([sys.executable, str(path), "--help"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True) for path in scripts}
+    outputs = {name: run.communicate(timeout=300) for name, run in runs.items()}
+    failed = {name: output[0][-300:] for (name, output), run in zip(outputs.items(), runs.values())
+              if run.returncode != 0 or "usage:" not in output[0]}
+    assert len(scripts) >= 20 and not failed
