@@ -4,6 +4,7 @@ gemlite's A16Wn layers take affine group quantization (w = (q - z) * s, 2/4 bits
 so they move the same number of bytes as tqc's plain 2/4-bit option: the comparison is of
 kernels, not of quantizers. gemlite is installed separately (`pip install gemlite`); it picks
 its launch configurations from the cache it ships for the GPU, or tunes them on first call.
+tqc's layers run what tqc.load runs (the fragment family on Hopper; --lookups: the lookup kernels).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import SHAPES, device_info, save, time_layers
+from .bench import SHAPES, add_fragments_argument, device_info, save, time_layers
 from .tuning import stream_copies
 
 
@@ -31,13 +32,12 @@ def gemlite_layer(n: int, k: int, bits: int, group_size: int, seed: int):
 def cmd_gemlite(args: argparse.Namespace) -> None:
     import gemlite  # noqa: PLC0415
 
-    from .bench import bench_shape, report, row  # noqa: PLC0415
-    from .registry import KernelRegistry  # noqa: PLC0415
-    from .tuning import Tuner  # noqa: PLC0415
+    from .bench import bench_registry, bench_shape, report, row  # noqa: PLC0415
 
     torch.manual_seed(0)
-    registry = KernelRegistry(Tuner.for_device(cache_dir=args.cache_dir))
-    result = {"device": device_info() | {"gemlite": gemlite.__version__}, "group_size": args.group_size, "rows": []}
+    registry, family = bench_registry("tqc bench gemlite", args.cache_dir, fragments=args.fragments)
+    result = {"device": device_info() | {"gemlite": gemlite.__version__}, "group_size": args.group_size,
+              "fragments": family, "rows": []}
     for model in args.models:
         for layer, (n, k) in SHAPES[model].items():
             if args.layers and layer not in args.layers:
@@ -66,4 +66,5 @@ def add_parser(kinds, checked) -> None:
     peer.add_argument("--group-size", type=int, default=128)
     peer.add_argument("--cache-dir", type=Path, help="tqc kernel tuning cache (default ~/.cache/tqc/kernels)")
     peer.add_argument("-o", "--output", default="bench-gemlite.json")
+    add_fragments_argument(peer)
     peer.set_defaults(run=checked(cmd_gemlite))
