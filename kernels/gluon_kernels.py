@@ -494,8 +494,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     launches it; checked on a GPU, run 125): the tensor cores multiply the unscaled weights, each stage into an
     accumulator of its own over a group's steps (where ITERS covers whole groups, else a step), which
     is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
-    instead of an HMUL2 (HFMA2) a weight pair. PRELOAD (the lab's, run 129): the first LOOKAHEAD steps'
-    code words are loaded before the wait for the previous kernel (_program_codes)."""
+    instead of an HMUL2 (HFMA2) a weight pair. PRELOAD (the lab's; timed in run 129, its sums not yet
+    checked on a GPU): the first LOOKAHEAD steps' code words are loaded before the wait for the
+    previous kernel (_program_codes)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W

@@ -42,7 +42,8 @@ LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8, FRAGMENT_LAYOUT: fragme
 MAX_FRAGMENT_TOKENS = 16  # wgmma's n: above, the fragment family dequantizes for cuBLAS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
-# TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B)
+# TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
+# no faster, and its sums not checked on a GPU: a switch for measurements, off by default)
 FRAGMENT_PRELOAD = os.environ.get("TQC_PRELOAD", "0") == "1"
 
 
