@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -50,11 +51,20 @@ DECODER_SHAPES = {
 
 
 def device_info() -> dict:
+    """The GPU and versions a result was measured with, and the TQC_ switches it ran under (switches)."""
     import triton  # noqa: PLC0415
 
     props = torch.cuda.get_device_properties(0)
     return {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "switches": switches()}
+
+
+def switches() -> dict[str, str]:
+    """The TQC_ environment variables that change what runs (TQC_PDL, TQC_PRELOAD, ...; not where the
+    tuning cache lives), so that a result from an A/B says which side it is."""
+    return {name: value for name, value in sorted(os.environ.items())
+            if name.startswith("TQC_") and name != "TQC_KERNEL_CACHE"}
 
 
 def graph_seconds(fn, rep_ms: int = 100) -> float:

@@ -1,6 +1,7 @@
 """The end-to-end decode benchmark's decoder, run on CPU through the reference path."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -243,3 +244,16 @@ def test_every_script_with_options_answers_help_without_a_gpu():
     failed = {name: output[0][-300:] for (name, output), run in zip(outputs.items(), runs.values())
               if run.returncode != 0 or "usage:" not in output[0]}
     assert len(scripts) >= 20 and not failed
+
+
+def test_results_name_the_switches_they_ran_under(monkeypatch):
+    """Benchmark JSONs (bench.device_info) record the TQC_ variables that change what runs, so the two
+    sides of an A/B tell themselves apart; the tuning cache's place is not one of them."""
+    from tqc.kernels.bench import switches
+
+    for name in [name for name in os.environ if name.startswith("TQC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TQC_PRELOAD", "1")
+    monkeypatch.setenv("TQC_PDL", "0")
+    monkeypatch.setenv("TQC_KERNEL_CACHE", "/tmp/cache")
+    assert switches() == {"TQC_PDL": "0", "TQC_PRELOAD": "1"}
