@@ -17,18 +17,31 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tqc.kernels.bench import save
+
 
 def with_override(cache_dir: Path, variant: str, directory: Path) -> Path:
-    """A copy of the cache's files in `directory` with `variant` (KEY:FIELD=VALUE) applied."""
-    key, change = variant.rsplit(":", 1)
-    field, value = change.split("=")
+    """A copy of the cache's files in `directory` with `variant` (KEY:FIELD=VALUE, VALUE as JSON or a
+    bare string) applied; a key no file holds, a field its config lacks or a value of another type
+    is an error, not a run that changes nothing."""
+    key, _, change = variant.rpartition(":")
+    field, _, text = change.partition("=")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
     directory.mkdir(parents=True)
+    found = False
     for path in cache_dir.glob("*.json"):
         cache = json.loads(path.read_text())
         if key in cache["entries"]:
             config = cache["entries"][key]["config"]
-            config[field] = type(config[field])(int(value) if value.isdigit() else value)
+            if field not in config or type(config[field]) is not type(value):
+                raise SystemExit(f"{variant}: {key}'s config has no {type(value).__name__} field {field!r}")
+            config[field], found = value, True
         (directory / path.name).write_text(json.dumps(cache))
+    if not found:
+        raise SystemExit(f"{variant}: no tuned key {key!r} in {cache_dir}")
     return directory
 
 
@@ -54,7 +67,7 @@ def main() -> None:
             row = {"variant": variant} | decode_step_ms(cache, Path(scratch) / f"{i}.json")
             print(json.dumps(row), flush=True)
             rows.append(row)
-    args.out.write_text(json.dumps(rows, indent=1))
+    save({"rows": rows}, str(args.out))
 
 
 if __name__ == "__main__":

@@ -216,10 +216,11 @@ def test_fixed_time_script_splits_a_layer_into_fixed_time_and_streaming(tmp_path
     assert four["target"] == 3.2 and four["fixed_us_allowed"] == pytest.approx(42.0 / 3.2 - 10.0)
 
 
-def test_decode_config_sweep_changes_one_cached_entry_in_a_copy(tmp_path):
+def test_decode_config_sweep_changes_one_cached_entry_in_a_copy(tmp_path, monkeypatch):
     """scripts/decode_config_sweep.py: a variant KEY:FIELD=VALUE copies the tuning cache with that
-    entry's field changed (typed as the field is) and every other entry, and the original, as they were."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    entry's field changed (typed as the field is) and every other entry, and the original, as they were;
+    a key, field or value type the cache does not have stops it with one line."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from decode_config_sweep import with_override
 
     config = {"strategy": "fragment_gemv", "iters": 8, "sums": "rows"}
@@ -232,6 +233,10 @@ def test_decode_config_sweep_changes_one_cached_entry_in_a_copy(tmp_path):
     assert changed["entries"]["a/m1"]["config"] == config | {"iters": 4}
     assert changed["entries"]["b/m1"] == cache["entries"]["b/m1"]
     assert json.loads((tuned / "h100.json").read_text()) == cache
+    for variant, message in [("c/m1:iters=4", "no tuned key 'c/m1'"), ("a/m1:steps=4", "no int field 'steps'"),
+                             ("a/m1:iters=four", "no str field 'iters'")]:
+        with pytest.raises(SystemExit, match=message):
+            with_override(tuned, variant, tmp_path / variant.replace("/", "-"))
 
 
 def test_every_script_with_options_answers_help_without_a_gpu():
