@@ -34,8 +34,8 @@ from tqc.layout import LayerSpec, rotation_seed
 from tqc.linear import empty_quantized_linear, load_packed_tensors
 from tqc.models import linear_layers, load_tokenizer, resolve_model
 from tqc.plan import Plan, QuantizerRef
-from tqc.rotation import random_signs, rotate
-from tqc.turboquant import SCALE_GRID, decode_stage, fit_stage
+from tqc.rotation import rotate
+from tqc.turboquant import SCALE_GRID, decode_stage, fit_stage, weight_signs
 
 from .data import DEFAULT_DATA, data_ref, sample_windows
 from .scores import rotated_hessian
@@ -64,9 +64,12 @@ def _packed(spec: LayerSpec, seed: int, codes: list[torch.Tensor], scales: list[
 
 
 def _rotated(weight: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W R^T (float32 [N, K]) and R H R^T (float64 [K, K]) for the layer's seeded rotation."""
-    signs = random_signs(seed, spec.in_features)
+    """W R^T (float32 [N, K]) and R H R^T (float64 [K, K]) for the layer's seeded rotation; where the
+    input arrives rotated (tqc.folding), H was collected from rotated inputs and is R H R^T already."""
+    signs = weight_signs(seed, spec)
     rotated = rotate(weight.detach().float(), signs, spec.group_size)
+    if spec.input_rotated:
+        return rotated, hessian.double()
     return rotated, rotated_hessian(hessian.double(), signs, spec.group_size)
 
 

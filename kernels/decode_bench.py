@@ -15,6 +15,7 @@ fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -154,11 +155,13 @@ def bf16_factory(device: str = "cuda") -> LinearFactory:
     return linear
 
 
-def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda", fuse: bool = True) -> LinearFactory:
+def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda", fuse: bool = True,
+                      fold: bool = True) -> LinearFactory:
     """Random TurboQuant projections under `plan`; those sharing an option (and `fuse`) become one layer.
 
     With a registry the layers are repacked for, and run, its kernels; without one (CPU) they run
-    the reference path.
+    the reference path. `fold`: o_proj on fp16 activations takes its input rotated, as `tqc build`
+    makes it (tqc.folding; the weights are random, so v_proj needs no change).
     """
     from tqc.linear import concatenate  # noqa: PLC0415
 
@@ -176,6 +179,8 @@ def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda",
 
     def linear(names: tuple[str, ...], sizes: tuple[int, ...], k: int) -> nn.Module:
         specs = [bench_spec(plan[name], GROUP_SIZE, k, n) for name, n in zip(names, sizes)]
+        if fold and names == ("o_proj",) and specs[0].activations == "fp16":
+            specs = [dataclasses.replace(specs[0], input_rotated=True)]
         layers = [random_turboquant_linear(spec, device, seed=k + i) for i, spec in enumerate(specs)]
         if fused(plan, names, True):  # siblings that could fuse share a rotation seed, as tqc build gives them
             for layer in layers:
@@ -250,22 +255,22 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
                      tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
-                     fragments: str | None = None) -> dict:
+                     fragments: str | None = None, fold: bool = True) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one
     the option allows). `fragments`: "checked", "all", "lookups" or None (bench_registry; the
-    result records the family that ran)."""
+    result records the family that ran). `fold`: o_proj's rotation folded away (quantized_factory)."""
     from .bench import bench_registry, compile_and_report  # noqa: PLC0415
 
     torch.manual_seed(0)
     options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
-               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue}
+               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fold": fold}
     registry, results["fragments"] = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
     compile_and_report(decoder_keys(options, fuse, shape, registry), [tokens])
-    for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse))):
+    for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse, fold=fold))):
         model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
         seconds = step_seconds(model, tokens)
         results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,

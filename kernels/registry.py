@@ -260,8 +260,8 @@ class LayerKernel:
         the same): for the lookup kernels in slot-pair order, fp16, and the output zeroed when the
         kernel splits K; for dequantize + cuBLAS in natural order, in the activations' dtype."""
         if config.strategy == "dequant":
-            return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
-        return RotationTarget(module.signs, self.key.group_size, self.slot_width, torch.float16,
+            return RotationTarget(module.signs, module.rotation_size, 0, dtype, None)
+        return RotationTarget(module.signs, module.rotation_size, self.slot_width, torch.float16,
                               out if self.splits(config) > 1 else None)
 
     def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
@@ -468,8 +468,8 @@ class FragmentLayerKernel(LayerKernel):
         """Natural order: fp16 with the output zeroed (every program adds into it), or for
         dequantize + cuBLAS in the activations' dtype."""
         if config.strategy == "dequant":
-            return RotationTarget(module.signs, self.key.group_size, 0, dtype, None)
-        return RotationTarget(module.signs, self.key.group_size, 0, torch.float16, out,
+            return RotationTarget(module.signs, module.rotation_size, 0, dtype, None)
+        return RotationTarget(module.signs, module.rotation_size, 0, torch.float16, out,
                               fragment_step=fragments.BLOCK_K if config.ordered_inputs else 0)
 
     def multiply(self, rotated: torch.Tensor, module, config: LaunchConfig, out: torch.Tensor | None,
@@ -527,7 +527,8 @@ def pdl_launch(device: torch.device) -> dict:
 
 @dataclass(frozen=True)
 class RotationTarget:
-    """How a lookup kernel wants its input rotated: signs and group size of the layer, the columns
+    """How a lookup kernel wants its input rotated: signs and Hadamard size of the layer's run-time
+    rotation (its group size, 1 where its input arrives rotated: LayerSpec.rotation_size), the columns
     in slot-pair order of width `pair_width` (fwht_kernel's PAIR_WIDTH), in `dtype`, and `clear`
     (the output it adds into) zeroed, if not None. With `scales` (the int8 family): rounded to int8
     per (token, group), absmax / 127 written there, in planes of `per_word` inputs if > 0
@@ -555,7 +556,7 @@ def family(key: KernelKey) -> type[LayerKernel]:
 def weight_copy(module) -> SimpleNamespace:
     """A copy of what the kernels read of a prepared layer: its weights cloned, its signs shared."""
     names = ("codes", "scales", "residual_codes", "residual_scales")
-    return SimpleNamespace(codes_layout=module.codes_layout, signs=module.signs,
+    return SimpleNamespace(codes_layout=module.codes_layout, signs=module.signs, rotation_size=module.rotation_size,
                            **{name: getattr(module, name).clone() for name in names if hasattr(module, name)})
 
 

@@ -16,6 +16,7 @@ from tqc.calibration import gptq
 from tqc.calibration.scores import rotated_hessian
 from tqc.layout import LayerSpec, layer_seed
 from tqc.evaluate import Windows, token_windows
+from tqc.folding import fold_value_rotations
 from tqc.linear import empty_quantized_linear, load_packed_tensors
 from tqc.models import linear_layers, linear_shapes, load_model, load_tokenizer, resolve_model
 from tqc.options import FP16, QuantOption
@@ -23,6 +24,7 @@ from tqc.packed import quantize_model
 from tqc.plan import ModelRef, PlanError, QuantizerRef, parse_plan, read_plan
 from tqc.planning import uniform_plan
 from tqc.rotation import random_signs, rotate
+from tqc.turboquant import weight_signs
 
 LAYER = "model.layers.2.self_attn.o_proj"
 CALIBRATION = QuantizerRef(method="gptq", samples=8, seq_len=128)
@@ -76,6 +78,29 @@ def test_tuned_quantizers_lower_the_held_out_output_error(model, hessians, optio
     # keeps about 1.5x of its 3x in-sample gain); H-weighted scales lower too.
     assert errors["gptq"] < 0.85 * errors["plain"], errors
     assert errors["scales"] < errors["plain"], errors
+
+
+def test_gptq_on_a_folded_o_proj_lowers_the_held_out_output_error(model):
+    """With v_proj's rows rotated (tqc.folding), o_proj's inputs arrive rotated: its H, collected from
+    them, is in the rotated basis already, and GPTQ must not rotate it again."""
+    folded = copy.deepcopy(model)
+    spec = fold_value_rotations(folded, {LAYER: _spec(model, "3")}, 0)[LAYER]
+    assert spec.input_rotated
+    layer, seed = {LAYER: linear_layers(folded)[LAYER]}, layer_seed(0, LAYER)
+    found = {}
+    for key, settings in (("calibration", CALIBRATION), ("held_out", HELD_OUT)):
+        windows = gptq.calibration_windows("smollm2", settings)
+        found[key] = gptq._hessians(layer, lambda w=windows: folded(input_ids=w, use_cache=False))[LAYER].double()
+    weight = layer[LAYER].weight
+    target = rotate(weight.double(), weight_signs(seed, spec).double(), spec.group_size)
+
+    def output_error(tensors: dict[str, torch.Tensor]) -> float:
+        delta = turboquant.dequantize(tensors, spec).double() - target
+        return float(((delta @ found["held_out"]) * delta).sum())
+
+    plain = output_error(turboquant.quantize(weight, spec, seed))
+    tuned = output_error(gptq.gptq_quantize(weight, spec, seed, found["calibration"]))
+    assert tuned < 0.85 * plain, (tuned, plain)
 
 
 @pytest.mark.parametrize("option", ["3", "2+2"])

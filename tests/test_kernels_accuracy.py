@@ -191,6 +191,30 @@ if CUDA:
                             f"{dtype} M={tokens} {call}: {error:.2e}")
 
 
+@pytest.mark.parametrize("strategy", ["dot-split", "fma", "dequant"])
+def test_a_layer_whose_input_arrives_rotated_is_not_rotated_again(strategy):
+    """o_proj with its rotation folded into v_proj (LayerSpec.input_rotated): the kernels multiply the
+    input as it comes, split over K into the output the (now identity) rotation launch zeroes; on a
+    GPU also the fragment family."""
+    option = QuantOption.parse("4")
+    for n, k, group_size in SHAPES:
+        spec = LayerSpec(option, group_size, k, n, input_rotated=True)
+        original = random_turboquant_linear(spec, DEVICE)
+        families = [(LayerKernel, None, STRATEGIES[strategy](min(slot_choices(4, 0))))]
+        if CUDA and strategy != "fma":
+            families.append((FragmentLayerKernel, FRAGMENT_LAYOUT,
+                             LaunchConfig(strategy="fragments" if strategy != "dequant" else "dequant", iters=1)))
+        for family, layout, config in families:
+            module = copy.deepcopy(original)
+            prepare(module, layout)
+            kernel = family(KernelKey.of(module.spec, *([layout] if layout else [])), Tuner("none", "none", None))
+            for tokens in token_counts(config):
+                x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, torch.float16)
+                expected = F.linear(x.double().cpu(), original.dequantized_weight(torch.float64).cpu())
+                error = relative_error(kernel.run(x, module, config), expected)
+                assert error < TOLERANCE[torch.float16], f"{family.__name__} {strategy} {n}x{k} M={tokens}: {error:.2e}"
+
+
 def test_rotation_kernel_matches_butterfly():
     group_size, k = (128, 14336) if CUDA else (64, 256)
     x = torch.randn(7, k, dtype=torch.float32)

@@ -28,10 +28,16 @@ class LayerSpec:
     out_features: int
     has_bias: bool = False
     activations: Activations = "fp16"  # "int8": the rotated input rounded to int8 (tqc.activations)
+    # The input arrives rotated: the rotation is folded into the weights of the layer that makes it
+    # (o_proj's, into v_proj: tqc.folding), one group's signs serving every group.
+    input_rotated: bool = False
 
     def __post_init__(self) -> None:
         if self.activations == "int8" and not takes_int8(self.option, "int8"):
             raise ValueError(f"option {self.option} cannot run on int8 activations (TurboQuant without a residual only)")
+        if self.input_rotated and (self.option.scheme != "turboquant" or self.activations != "fp16"):
+            raise ValueError(f"only a TurboQuant layer on fp16 activations takes a rotated input, not {self.option} "
+                             f"on {self.activations}")
 
     @property
     def groups(self) -> int:
@@ -40,6 +46,11 @@ class LayerSpec:
     @property
     def weights(self) -> int:
         return self.in_features * self.out_features
+
+    @property
+    def rotation_size(self) -> int:
+        """The Hadamard size the layer rotates its input with at run time: 1 (none) where it arrives rotated."""
+        return 1 if self.input_rotated else self.group_size
 
 
 # Projections that read the same input, by their name in the parent module: they share one

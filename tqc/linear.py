@@ -20,7 +20,6 @@ from torch import nn
 
 from . import rtn, turboquant
 from .layout import LayerSpec, tensor_layout
-from .rotation import random_signs
 
 SCHEMES: dict[str, ModuleType] = {"turboquant": turboquant, "rtn": rtn}
 # The layers that run a generated kernel, by id(module), for the tqc::kernel_linear op (weakly:
@@ -96,10 +95,14 @@ class TurboQuantLinear(QuantizedLinear):
         super().__init__(spec, device)
         self.register_buffer("signs", torch.zeros(spec.in_features, device=device), persistent=False)
 
+    @property
+    def rotation_size(self) -> int:
+        """The Hadamard size of the input rotation at run time (LayerSpec.rotation_size)."""
+        return self.spec.rotation_size
+
     def refresh_signs(self) -> None:
-        """Recompute the rotation signs from the stored seed (after loading tensors)."""
-        signs = random_signs(int(self.seed.item()), self.in_features)
-        self.signs = signs.to(self.seed.device)
+        """Recompute the input rotation's signs from the stored seed (after loading tensors)."""
+        self.signs = turboquant.activation_signs(int(self.seed.item()), self.spec).to(self.seed.device)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return turboquant.prepare_input(x, self.signs, self.spec)

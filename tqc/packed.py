@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .activations import Activations, takes_int8
+from .folding import fold_value_rotations
 from .fusion import fuse_siblings
 from .layout import LayerSpec, rotation_seed
 from .linear import QuantizedLinear, TurboQuantLinear, empty_quantized_linear, quantize_linear
@@ -60,16 +61,18 @@ class LayerEntry(_Strict):
     out_features: int
     has_bias: bool
     activations: Activations = "fp16"
+    input_rotated: bool = False  # o_proj's rotation folded into v_proj (tqc.folding)
 
     @model_validator(mode="after")
     def _activations_fit_the_option(self) -> LayerEntry:
         if self.activations == "int8" and not takes_int8(QuantOption.parse(self.option), "int8"):
             raise ValueError(f"option {self.option} cannot run on int8 activations")
+        self.spec()  # a spec that cannot be (input_rotated on a layer that cannot take it)
         return self
 
     def spec(self) -> LayerSpec:
         return LayerSpec(QuantOption.parse(self.option), self.group_size, self.in_features, self.out_features,
-                         self.has_bias, self.activations)
+                         self.has_bias, self.activations, self.input_rotated)
 
     @classmethod
     def of(cls, spec: LayerSpec) -> LayerEntry:
@@ -80,6 +83,7 @@ class LayerEntry(_Strict):
             out_features=spec.out_features,
             has_bias=spec.has_bias,
             activations=spec.activations,
+            input_rotated=spec.input_rotated,
         )
 
 
@@ -119,12 +123,13 @@ def check_plan_against_model(plan: Plan, layers: dict[str, LinearShape]) -> None
 
 
 def quantize_model(model: nn.Module, plan: Plan, progress: bool = True,
-                   device: torch.device | str | None = None) -> dict[str, LayerSpec]:
+                   device: torch.device | str | None = None, fold: bool = True) -> dict[str, LayerSpec]:
     """Replace the plan's quantized layers in place; round the rest to the fp16 storage precision.
 
     Afterwards the in-memory model computes exactly what the packed model will load. `device`:
     where the codes of plain (uncalibrated) layers are fitted, one layer at a time (default: where
     the weights lie). A GPU rounds differently from the CPU: a few codes at ties may differ.
+    `fold`: o_proj's input rotation goes into v_proj's weights where it can (tqc.folding).
     """
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
@@ -134,6 +139,8 @@ def quantize_model(model: nn.Module, plan: Plan, progress: bool = True,
         for name, entry in plan.layers.items()
         if entry.quant_option.is_quantized
     }
+    if fold:
+        specs = fold_value_rotations(model, specs, plan.seed)
     calibrated = set()
     if plan.quantizer is not None and plan.quantizer.method != "plain":  # tuned to calibration data (docs/gptq.md)
         from .calibration.gptq import quantize_calibrated  # noqa: PLC0415
@@ -175,9 +182,9 @@ def _storage_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Module | None = None,
-          device: torch.device | str | None = None) -> nn.Module:
+          device: torch.device | str | None = None, fold: bool = True) -> nn.Module:
     """Quantize the plan's model and write the packed directory; return the in-memory quantized model.
-    `device`: where the codes are fitted (quantize_model)."""
+    `device`: where the codes are fitted, `fold`: o_proj's rotation into v_proj (quantize_model)."""
     output = Path(output)
     _check_replaceable(output)
     source = resolve_model(plan.model.name)
@@ -185,7 +192,7 @@ def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Modul
         raise PlanError(f"plan was made for different weights of '{plan.model.name}' (sha256 differs)")
     check_plan_against_model(plan, linear_shapes(empty_model(load_config(source))))
     model = model if model is not None else load_for_build(source, plan)
-    specs = quantize_model(model, plan, progress, device)
+    specs = quantize_model(model, plan, progress, device, fold)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700

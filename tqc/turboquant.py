@@ -93,13 +93,27 @@ def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_leve
     return _lookup(codebook, index).mul_(scales.float()[..., None])
 
 
+def weight_signs(seed: int, spec: LayerSpec) -> torch.Tensor:
+    """The signs the weight's groups are rotated with: drawn for every input or, where the input
+    arrives rotated (spec.input_rotated), for one group and repeated, so that one rotation folded
+    into v_proj's rows serves every head (tqc.folding)."""
+    if spec.input_rotated:
+        return random_signs(seed, spec.group_size).repeat(spec.groups)
+    return random_signs(seed, spec.in_features)
+
+
+def activation_signs(seed: int, spec: LayerSpec) -> torch.Tensor:
+    """The signs the input is rotated with at run time (in blocks of spec.rotation_size): the weight's,
+    or ones where the input arrives rotated."""
+    return torch.ones(spec.in_features) if spec.input_rotated else weight_signs(seed, spec)
+
+
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
     """The packed tensors of a TurboQuant layer (see `layout.tensor_layout`), computed on the
     weight's device (a GPU fits the codes of a large model in seconds)."""
     option = spec.option
     n, k, g = spec.out_features, spec.in_features, spec.group_size
-    signs = random_signs(seed, k)
-    rotated = rotate(weight.detach().float(), signs, g).reshape(n, spec.groups, g)
+    rotated = rotate(weight.detach().float(), weight_signs(seed, spec), g).reshape(n, spec.groups, g)
     codes, scales = fit_stage(rotated, option.base_bits)
     tensors = {
         "codes": pack(codes.reshape(n, k), option.base_bits),
@@ -128,7 +142,7 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tenso
 
 
 def prepare_input(x: torch.Tensor, signs: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """Rotate the activation group by group, as the weight was (and round it to int8 per group
-    where the layer runs on int8 activations)."""
-    rotated = rotate(x, signs, spec.group_size)
+    """Rotate the activation group by group, as the weight was, unless it arrives rotated (and round it
+    to int8 per group where the layer runs on int8 activations); `signs`: activation_signs."""
+    rotated = rotate(x, signs, spec.rotation_size)
     return round_to_int8(rotated, spec.group_size) if spec.activations == "int8" else rotated
