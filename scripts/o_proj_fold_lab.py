@@ -2,17 +2,19 @@
 
     python scripts/o_proj_fold_lab.py [--repeats 2] -o fold.json
 
-o_proj is the one projection whose input rotation runs in a launch of its own (fwht_kernel, which
-also zeroes the output the split-K matmul adds into): its input comes from attention. Folding the
-rotation into v_proj's weights (each head's values rotated, so attention's output arrives rotated)
-removes the rotation, but the split-K matmul still needs a zeroed output. This times the mixed-plan
-decoder of `tqc bench decode` on its tuned kernels, side by side in one process:
+o_proj is the one projection whose input comes from attention, so its rotation could not run
+inside the step that makes its input (kernels/glue.py). `tqc build` now folds the rotation into
+v_proj's weights (tqc.folding), and `tqc bench decode` runs o_proj so, yet a launch remains before
+its matmul: it converts attention's bf16 output to fp16 and zeroes the output the split-K kernel
+adds into. This times the mixed-plan decoder of `tqc bench decode` on its tuned kernels, side by
+side in one process:
 
     tqc          as it runs today
+    unfolded     o_proj rotating its input at run time (`tqc bench decode --no-fold`), another decoder
     no_launch    o_proj's matmul alone, on a fixed fp16 input, adding into an output never zeroed:
-                 the most a fold plus a split-K that needs no zeroed output could gain (the values
-                 are wrong; only the time counts)
-    memset       the same with the output zeroed by torch (a fold plus a memset launch)
+                 the most a kernel that reads bf16 and splits K without a zeroed output could gain
+                 (the values are wrong; only the time counts)
+    memset       the same with the output zeroed by torch (a memset launch in place of the conversion)
 
 and bf16 beside them, each variant twice (tqc first and last). Nothing here is a result of the model.
 """
@@ -56,11 +58,12 @@ def main() -> None:
     options = plan_options("mixed")
     registry, family = bench_registry("o_proj_fold_lab.py", args.cache_dir, fragments=args.fragments)
     compile_and_report(decoder_keys(options, True, LLAMA3_8B, registry), [1])
-    rows: dict[str, list[float]] = {"bf16": [], "tqc": [], "no_launch": [], "memset": []}
-    bf16 = Decoder(bf16_factory(), LLAMA3_8B, args.layers, args.context, compile_glue=True, rotate_in_glue=True)
-    rows["bf16"].append(step_seconds(bf16) * 1e3)
-    del bf16
-    torch.cuda.empty_cache()
+    rows: dict[str, list[float]] = {"bf16": [], "unfolded": [], "tqc": [], "no_launch": [], "memset": []}
+    for label, linear in (("bf16", bf16_factory()), ("unfolded", quantized_factory(options, registry, fold=False))):
+        other = Decoder(linear, LLAMA3_8B, args.layers, args.context, compile_glue=True, rotate_in_glue=True)
+        rows[label].append(step_seconds(other) * 1e3)
+        del other
+        torch.cuda.empty_cache()
     model = Decoder(quantized_factory(options, registry), LLAMA3_8B, args.layers, args.context, compile_glue=True,
                     rotate_in_glue=True)
     rows["tqc"].append(step_seconds(model) * 1e3)
