@@ -10,7 +10,8 @@ one matmul (q/k/v, gate/up; for the plan only where the projections share an opt
 quantized layers then share one rotation seed and one rotation), and with `compile_glue` the
 elementwise work between matmuls (residual add + RMSNorm, SiLU x up) runs as torch.compile'd
 fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs inside those steps
-(kernels/glue.py), for every layer but o_proj (its input comes from attention).
+(kernels/glue.py), for every layer but o_proj (its input comes from attention: folded into v_proj, and with
+TQC_DIRECT_INPUTS=1 its output zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class Glue:
         self.rotate = rotate
 
     def norm_linear(self, layer: nn.Module, h: torch.Tensor, delta: torch.Tensor,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + delta, layer(rms_norm(h + delta) * weight))."""
-        if self.rotate and (fused := fused_norm_linear(layer, h, delta, weight, RMS_EPS)) is not None:
+                    weight: torch.Tensor, then: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, layer(rms_norm(h + delta) * weight)); `then`: glue.fused_linear's."""
+        if self.rotate and (fused := fused_norm_linear(layer, h, delta, weight, RMS_EPS, then=then)) is not None:
             return fused
         h, x = self.residual_norm(h, delta, weight)
         return h, layer(x)
@@ -99,7 +100,7 @@ class Block(nn.Module):
         """(residual stream, pending delta) -> the same after this layer, for T tokens at cache
         positions `pos`; cache is (2, 1, kv, context, d). One token attends to the whole cache
         (a decode step); several attend causally to positions 0..T-1 (a prefill)."""
-        h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0])
+        h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0], then=self.o_proj)
         tokens, q_width = h.shape[0], self.heads * self.head_dim
         kv = qkv[:, q_width:].view(tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         cache.index_copy_(3, pos, kv.unsqueeze(1))

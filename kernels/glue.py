@@ -25,6 +25,7 @@ rounded to the activations' dtype where the unfused steps round them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -32,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import registry
 from .launch import launch
-from .registry import RotationTarget, next_power_of_2, pdl_launch
+from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
 from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
 
@@ -180,26 +182,46 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget, gelu: bool = Fa
     return rotated
 
 
-def fused_linear(layer, tokens: int, like: torch.Tensor,
-                 produce: Callable[[RotationTarget], torch.Tensor]) -> torch.Tensor | None:
+def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[RotationTarget], torch.Tensor],
+                 then=None) -> torch.Tensor | None:
     """layer(x) where `produce(target)` writes x already rotated (on int8 activations: rounded, its
     scales in target.scales), or None where the layer has no kernel, is not tuned for this token
     count yet, the tokens are more than MAX_TOKENS, its width cannot be cut in whole groups
-    (block_width), or its strategy rotates in a launch of its own (LayerKernel.fusable)."""
+    (block_width), or its strategy rotates in a launch of its own (LayerKernel.fusable).
+    `then`: a later layer (o_proj after q/k/v) whose output the same launch zeroes, where it can
+    take it (_then_zeroes); it finds it at its next call (registry.ZeroedOutput)."""
     kernel = getattr(layer, "kernel", None)
     config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
     if config is None or not kernel.fusable(config) or block_width(layer.in_features, kernel.key.group_size) is None:
         return None
     out = kernel.output(tokens, like.device, like.dtype, config)
+    later = _then_zeroes(then, tokens) if out is not None else 0
+    if later:  # one buffer, this layer's output first, zeroed as one
+        both = torch.empty(out.numel() + later, device=out.device, dtype=out.dtype)
+        out, spare = both[:out.numel()].view(out.shape), both[out.numel():].view(tokens, -1)
     target = kernel.rotation_target(layer, config, out, like.dtype)
+    if later:
+        target = dataclasses.replace(target, clear=both)
     rotated = produce(target)
+    if later:
+        zeroed_output(then).out = spare
     return kernel.finish(kernel.multiply(rotated, layer, config, out, target.scales), layer)
 
 
+def _then_zeroes(then, tokens: int) -> int:
+    """How many elements of `then`'s output a step before it zeroes for its next call on `tokens` tokens:
+    all of them where it runs its input as it comes (registry.DIRECT_INPUTS,
+    LayerKernel.takes_input_as_it_comes, on a tuned configuration), else none."""
+    kernel = getattr(then, "kernel", None) if registry.DIRECT_INPUTS else None
+    config = kernel.tuned(tokens) if kernel is not None else None
+    return tokens * kernel.key.n if config is not None and kernel.takes_input_as_it_comes(then, config) else 0
+
+
 def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                eps: float, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+                eps: float, gemma: bool = False, then=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or
-    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate: `gemma`)."""
+    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate: `gemma`). `then`:
+    fused_linear's."""
     residual = []
 
     def produce(target: RotationTarget) -> torch.Tensor:
@@ -207,7 +229,7 @@ def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torc
         residual.append(h_out)
         return rotated
 
-    out = fused_linear(layer, h.shape[0], h, produce)
+    out = fused_linear(layer, h.shape[0], h, produce, then)
     return None if out is None else (residual[0], out)
 
 

@@ -487,7 +487,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
                         PRELOAD: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
-    multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). The steps are unrolled, each
+    multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). x: fp16, or bf16 turned to fp16
+    as it is loaded (a layer whose input arrives rotated reads attention's output as it comes:
+    FragmentLayerKernel.takes_input_as_it_comes). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
     RES_BITS: W adds a residual stage of 4 or 2 bits in the same layout (res_codes_ptr,
     res_scales_ptr, res_table_ptr; with RES_BITS 0 they are never read). SCALE_AFTER (as the family
@@ -515,7 +517,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     tiles = ()
     for i in gl.static_range(ITERS):  # loaded together, then stored
         offsets = tokens[:, None] * K + (first_step + i) * BLOCK_K + columns[None, :]
-        tiles = tiles + (gl.load(x_ptr + offsets, mask=(tokens < M)[:, None], other=0.0),)
+        tiles = tiles + (gl.load(x_ptr + offsets, mask=(tokens < M)[:, None], other=0.0).to(gl.float16),)
     for i in gl.static_range(ITERS):
         x_smem.index(i).store(tiles[i])
     fence_async_shared()
@@ -630,7 +632,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
                                                  LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
-        x = gl.load(x_ptr + columns + i * BLOCK_K)  # natural order (unused with X_ORDERED: not compiled)
+        x = gl.load(x_ptr + columns + i * BLOCK_K).to(gl.float16)  # natural order (unused with X_ORDERED: not compiled)
         res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
                                             thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOAD)
         if ROW_SUMS:

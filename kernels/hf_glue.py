@@ -65,14 +65,16 @@ def _fused_path(x: torch.Tensor) -> bool:
 
 class RotatingRMSNorm(nn.Module):
     """An RMSNorm that also runs the fused layer reading its output (`consumer`), with the rotation
-    in its own launch, and hands that layer's output to it."""
+    in its own launch, and hands that layer's output to it; with `then` (the attention's o_proj) the
+    launch also zeroes that layer's output (glue.fused_linear)."""
 
-    def __init__(self, norm: nn.Module, consumer: FusedSiblings):
+    def __init__(self, norm: nn.Module, consumer: FusedSiblings, then: nn.Module | None = None):
         super().__init__()
         self.gemma = NORMS[type(norm).__name__]
         self.weight = norm.weight
         self.eps = norm.eps if self.gemma else norm.variance_epsilon
         self._consumer = (consumer,)  # a tuple: the layer stays registered in its own parent only
+        self._then = (then,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (_fused_path(x) and x.dtype == self.weight.dtype):
@@ -85,7 +87,8 @@ class RotatingRMSNorm(nn.Module):
         """(the normalised x, the consumer's output for it): the rotation in the norm's launch where
         glue.norm_linear runs, else Hugging Face's norm and the consumer's own call."""
         layer = self._consumer[0].layer
-        fused = glue.norm_linear(layer, x.view(-1, x.shape[-1]), None, self.weight, self.eps, self.gemma)
+        fused = glue.norm_linear(layer, x.view(-1, x.shape[-1]), None, self.weight, self.eps, self.gemma,
+                                 self._then[0])
         if fused is None:
             normed = rms_norm(x, self.weight, self.eps, self.gemma)
             return normed, layer(normed)
@@ -140,7 +143,8 @@ def install(model: nn.Module) -> int:
         for norm_name, (reader, fused_name) in DECODER_LAYERS.get(type(layer).__name__, {}).items():
             norm, consumer = getattr(layer, norm_name, None), getattr(getattr(layer, reader, None), fused_name, None)
             if type(norm).__name__ in NORMS and _runs_kernels(consumer):
-                setattr(layer, norm_name, RotatingRMSNorm(norm, consumer))
+                then = getattr(getattr(layer, reader), "o_proj", None) if fused_name == "qkv_fused" else None
+                setattr(layer, norm_name, RotatingRMSNorm(norm, consumer, then))
                 replaced += 1
         mlp = getattr(layer, "mlp", None)
         if type(layer).__name__ in DECODER_LAYERS and _swiglu_fits(mlp):

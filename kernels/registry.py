@@ -45,6 +45,11 @@ ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic 
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
 # no faster, and its sums not checked on a GPU: a switch for measurements, off by default)
 FRAGMENT_PRELOAD = os.environ.get("TQC_PRELOAD", "0") == "1"
+# TQC_DIRECT_INPUTS=1: a layer whose input arrives rotated (o_proj, tqc.folding) runs on the fragment family with
+# no launch before its matmul: the step before attention zeroes its output too (glue.fused_linear's `then`) and
+# the kernel reads attention's output as it comes. Off until a GPU has checked its sums
+# (tests/test_kernels_accuracy.py) and timed it (scripts/o_proj_fold_lab.py).
+DIRECT_INPUTS = os.environ.get("TQC_DIRECT_INPUTS", "0") == "1"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -167,8 +172,19 @@ class LayerKernel:
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.key.k).contiguous()
-        out = self.run(x2, module, self.config_for(x2, module))
+        config = self.config_for(x2, module)
+        zeroed = take_zeroed_output(module, x2.shape[0])
+        if zeroed is not None and self.takes_input_as_it_comes(module, config):
+            out = self.multiply(x2, module, config, zeroed)
+        else:
+            out = self.run(x2, module, config)
         return self.finish(out, module).reshape(*lead, self.key.n)
+
+    def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
+        """Whether `config` runs `module` on its input as it comes into an output zeroed beforehand, with
+        no launch before the matmul (ZeroedOutput): a layer whose input arrives rotated, on a kernel
+        that reads natural order in any 16-bit dtype. Not the lookups (slot-pair order, fp16)."""
+        return False
 
     def config_for(self, x: torch.Tensor, module) -> LaunchConfig:
         """The tuned launch configuration for x's token count ([M, K]); tunes on first use."""
@@ -456,6 +472,10 @@ class FragmentLayerKernel(LayerKernel):
             configs += gemvs + (ordered if ORDERED_INPUT_CANDIDATES else [])
         return configs
 
+    def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
+        """The tensor-core and one-token kernels read natural order and convert bf16 as they load."""
+        return module.rotation_size == 1 and config.strategy != "dequant" and not config.ordered_inputs
+
     def sums_steps(self, iters: int) -> bool:
         """Whether a program of `iters` steps covers whole groups, so SUM_STEPS can sum a group's steps
         (fragment_gemv_kernel's RUN; without ROW_SUMS only where the layer has no residual stage)."""
@@ -543,6 +563,32 @@ class RotationTarget:
     scales: torch.Tensor | None = None
     per_word: int = 0
     fragment_step: int = 0
+
+
+@dataclass
+class ZeroedOutput:
+    """A layer's output for its next call, zeroed by the launch of an earlier step (glue.fused_linear's
+    `then`): the layer's kernel adds into it with no launch of its own before (DIRECT_INPUTS)."""
+
+    out: torch.Tensor | None = None
+
+
+def zeroed_output(module) -> ZeroedOutput:
+    """The module's slot for a zeroed output, made on first use (a plain attribute: nn.Module's
+    __setattr__ is slow, and the slot changes every call)."""
+    slot = module.__dict__.get("_zeroed_output")
+    if slot is None:
+        slot = module.__dict__["_zeroed_output"] = ZeroedOutput()
+    return slot
+
+
+def take_zeroed_output(module, tokens: int) -> torch.Tensor | None:
+    """The output an earlier step zeroed for this call of `module` on `tokens` tokens, once; else None."""
+    slot = getattr(module, "__dict__", {}).get("_zeroed_output")
+    if slot is None or slot.out is None:
+        return None
+    out, slot.out = slot.out, None
+    return out if out.shape[0] == tokens else None
 
 
 def family(key: KernelKey) -> type[LayerKernel]:

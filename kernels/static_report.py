@@ -53,12 +53,13 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str = "*fp32"):
+def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str = "*fp32", x_type: str = "*fp16"):
     """A Gluon kernel (gluon_kernels.py) compiled for sm_90 with these constexprs (num_warps among them;
     the kernel's defaults for the others: left unset, one would shift the values after it)."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names} | {"out_ptr": out_type}
+    signature = ({name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
+                 | {"out_ptr": out_type, "x_ptr": x_type})
     names = list(signature)
     defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
     constexprs = {name: defaults[name] for name, kind in signature.items() if kind == "constexpr" and name in defaults} | constexprs

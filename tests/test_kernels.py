@@ -806,6 +806,29 @@ def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(ker
     assert before.count("LDG.E.EF.128") == (lookahead if preload else 0)  # a 16-byte code vector a step
 
 
+@pytest.mark.parametrize(("kernel_name", "inputs_a_step"), [("fragment_dot_kernel", 16 * 64 // 128),
+                                                            ("fragment_gemv_kernel", 64 // 4)])
+def test_fragment_kernels_read_bf16_activations_as_loaded(kernel_name, inputs_a_step):
+    """A layer whose input arrives rotated (o_proj folded into v_proj) reads attention's bf16 output as
+    it comes, as the family launches its kernels: the same loads and tensor-core math as on fp16
+    activations, one conversion (F2F) per input a thread loads (the dot kernel's 16 tokens x 64
+    inputs over 128 threads a step; the one-token kernel's lanes each take 16 of a step's 64), no spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import gluon_kernels
+    from tqc.kernels.registry import FRAGMENT_DOT_SCALING, GEMV_SUMS
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    iters = 4
+    scaling = FRAGMENT_DOT_SCALING if kernel_name == "fragment_dot_kernel" else GEMV_SUMS["rows"]
+    constexprs = {"N": 4096, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": iters, "X_LAYOUT": gluon_kernels.x_layout(64),
+                  "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "PDL": True} | scaling
+    fp16, bf16 = (sass_summary(compile_gluon_for_hopper(getattr(gluon_kernels, kernel_name), constexprs, 4, "*bf16", x))
+                  for x in ("*fp16", "*bf16"))
+    assert bf16["stack"] == 0 and bf16["loads"] == fp16["loads"]
+    assert bf16["ops"].get("HGMMA", 0) == fp16["ops"].get("HGMMA", 0)
+    assert (fp16["ops"].get("F2F", 0), bf16["ops"].get("F2F", 0)) == (0, inputs_a_step * iters)
+
+
 def test_num_stages_pipelines_the_cuda_core_step_loop():
     """num_stages > 1 copies the next steps' loads into shared memory asynchronously (cp.async) in
     the one-token kernel too: Triton pipelines a loop without tl.dot only where tl.range names the

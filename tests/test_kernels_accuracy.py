@@ -289,6 +289,69 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
+class DirectKernel(LayerKernel):
+    """A lookup kernel that claims to take its input as it comes (as the fragment family does, which
+    the interpreter cannot run), tuned to `config`; its matmul is the reference's, into the output it
+    is given, whose address it records."""
+
+    def configure(self, config: LaunchConfig) -> DirectKernel:
+        self.config, self.outputs = config, []
+        return self
+
+    def tuned(self, tokens: int) -> LaunchConfig:
+        return self.config
+
+    def config_for(self, x: torch.Tensor, module) -> LaunchConfig:
+        return self.config
+
+    def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
+        return module.rotation_size == 1
+
+    def multiply(self, x, module, config, out, scales=None):
+        product = F.linear(x.float(), module.dequantized_weight())
+        self.outputs.append(None if out is None else out.data_ptr())
+        return product.to(x.dtype) if out is None else out.add_(product.to(out.dtype))
+
+
+def test_the_norm_before_attention_zeroes_o_projs_output_for_its_next_call(monkeypatch):
+    """registry.DIRECT_INPUTS: glue.norm_linear(..., then=o_proj) zeroes o_proj's output in the norm's
+    launch, beside q/k/v's (here poisoned with NaN when allocated), and hands it over; o_proj's next
+    call on as many tokens adds into it, its input taken as it comes, and gives the layer's output;
+    the call after that, with nothing handed over, runs as before. Off, nothing is handed over."""
+    from tqc.kernels import registry
+
+    n, k, group_size = SHAPES[0]
+    qkv, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
+    kernel = LayerKernel(KernelKey.of(qkv.spec), Tuner("none", "none", None))
+    config = STRATEGIES["dot-split"](8)
+    monkeypatch.setattr(kernel, "tuned", lambda count: config)
+    monkeypatch.setattr(qkv, "kernel", kernel)
+    o_spec = LayerSpec(QuantOption.parse("4"), group_size, k, 2 * group_size, input_rotated=True)
+    o_proj = random_turboquant_linear(o_spec, DEVICE)
+    direct = DirectKernel(KernelKey.of(o_spec), Tuner("none", "none", None))
+    o_proj.use_kernel(direct.configure(LaunchConfig(strategy="dequant")))  # its own launch: natural order
+    tokens, dtype, generator = 5, DTYPES[0], torch.Generator().manual_seed(0)
+    h, delta, attention = (torch.randn(tokens, k, generator=generator).to(DEVICE, dtype) for _ in range(3))
+    weight = torch.ones(k, device=DEVICE, dtype=dtype)
+    glue.norm_linear(qkv, h, delta, weight, 1e-5, then=o_proj)
+    assert registry.take_zeroed_output(o_proj, tokens) is None  # DIRECT_INPUTS is off
+
+    monkeypatch.setattr(registry, "DIRECT_INPUTS", True)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    _, out = glue.norm_linear(qkv, h, delta, weight, 1e-5, then=o_proj)
+    monkeypatch.setattr(torch, "empty", empty)
+    zeroed = registry.zeroed_output(o_proj).out
+    assert zeroed.shape == (tokens, 2 * group_size) and torch.equal(zeroed, torch.zeros_like(zeroed))
+    expected_qkv = kernel.run(F.rms_norm(h + delta, (k,), weight, 1e-5), qkv, config)
+    assert relative_error(out, expected_qkv.double().cpu()) < TOLERANCE[dtype]
+    expected = F.linear(attention.double().cpu(), o_proj.dequantized_weight(torch.float64).cpu())  # no rotation
+    assert relative_error(o_proj(attention), expected) < TOLERANCE[dtype]
+    assert o_proj.kernel.outputs == [zeroed.data_ptr()] and registry.take_zeroed_output(o_proj, tokens) is None
+    assert relative_error(o_proj(attention), expected) < TOLERANCE[dtype]  # its own output, through `run`
+    assert o_proj.kernel.outputs[1:] == [None]
+
+
 def tiny_quantized_model(dtype: torch.dtype, family: str = "llama"):
     """A one-layer random Llama or Gemma 3 (hidden 256, MLP 512) with every projection at 4 bits,
     q/k/v and gate/up fused as `tqc.load` fuses them, on DEVICE, on the reference path."""
@@ -490,6 +553,34 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             with torch.no_grad():
                 model(token, pos)  # tunes
                 outputs.append(model(token, pos).float())
+        assert outputs[0].std() > 0
+        assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
+
+    @pytest.mark.parametrize("tokens", [1, 3])
+    def test_decoder_with_o_proj_reading_attention_directly_matches(tokens, monkeypatch):
+        """registry.DIRECT_INPUTS on the fragment family: o_proj (folded) adds attention's bf16 output
+        times its weights into the output the q/k/v norm zeroed, with no launch before it; the decoder
+        computes what it computes with o_proj's own launch (a conversion and a zeroing)."""
+        from tqc.kernels import registry
+        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
+
+        tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
+        kernels = registry.KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once), fragments=True)
+        token, pos = torch.arange(1, tokens + 1, device=DEVICE), torch.arange(tokens, device=DEVICE)
+        taken = []
+        take = registry.take_zeroed_output
+        monkeypatch.setattr(registry, "take_zeroed_output", lambda *a: taken.append(out := take(*a)) or out)
+        outputs = []
+        for direct in (False, True):
+            monkeypatch.setattr(registry, "DIRECT_INPUTS", direct)
+            torch.manual_seed(0)
+            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels), tiny, layers=2, context=8,
+                            rotate_in_glue=True)
+            with torch.no_grad():
+                model(token, pos)  # tunes
+                taken.clear()
+                outputs.append(model(token, pos).float())
+        assert sum(out is not None for out in taken) == 2  # o_proj of each layer, on the second model
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
 
