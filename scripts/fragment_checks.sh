@@ -22,6 +22,9 @@
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
+# direct    o_proj folded into v_proj (session 31): the GPU checks of a layer whose input arrives rotated and
+#           of o_proj reading attention's output as it comes (TQC_DIRECT_INPUTS), then
+#           scripts/o_proj_fold_lab.py: the decoder unfolded, folded, direct, and the upper bound
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -32,6 +35,9 @@ for part in "$@"; do
   case $part in
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
+    direct)
+      run direct-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k "arrives_rotated or directly"
+      run direct-lab python3 -u scripts/o_proj_fold_lab.py -o "$out/o_proj_fold_lab.json" ;;
     decode)
       for plan in 4 mixed; do
         run "decode-$plan-lookups" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 --lookups \

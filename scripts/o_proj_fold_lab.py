@@ -11,6 +11,8 @@ side in one process:
 
     tqc          as it runs today
     unfolded     o_proj rotating its input at run time (`tqc bench decode --no-fold`), another decoder
+    direct       TQC_DIRECT_INPUTS (registry.DIRECT_INPUTS): o_proj's output zeroed by the q/k/v norm's
+                 launch, attention's bf16 output read by o_proj's kernel as it comes, no launch between
     no_launch    o_proj's matmul alone, on a fixed fp16 input, adding into an output never zeroed:
                  the most a kernel that reads bf16 and splits K without a zeroed output could gain
                  (the values are wrong; only the time counts)
@@ -25,6 +27,7 @@ import argparse
 
 import torch
 
+from tqc.kernels import registry as registry_module
 from tqc.kernels.bench import add_fragments_argument, bench_registry, compile_and_report, device_info, save
 from tqc.kernels.decode_bench import (LLAMA3_8B, Decoder, bf16_factory, decoder_keys, plan_options,
                                       quantized_factory, step_seconds)
@@ -33,7 +36,7 @@ from tqc.kernels.decode_bench import (LLAMA3_8B, Decoder, bf16_factory, decoder_
 def matmul_only(layer, zero: bool):
     """A forward for o_proj that runs only its tuned matmul on a fixed fp16 input (see the docstring)."""
     kernel = layer.kernel
-    config = kernel._configs[1]  # tuned by the first decode step
+    config = kernel.tuned(1)  # by the first decode step
     x = torch.randn(1, kernel.key.k, device="cuda", dtype=torch.float16) * 0.01
     out = torch.zeros(1, kernel.key.n, device="cuda", dtype=torch.bfloat16)
 
@@ -58,7 +61,7 @@ def main() -> None:
     options = plan_options("mixed")
     registry, family = bench_registry("o_proj_fold_lab.py", args.cache_dir, fragments=args.fragments)
     compile_and_report(decoder_keys(options, True, LLAMA3_8B, registry), [1])
-    rows: dict[str, list[float]] = {"bf16": [], "unfolded": [], "tqc": [], "no_launch": [], "memset": []}
+    rows: dict[str, list[float]] = {"bf16": [], "unfolded": [], "tqc": [], "direct": [], "no_launch": [], "memset": []}
     for label, linear in (("bf16", bf16_factory()), ("unfolded", quantized_factory(options, registry, fold=False))):
         other = Decoder(linear, LLAMA3_8B, args.layers, args.context, compile_glue=True, rotate_in_glue=True)
         rows[label].append(step_seconds(other) * 1e3)
@@ -68,6 +71,9 @@ def main() -> None:
                     rotate_in_glue=True)
     rows["tqc"].append(step_seconds(model) * 1e3)
     for _ in range(args.repeats):
+        registry_module.DIRECT_INPUTS = True
+        rows["direct"].append(step_seconds(model) * 1e3)
+        registry_module.DIRECT_INPUTS = False
         for variant in ("no_launch", "memset"):
             for block in model.blocks:
                 block.o_proj.forward = matmul_only(block.o_proj, zero=variant == "memset")
@@ -78,7 +84,7 @@ def main() -> None:
     for label, times in rows.items():
         print(f"{label:>10}: {' '.join(f'{t:.3f}' for t in times)} ms per step", flush=True)
     save({"device": device_info(), "family": family, "step_ms": rows,
-          "o_proj_config": model.blocks[0].o_proj.kernel._configs[1].model_dump()}, args.output)
+          "o_proj_config": model.blocks[0].o_proj.kernel.tuned(1).model_dump()}, args.output)
 
 
 if __name__ == "__main__":
