@@ -44,7 +44,7 @@ def fold_value_rotations(model: nn.Module, specs: dict[str, LayerSpec], plan_see
     is quantized; return `specs` with those o_proj layers marked input_rotated."""
     folded = dict(specs)
     for name, attention in model.named_modules():
-        o_name, v_name = f"{name}.o_proj", f"{name}.v_proj"
+        o_name = f"{name}.o_proj"
         if not foldable(attention, specs.get(o_name)) or not isinstance(getattr(attention, "v_proj", None), nn.Linear):
             continue
         spec = dataclasses.replace(specs[o_name], input_rotated=True)
