@@ -352,12 +352,15 @@ def test_the_norm_before_attention_zeroes_o_projs_output_for_its_next_call(monke
     assert o_proj.kernel.outputs[1:] == [None]
 
 
-def tiny_quantized_model(dtype: torch.dtype, family: str = "llama"):
+def tiny_quantized_model(dtype: torch.dtype, family: str = "llama", fold: bool = False):
     """A one-layer random Llama or Gemma 3 (hidden 256, MLP 512) with every projection at 4 bits,
-    q/k/v and gate/up fused as `tqc.load` fuses them, on DEVICE, on the reference path."""
+    q/k/v and gate/up fused as `tqc.load` fuses them, on DEVICE, on the reference path; with `fold`,
+    o_proj's rotation folded into v_proj as `tqc build` folds it (plan seed 0)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+    from tqc.folding import fold_value_rotations
     from tqc.fusion import fuse_siblings
+    from tqc.layout import rotation_seed
     from tqc.linear import quantize_linear
 
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
@@ -368,11 +371,16 @@ def tiny_quantized_model(dtype: torch.dtype, family: str = "llama"):
     model = model_class(config).eval()
     layer = model.model.layers[0]
     seeds = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 3, "up_proj": 3, "down_proj": 4}
+    specs = {name: LayerSpec(QuantOption.parse("4"), 64, child.in_features, child.out_features)
+             for parent in (layer.self_attn, layer.mlp) for name, child in parent.named_children() if name in seeds}
+    if fold:
+        o_name = "model.layers.0.self_attn.o_proj"
+        specs["o_proj"] = fold_value_rotations(model, {o_name: specs["o_proj"]}, 0)[o_name]
+        seeds["o_proj"] = rotation_seed(0, o_name)
     for parent in (layer.self_attn, layer.mlp):
         for name, child in list(parent.named_children()):
             if name in seeds:
-                spec = LayerSpec(QuantOption.parse("4"), 64, child.in_features, child.out_features)
-                setattr(parent, name, quantize_linear(child, spec, seeds[name]))
+                setattr(parent, name, quantize_linear(child, specs[name], seeds[name]))
     fuse_siblings(model)
     for param in model.parameters():
         param.data = param.data.to(dtype)
@@ -599,6 +607,31 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             assert attach(model, cache_dir=tmp_path, fragments=True) == 4
             assert all(isinstance(m.kernel, FragmentLayerKernel) for m in model.modules() if isinstance(m, QuantizedLinear))
             got = model(input_ids=ids).logits.float()
+        assert expected.std() > 0
+        assert relative_error(got, expected.double().cpu()) < TOLERANCE[torch.bfloat16]
+
+    @pytest.mark.parametrize("tokens", [1, 3])
+    def test_loaded_model_with_o_proj_reading_attention_directly_matches_the_reference_path(tokens, tmp_path,
+                                                                                           monkeypatch):
+        """A Llama with o_proj folded, on the fragment family with registry.DIRECT_INPUTS: the attention
+        norm (hf_glue) zeroes o_proj's output, o_proj reads attention's output as it comes, and the
+        logits are the reference path's."""
+        from tqc.kernels import attach, registry
+
+        monkeypatch.setattr(registry, "DIRECT_INPUTS", True)
+        model = tiny_quantized_model(torch.bfloat16, fold=True)
+        assert model.model.layers[0].self_attn.o_proj.spec.input_rotated
+        ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
+        taken = []
+        take = registry.take_zeroed_output
+        monkeypatch.setattr(registry, "take_zeroed_output", lambda *a: taken.append(out := take(*a)) or out)
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits.float()
+            attach(model, cache_dir=tmp_path, fragments=True)
+            model(input_ids=ids)  # tunes
+            taken.clear()
+            got = model(input_ids=ids).logits.float()
+        assert sum(out is not None for out in taken) == 1
         assert expected.std() > 0
         assert relative_error(got, expected.double().cpu()) < TOLERANCE[torch.bfloat16]
 
