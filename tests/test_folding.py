@@ -96,3 +96,16 @@ def test_a_manifest_folding_a_layer_that_cannot_take_it_is_refused(tmp_path, tok
     path.write_text(json.dumps(manifest))
     with pytest.raises(PackedModelError, match=r"layers\.model\.layers\.0\.self_attn\.o_proj.*rotated input"):
         load_packed(tmp_path / "packed", verify=False)
+
+
+def test_a_manifest_from_before_the_fold_still_loads(tmp_path, tokenizer_dir):
+    """Directories built before the field existed have no `input_rotated`: their layers rotate at run time."""
+    source = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
+    built = build(plan_for(str(source), "4", group_size=GROUP), tmp_path / "packed", progress=False, fold=False)
+    path = tmp_path / "packed" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    for entry in manifest["layers"].values():
+        assert entry.pop("input_rotated") is False
+    path.write_text(json.dumps(manifest))
+    loaded = load_packed(tmp_path / "packed", verify=False)
+    assert torch.equal(logits(loaded, IDS), logits(built, IDS))
