@@ -389,7 +389,7 @@ def test_ordered_input_candidates_wait_for_a_gpu_check_and_ask_the_rotation_for_
     ordered = [c for c in gemvs if c.ordered_inputs]
     assert [(c.sums, c.iters) for c in ordered] == [(c.sums, c.iters) for c in gemvs
                                                     if c.sums != "steps" and not c.ordered_inputs]
-    layer = SimpleNamespace(signs=torch.ones(14336))
+    layer = SimpleNamespace(signs=torch.ones(14336), rotation_size=128)
     pytest.importorskip("triton.experimental.gluon")  # _specialise names the Gluon kernel's constexprs
     assert kernel.rotation_target(layer, ordered[0], None, torch.bfloat16).fragment_step == 64
     assert kernel.rotation_target(layer, gemvs[0], None, torch.bfloat16).fragment_step == 0
