@@ -264,7 +264,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
                               args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
                               rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
                               int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
-                              fold=not args.no_fold)
+                              fold=args.fold)
     result["model"] = args.model
     result["device"] = device_info()
     save(result, args.output)
@@ -295,8 +295,8 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--layers", type=int, help="decoder layers (default: the model's)")
     decode.add_argument("--separate", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
-    decode.add_argument("--no-fold", action="store_true",
-                        help="o_proj rotates its input at run time (default: folded into v_proj, as tqc build does)")
+    decode.add_argument("--fold", action="store_true",
+                        help="o_proj takes its input rotated, as `tqc build --fold` makes it (default: it rotates it)")
     decode.add_argument("--eager-glue", action="store_true",
                         help="leave the elementwise steps eager (default: torch.compile them, for both models)")
     decode.add_argument("--tokens", type=int, default=1,

@@ -10,8 +10,8 @@ one matmul (q/k/v, gate/up; for the plan only where the projections share an opt
 quantized layers then share one rotation seed and one rotation), and with `compile_glue` the
 elementwise work between matmuls (residual add + RMSNorm, SiLU x up) runs as torch.compile'd
 fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs inside those steps
-(kernels/glue.py), for every layer but o_proj (its input comes from attention: folded into v_proj, and with
-TQC_DIRECT_INPUTS=1 its output zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
+(kernels/glue.py), for every layer but o_proj (its input comes from attention; with `fold` it arrives rotated, and with
+TQC_DIRECT_INPUTS=1 o_proj's output is zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
 """
 
 from __future__ import annotations
@@ -157,12 +157,12 @@ def bf16_factory(device: str = "cuda") -> LinearFactory:
 
 
 def quantized_factory(plan: dict[str, str], registry=None, device: str = "cuda", fuse: bool = True,
-                      fold: bool = True) -> LinearFactory:
+                      fold: bool = False) -> LinearFactory:
     """Random TurboQuant projections under `plan`; those sharing an option (and `fuse`) become one layer.
 
     With a registry the layers are repacked for, and run, its kernels; without one (CPU) they run
-    the reference path. `fold`: o_proj on fp16 activations takes its input rotated, as `tqc build`
-    makes it (tqc.folding; the weights are random, so v_proj needs no change).
+    the reference path. `fold`: o_proj on fp16 activations takes its input rotated, as `tqc build
+    --fold` makes it (tqc.folding; the weights are random, so v_proj needs no change).
     """
     from tqc.linear import concatenate  # noqa: PLC0415
 
@@ -256,7 +256,7 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
                      tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
-                     fragments: str | None = None, fold: bool = True) -> dict:
+                     fragments: str | None = None, fold: bool = False) -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one

@@ -49,7 +49,7 @@ def main() -> None:
     for option in args.options:
         model = load_model(source_ref)
         plan = uniform_plan(ModelRef(name=args.model), linear_shapes(model), QuantOption.parse(option))
-        quantize_model(model, plan, progress=False, fold=False)  # int8 activations take no folded rotation
+        quantize_model(model, plan, progress=False)
         (fp16,) = evaluate_many([model], source, ids, progress=False)
         set_activations(model, "int8")
         (int8,) = evaluate_many([model], source, ids, progress=False)

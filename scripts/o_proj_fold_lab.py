@@ -3,14 +3,14 @@
     python scripts/o_proj_fold_lab.py [--repeats 2] -o fold.json
 
 o_proj is the one projection whose input comes from attention, so its rotation could not run
-inside the step that makes its input (kernels/glue.py). `tqc build` now folds the rotation into
-v_proj's weights (tqc.folding), and `tqc bench decode` runs o_proj so, yet a launch remains before
+inside the step that makes its input (kernels/glue.py). `tqc build --fold` folds the rotation into
+v_proj's weights (tqc.folding), and `tqc bench decode --fold` runs o_proj so, yet a launch remains before
 its matmul: it converts attention's bf16 output to fp16 and zeroes the output the split-K kernel
 adds into. This times the mixed-plan decoder of `tqc bench decode` on its tuned kernels, side by
 side in one process:
 
-    tqc          as it runs today
-    unfolded     o_proj rotating its input at run time (`tqc bench decode --no-fold`), another decoder
+    tqc          folded (`tqc bench decode --fold`)
+    unfolded     o_proj rotating its input at run time (`tqc bench decode`), another decoder
     direct       TQC_DIRECT_INPUTS (registry.DIRECT_INPUTS): o_proj's output zeroed by the q/k/v norm's
                  launch, attention's bf16 output read by o_proj's kernel as it comes, no launch between
     no_launch    o_proj's matmul alone, on a fixed fp16 input, adding into an output never zeroed:
@@ -67,7 +67,7 @@ def main() -> None:
         rows[label].append(step_seconds(other) * 1e3)
         del other
         torch.cuda.empty_cache()
-    model = Decoder(quantized_factory(options, registry), LLAMA3_8B, args.layers, args.context, compile_glue=True,
+    model = Decoder(quantized_factory(options, registry, fold=True), LLAMA3_8B, args.layers, args.context, compile_glue=True,
                     rotate_in_glue=True)
     rows["tqc"].append(step_seconds(model) * 1e3)
     for _ in range(args.repeats):

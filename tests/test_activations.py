@@ -68,12 +68,11 @@ def test_reference_path_computes_the_int8_products(bits):
 
 @pytest.fixture(scope="module")
 def smollm2_4bit():
-    """SmolLM2 at 4 bits everywhere but the head (its codes are those of either activation mode; o_proj's
-    rotation not folded, which int8 activations do not take)."""
+    """SmolLM2 at 4 bits everywhere but the head (its codes are those of either activation mode)."""
     source = resolve_model("smollm2")
     model = load_model(source)
     plan = uniform_plan(ModelRef(name="smollm2"), linear_shapes(model), QuantOption.parse("4"))
-    quantize_model(model, plan, progress=False, fold=False)
+    quantize_model(model, plan, progress=False)
     return source, model
 
 

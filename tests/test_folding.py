@@ -74,8 +74,8 @@ def test_a_folded_build_round_trips_and_keeps_its_quality(tmp_path, tokenizer_di
     source = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
     plan = plan_for(str(source), "4+2", group_size=GROUP)
     reference = logits(load_model(resolve_model(str(source))), IDS)
-    folded = build(plan, tmp_path / "folded", progress=False)
-    unfolded = build(plan, tmp_path / "unfolded", progress=False, fold=False)
+    folded = build(plan, tmp_path / "folded", progress=False, fold=True)
+    unfolded = build(plan, tmp_path / "unfolded", progress=False)
     layers = json.loads((tmp_path / "folded" / MANIFEST_FILE).read_text())["layers"]
     assert {name for name, entry in layers.items() if entry["input_rotated"]} == {
         f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
@@ -89,7 +89,7 @@ def test_a_folded_build_round_trips_and_keeps_its_quality(tmp_path, tokenizer_di
 
 def test_a_manifest_folding_a_layer_that_cannot_take_it_is_refused(tmp_path, tokenizer_dir):
     source = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
-    build(plan_for(str(source), "4", group_size=GROUP), tmp_path / "packed", progress=False)
+    build(plan_for(str(source), "4", group_size=GROUP), tmp_path / "packed", progress=False, fold=True)
     path = tmp_path / "packed" / MANIFEST_FILE
     manifest = json.loads(path.read_text())
     manifest["layers"]["model.layers.0.self_attn.o_proj"]["option"] = "rtn4"

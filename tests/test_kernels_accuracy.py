@@ -582,7 +582,7 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         for direct in (False, True):
             monkeypatch.setattr(registry, "DIRECT_INPUTS", direct)
             torch.manual_seed(0)
-            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels), tiny, layers=2, context=8,
+            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels, fold=True), tiny, layers=2, context=8,
                             rotate_in_glue=True)
             with torch.no_grad():
                 model(token, pos)  # tunes

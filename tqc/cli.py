@@ -48,7 +48,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     require_device(args.device)
     plan = read_plan(args.plan)
-    build(plan, args.output, progress=not args.quiet, device=args.device, fold=not args.no_fold)
+    build(plan, args.output, progress=not args.quiet, device=args.device, fold=args.fold)
     print(f"wrote {args.output}")
 
 
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_cmd.add_argument("-o", "--output", required=True, help="packed model directory")
     build_cmd.add_argument("--device", default="cpu",
                            help="where the codes are fitted: cpu (byte-identical builds) or cuda (fast, for large models)")
-    build_cmd.add_argument("--no-fold", action="store_true",
-                           help="o_proj rotates its input at run time (default: its rotation folded into v_proj "
-                                "where the attention allows, docs/format.md)")
+    build_cmd.add_argument("--fold", action="store_true",
+                           help="fold o_proj's input rotation into v_proj where the attention allows (docs/format.md; "
+                                "default: o_proj rotates its input at run time)")
     build_cmd.add_argument("-q", "--quiet", action="store_true")
     build_cmd.set_defaults(run=cmd_build)
 

@@ -123,13 +123,14 @@ def check_plan_against_model(plan: Plan, layers: dict[str, LinearShape]) -> None
 
 
 def quantize_model(model: nn.Module, plan: Plan, progress: bool = True,
-                   device: torch.device | str | None = None, fold: bool = True) -> dict[str, LayerSpec]:
+                   device: torch.device | str | None = None, fold: bool = False) -> dict[str, LayerSpec]:
     """Replace the plan's quantized layers in place; round the rest to the fp16 storage precision.
 
     Afterwards the in-memory model computes exactly what the packed model will load. `device`:
     where the codes of plain (uncalibrated) layers are fitted, one layer at a time (default: where
     the weights lie). A GPU rounds differently from the CPU: a few codes at ties may differ.
-    `fold`: o_proj's input rotation goes into v_proj's weights where it can (tqc.folding).
+    `fold`: o_proj's input rotation goes into v_proj's weights where it can (tqc.folding; opt-in: it
+    costs GPTQ builds quality, docs/format.md).
     """
     layers = linear_layers(model)
     check_plan_against_model(plan, linear_shapes(model))
@@ -182,7 +183,7 @@ def _storage_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build(plan: Plan, output: str | Path, progress: bool = True, model: nn.Module | None = None,
-          device: torch.device | str | None = None, fold: bool = True) -> nn.Module:
+          device: torch.device | str | None = None, fold: bool = False) -> nn.Module:
     """Quantize the plan's model and write the packed directory; return the in-memory quantized model.
     `device`: where the codes are fitted, `fold`: o_proj's rotation into v_proj (quantize_model)."""
     output = Path(output)
