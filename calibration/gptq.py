@@ -287,11 +287,8 @@ def quantize_calibrated(model: nn.Module, plan: Plan, specs: dict[str, LayerSpec
     return their names (RTN layers are left to the plain quantizer).
 
     Each block's layer inputs come from the blocks before it already quantized (sequential); the
-    layers of one block all see that block's full-precision activations, but for an o_proj whose
-    input arrives rotated (tqc.folding), which takes its H from the block with the others quantized:
-    v_proj's rows rotated spread its error over every direction of o_proj's input, also those
-    where the full-precision inputs left GPTQ free to put o_proj's own (docs/format.md). Layers
-    outside the blocks (a quantized lm_head) take their H from one forward of the quantized model."""
+    layers of one block all see that block's full-precision activations. Layers outside the blocks
+    (a quantized lm_head) take their H from one forward of the quantized model."""
     windows = calibration_windows(plan.model.name, plan.quantizer)
     linears = linear_layers(model)
     todo = [name for name, spec in specs.items() if spec.option.scheme == "turboquant"]
@@ -305,11 +302,7 @@ def quantize_calibrated(model: nn.Module, plan: Plan, specs: dict[str, LayerSpec
                 return [out[0] if isinstance(out, tuple) else out for out in outputs]
 
             layers = {name: linears[name] for name in todo if name.startswith(prefix + ".")}
-            last = {name: layer for name, layer in layers.items() if specs[name].input_rotated}
-            first = {name: layer for name, layer in layers.items() if name not in last}
-            for stage in (first, last):
-                if stage:
-                    _quantize_layers(model, stage, _hessians(stage, run_block), specs, plan, bar)
+            _quantize_layers(model, layers, _hessians(layers, run_block), specs, plan, bar)
             hidden = run_block()
         rest = {name: linears[name] for name in todo if not any(name.startswith(p + ".") for p, _ in blocks)}
         if rest:

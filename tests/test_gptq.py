@@ -145,23 +145,6 @@ def test_sequential_build_lowers_the_logit_error(model, test_text):
     assert divergence["gptq"] < 0.8 * divergence["plain"], divergence
 
 
-def test_a_folded_o_proj_is_quantized_after_the_rest_of_its_block(model, monkeypatch):
-    """With o_proj folded, its H comes from a forward of the block with the block's other layers
-    already quantized, so that it sees v_proj's error (docs/format.md): a second stage in the block."""
-    shapes = linear_shapes(model)
-    rest = {"model.layers.[1-9]*": FP16, "model.layers.0.mlp.*": FP16}
-    plan = uniform_plan(ModelRef(name="smollm2"), shapes, QuantOption.parse("3"), overrides=rest)
-    plan = plan.model_copy(update={"quantizer": QuantizerRef(method="gptq", samples=2, seq_len=32)})
-    stages, quantize_layers = [], gptq._quantize_layers
-    monkeypatch.setattr(gptq, "_quantize_layers", lambda model, layers, *args: stages.append(
-        sorted(name.rpartition(".")[2] for name in layers)) or quantize_layers(model, layers, *args))
-    for fold, expected in ((False, [["k_proj", "o_proj", "q_proj", "v_proj"]]),
-                           (True, [["k_proj", "q_proj", "v_proj"], ["o_proj"]])):
-        stages.clear()
-        quantize_model(copy.deepcopy(model), plan, progress=False, fold=fold)
-        assert stages == expected, fold
-
-
 def test_plan_quantizer_entry_validates_and_names_a_bad_field():
     base = {"model": {"name": "smollm2"}, "layers": {"lm_head": {"option": "fp16", "group_size": 128}}}
     assert parse_plan(base).quantizer is None
