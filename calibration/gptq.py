@@ -34,8 +34,7 @@ from tqc.layout import LayerSpec, rotation_seed
 from tqc.linear import empty_quantized_linear, load_packed_tensors
 from tqc.models import linear_layers, load_tokenizer, resolve_model
 from tqc.plan import Plan, QuantizerRef
-from tqc.rotation import rotate
-from tqc.turboquant import SCALE_GRID, decode_stage, fit_stage, weight_signs
+from tqc.turboquant import SCALE_GRID, decode_stage, fit_stage, rotated_weight, weight_signs
 
 from .data import DEFAULT_DATA, data_ref, sample_windows
 from .scores import rotated_hessian
@@ -65,12 +64,11 @@ def _packed(spec: LayerSpec, seed: int, codes: list[torch.Tensor], scales: list[
 
 def _rotated(weight: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W R^T (float32 [N, K]) and R H R^T (float64 [K, K]) for the layer's seeded rotation; where the
-    input arrives rotated (tqc.folding), H was collected from rotated inputs and is R H R^T already."""
-    signs = weight_signs(seed, spec)
-    rotated = rotate(weight.detach().float(), signs, spec.group_size)
+    input arrives rotated (tqc.folding), W and H were both taken in the rotated basis already."""
+    rotated = rotated_weight(weight, seed, spec)
     if spec.input_rotated:
         return rotated, hessian.double()
-    return rotated, rotated_hessian(hessian.double(), signs, spec.group_size)
+    return rotated, rotated_hessian(hessian.double(), weight_signs(seed, spec), spec.group_size)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

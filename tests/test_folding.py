@@ -11,27 +11,27 @@ from torch import nn
 
 from tiny_models import FAMILIES, IDS, logits, make_tiny_model, plan_for
 
-from tqc.folding import fold_value_rotations, foldable
+from tqc.folding import fold_signs, fold_value_rotations, foldable
 from tqc.layout import LayerSpec, rotation_seed
 from tqc.models import linear_layers, load_model, resolve_model
 from tqc.options import QuantOption
 from tqc.packed import MANIFEST_FILE, PackedModelError, build, load_packed
-from tqc.rotation import unrotate
-from tqc.turboquant import weight_signs
+from tqc.rotation import rotate
 
 GROUP = 32  # the tiny models' head size: o_proj's rotation can fold at this group size, not at 128
 SEED = 0
 
 
-class Unrotated(nn.Module):
-    """o_proj reading R^T x: undoes the folded rotation, so the model must compute what it did before."""
-
-    def __init__(self, layer: nn.Linear, signs: torch.Tensor):
-        super().__init__()
-        self.layer, self.signs = layer, signs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(unrotate(x, self.signs, GROUP))
+def o_proj_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each o_proj's input on IDS."""
+    inputs, handles = {}, []
+    for name, layer in linear_layers(model).items():
+        if name.endswith("o_proj"):
+            handles.append(layer.register_forward_pre_hook(lambda _, args, name=name: inputs.__setitem__(name, args[0])))
+    logits(model, IDS)
+    for handle in handles:
+        handle.remove()
+    return inputs
 
 
 def o_proj_specs(model: nn.Module) -> dict[str, LayerSpec]:
@@ -40,20 +40,19 @@ def o_proj_specs(model: nn.Module) -> dict[str, LayerSpec]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_rotated_values_reach_o_proj_rotated(tmp_path, family, tokenizer_dir):
+def test_a_fold_rotates_o_proj_inputs_and_keeps_the_model(tmp_path, family, tokenizer_dir):
     """With v_proj's rows rotated, attention's output is the old one rotated, for every head and
-    query head sharing a key/value head (2 of each here): undoing the rotation before o_proj gives
-    the source model's logits."""
+    query head sharing a key/value head (2 of each here); o_proj's columns rotated with it, the float
+    model computes what it did (GPTQ runs it forward before anything is quantized)."""
     model = load_model(resolve_model(str(make_tiny_model(tmp_path / "src", family, tokenizer_dir))))
-    expected = logits(model, IDS)
+    expected, before = logits(model, IDS), o_proj_inputs(model)
     specs = fold_value_rotations(model, o_proj_specs(model), SEED)
     assert all(spec.input_rotated for spec in specs.values()) and len(specs) == 2
-    changed = logits(model, IDS)
-    assert (changed - expected).abs().max() > 1e-2  # the rotation alone changes the output
+    after = o_proj_inputs(model)
     for name, spec in specs.items():
-        parent, _, child = name.rpartition(".")
-        attention = model.get_submodule(parent)
-        setattr(attention, child, Unrotated(getattr(attention, child), weight_signs(rotation_seed(SEED, name), spec)))
+        rotated = rotate(before[name], fold_signs(rotation_seed(SEED, name), spec), GROUP)
+        assert (after[name] - before[name]).abs().max() > 1e-2  # the values do arrive changed
+        torch.testing.assert_close(after[name], rotated, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logits(model, IDS), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -24,7 +24,6 @@ from tqc.packed import quantize_model
 from tqc.plan import ModelRef, PlanError, QuantizerRef, parse_plan, read_plan
 from tqc.planning import uniform_plan
 from tqc.rotation import random_signs, rotate
-from tqc.turboquant import weight_signs
 
 LAYER = "model.layers.2.self_attn.o_proj"
 CALIBRATION = QuantizerRef(method="gptq", samples=8, seq_len=128)
@@ -82,7 +81,7 @@ def test_tuned_quantizers_lower_the_held_out_output_error(model, hessians, optio
 
 def test_gptq_on_a_folded_o_proj_lowers_the_held_out_output_error(model):
     """With v_proj's rows rotated (tqc.folding), o_proj's inputs arrive rotated: its H, collected from
-    them, is in the rotated basis already, and GPTQ must not rotate it again."""
+    them, is in the rotated basis already, as is its weight, and GPTQ must not rotate either again."""
     folded = copy.deepcopy(model)
     spec = fold_value_rotations(folded, {LAYER: _spec(model, "3")}, 0)[LAYER]
     assert spec.input_rotated
@@ -92,7 +91,7 @@ def test_gptq_on_a_folded_o_proj_lowers_the_held_out_output_error(model):
         windows = gptq.calibration_windows("smollm2", settings)
         found[key] = gptq._hessians(layer, lambda w=windows: folded(input_ids=w, use_cache=False))[LAYER].double()
     weight = layer[LAYER].weight
-    target = rotate(weight.double(), weight_signs(seed, spec).double(), spec.group_size)
+    target = weight.double()  # the fold rotated o_proj's columns with its inputs
 
     def output_error(tensors: dict[str, torch.Tensor]) -> float:
         delta = turboquant.dequantize(tensors, spec).double() - target

@@ -94,11 +94,7 @@ def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_leve
 
 
 def weight_signs(seed: int, spec: LayerSpec) -> torch.Tensor:
-    """The signs the weight's groups are rotated with: drawn for every input or, where the input
-    arrives rotated (spec.input_rotated), for one group and repeated, so that one rotation folded
-    into v_proj's rows serves every head (tqc.folding)."""
-    if spec.input_rotated:
-        return random_signs(seed, spec.group_size).repeat(spec.groups)
+    """The signs the weight's groups are rotated with, and the input at run time."""
     return random_signs(seed, spec.in_features)
 
 
@@ -108,12 +104,19 @@ def activation_signs(seed: int, spec: LayerSpec) -> torch.Tensor:
     return torch.ones(spec.in_features) if spec.input_rotated else weight_signs(seed, spec)
 
 
+def rotated_weight(weight: torch.Tensor, seed: int, spec: LayerSpec) -> torch.Tensor:
+    """W R^T in float32: the weight in the basis of the rotated inputs its codes are fitted in. Where
+    the input arrives rotated (spec.input_rotated), the fold rotated the weight with it (tqc.folding)."""
+    weight = weight.detach().float()
+    return weight if spec.input_rotated else rotate(weight, weight_signs(seed, spec), spec.group_size)
+
+
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
     """The packed tensors of a TurboQuant layer (see `layout.tensor_layout`), computed on the
     weight's device (a GPU fits the codes of a large model in seconds)."""
     option = spec.option
     n, k, g = spec.out_features, spec.in_features, spec.group_size
-    rotated = rotate(weight.detach().float(), weight_signs(seed, spec), g).reshape(n, spec.groups, g)
+    rotated = rotated_weight(weight, seed, spec).reshape(n, spec.groups, g)
     codes, scales = fit_stage(rotated, option.base_bits)
     tensors = {
         "codes": pack(codes.reshape(n, k), option.base_bits),
