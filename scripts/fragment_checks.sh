@@ -22,7 +22,7 @@
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
-# direct    o_proj folded into v_proj (session 31): the GPU checks of a layer whose input arrives rotated and
+# direct    o_proj folded into v_proj (session 31; run 130: correct, no faster): the GPU checks of a layer whose input arrives rotated and
 #           of o_proj reading attention's output as it comes (TQC_DIRECT_INPUTS), then
 #           scripts/o_proj_fold_lab.py: the decoder unfolded, folded, direct, and the upper bound
 set -uo pipefail

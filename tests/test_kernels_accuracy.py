@@ -205,10 +205,15 @@ def test_a_layer_whose_input_arrives_rotated_is_not_rotated_again(strategy):
             families.append((FragmentLayerKernel, FRAGMENT_LAYOUT,
                              LaunchConfig(strategy="fragments" if strategy != "dequant" else "dequant", iters=1)))
         for family, layout, config in families:
+            if layout == FRAGMENT_LAYOUT and n % 64:
+                continue  # the fragment layout tiles 64 rows
             module = copy.deepcopy(original)
             prepare(module, layout)
             kernel = family(KernelKey.of(module.spec, *([layout] if layout else [])), Tuner("none", "none", None))
-            for tokens in token_counts(config):
+            tokens_list = token_counts(config)
+            if layout == FRAGMENT_LAYOUT:  # its tensor-core kernel takes 1-16 tokens, dequant + cuBLAS more
+                tokens_list = [1, 3, 16] if config.strategy == "fragments" else [77]
+            for tokens in tokens_list:
                 x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, torch.float16)
                 expected = F.linear(x.double().cpu(), original.dequantized_weight(torch.float64).cpu())
                 error = relative_error(kernel.run(x, module, config), expected)
