@@ -22,6 +22,10 @@
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
+# balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
+#           (programs and active cycles per SM, least and most), options 3 and 4, gate/up then down
+# qwen      Qwen2.5-7B's and Qwen3-4B's attention layers (q/o/k/v) at 1 and 16 tokens, options 3 and 4
+#           (tunes their keys first), then the Qwen2.5-7B-shaped decoder's 16-token forward at the mixed plan
 # direct    o_proj folded into v_proj (session 31; run 130: correct, no faster): the GPU checks of a layer whose input arrives rotated and
 #           of o_proj reading attention's output as it comes (TQC_DIRECT_INPUTS), then
 #           scripts/o_proj_fold_lab.py: the decoder unfolded, folded, direct, and the upper bound
@@ -87,8 +91,24 @@ for part in "$@"; do
           --launch-count 1 --set full --clock-control none python3 scripts/profile_layer_kernels.py --option 4 \
           --shapes "$shape"
       done ;;
+    balance)
+      metrics=sm__ctas_launched.min,sm__ctas_launched.max,sm__ctas_launched.sum,sm__cycles_active.min
+      metrics=$metrics,sm__cycles_active.max,sm__cycles_active.avg,sm__cycles_elapsed.max,launch__grid_size
+      metrics=$metrics,launch__occupancy_limit_registers,launch__waves_per_multiprocessor,gpu__time_duration.sum
+      for option in 3 4; do
+        for shape in 14336x4096 4096x14336; do
+          run "balance-$option-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel \
+            --launch-skip 2 --launch-count 1 --metrics "$metrics" --clock-control none \
+            python3 scripts/profile_layer_kernels.py --option "$option" --shapes "$shape"
+        done
+      done ;;
+    qwen)
+      run qwen-attention python3 -u -m tqc.cli bench layers --models qwen2.5-7b qwen3-4b \
+        --layers q_proj/o_proj q_proj o_proj k_proj/v_proj --options 3 4 --tokens 1 16 -o "$out/qwen-attention.json"
+      run qwen-decode-t16 python3 -u -m tqc.cli bench decode --model qwen2.5-7b --plan mixed --tokens 16 \
+        -o "$out/qwen-decode-mixed-t16.json" ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile, balance, qwen, direct)" >&2
       exit 2 ;;
   esac
 done
