@@ -264,7 +264,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
                               args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
                               rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
                               int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
-                              fold=args.fold)
+                              fold=args.fold, attention=args.attention)
     result["model"] = args.model
     result["device"] = device_info()
     save(result, args.output)
@@ -295,6 +295,9 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--layers", type=int, help="decoder layers (default: the model's)")
     decode.add_argument("--separate", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
+    decode.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa",
+                        help="a decode step's attention, for both models: torch's scaled_dot_product_attention after "
+                             "the cache write, or one Triton launch that does both (kernels/attention.py)")
     decode.add_argument("--fold", action="store_true",
                         help="o_proj takes its input rotated, as `tqc build --fold` makes it (default: it rotates it)")
     decode.add_argument("--eager-glue", action="store_true",

@@ -12,6 +12,9 @@ elementwise work between matmuls (residual add + RMSNorm, SiLU x up) runs as tor
 fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs inside those steps
 (kernels/glue.py), for every layer but o_proj (its input comes from attention; with `fold` it arrives rotated, and with
 TQC_DIRECT_INPUTS=1 o_proj's output is zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
+Attention of a decode step is torch's scaled_dot_product_attention after index_copy_ into the
+cache, or with `attention="triton"` one launch that does both (kernels/attention.py); both models
+run the same attention.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import DecodeAttention
 from .bench import DECODER_SHAPES
 from .glue import norm_linear as fused_norm_linear
 from .glue import swiglu_linear as fused_swiglu_linear
@@ -89,19 +93,28 @@ def fused(plan: dict[str, str], names: tuple[str, ...], fuse: bool) -> bool:
 class Block(nn.Module):
     """One decoder layer; `linear` makes its projections."""
 
-    def __init__(self, linear: LinearFactory, cfg: dict, glue: Glue, device: str):
+    def __init__(self, linear: LinearFactory, cfg: dict, glue: Glue, device: str,
+                 decode_attention: DecodeAttention | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.glue = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], glue
+        self.decode_attention = decode_attention
         for attribute, (names, sizes, k) in projections(cfg).items():
             setattr(self, attribute, linear(names, sizes, k))
         self.norms = nn.Parameter(torch.ones(2, cfg["hidden"], device=device, dtype=torch.bfloat16))
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor):
         """(residual stream, pending delta) -> the same after this layer, for T tokens at cache
-        positions `pos`; cache is (2, 1, kv, context, d). One token attends to the whole cache
-        (a decode step); several attend causally to positions 0..T-1 (a prefill)."""
+        positions `pos`; cache is (2, 1, kv, context, d)."""
         h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0], then=self.o_proj)
-        tokens, q_width = h.shape[0], self.heads * self.head_dim
+        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(self.attend(qkv, cache, pos)), self.norms[1])
+        return h, self.glue.swiglu_linear(self.down_proj, gate_up)
+
+    def attend(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The tokens' keys and values written into the cache, then attention: one token attends to
+        the whole cache (a decode step); several attend causally to positions 0..T-1 (a prefill)."""
+        tokens, q_width = qkv.shape[0], self.heads * self.head_dim
+        if tokens == 1 and self.decode_attention is not None:
+            return self.decode_attention(qkv, cache, pos)
         kv = qkv[:, q_width:].view(tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         cache.index_copy_(3, pos, kv.unsqueeze(1))
         q = qkv[:, :q_width].view(tokens, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)
@@ -110,18 +123,19 @@ class Block(nn.Module):
         else:
             attn = F.scaled_dot_product_attention(q, cache[0, :, :, :tokens], cache[1, :, :, :tokens], is_causal=True,
                                                   enable_gqa=True)
-        attn = attn.squeeze(0).transpose(0, 1).reshape(tokens, q_width)
-        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(attn), self.norms[1])
-        return h, self.glue.swiglu_linear(self.down_proj, gate_up)
+        return attn.squeeze(0).transpose(0, 1).reshape(tokens, q_width)
 
 
 class Decoder(nn.Module):
     def __init__(self, linear: LinearFactory, cfg: dict, layers: int, context: int, device: str = "cuda",
-                 compile_glue: bool = False, rotate_in_glue: bool = False):
+                 compile_glue: bool = False, rotate_in_glue: bool = False, attention: str = "sdpa"):
         super().__init__()
         self.glue = Glue(compile_glue, rotate_in_glue)
         self.embed = nn.Embedding(cfg["vocab"], cfg["hidden"], device=device, dtype=torch.bfloat16)
-        self.blocks = nn.ModuleList(Block(linear, cfg, self.glue, device) for _ in range(layers))
+        decode_attention = None  # one workspace for every layer: they run one after another
+        if attention == "triton":
+            decode_attention = DecodeAttention(cfg["heads"], cfg["kv_heads"], cfg["head_dim"], context, device)
+        self.blocks = nn.ModuleList(Block(linear, cfg, self.glue, device, decode_attention) for _ in range(layers))
         self.norm = nn.Parameter(torch.ones(cfg["hidden"], device=device, dtype=torch.bfloat16))
         self.lm_head = linear(("lm_head",), (cfg["vocab"],), cfg["hidden"])
         shape = (layers, 2, 1, cfg["kv_heads"], context, cfg["head_dim"])
@@ -256,23 +270,26 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
                      tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
-                     fragments: str | None = None, fold: bool = False) -> dict:
+                     fragments: str | None = None, fold: bool = False, attention: str = "sdpa") -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one
     the option allows). `fragments`: "checked", "all", "lookups" or None (bench_registry; the
-    result records the family that ran). `fold`: o_proj's rotation folded away (quantized_factory)."""
+    result records the family that ran). `fold`: o_proj's rotation folded away (quantized_factory).
+    `attention`: a decode step's, "sdpa" or "triton" (Decoder), the same for both models."""
     from .bench import bench_registry, compile_and_report  # noqa: PLC0415
 
     torch.manual_seed(0)
     options = plan_options(plan, activations, int8_layers)
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
-               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fold": fold}
+               "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fold": fold,
+               "attention": attention}
     registry, results["fragments"] = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
     compile_and_report(decoder_keys(options, fuse, shape, registry), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse, fold=fold))):
-        model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue)
+        model = Decoder(linear, shape, layers, context, compile_glue=compile_glue, rotate_in_glue=rotate_in_glue,
+                        attention=attention)
         seconds = step_seconds(model, tokens)
         results[label] = {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
                           "linear_bytes": linear_weight_bytes(model)}

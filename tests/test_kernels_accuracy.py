@@ -228,6 +228,36 @@ def test_rotation_kernel_matches_butterfly():
     assert relative_error(out, rotate(x.double(), signs.double(), group_size)) < 1e-5
 
 
+# (heads, kv heads, head dim, context): Llama-3-8B's and Qwen2.5-7B's (7 query heads a KV head) on a GPU;
+# interpreted, a context that leaves the last slice short and a slice count that is no power of two
+ATTENTION_SHAPES = [(32, 8, 128, 1024), (28, 4, 128, 1000)] if CUDA else [(4, 2, 32, 40), (6, 2, 16, 100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype):
+    """kernels/attention.py against index_copy_ + scaled_dot_product_attention, twice in a row (the
+    combining count resets), the token written at a slice's end and then in its middle."""
+    from tqc.kernels.attention import DecodeAttention
+
+    heads, kv_heads, d, context = shape
+    generator = torch.Generator().manual_seed(context)
+    cache = torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)
+    expected_cache = cache.double().cpu()
+    attention = DecodeAttention(heads, kv_heads, d, context, DEVICE)
+    assert attention.splits > 1
+    for pos in (attention.split - 1, context - attention.split // 2):
+        qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
+        out = attention(qkv, cache, torch.tensor([pos], device=DEVICE))
+        reference = qkv.double().cpu()
+        kv = reference[:, heads * d:].view(1, 2, kv_heads, d).permute(1, 2, 0, 3)
+        expected_cache.index_copy_(3, torch.tensor([pos]), kv.unsqueeze(1))
+        q = reference[:, :heads * d].view(1, heads, d).transpose(0, 1).unsqueeze(0)
+        expected = F.scaled_dot_product_attention(q, expected_cache[0], expected_cache[1], enable_gqa=True)
+        assert relative_error(out, expected.reshape(1, heads * d)) < TOLERANCE[dtype], f"pos {pos}"
+        assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
+
+
 @pytest.mark.parametrize("step", ["fwht", "norm", "swiglu"])
 def test_rotation_writes_the_fragment_order_where_asked(step):
     """RotationTarget.fragment_step (the one-token fragment kernel's X_ORDERED): the rotation kernel and

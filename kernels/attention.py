@@ -1,0 +1,120 @@
+"""One decode step's grouped-query attention in one launch, for `tqc bench decode` (both models).
+
+torch's scaled_dot_product_attention takes two kernels for one token over a KV cache, and the
+cache write before it a third; at 8B shapes they cost a decode step about 10 us a layer, the same
+for bf16 and for a plan, which weighs three times as much on the quantized model's step. This
+kernel writes the token's key and value into the cache and attends in one launch, split along
+the cache (flash-decoding): each program takes one KV head's query heads over a slice of the
+positions, keeps a running softmax, and stores its partial output; the last program of a KV head
+to finish (an atomic count) combines the slices. Rotary embeddings are left out, as in the
+benchmark's decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TARGET_PROGRAMS = 128  # about one a streaming multiprocessor on an H100
+
+
+@triton.jit
+def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale,
+                            CONTEXT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                            SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
+    """Grid (KV_HEADS, SPLITS). qkv: [q heads | k heads | v heads] of one token, D each; cache:
+    [2, KV_HEADS, CONTEXT, D]; out: [KV_HEADS * GROUP * D]. partial: [heads, SPLITS, D] and stats
+    [2, heads, SPLITS] (running max, sum) in float32; count: [KV_HEADS] int32, zero between calls.
+    BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes."""
+    kv_head, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_G)  # query heads of this KV head, padded to a tensor-core tile
+    dims = tl.arange(0, D)
+    heads = kv_head * GROUP + rows
+    real = rows < GROUP
+    q = tl.load(qkv_ptr + heads[:, None] * D + dims[None, :], mask=real[:, None], other=0.0)
+    q_width: tl.constexpr = KV_HEADS * GROUP * D
+    new_k = tl.load(qkv_ptr + q_width + kv_head * D + dims)
+    new_v = tl.load(qkv_ptr + q_width + KV_HEADS * D + kv_head * D + dims)
+    pos = tl.load(pos_ptr)
+    keys = cache_ptr + kv_head * CONTEXT * D
+    values = keys + KV_HEADS * CONTEXT * D
+    start = split * SPLIT
+    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for offset in tl.static_range(0, SPLIT, BLOCK):
+        positions = start + offset + tl.arange(0, BLOCK)
+        inside = positions < CONTEXT
+        is_new = (positions == pos)[:, None]
+        where = positions[:, None] * D + dims[None, :]
+        k = tl.load(keys + where, mask=inside[:, None], other=0.0)
+        k = tl.where(is_new, new_k[None, :], k)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_top[:, None])
+        shrink = tl.exp(top - new_top)
+        total = total * shrink + tl.sum(weights, axis=1)
+        v = tl.load(values + where, mask=inside[:, None], other=0.0)
+        v = tl.where(is_new, new_v[None, :], v)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+        top = new_top
+    token = dims * 0 + pos
+    mine = (token >= start) & (token < start + SPLIT)  # the slice holding the token writes it to the cache
+    tl.store(keys + pos * D + dims, new_k, mask=mine)
+    tl.store(values + pos * D + dims, new_v, mask=mine)
+    heads_total: tl.constexpr = KV_HEADS * GROUP
+    tl.store(partial_ptr + (heads[:, None] * SPLITS + split) * D + dims[None, :], acc, mask=real[:, None])
+    tl.store(stats_ptr + heads * SPLITS + split, top, mask=real)
+    tl.store(stats_ptr + (heads_total + heads) * SPLITS + split, total, mask=real)
+    if tl.atomic_add(count_ptr + kv_head, 1) == SPLITS - 1:  # acq_rel: the other slices' stores are visible
+        slices = tl.arange(0, BLOCK_S)
+        stat = heads[:, None] * SPLITS + slices[None, :]
+        read = real[:, None] & (slices < SPLITS)[None, :]
+        tops = tl.load(stats_ptr + stat, mask=read, other=float("-inf"), cache_modifier=".cg")
+        tops = tl.where(real[:, None], tops, 0.0)  # padded rows: finite, never stored
+        totals = tl.load(stats_ptr + heads_total * SPLITS + stat, mask=read, other=0.0, cache_modifier=".cg")
+        best = tl.max(tops, axis=1)
+        weights = tl.exp(tops - best[:, None])
+        norm = tl.sum(totals * weights, axis=1)
+        combined = tl.zeros([BLOCK_G, D], tl.float32)
+        for s in tl.static_range(SPLITS):
+            part = tl.load(partial_ptr + (heads[:, None] * SPLITS + s) * D + dims[None, :], mask=real[:, None],
+                           other=0.0, cache_modifier=".cg")
+            weight = tl.sum(tl.where(slices[None, :] == s, weights, 0.0), axis=1)
+            combined += part * weight[:, None]
+        combined = combined / tl.where(real, norm, 1.0)[:, None]
+        tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
+                 mask=real[:, None])
+        tl.store(count_ptr + kv_head, 0)
+
+
+class DecodeAttention:
+    """Attention of one token over a whole (context, kv heads, head dim) cache, the token's key and
+    value written into it at `pos` first, as index_copy_ and scaled_dot_product_attention do; the
+    float32 workspace is kept between calls (CUDA-graph safe)."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int, device: str | torch.device):
+        self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
+        self.split = min(256, max(16, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
+        self.splits = triton.cdiv(context, self.split)
+        self.partial = torch.empty(heads, self.splits, head_dim, device=device, dtype=torch.float32)
+        self.stats = torch.empty(2, heads, self.splits, device=device, dtype=torch.float32)
+        self.count = torch.zeros(kv_heads, device=device, dtype=torch.int32)
+
+    def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """qkv: [1, (heads + 2 kv_heads) head_dim] of one token; cache: [2, 1, kv_heads, context,
+        head_dim], contiguous; pos: [1] int. Returns [1, heads * head_dim] in qkv's dtype."""
+        assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
+        out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=qkv.dtype)
+        group = self.heads // self.kv_heads
+        decode_attention_kernel[(self.kv_heads, self.splits)](
+            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim),
+            CONTEXT=self.context, KV_HEADS=self.kv_heads, GROUP=group, D=self.head_dim, SPLIT=self.split,
+            BLOCK=min(self.split, 64), SPLITS=self.splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_S=triton.next_power_of_2(self.splits))
+        return out
