@@ -79,14 +79,14 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
         tops = tl.where(real[:, None], tops, 0.0)  # padded rows: finite, never stored
         totals = tl.load(stats_ptr + heads_total * SPLITS + stat, mask=read, other=0.0, cache_modifier=".cg")
         best = tl.max(tops, axis=1)
-        weights = tl.exp(tops - best[:, None])
-        norm = tl.sum(totals * weights, axis=1)
+        slice_weights = tl.exp(tops - best[:, None])
+        norm = tl.sum(totals * slice_weights, axis=1)
         combined = tl.zeros([BLOCK_G, D], tl.float32)
         for s in tl.static_range(SPLITS):
             part = tl.load(partial_ptr + (heads[:, None] * SPLITS + s) * D + dims[None, :], mask=real[:, None],
                            other=0.0, cache_modifier=".cg")
-            weight = tl.sum(tl.where(slices[None, :] == s, weights, 0.0), axis=1)
-            combined += part * weight[:, None]
+            share = tl.sum(tl.where(slices[None, :] == s, slice_weights, 0.0), axis=1)
+            combined += part * share[:, None]
         combined = combined / tl.where(real, norm, 1.0)[:, None]
         tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
                  mask=real[:, None])
