@@ -98,9 +98,13 @@ class DecodeAttention:
     value written into it at `pos` first, as index_copy_ and scaled_dot_product_attention do; the
     float32 workspace is kept between calls (CUDA-graph safe)."""
 
-    def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int, device: str | torch.device):
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int, device: str | torch.device,
+                 split: int | None = None, num_warps: int = 4):
+        """`split`: positions a program takes (a power of two; default: about TARGET_PROGRAMS programs)."""
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
-        self.split = min(256, max(16, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
+        if split is None:
+            split = min(256, max(16, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
+        self.split, self.num_warps = split, num_warps
         self.splits = triton.cdiv(context, self.split)
         self.partial = torch.empty(heads, self.splits, head_dim, device=device, dtype=torch.float32)
         self.stats = torch.empty(2, heads, self.splits, device=device, dtype=torch.float32)
@@ -116,5 +120,5 @@ class DecodeAttention:
             qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim),
             CONTEXT=self.context, KV_HEADS=self.kv_heads, GROUP=group, D=self.head_dim, SPLIT=self.split,
             BLOCK=min(self.split, 64), SPLITS=self.splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_S=triton.next_power_of_2(self.splits))
+            BLOCK_S=triton.next_power_of_2(self.splits), num_warps=self.num_warps)
         return out
