@@ -26,7 +26,7 @@
 #           (programs and active cycles per SM, least and most), options 3 and 4, gate/up then down
 # attention the one-launch decode attention (kernels/attention.py): its GPU checks, then the decoder at the
 #           mixed plan with torch's attention and with it, both models alike, side by side (Llama-3-8B's shapes
-#           and Qwen2.5-7B's)
+#           and Qwen2.5-7B's), then the attention alone at several slice lengths and warp counts
 # qwen      Qwen2.5-7B's and Qwen3-4B's attention layers (q/o/k/v) at 1 and 16 tokens, options 3 and 4
 #           (tunes their keys first), then the Qwen2.5-7B-shaped decoder's 16-token forward at the mixed plan
 # direct    o_proj folded into v_proj (session 31; run 130: correct, no faster): the GPU checks of a layer whose input arrives rotated and
@@ -112,7 +112,8 @@ for part in "$@"; do
           run "attention-$model-$attention" python3 -u -m tqc.cli bench decode --model "$model" --plan mixed \
             --tokens 1 --attention "$attention" -o "$out/attention-$model-$attention.json"
         done
-      done ;;
+      done
+      run attention-bench python3 -u scripts/attention_bench.py -o "$out/attention-bench.json" ;;
     qwen)
       run qwen-attention python3 -u -m tqc.cli bench layers --models qwen2.5-7b qwen3-4b \
         --layers q_proj/o_proj q_proj o_proj k_proj/v_proj --options 3 4 --tokens 1 16 -o "$out/qwen-attention.json"
