@@ -104,21 +104,21 @@ class DecodeAttention:
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
         if split is None:
             split = min(256, max(16, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
-        self.split, self.num_warps = split, num_warps
+        self.split = split
         self.splits = triton.cdiv(context, self.split)
         self.partial = torch.empty(heads, self.splits, head_dim, device=device, dtype=torch.float32)
         self.stats = torch.empty(2, heads, self.splits, device=device, dtype=torch.float32)
         self.count = torch.zeros(kv_heads, device=device, dtype=torch.int32)
+        group = heads // kv_heads
+        self.launch = dict(CONTEXT=context, KV_HEADS=kv_heads, GROUP=group, D=head_dim, SPLIT=split,
+                           BLOCK=min(split, 64), SPLITS=self.splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                           BLOCK_S=triton.next_power_of_2(self.splits), num_warps=num_warps)
 
     def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """qkv: [1, (heads + 2 kv_heads) head_dim] of one token; cache: [2, 1, kv_heads, context,
         head_dim], contiguous; pos: [1] int. Returns [1, heads * head_dim] in qkv's dtype."""
         assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
         out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=qkv.dtype)
-        group = self.heads // self.kv_heads
         decode_attention_kernel[(self.kv_heads, self.splits)](
-            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim),
-            CONTEXT=self.context, KV_HEADS=self.kv_heads, GROUP=group, D=self.head_dim, SPLIT=self.split,
-            BLOCK=min(self.split, 64), SPLITS=self.splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_S=triton.next_power_of_2(self.splits), num_warps=self.num_warps)
+            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch)
         return out

@@ -110,20 +110,26 @@ class Block(nn.Module):
         return h, self.glue.swiglu_linear(self.down_proj, gate_up)
 
     def attend(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The tokens' keys and values written into the cache, then attention: one token attends to
-        the whole cache (a decode step); several attend causally to positions 0..T-1 (a prefill)."""
-        tokens, q_width = qkv.shape[0], self.heads * self.head_dim
-        if tokens == 1 and self.decode_attention is not None:
+        if qkv.shape[0] == 1 and self.decode_attention is not None:
             return self.decode_attention(qkv, cache, pos)
-        kv = qkv[:, q_width:].view(tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        cache.index_copy_(3, pos, kv.unsqueeze(1))
-        q = qkv[:, :q_width].view(tokens, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        if tokens == 1:
-            attn = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(q, cache[0, :, :, :tokens], cache[1, :, :, :tokens], is_causal=True,
-                                                  enable_gqa=True)
-        return attn.squeeze(0).transpose(0, 1).reshape(tokens, q_width)
+        return sdpa_attention(qkv, cache, pos, self.heads, self.kv_heads, self.head_dim)
+
+
+def sdpa_attention(qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int) -> torch.Tensor:
+    """The tokens' keys and values written into the cache (index_copy_), then torch's attention: one
+    token attends to the whole cache (a decode step); several attend causally to positions 0..T-1
+    (a prefill). qkv: [T, (heads + 2 kv_heads) head_dim] -> [T, heads head_dim]."""
+    tokens, q_width = qkv.shape[0], heads * head_dim
+    kv = qkv[:, q_width:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    cache.index_copy_(3, pos, kv.unsqueeze(1))
+    q = qkv[:, :q_width].view(tokens, heads, head_dim).transpose(0, 1).unsqueeze(0)
+    if tokens == 1:
+        attn = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
+    else:
+        attn = F.scaled_dot_product_attention(q, cache[0, :, :, :tokens], cache[1, :, :, :tokens], is_causal=True,
+                                              enable_gqa=True)
+    return attn.squeeze(0).transpose(0, 1).reshape(tokens, q_width)
 
 
 class Decoder(nn.Module):

@@ -9,20 +9,13 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 from tqc.kernels.attention import DecodeAttention
 from tqc.kernels.bench import DECODER_SHAPES
+from tqc.kernels.decode_bench import sdpa_attention
 
 LAYERS = 32  # caches a replay walks through, as a decode step does
-
-
-def sdpa_step(qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int, d: int):
-    kv = qkv[:, heads * d:].view(1, 2, kv_heads, d).permute(1, 2, 0, 3)
-    cache.index_copy_(3, pos, kv.unsqueeze(1))
-    q = qkv[:, :heads * d].view(1, heads, d).transpose(0, 1).unsqueeze(0)
-    return F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
 
 
 def main() -> None:
@@ -39,7 +32,7 @@ def main() -> None:
         caches = torch.randn(LAYERS, 2, 1, kv_heads, args.context, d, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(1, (heads + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
         pos = torch.tensor([7], device="cuda")
-        variants = {"sdpa": lambda: [sdpa_step(qkv, c, pos, heads, kv_heads, d) for c in caches]}
+        variants = {"sdpa": lambda: [sdpa_attention(qkv, c, pos, heads, kv_heads, d) for c in caches]}
         for split in args.splits:
             for warps in args.warps:
                 attention = DecodeAttention(heads, kv_heads, d, args.context, "cuda", split=split, num_warps=warps)

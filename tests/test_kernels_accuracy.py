@@ -239,6 +239,7 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
     """kernels/attention.py against index_copy_ + scaled_dot_product_attention, twice in a row (the
     combining count resets), the token written at a slice's end and then in its middle."""
     from tqc.kernels.attention import DecodeAttention
+    from tqc.kernels.decode_bench import sdpa_attention
 
     heads, kv_heads, d, context = shape
     generator = torch.Generator().manual_seed(context)
@@ -249,12 +250,8 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
     for pos in (attention.split - 1, context - attention.split // 2):
         qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
         out = attention(qkv, cache, torch.tensor([pos], device=DEVICE))
-        reference = qkv.double().cpu()
-        kv = reference[:, heads * d:].view(1, 2, kv_heads, d).permute(1, 2, 0, 3)
-        expected_cache.index_copy_(3, torch.tensor([pos]), kv.unsqueeze(1))
-        q = reference[:, :heads * d].view(1, heads, d).transpose(0, 1).unsqueeze(0)
-        expected = F.scaled_dot_product_attention(q, expected_cache[0], expected_cache[1], enable_gqa=True)
-        assert relative_error(out, expected.reshape(1, heads * d)) < TOLERANCE[dtype], f"pos {pos}"
+        expected = sdpa_attention(qkv.double().cpu(), expected_cache, torch.tensor([pos]), heads, kv_heads, d)
+        assert relative_error(out, expected) < TOLERANCE[dtype], f"pos {pos}"
         assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
 
 
