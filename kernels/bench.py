@@ -297,8 +297,7 @@ def add_parser(subparsers) -> None:
                         help="run q/k/v and gate/up as separate matmuls (default: fused where the plan allows)")
     decode.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa",
                         help="a decode step's attention, for both models: torch's scaled_dot_product_attention after "
-                             "the cache write, or one Triton launch that does both (kernels/attention.py) and, for the "
-                             "plan, rotates o_proj's input (TQC_ROTATE_IN_ATTENTION=0: not)")
+                             "the cache write, or one Triton launch that does both (kernels/attention.py)")
     decode.add_argument("--fold", action="store_true",
                         help="o_proj takes its input rotated, as `tqc build --fold` makes it (default: it rotates it)")
     decode.add_argument("--eager-glue", action="store_true",
