@@ -18,29 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-from .registry import RotationTarget, pdl_launch
-from .triton_kernels import clear_output, fwht_tile, pdl_start, rotated_positions
-
 TARGET_PROGRAMS = 128  # about one a streaming multiprocessor on an H100
 
 
-@triton.jit(do_not_specialize=["CLEAR"])
-def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, signs_ptr,
-                            clear_ptr, CLEAR, scale, CONTEXT: tl.constexpr, KV_HEADS: tl.constexpr,
-                            GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                            SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                            ROTATE: tl.constexpr = False, LOG_G: tl.constexpr = 0, PAIR_WIDTH: tl.constexpr = 0,
-                            FRAGMENT_STEP: tl.constexpr = 0, PDL: tl.constexpr = False):
+@triton.jit
+def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale,
+                            CONTEXT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                            SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
     """Grid (KV_HEADS, SPLITS). qkv: [q heads | k heads | v heads] of one token, D each; cache:
     [2, KV_HEADS, CONTEXT, D]; out: [KV_HEADS * GROUP * D]. partial: [heads, SPLITS, D] and stats
     [2, heads, SPLITS] (running max, sum) in float32; count: [KV_HEADS] int32, zero between calls.
-    BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes. ROTATE: the output is o_proj's
-    input, rounded to qkv's dtype, then rotated and stored as triton_kernels.store_rotated does
-    (signs, groups of 2**LOG_G <= D, PAIR_WIDTH, FRAGMENT_STEP, out's dtype); clear_ptr[:CLEAR] (the
-    output o_proj adds into) is zeroed. PDL: see triton_kernels.pdl_start."""
-    pdl_start(PDL)
-    clear_output(clear_ptr, CLEAR, D)
+    BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes."""
     kv_head, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_G)  # query heads of this KV head, padded to a tensor-core tile
     dims = tl.arange(0, D)
@@ -99,13 +88,8 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
             share = tl.sum(tl.where(slices[None, :] == s, slice_weights, 0.0), axis=1)
             combined += part * share[:, None]
         combined = combined / tl.where(real, norm, 1.0)[:, None]
-        cols = heads[:, None] * D + dims[None, :]  # o_proj's input columns
-        if ROTATE:
-            combined = combined.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-            signs = tl.load(signs_ptr + cols, mask=real[:, None], other=0.0)
-            combined = fwht_tile(combined * signs, BLOCK_G, D, LOG_G)
-            cols = rotated_positions(cols, PAIR_WIDTH, FRAGMENT_STEP)
-        tl.store(out_ptr + cols, combined.to(out_ptr.dtype.element_ty), mask=real[:, None])
+        tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
+                 mask=real[:, None])
         tl.store(count_ptr + kv_head, 0)
 
 
@@ -125,32 +109,16 @@ class DecodeAttention:
         self.partial = torch.empty(heads, self.splits, head_dim, device=device, dtype=torch.float32)
         self.stats = torch.empty(2, heads, self.splits, device=device, dtype=torch.float32)
         self.count = torch.zeros(kv_heads, device=device, dtype=torch.int32)
-        self.scale = 1.0 / math.sqrt(head_dim)
         group = heads // kv_heads
         self.launch = dict(CONTEXT=context, KV_HEADS=kv_heads, GROUP=group, D=head_dim, SPLIT=split,
                            BLOCK=min(split, 64), SPLITS=self.splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
                            BLOCK_S=triton.next_power_of_2(self.splits), num_warps=num_warps)
 
-    def rotates_into(self, target: RotationTarget) -> bool:
-        """Whether the launch can write o_proj's input as `target` says: 16 bits, rotation groups
-        within a head (not the int8 family's rounding)."""
-        return target.scales is None and self.head_dim % target.group_size == 0
-
-    def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
-                 target: RotationTarget | None = None) -> torch.Tensor:
+    def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """qkv: [1, (heads + 2 kv_heads) head_dim] of one token; cache: [2, 1, kv_heads, context,
-        head_dim], contiguous; pos: [1] int. Returns [1, heads * head_dim] in qkv's dtype, or with
-        `target` (o_proj's, rotates_into) rotated as it says, its `clear` zeroed by the same launch."""
+        head_dim], contiguous; pos: [1] int. Returns [1, heads * head_dim] in qkv's dtype."""
         assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
-        dtype, rotation = qkv.dtype, {}
-        if target is not None:
-            assert self.rotates_into(target)
-            dtype = target.dtype
-            rotation = dict(ROTATE=True, LOG_G=target.group_size.bit_length() - 1, PAIR_WIDTH=target.pair_width,
-                            FRAGMENT_STEP=target.fragment_step) | pdl_launch(qkv.device)
-        out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=dtype)
-        signs = out if target is None else target.signs
-        clear = out if target is None or target.clear is None else target.clear
-        launch(decode_attention_kernel, (self.kv_heads, self.splits), qkv, cache, pos, out, self.partial, self.stats,
-               self.count, signs, clear, 0 if clear is out else clear.numel(), self.scale, **self.launch, **rotation)
+        out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=qkv.dtype)
+        decode_attention_kernel[(self.kv_heads, self.splits)](
+            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch)
         return out

@@ -14,14 +14,12 @@ fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs i
 TQC_DIRECT_INPUTS=1 o_proj's output is zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
 Attention of a decode step is torch's scaled_dot_product_attention after index_copy_ into the
 cache, or with `attention="triton"` one launch that does both (kernels/attention.py); both models
-run the same attention. With `attention="triton"` and `rotate_in_glue`, that launch also rotates
-o_proj's input and zeroes its output (one token).
+run the same attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,13 +28,9 @@ from torch import nn
 
 from .attention import DecodeAttention
 from .bench import DECODER_SHAPES
-from .glue import fused_linear
 from .glue import norm_linear as fused_norm_linear
 from .glue import swiglu_linear as fused_swiglu_linear
 
-# Off (TQC_ROTATE_IN_ATTENTION=0): o_proj rotates its input in a launch of its own after the one-launch
-# attention, as before session 34; for timing the two side by side
-ROTATE_IN_ATTENTION = os.environ.get("TQC_ROTATE_IN_ATTENTION", "1") != "0"
 LLAMA3_8B = DECODER_SHAPES["llama3-8b"][0]
 # About 3.5 bits per weight: attention and down_proj at 4 bits, gate/up at 3, the head at 4.
 MIXED_PLAN = {"q_proj": "4", "k_proj": "4", "v_proj": "4", "o_proj": "4", "gate_proj": "3", "up_proj": "3",
@@ -111,22 +105,9 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, delta: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor):
         """(residual stream, pending delta) -> the same after this layer, for T tokens at cache
         positions `pos`; cache is (2, 1, kv, context, d)."""
-        rotate_in_attention = (ROTATE_IN_ATTENTION and self.glue.rotate and self.decode_attention is not None
-                               and h.shape[0] == 1)
-        h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0],
-                                       then=None if rotate_in_attention else self.o_proj)
-        attended = self.attention_o_proj(qkv, cache, pos) if rotate_in_attention else None
-        if attended is None:
-            attended = self.o_proj(self.attend(qkv, cache, pos))
-        h, gate_up = self.glue.norm_linear(self.gate_up, h, attended, self.norms[1])
+        h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0], then=self.o_proj)
+        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(self.attend(qkv, cache, pos)), self.norms[1])
         return h, self.glue.swiglu_linear(self.down_proj, gate_up)
-
-    def attention_o_proj(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        """o_proj(attention) for one token with o_proj's input rotation (and the zeroing of its
-        output) inside the attention's launch, or None where o_proj cannot take it (glue.fused_linear)."""
-        attention = self.decode_attention
-        return fused_linear(self.o_proj, 1, qkv, lambda target: attention(qkv, cache, pos, target),
-                            accepts=attention.rotates_into)
 
     def attend(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if qkv.shape[0] == 1 and self.decode_attention is not None:
@@ -309,7 +290,7 @@ def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbo
     context = max(context, tokens)
     results = {"plan": options, "context": context, "layers": layers, "tokens": tokens, "shape": shape,
                "fuse": fuse, "compile_glue": compile_glue, "rotate_in_glue": rotate_in_glue, "fold": fold,
-               "attention": attention, "rotate_in_attention": attention == "triton" and ROTATE_IN_ATTENTION}
+               "attention": attention}
     registry, results["fragments"] = bench_registry("tqc bench decode", cache_dir, verbose, fragments)
     compile_and_report(decoder_keys(options, fuse, shape, registry), [tokens])
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry, fuse=fuse, fold=fold))):

@@ -183,14 +183,13 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget, gelu: bool = Fa
 
 
 def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[RotationTarget], torch.Tensor],
-                 then=None, accepts: Callable[[RotationTarget], bool] | None = None) -> torch.Tensor | None:
+                 then=None) -> torch.Tensor | None:
     """layer(x) where `produce(target)` writes x already rotated (on int8 activations: rounded, its
     scales in target.scales), or None where the layer has no kernel, is not tuned for this token
     count yet, the tokens are more than MAX_TOKENS, its width cannot be cut in whole groups
     (block_width), or its strategy rotates in a launch of its own (LayerKernel.fusable).
     `then`: a later layer (o_proj after q/k/v) whose output the same launch zeroes, where it can
-    take it (_then_zeroes); it finds it at its next call (registry.ZeroedOutput). `accepts`: whether
-    the producer can write the layer's target (None where it cannot)."""
+    take it (_then_zeroes); it finds it at its next call (registry.ZeroedOutput)."""
     kernel = getattr(layer, "kernel", None)
     config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
     if config is None or not kernel.fusable(config) or block_width(layer.in_features, kernel.key.group_size) is None:
@@ -201,8 +200,6 @@ def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[Rota
         both = torch.empty(out.numel() + later, device=out.device, dtype=out.dtype)
         out, spare = both[:out.numel()].view(out.shape), both[out.numel():].view(tokens, -1)
     target = kernel.rotation_target(layer, config, out, like.dtype)
-    if accepts is not None and not accepts(target):
-        return None
     if later:
         target = dataclasses.replace(target, clear=both)
     rotated = produce(target)

@@ -81,13 +81,6 @@ def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LO
     order of steps of FRAGMENT_STEP > 0 inputs (fragments.fragment_input_order: input
     32 ch + 16 a + 8 b + 2 q + c of a step at position 8 C q + 8 ch + 4 a + 2 b + c)."""
     x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
-    targets = rotated_positions(cols, PAIR_WIDTH, FRAGMENT_STEP)
-    tl.store(out_ptr + tokens[:, None] * K + targets[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def rotated_positions(cols, PAIR_WIDTH: tl.constexpr, FRAGMENT_STEP: tl.constexpr):
-    """Where input columns `cols` (any shape) go in the order a kernel reads them: store_rotated's."""
     targets = cols
     if PAIR_WIDTH > 0:
         targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2
@@ -95,7 +88,7 @@ def rotated_positions(cols, PAIR_WIDTH: tl.constexpr, FRAGMENT_STEP: tl.constexp
         inner = cols % FRAGMENT_STEP
         targets = (cols - inner + inner // 2 % 4 * (FRAGMENT_STEP // 4) + inner // 32 * 8 + inner // 16 % 2 * 4
                    + inner // 8 % 2 * 2 + inner % 2)
-    return targets
+    tl.store(out_ptr + tokens[:, None] * K + targets[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

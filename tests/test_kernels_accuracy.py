@@ -12,7 +12,6 @@ codebook up in fp16 and multiply fp16 activations on tensor cores, accumulating 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import os
 import time
@@ -254,35 +253,6 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
         expected = sdpa_attention(qkv.double().cpu(), expected_cache, torch.tensor([pos]), heads, kv_heads, d)
         assert relative_error(out, expected) < TOLERANCE[dtype], f"pos {pos}"
         assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
-
-
-@pytest.mark.parametrize("layout", ["natural", "half-head-groups", "slot-pairs", "fragments"])
-def test_decode_attention_writes_o_proj_input_as_the_rotation_launch_does(layout):
-    """With o_proj's RotationTarget the attention launch stores its output rotated, in the order and
-    dtype the target asks, bit for bit what the separate rotation launch (fwht_kernel) makes of the
-    unrotated output, and zeroes the output o_proj adds into."""
-    from tqc.kernels.attention import DecodeAttention
-    from tqc.kernels.registry import RotationTarget
-
-    heads, kv_heads, d, context = ATTENTION_SHAPES[0]
-    group_size, pair_width, fragment_step = {"natural": (d, 0, 0), "half-head-groups": (d // 2, 0, 0),
-                                             "slot-pairs": (d, 4, 0), "fragments": (d, 0, 64)}[layout]
-    generator = torch.Generator().manual_seed(3)
-    dtype = DTYPES[0]
-    cache = torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)
-    qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
-    signs = (torch.randint(0, 2, (heads * d,), generator=generator).float() * 2 - 1).to(DEVICE)
-    clear = torch.full((3, 50), 7.0, device=DEVICE)
-    target = RotationTarget(signs, group_size, pair_width, torch.float16, clear, fragment_step=fragment_step)
-    attention, pos = DecodeAttention(heads, kv_heads, d, context, DEVICE), torch.tensor([context // 3], device=DEVICE)
-    assert attention.rotates_into(target)
-    assert not attention.rotates_into(dataclasses.replace(target, group_size=2 * d))  # a group over two heads
-    expected = triton_rotate(attention(qkv, cache, pos), signs, group_size, dtype=torch.float16,
-                             pair_width=pair_width, fragment_step=fragment_step)
-    got = attention(qkv, cache, pos, target)
-    assert got.dtype == torch.float16 and expected.std() > 0
-    assert torch.equal(got, expected)
-    assert not clear.any()
 
 
 @pytest.mark.parametrize("step", ["fwht", "norm", "swiglu"])
@@ -623,39 +593,6 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             with torch.no_grad():
                 model(token, pos)  # tunes
                 outputs.append(model(token, pos).float())
-        assert outputs[0].std() > 0
-        assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
-
-    @pytest.mark.parametrize("family", ["lookups", "fragments"])
-    def test_decoder_with_o_proj_rotated_by_attention_matches_separate_rotations(family, monkeypatch):
-        """`tqc bench decode --attention triton`: the one-token attention launch rotates o_proj's input
-        and zeroes its output (DecodeAttention's target) in every layer; the decoder's step computes what
-        it computes with o_proj's own rotation launch."""
-        from tqc.kernels.attention import DecodeAttention
-        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
-        from tqc.kernels.registry import KernelRegistry
-
-        tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
-        kernels = KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once), fragments=family == "fragments")
-        targets = []  # per attention call: whether it wrote o_proj's input
-        call = DecodeAttention.__call__
-
-        def counted(self, qkv, cache, pos, target=None):
-            targets.append(target is not None)
-            return call(self, qkv, cache, pos, target)
-
-        monkeypatch.setattr(DecodeAttention, "__call__", counted)
-        token, pos = torch.tensor([3], device=DEVICE), torch.tensor([5], device=DEVICE)
-        outputs = []
-        for rotate_in_glue in (False, True):
-            torch.manual_seed(0)
-            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels), tiny, layers=2, context=64,
-                            rotate_in_glue=rotate_in_glue, attention="triton")
-            with torch.no_grad():
-                model(token, pos)  # tunes
-                targets.clear()
-                outputs.append(model(token, pos).float())
-        assert targets == [True, True]  # the second model's two layers, each attention writing o_proj's input
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
 
