@@ -276,7 +276,7 @@ def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str
 def run_decode_bench(plan: str, context: int, layers: int, cache_dir=None, verbose: bool = False,
                      activations: str = "fp16", fuse: bool = True, compile_glue: bool = True, rotate_in_glue: bool = True,
                      tokens: int = 1, int8_layers: tuple[str, ...] | None = None, shape: dict = LLAMA3_8B,
-                     fragments: str | None = None, fold: bool = False, attention: str = "sdpa") -> dict:
+                     fragments: str | None = None, fold: bool = False, attention: str = "triton") -> dict:
     """tokens/s of bf16 and of the plan, measured one after the other in this process: of decode
     steps (tokens = 1) or of a prefill of `tokens` tokens, in a decoder of `shape` (DECODER_SHAPES).
     With int8 activations, `int8_layers` names the projections that take them (default: every one

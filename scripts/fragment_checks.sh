@@ -25,8 +25,10 @@
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
 #           (programs and active cycles per SM, least and most), options 3 and 4, gate/up then down
 # attention the one-launch decode attention (kernels/attention.py): its GPU checks, then the decoder at the
-#           mixed plan with torch's attention and with it, both models alike, side by side (Llama-3-8B's shapes
-#           and Qwen2.5-7B's), then the attention alone at several slice lengths and warp counts
+#           mixed plan on Llama-3-8B's shapes, both models alike, side by side: torch's attention, the one
+#           launch, torch's again
+# attention-qwen  the same three decoders on Qwen2.5-7B's shapes, then the attention alone at several slice
+#           lengths and warp counts
 # qwen      Qwen2.5-7B's and Qwen3-4B's attention layers (q/o/k/v) at 1 and 16 tokens, options 3 and 4
 #           (tunes their keys first), then the Qwen2.5-7B-shaped decoder's 16-token forward at the mixed plan
 # direct    o_proj folded into v_proj (session 31; run 130: correct, no faster): the GPU checks of a layer whose input arrives rotated and
@@ -105,22 +107,25 @@ for part in "$@"; do
             python3 scripts/profile_layer_kernels.py --option "$option" --shapes "$shape"
         done
       done ;;
-    attention)
-      run attention-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k decode_attention
-      for model in llama3-8b qwen2.5-7b; do
-        for attention in sdpa triton; do
-          run "attention-$model-$attention" python3 -u -m tqc.cli bench decode --model "$model" --plan mixed \
-            --tokens 1 --attention "$attention" -o "$out/attention-$model-$attention.json"
-        done
+    attention | attention-qwen)  # one model a call: both took over 600 s with the bench (run 135)
+      model=llama3-8b
+      if [ "$part" = attention ]; then
+        run attention-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k decode_attention
+      else
+        model=qwen2.5-7b
+      fi
+      for variant in sdpa triton sdpa-again; do
+        run "attention-$model-$variant" python3 -u -m tqc.cli bench decode --model "$model" --plan mixed --tokens 1 \
+          --attention "${variant%-again}" -o "$out/attention-$model-$variant.json"
       done
-      run attention-bench python3 -u scripts/attention_bench.py -o "$out/attention-bench.json" ;;
+      [ "$part" = attention-qwen ] && run attention-bench python3 -u scripts/attention_bench.py -o "$out/attention-bench.json" ;;
     qwen)
       run qwen-attention python3 -u -m tqc.cli bench layers --models qwen2.5-7b qwen3-4b \
         --layers q_proj/o_proj q_proj o_proj k_proj/v_proj --options 3 4 --tokens 1 16 -o "$out/qwen-attention.json"
       run qwen-decode-t16 python3 -u -m tqc.cli bench decode --model qwen2.5-7b --plan mixed --tokens 16 \
         -o "$out/qwen-decode-mixed-t16.json" ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile, balance, attention, qwen, direct)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile, balance, attention, attention-qwen, qwen, direct)" >&2
       exit 2 ;;
   esac
 done
