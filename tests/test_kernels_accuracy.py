@@ -255,6 +255,37 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
         assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
 
 
+def test_decoder_on_the_one_launch_attention_matches_torch_attention():
+    """`tqc bench decode`'s default attention (kernels/attention.py) against `--attention sdpa` in the
+    decoder, in DTYPES[0] (interpreted: float32): after a prefill of 5 tokens (torch's attention in
+    both), two decode steps give every layer's attention output (o_proj's input) and the logits
+    that torch's give, and write the first layer's cache bit for bit (its keys and values come
+    straight from the embeddings)."""
+    from tqc.kernels.decode_bench import Decoder, bf16_factory
+
+    tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
+    dtype, runs = DTYPES[0], {}
+    for attention in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        model = Decoder(bf16_factory(DEVICE), tiny, layers=2, context=128, device=DEVICE, attention=attention)
+        model.to(dtype)
+        model.cache = model.cache.to(dtype)  # a plain attribute, which .to leaves
+        attended = []
+        with torch.no_grad():
+            model(torch.arange(1, 6, device=DEVICE), torch.arange(5, device=DEVICE))
+            for block in model.blocks:
+                block.o_proj.register_forward_pre_hook(lambda module, args: attended.append(args[0].float()))
+            logits = [model(torch.tensor([7 + pos], device=DEVICE), torch.tensor([pos], device=DEVICE)).float()
+                      for pos in (5, 6)]
+        runs[attention] = torch.cat(attended), torch.cat(logits), model.cache[0]
+    assert model.blocks[0].decode_attention.splits > 1
+    (attended, logits, cache), (expected_attended, expected_logits, expected_cache) = runs["triton"], runs["sdpa"]
+    assert len(attended) == 4 and expected_attended.std() > 0
+    assert relative_error(attended, expected_attended.double().cpu()) < TOLERANCE[dtype]
+    assert relative_error(logits, expected_logits.double().cpu()) < TOLERANCE[dtype]
+    assert torch.equal(cache, expected_cache)
+
+
 @pytest.mark.parametrize("step", ["fwht", "norm", "swiglu"])
 def test_rotation_writes_the_fragment_order_where_asked(step):
     """RotationTarget.fragment_step (the one-token fragment kernel's X_ORDERED): the rotation kernel and
