@@ -110,7 +110,7 @@ for part in "$@"; do
     attention | attention-qwen)  # one model a call: both took over 600 s with the bench (run 135)
       model=llama3-8b
       if [ "$part" = attention ]; then
-        run attention-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k decode_attention
+        run attention-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k "decode_attention or one_launch_attention"
       else
         model=qwen2.5-7b
       fi
