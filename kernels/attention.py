@@ -23,6 +23,7 @@ TARGET_PROGRAMS = 128  # about one a streaming multiprocessor on an H100
 # H100 (scripts/attention_bench.py, run 137: 7.1 and 6.6 us a layer; Qwen's 32 positions, 4 warps: 8.1)
 MIN_SPLIT = 64
 NUM_WARPS = 8
+MIN_DOT_ROWS = 16  # a KV head's query heads, padded to a tensor-core tile
 
 
 @triton.jit
@@ -116,7 +117,8 @@ class DecodeAttention:
         self.count = torch.zeros(kv_heads, device=device, dtype=torch.int32)
         group = heads // kv_heads
         self.launch = dict(CONTEXT=context, KV_HEADS=kv_heads, GROUP=group, D=head_dim, SPLIT=split,
-                           BLOCK=min(split, 64), SPLITS=self.splits, BLOCK_G=max(MIN_SPLIT, triton.next_power_of_2(group)),
+                           BLOCK=min(split, 64), SPLITS=self.splits,
+                           BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
                            BLOCK_S=triton.next_power_of_2(self.splits), num_warps=num_warps)
 
     def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,8 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
     generator = torch.Generator().manual_seed(context)
     cache = torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)
     expected_cache = cache.double().cpu()
-    attention = DecodeAttention(heads, kv_heads, d, context, DEVICE, split=None if CUDA else 16)  # interpreted contexts are short
+    # interpreted contexts are shorter than MIN_SPLIT: 16 positions a program there
+    attention = DecodeAttention(heads, kv_heads, d, context, DEVICE, split=None if CUDA else 16)
     assert attention.splits > 1
     for pos in (attention.split - 1, context - attention.split // 2):
         qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
