@@ -256,6 +256,10 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
         assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
 
 
+# a decoder of two 128-wide heads a KV head: one rotation group a head (kernels/decode_bench.py's cfg)
+TINY_DECODER = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
+
+
 def test_decoder_on_the_one_launch_attention_matches_torch_attention():
     """`tqc bench decode`'s default attention (kernels/attention.py) against `--attention sdpa` in the
     decoder, in DTYPES[0] (interpreted: float32): after a prefill of 5 tokens (torch's attention in
@@ -264,11 +268,10 @@ def test_decoder_on_the_one_launch_attention_matches_torch_attention():
     straight from the embeddings)."""
     from tqc.kernels.decode_bench import Decoder, bf16_factory
 
-    tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
     dtype, runs = DTYPES[0], {}
     for attention in ("sdpa", "triton"):
         torch.manual_seed(0)
-        model = Decoder(bf16_factory(DEVICE), tiny, layers=2, context=128, device=DEVICE, attention=attention)
+        model = Decoder(bf16_factory(DEVICE), TINY_DECODER, layers=2, context=128, device=DEVICE, attention=attention)
         model.to(dtype)
         model.cache = model.cache.to(dtype)  # a plain attribute, which .to leaves
         attended = []
@@ -636,7 +639,6 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         from tqc.kernels import registry
         from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
 
-        tiny = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
         kernels = registry.KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once), fragments=True)
         token, pos = torch.arange(1, tokens + 1, device=DEVICE), torch.arange(tokens, device=DEVICE)
         taken = []
@@ -646,7 +648,7 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         for direct in (False, True):
             monkeypatch.setattr(registry, "DIRECT_INPUTS", direct)
             torch.manual_seed(0)
-            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels, fold=True), tiny, layers=2, context=8,
+            model = Decoder(quantized_factory(dict(MIXED_PLAN), kernels, fold=True), TINY_DECODER, layers=2, context=8,
                             rotate_in_glue=True)
             with torch.no_grad():
                 model(token, pos)  # tunes
