@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import pdl_launch
+from .triton_kernels import pdl_start
+
 TARGET_PROGRAMS = 128  # about one a streaming multiprocessor on an H100
 # At least 64 positions a program, in 8 warps: the fastest at Llama-3-8B's and Qwen2.5-7B's shapes on an
 # H100 (scripts/attention_bench.py, run 137: 7.1 and 6.6 us a layer; Qwen's 32 positions, 4 warps: 8.1)
@@ -30,14 +33,23 @@ MIN_DOT_ROWS = 16  # a KV head's query heads, padded to a tensor-core tile
 def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale,
                             CONTEXT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                             SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
+                            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (KV_HEADS, SPLITS). qkv: [q heads | k heads | v heads] of one token, D each; cache:
     [2, KV_HEADS, CONTEXT, D]; out: [KV_HEADS * GROUP * D]. partial: [heads, SPLITS, D] and stats
     [2, heads, SPLITS] (running max, sum) in float32; count: [KV_HEADS] int32, zero between calls.
-    BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes."""
+    BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes. Under programmatic dependent
+    launch (PDL) the slice's first BLOCK positions are read before waiting for the kernel that
+    makes qkv: earlier steps wrote them, and the token's own position is taken from qkv."""
     kv_head, split = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, BLOCK_G)  # query heads of this KV head, padded to a tensor-core tile
     dims = tl.arange(0, D)
+    keys = cache_ptr + kv_head * CONTEXT * D
+    values = keys + KV_HEADS * CONTEXT * D
+    start = split * SPLIT
+    first = start + tl.arange(0, BLOCK)
+    first_k = tl.load(keys + first[:, None] * D + dims[None, :], mask=(first < CONTEXT)[:, None], other=0.0)
+    first_v = tl.load(values + first[:, None] * D + dims[None, :], mask=(first < CONTEXT)[:, None], other=0.0)
+    pdl_start(PDL)
+    rows = tl.arange(0, BLOCK_G)  # query heads of this KV head, padded to a tensor-core tile
     heads = kv_head * GROUP + rows
     real = rows < GROUP
     q = tl.load(qkv_ptr + heads[:, None] * D + dims[None, :], mask=real[:, None], other=0.0)
@@ -45,9 +57,6 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
     new_k = tl.load(qkv_ptr + q_width + kv_head * D + dims)
     new_v = tl.load(qkv_ptr + q_width + KV_HEADS * D + kv_head * D + dims)
     pos = tl.load(pos_ptr)
-    keys = cache_ptr + kv_head * CONTEXT * D
-    values = keys + KV_HEADS * CONTEXT * D
-    start = split * SPLIT
     top = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -56,7 +65,10 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
         inside = positions < CONTEXT
         is_new = (positions == pos)[:, None]
         where = positions[:, None] * D + dims[None, :]
-        k = tl.load(keys + where, mask=inside[:, None], other=0.0)
+        if offset == 0:
+            k = first_k
+        else:
+            k = tl.load(keys + where, mask=inside[:, None], other=0.0)
         k = tl.where(is_new, new_k[None, :], k)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(inside[None, :], scores, float("-inf"))
@@ -64,7 +76,10 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
         weights = tl.exp(scores - new_top[:, None])
         shrink = tl.exp(top - new_top)
         total = total * shrink + tl.sum(weights, axis=1)
-        v = tl.load(values + where, mask=inside[:, None], other=0.0)
+        if offset == 0:
+            v = first_v
+        else:
+            v = tl.load(values + where, mask=inside[:, None], other=0.0)
         v = tl.where(is_new, new_v[None, :], v)
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         top = new_top
@@ -104,10 +119,12 @@ class DecodeAttention:
     float32 workspace is kept between calls (CUDA-graph safe)."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int, device: str | torch.device,
-                 split: int | None = None, num_warps: int = NUM_WARPS):
+                 split: int | None = None, num_warps: int = NUM_WARPS, pdl: bool = True):
         """`split`: positions a program takes (a power of two; default: about TARGET_PROGRAMS programs,
-        at least MIN_SPLIT positions each)."""
+        at least MIN_SPLIT positions each). `pdl`: launched for programmatic dependent launch where
+        the GPU has it (registry.uses_pdl)."""
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
+        self.pdl = pdl
         if split is None:
             split = min(256, max(MIN_SPLIT, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
         self.split = split
@@ -127,5 +144,6 @@ class DecodeAttention:
         assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
         out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=qkv.dtype)
         decode_attention_kernel[(self.kv_heads, self.splits)](
-            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch)
+            qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch,
+            **(pdl_launch(qkv.device) if self.pdl else {}))
         return out
