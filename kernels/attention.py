@@ -6,8 +6,10 @@ for bf16 and for a plan, which weighs three times as much on the quantized model
 kernel writes the token's key and value into the cache and attends in one launch, split along
 the cache (flash-decoding): each program takes one KV head's query heads over a slice of the
 positions, keeps a running softmax, and stores its partial output; the last program of a KV head
-to finish (an atomic count) combines the slices. Rotary embeddings are left out, as in the
-benchmark's decoder.
+to finish (an atomic count) combines the slices. It is launched for programmatic dependent
+launch where the GPU has it: the programs start while the q/k/v matmul drains and read their
+slice of the cache before waiting for it (docs/performance.md, runs 142-144). Rotary embeddings
+are left out, as in the benchmark's decoder.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs i
 (kernels/glue.py), for every layer but o_proj (its input comes from attention; with `fold` it arrives rotated, and with
 TQC_DIRECT_INPUTS=1 o_proj's output is zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
 Attention of a decode step is torch's scaled_dot_product_attention after index_copy_ into the
-cache, or with `attention="triton"` one launch that does both (kernels/attention.py); both models
-run the same attention.
+cache, or with `attention="triton"` one launch that does both, under programmatic dependent
+launch (kernels/attention.py); both models run the same attention.
 """
 
 from __future__ import annotations
