@@ -1,7 +1,7 @@
 """Draw the GPU results that people compare, from the JSON the benchmarks saved (docs/bench/).
 
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
-        [--profile docs/bench/h200-run65-profile-mixed-fp16-nopdl.json]
+        [--profile docs/bench/h100-run145-profile-decode-mixed-nopdl.json]
         [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
@@ -34,9 +34,9 @@ BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
 TARGETS = {1: {"4": 3.2, "3": 4.0, "2": 5.0}, 16: {"4": 2.5}}  # issue 5, by tokens: x bf16
 RESIDUAL_TARGETS = {"4+4": 1.7, "4+2": 2.2}  # issue 5, one token (not drawn: the figures show base bits)
 # A kernel's name (and grid) -> what it is in the decode step; first match wins.
-STEP_PARTS = (("matmuls", ("lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
+STEP_PARTS = (("matmuls", ("fragment_", "lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
               ("norm (+ rotation)", ("norm",)),
-              ("attention", ("sdpa", "lean_reduction", "flash")),
+              ("attention", ("decode_attention", "sdpa", "lean_reduction", "flash")),
               ("SwiGLU (+ rotation)", ("silu", "swiglu")),
               ("KV-cache write", ("index_elementwise", "index_copy")),
               ("o_proj's rotation", ("fwht",)))
@@ -120,7 +120,8 @@ def plot_step(profile: dict, path: Path) -> None:
     ax.text(budget, 0.5, f" bf16 / 3: {budget:.2f} ms", fontsize=8, va="center")
     ax.set_xlabel("kernel time per decode step, ms (no programmatic dependent launch: no overlap)")
     plan = ", ".join(f"{name.removesuffix('_proj')} {option}" for name, option in profile["plan"].items())
-    ax.set_title(f"8B-shaped decoder, one token; tqc plan: {plan}", fontsize=9)
+    gpu = f"{profile['gpu']}, " if "gpu" in profile else ""
+    ax.set_title(f"{gpu}8B-shaped decoder, one token; tqc plan: {plan}", fontsize=9)
     ax.legend(ncol=4, fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -154,7 +155,7 @@ def plot_loaded(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
-    parser.add_argument("--profile", type=Path, default=BENCH / "h200-run65-profile-mixed-fp16-nopdl.json")
+    parser.add_argument("--profile", type=Path, default=BENCH / "h100-run145-profile-decode-mixed-nopdl.json")
     parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")

@@ -1,10 +1,11 @@
 """Where a decode step's time goes: kernel launches and kernel time per step, bf16 and tqc (CUDA only).
 
     python scripts/profile_decode.py [--model qwen2.5-7b] [--plan mixed] [--activations int8 [--int8-layers ...]]
-                                     [--steps 20] [--lookups | --fragments [all]] [-o profile.json]
+                                     [--attention sdpa] [--steps 20] [--lookups | --fragments [all]] [-o profile.json]
 
 Builds the decoders of `tqc bench decode` (kernels/decode_bench.py), on the kernels it runs (the
-fragment family where the GPU can run it; --lookups: the lookup kernels), with the tuning cache
+fragment family where the GPU can run it; --lookups: the lookup kernels) and attention (the one
+launch; --attention sdpa: torch's), with the tuning cache
 ($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
 torch.profiler and sums the GPU kernels by name and grid (a layer's shape). Under programmatic dependent launch a kernel
 starts before its predecessor ends, so kernel times overlap: their sum can exceed the step.
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' or one option for every layer")
     parser.add_argument("--activations", choices=["fp16", "int8"], default="fp16")
     parser.add_argument("--int8-layers", nargs="+", metavar="NAME", help="with --activations int8: only these")
+    parser.add_argument("--attention", choices=["triton", "sdpa"], default="triton", help="a decode step's (Decoder)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("-o", "--output", default="profile-decode.json")
@@ -66,9 +68,10 @@ def main() -> None:
     options = plan_options(args.plan, args.activations, args.int8_layers)
     registry, family = bench_registry("profile_decode.py", args.cache_dir, fragments=args.fragments)
     shape, layers = DECODER_SHAPES[args.model]
-    results = {"model": args.model, "plan": options, "steps": args.steps, "fragments": family}
+    results = {"model": args.model, "plan": options, "steps": args.steps, "fragments": family,
+               "attention": args.attention, "gpu": torch.cuda.get_device_name()}
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
-        model = Decoder(linear, shape, layers, 1024, compile_glue=True, rotate_in_glue=True)
+        model = Decoder(linear, shape, layers, 1024, compile_glue=True, rotate_in_glue=True, attention=args.attention)
         results[label] = table = kernel_table(model, args.steps)
         print(f"{label}: {sum(e['launches'] for e in table.values()):.0f} launches, "
               f"{sum(e['us'] for e in table.values()) / 1e3:.2f} ms of kernel time per step")
