@@ -37,7 +37,6 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
     """The compiled lookup kernel (dot, fma or int8 strategy) of a key and launch configuration, for sm_90."""
     fn = {"fma": tk.lut_fma_kernel, "int8": int8_kernels.int8_dot_kernel,
           "dp4a": int8_kernels.int8_gemv_kernel}.get(config.strategy, tk.lut_dot_kernel)
-    signature = {name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
     if config.strategy in ("int8", "dp4a"):
         constexprs = {"N": key.n, "K": key.k, "G": key.group_size, "BITS": key.bits, "BLOCK_N": config.block_n,
                       "STEPS": config.iters, "ASM": True, "PDL": True, "THREADS": 32 * config.num_warps}
@@ -45,12 +44,18 @@ def compile_for_hopper(key: KernelKey, config: LaunchConfig):
             constexprs["BLOCK_M"] = config.block_m
     else:
         constexprs = LayerKernel(key, None).specialise(config)[1] | {"ASM": True, "PDL": True}
-    signature |= dict.fromkeys(constexprs, "constexpr")
+    return compile_jit_for_hopper(fn, constexprs, config.num_warps, config.num_stages)
+
+
+def compile_jit_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, types: dict | None = None):
+    """A @triton.jit kernel compiled for sm_90 with these constexprs; `types`: the Triton types of
+    arguments ARGUMENT_TYPES does not name (a pointer's are 16-byte aligned)."""
+    types = ARGUMENT_TYPES | (types or {})
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names} | dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in constexprs.items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")})
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str = "*fp32", x_type: str = "*fp16"):

@@ -806,6 +806,32 @@ def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(ker
     assert before.count("LDG.E.EF.128") == (lookahead if preload else 0)  # a 16-byte code vector a step
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_attention_reads_only_its_cache_slice_before_waiting_for_qkv(pdl):
+    """Under PDL the one-launch attention waits once (griddepcontrol.wait, ACQBULK) for the q/k/v
+    matmul, and before that only loads its slice of the KV cache, which earlier steps wrote: 64
+    positions of 128 bf16 keys and as many values, 16 bytes a thread a load over 8 warps. It stores
+    and adds nothing before the wait, and loads q, the new key and value after it. Without PDL it
+    never waits."""
+    from tqc.kernels.attention import decode_attention_kernel
+    from tqc.kernels.static_report import compile_jit_for_hopper
+
+    block, d, warps = 64, 128, 8
+    constexprs = {"CONTEXT": 1024, "KV_HEADS": 8, "GROUP": 4, "D": d, "SPLIT": block, "BLOCK": block, "SPLITS": 16,
+                  "BLOCK_G": 16, "BLOCK_S": 16, "PDL": pdl}
+    types = {"qkv_ptr": "*bf16", "cache_ptr": "*bf16", "pos_ptr": "*i64", "partial_ptr": "*fp32",
+             "stats_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
+    sass = compile_jit_for_hopper(decode_attention_kernel, constexprs, warps, types=types).asm["sass"]
+    if not pdl:
+        assert "ACQBULK" not in sass
+        return
+    assert sass.count("ACQBULK") == 1
+    before, after = sass.split("ACQBULK")
+    assert len(re.findall(r"LDG\.E[.\w]*\.128 ", before)) == 2 * block * d * 2 // (16 * 32 * warps)
+    assert not re.search(r"\b(STG|ATOMG|REDG)", before)
+    assert "LDG" in after
+
+
 @pytest.mark.parametrize(("kernel_name", "inputs_a_step"), [("fragment_dot_kernel", 16 * 64 // 128),
                                                             ("fragment_gemv_kernel", 64 // 4)])
 def test_fragment_kernels_read_bf16_activations_as_loaded(kernel_name, inputs_a_step):
