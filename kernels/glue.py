@@ -37,12 +37,13 @@ from . import registry
 from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
-from .triton_kernels import clear_output, pdl_start, rotate_tile, store_rotated
+from .triton_kernels import clear_output, pdl_start, rotate_signed, store_in_order
 
 MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
 # norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
 # 60.9 ms with it and 58.1 ms without (docs/performance.md, run 19)
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
+PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
 
 
 def block_width(k: int, group_size: int) -> int | None:
@@ -55,15 +56,23 @@ def block_width(k: int, group_size: int) -> int | None:
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
-                       GEMMA: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0):
+                       GEMMA: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0,
+                       PRELOAD: tl.constexpr = True):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
     BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h'
     (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm computes it, and h_out is
     the normalised input (delta unused): Llama's rounds before the weight, Gemma's (GEMMA)
-    multiplies by 1 + weight and rounds once."""
-    pdl_start(PDL)
+    multiplies by 1 + weight and rounds once. The weight and signs of the program's first block are
+    read-only: with PRELOAD they are loaded before waiting for the kernel before (PDL), so that
+    their trip to memory is not on the path after the row's reduction."""
+    first = tl.program_id(1)
+    if not PRELOAD:
+        pdl_start(PDL)
+    first_weight, first_signs = _weight_and_signs(weight_ptr, signs_ptr, first * BLOCK_K + tl.arange(0, BLOCK_K))
+    if PRELOAD:
+        pdl_start(PDL)
     clear_output(clear_ptr, CLEAR, BLOCK_K)
     token = tl.program_id(0)
     row = tl.arange(0, ROW)
@@ -71,10 +80,12 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
     scale = tl.rsqrt(tl.sum(whole * whole) / K + eps)
     tokens = token + tl.arange(0, 1)
     dtype = h_out_ptr.dtype.element_ty
-    for block in range(tl.program_id(1), K // BLOCK_K, tl.num_programs(1)):
+    for block in range(first, K // BLOCK_K, tl.num_programs(1)):
         cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
         h = _row(h_ptr, delta_ptr, h_out_ptr, token * K + cols, cols < K, RESIDUAL)
-        weight = tl.load(weight_ptr + cols).to(tl.float32)
+        weight, signs = first_weight, first_signs
+        if block != first:  # several tokens: one program walks the row's blocks
+            weight, signs = _weight_and_signs(weight_ptr, signs_ptr, cols)
         if RESIDUAL:
             tl.store(h_out_ptr + token * K + cols, h.to(dtype))
             x = (h * scale * weight).to(dtype).to(tl.float32)
@@ -84,8 +95,14 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
             else:  # weight * (h * scale).to(dtype), in the activations' dtype
                 x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
             tl.store(h_out_ptr + token * K + cols, x.to(dtype))
-        _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
+        _store(x[None, :], signs, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
                PER_WORD, FRAGMENT_STEP)
+
+
+@triton.jit
+def _weight_and_signs(weight_ptr, signs_ptr, cols):
+    """The norm's weight (float32) and the rotation's signs of columns `cols` (whole groups inside K)."""
+    return tl.load(weight_ptr + cols).to(tl.float32), tl.load(signs_ptr + cols)
 
 
 @triton.jit
@@ -120,23 +137,23 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     x = (act * up).to(dtype).to(tl.float32)
     tokens = token + tl.arange(0, 1)
-    _store(x[None, :], signs_ptr, out_ptr, scales_ptr, tokens, tl.program_id(1), K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
+    signs = tl.load(signs_ptr + cols)
+    _store(x[None, :], signs, out_ptr, scales_ptr, tokens, tl.program_id(1), K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
            PER_WORD, FRAGMENT_STEP)
 
 
 @triton.jit
-def _store(x, signs_ptr, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G: tl.constexpr,
+def _store(x, signs, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G: tl.constexpr,
            BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr, PER_WORD: tl.constexpr,
            FRAGMENT_STEP: tl.constexpr):
-    """Rotate one token's column block `block` and store it as the target wants: in 16 bits
-    (store_rotated, in its order), or rounded to int8 with its scales (int8_kernels.store_int8)."""
+    """Rotate one token's column block `block` by its signs and store it as the target wants: in
+    16 bits (in store_rotated's order), or rounded to int8 with its scales (int8_kernels.store_int8)."""
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = rotate_signed(x, signs, LOG_G, 1, BLOCK_K)
     if INT8:
-        x = rotate_tile(x, signs_ptr, cols, K, LOG_G, 1, BLOCK_K)
         store_int8(x, out_ptr, scales_ptr, tokens, tokens >= 0, block, K, LOG_G, 1, BLOCK_K, False, PER_WORD)
     else:
-        store_rotated(x, signs_ptr, out_ptr, tokens, cols, (cols < K)[None, :], K, LOG_G, 1, BLOCK_K, PAIR_WIDTH,
-                      FRAGMENT_STEP)
+        store_in_order(x, out_ptr, tokens, cols, (cols < K)[None, :], K, PAIR_WIDTH, FRAGMENT_STEP)
 
 
 def _target_arguments(target: RotationTarget, rotated: torch.Tensor) -> tuple:
@@ -168,7 +185,7 @@ def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     column_programs = max(1, k // options["BLOCK_K"] // m)  # one token: the row over many programs
     launch(norm_rotate_kernel, (m, column_programs), h, h if delta is None else delta, weight, h_out,
            *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, GEMMA=gemma,
-           **options)
+           PRELOAD=PRELOAD, **options)
     return h_out, rotated
 
 

@@ -68,6 +68,12 @@ def rotate_tile(x, signs_ptr, cols, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_
                 BLOCK_K: tl.constexpr):
     """FWHT_G(x * signs) / sqrt(G) of a float32 [BLOCK_M, BLOCK_K] tile (columns `cols`, whole groups)."""
     signs = tl.load(signs_ptr + cols, mask=cols < K, other=0.0)
+    return rotate_signed(x, signs, LOG_G, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def rotate_signed(x, signs, LOG_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """rotate_tile with the columns' signs already loaded."""
     return fwht_tile(x * signs[None, :], BLOCK_M, BLOCK_K, LOG_G)
 
 
@@ -81,6 +87,13 @@ def store_rotated(x, signs_ptr, out_ptr, tokens, cols, mask, K: tl.constexpr, LO
     order of steps of FRAGMENT_STEP > 0 inputs (fragments.fragment_input_order: input
     32 ch + 16 a + 8 b + 2 q + c of a step at position 8 C q + 8 ch + 4 a + 2 b + c)."""
     x = rotate_tile(x, signs_ptr, cols, K, LOG_G, BLOCK_M, BLOCK_K)
+    store_in_order(x, out_ptr, tokens, cols, mask, K, PAIR_WIDTH, FRAGMENT_STEP)
+
+
+@triton.jit
+def store_in_order(x, out_ptr, tokens, cols, mask, K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
+                   FRAGMENT_STEP: tl.constexpr):
+    """Store a rotated tile in the order the kernel reading it wants (store_rotated)."""
     targets = cols
     if PAIR_WIDTH > 0:
         targets = cols // (2 * PAIR_WIDTH) * (2 * PAIR_WIDTH) + 2 * (cols % PAIR_WIDTH) + (cols // PAIR_WIDTH) % 2

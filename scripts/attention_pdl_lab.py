@@ -1,12 +1,14 @@
 """Lab: the one-launch attention with and without programmatic dependent launch, in the decoder (CUDA only).
 
-    python scripts/attention_pdl_lab.py [--model llama3-8b] [--rounds 2] [--splits 32 128] -o attention-pdl.json
+    python scripts/attention_pdl_lab.py [--model llama3-8b] [--rounds 2] [--splits 32 128] [--preload-rounds 2]
+                                        -o attention-pdl.json
 
 Under PDL (kernels/attention.py) the attention's programs start while the q/k/v matmul drains and
 read their first block of the KV cache before waiting for it. Both models of `tqc bench decode`
 (the mixed plan, `--attention triton`) are built once and timed with PDL on and off in turn, on
 first and last, in one process; then, under PDL, with each of `--splits` positions a program
-(DecodeAttention's split; the default's again last).
+(DecodeAttention's split; the default's again last); then, --preload-rounds times, the norms'
+first weights and signs loaded after their PDL wait and before it (glue.PRELOAD).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 
 import torch
 
+from tqc.kernels import glue
 from tqc.kernels.attention import DecodeAttention
 from tqc.kernels.bench import DECODER_SHAPES, add_fragments_argument, bench_registry, compile_and_report, device_info, save
 from tqc.kernels.decode_bench import Decoder, bf16_factory, decoder_keys, plan_options, quantized_factory, step_seconds
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b", choices=sorted(DECODER_SHAPES))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--splits", type=int, nargs="*", default=[])
+    parser.add_argument("--preload-rounds", type=int, default=0)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--cache-dir")
@@ -41,10 +45,12 @@ def main() -> None:
               for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry)))}
     default_split = models["tqc"].blocks[0].decode_attention.split
     rows = []
-    variants = [(pdl, None) for pdl in [True, False] * args.rounds + [True]]
-    variants += [(True, split) for split in args.splits] + [(True, None)] * bool(args.splits)
-    for pdl, split in variants:
-        row = {"pdl": pdl, "split": split or default_split}
+    variants = [(pdl, None, True) for pdl in [True, False] * args.rounds + [True]]
+    variants += [(True, split, True) for split in args.splits] + [(True, None, True)] * bool(args.splits)
+    variants += [(True, None, preload) for preload in [False, True] * args.preload_rounds]
+    for pdl, split, preload in variants:
+        row = {"pdl": pdl, "split": split or default_split, "norm_preload": preload}
+        glue.PRELOAD = preload
         for label, model in models.items():
             attention = DecodeAttention(shape["heads"], shape["kv_heads"], shape["head_dim"], args.context, "cuda",
                                         split=row["split"], pdl=pdl)
@@ -53,7 +59,8 @@ def main() -> None:
             row[f"{label}_ms"] = step_seconds(model) * 1e3
         row["speedup"] = row["bf16_ms"] / row["tqc_ms"]
         rows.append(row)
-        print(f"PDL {'on ' if pdl else 'off'}, split {row['split']:>3}: bf16 {row['bf16_ms']:.3f} ms, "
+        on = {True: "on ", False: "off"}
+        print(f"PDL {on[pdl]}, split {row['split']:>3}, norm preload {on[preload]}: bf16 {row['bf16_ms']:.3f} ms, "
               f"tqc {row['tqc_ms']:.3f} ms, x{row['speedup']:.3f}", flush=True)
     save({"device": device_info(), "family": family, "model": args.model, "rows": rows}, args.output)
 

@@ -832,6 +832,25 @@ def test_decode_attention_reads_only_its_cache_slice_before_waiting_for_qkv(pdl)
     assert "LDG" in after
 
 
+@pytest.mark.parametrize("preload", [False, True])
+def test_norm_loads_only_its_weight_and_signs_before_waiting(preload):
+    """Under PDL the norm + rotation launch (glue.norm_rotate_kernel, one token) waits once for the
+    matmul that writes the residual's delta; with PRELOAD it loads its block's norm weight and
+    rotation signs, which nothing writes, before that wait (one load each a thread), else nothing."""
+    from tqc.kernels.glue import norm_rotate_kernel
+    from tqc.kernels.static_report import compile_jit_for_hopper
+
+    constexprs = {"K": 4096, "LOG_G": 7, "BLOCK_K": 256, "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "ROW": 4096,
+                  "RESIDUAL": True, "GEMMA": False, "PDL": True, "FRAGMENT_STEP": 0, "PRELOAD": preload}
+    types = {"h_ptr": "*bf16", "delta_ptr": "*bf16", "weight_ptr": "*bf16", "h_out_ptr": "*bf16", "signs_ptr": "*fp32",
+             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "CLEAR": "i32", "eps": "fp32"}
+    sass = compile_jit_for_hopper(norm_rotate_kernel, constexprs, 4, types=types).asm["sass"]
+    assert sass.count("ACQBULK") == 1
+    before, after = sass.split("ACQBULK")
+    assert len(re.findall(r"\bLDG\b", before)) == (2 if preload else 0)
+    assert not re.search(r"\b(STG|ATOMG|REDG)", before) and "LDG" in after
+
+
 @pytest.mark.parametrize(("kernel_name", "inputs_a_step"), [("fragment_dot_kernel", 16 * 64 // 128),
                                                             ("fragment_gemv_kernel", 64 // 4)])
 def test_fragment_kernels_read_bf16_activations_as_loaded(kernel_name, inputs_a_step):
