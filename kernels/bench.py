@@ -193,6 +193,15 @@ def add_fragments_argument(parser: argparse.ArgumentParser) -> None:
                         help="every layer on the lookup kernels (tqc.load(..., fragments=False))")
 
 
+def add_decoder_lab_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a lab script timing `tqc bench decode`'s decoders takes besides its own options: --layers,
+    --context, --cache-dir and the kernel family (add_fragments_argument)."""
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--cache-dir")
+    add_fragments_argument(parser)
+
+
 def cmd_layers(args: argparse.Namespace) -> None:
     from .registry import KERNEL_LAYOUT  # noqa: PLC0415
 

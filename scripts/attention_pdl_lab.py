@@ -19,7 +19,8 @@ import torch
 
 from tqc.kernels import glue
 from tqc.kernels.attention import DecodeAttention
-from tqc.kernels.bench import DECODER_SHAPES, add_fragments_argument, bench_registry, compile_and_report, device_info, save
+from tqc.kernels.bench import (DECODER_SHAPES, add_decoder_lab_arguments, bench_registry, compile_and_report,
+                               device_info, save)
 from tqc.kernels.decode_bench import Decoder, bf16_factory, decoder_keys, plan_options, quantized_factory, step_seconds
 
 
@@ -29,11 +30,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--splits", type=int, nargs="*", default=[])
     parser.add_argument("--preload-rounds", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--cache-dir")
     parser.add_argument("-o", "--output", default="attention-pdl.json")
-    add_fragments_argument(parser)
+    add_decoder_lab_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     shape = DECODER_SHAPES[args.model][0]

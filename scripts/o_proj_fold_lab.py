@@ -28,7 +28,7 @@ import argparse
 import torch
 
 from tqc.kernels import registry as registry_module
-from tqc.kernels.bench import add_fragments_argument, bench_registry, compile_and_report, device_info, save
+from tqc.kernels.bench import add_decoder_lab_arguments, bench_registry, compile_and_report, device_info, save
 from tqc.kernels.decode_bench import (LLAMA3_8B, Decoder, bf16_factory, decoder_keys, plan_options,
                                       quantized_factory, step_seconds)
 
@@ -50,12 +50,9 @@ def matmul_only(layer, zero: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cache-dir")
     parser.add_argument("-o", "--output", default="o_proj_fold_lab.json")
-    add_fragments_argument(parser)
+    add_decoder_lab_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     options = plan_options("mixed")
