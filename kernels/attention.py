@@ -6,7 +6,8 @@ for bf16 and for a plan, which weighs three times as much on the quantized model
 kernel writes the token's key and value into the cache and attends in one launch, split along
 the cache (flash-decoding): each program takes one KV head's query heads over a slice of the
 positions, keeps a running softmax, and stores its partial output; the last program of a KV head
-to finish (an atomic count) combines the slices. It is launched for programmatic dependent
+to finish (an atomic count) combines the slices, or, where a quantized o_proj follows, the launch
+that rotates its input does (glue.attention_linear), so that the attention ends with its slices. It is launched for programmatic dependent
 launch where the GPU has it: the programs start while the q/k/v matmul drains and read their
 slice of the cache before waiting for it (docs/performance.md, runs 142-144). Rotary embeddings
 are left out, as in the benchmark's decoder.
@@ -35,13 +36,15 @@ MIN_DOT_ROWS = 16  # a KV head's query heads, padded to a tensor-core tile
 def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale,
                             CONTEXT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                             SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+                            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False, COMBINE: tl.constexpr = True):
     """Grid (KV_HEADS, SPLITS). qkv: [q heads | k heads | v heads] of one token, D each; cache:
     [2, KV_HEADS, CONTEXT, D]; out: [KV_HEADS * GROUP * D]. partial: [heads, SPLITS, D] and stats
     [2, heads, SPLITS] (running max, sum) in float32; count: [KV_HEADS] int32, zero between calls.
     BLOCK_G and BLOCK_S: GROUP and SPLITS rounded up to tile sizes. Under programmatic dependent
     launch (PDL) the slice's first BLOCK positions are read before waiting for the kernel that
-    makes qkv: earlier steps wrote them, and the token's own position is taken from qkv."""
+    makes qkv: earlier steps wrote them, and the token's own position is taken from qkv. COMBINE:
+    the last program of a KV head to finish combines its slices into out; without it, partial and
+    stats are the result (the launch that rotates o_proj's input combines them: glue.attention_linear)."""
     kv_head, split = tl.program_id(0), tl.program_id(1)
     dims = tl.arange(0, D)
     keys = cache_ptr + kv_head * CONTEXT * D
@@ -93,26 +96,38 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
     tl.store(partial_ptr + (heads[:, None] * SPLITS + split) * D + dims[None, :], acc, mask=real[:, None])
     tl.store(stats_ptr + heads * SPLITS + split, top, mask=real)
     tl.store(stats_ptr + (heads_total + heads) * SPLITS + split, total, mask=real)
-    if tl.atomic_add(count_ptr + kv_head, 1) == SPLITS - 1:  # acq_rel: the other slices' stores are visible
-        slices = tl.arange(0, BLOCK_S)
-        stat = heads[:, None] * SPLITS + slices[None, :]
-        read = real[:, None] & (slices < SPLITS)[None, :]
-        tops = tl.load(stats_ptr + stat, mask=read, other=float("-inf"), cache_modifier=".cg")
-        tops = tl.where(real[:, None], tops, 0.0)  # padded rows: finite, never stored
-        totals = tl.load(stats_ptr + heads_total * SPLITS + stat, mask=read, other=0.0, cache_modifier=".cg")
-        best = tl.max(tops, axis=1)
-        slice_weights = tl.exp(tops - best[:, None])
-        norm = tl.sum(totals * slice_weights, axis=1)
-        combined = tl.zeros([BLOCK_G, D], tl.float32)
-        for s in tl.static_range(SPLITS):
-            part = tl.load(partial_ptr + (heads[:, None] * SPLITS + s) * D + dims[None, :], mask=real[:, None],
-                           other=0.0, cache_modifier=".cg")
-            share = tl.sum(tl.where(slices[None, :] == s, slice_weights, 0.0), axis=1)
-            combined += part * share[:, None]
-        combined = combined / tl.where(real, norm, 1.0)[:, None]
-        tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
-                 mask=real[:, None])
-        tl.store(count_ptr + kv_head, 0)
+    if COMBINE:
+        if tl.atomic_add(count_ptr + kv_head, 1) == SPLITS - 1:  # acq_rel: the other slices' stores are visible
+            combined = combine_slices(partial_ptr, stats_ptr, heads, real, heads_total, SPLITS, BLOCK_S, D)
+            tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
+                     mask=real[:, None])
+            tl.store(count_ptr + kv_head, 0)
+
+
+@triton.jit
+def combine_slices(partial_ptr, stats_ptr, heads, real, HEADS: tl.constexpr, SPLITS: tl.constexpr,
+                   BLOCK_S: tl.constexpr, D: tl.constexpr):
+    """Attention's output for query heads `heads` (`real`: the rows that are heads, not padding),
+    float32 [rows, D]: the SPLITS slices' partial outputs weighted by their running max and sum
+    (decode_attention_kernel's partial and stats). The loads bypass L1 (.cg): in the attention's
+    own launch other programs stored them."""
+    dims = tl.arange(0, D)
+    slices = tl.arange(0, BLOCK_S)
+    stat = heads[:, None] * SPLITS + slices[None, :]
+    read = real[:, None] & (slices < SPLITS)[None, :]
+    tops = tl.load(stats_ptr + stat, mask=read, other=float("-inf"), cache_modifier=".cg")
+    tops = tl.where(real[:, None], tops, 0.0)  # padded rows: finite, never stored
+    totals = tl.load(stats_ptr + HEADS * SPLITS + stat, mask=read, other=0.0, cache_modifier=".cg")
+    best = tl.max(tops, axis=1)
+    slice_weights = tl.exp(tops - best[:, None])
+    norm = tl.sum(totals * slice_weights, axis=1)
+    combined = tl.zeros([heads.shape[0], D], tl.float32)
+    for s in tl.static_range(SPLITS):
+        part = tl.load(partial_ptr + (heads[:, None] * SPLITS + s) * D + dims[None, :], mask=real[:, None],
+                       other=0.0, cache_modifier=".cg")
+        share = tl.sum(tl.where(slices[None, :] == s, slice_weights, 0.0), axis=1)
+        combined += part * share[:, None]
+    return combined / tl.where(real, norm, 1.0)[:, None]
 
 
 class DecodeAttention:
@@ -143,9 +158,17 @@ class DecodeAttention:
     def __call__(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """qkv: [1, (heads + 2 kv_heads) head_dim] of one token; cache: [2, 1, kv_heads, context,
         head_dim], contiguous; pos: [1] int. Returns [1, heads * head_dim] in qkv's dtype."""
-        assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
         out = torch.empty(1, self.heads * self.head_dim, device=qkv.device, dtype=qkv.dtype)
+        self._launch(qkv, cache, pos, out, combine=True)
+        return out
+
+    def slices(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> None:
+        """As a call, but the slices are left uncombined in self.partial and self.stats (combine_slices)."""
+        self._launch(qkv, cache, pos, qkv, combine=False)
+
+    def _launch(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
+                combine: bool) -> None:
+        assert qkv.shape[0] == 1 and qkv.is_contiguous() and cache.is_contiguous()
         decode_attention_kernel[(self.kv_heads, self.splits)](
             qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch,
-            **(pdl_launch(qkv.device) if self.pdl else {}))
-        return out
+            COMBINE=combine, **(pdl_launch(qkv.device) if self.pdl else {}))

@@ -28,6 +28,7 @@ from torch import nn
 
 from .attention import DecodeAttention
 from .bench import DECODER_SHAPES
+from .glue import attention_linear as fused_attention_linear
 from .glue import norm_linear as fused_norm_linear
 from .glue import swiglu_linear as fused_swiglu_linear
 
@@ -106,13 +107,18 @@ class Block(nn.Module):
         """(residual stream, pending delta) -> the same after this layer, for T tokens at cache
         positions `pos`; cache is (2, 1, kv, context, d)."""
         h, qkv = self.glue.norm_linear(self.qkv, h, delta, self.norms[0], then=self.o_proj)
-        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.o_proj(self.attend(qkv, cache, pos)), self.norms[1])
+        h, gate_up = self.glue.norm_linear(self.gate_up, h, self.attention_linear(qkv, cache, pos), self.norms[1])
         return h, self.glue.swiglu_linear(self.down_proj, gate_up)
 
-    def attend(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if qkv.shape[0] == 1 and self.decode_attention is not None:
-            return self.decode_attention(qkv, cache, pos)
-        return sdpa_attention(qkv, cache, pos, self.heads, self.kv_heads, self.head_dim)
+    def attention_linear(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """o_proj(attention): a decode step on the one-launch attention, its slices combined in
+        o_proj's rotation where the glue rotates (glue.attention_linear); else torch's attention."""
+        if qkv.shape[0] > 1 or self.decode_attention is None:
+            return self.o_proj(sdpa_attention(qkv, cache, pos, self.heads, self.kv_heads, self.head_dim))
+        if self.glue.rotate and (fused := fused_attention_linear(self.o_proj, self.decode_attention, qkv, cache,
+                                                                 pos)) is not None:
+            return fused
+        return self.o_proj(self.decode_attention(qkv, cache, pos))
 
 
 def sdpa_attention(qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int,

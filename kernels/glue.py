@@ -11,6 +11,8 @@ kernel starts while the step runs.
                           (or, for Hugging Face's RMSNorm, no residual: x = rotate(rms_norm(h) * weight),
                           Gemma's with 1 + weight)
     swiglu_rotate_kernel  x = rotate(silu(gate) * up) (or Gemma's gelu_tanh(gate) * up)
+    combine_rotate_kernel x = rotate(attention's output), combined from the one-launch attention's
+                          slices (kernels/attention.py) for o_proj
 
 The benchmark decoder (decode_bench.py) calls norm_linear and swiglu_linear itself; a model from
 `tqc.load` gets them through hf_glue.py, which replaces its norms and MLPs.
@@ -35,6 +37,7 @@ import triton.language as tl
 
 from . import registry
 from .launch import launch
+from .attention import DecodeAttention, combine_slices
 from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
 from .triton_kernels import clear_output, pdl_start, rotate_signed, store_in_order
@@ -44,6 +47,7 @@ MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul
 # 60.9 ms with it and 58.1 ms without (docs/performance.md, run 19)
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
 PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
+COMBINE_IN_ROTATION = True  # attention_linear: the attention's slices combined in o_proj's rotation launch
 
 
 def block_width(k: int, group_size: int) -> int | None:
@@ -142,6 +146,26 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
            PER_WORD, FRAGMENT_STEP)
 
 
+@triton.jit(do_not_specialize=["CLEAR"])
+def combine_rotate_kernel(partial_ptr, stats_ptr, like_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR,
+                          HEADS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+                          K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
+                          INT8: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr = False,
+                          FRAGMENT_STEP: tl.constexpr = 0):
+    """grid (1, K / BLOCK_K), K = HEADS * D: one token's attention output, BLOCK_K / D heads a program,
+    combined from the attention's SPLITS slices (attention.combine_slices) and rounded to like's
+    dtype, as the attention's own combining stores it, then rotated."""
+    block = tl.program_id(1)
+    signs = tl.load(signs_ptr + block * BLOCK_K + tl.arange(0, BLOCK_K))
+    pdl_start(PDL)
+    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    heads = block * (BLOCK_K // D) + tl.arange(0, BLOCK_K // D)
+    combined = combine_slices(partial_ptr, stats_ptr, heads, heads < HEADS, HEADS, SPLITS, BLOCK_S, D)
+    x = tl.reshape(combined, (BLOCK_K,)).to(like_ptr.dtype.element_ty).to(tl.float32)
+    _store(x[None, :], signs, out_ptr, scales_ptr, tl.arange(0, 1), block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
+           PER_WORD, FRAGMENT_STEP)
+
+
 @triton.jit
 def _store(x, signs, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G: tl.constexpr,
            BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr, PER_WORD: tl.constexpr,
@@ -199,6 +223,18 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget, gelu: bool = Fa
     return rotated
 
 
+def combine_rotate(attention: DecodeAttention, like: torch.Tensor, target: RotationTarget) -> torch.Tensor:
+    """rotate(attention's output) for one token, from the slices DecodeAttention.slices left, in one
+    launch; rounded to like's dtype before the rotation, as a call of the attention returns it."""
+    k = attention.heads * attention.head_dim
+    rotated = torch.empty(1, k, device=like.device, dtype=target.dtype)
+    options = _constexprs(target, like.device, k)
+    launch(combine_rotate_kernel, (1, k // options["BLOCK_K"]), attention.partial, attention.stats, like,
+           *_target_arguments(target, rotated), HEADS=attention.heads, SPLITS=attention.splits,
+           BLOCK_S=attention.launch["BLOCK_S"], D=attention.head_dim, **options)
+    return rotated
+
+
 def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[RotationTarget], torch.Tensor],
                  then=None) -> torch.Tensor | None:
     """layer(x) where `produce(target)` writes x already rotated (on int8 activations: rounded, its
@@ -253,3 +289,23 @@ def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torc
 def swiglu_linear(layer, gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor | None:
     """layer(silu(gate) * up) (`gelu`: gelu_tanh(gate) * up) with the rotation in the SwiGLU launch, or None."""
     return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target, gelu))
+
+
+def attention_linear(layer, attention: DecodeAttention, qkv: torch.Tensor, cache: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor | None:
+    """layer(attention(qkv, cache, pos)) for one token with the attention's slices combined in the
+    launch that rotates the layer's input (combine_rotate): the attention's programs end with their
+    slice, with no count and no last program combining. None where fused_linear's is, where a
+    program's columns are no whole number of heads, or COMBINE_IN_ROTATION is off."""
+    kernel = getattr(layer, "kernel", None)
+    if not COMBINE_IN_ROTATION or kernel is None or qkv.shape[0] != 1:
+        return None
+    block = block_width(attention.heads * attention.head_dim, kernel.key.group_size)
+    if block is None or block % attention.head_dim:
+        return None
+
+    def produce(target: RotationTarget) -> torch.Tensor:
+        attention.slices(qkv, cache, pos)
+        return combine_rotate(attention, qkv, target)
+
+    return fused_linear(layer, 1, qkv, produce)

@@ -832,6 +832,33 @@ def test_decode_attention_reads_only_its_cache_slice_before_waiting_for_qkv(pdl)
     assert "LDG" in after
 
 
+def test_attention_leaving_its_slices_counts_nothing_and_o_projs_rotation_combines_them():
+    """glue.attention_linear's two launches, compiled for sm_90: the attention without COMBINE has no
+    atomic count and no combining tail (with it: one ATOMG); the rotation launch that combines,
+    under PDL, loads only its rotation signs before it waits for the attention, stores nothing
+    before it, and reads the slices' statistics and partial outputs after it."""
+    from tqc.kernels.attention import decode_attention_kernel
+    from tqc.kernels.glue import combine_rotate_kernel
+    from tqc.kernels.static_report import compile_jit_for_hopper
+
+    attention = {"CONTEXT": 1024, "KV_HEADS": 8, "GROUP": 4, "D": 128, "SPLIT": 64, "BLOCK": 64, "SPLITS": 16,
+                 "BLOCK_G": 16, "BLOCK_S": 16, "PDL": True}
+    types = {"qkv_ptr": "*bf16", "cache_ptr": "*bf16", "pos_ptr": "*i64", "partial_ptr": "*fp32",
+             "stats_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
+    atomics = [compile_jit_for_hopper(decode_attention_kernel, attention | {"COMBINE": combine}, 8,
+                                      types=types).asm["sass"].count("ATOMG") for combine in (True, False)]
+    assert atomics == [1, 0]
+    constexprs = {"HEADS": 32, "SPLITS": 16, "BLOCK_S": 16, "D": 128, "K": 4096, "LOG_G": 7, "BLOCK_K": 256,
+                  "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "PDL": True, "FRAGMENT_STEP": 0}
+    types = {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "like_ptr": "*bf16", "signs_ptr": "*fp32",
+             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "CLEAR": "i32"}
+    sass = compile_jit_for_hopper(combine_rotate_kernel, constexprs, 4, types=types).asm["sass"]
+    assert sass.count("ACQBULK") == 1
+    before, after = sass.split("ACQBULK")
+    assert len(re.findall(r"\bLDG\b", before)) == 1 and not re.search(r"\b(STG|ATOMG|REDG)", before)
+    assert len(re.findall(r"\bLDG\b", after)) > constexprs["SPLITS"]  # a partial output a slice, and the stats
+
+
 @pytest.mark.parametrize("preload", [False, True])
 def test_norm_loads_only_its_weight_and_signs_before_waiting(preload):
     """Under PDL the norm + rotation launch (glue.norm_rotate_kernel, one token) waits once for the

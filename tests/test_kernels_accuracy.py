@@ -356,6 +356,47 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("strategy", ["fma", "dot-split"])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, monkeypatch):
+    """glue.attention_linear: the one-launch attention leaves its slices uncombined (its count never
+    moves) and o_proj's rotation launch combines them, rotates and zeroes the output the split-K
+    kernel adds into (poisoned with NaN): o_proj of the attention's own output, the cache written
+    the same. Not for several tokens, nor with COMBINE_IN_ROTATION off."""
+    from tqc.kernels.attention import DecodeAttention
+
+    heads, kv_heads, d, context = shape
+    k = heads * d
+    module, _ = random_layer(QuantOption.parse("4"), 2 * d, k, 128 if CUDA else 32)
+    kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
+    config = STRATEGIES[strategy](8)
+    assert kernel.splits(config) > 1
+    monkeypatch.setattr(kernel, "tuned", lambda count: config)
+    monkeypatch.setattr(kernel, "output", lambda count, device, dtype, chosen: torch.full(
+        (count, module.out_features), float("nan"), device=device, dtype=dtype))
+    monkeypatch.setattr(module, "kernel", kernel)
+    dtype, generator = DTYPES[0], torch.Generator().manual_seed(context)
+    caches = [torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)] * 2
+    caches[1] = caches[0].clone()
+    attention = DecodeAttention(heads, kv_heads, d, context, DEVICE, split=None if CUDA else 16)
+    assert attention.splits > 1
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
+    pos = torch.tensor([context - attention.split // 2], device=DEVICE)
+    assert glue.attention_linear(module, attention, qkv.expand(2, -1).contiguous(), caches[0], pos) is None
+    monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", False)
+    assert glue.attention_linear(module, attention, qkv, caches[0], pos) is None
+    monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", True)
+    attention.count.fill_(7)  # a combining launch would count on from here
+    out = glue.attention_linear(module, attention, qkv, caches[0], pos)
+    assert out is not None and torch.equal(attention.count, torch.full_like(attention.count, 7))
+    attention.count.zero_()
+    attended = attention(qkv, caches[1], pos)
+    assert torch.equal(caches[0], caches[1])
+    monkeypatch.undo()
+    expected = kernel.run(attended, module, config)
+    assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
+
+
 class DirectKernel(LayerKernel):
     """A lookup kernel that claims to take its input as it comes (as the fragment family does, which
     the interpreter cannot run), tuned to `config`; its matmul is the reference's, into the output it
@@ -628,6 +669,34 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
             with torch.no_grad():
                 model(token, pos)  # tunes
                 outputs.append(model(token, pos).float())
+        assert outputs[0].std() > 0
+        assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
+
+    @pytest.mark.parametrize("fragments", [False, True])
+    def test_decoder_combining_the_attention_in_o_projs_rotation_matches(fragments, monkeypatch):
+        """`tqc bench decode`'s decoder on the one-launch attention over several slices: with the slices
+        combined in o_proj's rotation launch (glue.COMBINE_IN_ROTATION, once a layer) a decode step
+        after a prefill gives the logits that the attention's own combining gives, on either kernel family."""
+        from tqc.kernels.decode_bench import MIXED_PLAN, Decoder, quantized_factory
+        from tqc.kernels.registry import KernelRegistry
+
+        registry = KernelRegistry(Tuner("test-gpu", "test", None, timer=time_once), fragments=fragments)
+        combined = []
+        combine_rotate = glue.combine_rotate
+        monkeypatch.setattr(glue, "combine_rotate", lambda *a: combined.append(1) or combine_rotate(*a))
+        outputs = []
+        for in_rotation in (False, True):
+            monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", in_rotation)
+            torch.manual_seed(0)
+            model = Decoder(quantized_factory(dict(MIXED_PLAN), registry), TINY_DECODER, layers=2, context=256,
+                            rotate_in_glue=True, attention="triton")
+            with torch.no_grad():
+                model(torch.arange(1, 6, device=DEVICE), torch.arange(5, device=DEVICE))
+                for _ in range(2):  # tunes, then runs tuned
+                    combined.clear()
+                    logits = model(torch.tensor([9], device=DEVICE), torch.tensor([5], device=DEVICE)).float()
+            outputs.append(logits)
+        assert model.blocks[0].decode_attention.splits > 1 and len(combined) == 2
         assert outputs[0].std() > 0
         assert relative_error(outputs[1], outputs[0].double().cpu()) < TOLERANCE[torch.bfloat16]
 
