@@ -14,7 +14,9 @@ fused kernels. With `rotate_in_glue` the quantized layers' input rotation runs i
 TQC_DIRECT_INPUTS=1 o_proj's output is zeroed by the q/k/v norm's launch, registry.DIRECT_INPUTS).
 Attention of a decode step is torch's scaled_dot_product_attention after index_copy_ into the
 cache, or with `attention="triton"` one launch that does both, under programmatic dependent
-launch (kernels/attention.py); both models run the same attention.
+launch (kernels/attention.py); both models run the same attention. Where o_proj's input is rotated
+in a launch of its own (the plan's, with `rotate_in_glue`), that launch combines the attention's
+slices instead of the attention's last program (glue.attention_linear).
 """
 
 from __future__ import annotations
