@@ -296,9 +296,11 @@ def attention_linear(layer, attention: DecodeAttention, qkv: torch.Tensor, cache
     """layer(attention(qkv, cache, pos)) for one token with the attention's slices combined in the
     launch that rotates the layer's input (combine_rotate): the attention's programs end with their
     slice, with no count and no last program combining. None where fused_linear's is, where a
-    program's columns are no whole number of heads, or COMBINE_IN_ROTATION is off."""
+    program's columns are no whole number of heads, where the layer takes the attention's output
+    as it comes into an output zeroed before (registry.DIRECT_INPUTS: no launch of its own to
+    combine in), or COMBINE_IN_ROTATION is off."""
     kernel = getattr(layer, "kernel", None)
-    if not COMBINE_IN_ROTATION or kernel is None or qkv.shape[0] != 1:
+    if not COMBINE_IN_ROTATION or kernel is None or qkv.shape[0] != 1 or _then_zeroes(layer, 1):
         return None
     block = block_width(attention.heads * attention.head_dim, kernel.key.group_size)
     if block is None or block % attention.head_dim:

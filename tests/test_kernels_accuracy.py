@@ -362,7 +362,9 @@ def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, monkey
     """glue.attention_linear: the one-launch attention leaves its slices uncombined (its count never
     moves) and o_proj's rotation launch combines them, rotates and zeroes the output the split-K
     kernel adds into (poisoned with NaN): o_proj of the attention's own output, the cache written
-    the same. Not for several tokens, nor with COMBINE_IN_ROTATION off."""
+    the same. Not for several tokens, nor into an output zeroed before (registry.DIRECT_INPUTS), nor
+    with COMBINE_IN_ROTATION off."""
+    from tqc.kernels import registry
     from tqc.kernels.attention import DecodeAttention
 
     heads, kv_heads, d, context = shape
@@ -386,6 +388,10 @@ def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, monkey
     monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", False)
     assert glue.attention_linear(module, attention, qkv, caches[0], pos) is None
     monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", True)
+    monkeypatch.setattr(registry, "DIRECT_INPUTS", True)  # o_proj adding the output as it comes: no launch to combine in
+    monkeypatch.setattr(kernel, "takes_input_as_it_comes", lambda layer, config: True)
+    assert glue.attention_linear(module, attention, qkv, caches[0], pos) is None
+    monkeypatch.setattr(registry, "DIRECT_INPUTS", False)
     attention.count.fill_(7)  # a combining launch would count on from here
     out = glue.attention_linear(module, attention, qkv, caches[0], pos)
     assert out is not None and torch.equal(attention.count, torch.full_like(attention.count, 7))
