@@ -1,7 +1,7 @@
 """Draw the GPU results that people compare, from the JSON the benchmarks saved (docs/bench/).
 
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
-        [--profile docs/bench/h100-run145-profile-decode-mixed-nopdl.json]
+        [--profile docs/bench/h100-run153-profile-decode-mixed-nopdl.json]
         [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
@@ -39,7 +39,7 @@ STEP_PARTS = (("matmuls", ("fragment_", "lut_fma", "int8_gemv", "int8_dot", "nvj
               ("attention", ("decode_attention", "sdpa", "lean_reduction", "flash")),
               ("SwiGLU (+ rotation)", ("silu", "swiglu")),
               ("KV-cache write", ("index_elementwise", "index_copy")),
-              ("o_proj's rotation", ("fwht",)))
+              ("o_proj's rotation (+ attention's combining)", ("fwht", "combine_rotate")))
 
 
 def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
@@ -155,7 +155,7 @@ def plot_loaded(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
-    parser.add_argument("--profile", type=Path, default=BENCH / "h100-run145-profile-decode-mixed-nopdl.json")
+    parser.add_argument("--profile", type=Path, default=BENCH / "h100-run153-profile-decode-mixed-nopdl.json")
     parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
