@@ -48,6 +48,7 @@ MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
 PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
 COMBINE_IN_ROTATION = True  # attention_linear: the attention's slices combined in o_proj's rotation launch
+COMBINE_WIDTH: int | None = None  # columns a program of that launch: None for block_width's (a lab's knob)
 
 
 def block_width(k: int, group_size: int) -> int | None:
@@ -228,11 +229,20 @@ def combine_rotate(attention: DecodeAttention, like: torch.Tensor, target: Rotat
     launch; rounded to like's dtype before the rotation, as a call of the attention returns it."""
     k = attention.heads * attention.head_dim
     rotated = torch.empty(1, k, device=like.device, dtype=target.dtype)
-    options = _constexprs(target, like.device, k)
+    options = _constexprs(target, like.device, k) | {"BLOCK_K": _combine_width(attention, target.group_size)}
     launch(combine_rotate_kernel, (1, k // options["BLOCK_K"]), attention.partial, attention.stats, like,
            *_target_arguments(target, rotated), HEADS=attention.heads, SPLITS=attention.splits,
            BLOCK_S=attention.launch["BLOCK_S"], D=attention.head_dim, **options)
     return rotated
+
+
+def _combine_width(attention: DecodeAttention, group_size: int) -> int | None:
+    """Columns a program of combine_rotate takes (COMBINE_WIDTH, else block_width's): whole heads and
+    whole rotation groups, dividing the attention's width; None where that cannot be."""
+    k = attention.heads * attention.head_dim
+    width = COMBINE_WIDTH or block_width(k, group_size)
+    fits = width is not None and k % width == 0 and width % attention.head_dim == 0 and width % group_size == 0
+    return width if fits else None
 
 
 def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[RotationTarget], torch.Tensor],
@@ -302,8 +312,7 @@ def attention_linear(layer, attention: DecodeAttention, qkv: torch.Tensor, cache
     kernel = getattr(layer, "kernel", None)
     if not COMBINE_IN_ROTATION or kernel is None or qkv.shape[0] != 1 or _then_zeroes(layer, 1):
         return None
-    block = block_width(attention.heads * attention.head_dim, kernel.key.group_size)
-    if block is None or block % attention.head_dim:
+    if _combine_width(attention, kernel.key.group_size) is None:
         return None
 
     def produce(target: RotationTarget) -> torch.Tensor:

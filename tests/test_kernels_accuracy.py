@@ -356,20 +356,25 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     assert relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("one_head", [False, True])
 @pytest.mark.parametrize("strategy", ["fma", "dot-split"])
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
-def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, monkeypatch):
+def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, one_head, monkeypatch):
     """glue.attention_linear: the one-launch attention leaves its slices uncombined (its count never
     moves) and o_proj's rotation launch combines them, rotates and zeroes the output the split-K
     kernel adds into (poisoned with NaN): o_proj of the attention's own output, the cache written
-    the same. Not for several tokens, nor into an output zeroed before (registry.DIRECT_INPUTS), nor
-    with COMBINE_IN_ROTATION off."""
+    the same; each program on the default's columns or on one head's (or group's: COMBINE_WIDTH).
+    Not for several tokens, nor into an output zeroed before (registry.DIRECT_INPUTS), nor with
+    COMBINE_IN_ROTATION off."""
     from tqc.kernels import registry
     from tqc.kernels.attention import DecodeAttention
 
     heads, kv_heads, d, context = shape
     k = heads * d
-    module, _ = random_layer(QuantOption.parse("4"), 2 * d, k, 128 if CUDA else 32)
+    group_size = 128 if CUDA else 32
+    module, _ = random_layer(QuantOption.parse("4"), 2 * d, k, group_size)
+    if one_head:
+        monkeypatch.setattr(glue, "COMBINE_WIDTH", max(d, group_size))
     kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
     config = STRATEGIES[strategy](8)
     assert kernel.splits(config) > 1
