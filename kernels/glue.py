@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from . import registry
-from .launch import launch
 from .attention import DecodeAttention, combine_slices
+from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
 from .triton_kernels import clear_output, pdl_start, rotate_signed, store_in_order
