@@ -806,6 +806,13 @@ def test_fragment_kernels_wait_for_the_rotation_after_their_weights_prologue(ker
     assert before.count("LDG.E.EF.128") == (lookahead if preload else 0)  # a 16-byte code vector a step
 
 
+# decode_attention_kernel at Llama-3-8B's shapes (64 positions a program of a 1024-position cache), its argument types
+LLAMA_ATTENTION = {"CONTEXT": 1024, "KV_HEADS": 8, "GROUP": 4, "D": 128, "SPLIT": 64, "BLOCK": 64, "SPLITS": 16,
+                   "BLOCK_G": 16, "BLOCK_S": 16}
+ATTENTION_TYPES = {"qkv_ptr": "*bf16", "cache_ptr": "*bf16", "pos_ptr": "*i64", "partial_ptr": "*fp32",
+                   "stats_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_decode_attention_reads_only_its_cache_slice_before_waiting_for_qkv(pdl):
     """Under PDL the one-launch attention waits once (griddepcontrol.wait, ACQBULK) for the q/k/v
@@ -816,12 +823,9 @@ def test_decode_attention_reads_only_its_cache_slice_before_waiting_for_qkv(pdl)
     from tqc.kernels.attention import decode_attention_kernel
     from tqc.kernels.static_report import compile_jit_for_hopper
 
-    block, d, warps = 64, 128, 8
-    constexprs = {"CONTEXT": 1024, "KV_HEADS": 8, "GROUP": 4, "D": d, "SPLIT": block, "BLOCK": block, "SPLITS": 16,
-                  "BLOCK_G": 16, "BLOCK_S": 16, "PDL": pdl}
-    types = {"qkv_ptr": "*bf16", "cache_ptr": "*bf16", "pos_ptr": "*i64", "partial_ptr": "*fp32",
-             "stats_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
-    sass = compile_jit_for_hopper(decode_attention_kernel, constexprs, warps, types=types).asm["sass"]
+    block, d, warps = LLAMA_ATTENTION["BLOCK"], LLAMA_ATTENTION["D"], 8
+    sass = compile_jit_for_hopper(decode_attention_kernel, LLAMA_ATTENTION | {"PDL": pdl}, warps,
+                                  types=ATTENTION_TYPES).asm["sass"]
     if not pdl:
         assert "ACQBULK" not in sass
         return
@@ -841,12 +845,8 @@ def test_attention_leaving_its_slices_counts_nothing_and_o_projs_rotation_combin
     from tqc.kernels.glue import combine_rotate_kernel
     from tqc.kernels.static_report import compile_jit_for_hopper
 
-    attention = {"CONTEXT": 1024, "KV_HEADS": 8, "GROUP": 4, "D": 128, "SPLIT": 64, "BLOCK": 64, "SPLITS": 16,
-                 "BLOCK_G": 16, "BLOCK_S": 16, "PDL": True}
-    types = {"qkv_ptr": "*bf16", "cache_ptr": "*bf16", "pos_ptr": "*i64", "partial_ptr": "*fp32",
-             "stats_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
-    atomics = [compile_jit_for_hopper(decode_attention_kernel, attention | {"COMBINE": combine}, 8,
-                                      types=types).asm["sass"].count("ATOMG") for combine in (True, False)]
+    atomics = [compile_jit_for_hopper(decode_attention_kernel, LLAMA_ATTENTION | {"PDL": True, "COMBINE": combine}, 8,
+                                      types=ATTENTION_TYPES).asm["sass"].count("ATOMG") for combine in (True, False)]
     assert atomics == [1, 0]
     constexprs = {"HEADS": 32, "SPLITS": 16, "BLOCK_S": 16, "D": 128, "K": 4096, "LOG_G": 7, "BLOCK_K": 256,
                   "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "PDL": True, "FRAGMENT_STEP": 0}

@@ -383,8 +383,8 @@ def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, one_he
         (count, module.out_features), float("nan"), device=device, dtype=dtype))
     monkeypatch.setattr(module, "kernel", kernel)
     dtype, generator = DTYPES[0], torch.Generator().manual_seed(context)
-    caches = [torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)] * 2
-    caches[1] = caches[0].clone()
+    cache = torch.randn(2, 1, kv_heads, context, d, generator=generator).to(DEVICE, dtype)
+    caches = [cache, cache.clone()]  # one for the fused call, one for the attention's own
     attention = DecodeAttention(heads, kv_heads, d, context, DEVICE, split=None if CUDA else 16)
     assert attention.splits > 1
     qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=generator).to(DEVICE, dtype)
@@ -393,7 +393,8 @@ def test_o_projs_rotation_combines_the_attentions_slices(shape, strategy, one_he
     monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", False)
     assert glue.attention_linear(module, attention, qkv, caches[0], pos) is None
     monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", True)
-    monkeypatch.setattr(registry, "DIRECT_INPUTS", True)  # o_proj adding the output as it comes: no launch to combine in
+    # o_proj adding attention's output as it comes: it has no launch to combine in
+    monkeypatch.setattr(registry, "DIRECT_INPUTS", True)
     monkeypatch.setattr(kernel, "takes_input_as_it_comes", lambda layer, config: True)
     assert glue.attention_linear(module, attention, qkv, caches[0], pos) is None
     monkeypatch.setattr(registry, "DIRECT_INPUTS", False)
