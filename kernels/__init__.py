@@ -24,8 +24,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = False,
            fragments: bool | None = None) -> int:
-    """Set `module.kernel` on each supported quantized layer on CUDA, and fuse the rotations into
-    the norm and SwiGLU steps where the model allows (hf_glue); return how many layers got a kernel.
+    """Set `module.kernel` on each supported quantized layer on CUDA, fuse the rotations into the
+    norm and SwiGLU steps where the model allows (hf_glue), and decode attention in one launch
+    (hf_attention); return how many layers got a kernel.
 
     `fragments`: the layers of the options a GPU has checked on it run the Gluon fragment family
     (registry.FragmentLayerKernel, Hopper GPUs; on an H100 the 8B-shaped decoder 7-11% faster than on
@@ -36,7 +37,7 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.codes.is_cuda]
     if not layers:
         return 0
-    from . import hf_glue  # noqa: PLC0415
+    from . import hf_attention, hf_glue  # noqa: PLC0415
     from .registry import KernelRegistry, prepare, supports  # noqa: PLC0415
     from .tuning import Tuner  # noqa: PLC0415
 
@@ -50,6 +51,7 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
             module.use_kernel(kernel)
             attached += 1
     hf_glue.install(model)
+    hf_attention.install(model)
     return attached
 
 

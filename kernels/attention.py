@@ -75,12 +75,7 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
         else:
             k = tl.load(keys + where, mask=inside[:, None], other=0.0)
         k = tl.where(is_new, new_k[None, :], k)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(inside[None, :], scores, float("-inf"))
-        new_top = tl.maximum(top, tl.max(scores, axis=1))
-        weights = tl.exp(scores - new_top[:, None])
-        shrink = tl.exp(top - new_top)
-        total = total * shrink + tl.sum(weights, axis=1)
+        new_top, weights, shrink, total = softmax_step(q, k, inside, top, total, scale, MAYBE_EMPTY=False)
         if offset == 0:
             v = first_v
         else:
@@ -92,16 +87,44 @@ def decode_attention_kernel(qkv_ptr, cache_ptr, pos_ptr, out_ptr, partial_ptr, s
     mine = (token >= start) & (token < start + SPLIT)  # the slice holding the token writes it to the cache
     tl.store(keys + pos * D + dims, new_k, mask=mine)
     tl.store(values + pos * D + dims, new_v, mask=mine)
-    heads_total: tl.constexpr = KV_HEADS * GROUP
+    finish_slice(partial_ptr, stats_ptr, count_ptr + kv_head, out_ptr, heads, real, split, acc, top, total,
+                 KV_HEADS * GROUP, SPLITS, BLOCK_S, D, COMBINE)
+
+
+@triton.jit
+def softmax_step(q, k, valid, top, total, scale, MAYBE_EMPTY: tl.constexpr):
+    """One block of positions (`valid`: those attended) of a running softmax over q's rows: the
+    new running max, the block's weights, the factor that rescales what was summed before, and the
+    new running sum. MAYBE_EMPTY: a row may have attended nothing yet (its max still -inf), which
+    would make exp(-inf - -inf) a NaN."""
+    scores = tl.dot(q, tl.trans(k)) * scale
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    new_top = tl.maximum(top, tl.max(scores, axis=1))
+    base = new_top
+    if MAYBE_EMPTY:
+        base = tl.where(new_top == float("-inf"), 0.0, new_top)
+    weights = tl.exp(scores - base[:, None])
+    shrink = tl.exp(top - base)
+    return new_top, weights, shrink, total * shrink + tl.sum(weights, axis=1)
+
+
+@triton.jit
+def finish_slice(partial_ptr, stats_ptr, count_ptr, out_ptr, heads, real, split, acc, top, total,
+                 HEADS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+                 COMBINE: tl.constexpr):
+    """Store a slice's partial output and running (max, sum) for query heads `heads`; with COMBINE,
+    the last of the SPLITS programs counted on `count_ptr` combines the slices into out (rows of D)
+    and sets the count back to zero."""
+    dims = tl.arange(0, D)
     tl.store(partial_ptr + (heads[:, None] * SPLITS + split) * D + dims[None, :], acc, mask=real[:, None])
     tl.store(stats_ptr + heads * SPLITS + split, top, mask=real)
-    tl.store(stats_ptr + (heads_total + heads) * SPLITS + split, total, mask=real)
+    tl.store(stats_ptr + (HEADS + heads) * SPLITS + split, total, mask=real)
     if COMBINE:
-        if tl.atomic_add(count_ptr + kv_head, 1) == SPLITS - 1:  # acq_rel: the other slices' stores are visible
-            combined = combine_slices(partial_ptr, stats_ptr, heads, real, heads_total, SPLITS, BLOCK_S, D)
+        if tl.atomic_add(count_ptr, 1) == SPLITS - 1:  # acq_rel: the other slices' stores are visible
+            combined = combine_slices(partial_ptr, stats_ptr, heads, real, HEADS, SPLITS, BLOCK_S, D)
             tl.store(out_ptr + heads[:, None] * D + dims[None, :], combined.to(out_ptr.dtype.element_ty),
                      mask=real[:, None])
-            tl.store(count_ptr + kv_head, 0)
+            tl.store(count_ptr, 0)
 
 
 @triton.jit
@@ -130,6 +153,54 @@ def combine_slices(partial_ptr, stats_ptr, heads, real, HEADS: tl.constexpr, SPL
     return combined / tl.where(real, norm, 1.0)[:, None]
 
 
+@triton.jit(do_not_specialize=["length"])
+def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale, length,
+                            q_batch, q_head, k_batch, k_head, k_pos, v_batch, v_head, v_pos, mask_batch, mask_pos,
+                            KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                            BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                            BLOCK_S: tl.constexpr, HEADS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Grid (batch x KV_HEADS, SPLITS): decode_attention_kernel's slices over a cache that the caller
+    has written, for a model from `tqc.load` (hf_attention.py). q: [batch, heads, 1, D]; k, v:
+    [batch, KV_HEADS, length, D]; mask: [batch, 1, 1, length] bool, the positions attended (else
+    all `length`); out: [batch, 1, heads, D] contiguous; HEADS = batch x heads; the strides in
+    elements, D's being 1. Positions masked out are not read, so a static cache costs what it holds."""
+    program, split = tl.program_id(0), tl.program_id(1)
+    batch, kv_head = program // KV_HEADS, program % KV_HEADS
+    dims = tl.arange(0, D)
+    rows = tl.arange(0, BLOCK_G)
+    real = rows < GROUP
+    head = kv_head * GROUP + rows
+    q = tl.load(q_ptr + batch * q_batch + head[:, None] * q_head + dims[None, :], mask=real[:, None], other=0.0)
+    keys = k_ptr + batch * k_batch + kv_head * k_head
+    values = v_ptr + batch * v_batch + kv_head * v_head
+    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for offset in tl.static_range(0, SPLIT, BLOCK):
+        positions = split * SPLIT + offset + tl.arange(0, BLOCK)
+        valid = positions < length
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + batch * mask_batch + positions * mask_pos, mask=valid, other=0) != 0)
+        k = tl.load(keys + positions[:, None] * k_pos + dims[None, :], mask=valid[:, None], other=0.0)
+        new_top, weights, shrink, total = softmax_step(q, k, valid, top, total, scale, MAYBE_EMPTY=True)
+        v = tl.load(values + positions[:, None] * v_pos + dims[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+        top = new_top
+    finish_slice(partial_ptr, stats_ptr, count_ptr + program, out_ptr, batch * KV_HEADS * GROUP + head, real, split,
+                 acc, top, total, HEADS, SPLITS, BLOCK_S, D, True)
+
+
+def slice_length(positions: int) -> int:
+    """Positions a program takes when `positions` (context x KV heads x batch) are attended: about
+    TARGET_PROGRAMS programs, a power of two from MIN_SPLIT to 256."""
+    return min(256, max(MIN_SPLIT, _power_of_two(math.ceil(positions / TARGET_PROGRAMS))))
+
+
+def _power_of_two(n: int) -> int:
+    """The least power of two >= n (triton.next_power_of_2's host call is slow in Triton 3.6+)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class DecodeAttention:
     """Attention of one token over a whole (context, kv heads, head dim) cache, the token's key and
     value written into it at `pos` first, as index_copy_ and scaled_dot_product_attention do; the
@@ -142,16 +213,14 @@ class DecodeAttention:
         the GPU has it (registry.uses_pdl)."""
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
         self.pdl = pdl
-        if split is None:
-            split = min(256, max(MIN_SPLIT, triton.next_power_of_2(math.ceil(context * kv_heads / TARGET_PROGRAMS))))
-        self.split = split
+        self.split = split or slice_length(context * kv_heads)
         self.splits = triton.cdiv(context, self.split)
         self.partial = torch.empty(heads, self.splits, head_dim, device=device, dtype=torch.float32)
         self.stats = torch.empty(2, heads, self.splits, device=device, dtype=torch.float32)
         self.count = torch.zeros(kv_heads, device=device, dtype=torch.int32)
         group = heads // kv_heads
-        self.launch = dict(CONTEXT=context, KV_HEADS=kv_heads, GROUP=group, D=head_dim, SPLIT=split,
-                           BLOCK=min(split, 64), SPLITS=self.splits,
+        self.launch = dict(CONTEXT=context, KV_HEADS=kv_heads, GROUP=group, D=head_dim, SPLIT=self.split,
+                           BLOCK=min(self.split, 64), SPLITS=self.splits,
                            BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
                            BLOCK_S=triton.next_power_of_2(self.splits), num_warps=num_warps)
 
@@ -172,3 +241,42 @@ class DecodeAttention:
         decode_attention_kernel[(self.kv_heads, self.splits)](
             qkv, cache, pos, out, self.partial, self.stats, self.count, 1.0 / math.sqrt(self.head_dim), **self.launch,
             COMBINE=combine, **(pdl_launch(qkv.device) if self.pdl else {}))
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}  # cached_attention's combining counts, zero between calls
+
+
+def reserve_counts(device: torch.device, programs: int) -> torch.Tensor:
+    """cached_attention's combining counts on `device`, at least `programs` of them. Made before a
+    CUDA graph is captured (hf_attention.install), they stay outside its memory pool."""
+    count = _COUNTS.get(device)
+    if count is None or count.numel() < programs:
+        count = _COUNTS[device] = torch.zeros(max(programs, 64), device=device, dtype=torch.int32)
+    return count
+
+
+def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, split: int | None = None) -> torch.Tensor:
+    """One token's attention over a KV cache the caller has written (cached_attention_kernel):
+    query [batch, heads, 1, D]; key, value [batch, kv heads, length, D]; mask None (all `length`
+    positions attended) or bool [batch, 1, 1, length]. Returns [batch, 1, heads, D] in query's dtype.
+    The slice count is rounded up to a power of two, so that a cache growing a position a step
+    compiles a few kernels, not one a step. `split`: positions a program takes (default slice_length)."""
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    split = split or slice_length(length * kv_heads * batch)
+    splits = _power_of_two(-(-length // split))
+    programs = batch * kv_heads
+    count = reserve_counts(query.device, programs)
+    out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
+    partial = torch.empty(batch * heads, splits, dim, device=query.device, dtype=torch.float32)
+    stats = torch.empty(2, batch * heads, splits, device=query.device, dtype=torch.float32)
+    mask_strides = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
+    group = heads // kv_heads
+    cached_attention_kernel[(programs, splits)](
+        query, key, value, query if mask is None else mask, out, partial, stats, count, scale, length,
+        query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides,
+        KV_HEADS=kv_heads, GROUP=group, D=dim, SPLIT=split, BLOCK=min(split, 64), SPLITS=splits,
+        BLOCK_G=max(MIN_DOT_ROWS, _power_of_two(group)), BLOCK_S=splits, HEADS=batch * heads,
+        HAS_MASK=mask is not None, num_warps=NUM_WARPS)
+    return out

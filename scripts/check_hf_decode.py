@@ -2,7 +2,7 @@
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
-                                          [--keep DIR] [--fragments]
+                                          [--attention-paths] [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
@@ -17,6 +17,8 @@ static one (which transformers compiles); `--profile` logs a CPU profile of the 
 both models. `--launch-paths` times tqc's eager step through Triton's launcher and through the
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
+`--attention-paths` also times each model's steps on the attention it does not run by default:
+bf16 on tqc's one-launch decode attention (kernels/hf_attention.py), tqc on Hugging Face's "sdpa".
 `--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
 `tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a smoke test of the
 plumbing. Compare with `tqc bench decode --layers 4` in the same run (docs/performance.md, runs
@@ -146,6 +148,19 @@ PATH_SWITCHES = {"launch": ("tqc.kernels.launch", {"triton": False, "direct": Tr
                  "glue": ("tqc.kernels.hf_glue", {"separate": False, "fused": True})}
 
 
+def on_attention(model, implementation: str, run):
+    """run() with the model attending through `implementation`, then its own attention again."""
+    from tqc.kernels import hf_attention
+
+    own = model.config._attn_implementation
+    hf_attention.register()
+    model.set_attn_implementation(implementation)
+    try:
+        return run()
+    finally:
+        model.set_attn_implementation(own)
+
+
 def compare_paths(model, context: int, switch: str, rounds: int = 3) -> dict[str, list[dict[str, float]]]:
     """Median seconds of a decode step (eager; for the glue also replayed from a CUDA graph) under
     each setting of PATH_SWITCHES[switch], alternated `rounds` times."""
@@ -203,6 +218,8 @@ def main() -> None:
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
     parser.add_argument("--glue-paths", action="store_true",
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
+    parser.add_argument("--attention-paths", action="store_true",
+                        help="also time bf16 on tqc's decode attention and tqc on sdpa")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
     add_load_family_arguments(parser)
     parser.add_argument("-o", "--output", default="hf_decode.json")
@@ -223,6 +240,10 @@ def main() -> None:
         if args.generate:
             bf16 |= generate_seconds(model)
         log(f"bf16 timed: {bf16}")
+        other_attention = {}
+        if args.attention_paths:
+            other_attention["bf16"] = on_attention(model, "tqc_decode", lambda: step_seconds(model, args.context))
+            log(f"bf16 on tqc's attention: {other_attention['bf16']}")
         options = build_packed(source, model, args.plan, packed)
         del model
         log("built")
@@ -235,16 +256,22 @@ def main() -> None:
         tq = step_seconds(quantized, args.context, args.profile, args.eager_only)
         if args.generate:
             tq |= generate_seconds(quantized)
-        log(f"tqc timed: {tq}")
+        log(f"tqc timed: {tq} on attention {quantized.config._attn_implementation}")
+        if args.attention_paths:
+            other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(quantized, args.context))
+            log(f"tqc on sdpa: {other_attention['tqc']}")
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
         paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels, "fragments": args.fragments,
-              "layers_on_the_fragment_family": on_fragments}
+              "layers_on_the_fragment_family": on_fragments, "tqc_attention": quantized.config._attn_implementation}
     for mode in [mode for mode in bf16 if mode in tq]:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
               f"x{bf16[mode] / tq[mode]:.2f}")
+    for name, times in other_attention.items():
+        result[f"{name}_on_the_other_attention_ms"] = {mode: t * 1e3 for mode, t in times.items()}
+        print(f"{name} on the other attention: {', '.join(f'{m} {t * 1e3:.3f}' for m, t in times.items())} ms")
     for switch, times in paths.items():
         result[f"{switch}_paths_ms"] = {name: [{mode: t * 1e3 for mode, t in run.items()} for run in runs]
                                         for name, runs in times.items()}

@@ -256,6 +256,32 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
         assert torch.equal(cache.cpu(), expected_cache.to(dtype)), f"pos {pos}: the cache"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_cached_attention_attends_where_the_mask_lets_it_as_sdpa_does(shape, dtype):
+    """attention.cached_attention (a model from `tqc.load`) against scaled_dot_product_attention, two
+    sequences: a static cache's mask (a prefix, the second sequence's shorter than a slice so that
+    whole slices attend nothing), a mask with holes, and no mask; a cache whose strides are not its
+    shape's (a view of a longer one)."""
+    from tqc.kernels.attention import cached_attention
+
+    heads, kv_heads, d, context = shape
+    generator = torch.Generator().manual_seed(context)
+    split = None if CUDA else 16
+    q = torch.randn(2, heads, 1, d, generator=generator).to(DEVICE, dtype)
+    kv = torch.randn(2, 2, kv_heads, context + 8, d, generator=generator).to(DEVICE, dtype)
+    keys, values = kv[0, :, :, :context], kv[1, :, :, :context]
+    prefix = torch.arange(context) < torch.tensor([[context - 5], [11]])
+    holes = torch.rand(2, context, generator=generator) < 0.7
+    for mask in (prefix, holes, None):
+        mask = None if mask is None else mask.view(2, 1, 1, context).to(DEVICE)
+        out = cached_attention(q, keys, values, mask, d ** -0.5, split=split)
+        expected = F.scaled_dot_product_attention(
+            q.double().cpu(), keys.double().cpu(), values.double().cpu(),
+            attn_mask=None if mask is None else mask.cpu(), enable_gqa=True).transpose(1, 2)
+        assert out.shape == expected.shape
+        assert relative_error(out, expected) < TOLERANCE[dtype], "no mask" if mask is None else mask.sum(-1)
+
 # a decoder of two 128-wide heads a KV head: one rotation group a head (kernels/decode_bench.py's cfg)
 TINY_DECODER = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "vocab": 256}
 
@@ -797,3 +823,40 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
                 eager = model(input_ids=ids).logits.float()
                 error = relative_error(compiled(input_ids=ids).logits.float(), eager.double().cpu())
                 assert error < TOLERANCE[torch.bfloat16], f"{tokens} tokens: {error:.2e}"
+
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(family, monkeypatch):
+    """kernels/hf_attention.py: a tiny model of `family` in fp16, its attention installed on the
+    kernel, decodes token by token through a static cache (a bool mask) and a dynamic one (no mask)
+    to the logits of the same model on "sdpa"; each of those steps ran the kernel, and a prompt of
+    several tokens did not (it goes to sdpa)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+
+    from tiny_models import FAMILIES, IDS
+    from tqc.kernels import hf_attention
+    from tqc.kv_cache import chunked_logits
+
+    kernel, calls = hf_attention.cached_attention, []
+    monkeypatch.setattr(hf_attention, "cached_attention", lambda *args: calls.append(1) or kernel(*args))
+    class_name, extra = FAMILIES[family]
+    config = getattr(transformers, class_name)(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, max_position_embeddings=256, attn_implementation="sdpa", **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.float16).eval()
+    caches = {"static": lambda: StaticCache(config=model.config, max_cache_len=24),
+              "dynamic": lambda: DynamicCache(config=model.config)}
+    ids = IDS.to(DEVICE)
+    expected = {name: chunked_logits(model, ids, make(), chunk=1) for name, make in caches.items()}
+    assert hf_attention.install(model) and model.config._attn_implementation == hf_attention.NAME
+    assert not calls
+    chunked_logits(model, ids, caches["static"](), chunk=ids.shape[1])
+    assert not calls
+    for name, make in caches.items():
+        logits = chunked_logits(model, ids, make(), chunk=1)
+        assert len(calls) == ids.shape[1] * config.num_hidden_layers, name
+        assert relative_error(logits, expected[name].double().cpu()) < TOLERANCE[torch.float16], name
+        calls.clear()
