@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .registry import pdl_launch
 from .triton_kernels import pdl_start
 
@@ -273,10 +274,10 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     stats = torch.empty(2, batch * heads, splits, device=query.device, dtype=torch.float32)
     mask_strides = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
     group = heads // kv_heads
-    cached_attention_kernel[(programs, splits)](
-        query, key, value, query if mask is None else mask, out, partial, stats, count, scale, length,
-        query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides,
-        KV_HEADS=kv_heads, GROUP=group, D=dim, SPLIT=split, BLOCK=min(split, 64), SPLITS=splits,
-        BLOCK_G=max(MIN_DOT_ROWS, _power_of_two(group)), BLOCK_S=splits, HEADS=batch * heads,
-        HAS_MASK=mask is not None, num_warps=NUM_WARPS)
+    launch(cached_attention_kernel, (programs, splits),
+           query, key, value, query if mask is None else mask, out, partial, stats, count, scale, length,
+           query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides,
+           KV_HEADS=kv_heads, GROUP=group, D=dim, SPLIT=split, BLOCK=min(split, 64), SPLITS=splits,
+           BLOCK_G=max(MIN_DOT_ROWS, _power_of_two(group)), BLOCK_S=splits, HEADS=batch * heads,
+           HAS_MASK=mask is not None, num_warps=NUM_WARPS)
     return out

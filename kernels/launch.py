@@ -4,7 +4,8 @@
 the kernel's global constexprs: tens of microseconds of Python in Triton 3.6, which is what bounds
 a loaded model's eager decode step (docs/performance.md, runs 71-75 and 79-80). `launch(fn, grid,
 *args, **kwargs)` goes through Triton once for each combination of keyword values, argument
-dtypes, 16-byte alignment (what Triton specialises a pointer on) and integer argument values,
+dtypes, 16-byte alignment (what Triton specialises a pointer on) and integer argument values
+(but for parameters marked do_not_specialize, only whether they fit 32 bits),
 keeps the compiled kernel it
 returns, and from then on hands the arguments straight to that kernel's launcher (the call
 `CompiledKernel.__getitem__` makes). Under the interpreter, with Triton's launch hooks set (a
@@ -33,7 +34,11 @@ def launch(fn, grid: Sequence[int], *args, **kwargs) -> None:
         fn[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
-    key = (fn, tuple(kwargs.items()), tuple(map(_argument_key, args)), device)
+    arguments = list(map(_argument_key, args))
+    for index in _unspecialised(fn):
+        if index < len(args) and isinstance(args[index], int):  # Triton keys it by its width only
+            arguments[index] = (int, -2**31 <= args[index] < 2**31)
+    key = (fn, tuple(kwargs.items()), tuple(arguments), device)
     entry = _compiled.get(key)
     if entry is None:
         if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
@@ -47,6 +52,18 @@ def launch(fn, grid: Sequence[int], *args, **kwargs) -> None:
     stream = driver.active.get_current_stream(device)
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _unspecialised(fn) -> tuple[int, ...]:
+    """The positions of fn's parameters marked do_not_specialize (a length that changes every call)."""
+    positions = _unspecialised_positions.get(fn)
+    if positions is None:
+        positions = _unspecialised_positions[fn] = tuple(
+            i for i, param in enumerate(fn.params) if getattr(param, "do_not_specialize", False))
+    return positions
+
+
+_unspecialised_positions: dict[object, tuple[int, ...]] = {}
 
 
 def _hooked() -> bool:

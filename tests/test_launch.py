@@ -70,6 +70,22 @@ def test_a_new_specialisation_goes_through_triton(kernel, change):
     assert len(kernel.through_triton) == 2 and not kernel.direct
 
 
+def test_an_unspecialised_integer_keeps_its_kernel_across_values_but_not_across_widths(kernel, monkeypatch):
+    """A parameter marked do_not_specialize (cached_attention_kernel's length, a step longer each
+    call): Triton compiles one kernel for every value that fits 32 bits, so one compiled kernel
+    takes them all, each value handed to it as it is."""
+    params = [SimpleNamespace(**vars(param)) for param in FakeKernel.params]
+    params[2].do_not_specialize = True
+    monkeypatch.setattr(FakeKernel, "params", params)
+    x = torch.zeros(8)
+    for n in (7, 16, 1):
+        launch(kernel, (1,), x, x, n)
+    assert len(kernel.through_triton) == 1
+    assert [args[11] for args in kernel.direct] == [16, 1]
+    launch(kernel, (1,), x, x, 2**40)
+    assert len(kernel.through_triton) == 2
+
+
 def test_disabled_or_hooked_launches_always_go_through_triton(kernel, monkeypatch):
     x = torch.zeros(8)
     monkeypatch.setattr(launch_module, "_hooked", lambda: True)  # a profiler's launch hook
