@@ -18,7 +18,8 @@ both models. `--launch-paths` times tqc's eager step through Triton's launcher a
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
 `--attention-paths` also times each model's steps on the attention it does not run by default:
-bf16 on tqc's one-launch decode attention (kernels/hf_attention.py), tqc on Hugging Face's "sdpa".
+bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
+steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
 `tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a smoke test of the
 plumbing. Compare with `tqc bench decode --layers 4` in the same run (docs/performance.md, runs
@@ -242,7 +243,8 @@ def main() -> None:
         log(f"bf16 timed: {bf16}")
         other_attention = {}
         if args.attention_paths:
-            other_attention["bf16"] = on_attention(model, "tqc_decode", lambda: step_seconds(model, args.context))
+            other_attention["bf16"] = on_attention(model, "tqc_decode",
+                                                   lambda: step_seconds(model, args.context, args.profile))
             log(f"bf16 on tqc's attention: {other_attention['bf16']}")
         options = build_packed(source, model, args.plan, packed)
         del model
@@ -258,7 +260,8 @@ def main() -> None:
             tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq} on attention {quantized.config._attn_implementation}")
         if args.attention_paths:
-            other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(quantized, args.context))
+            other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(
+                quantized, args.context) | (generate_seconds(quantized) if args.generate else {}))
             log(f"tqc on sdpa: {other_attention['tqc']}")
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
         paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
