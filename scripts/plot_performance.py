@@ -2,7 +2,7 @@
 
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
         [--profile docs/bench/h100-run153-profile-decode-mixed-nopdl.json]
-        [--loaded docs/bench/h200-run75-hf-generate-32layers.json]
+        [--loaded docs/bench/h100-run157-hf-generate.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
         [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
@@ -133,19 +133,26 @@ LOADED_MODES = {"eager": "eager step", "generate": "generate,\ndynamic cache", "
 
 
 def plot_loaded(result: dict, path: Path) -> None:
-    """Paired bars: ms a token of bf16 and tqc for each way of running a loaded model, with the speedup."""
+    """Bars: ms a token of bf16 and tqc for each way of running a loaded model, with tqc's speedup;
+    where the run also timed tqc on Hugging Face's attention (`--attention-paths`), that as well."""
     modes = [mode for mode in LOADED_MODES if mode in result]
+    other = result.get("tqc_on_the_other_attention_ms", {})
+    bars = [("bf16", [result[mode]["bf16_ms"] for mode in modes])]
+    if all(mode in other for mode in modes):
+        bars.append(("tqc, Hugging Face's sdpa attention", [other[mode] for mode in modes]))
+    bars.append(("tqc" if not other else f"tqc, {result['tqc_attention']} attention",
+                 [result[mode]["tqc_ms"] for mode in modes]))
+    width = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    for offset, model in ((-0.2, "bf16"), (0.2, "tqc")):
-        ax.bar([i + offset for i in range(len(modes))], [result[mode][f"{model}_ms"] for mode in modes], 0.4,
-               label=model)
+    for n, (label, values) in enumerate(bars):
+        ax.bar([i + (n - (len(bars) - 1) / 2) * width for i in range(len(modes))], values, width, label=label)
     for i, mode in enumerate(modes):
-        top = max(result[mode]["bf16_ms"], result[mode]["tqc_ms"])
+        top = max(values[i] for _, values in bars)
         ax.text(i, top, f"x{result[mode]['speedup']:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(modes)), [LOADED_MODES[mode] for mode in modes], fontsize=8)
     ax.set_ylabel("ms per token")
     ax.set_title(f"tqc.load model in Hugging Face's layers, 8B shape ({result['layers']} layers), "
-                 f"context {result['context']}", fontsize=9)
+                 f"context {result['context']}; x: tqc against bf16", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -156,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
     parser.add_argument("--profile", type=Path, default=BENCH / "h100-run153-profile-decode-mixed-nopdl.json")
-    parser.add_argument("--loaded", type=Path, default=BENCH / "h200-run75-hf-generate-32layers.json")
+    parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run157-hf-generate.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
     parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),

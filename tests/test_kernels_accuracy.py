@@ -829,15 +829,15 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(family, monkeypatch):
     """kernels/hf_attention.py: a tiny model of `family` in fp16, its attention installed on the
-    kernel, decodes token by token through a static cache (a bool mask) and a dynamic one (no mask)
-    to the logits of the same model on "sdpa"; each of those steps ran the kernel, and a prompt of
+    kernel, decodes token by token through a static cache (a bool mask), a dynamic one (no mask)
+    and a TurboQuant one (3-bit keys, 2-bit values past the last 4 positions) to the logits of the same model on "sdpa"; each of those steps ran the kernel, and a prompt of
     several tokens did not (it goes to sdpa)."""
     import transformers
     from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
     from tiny_models import FAMILIES, IDS
     from tqc.kernels import hf_attention
-    from tqc.kv_cache import chunked_logits
+    from tqc.kv_cache import TurboQuantCache, chunked_logits
 
     kernel, calls = hf_attention.cached_attention, []
     monkeypatch.setattr(hf_attention, "cached_attention", lambda *args: calls.append(1) or kernel(*args))
@@ -848,7 +848,8 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.float16).eval()
     caches = {"static": lambda: StaticCache(config=model.config, max_cache_len=24),
-              "dynamic": lambda: DynamicCache(config=model.config)}
+              "dynamic": lambda: DynamicCache(config=model.config),
+              "turboquant": lambda: TurboQuantCache(model.config, residual_length=4)}  # tqc's KV-cache mode
     ids = IDS.to(DEVICE)
     expected = {name: chunked_logits(model, ids, make(), chunk=1) for name, make in caches.items()}
     assert hf_attention.install(model) and model.config._attn_implementation == hf_attention.NAME
