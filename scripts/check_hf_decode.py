@@ -2,7 +2,7 @@
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
-                                          [--attention-paths] [--keep DIR] [--fragments]
+                                          [--attention-paths] [--kernel-profile] [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
@@ -20,6 +20,7 @@ step with the rotations in the norms and SwiGLU (the default) and apart, alterna
 `--attention-paths` also times each model's steps on the attention it does not run by default:
 bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
+`--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
 `--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
 `tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a smoke test of the
 plumbing. Compare with `tqc bench decode --layers 4` in the same run (docs/performance.md, runs
@@ -43,6 +44,7 @@ import torch
 from tqc.kernels.bench import add_load_family_arguments
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
 from tqc.kernels.generate_bench import generate_seconds
+from tqc.kernels.profiling import print_kernel_table, replay_kernel_table
 from tqc.kernels.registry import FragmentLayerKernel
 from tqc.kv_cache import cache_argument
 
@@ -92,11 +94,12 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
 
 
 def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False,
-                 with_compile: bool = True) -> dict[str, float]:
+                 with_compile: bool = True, kernels: dict | None = None) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
     (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
     `profile`: log where the eager steps spend their time on the CPU (Python's cProfile).
-    `eager_only`: no CUDA graph, no torch.compile; `with_compile`: False, no torch.compile."""
+    `eager_only`: no CUDA graph, no torch.compile; `with_compile`: False, no torch.compile.
+    `kernels`: receives the compiled step's GPU kernels per step under "compiled_graph" (kernels/profiling.py)."""
     from transformers import StaticCache
 
     device = model.device
@@ -138,7 +141,10 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
                 torch._dynamo.reset()
                 compiled = functools.partial(step, torch.compile(model))
                 compiled(), compiled()
-                result["compiled_graph"] = timed(graph_of(compiled))
+                replay = graph_of(compiled)
+                result["compiled_graph"] = timed(replay)
+                if kernels is not None:
+                    kernels["compiled_graph"] = replay_kernel_table(replay, steps=20)
             except Exception as err:  # a benchmark reports what failed and goes on
                 log(f"torch.compile: {type(err).__name__}: {err}"[:400])
     return result
@@ -221,6 +227,8 @@ def main() -> None:
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--attention-paths", action="store_true",
                         help="also time bf16 on tqc's decode attention and tqc on sdpa")
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="sum both models' GPU kernels per compiled step (torch.profiler)")
     parser.add_argument("--keep", metavar="DIR", help="keep the source and packed models in DIR")
     add_load_family_arguments(parser)
     parser.add_argument("-o", "--output", default="hf_decode.json")
@@ -237,7 +245,8 @@ def main() -> None:
         if args.keep:
             model.save_pretrained(source)  # the weights too: `tqc bench generate` loads the source model
         log("random model made")
-        bf16 = step_seconds(model, args.context, args.profile, args.eager_only)
+        kernel_tables = {"bf16": {}, "tqc": {}} if args.kernel_profile else {"bf16": None, "tqc": None}
+        bf16 = step_seconds(model, args.context, args.profile, args.eager_only, kernels=kernel_tables["bf16"])
         if args.generate:
             bf16 |= generate_seconds(model)
         log(f"bf16 timed: {bf16}")
@@ -255,7 +264,7 @@ def main() -> None:
         layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
         if device == "cuda" and kernels < len(layers):
             raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
-        tq = step_seconds(quantized, args.context, args.profile, args.eager_only)
+        tq = step_seconds(quantized, args.context, args.profile, args.eager_only, kernels=kernel_tables["tqc"])
         if args.generate:
             tq |= generate_seconds(quantized)
         log(f"tqc timed: {tq} on attention {quantized.config._attn_implementation}")
@@ -272,6 +281,10 @@ def main() -> None:
         result[mode] = {"bf16_ms": bf16[mode] * 1e3, "tqc_ms": tq[mode] * 1e3, "speedup": bf16[mode] / tq[mode]}
         print(f"{mode:6} bf16 {bf16[mode] * 1e3:.3f} ms, tqc {tq[mode] * 1e3:.3f} ms per token: "
               f"x{bf16[mode] / tq[mode]:.2f}")
+    for name, tables in kernel_tables.items():
+        if tables and "compiled_graph" in tables:
+            result[f"{name}_compiled_step_kernels"] = tables["compiled_graph"]
+            print_kernel_table(f"{name}, compiled step", tables["compiled_graph"])
     for name, times in other_attention.items():
         result[f"{name}_on_the_other_attention_ms"] = {mode: t * 1e3 for mode, t in times.items()}
         print(f"{name} on the other attention: {', '.join(f'{m} {t * 1e3:.3f}' for m, t in times.items())} ms")

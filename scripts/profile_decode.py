@@ -7,22 +7,20 @@ Builds the decoders of `tqc bench decode` (kernels/decode_bench.py), on the kern
 fragment family where the GPU can run it; --lookups: the lookup kernels) and attention (the one
 launch; --attention sdpa: torch's), with the tuning cache
 ($TQC_KERNEL_CACHE or --cache-dir), captures one step in a CUDA graph, replays it under
-torch.profiler and sums the GPU kernels by name and grid (a layer's shape). Under programmatic dependent launch a kernel
-starts before its predecessor ends, so kernel times overlap: their sum can exceed the step.
+torch.profiler and sums the GPU kernels by name and grid (a layer's shape; kernels/profiling.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tqc.kernels.bench import DECODER_SHAPES, add_fragments_argument, bench_registry
 from tqc.kernels.decode_bench import Decoder, bf16_factory, plan_options, quantized_factory
+from tqc.kernels.profiling import print_kernel_table, replay_kernel_table
 
 
 def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
@@ -34,22 +32,7 @@ def kernel_table(model: Decoder, steps: int) -> dict[str, dict[str, float]]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model(token, pos)
-    graph.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as scratch:  # the trace has each launch's grid, events() does not
-        profiler.export_chrome_trace(f"{scratch}/trace.json")
-        trace = json.loads(Path(f"{scratch}/trace.json").read_text())
-    table: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"launches": 0.0, "us": 0.0})
-    for event in trace["traceEvents"]:
-        if event.get("cat") == "kernel":
-            entry = table[f"{event['name'][:70]} grid {event['args'].get('grid')}"]
-            entry["launches"] += 1 / steps
-            entry["us"] += event["dur"] / steps
-    return dict(sorted(table.items(), key=lambda item: -item[1]["us"]))
+    return replay_kernel_table(graph.replay, steps)
 
 
 def main() -> None:
@@ -72,12 +55,8 @@ def main() -> None:
                "attention": args.attention, "gpu": torch.cuda.get_device_name()}
     for label, linear in (("bf16", bf16_factory()), ("tqc", quantized_factory(options, registry))):
         model = Decoder(linear, shape, layers, 1024, compile_glue=True, rotate_in_glue=True, attention=args.attention)
-        results[label] = table = kernel_table(model, args.steps)
-        print(f"{label}: {sum(e['launches'] for e in table.values()):.0f} launches, "
-              f"{sum(e['us'] for e in table.values()) / 1e3:.2f} ms of kernel time per step")
-        for name, entry in list(table.items())[:20]:
-            print(f"  {entry['launches']:6.0f} x {entry['us'] / max(entry['launches'], 1):7.2f} us = "
-                  f"{entry['us'] / 1e3:6.3f} ms  {name}")
+        results[label] = kernel_table(model, args.steps)
+        print_kernel_table(label, results[label])
         del model
         torch.cuda.empty_cache()
     Path(args.output).write_text(json.dumps(results, indent=1))
