@@ -861,3 +861,35 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
         assert len(calls) == ids.shape[1] * config.num_hidden_layers, name
         assert relative_error(logits, expected[name].double().cpu()) < TOLERANCE[torch.float16], name
         calls.clear()
+
+
+def test_hf_attention_generates_a_left_padded_batch_as_sdpa_does(monkeypatch):
+    """Two prompts of different lengths, left-padded, through `generate` with a static cache: each
+    sequence's mask row differs (padding, then what it holds), and every step after the prompt
+    runs the kernel with the same tokens and logits as "sdpa"."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
+
+    from tqc.kernels import hf_attention
+    from tqc.kv_cache import cache_argument
+
+    kernel, calls = hf_attention.cached_attention, []
+    monkeypatch.setattr(hf_attention, "cached_attention", lambda *args: calls.append(args[0].shape[0]) or kernel(*args))
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, attn_implementation="sdpa", pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.float16).eval()
+    ids = torch.tensor([[0, 0, 0, 5, 17, 300], [7, 8, 9, 10, 11, 12]], device=DEVICE)
+    padding = (ids != 0).long()
+
+    def generate():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        return model.generate(input_ids=ids, attention_mask=padding, max_new_tokens=4, do_sample=False,
+                              disable_compile=True, output_logits=True, return_dict_in_generate=True,
+                              **cache_argument(model, cache))
+
+    expected = generate()
+    assert hf_attention.install(model)
+    out = generate()
+    assert calls == [2] * 3 * config.num_hidden_layers  # the prompt on sdpa, then three steps of both sequences
+    assert torch.equal(out.sequences, expected.sequences)
+    assert relative_error(torch.stack(out.logits), torch.stack(expected.logits).double().cpu()) < TOLERANCE[torch.float16]
