@@ -1,4 +1,5 @@
-"""One decode step's grouped-query attention in one launch, for `tqc bench decode` (both models).
+"""One decode step's grouped-query attention in one launch, for `tqc bench decode` (both models)
+and for a model from `tqc.load` (cached_attention, through hf_attention.py).
 
 torch's scaled_dot_product_attention takes two kernels for one token over a KV cache, and the
 cache write before it a third; at 8B shapes they cost a decode step about 10 us a layer, the same
@@ -11,6 +12,8 @@ that rotates its input does (glue.attention_linear), so that the attention ends 
 (docs/performance.md, runs 148-154). It is launched for programmatic dependent launch where the
 GPU has it: the programs start while the q/k/v matmul drains and read their slice of the cache
 before waiting for it (runs 142-144). Rotary embeddings are left out, as in the benchmark's decoder.
+cached_attention_kernel is the same slices over a cache that Hugging Face's layers have written,
+with a runtime length and their mask (runs 155-159).
 """
 
 from __future__ import annotations
