@@ -36,8 +36,8 @@ def launch(fn, grid: Sequence[int], *args, **kwargs) -> None:
     device = driver.active.get_current_device()
     arguments = list(map(_argument_key, args))
     for index in _unspecialised(fn):
-        if index < len(args) and isinstance(args[index], int):  # Triton keys it by its width only
-            arguments[index] = (int, -2**31 <= args[index] < 2**31)
+        if index < len(args) and isinstance(args[index], int):  # Triton keys it by its type and width only
+            arguments[index] = (type(args[index]), -2**31 <= args[index] < 2**31)
     key = (fn, tuple(kwargs.items()), tuple(arguments), device)
     entry = _compiled.get(key)
     if entry is None:

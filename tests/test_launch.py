@@ -83,7 +83,8 @@ def test_an_unspecialised_integer_keeps_its_kernel_across_values_but_not_across_
     assert len(kernel.through_triton) == 1
     assert [args[11] for args in kernel.direct] == [16, 1]
     launch(kernel, (1,), x, x, 2**40)
-    assert len(kernel.through_triton) == 2
+    launch(kernel, (1,), x, x, True)  # a bool is Triton's u1, not an i32
+    assert len(kernel.through_triton) == 3
 
 
 def test_disabled_or_hooked_launches_always_go_through_triton(kernel, monkeypatch):
