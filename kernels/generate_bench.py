@@ -71,13 +71,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with torch.no_grad():
         model = load_model(resolve_model(manifest.source.name)).to(args.device, source_dtype)
         source = generate_seconds(model, **timing)
+        model_attention = model.config._attn_implementation
         del model
-        packed = generate_seconds(load_packed(args.packed, device=args.device, fragments=args.fragments), **timing)
+        quantized = load_packed(args.packed, device=args.device, fragments=args.fragments)
+        attention = {"source": model_attention, "tqc": quantized.config._attn_implementation}
+        packed = generate_seconds(quantized, **timing)
     modes = compare(source, packed)
     if not modes:
         raise CommandError("generate failed for every cache on one of the models (the errors are above)")
     for mode, entry in modes.items():
         print(f"{mode:16} source ({str(source_dtype).removeprefix('torch.')}) {entry['source_ms']:8.2f} ms, "
               f"tqc {entry['tqc_ms']:8.2f} ms per token: x{entry['speedup']:.2f}")
+    print(f"attention: source {attention['source']}, tqc {attention['tqc']}")
     save({"packed": str(args.packed), "source": manifest.source.name, "source_dtype": str(source_dtype),
-          "device": args.device, "fragments": args.fragments, **timing, "modes": modes}, args.output)
+          "device": args.device, "fragments": args.fragments, "attention": attention, **timing, "modes": modes},
+         args.output)
