@@ -26,6 +26,7 @@ ENABLED = os.environ.get("TQC_DIRECT_LAUNCH", "1") != "0" and os.environ.get("TR
 # (kernel, keyword items, argument keys, device) -> (compiled kernel, the values of the parameters
 # after the positional ones, in the kernel's order)
 _compiled: dict[tuple, tuple[object, tuple]] = {}
+_unspecialised_positions: dict[object, tuple[int, ...]] = {}  # kernel -> its do_not_specialize parameters
 
 
 def launch(fn, grid: Sequence[int], *args, **kwargs) -> None:
@@ -61,9 +62,6 @@ def _unspecialised(fn) -> tuple[int, ...]:
         positions = _unspecialised_positions[fn] = tuple(
             i for i, param in enumerate(fn.params) if getattr(param, "do_not_specialize", False))
     return positions
-
-
-_unspecialised_positions: dict[object, tuple[int, ...]] = {}
 
 
 def _hooked() -> bool:

@@ -43,6 +43,7 @@ import torch
 
 from tqc.kernels.bench import add_load_family_arguments
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
+from tqc.kernels import hf_attention
 from tqc.kernels.generate_bench import generate_seconds
 from tqc.kernels.profiling import print_kernel_table, replay_kernel_table
 from tqc.kernels.registry import FragmentLayerKernel
@@ -157,8 +158,6 @@ PATH_SWITCHES = {"launch": ("tqc.kernels.launch", {"triton": False, "direct": Tr
 
 def on_attention(model, implementation: str, run):
     """run() with the model attending through `implementation`, then its own attention again."""
-    from tqc.kernels import hf_attention
-
     own = model.config._attn_implementation
     hf_attention.register()
     model.set_attn_implementation(implementation)
@@ -252,7 +251,7 @@ def main() -> None:
         log(f"bf16 timed: {bf16}")
         other_attention = {}
         if args.attention_paths:
-            other_attention["bf16"] = on_attention(model, "tqc_decode",
+            other_attention["bf16"] = on_attention(model, hf_attention.NAME,
                                                    lambda: step_seconds(model, args.context, args.profile))
             log(f"bf16 on tqc's attention: {other_attention['bf16']}")
         options = build_packed(source, model, args.plan, packed)
