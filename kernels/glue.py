@@ -7,9 +7,9 @@ itself, in the layout the lookup kernel wants (registry.RotationTarget), and zer
 kernel adds into: one launch fewer per layer, and under programmatic dependent launch the lookup
 kernel starts while the step runs.
 
-    norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight)
-                          (or, for Hugging Face's RMSNorm, no residual: x = rotate(rms_norm(h) * weight),
-                          Gemma's with 1 + weight)
+    norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight), rounded as torch's
+                          F.rms_norm, Hugging Face's Llama RMSNorm or Gemma's (1 + weight) round it
+                          (NORM_FORMS); or with no residual x = rotate(rms_norm(h) * weight)
     swiglu_rotate_kernel  x = rotate(silu(gate) * up) (or Gemma's gelu_tanh(gate) * up)
     combine_rotate_kernel x = rotate(attention's output), combined from the one-launch attention's
                           slices (kernels/attention.py) for o_proj
@@ -49,6 +49,9 @@ MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this th
 PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
 COMBINE_IN_ROTATION = True  # attention_linear: the attention's slices combined in o_proj's rotation launch
 COMBINE_WIDTH: int | None = None  # columns a program of that launch: None for block_width's (a lab's knob)
+# How norm_rotate_kernel rounds rms_norm(h) * weight (its FORM): once, as torch's F.rms_norm (the
+# benchmark decoder's); before the weight, as Hugging Face's LlamaRMSNorm; once with 1 + weight, as Gemma3RMSNorm
+NORM_FORMS = {"rms_norm": 0, "llama": 1, "gemma": 2}
 
 
 def block_width(k: int, group_size: int) -> int | None:
@@ -61,15 +64,15 @@ def block_width(k: int, group_size: int) -> int | None:
 def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
-                       GEMMA: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0,
+                       FORM: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0,
                        PRELOAD: tl.constexpr = True):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
-    BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h'
-    (the benchmark decoder's step); else h is, as Hugging Face's RMSNorm computes it, and h_out is
-    the normalised input (delta unused): Llama's rounds before the weight, Gemma's (GEMMA)
-    multiplies by 1 + weight and rounds once. The weight and signs of the program's first block are
+    BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h';
+    else h is, and h_out is the normalised input (delta unused). FORM (NORM_FORMS) rounds the
+    normalised input as torch's F.rms_norm does (0), as Hugging Face's Llama RMSNorm (1: before the
+    weight) or Gemma's (2: * (1 + weight), once). The weight and signs of the program's first block are
     read-only: with PRELOAD they are loaded before waiting for the kernel before (PDL), so that
     their trip to memory is not on the path after the row's reduction."""
     first = tl.program_id(1)
@@ -91,15 +94,13 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
         weight, signs = first_weight, first_signs
         if block != first:  # several tokens: one program walks the row's blocks
             weight, signs = _weight_and_signs(weight_ptr, signs_ptr, cols)
-        if RESIDUAL:
-            tl.store(h_out_ptr + token * K + cols, h.to(dtype))
+        if FORM == 0:  # (h * scale * weight).to(dtype)
             x = (h * scale * weight).to(dtype).to(tl.float32)
-        else:
-            if GEMMA:  # (h * scale * (1 + weight)).to(dtype)
-                x = (h * scale * (weight + 1.0)).to(dtype).to(tl.float32)
-            else:  # weight * (h * scale).to(dtype), in the activations' dtype
-                x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-            tl.store(h_out_ptr + token * K + cols, x.to(dtype))
+        elif FORM == 1:  # weight * (h * scale).to(dtype), in the activations' dtype
+            x = ((h * scale).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        else:  # (h * scale * (1 + weight)).to(dtype)
+            x = (h * scale * (weight + 1.0)).to(dtype).to(tl.float32)
+        tl.store(h_out_ptr + token * K + cols, h.to(dtype) if RESIDUAL else x.to(dtype))
         _store(x[None, :], signs, out_ptr, scales_ptr, tokens, block, K, LOG_G, BLOCK_K, PAIR_WIDTH, INT8,
                PER_WORD, FRAGMENT_STEP)
 
@@ -199,17 +200,17 @@ def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                target: RotationTarget, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                target: RotationTarget, form: str = "rms_norm") -> tuple[torch.Tensor, torch.Tensor]:
     """For [M, K] activations, in one launch: (h + delta, rotate(rms_norm(h + delta) * weight)),
-    or with delta None (h_normed, rotate(h_normed)), h_normed = rms_norm(h) * weight as Hugging
-    Face's Llama RMSNorm rounds it (`gemma`: * (1 + weight), as Gemma's)."""
+    or with delta None (h_normed, rotate(h_normed)), h_normed = rms_norm(h) * weight, rounded
+    as `form` (NORM_FORMS) rounds it."""
     m, k = h.shape
     h_out = torch.empty_like(h)
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
     options = _constexprs(target, h.device, k)
     column_programs = max(1, k // options["BLOCK_K"] // m)  # one token: the row over many programs
     launch(norm_rotate_kernel, (m, column_programs), h, h if delta is None else delta, weight, h_out,
-           *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, GEMMA=gemma,
+           *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, FORM=NORM_FORMS[form],
            PRELOAD=PRELOAD, **options)
     return h_out, rotated
 
@@ -281,14 +282,14 @@ def _then_zeroes(then, tokens: int) -> int:
 
 
 def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                eps: float, gemma: bool = False, then=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                eps: float, form: str = "rms_norm", then=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(h + delta, layer(rms_norm(h + delta) * weight)) with the rotation in the norm's launch, or
-    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (norm_rotate: `gemma`). `then`:
-    fused_linear's."""
+    None; with delta None (x, layer(x)), x = rms_norm(h) * weight (rounded as norm_rotate's
+    `form`). `then`: fused_linear's."""
     residual = []
 
     def produce(target: RotationTarget) -> torch.Tensor:
-        h_out, rotated = norm_rotate(h, delta, weight, eps, target, gemma)
+        h_out, rotated = norm_rotate(h, delta, weight, eps, target, form)
         residual.append(h_out)
         return rotated
 

@@ -11,17 +11,26 @@ replaces, in each decoder layer of a known architecture (DECODER_LAYERS) whose f
 - `mlp` by a `SwiGLU`: act(gate) x up and down_proj's rotation in one launch (SiLU, or Gemma's
   tanh-approximated GELU).
 
+In a Llama-form decoder layer (LLAMA_FORM) whose norm before the MLP and MLP are replaced, the
+layer's forward is replaced too (`residual_forward`, on the instance): the residual add after the
+attention runs in the launch of that norm, and the MLP goes on from gate/up's output.
+
 The new modules keep the names and tensors of those they replace (the state dict is unchanged).
-Where the fused path does not apply (no kernel, more than glue.MAX_TOKENS tokens, a layer not
-tuned yet for the token count, under torch.compile: see _fused_path) they compute Hugging Face's
-formulas op for op. Only classes known to compute exactly those formulas are replaced (NORMS,
-MLPS, ACTIVATIONS; tests/test_fusion.py checks them against the installed transformers).
-`TQC_FUSED_GLUE=0` (or ENABLED = False) keeps the formulas everywhere, to measure the difference.
+Under torch.compile each fused step is one custom op (`tqc::norm_linear`, `tqc::swiglu_linear`),
+as the layers' kernels are (`tqc::kernel_linear`). Where the fused path does not apply (no kernel,
+more than glue.MAX_TOKENS tokens, a layer not tuned yet for the token count) they compute Hugging
+Face's formulas op for op. Only classes known to compute exactly those formulas are replaced (NORMS,
+MLPS, ACTIVATIONS, LLAMA_FORM; tests/test_fusion.py checks them against the installed transformers).
+`TQC_FUSED_GLUE=0` (or ENABLED = False) keeps the formulas everywhere, to measure the difference;
+`TQC_FUSED_GLUE=eager` (COMPILED = False) keeps them under torch.compile only, where inductor fuses
+them with the residual adds.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import weakref
 
 import torch
 from torch import nn
@@ -31,6 +40,7 @@ from tqc.fusion import FusedSiblings
 from . import glue
 
 ENABLED = os.environ.get("TQC_FUSED_GLUE", "1") != "0"
+COMPILED = os.environ.get("TQC_FUSED_GLUE", "1") != "eager"  # the fused steps as custom ops under torch.compile
 _LLAMA_NORMS = {"input_layernorm": ("self_attn", "qkv_fused"), "post_attention_layernorm": ("mlp", "gate_up_fused")}
 # decoder layer class -> {its norm: (the module reading the norm's output, that module's fused layer)}
 DECODER_LAYERS = {
@@ -44,6 +54,10 @@ NORMS = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, 
          "Gemma3RMSNorm": True}  # class -> Gemma's form (rms_norm below)
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP"}  # forward: down(act(gate(x)) * up(x))
 ACTIVATIONS = {"SiLU": False, "SiLUActivation": False, "GELUTanh": True, "PytorchGELUTanh": True}  # -> GELU
+# decoder layers whose forward is LlamaDecoderLayer's: residual_forward computes it
+LLAMA_FORM = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+# the modules of this file, by id, for the custom ops (weakly: a model that is dropped leaves nothing here)
+_MODULES: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
@@ -56,17 +70,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = Fa
     return weight * h.to(x.dtype)
 
 
-def _fused_path(x: torch.Tensor) -> bool:
-    """Eagerly (a CUDA graph captures what runs); under torch.compile the formulas, which inductor
-    fuses with the residual add before the norm: 2.85 ms a step of the 8B shape against 2.96 with
-    the fused steps as custom ops (docs/performance.md, run 85)."""
-    return ENABLED and x.is_contiguous() and not torch.compiler.is_compiling()
+def _fuses(x: torch.Tensor) -> bool:
+    """Whether a fused step may run on x: ENABLED, at most glue.MAX_TOKENS tokens (a prefill's
+    norm is faster apart), and eagerly or as a custom op under torch.compile (COMPILED)."""
+    return ENABLED and x.numel() <= glue.MAX_TOKENS * x.shape[-1] and (COMPILED or not torch.compiler.is_compiling())
+
+
+def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.view(-1, x.shape[-1])
+
+
+@torch.library.custom_op("tqc::norm_linear", mutates_args=())
+def norm_linear_op(h: torch.Tensor, delta: torch.Tensor | None, norm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RotatingRMSNorm `norm` (its id)'s norm_linear as one op that torch.compile keeps whole."""
+    return _MODULES[norm].norm_linear(h, delta)
+
+
+@norm_linear_op.register_fake
+def _norm_linear_shapes(h: torch.Tensor, delta: torch.Tensor | None, norm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return h.new_empty(h.shape), h.new_empty((*h.shape[:-1], _MODULES[norm].consumer.layer.out_features))
+
+
+@torch.library.custom_op("tqc::swiglu_linear", mutates_args=())
+def swiglu_linear_op(gate_up: torch.Tensor, mlp: int) -> torch.Tensor:
+    """SwiGLU `mlp` (its id)'s swiglu_linear as one op that torch.compile keeps whole."""
+    return _MODULES[mlp].swiglu_linear(gate_up)
+
+
+@swiglu_linear_op.register_fake
+def _swiglu_linear_shape(gate_up: torch.Tensor, mlp: int) -> torch.Tensor:
+    return gate_up.new_empty((*gate_up.shape[:-1], _MODULES[mlp].down_proj.out_features))
 
 
 class RotatingRMSNorm(nn.Module):
     """An RMSNorm that also runs the fused layer reading its output (`consumer`), with the rotation
     in its own launch, and hands that layer's output to it; with `then` (the attention's o_proj) the
-    launch also zeroes that layer's output (glue.fused_linear)."""
+    launch also zeroes that layer's output eagerly (glue.fused_linear)."""
 
     def __init__(self, norm: nn.Module, consumer: FusedSiblings, then: nn.Module | None = None):
         super().__init__()
@@ -75,28 +114,49 @@ class RotatingRMSNorm(nn.Module):
         self.eps = norm.eps if self.gemma else norm.variance_epsilon
         self._consumer = (consumer,)  # a tuple: the layer stays registered in its own parent only
         self._then = (then,)
+        _MODULES[id(self)] = self
+
+    @property
+    def consumer(self) -> FusedSiblings:
+        return self._consumer[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_fused_path(x) and x.dtype == self.weight.dtype):
+        if not (_fuses(x) and x.dtype == self.weight.dtype):
             return rms_norm(x, self.weight, self.eps, self.gemma)
-        normed, out = self.norm_linear(x)
-        self._consumer[0].keep(normed, out)
+        normed, out = self._norm_linear(x, None)
+        self.consumer.keep(normed, out)
         return normed
 
-    def norm_linear(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the normalised x, the consumer's output for it): the rotation in the norm's launch where
-        glue.norm_linear runs, else Hugging Face's norm and the consumer's own call."""
-        layer = self._consumer[0].layer
-        fused = glue.norm_linear(layer, x.view(-1, x.shape[-1]), None, self.weight, self.eps, self.gemma,
-                                 self._then[0])
+    def add_norm_linear(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, the consumer's output for the norm of it), the add in the norm's launch
+        (residual_forward)."""
+        if not (_fuses(h) and h.dtype == delta.dtype == self.weight.dtype):
+            h = h + delta
+            return h, self.consumer.layer(rms_norm(h, self.weight, self.eps, self.gemma))
+        return self._norm_linear(h, delta)
+
+    def _norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # o_proj's output not zeroed: no buffer passes from one op to the next
+            return torch.ops.tqc.norm_linear(h, delta, id(self))
+        return self.norm_linear(h, delta, self._then[0])
+
+    def norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None,
+                    then: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, or with delta None the normalised h; the consumer's output for the norm of
+        h + delta): the add and the rotation in the norm's launch where glue.norm_linear runs, else
+        Hugging Face's formulas and the consumer's own call. `then`: glue.fused_linear's."""
+        layer, contiguous = self.consumer.layer, h.is_contiguous() and (delta is None or delta.is_contiguous())
+        form = "gemma" if self.gemma else "llama"
+        fused = glue.norm_linear(layer, _flat(h), _flat(delta), self.weight, self.eps, form, then) if contiguous else None
         if fused is None:
-            normed = rms_norm(x, self.weight, self.eps, self.gemma)
-            return normed, layer(normed)
-        return fused[0].view(x.shape), fused[1].view(*x.shape[:-1], fused[1].shape[-1])
+            summed = h if delta is None else h + delta
+            normed = rms_norm(summed, self.weight, self.eps, self.gemma).contiguous()
+            return (normed if delta is None else summed.contiguous()), layer(normed)
+        return fused[0].view(h.shape), fused[1].view(*h.shape[:-1], fused[1].shape[-1])
 
     def extra_repr(self) -> str:
         gemma = ", gemma" if self.gemma else ""
-        return f"{tuple(self.weight.shape)}, eps={self.eps}{gemma}, rotates for {self._consumer[0].names}"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}{gemma}, rotates for {self.consumer.names}"
 
 
 class SwiGLU(nn.Module):
@@ -108,19 +168,36 @@ class SwiGLU(nn.Module):
         for name, child in mlp.named_children():
             self.add_module(name, child)
         self.gelu = ACTIVATIONS[type(mlp.act_fn).__name__]
+        _MODULES[id(self)] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_fused.whole_output(x)
-        return self.swiglu_linear(gate_up) if _fused_path(gate_up) else self.formula(gate_up)
+        return self.from_gate_up(self.gate_up_fused.whole_output(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP's output from the fused gate/up output."""
+        if not _fuses(gate_up):
+            return self.formula(gate_up)
+        if torch.compiler.is_compiling():
+            return torch.ops.tqc.swiglu_linear(gate_up, id(self))
+        return self.swiglu_linear(gate_up)
 
     def swiglu_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The MLP's output, with the rotation in the act x up launch where glue.swiglu_linear runs."""
-        out = glue.swiglu_linear(self.down_proj, gate_up.view(-1, gate_up.shape[-1]), self.gelu)
+        out = glue.swiglu_linear(self.down_proj, _flat(gate_up), self.gelu) if gate_up.is_contiguous() else None
         return self.formula(gate_up) if out is None else out.view(*gate_up.shape[:-1], out.shape[-1])
 
     def formula(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+def residual_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """LlamaDecoderLayer.forward (attention, residual add, norm, MLP, residual add) with the add
+    after the attention in the launch of the norm after it (RotatingRMSNorm.add_norm_linear), and
+    the MLP from gate/up's output on. The layer's own arguments go to the attention, as there."""
+    attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    hidden_states, gate_up = layer.post_attention_layernorm.add_norm_linear(hidden_states, attended)
+    return hidden_states + layer.mlp.from_gate_up(gate_up)
 
 
 def _runs_kernels(fused: nn.Module | None) -> bool:
@@ -136,8 +213,9 @@ def _swiglu_fits(mlp: nn.Module) -> bool:
 
 
 def install(model: nn.Module) -> int:
-    """Replace the norms and MLPs of the model's decoder layers where the fused path can run (see
-    the module's docstring); return how many modules were replaced."""
+    """Replace the norms and MLPs of the model's decoder layers where the fused path can run, and
+    the forward of Llama-form layers where both were (see the module's docstring); return how many
+    modules and forwards were replaced."""
     replaced = 0
     for layer in list(model.modules()):
         for norm_name, (reader, fused_name) in DECODER_LAYERS.get(type(layer).__name__, {}).items():
@@ -149,5 +227,9 @@ def install(model: nn.Module) -> int:
         mlp = getattr(layer, "mlp", None)
         if type(layer).__name__ in DECODER_LAYERS and _swiglu_fits(mlp):
             layer.mlp = SwiGLU(mlp)
+            replaced += 1
+        if (type(layer).__name__ in LLAMA_FORM and isinstance(layer.mlp, SwiGLU)
+                and isinstance(layer.post_attention_layernorm, RotatingRMSNorm)):
+            layer.forward = types.MethodType(residual_forward, layer)
             replaced += 1
     return replaced

@@ -2,7 +2,8 @@
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
-                                          [--attention-paths] [--kernel-profile] [--keep DIR] [--fragments]
+                                          [--compiled-glue-paths] [--attention-paths] [--kernel-profile]
+                                          [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
@@ -17,7 +18,8 @@ static one (which transformers compiles); `--profile` logs a CPU profile of the 
 both models. `--launch-paths` times tqc's eager step through Triton's launcher and through the
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
-`--attention-paths` also times each model's steps on the attention it does not run by default:
+`--compiled-glue-paths` its compiled step with hf_glue's fused steps as custom ops (the default)
+and with Hugging Face's formulas, alternated twice. `--attention-paths` also times each model's steps on the attention it does not run by default:
 bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
@@ -151,9 +153,12 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
     return result
 
 
-# What --launch-paths and --glue-paths switch: a module's ENABLED flag, by the name of each setting.
-PATH_SWITCHES = {"launch": ("tqc.kernels.launch", {"triton": False, "direct": True}),
-                 "glue": ("tqc.kernels.hf_glue", {"separate": False, "fused": True})}
+# What --launch-paths, --glue-paths and --compiled-glue-paths switch: a module's flag, by the name of
+# each setting, and the steps timed (eager; graphed too; compiled too).
+PATH_SWITCHES = {"launch": ("tqc.kernels.launch", "ENABLED", {"triton": False, "direct": True}, "eager"),
+                 "glue": ("tqc.kernels.hf_glue", "ENABLED", {"separate": False, "fused": True}, "graph"),
+                 "compiled_glue": ("tqc.kernels.hf_glue", "COMPILED", {"formulas": False, "custom_ops": True},
+                                   "compiled")}
 
 
 def on_attention(model, implementation: str, run):
@@ -168,16 +173,17 @@ def on_attention(model, implementation: str, run):
 
 
 def compare_paths(model, context: int, switch: str, rounds: int = 3) -> dict[str, list[dict[str, float]]]:
-    """Median seconds of a decode step (eager; for the glue also replayed from a CUDA graph) under
-    each setting of PATH_SWITCHES[switch], alternated `rounds` times."""
-    module_name, settings = PATH_SWITCHES[switch]
+    """Median seconds of a decode step (the steps PATH_SWITCHES[switch] names) under each of its
+    settings, alternated `rounds` times."""
+    module_name, flag, settings, steps = PATH_SWITCHES[switch]
     module = importlib.import_module(module_name)
-    enabled, times = module.ENABLED, {name: [] for name in settings}
+    own, times = getattr(module, flag), {name: [] for name in settings}
     for _ in range(rounds):
         for name, value in settings.items():
-            module.ENABLED = value
-            times[name].append(step_seconds(model, context, eager_only=switch == "launch", with_compile=False))
-    module.ENABLED = enabled
+            setattr(module, flag, value)
+            times[name].append(step_seconds(model, context, eager_only=steps == "eager",
+                                            with_compile=steps == "compiled"))
+    setattr(module, flag, own)
     return times
 
 
@@ -224,6 +230,8 @@ def main() -> None:
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
     parser.add_argument("--glue-paths", action="store_true",
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
+    parser.add_argument("--compiled-glue-paths", action="store_true",
+                        help="tqc steps, compiled, with hf_glue's fused steps as custom ops or Hugging Face's formulas")
     parser.add_argument("--attention-paths", action="store_true",
                         help="also time bf16 on tqc's decode attention and tqc on sdpa")
     parser.add_argument("--kernel-profile", action="store_true",
@@ -271,8 +279,10 @@ def main() -> None:
             other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(
                 quantized, args.context) | (generate_seconds(quantized) if args.generate else {}))
             log(f"tqc on sdpa: {other_attention['tqc']}")
-        switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths)) if wanted]
-        paths = {switch: compare_paths(quantized, args.context, switch) for switch in switches}
+        switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths),
+                                              ("compiled_glue", args.compiled_glue_paths)) if wanted]
+        paths = {switch: compare_paths(quantized, args.context, switch, rounds=2 if switch == "compiled_glue" else 3)
+                 for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels, "fragments": args.fragments,
               "layers_on_the_fragment_family": on_fragments, "tqc_attention": quantized.config._attn_implementation}

@@ -149,10 +149,10 @@ def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packe
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(family, request, monkeypatch):
     """kernels/hf_glue.py replaces a loaded model's norms and MLPs where the fused layers run
-    kernels. Where the fused path does not apply (here: never tuned) the new modules compute
-    Hugging Face's formulas bit for bit and the state dict keeps its names. torch.compile traces
-    the formulas (inductor fuses them better than the fused steps run, run 85), without a graph
-    break, still one kernel call per fused set."""
+    kernels, and a Llama-form layer's forward (the residual add in the norm's step). Where the
+    fused path does not apply (here: never tuned) they compute Hugging Face's formulas bit for bit
+    and the state dict keeps its names. torch.compile keeps each fused step one custom op, without
+    a graph break, still one kernel call per fused set; with COMPILED off it traces the formulas."""
     from tqc.kernels import hf_glue
 
     packed = request.getfixturevalue({"gemma3": "packed_gemma", "qwen3": "packed_qwen3"}.get(family, "packed"))
@@ -160,8 +160,10 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     expected, keys = logits(model, IDS), list(model.state_dict())
     weight = model.model.layers[0].input_layernorm.weight
     kernel = on_stand_in_kernels(model)
-    assert hf_glue.install(model) == 3 * len(model.model.layers)  # two norms and the MLP
+    per_layer = 3 if family == "gemma3" else 4  # two norms, the MLP and (Llama's form) the forward
+    assert hf_glue.install(model) == per_layer * len(model.model.layers)
     layer = model.model.layers[0]
+    assert (layer.forward.__func__ is hf_glue.residual_forward) == (family != "gemma3")
     assert isinstance(layer.input_layernorm, hf_glue.RotatingRMSNorm) and isinstance(layer.mlp, hf_glue.SwiGLU)
     before_mlp = layer.pre_feedforward_layernorm if family == "gemma3" else layer.post_attention_layernorm
     assert isinstance(before_mlp, hf_glue.RotatingRMSNorm) and before_mlp._consumer[0] is layer.mlp.gate_up_fused
@@ -171,18 +173,23 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     assert not isinstance(model.model.norm, hf_glue.RotatingRMSNorm)  # the head reads a slice of its output
     assert list(model.state_dict()) == keys
     assert torch.equal(logits(model, IDS), expected)
-    compiled = torch.compile(model, fullgraph=True)
-    logits(compiled, IDS)
-    kernel.calls.clear()
-    steps = []  # fused steps the compiled model would run
+    steps = []  # the fused steps run (each falls back to the formulas inside)
     for cls, method in ((hf_glue.RotatingRMSNorm, "norm_linear"), (hf_glue.SwiGLU, "swiglu_linear")):
         own = getattr(cls, method)
-        monkeypatch.setattr(cls, method, lambda self, x, own=own, method=method: steps.append(method) or own(self, x))
-    torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
-    assert len(kernel.calls) == len(quantized_layers(model))
-    assert steps == []
+        monkeypatch.setattr(cls, method, lambda self, *args, own=own, method=method: steps.append(method) or own(self, *args))
+    every_step = sorted(["norm_linear", "norm_linear", "swiglu_linear"] * len(model.model.layers))
+    for compiled_steps in (True, False):
+        monkeypatch.setattr(hf_glue, "COMPILED", compiled_steps)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        logits(compiled, IDS)
+        kernel.calls.clear(), steps.clear()
+        torch.testing.assert_close(logits(compiled, IDS), expected, rtol=1e-4, atol=1e-4)
+        assert len(kernel.calls) == len(quantized_layers(model))
+        assert sorted(steps) == (every_step if compiled_steps else [])
+    steps.clear()
     logits(model, IDS)
-    assert sorted(steps) == sorted(["norm_linear", "norm_linear", "swiglu_linear"] * len(model.model.layers))
+    assert sorted(steps) == every_step
 
 
 HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3"}
@@ -213,3 +220,38 @@ def test_the_norms_and_mlps_hf_glue_replaces_compute_its_formulas(family):
     with torch.no_grad():
         assert torch.equal(norm(x), hf_glue.rms_norm(x, norm.weight, 1e-5, gemma))
         assert torch.equal(mlp(x), mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+@pytest.mark.parametrize("family", [family for family in HF_FAMILIES if family != "gemma3"])
+def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
+    """hf_glue.residual_forward replaces the forward of the decoder layer classes in LLAMA_FORM;
+    with the norm before the MLP adding the residual and running gate/up (add_norm_linear), and the
+    MLP going on from gate/up's output (from_gate_up), it gives this transformers' logits bit for bit."""
+    import types
+
+    import transformers
+
+    from tqc.kernels import hf_glue
+
+    prefix = HF_FAMILIES[family]
+    config = getattr(transformers, f"{prefix}Config")(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).to(torch.bfloat16).eval()
+    expected = logits(model, IDS % 128)
+    for layer in model.model.layers:
+        assert type(layer).__name__ in hf_glue.LLAMA_FORM
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
+
+        def add_norm_linear(h, delta, norm=norm, mlp=mlp):
+            normed = norm(h + delta)
+            return h + delta, torch.cat([mlp.gate_proj(normed), mlp.up_proj(normed)], dim=-1)
+
+        def from_gate_up(gate_up, mlp=mlp):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+
+        norm.add_norm_linear, mlp.from_gate_up = add_norm_linear, from_gate_up
+        layer.forward = types.MethodType(hf_glue.residual_forward, layer)
+    assert torch.equal(logits(model, IDS % 128), expected)

@@ -868,7 +868,7 @@ def test_norm_loads_only_its_weight_and_signs_before_waiting(preload):
     from tqc.kernels.static_report import compile_jit_for_hopper
 
     constexprs = {"K": 4096, "LOG_G": 7, "BLOCK_K": 256, "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "ROW": 4096,
-                  "RESIDUAL": True, "GEMMA": False, "PDL": True, "FRAGMENT_STEP": 0, "PRELOAD": preload}
+                  "RESIDUAL": True, "FORM": 0, "PDL": True, "FRAGMENT_STEP": 0, "PRELOAD": preload}
     types = {"h_ptr": "*bf16", "delta_ptr": "*bf16", "weight_ptr": "*bf16", "h_out_ptr": "*bf16", "signs_ptr": "*fp32",
              "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "CLEAR": "i32", "eps": "fp32"}
     sass = compile_jit_for_hopper(norm_rotate_kernel, constexprs, 4, types=types).asm["sass"]

@@ -342,6 +342,35 @@ def test_rotation_writes_the_fragment_order_where_asked(step):
     assert torch.equal(rotated(64).reshape(m, k // 64, 64), natural[..., fragment_input_order(64)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))  # the interpreter truncates to bf16
+def test_the_norm_step_rounds_as_each_form_does(dtype):
+    """glue.norm_rotate's forms (NORM_FORMS) round rms_norm(h) * weight as torch's F.rms_norm,
+    Hugging Face's Llama RMSNorm and Gemma's do: the normalised output matches its own formula
+    (the sum of squares may land in another order) and not the others'. With a residual, h_out is
+    h + delta and the rotated input is, bit for bit, the one of the sum normalised without it."""
+    from tqc.kernels import hf_glue
+    from tqc.kernels.registry import RotationTarget
+
+    m, k, group_size = 3, 256, 64
+    generator = torch.Generator().manual_seed(6)
+    signs = (torch.randint(0, 2, (k,), generator=generator).float() * 2 - 1).to(DEVICE)
+    h, delta = (torch.randn(m, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    weight = (1 + 0.3 * torch.randn(k, generator=generator)).to(DEVICE, dtype)
+    target = RotationTarget(signs, group_size, 0, torch.float16, None)
+    formulas = {"rms_norm": lambda x: F.rms_norm(x, (k,), weight, 1e-5),
+                "llama": lambda x: hf_glue.rms_norm(x, weight, 1e-5),
+                "gemma": lambda x: hf_glue.rms_norm(x, weight, 1e-5, gemma=True)}
+    assert set(formulas) == set(glue.NORM_FORMS)
+    summed = h + delta
+    for form in glue.NORM_FORMS:
+        normed, rotated = glue.norm_rotate(summed, None, weight, 1e-5, target, form)
+        for other, formula in formulas.items():
+            matching = (normed == formula(summed)).float().mean().item()
+            assert matching > 0.99 if other == form else matching < 0.9, f"{form} against {other}: {matching:.3f}"
+        h_out, rotated_with_residual = glue.norm_rotate(h, delta, weight, 1e-5, target, form)
+        assert torch.equal(h_out, summed) and torch.equal(rotated_with_residual, rotated)
+
+
 @pytest.mark.parametrize("step", ["norm", "swiglu"])
 @pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant", "int8-split", "int8-dp4a"])
 def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, monkeypatch):
@@ -553,12 +582,17 @@ def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
 @pytest.mark.parametrize(("family", "tokens"), [("llama", 1), ("gemma3", 3)])
 def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, monkeypatch):
     """kernels/hf_glue.py in a Llama and a Gemma 3 (its norm with 1 + weight, its GELU) on the
-    generated kernels: the norms and SwiGLU write the next layer's rotated input, so only o_proj
-    rotates in a launch of its own, and the logits are those of the separate rotation launches."""
-    from tqc.kernels import hf_glue, registry
+    generated kernels: the norms and SwiGLU write the next layer's rotated input (Llama's norm
+    before the MLP adding the residual too), so only o_proj rotates in a launch of its own, and the
+    logits are those of the separate rotation launches."""
+    from tqc.kernels import glue, hf_glue, registry
 
     model = tiny_model_on_kernels(DTYPES[0], family)
-    assert hf_glue.install(model) == 3
+    assert hf_glue.install(model) == (3 if family == "gemma3" else 4)
+    residuals = []
+    norm_rotate = glue.norm_rotate
+    monkeypatch.setattr(glue, "norm_rotate", lambda h, delta, *args: residuals.append(delta is not None)
+                        or norm_rotate(h, delta, *args))
     rotations = []
     separate_rotate = registry.rotate
     monkeypatch.setattr(registry, "rotate", lambda *args, **kwargs: rotations.append(1) or separate_rotate(*args, **kwargs))
@@ -566,11 +600,39 @@ def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, mo
     with torch.no_grad():
         fused = model(input_ids=ids).logits.float()
         assert len(rotations) == 1
+        assert residuals == [False, family == "llama"]
         monkeypatch.setattr(hf_glue, "ENABLED", False)
         separate = model(input_ids=ids).logits.float()
     assert len(rotations) == 1 + 4  # q/k/v, o_proj, gate/up, down_proj
     assert separate.std() > 0
     assert relative_error(fused, separate.double().cpu()) < TOLERANCE[DTYPES[0]]
+
+
+@pytest.mark.parametrize("compiled_steps", [True, False] if CUDA else [True])  # tests/test_fusion.py: False on CPU
+def test_hugging_face_glue_compiled_matches_eager(compiled_steps, monkeypatch):
+    """Compiled, a Llama with kernels/hf_glue.py's modules gives the eager logits (one token; on a
+    GPU three too): with hf_glue.COMPILED its fused steps run as custom ops (the norm before the
+    MLP adding the residual), else inductor traces Hugging Face's formulas and no fused step runs."""
+    from tqc.kernels import glue, hf_glue
+
+    model = tiny_model_on_kernels(DTYPES[0])
+    hf_glue.install(model)
+    monkeypatch.setattr(hf_glue, "COMPILED", compiled_steps)
+    steps, norm_rotate, swiglu_rotate = [], glue.norm_rotate, glue.swiglu_rotate
+    monkeypatch.setattr(glue, "norm_rotate", lambda h, delta, *args: steps.append(("norm", delta is not None))
+                        or norm_rotate(h, delta, *args))
+    monkeypatch.setattr(glue, "swiglu_rotate", lambda *args: steps.append(("swiglu", False)) or swiglu_rotate(*args))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (1, 3) if CUDA else (1,):
+            ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
+            eager = model(input_ids=ids).logits.float()
+            compiled(input_ids=ids)
+            steps.clear()
+            error = relative_error(compiled(input_ids=ids).logits.float(), eager.double().cpu())
+            assert error < TOLERANCE[DTYPES[0]], f"{tokens} tokens: {error:.2e}"
+            assert steps == ([("norm", False), ("norm", True), ("swiglu", False)] if compiled_steps else [])
 
 
 def time_once(fn) -> float:
@@ -809,20 +871,6 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
         assert expected.std() > 0
         assert relative_error(got, expected.double().cpu()) < TOLERANCE[torch.bfloat16]
 
-    def test_hugging_face_glue_compiled_matches_eager():
-        """Compiled, a model with kernels/hf_glue.py's modules runs Hugging Face's formulas and
-        gives the eager logits (where the norms and SwiGLU rotate), one token and three."""
-        from tqc.kernels import hf_glue
-
-        model = tiny_model_on_kernels(torch.bfloat16)
-        hf_glue.install(model)
-        compiled = torch.compile(model, fullgraph=True)
-        with torch.no_grad():
-            for tokens in (1, 3):
-                ids = torch.arange(1, tokens + 1, device=DEVICE)[None]
-                eager = model(input_ids=ids).logits.float()
-                error = relative_error(compiled(input_ids=ids).logits.float(), eager.double().cpu())
-                assert error < TOLERANCE[torch.bfloat16], f"{tokens} tokens: {error:.2e}"
 
 
 
