@@ -163,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
     parser.add_argument("--profile", type=Path, default=BENCH / "h100-run153-profile-decode-mixed-nopdl.json")
-    parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run157-hf-generate.json")
+    parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run165-hf-generate.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
     parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),
