@@ -8,8 +8,8 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragme
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
     On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
-    compiles the step and replays it from CUDA graphs (an 8B-shaped Llama on an H100: 5.0 ms a token
-    against 23.6 with the default dynamic cache, docs/performance.md run 157). On a GPU one token
+    compiles the step and replays it from CUDA graphs (an 8B-shaped Llama on an H100: 3.9 ms a token
+    against 22.2 with the default dynamic cache, docs/performance.md run 165). On a GPU one token
     attends in one launch (tqc.kernels.hf_attention, the attention "tqc_decode"; `TQC_HF_ATTENTION=0`
     keeps "sdpa").
     `fragments`: the layers run the Gluon
