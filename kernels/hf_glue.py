@@ -11,8 +11,8 @@ replaces, in each decoder layer of a known architecture (DECODER_LAYERS) whose f
 - `mlp` by a `SwiGLU`: act(gate) x up and down_proj's rotation in one launch (SiLU, or Gemma's
   tanh-approximated GELU).
 
-In a Llama-form decoder layer (LLAMA_FORM) whose norm before the MLP and MLP are replaced, the
-layer's forward is replaced too (`residual_forward`, on the instance): the residual add after the
+Where a decoder layer's norm before the MLP and its MLP are replaced, the layer's forward is
+replaced too, on the instance, by its class's in RESIDUAL_FORWARDS: the residual add after the
 attention runs in the launch of that norm, and the MLP goes on from gate/up's output.
 
 The new modules keep the names and tensors of those they replace (the state dict is unchanged).
@@ -20,7 +20,7 @@ Under torch.compile each fused step is one custom op (`tqc::norm_linear`, `tqc::
 as the layers' kernels are (`tqc::kernel_linear`). Where the fused path does not apply (no kernel,
 more than glue.MAX_TOKENS tokens, a layer not tuned yet for the token count) they compute Hugging
 Face's formulas op for op. Only classes known to compute exactly those formulas are replaced (NORMS,
-MLPS, ACTIVATIONS, LLAMA_FORM; tests/test_fusion.py checks them against the installed transformers).
+MLPS, ACTIVATIONS, RESIDUAL_FORWARDS; tests/test_fusion.py checks them against the installed transformers).
 `TQC_FUSED_GLUE=0` (or ENABLED = False) keeps the formulas everywhere, to measure the difference;
 `TQC_FUSED_GLUE=eager` (COMPILED = False) keeps them under torch.compile only, where inductor fuses
 them with the residual adds.
@@ -28,6 +28,7 @@ them with the residual adds.
 
 from __future__ import annotations
 
+import inspect
 import os
 import types
 import weakref
@@ -54,8 +55,6 @@ NORMS = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, 
          "Gemma3RMSNorm": True}  # class -> Gemma's form (rms_norm below)
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP"}  # forward: down(act(gate(x)) * up(x))
 ACTIVATIONS = {"SiLU": False, "SiLUActivation": False, "GELUTanh": True, "PytorchGELUTanh": True}  # -> GELU
-# decoder layers whose forward is LlamaDecoderLayer's: residual_forward computes it
-LLAMA_FORM = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 # the modules of this file, by id, for the custom ops (weakly: a model that is dropped leaves nothing here)
 _MODULES: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
@@ -129,7 +128,7 @@ class RotatingRMSNorm(nn.Module):
 
     def add_norm_linear(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, the consumer's output for the norm of it), the add in the norm's launch
-        (residual_forward)."""
+        (RESIDUAL_FORWARDS)."""
         if not (_fuses(h) and h.dtype == delta.dtype == self.weight.dtype):
             h = h + delta
             return h, self.consumer.layer(rms_norm(h, self.weight, self.eps, self.gemma))
@@ -191,13 +190,38 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-def residual_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+def llama_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """LlamaDecoderLayer.forward (attention, residual add, norm, MLP, residual add) with the add
     after the attention in the launch of the norm after it (RotatingRMSNorm.add_norm_linear), and
     the MLP from gate/up's output on. The layer's own arguments go to the attention, as there."""
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
     hidden_states, gate_up = layer.post_attention_layernorm.add_norm_linear(hidden_states, attended)
     return hidden_states + layer.mlp.from_gate_up(gate_up)
+
+
+def gemma3_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Gemma3DecoderLayer.forward (attention and its norm, residual add, norm, MLP and its norm,
+    residual add) with the add after the attention in the launch of the norm before the MLP, as
+    llama_forward."""
+    attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    hidden_states, gate_up = layer.pre_feedforward_layernorm.add_norm_linear(
+        hidden_states, layer.post_attention_layernorm(attended))
+    return hidden_states + layer.post_feedforward_layernorm(layer.mlp.from_gate_up(gate_up))
+
+
+# decoder layer class -> its forward with the residual add in the norm before the MLP
+RESIDUAL_FORWARDS = {"LlamaDecoderLayer": llama_forward, "MistralDecoderLayer": llama_forward,
+                     "Qwen2DecoderLayer": llama_forward, "Qwen3DecoderLayer": llama_forward,
+                     "Gemma3DecoderLayer": gemma3_forward}
+
+
+def _replaces_forward(layer: nn.Module) -> bool:
+    """Whether the layer's norm before the MLP and its MLP are tqc's, and its forward hands its
+    arguments to the attention as they come: one that takes no `position_embeddings` (Gemma 3's
+    took a global and a local pair before transformers 5) chooses, and keeps its forward."""
+    norm_before_mlp = next(norm for norm, (reader, _) in DECODER_LAYERS[type(layer).__name__].items() if reader == "mlp")
+    return (isinstance(getattr(layer, norm_before_mlp), RotatingRMSNorm) and isinstance(layer.mlp, SwiGLU)
+            and "position_embeddings" in inspect.signature(type(layer).forward).parameters)
 
 
 def _runs_kernels(fused: nn.Module | None) -> bool:
@@ -214,8 +238,8 @@ def _swiglu_fits(mlp: nn.Module) -> bool:
 
 def install(model: nn.Module) -> int:
     """Replace the norms and MLPs of the model's decoder layers where the fused path can run, and
-    the forward of Llama-form layers where both were (see the module's docstring); return how many
-    modules and forwards were replaced."""
+    the forward of layers where both were (see the module's docstring); return how many modules and
+    forwards were replaced."""
     replaced = 0
     for layer in list(model.modules()):
         for norm_name, (reader, fused_name) in DECODER_LAYERS.get(type(layer).__name__, {}).items():
@@ -228,8 +252,7 @@ def install(model: nn.Module) -> int:
         if type(layer).__name__ in DECODER_LAYERS and _swiglu_fits(mlp):
             layer.mlp = SwiGLU(mlp)
             replaced += 1
-        if (type(layer).__name__ in LLAMA_FORM and isinstance(layer.mlp, SwiGLU)
-                and isinstance(layer.post_attention_layernorm, RotatingRMSNorm)):
-            layer.forward = types.MethodType(residual_forward, layer)
+        if type(layer).__name__ in RESIDUAL_FORWARDS and _replaces_forward(layer):
+            layer.forward = types.MethodType(RESIDUAL_FORWARDS[type(layer).__name__], layer)
             replaced += 1
     return replaced

@@ -149,7 +149,7 @@ def test_a_model_on_kernels_compiles_whole_and_runs_each_fused_kernel_once(packe
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_face_does(family, request, monkeypatch):
     """kernels/hf_glue.py replaces a loaded model's norms and MLPs where the fused layers run
-    kernels, and a Llama-form layer's forward (the residual add in the norm's step). Where the
+    kernels, and the decoder layer's forward (the residual add in the norm's step). Where the
     fused path does not apply (here: never tuned) they compute Hugging Face's formulas bit for bit
     and the state dict keeps its names. torch.compile keeps each fused step one custom op, without
     a graph break, still one kernel call per fused set; with COMPILED off it traces the formulas."""
@@ -160,10 +160,9 @@ def test_norms_and_mlps_replaced_for_the_fused_rotation_compute_what_hugging_fac
     expected, keys = logits(model, IDS), list(model.state_dict())
     weight = model.model.layers[0].input_layernorm.weight
     kernel = on_stand_in_kernels(model)
-    per_layer = 3 if family == "gemma3" else 4  # two norms, the MLP and (Llama's form) the forward
-    assert hf_glue.install(model) == per_layer * len(model.model.layers)
+    assert hf_glue.install(model) == 4 * len(model.model.layers)  # two norms, the MLP and the forward
     layer = model.model.layers[0]
-    assert (layer.forward.__func__ is hf_glue.residual_forward) == (family != "gemma3")
+    assert layer.forward.__func__ is hf_glue.RESIDUAL_FORWARDS[type(layer).__name__]
     assert isinstance(layer.input_layernorm, hf_glue.RotatingRMSNorm) and isinstance(layer.mlp, hf_glue.SwiGLU)
     before_mlp = layer.pre_feedforward_layernorm if family == "gemma3" else layer.post_attention_layernorm
     assert isinstance(before_mlp, hf_glue.RotatingRMSNorm) and before_mlp._consumer[0] is layer.mlp.gate_up_fused
@@ -222,11 +221,11 @@ def test_the_norms_and_mlps_hf_glue_replaces_compute_its_formulas(family):
         assert torch.equal(mlp(x), mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
-@pytest.mark.parametrize("family", [family for family in HF_FAMILIES if family != "gemma3"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
-    """hf_glue.residual_forward replaces the forward of the decoder layer classes in LLAMA_FORM;
-    with the norm before the MLP adding the residual and running gate/up (add_norm_linear), and the
-    MLP going on from gate/up's output (from_gate_up), it gives this transformers' logits bit for bit."""
+    """hf_glue.RESIDUAL_FORWARDS replaces the forward of decoder layers; with the norm before the
+    MLP adding the residual and running gate/up (add_norm_linear), and the MLP going on from
+    gate/up's output (from_gate_up), each gives this transformers' logits bit for bit."""
     import types
 
     import transformers
@@ -234,15 +233,17 @@ def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
     from tqc.kernels import hf_glue
 
     prefix = HF_FAMILIES[family]
-    config = getattr(transformers, f"{prefix}Config")(
+    config = getattr(transformers, f"{prefix}TextConfig" if family == "gemma3" else f"{prefix}Config")(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128)
+        head_dim=16, vocab_size=128)
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).to(torch.bfloat16).eval()
+    for param in model.parameters():  # Gemma's norms start at weight 0 (a scale of 1): make them count
+        torch.nn.init.normal_(param, std=0.1)
     expected = logits(model, IDS % 128)
     for layer in model.model.layers:
-        assert type(layer).__name__ in hf_glue.LLAMA_FORM
-        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        norms = hf_glue.DECODER_LAYERS[type(layer).__name__]
+        norm, mlp = getattr(layer, next(name for name, (reader, _) in norms.items() if reader == "mlp")), layer.mlp
 
         def add_norm_linear(h, delta, norm=norm, mlp=mlp):
             normed = norm(h + delta)
@@ -253,5 +254,5 @@ def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
             return mlp.down_proj(mlp.act_fn(gate) * up)
 
         norm.add_norm_linear, mlp.from_gate_up = add_norm_linear, from_gate_up
-        layer.forward = types.MethodType(hf_glue.residual_forward, layer)
+        layer.forward = types.MethodType(hf_glue.RESIDUAL_FORWARDS[type(layer).__name__], layer)
     assert torch.equal(logits(model, IDS % 128), expected)

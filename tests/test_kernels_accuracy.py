@@ -582,13 +582,13 @@ def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
 @pytest.mark.parametrize(("family", "tokens"), [("llama", 1), ("gemma3", 3)])
 def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, monkeypatch):
     """kernels/hf_glue.py in a Llama and a Gemma 3 (its norm with 1 + weight, its GELU) on the
-    generated kernels: the norms and SwiGLU write the next layer's rotated input (Llama's norm
-    before the MLP adding the residual too), so only o_proj rotates in a launch of its own, and the
-    logits are those of the separate rotation launches."""
+    generated kernels: the norms and SwiGLU write the next layer's rotated input (the norm before
+    the MLP adding the residual too), so only o_proj rotates in a launch of its own, and the logits
+    are those of the separate rotation launches."""
     from tqc.kernels import glue, hf_glue, registry
 
     model = tiny_model_on_kernels(DTYPES[0], family)
-    assert hf_glue.install(model) == (3 if family == "gemma3" else 4)
+    assert hf_glue.install(model) == 4
     residuals = []
     norm_rotate = glue.norm_rotate
     monkeypatch.setattr(glue, "norm_rotate", lambda h, delta, *args: residuals.append(delta is not None)
@@ -600,7 +600,7 @@ def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, mo
     with torch.no_grad():
         fused = model(input_ids=ids).logits.float()
         assert len(rotations) == 1
-        assert residuals == [False, family == "llama"]
+        assert residuals == [False, True]
         monkeypatch.setattr(hf_glue, "ENABLED", False)
         separate = model(input_ids=ids).logits.float()
     assert len(rotations) == 1 + 4  # q/k/v, o_proj, gate/up, down_proj
