@@ -70,7 +70,7 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
     BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h';
-    else h is, and h_out is the normalised input (delta unused). FORM (NORM_FORMS) rounds the
+    else h is normalised and h_out is the result (delta unused). FORM (NORM_FORMS) rounds the
     normalised input as torch's F.rms_norm does (0), as Hugging Face's Llama RMSNorm (1: before the
     weight) or Gemma's (2: * (1 + weight), once). The weight and signs of the program's first block are
     read-only: with PRELOAD they are loaded before waiting for the kernel before (PDL), so that

@@ -19,8 +19,8 @@ both models. `--launch-paths` times tqc's eager step through Triton's launcher a
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
 `--compiled-glue-paths` its compiled step with hf_glue's fused steps as custom ops (the default)
-and with Hugging Face's formulas, alternated twice. `--attention-paths` also times each model's steps on the attention it does not run by default:
-bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
+and with Hugging Face's formulas, alternated twice. `--attention-paths` also times each model's
+steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
 `--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
