@@ -4,15 +4,18 @@
 
 The source model (the one the manifest names) runs first, in bf16 on CUDA (float32 on the CPU,
 where bf16 matmuls are slow), then the packed model as `tqc.load` gives it. Each decodes a
-random prompt greedily, a fixed number of new tokens, two ways: with transformers' default
-dynamic cache (eager) and with `cache_implementation="static"`, which transformers compiles
-(torch.compile) and replays from CUDA graphs on a GPU. Reported: milliseconds per new token, the
-median of three calls after two warm-up calls (the first static call compiles).
+random prompt greedily, a fixed number of new tokens, three ways: `generate` with transformers'
+default dynamic cache (eager) and with `cache_implementation="static"`, which transformers compiles
+(torch.compile) and replays from CUDA graphs on a GPU, and tqc.generation.StaticDecoder, whose
+whole step (the forward and the choice of the next token) is one CUDA graph replay on a GPU.
+Reported: milliseconds per new token, the median of three calls after two warm-up calls (the
+first static call compiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -20,22 +23,32 @@ from pathlib import Path
 
 import torch
 
-GENERATE_MODES = {"generate": "dynamic", "generate_static": "static"}  # result key -> cache_implementation
+GENERATE_MODES = {"generate": "dynamic", "generate_static": "static", "static_decoder": None}  # key -> cache
 
 
 def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warmup: int = 2,
                      repeats: int = 3) -> dict[str, float]:
-    """Seconds per new token of `model.generate` (greedy, one sequence) for each of GENERATE_MODES;
+    """Seconds per new token, greedy, one sequence: `model.generate` with each cache_implementation
+    of GENERATE_MODES, and tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU);
     a mode that fails is reported on stderr and left out."""
+    from tqc.generation import StaticDecoder  # noqa: PLC0415
+
     prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
-    kwargs = dict(input_ids=prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=0)
-    torch._dynamo.reset()  # each model's compiled forward starts afresh, far from the recompile limit
+    prompt = prompt.to(model.device)
     result = {}
     for name, cache in GENERATE_MODES.items():
-        def run(cache=cache) -> float:
+        torch._dynamo.reset()  # each compiled forward starts afresh, far from the recompile limit
+        if cache is None:
+            decoder = StaticDecoder(model, max_length=prompt_tokens + new_tokens)
+            call = functools.partial(decoder.generate, prompt, new_tokens)
+        else:
+            call = functools.partial(model.generate, input_ids=prompt, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                     cache_implementation=cache)
+
+        def run(call=call) -> float:
             start = time.perf_counter()
-            model.generate(**kwargs, cache_implementation=cache)
+            call()
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             return (time.perf_counter() - start) / new_tokens

@@ -14,7 +14,8 @@ own decoder layers, whose norms and MLPs tqc replaced so that they rotate the ne
 token through a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a
 CUDA graph, then compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps
 each). `--generate` also times `model.generate` with the default dynamic cache (eager) and with a
-static one (which transformers compiles); `--profile` logs a CPU profile of the eager steps of
+static one (which transformers compiles), and tqc.generation.StaticDecoder (one CUDA graph replay a
+token: kernels/generate_bench.py); `--profile` logs a CPU profile of the eager steps of
 both models. `--launch-paths` times tqc's eager step through Triton's launcher and through the
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
@@ -224,7 +225,7 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
-    parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache")
+    parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache, and tqc's StaticDecoder")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of both models' eager steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")

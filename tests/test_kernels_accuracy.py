@@ -911,6 +911,32 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
         calls.clear()
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs (tests/test_generation.py checks the eager loop on the CPU)")
+def test_static_decoder_replays_the_compiled_step_from_a_graph():
+    """tqc.generation.StaticDecoder on a model on the generated kernels, with tqc's glue and
+    attention: replaying the graph gives the tokens of the same compiled step called token by token
+    (so the position, the cache's own count and the mask advance inside the graph), for two prompts
+    in turn; a seeded sampled run repeats."""
+    from tqc.generation import Sampling, StaticDecoder
+    from tqc.kernels import hf_attention, hf_glue
+
+    model = tiny_model_on_kernels(torch.float16)
+    model.set_attn_implementation("sdpa")
+    assert hf_glue.install(model) and hf_attention.install(model)
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, max_length=32)
+    for prompt in ([1, 5, 9], [7, 3, 2]):  # three tokens: tiny_model_on_kernels' launch for a prompt
+        ids = torch.tensor([prompt], device=DEVICE)
+        graphed = decoder.generate(ids, 12)
+        with torch.no_grad():
+            decoder._prefill(ids, Sampling())
+            for _ in range(11):
+                decoder._step(Sampling())
+        assert torch.equal(graphed, decoder.tokens[:, : len(prompt) + 12]), prompt
+    sampled = [decoder.generate(ids, 12, temperature=1.0, seed=0) for _ in range(2)]
+    assert torch.equal(*sampled)
+
+
 def test_hf_attention_generates_a_left_padded_batch_as_sdpa_does(monkeypatch):
     """Two prompts of different lengths, left-padded, through `generate` with a static cache: each
     sequence's mask row differs (padding, then what it holds), and every step after the prompt

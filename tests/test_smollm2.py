@@ -76,7 +76,7 @@ def test_eval_command_scores_the_packed_model_against_its_source(smollm2_build, 
 
 
 def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build, tmp_path, capsys):
-    """`tqc bench generate` on the CPU: both models decode through both caches; its errors are one line."""
+    """`tqc bench generate` on the CPU: both models decode each way (GENERATE_MODES); its errors are one line."""
     import json
 
     from cli_helpers import one_line_error
@@ -90,7 +90,7 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
     result = json.loads(output.read_text())
     assert result["source"] == "smollm2" and result["source_dtype"] == "torch.float32"
     assert result["attention"] == {"source": "sdpa", "tqc": "sdpa"}  # on a GPU tqc's is "tqc_decode"
-    assert set(result["modes"]) == {"generate", "generate_static"}
+    assert set(result["modes"]) == {"generate", "generate_static", "static_decoder"}
     for entry in result["modes"].values():
         assert entry["source_ms"] > 0 and entry["tqc_ms"] > 0
         assert entry["speedup"] == pytest.approx(entry["source_ms"] / entry["tqc_ms"])
@@ -99,3 +99,23 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
     assert "not a tqc packed model" in one_line_error(capsys, "bench", "generate", str(tmp_path), "--device", "cpu")
     if not torch.cuda.is_available():
         assert "no CUDA device" in one_line_error(capsys, *args)
+
+
+def test_generate_command_prints_the_greedy_continuation(smollm2_build, tmp_path, capsys):
+    """`tqc generate` continues a prompt with the packed model and its saved tokenizer: the text of
+    transformers' greedy `generate`; bad arguments are one line."""
+    from cli_helpers import one_line_error, run
+
+    _, _, directory = smollm2_build
+    prompt = "The capital of France is"
+    tokenizer = load_tokenizer(resolve_model("smollm2"))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = tqc.load(directory).generate(ids, max_new_tokens=8, do_sample=False,
+                                                eos_token_id=tokenizer.eos_token_id)
+    code, out, _ = run(capsys, "generate", str(directory), "-p", prompt, "-n", "8")
+    assert code == 0
+    assert out == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert out.strip()
+    assert "at least 1" in one_line_error(capsys, "generate", str(directory), "-p", prompt, "-n", "0")
+    assert "not a tqc packed model" in one_line_error(capsys, "generate", str(tmp_path), "-p", prompt)

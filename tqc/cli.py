@@ -1,4 +1,4 @@
-"""The `tqc` command: plan, build, eval, inspect, diff.
+"""The `tqc` command: plan, build, eval, generate, inspect, diff.
 
 Every expected failure (bad plan, missing model, corrupt packed file, impossible budget) is printed
 as one line `tqc: error: ...` with exit status 1; nothing is left half-written.
@@ -119,6 +119,29 @@ def _eval_candidates(args: argparse.Namespace):
     return resolve_model(manifests[0].source.name), candidates
 
 
+# -------------------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue a prompt with a packed model and print the new text (tqc.generation.StaticDecoder:
+    one CUDA graph replay a token on a GPU)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from .generation import StaticDecoder  # noqa: PLC0415
+    from .packed import load_packed  # noqa: PLC0415
+
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    require_device(args.device)
+    model = load_packed(args.packed, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.packed)  # tqc build saves the source's tokenizer
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    decoder = StaticDecoder(model, max_length=ids.shape[1] + args.max_new_tokens)
+    tokens = decoder.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    print(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
+
+
 # --------------------------------------------------------------------------------------- inspect
 
 
@@ -203,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("-o", "--output", help="JSON results (default: PACKED/eval.json)")
     eval_cmd.add_argument("-q", "--quiet", action="store_true")
     eval_cmd.set_defaults(run=cmd_eval)
+
+    generate = commands.add_parser("generate", help="continue a prompt with a packed model")
+    generate.add_argument("packed", help="packed model directory")
+    generate.add_argument("-p", "--prompt", required=True)
+    generate.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-k", type=int, help="sample from the K most likely tokens only")
+    generate.add_argument("--seed", type=int, help="seed of the sampling")
+    generate.add_argument("--device", default="cpu", help="cpu, or cuda: the generated kernels, one CUDA graph a token")
+    generate.set_defaults(run=cmd_generate)
 
     inspect = commands.add_parser("inspect", help="print a plan's per-layer table and budget breakdown")
     inspect.add_argument("plan")
