@@ -19,6 +19,7 @@ with a runtime length and their mask (runs 155-159).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -160,23 +161,40 @@ def combine_slices(partial_ptr, stats_ptr, heads, real, HEADS: tl.constexpr, SPL
 @triton.jit(do_not_specialize=["length"])
 def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, stats_ptr, count_ptr, scale, length,
                             q_batch, q_head, k_batch, k_head, k_pos, v_batch, v_head, v_pos, mask_batch, mask_pos,
+                            new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, pos_ptr, new_batch, rope_batch,
                             KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
                             BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_S: tl.constexpr, HEADS: tl.constexpr, HAS_MASK: tl.constexpr):
+                            BLOCK_S: tl.constexpr, HEADS: tl.constexpr, HAS_MASK: tl.constexpr,
+                            NEW_TOKEN: tl.constexpr):
     """Grid (batch x KV_HEADS, SPLITS): decode_attention_kernel's slices over a cache that the caller
     has written, for a model from `tqc.load` (hf_attention.py). q: [batch, heads, 1, D]; k, v:
     [batch, KV_HEADS, length, D]; mask: [batch, 1, 1, length] bool, the positions attended (else
     all `length`); out: [batch, 1, heads, D] contiguous; HEADS = batch x heads; the strides in
-    elements, D's being 1. Positions masked out are not read, so a static cache costs what it holds."""
+    elements, D's being 1. Positions masked out are not read, so a static cache costs what it holds.
+    NEW_TOKEN: the caller has not written the token: q (q_head = D) and the token's key and value
+    (new_k, new_v: rows of KV_HEADS x D, new_batch apart) come as the projections give them, before the rotary embedding (cos, sin: rows of D, rope_batch apart),
+    which the kernel applies as Hugging Face's apply_rotary_pos_emb rounds it; the slice that holds
+    position pos (pos_ptr, one for the batch) writes the token's key and value into the cache."""
     program, split = tl.program_id(0), tl.program_id(1)
     batch, kv_head = program // KV_HEADS, program % KV_HEADS
     dims = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_G)
     real = rows < GROUP
     head = kv_head * GROUP + rows
-    q = tl.load(q_ptr + batch * q_batch + head[:, None] * q_head + dims[None, :], mask=real[:, None], other=0.0)
+    q_rows = q_ptr + batch * q_batch + head[:, None] * q_head
+    q = tl.load(q_rows + dims[None, :], mask=real[:, None], other=0.0)
     keys = k_ptr + batch * k_batch + kv_head * k_head
     values = v_ptr + batch * v_batch + kv_head * v_head
+    if NEW_TOKEN:
+        cos = tl.load(cos_ptr + batch * rope_batch + dims)
+        sin = tl.load(sin_ptr + batch * rope_batch + dims)
+        partner = (dims + D // 2) % D
+        q = rotary(q, tl.load(q_rows + partner[None, :], mask=real[:, None], other=0.0), cos[None, :], sin[None, :],
+                   (dims < D // 2)[None, :])
+        new_k_row = new_k_ptr + batch * new_batch + kv_head * D
+        new_k = rotary(tl.load(new_k_row + dims), tl.load(new_k_row + partner), cos, sin, dims < D // 2)
+        new_v = tl.load(new_v_ptr + batch * new_batch + kv_head * D + dims)
+        pos = tl.load(pos_ptr)
     top = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -186,12 +204,31 @@ def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr,
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + batch * mask_batch + positions * mask_pos, mask=valid, other=0) != 0)
         k = tl.load(keys + positions[:, None] * k_pos + dims[None, :], mask=valid[:, None], other=0.0)
+        if NEW_TOKEN:
+            k = tl.where((positions == pos)[:, None], new_k[None, :], k)
         new_top, weights, shrink, total = softmax_step(q, k, valid, top, total, scale, MAYBE_EMPTY=True)
         v = tl.load(values + positions[:, None] * v_pos + dims[None, :], mask=valid[:, None], other=0.0)
+        if NEW_TOKEN:
+            v = tl.where((positions == pos)[:, None], new_v[None, :], v)
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         top = new_top
+    if NEW_TOKEN:
+        token = dims * 0 + pos
+        mine = (token >= split * SPLIT) & (token < split * SPLIT + SPLIT)  # the slice holding the token writes it
+        tl.store(keys + pos * k_pos + dims, new_k, mask=mine)
+        tl.store(values + pos * v_pos + dims, new_v, mask=mine)
     finish_slice(partial_ptr, stats_ptr, count_ptr + program, out_ptr, batch * KV_HEADS * GROUP + head, real, split,
                  acc, top, total, HEADS, SPLITS, BLOCK_S, D, True)
+
+
+@triton.jit
+def rotary(x, partner, cos, sin, first_half):
+    """x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype as Hugging
+    Face's apply_rotary_pos_emb rounds them; partner: x's other half (x[(d + D/2) % D])."""
+    half = tl.where(first_half, -partner.to(tl.float32), partner.to(tl.float32))
+    dtype = x.dtype
+    return ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
+            + (half * sin.to(tl.float32)).to(dtype).to(tl.float32)).to(dtype)
 
 
 def slice_length(positions: int) -> int:
@@ -259,13 +296,29 @@ def reserve_counts(device: torch.device, programs: int) -> torch.Tensor:
     return count
 
 
+@dataclass
+class NewToken:
+    """What cached_attention writes into the cache before it attends (cached_attention_kernel's
+    NEW_TOKEN): the token's key and value as its projections give them, [batch, kv heads x D] rows,
+    before the rotary embedding (cos, sin: [batch, D] rows), and the position it takes, a
+    one-element integer tensor (the query comes before the rotary embedding too)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position: torch.Tensor
+
+
 def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, split: int | None = None) -> torch.Tensor:
+                     scale: float, split: int | None = None, token: NewToken | None = None) -> torch.Tensor:
     """One token's attention over a KV cache the caller has written (cached_attention_kernel):
     query [batch, heads, 1, D]; key, value [batch, kv heads, length, D]; mask None (all `length`
     positions attended) or bool [batch, 1, 1, length]. Returns [batch, 1, heads, D] in query's dtype.
     The slice count is rounded up to a power of two, so that a cache growing a position a step
-    compiles a few kernels, not one a step. `split`: positions a program takes (default slice_length)."""
+    compiles a few kernels, not one a step. `split`: positions a program takes (default slice_length).
+    With `token` the kernel writes the token into the cache first, and applies the rotary embedding
+    to `query` (rows of heads x D) and the token's key."""
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     split = split or slice_length(length * kv_heads * batch)
@@ -276,11 +329,15 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial = torch.empty(batch * heads, splits, dim, device=query.device, dtype=torch.float32)
     stats = torch.empty(2, batch * heads, splits, device=query.device, dtype=torch.float32)
     mask_strides = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
+    new = (query, query, query, query, query, 0, 0)  # unread without a token
+    if token is not None:
+        assert query.stride(1) == dim and token.key.stride(-1) == token.value.stride(-1) == token.cos.stride(-1) == 1
+        new = (token.key, token.value, token.cos, token.sin, token.position, token.key.stride(0), token.cos.stride(0))
     group = heads // kv_heads
     launch(cached_attention_kernel, (programs, splits),
            query, key, value, query if mask is None else mask, out, partial, stats, count, scale, length,
-           query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides,
+           query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides, *new,
            KV_HEADS=kv_heads, GROUP=group, D=dim, SPLIT=split, BLOCK=min(split, 64), SPLITS=splits,
            BLOCK_G=max(MIN_DOT_ROWS, _power_of_two(group)), BLOCK_S=splits, HEADS=batch * heads,
-           HAS_MASK=mask is not None, num_warps=NUM_WARPS)
+           HAS_MASK=mask is not None, NEW_TOKEN=token is not None, num_warps=NUM_WARPS)
     return out

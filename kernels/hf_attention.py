@@ -9,20 +9,34 @@ tokens, dropout, soft-capping, attention sinks, a head size that is no power of 
 outside the interpreter) goes to Hugging Face's "sdpa" function, unchanged.
 Under torch.compile the kernel is one opaque op (`tqc::cached_attention`); eagerly it is called
 directly (a custom op's dispatch costs about 11 us of Python a call).
+
+Hugging Face's attention forward applies the rotary embedding and writes the cache in launches of
+their own before it calls the attention function. In the attention modules of DECODE_FORWARDS,
+`install` replaces the forward on the instance (`decode_forward`): one token through a static
+cache, with the mask transformers makes for it, goes to one launch that applies the rotary
+embedding, writes the token's key and value into the cache and attends (`tqc::write_and_attend`);
+anything else to the class's own forward. `TQC_ATTENTION_WRITES=0` (WRITES False) keeps the
+writes apart.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import types
 
 import torch
 from torch import nn
 
-from .attention import cached_attention, reserve_counts
+from .attention import NewToken, cached_attention, reserve_counts
 
 NAME = "tqc_decode"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ENABLED = os.environ.get("TQC_HF_ATTENTION", "1") != "0"
+WRITES = os.environ.get("TQC_ATTENTION_WRITES", "1") != "0"
+# attention classes whose forward is Llama's: q/k/v projections (Qwen3: then per-head q/k norms),
+# the rotary embedding, the cache write, the attention function, o_proj
+DECODE_FORWARDS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 # keyword arguments the kernel ignores safely; any other with a value set sends the call to sdpa
 _IGNORED = {"cache_position", "position_ids", "use_cache", "is_causal", "sliding_window", "output_attentions"}
 
@@ -35,6 +49,26 @@ def _cached_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 @_cached_attention_op.register_fake
 def _(query, key, value, mask, scale):
+    batch, heads, _, dim = query.shape
+    return query.new_empty(batch, 1, heads, dim)
+
+
+def write_and_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """cached_attention that writes the token at `position` first (attention.NewToken)."""
+    return cached_attention(query, keys, values, mask, scale, token=NewToken(key, value, cos, sin, position))
+
+
+@torch.library.custom_op("tqc::write_and_attend", mutates_args=("keys", "values"))
+def _write_and_attend_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return write_and_attend(query, key, value, cos, sin, position, keys, values, mask, scale)
+
+
+@_write_and_attend_op.register_fake
+def _(query, key, value, cos, sin, position, keys, values, mask, scale):
     batch, heads, _, dim = query.shape
     return query.new_empty(batch, 1, heads, dim)
 
@@ -71,6 +105,60 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
                                            scaling=scaling, **kwargs)
 
 
+def decode_forward(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                   **kwargs) -> tuple[torch.Tensor, None]:
+    """A DECODE_FORWARDS attention's forward: one token through a static cache in one launch that
+    applies the rotary embedding, writes the cache and attends (see the module's docstring);
+    anything else through the class's forward."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layer = _static_layer(cache, attn)
+    if layer is None or hidden_states.shape[1] != 1 or not _writes_and_attends(attn, hidden_states, layer,
+                                                                             position_embeddings, attention_mask):
+        return type(attn).forward(attn, hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, **kwargs)
+    batch, dim = hidden_states.shape[0], attn.head_dim
+    query = attn.q_proj(hidden_states).view(batch, -1, dim)
+    key = attn.k_proj(hidden_states).view(batch, -1, dim)
+    value = attn.v_proj(hidden_states).view(batch, -1)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    cos, sin = (t.reshape(batch, dim) for t in position_embeddings)
+    mask = attention_mask.expand(batch, -1, -1, -1)
+    run = _write_and_attend_op if torch.compiler.is_compiling() else write_and_attend  # eagerly: no dispatch
+    out = run(query.unsqueeze(2), key.reshape(batch, -1), value, cos, sin, layer.cumulative_length, layer.keys,
+              layer.values, mask, attn.scaling)
+    layer.cumulative_length.add_(1)  # as StaticLayer.update counts what it holds
+    return attn.o_proj(out.view(batch, 1, -1)), None
+
+
+def _static_layer(cache, attn: nn.Module):
+    """The cache layer of `attn` where it is a full-length StaticLayer that counts the positions it
+    holds itself (transformers 5.25), else None."""
+    layers = getattr(cache, "layers", None)
+    index = getattr(attn, "layer_idx", None)
+    if layers is None or index is None or index >= len(layers):
+        return None
+    layer = layers[index]
+    counted = isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+    return layer if type(layer).__name__ == "StaticLayer" and getattr(layer, "is_initialized", False) and counted else None
+
+
+def _writes_and_attends(attn: nn.Module, hidden_states: torch.Tensor, layer, position_embeddings,
+                        mask: torch.Tensor | None) -> bool:
+    """Whether decode_forward's launch computes what the class's forward would, here."""
+    batch, dim = hidden_states.shape[0], attn.head_dim
+    keys = layer.keys
+    return (ENABLED and WRITES and attn.config._attn_implementation == NAME and not attn.training
+            and (hidden_states.is_cuda or INTERPRETED) and getattr(attn, "sliding_window", None) is None
+            and keys.dtype in (torch.float16, torch.bfloat16) and hidden_states.dtype == keys.dtype
+            and dim >= 16 and dim & (dim - 1) == 0 and keys.shape[0] == batch and keys.shape[-1] == dim
+            and layer.values.shape == keys.shape and keys.is_contiguous() and layer.values.is_contiguous()
+            and position_embeddings is not None
+            and all(t.shape == (batch, 1, dim) and t.dtype == keys.dtype for t in position_embeddings)
+            and mask is not None and mask.dtype == torch.bool and mask.dim() == 4
+            and tuple(mask.shape[1:]) == (1, 1, keys.shape[2]) and mask.shape[0] in (1, batch))
+
+
 def register() -> None:
     """Make NAME an attention implementation transformers knows, masked as "sdpa" is."""
     from transformers import AttentionInterface  # noqa: PLC0415
@@ -89,4 +177,8 @@ def install(model: nn.Module) -> bool:
     model.set_attn_implementation(NAME)
     device = next(model.parameters()).device
     reserve_counts(device, config.get_text_config().num_key_value_heads * 16)  # batches of up to 16 sequences
+    for module in model.modules():
+        if type(module).__name__ in DECODE_FORWARDS and "position_embeddings" in inspect.signature(
+                type(module).forward).parameters:
+            module.forward = types.MethodType(decode_forward, module)
     return True

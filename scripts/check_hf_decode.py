@@ -2,7 +2,8 @@
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
-                                          [--compiled-glue-paths] [--attention-paths] [--kernel-profile]
+                                          [--compiled-glue-paths] [--attention-writes-paths]
+                                          [--attention-paths] [--kernel-profile]
                                           [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
@@ -20,7 +21,9 @@ both models. `--launch-paths` times tqc's eager step through Triton's launcher a
 compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
 step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
 `--compiled-glue-paths` its compiled step with hf_glue's fused steps as custom ops (the default)
-and with Hugging Face's formulas, alternated twice. `--attention-paths` also times each model's
+and with Hugging Face's formulas, alternated twice; `--attention-writes-paths` its compiled step with
+the rotary embedding and cache write in the attention's launch (hf_attention.decode_forward, the
+default) and apart, alternated twice. `--attention-paths` also times each model's
 steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
@@ -154,12 +157,14 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
     return result
 
 
-# What --launch-paths, --glue-paths and --compiled-glue-paths switch: a module's flag, by the name of
-# each setting, and the steps timed (eager; graphed too; compiled too).
+# What --launch-paths, --glue-paths, --compiled-glue-paths and --attention-writes-paths switch: a
+# module's flag, by the name of each setting, and the steps timed (eager; graphed too; compiled too).
 PATH_SWITCHES = {"launch": ("tqc.kernels.launch", "ENABLED", {"triton": False, "direct": True}, "eager"),
                  "glue": ("tqc.kernels.hf_glue", "ENABLED", {"separate": False, "fused": True}, "graph"),
                  "compiled_glue": ("tqc.kernels.hf_glue", "COMPILED", {"formulas": False, "custom_ops": True},
-                                   "compiled")}
+                                   "compiled"),
+                 "attention_writes": ("tqc.kernels.hf_attention", "WRITES", {"separate": False, "in_attention": True},
+                                      "compiled")}
 
 
 def on_attention(model, implementation: str, run):
@@ -225,7 +230,8 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
-    parser.add_argument("--generate", action="store_true", help="also time model.generate, eager and static-cache, and tqc's StaticDecoder")
+    parser.add_argument("--generate", action="store_true",
+                        help="also time model.generate, eager and static-cache, and tqc's StaticDecoder")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of both models' eager steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
@@ -233,6 +239,8 @@ def main() -> None:
                         help="tqc steps, eager and graphed, rotating in the norm and SwiGLU steps (hf_glue) or apart")
     parser.add_argument("--compiled-glue-paths", action="store_true",
                         help="tqc steps, compiled, with hf_glue's fused steps as custom ops or Hugging Face's formulas")
+    parser.add_argument("--attention-writes-paths", action="store_true",
+                        help="tqc steps, compiled, the rotary embedding and cache write in the attention's launch or apart")
     parser.add_argument("--attention-paths", action="store_true",
                         help="also time bf16 on tqc's decode attention and tqc on sdpa")
     parser.add_argument("--kernel-profile", action="store_true",
@@ -281,8 +289,10 @@ def main() -> None:
                 quantized, args.context) | (generate_seconds(quantized) if args.generate else {}))
             log(f"tqc on sdpa: {other_attention['tqc']}")
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths),
-                                              ("compiled_glue", args.compiled_glue_paths)) if wanted]
-        paths = {switch: compare_paths(quantized, args.context, switch, rounds=2 if switch == "compiled_glue" else 3)
+                                              ("compiled_glue", args.compiled_glue_paths),
+                                              ("attention_writes", args.attention_writes_paths)) if wanted]
+        paths = {switch: compare_paths(quantized, args.context, switch,
+                                       rounds=2 if PATH_SWITCHES[switch][3] == "compiled" else 3)
                  for switch in switches}
     result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels, "fragments": args.fragments,

@@ -874,12 +874,16 @@ if CUDA:  # the compiled lookups (inline PTX) run only on a GPU
 
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(family, monkeypatch):
     """kernels/hf_attention.py: a tiny model of `family` in fp16, its attention installed on the
     kernel, decodes token by token through a static cache (a bool mask), a dynamic one (no mask)
-    and a TurboQuant one (3-bit keys, 2-bit values past the last 4 positions) to the logits of the same model on "sdpa"; each of those steps ran the kernel, and a prompt of
-    several tokens did not (it goes to sdpa)."""
+    and a TurboQuant one (3-bit keys, 2-bit values past the last 4 positions) to the logits of the
+    same model on "sdpa"; each of those steps ran the kernel, and a prompt of several tokens did not
+    (it goes to sdpa). Through the static cache Llama's and Qwen3's attention (its q/k norms first)
+    writes the token into the cache in the kernel's launch, the rotary embedding applied there
+    (decode_forward), after the first token (which makes the cache): the first layer's keys and
+    values bit for bit."""
     import transformers
     from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
@@ -888,7 +892,8 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
     from tqc.kv_cache import TurboQuantCache, chunked_logits
 
     kernel, calls = hf_attention.cached_attention, []
-    monkeypatch.setattr(hf_attention, "cached_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(hf_attention, "cached_attention",
+                        lambda *args, **kwargs: calls.append("token" in kwargs) or kernel(*args, **kwargs))
     class_name, extra = FAMILIES[family]
     config = getattr(transformers, class_name)(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -899,15 +904,23 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
               "dynamic": lambda: DynamicCache(config=model.config),
               "turboquant": lambda: TurboQuantCache(model.config, residual_length=4)}  # tqc's KV-cache mode
     ids = IDS.to(DEVICE)
-    expected = {name: chunked_logits(model, ids, make(), chunk=1) for name, make in caches.items()}
+    made = {name: make() for name, make in caches.items()}
+    expected = {name: chunked_logits(model, ids, cache, chunk=1) for name, cache in made.items()}
     assert hf_attention.install(model) and model.config._attn_implementation == hf_attention.NAME
     assert not calls
     chunked_logits(model, ids, caches["static"](), chunk=ids.shape[1])
     assert not calls
+    layers = config.num_hidden_layers
     for name, make in caches.items():
-        logits = chunked_logits(model, ids, make(), chunk=1)
-        assert len(calls) == ids.shape[1] * config.num_hidden_layers, name
+        cache = make()
+        logits = chunked_logits(model, ids, cache, chunk=1)
+        writes = family != "gemma3_text" and name == "static"  # Gemma 3 keeps its forward
+        assert calls == [False] * layers + [writes] * (ids.shape[1] - 1) * layers, name
         assert relative_error(logits, expected[name].double().cpu()) < TOLERANCE[torch.float16], name
+        if name == "static":  # the first layer's projections are the same, the later ones' inputs are not
+            first, want = cache.layers[0], made[name].layers[0]
+            assert torch.equal(first.keys, want.keys) and torch.equal(first.values, want.values)
+            assert int(first.cumulative_length) == ids.shape[1]
         calls.clear()
 
 
@@ -937,17 +950,58 @@ def test_static_decoder_replays_the_compiled_step_from_a_graph():
     assert torch.equal(*sampled)
 
 
+def test_hf_attention_writes_the_token_inside_a_compiled_step(monkeypatch):
+    """Under torch.compile decode_forward's launch is one op (tqc::write_and_attend) that writes the
+    static cache in place: a tiny Llama decoding token by token after a prompt gives the eager
+    logits and first-layer cache, each step through the op."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
+
+    from tiny_models import IDS
+    from tqc.kernels import hf_attention
+    from tqc.kv_cache import cache_argument
+
+    writes, write_and_attend = [], hf_attention.write_and_attend
+    monkeypatch.setattr(hf_attention, "write_and_attend", lambda *args: writes.append(1) or write_and_attend(*args))
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.float16).eval()
+    assert hf_attention.install(model)
+    ids = IDS.to(DEVICE)
+
+    def decode(forward):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            forward(input_ids=ids[:, :2], **cache_argument(model, cache))
+            steps = [forward(input_ids=ids[:, i : i + 1], **cache_argument(model, cache)).logits
+                     for i in range(2, ids.shape[1])]
+        return torch.cat(steps, dim=1).float(), cache.layers[0]
+
+    eager, eager_layer = decode(model)
+    torch._dynamo.reset()
+    writes.clear()
+    compiled, compiled_layer = decode(torch.compile(model))
+    assert len(writes) == (ids.shape[1] - 2) * config.num_hidden_layers
+    assert relative_error(compiled, eager.double().cpu()) < TOLERANCE[torch.float16]
+    for got, want in ((compiled_layer.keys, eager_layer.keys), (compiled_layer.values, eager_layer.values)):
+        written = slice(2, ids.shape[1])  # inductor rounds the prompt's rotary embedding its own way
+        assert want[:, :, written].std() > 0
+        assert relative_error(got[:, :, written], want[:, :, written].double().cpu()) < TOLERANCE[torch.float16]
+
+
 def test_hf_attention_generates_a_left_padded_batch_as_sdpa_does(monkeypatch):
     """Two prompts of different lengths, left-padded, through `generate` with a static cache: each
     sequence's mask row differs (padding, then what it holds), and every step after the prompt
-    runs the kernel with the same tokens and logits as "sdpa"."""
+    runs the kernel, writing its token, with the same tokens and logits as "sdpa"."""
     from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
 
     from tqc.kernels import hf_attention
     from tqc.kv_cache import cache_argument
 
     kernel, calls = hf_attention.cached_attention, []
-    monkeypatch.setattr(hf_attention, "cached_attention", lambda *args: calls.append(args[0].shape[0]) or kernel(*args))
+    monkeypatch.setattr(hf_attention, "cached_attention",
+                        lambda *args, **kwargs: calls.append((args[0].shape[0], "token" in kwargs))
+                        or kernel(*args, **kwargs))
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1024, attn_implementation="sdpa", pad_token_id=0)
     torch.manual_seed(0)
@@ -964,6 +1018,7 @@ def test_hf_attention_generates_a_left_padded_batch_as_sdpa_does(monkeypatch):
     expected = generate()
     assert hf_attention.install(model)
     out = generate()
-    assert calls == [2] * 3 * config.num_hidden_layers  # the prompt on sdpa, then three steps of both sequences
+    # the prompt on sdpa, then three steps of both sequences, each writing its token (decode_forward)
+    assert calls == [(2, True)] * 3 * config.num_hidden_layers
     assert torch.equal(out.sequences, expected.sequences)
     assert relative_error(torch.stack(out.logits), torch.stack(expected.logits).double().cpu()) < TOLERANCE[torch.float16]
