@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-GENERATE_MODES = {"generate": "dynamic", "generate_static": "static", "static_decoder": None}  # key -> cache
+# result key -> the cache_implementation `generate` is given, or how StaticDecoder runs (compiled or not)
+GENERATE_MODES = {"generate": "dynamic", "generate_static": "static", "static_decoder": True,
+                  "static_decoder_uncompiled": False}
 
 
 def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warmup: int = 2,
                      repeats: int = 3) -> dict[str, float]:
     """Seconds per new token, greedy, one sequence: `model.generate` with each cache_implementation
-    of GENERATE_MODES, and tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU);
-    a mode that fails is reported on stderr and left out."""
+    of GENERATE_MODES, and tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU)
+    with its step compiled and not; a mode that fails is reported on stderr and left out."""
     from tqc.generation import StaticDecoder  # noqa: PLC0415
 
     prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
@@ -38,8 +40,8 @@ def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warm
     result = {}
     for name, cache in GENERATE_MODES.items():
         torch._dynamo.reset()  # each compiled forward starts afresh, far from the recompile limit
-        if cache is None:
-            decoder = StaticDecoder(model, max_length=prompt_tokens + new_tokens)
+        if isinstance(cache, bool):
+            decoder = StaticDecoder(model, max_length=prompt_tokens + new_tokens, compiled=cache)
             call = functools.partial(decoder.generate, prompt, new_tokens)
         else:
             call = functools.partial(model.generate, input_ids=prompt, max_new_tokens=new_tokens,

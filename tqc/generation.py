@@ -59,11 +59,12 @@ class Sampling:
 
 class StaticDecoder:
     """A model decoding through a static KV cache of `max_length` positions (prompt and new tokens)
-    for `batch_size` sequences; on CUDA each token is one replay of a CUDA graph of the compiled
-    step (`graphs`, default: on CUDA). The graph of each Sampling is captured on first use and kept:
-    reuse one decoder for many prompts."""
+    for `batch_size` sequences; on CUDA each token is one replay of a CUDA graph of the step
+    (`graphs`, default: on CUDA), compiled by torch.compile first unless `compiled` is False. The
+    graph of each Sampling is captured on first use and kept: reuse one decoder for many prompts."""
 
-    def __init__(self, model: torch.nn.Module, max_length: int, batch_size: int = 1, graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, max_length: int, batch_size: int = 1, graphs: bool | None = None,
+                 compiled: bool = True):
         from transformers import StaticCache  # noqa: PLC0415
 
         if max_length < MIN_LENGTH:
@@ -78,7 +79,7 @@ class StaticDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # the step's input
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # ... and its position
         self.tokens = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)  # all so far
-        self._forward = torch.compile(model) if self.graphs else model
+        self._forward = torch.compile(model) if self.graphs and compiled else model
         self._steps: dict[Sampling, Callable[[], None]] = {}
 
     @torch.no_grad()
