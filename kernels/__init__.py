@@ -5,7 +5,8 @@ the kernel generated for its (bits, residual bits, group size, N, K), after repa
 into its kernel family's layout (docs/kernel_layout.md; `detach(model)` puts them back, e.g. before
 saving). In Hugging Face's decoder layers it then moves the rotations of q/k/v, gate/up and
 down_proj into the norm and SwiGLU steps, the residual add before the MLP with them (hf_glue.install),
-and attends one token in one launch (hf_attention.install). On CPU it does nothing and the layers
+and attends one token in one launch, which in Llama-like attention also applies the rotary
+embedding and writes a static cache (hf_attention.install). On CPU it does nothing and the layers
 keep the torch reference path. Triton is imported only when a CUDA layer is found.
 """
 

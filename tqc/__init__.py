@@ -7,15 +7,16 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragme
     """Load a packed model directory written by `tqc build`, ready for `generate`.
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
-    On a GPU, decode with `model.generate(..., cache_implementation="static")`: transformers then
-    compiles the step and replays it from CUDA graphs (an 8B-shaped Llama on an H100: 3.9 ms a token
-    against 22.2 with the default dynamic cache, docs/performance.md run 165), or faster with
-    `tqc.StaticDecoder(model, max_length).generate(...)`, one CUDA graph replay a token (2.6 ms, run 169). On a GPU one token
-    attends in one launch (tqc.kernels.hf_attention, the attention "tqc_decode"; `TQC_HF_ATTENTION=0`
-    keeps "sdpa").
-    `fragments`: the layers run the Gluon
-    fragment family where the GPU can (Hopper; None, the default), always (True: a warning where it
-    cannot) or never (False: the lookup kernels); tqc.kernels.attach.
+    On a GPU, decode with `tqc.StaticDecoder(model, max_length).generate(...)`: one CUDA graph replay
+    a token (an 8B-shaped Llama on an H100: 2.4 ms a token against bf16's 6.95, docs/performance.md
+    run 173), or with `model.generate(..., cache_implementation="static")`, which transformers
+    compiles and replays from CUDA graphs around its own loop (4.1 ms; 23.2 with the default dynamic
+    cache). One token attends in one launch (tqc.kernels.hf_attention, the attention "tqc_decode";
+    `TQC_HF_ATTENTION=0` keeps "sdpa"), which in Llama's, Mistral's and Qwen's attention through a
+    static cache also applies the rotary embedding and writes the cache.
+    `fragments`: the layers run the Gluon fragment family where the GPU can (Hopper; None, the
+    default), always (True: a warning where it cannot) or never (False: the lookup kernels);
+    tqc.kernels.attach.
     """
     from .packed import load_packed  # noqa: PLC0415  (keeps `import tqc` light)
 
