@@ -165,7 +165,7 @@ def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr,
                             KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
                             BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
                             BLOCK_S: tl.constexpr, HEADS: tl.constexpr, HAS_MASK: tl.constexpr,
-                            NEW_TOKEN: tl.constexpr):
+                            NEW_TOKEN: tl.constexpr, COMBINE: tl.constexpr):
     """Grid (batch x KV_HEADS, SPLITS): decode_attention_kernel's slices over a cache that the caller
     has written, for a model from `tqc.load` (hf_attention.py). q: [batch, heads, 1, D]; k, v:
     [batch, KV_HEADS, length, D]; mask: [batch, 1, 1, length] bool, the positions attended (else
@@ -174,7 +174,8 @@ def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr,
     NEW_TOKEN: the caller has not written the token: q (q_head = D) and the token's key and value
     (new_k, new_v: rows of KV_HEADS x D, new_batch apart) come as the projections give them, before the rotary embedding (cos, sin: rows of D, rope_batch apart),
     which the kernel applies as Hugging Face's apply_rotary_pos_emb rounds it; the slice that holds
-    position pos (pos_ptr, one for the batch) writes the token's key and value into the cache."""
+    position pos (pos_ptr, one for the batch) writes the token's key and value into the cache.
+    COMBINE: as decode_attention_kernel's."""
     program, split = tl.program_id(0), tl.program_id(1)
     batch, kv_head = program // KV_HEADS, program % KV_HEADS
     dims = tl.arange(0, D)
@@ -218,7 +219,7 @@ def cached_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr,
         tl.store(keys + pos * k_pos + dims, new_k, mask=mine)
         tl.store(values + pos * v_pos + dims, new_v, mask=mine)
     finish_slice(partial_ptr, stats_ptr, count_ptr + program, out_ptr, batch * KV_HEADS * GROUP + head, real, split,
-                 acc, top, total, HEADS, SPLITS, BLOCK_S, D, True)
+                 acc, top, total, HEADS, SPLITS, BLOCK_S, D, COMBINE)
 
 
 @triton.jit
@@ -240,6 +241,20 @@ def slice_length(positions: int) -> int:
 def _power_of_two(n: int) -> int:
     """The least power of two >= n (triton.next_power_of_2's host call is slow in Triton 3.6+)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class Slices:
+    """One token's attention left as its slices, for the launch that combines them
+    (glue.combine_rotate): partial outputs [heads, splits, head_dim] and running (max, sum)
+    [2, heads, splits] in float32; block_s: splits rounded up to a power of two."""
+
+    partial: torch.Tensor
+    stats: torch.Tensor
+    heads: int
+    head_dim: int
+    splits: int
+    block_s: int
 
 
 class DecodeAttention:
@@ -272,9 +287,10 @@ class DecodeAttention:
         self._launch(qkv, cache, pos, out, combine=True)
         return out
 
-    def slices(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> None:
+    def slices(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> Slices:
         """As a call, but the slices are left uncombined in self.partial and self.stats (combine_slices)."""
         self._launch(qkv, cache, pos, qkv, combine=False)
+        return Slices(self.partial, self.stats, self.heads, self.head_dim, self.splits, self.launch["BLOCK_S"])
 
     def _launch(self, qkv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
                 combine: bool) -> None:
@@ -311,22 +327,24 @@ class NewToken:
 
 
 def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, split: int | None = None, token: NewToken | None = None) -> torch.Tensor:
+                     scale: float, split: int | None = None, token: NewToken | None = None,
+                     combine: bool = True) -> torch.Tensor | Slices:
     """One token's attention over a KV cache the caller has written (cached_attention_kernel):
     query [batch, heads, 1, D]; key, value [batch, kv heads, length, D]; mask None (all `length`
     positions attended) or bool [batch, 1, 1, length]. Returns [batch, 1, heads, D] in query's dtype.
     The slice count is rounded up to a power of two, so that a cache growing a position a step
     compiles a few kernels, not one a step. `split`: positions a program takes (default slice_length).
     With `token` the kernel writes the token into the cache first, and applies the rotary embedding
-    to `query` (rows of heads x D) and the token's key."""
+    to `query` (rows of heads x D) and the token's key. `combine` False: the attention's Slices
+    instead, for the launch that rotates o_proj's input to combine (one sequence)."""
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     split = split or slice_length(length * kv_heads * batch)
     splits = _power_of_two(-(-length // split))
     programs = batch * kv_heads
     count = reserve_counts(query.device, programs)
-    out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
     partial = torch.empty(batch * heads, splits, dim, device=query.device, dtype=torch.float32)
+    out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype) if combine else partial
     stats = torch.empty(2, batch * heads, splits, device=query.device, dtype=torch.float32)
     mask_strides = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
     new = (query, query, query, query, query, 0, 0)  # unread without a token
@@ -339,5 +357,5 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
            query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], *mask_strides, *new,
            KV_HEADS=kv_heads, GROUP=group, D=dim, SPLIT=split, BLOCK=min(split, 64), SPLITS=splits,
            BLOCK_G=max(MIN_DOT_ROWS, _power_of_two(group)), BLOCK_S=splits, HEADS=batch * heads,
-           HAS_MASK=mask is not None, NEW_TOKEN=token is not None, num_warps=NUM_WARPS)
-    return out
+           HAS_MASK=mask is not None, NEW_TOKEN=token is not None, COMBINE=combine, num_warps=NUM_WARPS)
+    return out if combine else Slices(partial, stats, batch * heads, dim, splits, splits)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import registry
-from .attention import DecodeAttention, combine_slices
+from .attention import DecodeAttention, Slices, combine_slices
 from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
@@ -225,24 +225,24 @@ def swiglu_rotate(gate_up: torch.Tensor, target: RotationTarget, gelu: bool = Fa
     return rotated
 
 
-def combine_rotate(attention: DecodeAttention, like: torch.Tensor, target: RotationTarget) -> torch.Tensor:
-    """rotate(attention's output) for one token, from the slices DecodeAttention.slices left, in one
-    launch; rounded to like's dtype before the rotation, as a call of the attention returns it."""
-    k = attention.heads * attention.head_dim
+def combine_rotate(slices: Slices, like: torch.Tensor, target: RotationTarget, width: int) -> torch.Tensor:
+    """rotate(attention's output) for one token, from its slices, in one launch of programs `width`
+    columns wide (_combine_width); rounded to like's dtype before the rotation, as the attention's
+    own combining rounds it."""
+    k = slices.heads * slices.head_dim
     rotated = torch.empty(1, k, device=like.device, dtype=target.dtype)
-    options = _constexprs(target, like.device, k) | {"BLOCK_K": _combine_width(attention, target.group_size)}
-    launch(combine_rotate_kernel, (1, k // options["BLOCK_K"]), attention.partial, attention.stats, like,
-           *_target_arguments(target, rotated), HEADS=attention.heads, SPLITS=attention.splits,
-           BLOCK_S=attention.launch["BLOCK_S"], D=attention.head_dim, **options)
+    options = _constexprs(target, like.device, k) | {"BLOCK_K": width}
+    launch(combine_rotate_kernel, (1, k // width), slices.partial, slices.stats, like,
+           *_target_arguments(target, rotated), HEADS=slices.heads, SPLITS=slices.splits,
+           BLOCK_S=slices.block_s, D=slices.head_dim, **options)
     return rotated
 
 
-def _combine_width(attention: DecodeAttention, group_size: int) -> int | None:
+def _combine_width(k: int, head_dim: int, group_size: int) -> int | None:
     """Columns a program of combine_rotate takes (COMBINE_WIDTH, else block_width's): whole heads and
-    whole rotation groups, dividing the attention's width; None where that cannot be."""
-    k = attention.heads * attention.head_dim
+    whole rotation groups, dividing the attention's width k; None where that cannot be."""
     width = COMBINE_WIDTH or block_width(k, group_size)
-    fits = width is not None and k % width == 0 and width % attention.head_dim == 0 and width % group_size == 0
+    fits = width is not None and k % width == 0 and width % head_dim == 0 and width % group_size == 0
     return width if fits else None
 
 
@@ -305,19 +305,21 @@ def swiglu_linear(layer, gate_up: torch.Tensor, gelu: bool = False) -> torch.Ten
 def attention_linear(layer, attention: DecodeAttention, qkv: torch.Tensor, cache: torch.Tensor,
                      pos: torch.Tensor) -> torch.Tensor | None:
     """layer(attention(qkv, cache, pos)) for one token with the attention's slices combined in the
-    launch that rotates the layer's input (combine_rotate): the attention's programs end with their
-    slice, with no count and no last program combining. None where fused_linear's is, where a
-    program's columns are no whole number of heads, where the layer takes the attention's output
-    as it comes into an output zeroed before (registry.DIRECT_INPUTS: no launch of its own to
-    combine in), or COMBINE_IN_ROTATION is off."""
+    launch that rotates the layer's input (slices_linear)."""
+    return slices_linear(layer, qkv, attention.heads, attention.head_dim, lambda: attention.slices(qkv, cache, pos))
+
+
+def slices_linear(layer, like: torch.Tensor, heads: int, head_dim: int, attend: Callable[[], Slices]) -> torch.Tensor | None:
+    """layer(the attention's output) for one token, where attend() runs the attention and leaves its
+    Slices, combined in the launch that rotates the layer's input (combine_rotate): the attention's
+    programs end with their slice, with no count and no last program combining. None, attend()
+    not called, where fused_linear's is, where a program's columns are no whole number of heads,
+    where the layer takes the attention's output as it comes into an output zeroed before
+    (registry.DIRECT_INPUTS: no launch of its own to combine in), or COMBINE_IN_ROTATION is off."""
     kernel = getattr(layer, "kernel", None)
-    if not COMBINE_IN_ROTATION or kernel is None or qkv.shape[0] != 1 or _then_zeroes(layer, 1):
+    if not COMBINE_IN_ROTATION or kernel is None or like.shape[0] != 1 or _then_zeroes(layer, 1):
         return None
-    if _combine_width(attention, kernel.key.group_size) is None:
+    width = _combine_width(heads * head_dim, head_dim, kernel.key.group_size)
+    if width is None:
         return None
-
-    def produce(target: RotationTarget) -> torch.Tensor:
-        attention.slices(qkv, cache, pos)
-        return combine_rotate(attention, qkv, target)
-
-    return fused_linear(layer, 1, qkv, produce)
+    return fused_linear(layer, 1, like, lambda target: combine_rotate(attend(), like, target, width))

@@ -14,8 +14,10 @@ Hugging Face's attention forward applies the rotary embedding and writes the cac
 their own before it calls the attention function. In the attention modules of DECODE_FORWARDS,
 `install` replaces the forward on the instance (`decode_forward`): one token through a static
 cache, with the mask transformers makes for it, goes to one launch that applies the rotary
-embedding, writes the token's key and value into the cache and attends (`tqc::write_and_attend`);
-anything else to the class's own forward. `TQC_ATTENTION_WRITES=0` (WRITES False) keeps the
+embedding, writes the token's key and value into the cache and attends (`tqc::write_and_attend`,
+or with a quantized o_proj `tqc::write_attend_linear`, whose o_proj combines the attention's slices
+in the launch that rotates its input where it can, as the benchmark's decoder does); anything else
+to the class's own forward. `TQC_ATTENTION_WRITES=0` (WRITES False) keeps the
 writes apart.
 """
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 import inspect
 import os
 import types
+import weakref
 
 import torch
 from torch import nn
 
+from . import glue
 from .attention import NewToken, cached_attention, reserve_counts
 
 NAME = "tqc_decode"
@@ -37,6 +41,7 @@ WRITES = os.environ.get("TQC_ATTENTION_WRITES", "1") != "0"
 # attention classes whose forward is Llama's: q/k/v projections (Qwen3: then per-head q/k norms),
 # the rotary embedding, the cache write, the attention function, o_proj
 DECODE_FORWARDS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+_ATTENTIONS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()  # id -> decode_forward's module
 # keyword arguments the kernel ignores safely; any other with a value set sends the call to sdpa
 _IGNORED = {"cache_position", "position_ids", "use_cache", "is_causal", "sliding_window", "output_attentions"}
 
@@ -58,6 +63,35 @@ def write_and_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      mask: torch.Tensor, scale: float) -> torch.Tensor:
     """cached_attention that writes the token at `position` first (attention.NewToken)."""
     return cached_attention(query, keys, values, mask, scale, token=NewToken(key, value, cos, sin, position))
+
+
+def write_attend_linear(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor, scale: float, attention_id: int) -> torch.Tensor:
+    """o_proj(write_and_attend(...)) of the attention module registered under `attention_id`, for
+    [batch, 1, heads, D] queries: [batch, out features]. For one sequence the attention's slices
+    are combined in the launch that rotates o_proj's input (glue.slices_linear, where o_proj's
+    kernel allows), else o_proj takes the attention's output."""
+    o_proj = _ATTENTIONS[attention_id].o_proj
+    batch, heads, _, dim = query.shape
+    token = NewToken(key, value, cos, sin, position)
+    fused = glue.slices_linear(o_proj, value, heads, dim, lambda: cached_attention(
+        query, keys, values, mask, scale, token=token, combine=False))
+    if fused is not None:
+        return fused
+    return o_proj(write_and_attend(query, key, value, cos, sin, position, keys, values, mask, scale).view(batch, -1))
+
+
+@torch.library.custom_op("tqc::write_attend_linear", mutates_args=("keys", "values"))
+def _write_attend_linear_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            mask: torch.Tensor, scale: float, attention_id: int) -> torch.Tensor:
+    return write_attend_linear(query, key, value, cos, sin, position, keys, values, mask, scale, attention_id)
+
+
+@_write_attend_linear_op.register_fake
+def _(query, key, value, cos, sin, position, keys, values, mask, scale, attention_id):
+    return query.new_empty(query.shape[0], _ATTENTIONS[attention_id].o_proj.out_features)
 
 
 @torch.library.custom_op("tqc::write_and_attend", mutates_args=("keys", "values"))
@@ -124,11 +158,15 @@ def decode_forward(attn: nn.Module, hidden_states: torch.Tensor, position_embedd
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = (t.reshape(batch, dim) for t in position_embeddings)
     mask = attention_mask.expand(batch, -1, -1, -1)
-    run = _write_and_attend_op if torch.compiler.is_compiling() else write_and_attend  # eagerly: no dispatch
-    out = run(query.unsqueeze(2), key.reshape(batch, -1), value, cos, sin, layer.cumulative_length, layer.keys,
-              layer.values, mask, attn.scaling)
+    args = (query.unsqueeze(2), key.reshape(batch, -1), value, cos, sin, layer.cumulative_length, layer.keys,
+            layer.values, mask, attn.scaling)
+    compiling = torch.compiler.is_compiling()
+    if getattr(attn.o_proj, "kernel", None) is not None:  # one op to o_proj's output (eagerly: no dispatch)
+        out = (_write_attend_linear_op if compiling else write_attend_linear)(*args, id(attn))
+    else:
+        out = attn.o_proj((_write_and_attend_op if compiling else write_and_attend)(*args).view(batch, -1))
     layer.cumulative_length.add_(1)  # as StaticLayer.update counts what it holds
-    return attn.o_proj(out.view(batch, 1, -1)), None
+    return out.view(batch, 1, -1), None
 
 
 def _static_layer(cache, attn: nn.Module):
@@ -181,4 +219,5 @@ def install(model: nn.Module) -> bool:
         if type(module).__name__ in DECODE_FORWARDS and "position_embeddings" in inspect.signature(
                 type(module).forward).parameters:
             module.forward = types.MethodType(decode_forward, module)
+            _ATTENTIONS[id(module)] = module
     return True

@@ -3,6 +3,7 @@
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
                                           [--compiled-glue-paths] [--attention-writes-paths]
+                                          [--attention-combine-paths]
                                           [--attention-paths] [--kernel-profile]
                                           [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
@@ -23,7 +24,9 @@ step with the rotations in the norms and SwiGLU (the default) and apart, alterna
 `--compiled-glue-paths` its compiled step with hf_glue's fused steps as custom ops (the default)
 and with Hugging Face's formulas, alternated twice; `--attention-writes-paths` its compiled step with
 the rotary embedding and cache write in the attention's launch (hf_attention.decode_forward, the
-default) and apart, alternated twice. `--attention-paths` also times each model's
+default) and apart, alternated twice; `--attention-combine-paths` its compiled step with the
+attention's slices combined in the launch that rotates o_proj's input (glue.slices_linear, the
+default) and in the attention's own launch, alternated twice. `--attention-paths` also times each model's
 steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
@@ -157,14 +160,17 @@ def step_seconds(model, context: int, profile: bool = False, eager_only: bool = 
     return result
 
 
-# What --launch-paths, --glue-paths, --compiled-glue-paths and --attention-writes-paths switch: a
-# module's flag, by the name of each setting, and the steps timed (eager; graphed too; compiled too).
+# What --launch-paths, --glue-paths, --compiled-glue-paths, --attention-writes-paths and
+# --attention-combine-paths switch: a module's flag, by the name of each setting, and the steps timed
+# (eager; graphed too; compiled too).
 PATH_SWITCHES = {"launch": ("tqc.kernels.launch", "ENABLED", {"triton": False, "direct": True}, "eager"),
                  "glue": ("tqc.kernels.hf_glue", "ENABLED", {"separate": False, "fused": True}, "graph"),
                  "compiled_glue": ("tqc.kernels.hf_glue", "COMPILED", {"formulas": False, "custom_ops": True},
                                    "compiled"),
                  "attention_writes": ("tqc.kernels.hf_attention", "WRITES", {"separate": False, "in_attention": True},
-                                      "compiled")}
+                                      "compiled"),
+                 "attention_combine": ("tqc.kernels.glue", "COMBINE_IN_ROTATION",
+                                       {"in_attention": False, "in_o_proj_rotation": True}, "compiled")}
 
 
 def on_attention(model, implementation: str, run):
@@ -241,6 +247,8 @@ def main() -> None:
                         help="tqc steps, compiled, with hf_glue's fused steps as custom ops or Hugging Face's formulas")
     parser.add_argument("--attention-writes-paths", action="store_true",
                         help="tqc steps, compiled, the rotary embedding and cache write in the attention's launch or apart")
+    parser.add_argument("--attention-combine-paths", action="store_true",
+                        help="tqc steps, compiled, the attention's slices combined in o_proj's rotation launch or apart")
     parser.add_argument("--attention-paths", action="store_true",
                         help="also time bf16 on tqc's decode attention and tqc on sdpa")
     parser.add_argument("--kernel-profile", action="store_true",
@@ -290,7 +298,8 @@ def main() -> None:
             log(f"tqc on sdpa: {other_attention['tqc']}")
         switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths),
                                               ("compiled_glue", args.compiled_glue_paths),
-                                              ("attention_writes", args.attention_writes_paths)) if wanted]
+                                              ("attention_writes", args.attention_writes_paths),
+                                              ("attention_combine", args.attention_combine_paths)) if wanted]
         paths = {switch: compare_paths(quantized, args.context, switch,
                                        rounds=2 if PATH_SWITCHES[switch][3] == "compiled" else 3)
                  for switch in switches}

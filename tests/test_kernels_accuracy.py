@@ -927,30 +927,30 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
         calls.clear()
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs (tests/test_generation.py checks the eager loop on the CPU)")
-def test_static_decoder_replays_the_compiled_step_from_a_graph():
-    """tqc.generation.StaticDecoder on a model on the generated kernels, with tqc's glue and
-    attention: replaying the graph gives the tokens of the same compiled step called token by token
-    (so the position, the cache's own count and the mask advance inside the graph), for two prompts
-    in turn; a seeded sampled run repeats."""
-    from tqc.generation import Sampling, StaticDecoder
-    from tqc.kernels import hf_attention, hf_glue
+if CUDA:  # CUDA graphs (tests/test_generation.py checks the eager loop on the CPU); the interpreted run skips nothing
+    def test_static_decoder_replays_the_compiled_step_from_a_graph():
+        """tqc.generation.StaticDecoder on a model on the generated kernels, with tqc's glue and
+        attention: replaying the graph gives the tokens of the same compiled step called token by token
+        (so the position, the cache's own count and the mask advance inside the graph), for two prompts
+        in turn; a seeded sampled run repeats."""
+        from tqc.generation import Sampling, StaticDecoder
+        from tqc.kernels import hf_attention, hf_glue
 
-    model = tiny_model_on_kernels(torch.float16)
-    model.set_attn_implementation("sdpa")
-    assert hf_glue.install(model) and hf_attention.install(model)
-    torch._dynamo.reset()
-    decoder = StaticDecoder(model, max_length=32)
-    for prompt in ([1, 5, 9], [7, 3, 2]):  # three tokens: tiny_model_on_kernels' launch for a prompt
-        ids = torch.tensor([prompt], device=DEVICE)
-        graphed = decoder.generate(ids, 12)
-        with torch.no_grad():
-            decoder._prefill(ids, Sampling())
-            for _ in range(11):
-                decoder._step(Sampling())
-        assert torch.equal(graphed, decoder.tokens[:, : len(prompt) + 12]), prompt
-    sampled = [decoder.generate(ids, 12, temperature=1.0, seed=0) for _ in range(2)]
-    assert torch.equal(*sampled)
+        model = tiny_model_on_kernels(torch.float16)
+        model.set_attn_implementation("sdpa")
+        assert hf_glue.install(model) and hf_attention.install(model)
+        torch._dynamo.reset()
+        decoder = StaticDecoder(model, max_length=32)
+        for prompt in ([1, 5, 9], [7, 3, 2]):  # three tokens: tiny_model_on_kernels' launch for a prompt
+            ids = torch.tensor([prompt], device=DEVICE)
+            graphed = decoder.generate(ids, 12)
+            with torch.no_grad():
+                decoder._prefill(ids, Sampling())
+                for _ in range(11):
+                    decoder._step(Sampling())
+            assert torch.equal(graphed, decoder.tokens[:, : len(prompt) + 12]), prompt
+        sampled = [decoder.generate(ids, 12, temperature=1.0, seed=0) for _ in range(2)]
+        assert torch.equal(*sampled)
 
 
 def test_hf_attention_writes_the_token_inside_a_compiled_step(monkeypatch):
@@ -990,6 +990,39 @@ def test_hf_attention_writes_the_token_inside_a_compiled_step(monkeypatch):
         written = slice(2, ids.shape[1])  # inductor rounds the prompt's rotary embedding its own way
         assert want[:, :, written].std() > 0
         assert relative_error(got[:, :, written], want[:, :, written].double().cpu()) < TOLERANCE[torch.float16]
+
+
+def test_decode_forward_combines_the_attention_in_o_projs_rotation(monkeypatch):
+    """A Llama on the generated kernels decoding through a static cache: each step's attention ends
+    with its slices, which the launch that rotates o_proj's input combines (glue.slices_linear),
+    with the logits of the attention combining its own (glue.COMBINE_IN_ROTATION off)."""
+    from transformers import StaticCache
+
+    from tqc.kernels import glue, hf_attention, hf_glue
+    from tqc.kv_cache import cache_argument
+
+    model = tiny_model_on_kernels(torch.float16)
+    model.set_attn_implementation("sdpa")
+    assert hf_glue.install(model) and hf_attention.install(model)
+    combined, combine_rotate = [], glue.combine_rotate
+    monkeypatch.setattr(glue, "combine_rotate", lambda *args: combined.append(1) or combine_rotate(*args))
+    ids = torch.tensor([[1, 5, 9, 2, 33, 7]], device=DEVICE)
+
+    def decode() -> torch.Tensor:
+        cache = StaticCache(config=model.config, max_cache_len=256)  # four slices of 64, three of them empty
+        with torch.no_grad():
+            model(input_ids=ids[:, :3], **cache_argument(model, cache))  # three: tiny_model_on_kernels' prompt
+            steps = [model(input_ids=ids[:, i : i + 1], **cache_argument(model, cache)).logits
+                     for i in range(3, ids.shape[1])]
+        return torch.cat(steps, dim=1).float()
+
+    fused = decode()
+    assert len(combined) == ids.shape[1] - 3
+    monkeypatch.setattr(glue, "COMBINE_IN_ROTATION", False)
+    separate = decode()
+    assert len(combined) == ids.shape[1] - 3
+    assert separate.std() > 0
+    assert relative_error(fused, separate.double().cpu()) < TOLERANCE[torch.float16]
 
 
 def test_hf_attention_generates_a_left_padded_batch_as_sdpa_does(monkeypatch):
