@@ -171,7 +171,7 @@ def decode_forward(attn: nn.Module, hidden_states: torch.Tensor, position_embedd
 
 def _static_layer(cache, attn: nn.Module):
     """The cache layer of `attn` where it is a full-length StaticLayer that counts the positions it
-    holds itself (transformers 5.25), else None."""
+    holds itself (transformers 5.17 and 5.25), else None."""
     layers = getattr(cache, "layers", None)
     index = getattr(attn, "layer_idx", None)
     if layers is None or index is None or index >= len(layers):
