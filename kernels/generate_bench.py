@@ -19,34 +19,48 @@ import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-# result key -> the cache_implementation `generate` is given, or how StaticDecoder runs (compiled or not)
-GENERATE_MODES = {"generate": "dynamic", "generate_static": "static", "static_decoder": True,
-                  "static_decoder_uncompiled": False}
+Call = Callable[[], object]
+
+
+def _through_generate(cache: str) -> Callable[[torch.nn.Module, torch.Tensor, int], Call]:
+    """`model.generate` greedily through transformers' cache_implementation `cache`."""
+    return lambda model, prompt, new_tokens: functools.partial(
+        model.generate, input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=0, cache_implementation=cache)
+
+
+def _through_decoder(compiled: bool) -> Callable[[torch.nn.Module, torch.Tensor, int], Call]:
+    """tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU), its step compiled or not."""
+    def make(model, prompt, new_tokens) -> Call:
+        from tqc.generation import StaticDecoder  # noqa: PLC0415
+
+        decoder = StaticDecoder(model, max_length=prompt.shape[1] + new_tokens, compiled=compiled)
+        return functools.partial(decoder.generate, prompt, new_tokens)
+
+    return make
+
+
+# result key -> (model, prompt, new tokens) -> a call that generates them
+GENERATE_MODES = {"generate": _through_generate("dynamic"), "generate_static": _through_generate("static"),
+                  "static_decoder": _through_decoder(compiled=True),
+                  "static_decoder_uncompiled": _through_decoder(compiled=False)}
 
 
 def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warmup: int = 2,
                      repeats: int = 3) -> dict[str, float]:
-    """Seconds per new token, greedy, one sequence: `model.generate` with each cache_implementation
-    of GENERATE_MODES, and tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU)
-    with its step compiled and not; a mode that fails is reported on stderr and left out."""
-    from tqc.generation import StaticDecoder  # noqa: PLC0415
-
+    """Seconds per new token, greedy, one sequence, each way of GENERATE_MODES; a mode that fails
+    is reported on stderr and left out."""
     prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(model.device)
     result = {}
-    for name, cache in GENERATE_MODES.items():
+    for name, make in GENERATE_MODES.items():
         torch._dynamo.reset()  # each compiled forward starts afresh, far from the recompile limit
-        if isinstance(cache, bool):
-            decoder = StaticDecoder(model, max_length=prompt_tokens + new_tokens, compiled=cache)
-            call = functools.partial(decoder.generate, prompt, new_tokens)
-        else:
-            call = functools.partial(model.generate, input_ids=prompt, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                     cache_implementation=cache)
+        call = make(model, prompt, new_tokens)
 
         def run(call=call) -> float:
             start = time.perf_counter()
