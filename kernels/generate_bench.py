@@ -4,11 +4,11 @@
 
 The source model (the one the manifest names) runs first, in bf16 on CUDA (float32 on the CPU,
 where bf16 matmuls are slow), then the packed model as `tqc.load` gives it. Each decodes a
-random prompt greedily, a fixed number of new tokens, three ways: `generate` with transformers'
+random prompt greedily, a fixed number of new tokens, several ways: `generate` with transformers'
 default dynamic cache (eager) and with `cache_implementation="static"`, which transformers compiles
 (torch.compile) and replays from CUDA graphs on a GPU, and tqc.generation.StaticDecoder, whose
-whole step (the forward and the choice of the next token) is one CUDA graph replay on a GPU.
-Reported: milliseconds per new token, the median of three calls after two warm-up calls (the
+whole step (the forward and the choice of the next token) is one CUDA graph replay on a GPU: its
+step and prompt compiled (the default), its prompt eager, or neither compiled. Reported: milliseconds per new token, the median of three calls after two warm-up calls (the
 first static call compiles).
 """
 
@@ -34,12 +34,14 @@ def _through_generate(cache: str) -> Callable[[torch.nn.Module, torch.Tensor, in
         pad_token_id=0, cache_implementation=cache)
 
 
-def _through_decoder(compiled: bool) -> Callable[[torch.nn.Module, torch.Tensor, int], Call]:
-    """tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU), its step compiled or not."""
+def _through_decoder(compiled: bool, compiled_prefill: bool) -> Callable[[torch.nn.Module, torch.Tensor, int], Call]:
+    """tqc.generation.StaticDecoder (one CUDA graph replay a token on a GPU), its step and its
+    prefill compiled or not."""
     def make(model, prompt, new_tokens) -> Call:
         from tqc.generation import StaticDecoder  # noqa: PLC0415
 
-        decoder = StaticDecoder(model, max_length=prompt.shape[1] + new_tokens, compiled=compiled)
+        decoder = StaticDecoder(model, max_length=prompt.shape[1] + new_tokens, compiled=compiled,
+                                compiled_prefill=compiled_prefill)
         return functools.partial(decoder.generate, prompt, new_tokens)
 
     return make
@@ -47,8 +49,9 @@ def _through_decoder(compiled: bool) -> Callable[[torch.nn.Module, torch.Tensor,
 
 # result key -> (model, prompt, new tokens) -> a call that generates them
 GENERATE_MODES = {"generate": _through_generate("dynamic"), "generate_static": _through_generate("static"),
-                  "static_decoder": _through_decoder(compiled=True),
-                  "static_decoder_uncompiled": _through_decoder(compiled=False)}
+                  "static_decoder": _through_decoder(compiled=True, compiled_prefill=True),
+                  "static_decoder_eager_prefill": _through_decoder(compiled=True, compiled_prefill=False),
+                  "static_decoder_uncompiled": _through_decoder(compiled=False, compiled_prefill=False)}
 
 
 def generate_seconds(model, new_tokens: int = 128, prompt_tokens: int = 32, warmup: int = 2,

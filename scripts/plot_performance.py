@@ -130,6 +130,7 @@ def plot_step(profile: dict, path: Path) -> None:
 
 LOADED_MODES = {"eager": "eager step", "generate": "generate,\ndynamic cache", "graph": "step,\nCUDA graph",
                 "generate_static": "generate,\nstatic cache", "static_decoder_uncompiled": "StaticDecoder,\nnot compiled",
+                "static_decoder_eager_prefill": "StaticDecoder,\nprompt eager",
                 "static_decoder": "StaticDecoder\n(tqc.generation)",
                 "compiled_graph": "step, compiled\n+ CUDA graph"}
 

@@ -74,7 +74,8 @@ def test_hf_decode_check_runs_end_to_end_on_cpu(tmp_path):
                    cwd=tmp_path, check=True, capture_output=True)
     result = json.loads(output.read_text())
     assert result["device"] == "cpu" and result["plan"]["gate_proj"] == "3"
-    for mode in ("eager", "generate", "generate_static", "static_decoder", "static_decoder_uncompiled"):
+    for mode in ("eager", "generate", "generate_static", "static_decoder", "static_decoder_eager_prefill",
+                 "static_decoder_uncompiled"):
         assert result[mode]["bf16_ms"] > 0 and result[mode]["tqc_ms"] > 0, mode
     assert [len(runs) for runs in result["launch_paths_ms"].values()] == [3, 3]
     assert set(result["glue_paths_ms"]) == {"separate", "fused"}  # graphs only on CUDA

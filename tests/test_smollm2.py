@@ -82,6 +82,7 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
     from cli_helpers import one_line_error
 
     from tqc.cli import main
+    from tqc.kernels.generate_bench import GENERATE_MODES
 
     _, _, directory = smollm2_build
     output = tmp_path / "generate.json"
@@ -90,7 +91,7 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
     result = json.loads(output.read_text())
     assert result["source"] == "smollm2" and result["source_dtype"] == "torch.float32"
     assert result["attention"] == {"source": "sdpa", "tqc": "sdpa"}  # on a GPU tqc's is "tqc_decode"
-    assert set(result["modes"]) == {"generate", "generate_static", "static_decoder", "static_decoder_uncompiled"}
+    assert set(result["modes"]) == set(GENERATE_MODES)  # each way ran: a failing one is left out
     for entry in result["modes"].values():
         assert entry["source_ms"] > 0 and entry["tqc_ms"] > 0
         assert entry["speedup"] == pytest.approx(entry["source_ms"] / entry["tqc_ms"])

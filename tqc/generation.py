@@ -14,8 +14,10 @@ the position) as one CUDA graph, and replays it once a token; the host looks for
     tokens = decoder.generate(input_ids, max_new_tokens=128)                      # greedy
     tokens = decoder.generate(input_ids, 128, temperature=0.8, top_k=50, seed=0)  # sampled
 
-On a CPU the same step runs eagerly, a token at a time (the reference path). The prompts of a
-batch have the same length (no padding mask).
+The prompt's forward is compiled too, with dynamic shapes (gpt-fast's `prefill`), so that prompts of
+any length share one compiled graph; eagerly, a quantized model's prompt costs as much host time as
+a dozen of its graphed steps. On a CPU both run eagerly, a token at a time (the reference path).
+The prompts of a batch have the same length (no padding mask).
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ class Sampling:
 class StaticDecoder:
     """A model decoding through a static KV cache of `max_length` positions (prompt and new tokens)
     for `batch_size` sequences; on CUDA each token is one replay of a CUDA graph of the step
-    (`graphs`, default: on CUDA), compiled by torch.compile first unless `compiled` is False. The
-    graph of each Sampling is captured on first use and kept: reuse one decoder for many prompts."""
+    (`graphs`, default: on CUDA), compiled by torch.compile first unless `compiled` is False, and
+    the prompt runs through the model compiled with dynamic shapes unless `compiled_prefill` (default:
+    `compiled`) is False. The graph of each Sampling is captured on first use and kept: reuse one
+    decoder for many prompts."""
 
     def __init__(self, model: torch.nn.Module, max_length: int, batch_size: int = 1, graphs: bool | None = None,
-                 compiled: bool = True):
+                 compiled: bool = True, compiled_prefill: bool | None = None):
         from transformers import StaticCache  # noqa: PLC0415
 
         if max_length < MIN_LENGTH:
@@ -80,6 +84,8 @@ class StaticDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # ... and its position
         self.tokens = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)  # all so far
         self._forward = torch.compile(model) if self.graphs and compiled else model
+        compiled_prefill = compiled if compiled_prefill is None else compiled_prefill
+        self._prefill_forward = torch.compile(model, dynamic=True) if self.graphs and compiled_prefill else model
         self._steps: dict[Sampling, Callable[[], None]] = {}
 
     @torch.no_grad()
@@ -118,11 +124,11 @@ class StaticDecoder:
         return input_ids.shape[1]
 
     def _prefill(self, input_ids: torch.Tensor, sampling: Sampling) -> None:
-        """Run the prompts into the emptied cache (eagerly) and choose the first new token."""
+        """Run the prompts into the emptied cache and choose the first new token."""
         self.cache.reset()  # transformers 5.25's static cache counts the positions it holds itself
         length = input_ids.shape[1]
         positions = torch.arange(length, device=self.device)
-        logits = self.model(input_ids=input_ids, cache_position=positions, **self.forward_kwargs).logits[:, -1]
+        logits = self._prefill_forward(input_ids=input_ids, cache_position=positions, **self.forward_kwargs).logits[:, -1]
         first = sampling.choose(logits)
         self.tokens[:, :length] = input_ids
         self.tokens[:, length] = first
