@@ -10,7 +10,8 @@ kernel starts while the step runs.
     norm_rotate_kernel    h' = h + delta; x = rotate(rms_norm(h') * weight), rounded as torch's
                           F.rms_norm, Hugging Face's Llama RMSNorm or Gemma's (1 + weight) round it
                           (NORM_FORMS); or with no residual x = rotate(rms_norm(h) * weight)
-    swiglu_rotate_kernel  x = rotate(silu(gate) * up) (or Gemma's gelu_tanh(gate) * up)
+    swiglu_rotate_kernel  x = rotate(silu(gate) * up) (or Gemma's gelu_tanh(gate) * up); down_proj's
+                          output primed with the residual, which it then adds onto (fused_linear's onto)
     combine_rotate_kernel x = rotate(attention's output), combined from the one-launch attention's
                           slices (kernels/attention.py) for o_proj
 
@@ -40,7 +41,7 @@ from .attention import DecodeAttention, Slices, combine_slices
 from .launch import launch
 from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
-from .triton_kernels import clear_output, pdl_start, rotate_signed, store_in_order
+from .triton_kernels import pdl_start, prime_output, rotate_signed, store_in_order
 
 MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
 # norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
@@ -61,11 +62,11 @@ def block_width(k: int, group_size: int) -> int | None:
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
-def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, eps,
-                       K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
+def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, fill_ptr, CLEAR,
+                       eps, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                        INT8: tl.constexpr, PER_WORD: tl.constexpr, ROW: tl.constexpr, RESIDUAL: tl.constexpr,
                        FORM: tl.constexpr, PDL: tl.constexpr = False, FRAGMENT_STEP: tl.constexpr = 0,
-                       PRELOAD: tl.constexpr = True):
+                       PRELOAD: tl.constexpr = True, FILL: tl.constexpr = False):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
     h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
@@ -81,7 +82,7 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
     first_weight, first_signs = _weight_and_signs(weight_ptr, signs_ptr, first * BLOCK_K + tl.arange(0, BLOCK_K))
     if PRELOAD:
         pdl_start(PDL)
-    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    prime_output(clear_ptr, fill_ptr, CLEAR, BLOCK_K, FILL)
     token = tl.program_id(0)
     row = tl.arange(0, ROW)
     whole = _row(h_ptr, delta_ptr, h_out_ptr, token * K + row, row < K, RESIDUAL)
@@ -123,14 +124,14 @@ def _row(h_ptr, delta_ptr, like_ptr, offsets, mask, RESIDUAL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
-def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR, K: tl.constexpr,
+def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, fill_ptr, CLEAR, K: tl.constexpr,
                          LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr, INT8: tl.constexpr,
                          PER_WORD: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr = False,
-                         FRAGMENT_STEP: tl.constexpr = 0):
+                         FRAGMENT_STEP: tl.constexpr = 0, FILL: tl.constexpr = False):
     """grid (M, K / BLOCK_K): x = silu(gate) * up (GELU: gelu_tanh(gate) * up, Gemma's) for one
     token's BLOCK_K columns (gate_up is [M, 2K], gate first), rotated."""
     pdl_start(PDL)
-    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    prime_output(clear_ptr, fill_ptr, CLEAR, BLOCK_K, FILL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     dtype = gate_up_ptr.dtype.element_ty
@@ -149,18 +150,18 @@ def swiglu_rotate_kernel(gate_up_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr,
 
 
 @triton.jit(do_not_specialize=["CLEAR"])
-def combine_rotate_kernel(partial_ptr, stats_ptr, like_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, CLEAR,
+def combine_rotate_kernel(partial_ptr, stats_ptr, like_ptr, signs_ptr, out_ptr, scales_ptr, clear_ptr, fill_ptr, CLEAR,
                           HEADS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
                           K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_WIDTH: tl.constexpr,
                           INT8: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr = False,
-                          FRAGMENT_STEP: tl.constexpr = 0):
+                          FRAGMENT_STEP: tl.constexpr = 0, FILL: tl.constexpr = False):
     """grid (1, K / BLOCK_K), K = HEADS * D: one token's attention output, BLOCK_K / D heads a program,
     combined from the attention's SPLITS slices (attention.combine_slices) and rounded to like's
     dtype, as the attention's own combining stores it, then rotated."""
     block = tl.program_id(1)
     signs = tl.load(signs_ptr + block * BLOCK_K + tl.arange(0, BLOCK_K))
     pdl_start(PDL)
-    clear_output(clear_ptr, CLEAR, BLOCK_K)
+    prime_output(clear_ptr, fill_ptr, CLEAR, BLOCK_K, FILL)
     heads = block * (BLOCK_K // D) + tl.arange(0, BLOCK_K // D)
     combined = combine_slices(partial_ptr, stats_ptr, heads, heads < HEADS, HEADS, SPLITS, BLOCK_S, D)
     x = tl.reshape(combined, (BLOCK_K,)).to(like_ptr.dtype.element_ty).to(tl.float32)
@@ -183,11 +184,11 @@ def _store(x, signs, out_ptr, scales_ptr, tokens, block, K: tl.constexpr, LOG_G:
 
 
 def _target_arguments(target: RotationTarget, rotated: torch.Tensor) -> tuple:
-    """signs, out, scales, clear, CLEAR: the kernels' arguments for `target`, positionally (as
+    """signs, out, scales, clear, fill, CLEAR: the kernels' arguments for `target`, positionally (as
     kernels/launch.py wants tensors); `rotated` stands in for the pointers the constexprs leave unread."""
-    clear, scales = target.clear, target.scales
+    clear, scales, fill = target.clear, target.scales, target.clear_from
     return (target.signs, rotated, rotated if scales is None else scales, rotated if clear is None else clear,
-            0 if clear is None else clear.numel())
+            rotated if fill is None else fill, 0 if clear is None else clear.numel())
 
 
 def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
@@ -196,7 +197,8 @@ def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
         raise ValueError(f"no power of two up to {MAX_BLOCK_K} divides K={k} in whole groups of {target.group_size}")
     return {"INT8": target.scales is not None, "PER_WORD": target.per_word, "K": k,
             "LOG_G": target.group_size.bit_length() - 1, "BLOCK_K": block,
-            "PAIR_WIDTH": target.pair_width, "FRAGMENT_STEP": target.fragment_step} | pdl_launch(device)
+            "PAIR_WIDTH": target.pair_width, "FRAGMENT_STEP": target.fragment_step,
+            "FILL": target.clear_from is not None} | pdl_launch(device)
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -247,13 +249,15 @@ def _combine_width(k: int, head_dim: int, group_size: int) -> int | None:
 
 
 def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[RotationTarget], torch.Tensor],
-                 then=None) -> torch.Tensor | None:
+                 then=None, onto: torch.Tensor | None = None) -> torch.Tensor | None:
     """layer(x) where `produce(target)` writes x already rotated (on int8 activations: rounded, its
     scales in target.scales), or None where the layer has no kernel, is not tuned for this token
     count yet, the tokens are more than MAX_TOKENS, its width cannot be cut in whole groups
     (block_width), or its strategy rotates in a launch of its own (LayerKernel.fusable).
     `then`: a later layer (o_proj after q/k/v) whose output the same launch zeroes, where it can
-    take it (_then_zeroes); it finds it at its next call (registry.ZeroedOutput)."""
+    take it (_then_zeroes); it finds it at its next call (registry.ZeroedOutput). `onto`: a
+    residual, [tokens, N], added to the output: `produce` writes it where it would zero the output
+    the kernel adds into (target.clear_from), else it is added after."""
     kernel = getattr(layer, "kernel", None)
     config = kernel.tuned(tokens) if kernel is not None and tokens <= MAX_TOKENS else None
     if config is None or not kernel.fusable(config) or block_width(layer.in_features, kernel.key.group_size) is None:
@@ -266,10 +270,19 @@ def fused_linear(layer, tokens: int, like: torch.Tensor, produce: Callable[[Rota
     target = kernel.rotation_target(layer, config, out, like.dtype)
     if later:
         target = dataclasses.replace(target, clear=both)
+    fills = onto is not None and target.clear is out and _fills(out, onto)
+    if fills:
+        target = dataclasses.replace(target, clear_from=onto)
     rotated = produce(target)
     if later:
         zeroed_output(then).out = spare
-    return kernel.finish(kernel.multiply(rotated, layer, config, out, target.scales), layer)
+    result = kernel.finish(kernel.multiply(rotated, layer, config, out, target.scales), layer)
+    return result if onto is None or fills else onto + result
+
+
+def _fills(out: torch.Tensor, onto: torch.Tensor) -> bool:
+    """Whether `onto` can be copied into `out` as it is (a launch's clear_from)."""
+    return onto.shape == out.shape and onto.dtype == out.dtype and onto.is_contiguous()
 
 
 def _then_zeroes(then, tokens: int) -> int:
@@ -297,9 +310,11 @@ def norm_linear(layer, h: torch.Tensor, delta: torch.Tensor | None, weight: torc
     return None if out is None else (residual[0], out)
 
 
-def swiglu_linear(layer, gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor | None:
-    """layer(silu(gate) * up) (`gelu`: gelu_tanh(gate) * up) with the rotation in the SwiGLU launch, or None."""
-    return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target, gelu))
+def swiglu_linear(layer, gate_up: torch.Tensor, gelu: bool = False, onto: torch.Tensor | None = None) -> torch.Tensor | None:
+    """layer(silu(gate) * up) (`gelu`: gelu_tanh(gate) * up) with the rotation in the SwiGLU launch,
+    plus `onto` (the residual: fused_linear's), or None."""
+    return fused_linear(layer, gate_up.shape[0], gate_up, lambda target: swiglu_rotate(gate_up, target, gelu),
+                        onto=onto)
 
 
 def attention_linear(layer, attention: DecodeAttention, qkv: torch.Tensor, cache: torch.Tensor,

@@ -13,7 +13,9 @@ replaces, in each decoder layer of a known architecture (DECODER_LAYERS) whose f
 
 Where a decoder layer's norm before the MLP and its MLP are replaced, the layer's forward is
 replaced too, on the instance, by its class's in RESIDUAL_FORWARDS: the residual add after the
-attention runs in the launch of that norm, and the MLP goes on from gate/up's output.
+attention runs in the launch of that norm, and the MLP goes on from gate/up's output; in a Llama
+(not Gemma 3, which norms the MLP's output first) the add after the MLP is down_proj's own: the
+SwiGLU launch primes down_proj's output with the residual, and the kernel adds onto it.
 
 The new modules keep the names and tensors of those they replace (the state dict is unchanged).
 Under torch.compile each fused step is one custom op (`tqc::norm_linear`, `tqc::swiglu_linear`),
@@ -42,6 +44,7 @@ from . import glue
 
 ENABLED = os.environ.get("TQC_FUSED_GLUE", "1") != "0"
 COMPILED = os.environ.get("TQC_FUSED_GLUE", "1") != "eager"  # the fused steps as custom ops under torch.compile
+PRIME_RESIDUAL = True  # llama_forward: down_proj adds onto the residual (SwiGLU.from_gate_up's onto), no add after
 _LLAMA_NORMS = {"input_layernorm": ("self_attn", "qkv_fused"), "post_attention_layernorm": ("mlp", "gate_up_fused")}
 # decoder layer class -> {its norm: (the module reading the norm's output, that module's fused layer)}
 DECODER_LAYERS = {
@@ -91,13 +94,13 @@ def _norm_linear_shapes(h: torch.Tensor, delta: torch.Tensor | None, norm: int) 
 
 
 @torch.library.custom_op("tqc::swiglu_linear", mutates_args=())
-def swiglu_linear_op(gate_up: torch.Tensor, mlp: int) -> torch.Tensor:
+def swiglu_linear_op(gate_up: torch.Tensor, onto: torch.Tensor | None, mlp: int) -> torch.Tensor:
     """SwiGLU `mlp` (its id)'s swiglu_linear as one op that torch.compile keeps whole."""
-    return _MODULES[mlp].swiglu_linear(gate_up)
+    return _MODULES[mlp].swiglu_linear(gate_up, onto)
 
 
 @swiglu_linear_op.register_fake
-def _swiglu_linear_shape(gate_up: torch.Tensor, mlp: int) -> torch.Tensor:
+def _swiglu_linear_shape(gate_up: torch.Tensor, onto: torch.Tensor | None, mlp: int) -> torch.Tensor:
     return gate_up.new_empty((*gate_up.shape[:-1], _MODULES[mlp].down_proj.out_features))
 
 
@@ -172,30 +175,37 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_gate_up(self.gate_up_fused.whole_output(x))
 
-    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP's output from the fused gate/up output."""
+    def from_gate_up(self, gate_up: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output from the fused gate/up output, added to `onto` (the residual) if given."""
         if not _fuses(gate_up):
-            return self.formula(gate_up)
+            return self.formula(gate_up, onto)
         if torch.compiler.is_compiling():
-            return torch.ops.tqc.swiglu_linear(gate_up, id(self))
-        return self.swiglu_linear(gate_up)
+            return torch.ops.tqc.swiglu_linear(gate_up, onto, id(self))
+        return self.swiglu_linear(gate_up, onto)
 
-    def swiglu_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP's output, with the rotation in the act x up launch where glue.swiglu_linear runs."""
-        out = glue.swiglu_linear(self.down_proj, _flat(gate_up), self.gelu) if gate_up.is_contiguous() else None
-        return self.formula(gate_up) if out is None else out.view(*gate_up.shape[:-1], out.shape[-1])
+    def swiglu_linear(self, gate_up: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
+        """from_gate_up's result, with the rotation in the act x up launch where glue.swiglu_linear
+        runs, which primes down_proj's output with `onto` where the kernel adds into it."""
+        out = None
+        if gate_up.is_contiguous() and (onto is None or onto.is_contiguous()):
+            out = glue.swiglu_linear(self.down_proj, _flat(gate_up), self.gelu, _flat(onto))
+        return self.formula(gate_up, onto) if out is None else out.view(*gate_up.shape[:-1], out.shape[-1])
 
-    def formula(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def formula(self, gate_up: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        out = self.down_proj(self.act_fn(gate) * up)
+        return out if onto is None else onto + out
 
 
 def llama_forward(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """LlamaDecoderLayer.forward (attention, residual add, norm, MLP, residual add) with the add
     after the attention in the launch of the norm after it (RotatingRMSNorm.add_norm_linear), and
-    the MLP from gate/up's output on. The layer's own arguments go to the attention, as there."""
+    the MLP from gate/up's output on, down_proj adding onto the residual (SwiGLU.from_gate_up).
+    The layer's own arguments go to the attention, as there."""
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
     hidden_states, gate_up = layer.post_attention_layernorm.add_norm_linear(hidden_states, attended)
+    if PRIME_RESIDUAL:
+        return layer.mlp.from_gate_up(gate_up, onto=hidden_states)
     return hidden_states + layer.mlp.from_gate_up(gate_up)
 
 

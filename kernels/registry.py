@@ -553,7 +553,9 @@ class RotationTarget:
     (the output it adds into) zeroed, if not None. With `scales` (the int8 family): rounded to int8
     per (token, group), absmax / 127 written there, in planes of `per_word` inputs if > 0
     (int8_kernels.store_int8). With `fragment_step` > 0 (the fragment family's X_ORDERED): the
-    columns in the fragment order of steps that wide (fragments.fragment_input_order)."""
+    columns in the fragment order of steps that wide (fragments.fragment_input_order). With
+    `clear_from` (kernels/glue.py's producers only), `clear` is filled with its values instead of
+    zeros: the kernel adds the layer's output onto them (a residual)."""
 
     signs: torch.Tensor
     group_size: int
@@ -563,6 +565,7 @@ class RotationTarget:
     scales: torch.Tensor | None = None
     per_word: int = 0
     fragment_step: int = 0
+    clear_from: torch.Tensor | None = None
 
 
 @dataclass

@@ -64,6 +64,20 @@ def clear_output(clear_ptr, CLEAR, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def prime_output(clear_ptr, fill_ptr, CLEAR, BLOCK: tl.constexpr, FILL: tl.constexpr):
+    """clear_output, or with FILL clear_ptr[:CLEAR] = fill_ptr[:CLEAR]: the split-K kernel then adds
+    its products onto what was there (a residual), and no launch adds it after."""
+    if FILL:
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        for start in range(program * BLOCK, CLEAR, programs * BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            tl.store(clear_ptr + offsets, tl.load(fill_ptr + offsets, mask=offsets < CLEAR), mask=offsets < CLEAR)
+    else:
+        clear_output(clear_ptr, CLEAR, BLOCK)
+
+
+@triton.jit
 def rotate_tile(x, signs_ptr, cols, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """FWHT_G(x * signs) / sqrt(G) of a float32 [BLOCK_M, BLOCK_K] tile (columns `cols`, whole groups)."""

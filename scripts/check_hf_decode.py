@@ -3,7 +3,7 @@
     python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
                                           [--compiled-glue-paths] [--attention-writes-paths]
-                                          [--attention-combine-paths]
+                                          [--attention-combine-paths] [--mlp-residual-paths]
                                           [--attention-paths] [--kernel-profile]
                                           [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
@@ -26,7 +26,10 @@ and with Hugging Face's formulas, alternated twice; `--attention-writes-paths` i
 the rotary embedding and cache write in the attention's launch (hf_attention.decode_forward, the
 default) and apart, alternated twice; `--attention-combine-paths` its compiled step with the
 attention's slices combined in the launch that rotates o_proj's input (glue.slices_linear, the
-default) and in the attention's own launch, alternated twice. `--attention-paths` also times each model's
+default) and in the attention's own launch, alternated twice; `--mlp-residual-paths` its compiled step
+with the residual after the MLP added by down_proj's kernel onto an output the SwiGLU launch primed
+with it (hf_glue.PRIME_RESIDUAL, the default) and in a launch after it, alternated twice.
+`--attention-paths` also times each model's
 steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
 steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
 `--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
@@ -170,7 +173,9 @@ PATH_SWITCHES = {"launch": ("tqc.kernels.launch", "ENABLED", {"triton": False, "
                  "attention_writes": ("tqc.kernels.hf_attention", "WRITES", {"separate": False, "in_attention": True},
                                       "compiled"),
                  "attention_combine": ("tqc.kernels.glue", "COMBINE_IN_ROTATION",
-                                       {"in_attention": False, "in_o_proj_rotation": True}, "compiled")}
+                                       {"in_attention": False, "in_o_proj_rotation": True}, "compiled"),
+                 "mlp_residual": ("tqc.kernels.hf_glue", "PRIME_RESIDUAL", {"added_after": False, "in_down_proj": True},
+                                  "compiled")}
 
 
 def on_attention(model, implementation: str, run):
@@ -249,6 +254,8 @@ def main() -> None:
                         help="tqc steps, compiled, the rotary embedding and cache write in the attention's launch or apart")
     parser.add_argument("--attention-combine-paths", action="store_true",
                         help="tqc steps, compiled, the attention's slices combined in o_proj's rotation launch or apart")
+    parser.add_argument("--mlp-residual-paths", action="store_true",
+                        help="tqc steps, compiled, the residual after the MLP added by down_proj's kernel or after it")
     parser.add_argument("--attention-paths", action="store_true",
                         help="also time bf16 on tqc's decode attention and tqc on sdpa")
     parser.add_argument("--kernel-profile", action="store_true",
@@ -296,10 +303,7 @@ def main() -> None:
             other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(
                 quantized, args.context) | (generate_seconds(quantized) if args.generate else {}))
             log(f"tqc on sdpa: {other_attention['tqc']}")
-        switches = [name for name, wanted in (("launch", args.launch_paths), ("glue", args.glue_paths),
-                                              ("compiled_glue", args.compiled_glue_paths),
-                                              ("attention_writes", args.attention_writes_paths),
-                                              ("attention_combine", args.attention_combine_paths)) if wanted]
+        switches = [name for name in PATH_SWITCHES if getattr(args, f"{name}_paths")]
         paths = {switch: compare_paths(quantized, args.context, switch,
                                        rounds=2 if PATH_SWITCHES[switch][3] == "compiled" else 3)
                  for switch in switches}

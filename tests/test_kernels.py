@@ -851,7 +851,8 @@ def test_attention_leaving_its_slices_counts_nothing_and_o_projs_rotation_combin
     constexprs = {"HEADS": 32, "SPLITS": 16, "BLOCK_S": 16, "D": 128, "K": 4096, "LOG_G": 7, "BLOCK_K": 256,
                   "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "PDL": True, "FRAGMENT_STEP": 0}
     types = {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "like_ptr": "*bf16", "signs_ptr": "*fp32",
-             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "CLEAR": "i32"}
+             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "fill_ptr": "*bf16",
+             "CLEAR": "i32"}
     sass = compile_jit_for_hopper(combine_rotate_kernel, constexprs, 4, types=types).asm["sass"]
     assert sass.count("ACQBULK") == 1
     before, after = sass.split("ACQBULK")
@@ -870,7 +871,8 @@ def test_norm_loads_only_its_weight_and_signs_before_waiting(preload):
     constexprs = {"K": 4096, "LOG_G": 7, "BLOCK_K": 256, "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0, "ROW": 4096,
                   "RESIDUAL": True, "FORM": 0, "PDL": True, "FRAGMENT_STEP": 0, "PRELOAD": preload}
     types = {"h_ptr": "*bf16", "delta_ptr": "*bf16", "weight_ptr": "*bf16", "h_out_ptr": "*bf16", "signs_ptr": "*fp32",
-             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "CLEAR": "i32", "eps": "fp32"}
+             "out_ptr": "*fp16", "scales_ptr": "*fp16", "clear_ptr": "*bf16", "fill_ptr": "*bf16",
+             "CLEAR": "i32", "eps": "fp32"}
     sass = compile_jit_for_hopper(norm_rotate_kernel, constexprs, 4, types=types).asm["sass"]
     assert sass.count("ACQBULK") == 1
     before, after = sass.split("ACQBULK")

@@ -583,16 +583,19 @@ def tiny_model_on_kernels(dtype: torch.dtype, family: str = "llama"):
 def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, monkeypatch):
     """kernels/hf_glue.py in a Llama and a Gemma 3 (its norm with 1 + weight, its GELU) on the
     generated kernels: the norms and SwiGLU write the next layer's rotated input (the norm before
-    the MLP adding the residual too), so only o_proj rotates in a launch of its own, and the logits
-    are those of the separate rotation launches."""
+    the MLP adding the residual too; in the Llama SwiGLU primes down_proj's output with the
+    residual after the MLP, Gemma 3 norms the MLP's output first), so only o_proj rotates in a
+    launch of its own, and the logits are those of the separate rotation launches."""
     from tqc.kernels import glue, hf_glue, registry
 
     model = tiny_model_on_kernels(DTYPES[0], family)
     assert hf_glue.install(model) == 4
-    residuals = []
-    norm_rotate = glue.norm_rotate
+    residuals, primed = [], []
+    norm_rotate, swiglu_rotate = glue.norm_rotate, glue.swiglu_rotate
     monkeypatch.setattr(glue, "norm_rotate", lambda h, delta, *args: residuals.append(delta is not None)
                         or norm_rotate(h, delta, *args))
+    monkeypatch.setattr(glue, "swiglu_rotate", lambda gate_up, target, *args: primed.append(target.clear_from is not None)
+                        or swiglu_rotate(gate_up, target, *args))
     rotations = []
     separate_rotate = registry.rotate
     monkeypatch.setattr(registry, "rotate", lambda *args, **kwargs: rotations.append(1) or separate_rotate(*args, **kwargs))
@@ -601,6 +604,7 @@ def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, mo
         fused = model(input_ids=ids).logits.float()
         assert len(rotations) == 1
         assert residuals == [False, True]
+        assert primed == [family == "llama"]
         monkeypatch.setattr(hf_glue, "ENABLED", False)
         separate = model(input_ids=ids).logits.float()
     assert len(rotations) == 1 + 4  # q/k/v, o_proj, gate/up, down_proj
@@ -612,7 +616,8 @@ def test_hugging_face_norms_and_mlp_rotate_for_the_next_layer(family, tokens, mo
 def test_hugging_face_glue_compiled_matches_eager(compiled_steps, monkeypatch):
     """Compiled, a Llama with kernels/hf_glue.py's modules gives the eager logits (one token; on a
     GPU three too): with hf_glue.COMPILED its fused steps run as custom ops (the norm before the
-    MLP adding the residual), else inductor traces Hugging Face's formulas and no fused step runs."""
+    MLP adding the residual, SwiGLU priming down_proj's output with the one after), else inductor
+    traces Hugging Face's formulas and no fused step runs."""
     from tqc.kernels import glue, hf_glue
 
     model = tiny_model_on_kernels(DTYPES[0])
@@ -621,7 +626,8 @@ def test_hugging_face_glue_compiled_matches_eager(compiled_steps, monkeypatch):
     steps, norm_rotate, swiglu_rotate = [], glue.norm_rotate, glue.swiglu_rotate
     monkeypatch.setattr(glue, "norm_rotate", lambda h, delta, *args: steps.append(("norm", delta is not None))
                         or norm_rotate(h, delta, *args))
-    monkeypatch.setattr(glue, "swiglu_rotate", lambda *args: steps.append(("swiglu", False)) or swiglu_rotate(*args))
+    monkeypatch.setattr(glue, "swiglu_rotate", lambda gate_up, target, *args: steps.append(
+        ("swiglu", target.clear_from is not None)) or swiglu_rotate(gate_up, target, *args))
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
@@ -632,7 +638,7 @@ def test_hugging_face_glue_compiled_matches_eager(compiled_steps, monkeypatch):
             steps.clear()
             error = relative_error(compiled(input_ids=ids).logits.float(), eager.double().cpu())
             assert error < TOLERANCE[DTYPES[0]], f"{tokens} tokens: {error:.2e}"
-            assert steps == ([("norm", False), ("norm", True), ("swiglu", False)] if compiled_steps else [])
+            assert steps == ([("norm", False), ("norm", True), ("swiglu", True)] if compiled_steps else [])
 
 
 def time_once(fn) -> float:
@@ -932,7 +938,7 @@ if CUDA:  # CUDA graphs (tests/test_generation.py checks the eager loop on the C
         """tqc.generation.StaticDecoder on a model on the generated kernels, with tqc's glue and
         attention: replaying the graph gives the tokens of the same compiled step called token by token
         (so the position, the cache's own count and the mask advance inside the graph), for two prompts
-        in turn; a seeded sampled run repeats."""
+        in turn; a seeded sampled run repeats; the compiled prompt gives the eager prompt's logits."""
         from tqc.generation import Sampling, StaticDecoder
         from tqc.kernels import hf_attention, hf_glue
 
@@ -951,6 +957,14 @@ if CUDA:  # CUDA graphs (tests/test_generation.py checks the eager loop on the C
             assert torch.equal(graphed, decoder.tokens[:, : len(prompt) + 12]), prompt
         sampled = [decoder.generate(ids, 12, temperature=1.0, seed=0) for _ in range(2)]
         assert torch.equal(*sampled)
+        prompt_logits = []
+        with torch.no_grad():
+            for forward in (decoder._prefill_forward, model):  # the prompt compiled with dynamic shapes, and eager
+                decoder.cache.reset()
+                prompt_logits.append(forward(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=DEVICE),
+                                             **decoder.forward_kwargs).logits.float())
+        assert decoder._prefill_forward is not model
+        assert relative_error(*prompt_logits) < TOLERANCE[torch.float16]
 
 
 def test_hf_attention_writes_the_token_inside_a_compiled_step(monkeypatch):
