@@ -1,6 +1,6 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
-    python3 -u scripts/check_hf_decode.py [--layers 4] [--plan mixed] [--context 1024] [--generate]
+    python3 -u scripts/check_hf_decode.py [--layers 4] [--family llama] [--plan mixed] [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
                                           [--compiled-glue-paths] [--attention-writes-paths]
                                           [--attention-combine-paths] [--mlp-residual-paths]
@@ -9,7 +9,7 @@
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
-weights) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
+weights; `--family gemma3`: Gemma 3's architecture at those sizes) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
 (kernels/decode_bench.py, head quantized too), loaded with `tqc.load`, and run by Hugging Face's
 own decoder layers, whose norms and MLPs tqc replaced so that they rotate the next layer's input
 (kernels/hf_glue.py; o_proj and the head rotate in a launch of their own). Both models decode one
@@ -69,16 +69,27 @@ START = time.perf_counter()
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
 
 
-def random_llama(shape: dict, layers: int, directory: Path, device: str):
-    """A random-weight Llama of `shape` on `device`; its config and a one-word tokenizer (timing
-    needs no text) saved in `directory`, which `tqc build` reads besides the model it is given."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+# --family -> (transformers config class, what it adds to the shape's sizes)
+FAMILIES = {"llama": ("LlamaConfig", lambda shape: {"rms_norm_eps": 1e-5}),
+            # Gemma 3's own architecture at the shape's sizes: five sliding-window layers to a global one
+            "gemma3": ("Gemma3TextConfig", lambda shape: {"query_pre_attn_scalar": shape["head_dim"],
+                                                          "sliding_window": GEMMA3_WINDOW})}
+GEMMA3_WINDOW = 1024  # Gemma 3 4B-27B's
 
-    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         head_dim=shape["head_dim"], vocab_size=shape["vocab"], num_hidden_layers=layers,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+def random_model(shape: dict, layers: int, directory: Path, device: str, family: str = "llama"):
+    """A random-weight model of `family` (FAMILIES) and `shape` on `device`; its config and a
+    one-word tokenizer (timing needs no text) saved in `directory`, which `tqc build` reads besides
+    the model it is given."""
+    import transformers
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    class_name, extra = FAMILIES[family]
+    config = getattr(transformers, class_name)(
+        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], vocab_size=shape["vocab"],
+        num_hidden_layers=layers, tie_word_embeddings=False, **extra(shape))
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -241,6 +252,8 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
+    parser.add_argument("--family", choices=FAMILIES, default="llama",
+                        help="the architecture at Llama-3-8B's sizes: Llama's, or Gemma 3's (sliding windows)")
     parser.add_argument("--generate", action="store_true",
                         help="also time model.generate, eager and static-cache, and tqc's StaticDecoder")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
@@ -272,7 +285,7 @@ def main() -> None:
     keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
     with keep as tmp:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
-        model = random_llama(shape, args.layers, source, device)
+        model = random_model(shape, args.layers, source, device, args.family)
         if args.keep:
             model.save_pretrained(source)  # the weights too: `tqc bench generate` loads the source model
         log("random model made")
@@ -307,7 +320,7 @@ def main() -> None:
         paths = {switch: compare_paths(quantized, args.context, switch,
                                        rounds=2 if PATH_SWITCHES[switch][3] == "compiled" else 3)
                  for switch in switches}
-    result = {"shape": shape, "layers": args.layers, "plan": options, "context": args.context, "device": device,
+    result = {"shape": shape, "family": args.family, "layers": args.layers, "plan": options, "context": args.context, "device": device,
               "quantized_layers_on_kernels": kernels, "fragments": args.fragments,
               "layers_on_the_fragment_family": on_fragments, "tqc_attention": quantized.config._attn_implementation}
     for mode in [mode for mode in bf16 if mode in tq]:
