@@ -225,7 +225,8 @@ def test_the_norms_and_mlps_hf_glue_replaces_compute_its_formulas(family):
 def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
     """hf_glue.RESIDUAL_FORWARDS replaces the forward of decoder layers; with the norm before the
     MLP adding the residual and running gate/up (add_norm_linear), and the MLP going on from
-    gate/up's output (from_gate_up), each gives this transformers' logits bit for bit."""
+    gate/up's output (from_gate_up, adding the residual after it where given it), each gives this
+    transformers' logits bit for bit."""
     import types
 
     import transformers
@@ -249,9 +250,10 @@ def test_the_decoder_layers_hf_glue_rewires_compute_their_own_forward(family):
             normed = norm(h + delta)
             return h + delta, torch.cat([mlp.gate_proj(normed), mlp.up_proj(normed)], dim=-1)
 
-        def from_gate_up(gate_up, mlp=mlp):
+        def from_gate_up(gate_up, onto=None, mlp=mlp):
             gate, up = gate_up.chunk(2, dim=-1)
-            return mlp.down_proj(mlp.act_fn(gate) * up)
+            out = mlp.down_proj(mlp.act_fn(gate) * up)
+            return out if onto is None else onto + out
 
         norm.add_norm_linear, mlp.from_gate_up = add_norm_linear, from_gate_up
         layer.forward = types.MethodType(hf_glue.RESIDUAL_FORWARDS[type(layer).__name__], layer)
