@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from check_hf_decode import build_packed, log, random_llama  # noqa: E402
+from check_hf_decode import build_packed, log, random_model  # noqa: E402
 
 from tqc.kernels.decode_bench import LLAMA3_8B  # noqa: E402
 from tqc.kernels.generate_bench import generate_seconds  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
     result = collections.defaultdict(dict)
     with tempfile.TemporaryDirectory() as tmp:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
-        model = random_llama(LLAMA3_8B, args.layers, source, "cuda")
+        model = random_model(LLAMA3_8B, args.layers, source, "cuda")
         for name in ("bf16", "tqc"):
             if name == "tqc":
                 build_packed(source, model, args.plan, packed)

@@ -2,7 +2,7 @@
 
     python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
         [--profile docs/bench/h100-run153-profile-decode-mixed-nopdl.json]
-        [--loaded docs/bench/h100-run173-hf-generate.json]
+        [--loaded docs/bench/h100-run175-hf-generate.json]
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
         [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
@@ -166,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
     parser.add_argument("--profile", type=Path, default=BENCH / "h100-run153-profile-decode-mixed-nopdl.json")
-    parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run173-hf-generate.json")
+    parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run175-hf-generate.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
     parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
     parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),
