@@ -880,6 +880,27 @@ def test_norm_loads_only_its_weight_and_signs_before_waiting(preload):
     assert not re.search(r"\b(STG|ATOMG|REDG)", before) and "LDG" in after
 
 
+def test_swiglu_primes_down_projs_output_with_the_residual_only_after_waiting():
+    """Under PDL the SwiGLU + rotation launch (glue.swiglu_rotate_kernel, one token) reads and writes
+    nothing before it waits for gate/up's matmul; with FILL it also loads the residual, after that
+    wait, to store where it would store zeros (down_proj's output, which the kernel adds onto)."""
+    from tqc.kernels.glue import swiglu_rotate_kernel
+    from tqc.kernels.static_report import compile_jit_for_hopper
+
+    constexprs = {"K": 14336, "LOG_G": 7, "BLOCK_K": 256, "PAIR_WIDTH": 0, "INT8": False, "PER_WORD": 0,
+                  "GELU": False, "PDL": True, "FRAGMENT_STEP": 0}
+    types = {"gate_up_ptr": "*bf16", "signs_ptr": "*fp32", "out_ptr": "*fp16", "scales_ptr": "*fp16",
+             "clear_ptr": "*bf16", "fill_ptr": "*bf16", "CLEAR": "i32"}
+    loads = {}
+    for fill in (False, True):
+        sass = compile_jit_for_hopper(swiglu_rotate_kernel, constexprs | {"FILL": fill}, 4, types=types).asm["sass"]
+        assert sass.count("ACQBULK") == 1
+        before, after = sass.split("ACQBULK")
+        assert not re.search(r"\b(LDG|STG|ATOMG|REDG)", before)
+        loads[fill] = len(re.findall(r"\bLDG\b", after))
+    assert loads[True] > loads[False]
+
+
 @pytest.mark.parametrize(("kernel_name", "inputs_a_step"), [("fragment_dot_kernel", 16 * 64 // 128),
                                                             ("fragment_gemv_kernel", 64 // 4)])
 def test_fragment_kernels_read_bf16_activations_as_loaded(kernel_name, inputs_a_step):
