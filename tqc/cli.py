@@ -136,7 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = load_packed(args.packed, device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.packed)  # tqc build saves the source's tokenizer
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    decoder = StaticDecoder(model, max_length=ids.shape[1] + args.max_new_tokens)
+    # one prompt: compiling its forward (tens of seconds on an 8B model) would cost more than it saves
+    decoder = StaticDecoder(model, max_length=ids.shape[1] + args.max_new_tokens, compiled_prefill=False)
     tokens = decoder.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     print(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
