@@ -187,8 +187,9 @@ class SwiGLU(nn.Module):
         """from_gate_up's result, with the rotation in the act x up launch where glue.swiglu_linear
         runs, which primes down_proj's output with `onto` where the kernel adds into it."""
         out = None
-        if gate_up.is_contiguous() and (onto is None or onto.is_contiguous()):
-            out = glue.swiglu_linear(self.down_proj, _flat(gate_up), self.gelu, _flat(onto))
+        if gate_up.is_contiguous():
+            flat_onto = None if onto is None else onto.reshape(-1, onto.shape[-1])  # a view where it can be
+            out = glue.swiglu_linear(self.down_proj, _flat(gate_up), self.gelu, flat_onto)
         return self.formula(gate_up, onto) if out is None else out.view(*gate_up.shape[:-1], out.shape[-1])
 
     def formula(self, gate_up: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
