@@ -8,8 +8,9 @@ random prompt greedily, a fixed number of new tokens, several ways: `generate` w
 default dynamic cache (eager) and with `cache_implementation="static"`, which transformers compiles
 (torch.compile) and replays from CUDA graphs on a GPU, and tqc.generation.StaticDecoder, whose
 whole step (the forward and the choice of the next token) is one CUDA graph replay on a GPU: its
-step and prompt compiled (the default), its prompt eager, or neither compiled. Reported: milliseconds per new token, the median of three calls after two warm-up calls (the
-first static call compiles).
+step and prompt compiled (the default), its prompt eager, or neither compiled. Reported:
+milliseconds per new token, the median of three calls after two warm-up calls (the first static
+call compiles).
 """
 
 from __future__ import annotations

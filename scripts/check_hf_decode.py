@@ -8,35 +8,35 @@
                                           [--keep DIR] [--fragments]
                                           [-o hf_decode.json]
 
-What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random
-weights; `--family gemma3`: Gemma 3's architecture at those sizes) is built by `tqc build` (codes fitted on the GPU) at one of the benchmark decoder's plans
-(kernels/decode_bench.py, head quantized too), loaded with `tqc.load`, and run by Hugging Face's
-own decoder layers, whose norms and MLPs tqc replaced so that they rotate the next layer's input
-(kernels/hf_glue.py; o_proj and the head rotate in a launch of their own). Both models decode one
-token through a static KV cache of `--context` positions, eagerly and, on CUDA, replayed from a
-CUDA graph, then compiled (torch.compile) and replayed from a CUDA graph (median of 100 steps
-each). `--generate` also times `model.generate` with the default dynamic cache (eager) and with a
-static one (which transformers compiles), and tqc.generation.StaticDecoder (one CUDA graph replay a
-token: kernels/generate_bench.py); `--profile` logs a CPU profile of the eager steps of
-both models. `--launch-paths` times tqc's eager step through Triton's launcher and through the
-compiled kernels directly (kernels/launch.py, the default), `--glue-paths` its eager and graphed
-step with the rotations in the norms and SwiGLU (the default) and apart, alternated three times.
-`--compiled-glue-paths` its compiled step with hf_glue's fused steps as custom ops (the default)
-and with Hugging Face's formulas, alternated twice; `--attention-writes-paths` its compiled step with
-the rotary embedding and cache write in the attention's launch (hf_attention.decode_forward, the
-default) and apart, alternated twice; `--attention-combine-paths` its compiled step with the
-attention's slices combined in the launch that rotates o_proj's input (glue.slices_linear, the
-default) and in the attention's own launch, alternated twice; `--mlp-residual-paths` its compiled step
-with the residual after the MLP added by down_proj's kernel onto an output the SwiGLU launch primed
-with it (hf_glue.PRIME_RESIDUAL, the default) and in a launch after it, alternated twice.
-`--attention-paths` also times each model's
-steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention (kernels/hf_attention.py; `--profile` profiles its eager
-steps), tqc on Hugging Face's "sdpa" (with `--generate`, its `generate` too).
-`--kernel-profile` sums the GPU kernels of each model's compiled step by name and grid.
-`--keep DIR` leaves the random source model and the packed one in DIR/source and DIR/packed (for
-`tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a smoke test of the
-plumbing. Compare with `tqc bench decode --layers 4` in the same run (docs/performance.md, runs
-71-77).
+What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random weights;
+`--family gemma3`: Gemma 3's architecture at those sizes) is built by `tqc build` (codes fitted on
+the GPU) at one of the benchmark decoder's plans (kernels/decode_bench.py, head quantized too),
+loaded with `tqc.load`, and run by Hugging Face's own decoder layers, whose norms and MLPs tqc
+replaced so that they rotate the next layer's input (kernels/hf_glue.py; o_proj and the head rotate
+in a launch of their own). Both models decode one token through a static KV cache of `--context`
+positions, eagerly and, on CUDA, replayed from a CUDA graph, then compiled (torch.compile) and
+replayed from a CUDA graph (median of 100 steps each). `--generate` also times `model.generate` with
+the default dynamic cache (eager) and with a static one (which transformers compiles), and
+tqc.generation.StaticDecoder (one CUDA graph replay a token: kernels/generate_bench.py); `--profile`
+logs a CPU profile of the eager steps of both models. `--launch-paths` times tqc's eager step
+through Triton's launcher and through the compiled kernels directly (kernels/launch.py, the
+default), `--glue-paths` its eager and graphed step with the rotations in the norms and SwiGLU (the
+default) and apart, alternated three times. `--compiled-glue-paths` its compiled step with hf_glue's
+fused steps as custom ops (the default) and with Hugging Face's formulas, alternated twice;
+`--attention-writes-paths` its compiled step with the rotary embedding and cache write in the
+attention's launch (hf_attention.decode_forward, the default) and apart, alternated twice;
+`--attention-combine-paths` its compiled step with the attention's slices combined in the launch
+that rotates o_proj's input (glue.slices_linear, the default) and in the attention's own launch,
+alternated twice; `--mlp-residual-paths` its compiled step with the residual after the MLP added by
+down_proj's kernel onto an output the SwiGLU launch primed with it (hf_glue.PRIME_RESIDUAL, the
+default) and in a launch after it, alternated twice. `--attention-paths` also times each model's
+steps on the attention it does not run by default: bf16 on tqc's one-launch decode attention
+(kernels/hf_attention.py; `--profile` profiles its eager steps), tqc on Hugging Face's "sdpa" (with
+`--generate`, its `generate` too). `--kernel-profile` sums the GPU kernels of each model's compiled
+step by name and grid. `--keep DIR` leaves the random source model and the packed one in DIR/source
+and DIR/packed (for `tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a
+smoke test of the plumbing. Compare with `tqc bench decode --layers 4` in the same run
+(docs/performance.md, runs 71-77).
 """
 
 from __future__ import annotations
