@@ -38,9 +38,9 @@ NAME = "tqc_decode"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ENABLED = os.environ.get("TQC_HF_ATTENTION", "1") != "0"
 WRITES = os.environ.get("TQC_ATTENTION_WRITES", "1") != "0"
-# attention classes whose forward is Llama's: q/k/v projections (Qwen3: then per-head q/k norms),
-# the rotary embedding, the cache write, the attention function, o_proj
-DECODE_FORWARDS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+# attention classes whose forward is Llama's: q/k/v projections (Qwen3 and Gemma 3: then per-head q/k
+# norms), the rotary embedding, the cache write, the attention function, o_proj
+DECODE_FORWARDS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "Gemma3Attention"}
 _ATTENTIONS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()  # id -> decode_forward's module
 # keyword arguments the kernel ignores safely; any other with a value set sends the call to sdpa
 _IGNORED = {"cache_position", "position_ids", "use_cache", "is_causal", "sliding_window", "output_attentions"}
@@ -154,7 +154,7 @@ def decode_forward(attn: nn.Module, hidden_states: torch.Tensor, position_embedd
     query = attn.q_proj(hidden_states).view(batch, -1, dim)
     key = attn.k_proj(hidden_states).view(batch, -1, dim)
     value = attn.v_proj(hidden_states).view(batch, -1)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = (t.reshape(batch, dim) for t in position_embeddings)
     mask = attention_mask.expand(batch, -1, -1, -1)
@@ -171,7 +171,9 @@ def decode_forward(attn: nn.Module, hidden_states: torch.Tensor, position_embedd
 
 def _static_layer(cache, attn: nn.Module):
     """The cache layer of `attn` where it is a full-length StaticLayer that counts the positions it
-    holds itself (transformers 5.17 and 5.25), else None."""
+    holds itself (transformers 5.17 and 5.25), else None. A sliding-window attention's layer may be
+    one (kv_cache.full_length_static_cache): the mask transformers makes for it keeps the window;
+    a StaticSlidingWindowLayer, which rolls its positions once full, is not."""
     layers = getattr(cache, "layers", None)
     index = getattr(attn, "layer_idx", None)
     if layers is None or index is None or index >= len(layers):
@@ -187,7 +189,7 @@ def _writes_and_attends(attn: nn.Module, hidden_states: torch.Tensor, layer, pos
     batch, dim = hidden_states.shape[0], attn.head_dim
     keys = layer.keys
     return (ENABLED and WRITES and attn.config._attn_implementation == NAME and not attn.training
-            and (hidden_states.is_cuda or INTERPRETED) and getattr(attn, "sliding_window", None) is None
+            and (hidden_states.is_cuda or INTERPRETED) and getattr(attn, "attn_logit_softcapping", None) is None
             and keys.dtype in (torch.float16, torch.bfloat16) and hidden_states.dtype == keys.dtype
             and dim >= 16 and dim & (dim - 1) == 0 and keys.shape[0] == batch and keys.shape[-1] == dim
             and layer.values.shape == keys.shape and keys.is_contiguous() and layer.values.is_contiguous()

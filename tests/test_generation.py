@@ -11,6 +11,7 @@ import torch
 from tiny_models import IDS, make_tiny_model, plan_for
 
 from tqc.generation import StaticDecoder, pad_after_eos
+from tqc.kv_cache import chunked_logits, full_length_static_cache
 from tqc.packed import build, load_packed
 
 NEW_TOKENS = 12
@@ -85,3 +86,42 @@ def test_what_the_decoder_cannot_take_is_one_line(packed_model, ids, new, messag
 def test_cuda_graphs_need_a_model_on_cuda(packed_model):
     with pytest.raises(ValueError, match="CUDA graphs need a model on CUDA"):
         StaticDecoder(packed_model, max_length=64, graphs=True)
+
+
+def gemma3_with_a_window(window: int | None) -> torch.nn.Module:
+    """A random two-layer Gemma 3, its first layer attending to the last `window` positions (None:
+    to all), its second to all."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=1024,
+                              sliding_window=window or 64, layer_types=["sliding_attention" if window else
+                                                                        "full_attention", "full_attention"])
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_a_sliding_layer_holding_every_position_attends_as_transformers_rolling_one_does():
+    """kv_cache.full_length_static_cache keeps a sliding layer's every position and leaves the
+    window to the mask: past the window (8 tokens, a window of 3) the logits are those of
+    transformers' StaticCache, which rolls the layer's positions, and not those without a window."""
+    from transformers import StaticCache
+
+    model = gemma3_with_a_window(3)
+    full = full_length_static_cache(model.config, 16)
+    assert [type(layer).__name__ for layer in full.layers] == ["StaticLayer"] * 2
+    rolling = StaticCache(config=model.config, max_cache_len=16)
+    assert type(rolling.layers[0]).__name__ == "StaticSlidingWindowLayer"
+    got = chunked_logits(model, IDS, full, chunk=1)
+    torch.testing.assert_close(got, chunked_logits(model, IDS, rolling, chunk=1))
+    unwindowed = gemma3_with_a_window(None)
+    assert not torch.allclose(got, chunked_logits(unwindowed, IDS, full_length_static_cache(unwindowed.config, 16), 1))
+
+
+def test_the_decoder_continues_past_a_sliding_window_as_generate_does():
+    """A Gemma 3 whose first layer attends to 3 positions, a prompt of 5 and 12 new tokens: the
+    decoder's tokens are greedy `generate`'s."""
+    model = gemma3_with_a_window(3)
+    ids = IDS[:1, :5]
+    expected = hf_greedy(model, ids, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    assert torch.equal(StaticDecoder(model, max_length=32).generate(ids, NEW_TOKENS), expected)

@@ -886,27 +886,30 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
     kernel, decodes token by token through a static cache (a bool mask), a dynamic one (no mask)
     and a TurboQuant one (3-bit keys, 2-bit values past the last 4 positions) to the logits of the
     same model on "sdpa"; each of those steps ran the kernel, and a prompt of several tokens did not
-    (it goes to sdpa). Through the static cache Llama's and Qwen3's attention (its q/k norms first)
-    writes the token into the cache in the kernel's launch, the rotary embedding applied there
-    (decode_forward), after the first token (which makes the cache): the first layer's values bit
-    for bit, its keys too where interpreted."""
+    (it goes to sdpa). Through the static cache every family's attention (Qwen3's and Gemma 3's q/k
+    norms first) writes the token into the cache in the kernel's launch, the rotary embedding
+    applied there (decode_forward), after the first token (which makes the cache): the first
+    layer's values bit for bit, its keys too where interpreted. Gemma 3's first layer attends to
+    the last 3 positions of the 8, through a full-length layer and the mask (as StaticDecoder's)."""
     import transformers
-    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+    from transformers import AutoModelForCausalLM, DynamicCache
 
     from tiny_models import FAMILIES, IDS
     from tqc.kernels import hf_attention
-    from tqc.kv_cache import TurboQuantCache, chunked_logits
+    from tqc.kv_cache import TurboQuantCache, chunked_logits, full_length_static_cache
 
     kernel, calls = hf_attention.cached_attention, []
     monkeypatch.setattr(hf_attention, "cached_attention",
                         lambda *args, **kwargs: calls.append("token" in kwargs) or kernel(*args, **kwargs))
     class_name, extra = FAMILIES[family]
+    if family == "gemma3_text":
+        extra = {**extra, "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]}
     config = getattr(transformers, class_name)(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=1024, max_position_embeddings=256, attn_implementation="sdpa", **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.float16).eval()
-    caches = {"static": lambda: StaticCache(config=model.config, max_cache_len=24),
+    caches = {"static": lambda: full_length_static_cache(model.config, 24),
               "dynamic": lambda: DynamicCache(config=model.config),
               "turboquant": lambda: TurboQuantCache(model.config, residual_length=4)}  # tqc's KV-cache mode
     ids = IDS.to(DEVICE)
@@ -920,8 +923,7 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
     for name, make in caches.items():
         cache = make()
         logits = chunked_logits(model, ids, cache, chunk=1)
-        writes = family != "gemma3_text" and name == "static"  # Gemma 3 keeps its forward
-        assert calls == [False] * layers + [writes] * (ids.shape[1] - 1) * layers, name
+        assert calls == [False] * layers + [name == "static"] * (ids.shape[1] - 1) * layers, name
         assert relative_error(logits, expected[name].double().cpu()) < TOLERANCE[torch.float16], name
         if name == "static":  # the first layer's projections are the same, the later ones' inputs are not
             first, want = cache.layers[0], made[name].layers[0]
@@ -934,15 +936,19 @@ def test_hf_attention_decodes_as_sdpa_does_through_static_and_dynamic_caches(fam
 
 
 if CUDA:  # CUDA graphs (tests/test_generation.py checks the eager loop on the CPU); the interpreted run skips nothing
-    def test_static_decoder_replays_the_compiled_step_from_a_graph():
+    @pytest.mark.parametrize("family", ["llama", "gemma3"])
+    def test_static_decoder_replays_the_compiled_step_from_a_graph(family):
         """tqc.generation.StaticDecoder on a model on the generated kernels, with tqc's glue and
         attention: replaying the graph gives the tokens of the same compiled step called token by token
         (so the position, the cache's own count and the mask advance inside the graph), for two prompts
-        in turn; a seeded sampled run repeats; the compiled prompt gives the eager prompt's logits."""
+        in turn; a seeded sampled run repeats; the compiled prompt gives the eager prompt's logits.
+        Gemma 3's layer attends to a window of 3 positions, which the 15 tokens pass."""
         from tqc.generation import Sampling, StaticDecoder
         from tqc.kernels import hf_attention, hf_glue
 
-        model = tiny_model_on_kernels(torch.float16)
+        model = tiny_model_on_kernels(torch.float16, family)
+        if family == "gemma3":
+            model.config.sliding_window = model.model.layers[0].self_attn.sliding_window = 3
         model.set_attn_implementation("sdpa")
         assert hf_glue.install(model) and hf_attention.install(model)
         torch._dynamo.reset()

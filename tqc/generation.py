@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import cache_argument
+from .kv_cache import cache_argument, full_length_static_cache
 
 MIN_LENGTH = 3  # capturing a step writes tokens 1 and 2 (StaticDecoder._capture)
 
@@ -65,13 +65,12 @@ class StaticDecoder:
     for `batch_size` sequences; on CUDA each token is one replay of a CUDA graph of the step
     (`graphs`, default: on CUDA), compiled by torch.compile first unless `compiled` is False, and
     the prompt runs through the model compiled with dynamic shapes unless `compiled_prefill` (default:
-    `compiled`) is False. The graph of each Sampling is captured on first use and kept: reuse one
+    `compiled`) is False. Sliding-window layers (Gemma 3's) keep all `max_length` positions, their
+    mask keeping the window (kv_cache.full_length_static_cache). The graph of each Sampling is captured on first use and kept: reuse one
     decoder for many prompts."""
 
     def __init__(self, model: torch.nn.Module, max_length: int, batch_size: int = 1, graphs: bool | None = None,
                  compiled: bool = True, compiled_prefill: bool | None = None):
-        from transformers import StaticCache  # noqa: PLC0415
-
         if max_length < MIN_LENGTH:
             raise ValueError(f"max_length must be at least {MIN_LENGTH}, not {max_length}")
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
@@ -79,7 +78,7 @@ class StaticDecoder:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on CUDA, not on {self.device}")
-        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.cache = full_length_static_cache(model.config, max_length)  # graphs replay no sliding roll
         self.forward_kwargs = dict(use_cache=True, **cache_argument(model, self.cache))
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # the step's input
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # ... and its position

@@ -16,7 +16,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, QuantizedLayer
+from transformers.cache_utils import Cache, QuantizedLayer, StaticCache, StaticLayer
 
 from .bitpack import pack, unpack
 from .rotation import random_signs, rotate, unrotate
@@ -85,6 +85,17 @@ class TurboQuantCache(Cache):
             raise ValueError(f"TurboQuant KV cache needs a power-of-two head_dim >= 32, got {head_dim}")
         layers = [TurboQuantKVLayer(key_bits, value_bits, residual_length) for _ in range(text.num_hidden_layers)]
         super().__init__(layers=layers)
+
+
+def full_length_static_cache(config, max_length: int) -> StaticCache:
+    """transformers' StaticCache of `max_length` positions whose sliding-window layers hold every
+    position too, as full-attention layers do; the mask transformers makes for those layers keeps
+    their window. A full StaticSlidingWindowLayer rolls its positions by a branch that the host
+    takes on each call (its Python count), which a CUDA graph's replay would not take: the graph
+    keeps writing past the window. Costs max_length positions a sliding layer instead of the window."""
+    cache = StaticCache(config=config, max_cache_len=max_length)
+    cache.layers = [StaticLayer(max_cache_len=max_length) if layer.is_sliding else layer for layer in cache.layers]
+    return cache
 
 
 def cache_argument(model, cache: Cache) -> dict[str, Cache]:
