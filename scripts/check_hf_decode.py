@@ -59,7 +59,7 @@ from tqc.kernels import hf_attention
 from tqc.kernels.generate_bench import generate_seconds
 from tqc.kernels.profiling import print_kernel_table, replay_kernel_table
 from tqc.kernels.registry import FragmentLayerKernel
-from tqc.kv_cache import cache_argument
+from tqc.kv_cache import cache_argument, full_length_static_cache
 
 # Timed steps of each kind. transformers 5.25's static cache writes each call at its own running
 # position, whatever `cache_position` says, a graph replay included: the prompt leaves room.
@@ -120,14 +120,13 @@ def build_packed(source: Path, model, plan_name: str, output: Path) -> dict[str,
 def step_seconds(model, context: int, profile: bool = False, eager_only: bool = False,
                  with_compile: bool = True, kernels: dict | None = None) -> dict[str, float]:
     """Median seconds of a decode step through a static cache of `context` positions, all attended
-    (Hugging Face masks the unused ones): run eagerly, and on CUDA replayed from a CUDA graph.
+    (Hugging Face masks the unused ones; sliding-window layers hold every position, as
+    tqc.generation.StaticDecoder's do): run eagerly, and on CUDA replayed from a CUDA graph.
     `profile`: log where the eager steps spend their time on the CPU (Python's cProfile).
     `eager_only`: no CUDA graph, no torch.compile; `with_compile`: False, no torch.compile.
     `kernels`: receives the compiled step's GPU kernels per step under "compiled_graph" (kernels/profiling.py)."""
-    from transformers import StaticCache
-
     device = model.device
-    cache = StaticCache(config=model.config, max_cache_len=context)
+    cache = full_length_static_cache(model.config, context)
     kwargs = dict(use_cache=True, **cache_argument(model, cache))
     prompt = torch.randint(model.config.vocab_size, (1, context - STEPS), generator=torch.Generator().manual_seed(0))
     token = prompt[:, -1:].to(device)
