@@ -1,6 +1,7 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
-    python3 -u scripts/check_hf_decode.py [--layers 4] [--family llama] [--plan mixed] [--context 1024] [--generate]
+    python3 -u scripts/check_hf_decode.py [--layers 4] [--family llama] [--shape llama3-8b] [--plan mixed]
+                                          [--context 1024] [--generate]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
                                           [--compiled-glue-paths] [--attention-writes-paths]
                                           [--attention-combine-paths] [--mlp-residual-paths]
@@ -9,7 +10,8 @@
                                           [-o hf_decode.json]
 
 What a user gets: an 8B-shaped Llama (Llama-3-8B's sizes, `--layers` decoder layers, random weights;
-`--family gemma3`: Gemma 3's architecture at those sizes) is built by `tqc build` (codes fitted on
+`--family gemma3`: Gemma 3's architecture at those sizes; `--shape`: SmolLM2-135M's or Gemma-3-270M's
+sizes instead, with `--layers 30` or `--family gemma3 --layers 18`) is built by `tqc build` (codes fitted on
 the GPU) at one of the benchmark decoder's plans (kernels/decode_bench.py, head quantized too),
 loaded with `tqc.load`, and run by Hugging Face's own decoder layers, whose norms and MLPs tqc
 replaced so that they rotate the next layer's input (kernels/hf_glue.py; o_proj and the head rotate
@@ -67,13 +69,20 @@ REPLAYS = 100
 STEPS = 4 * REPLAYS + 16  # eager, profiled eager, graph, compiled graph
 START = time.perf_counter()
 TINY = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 1024}
+# --shape -> the sizes of a model (its layer count is --layers); the two small ones are the real models
+# tqc is checked on (SmolLM2-135M: 30 layers, Llama's architecture; Gemma-3-270M: 18, --family gemma3)
+SHAPES = {"llama3-8b": LLAMA3_8B,
+          "smollm2-135m": {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
+                           "vocab": 49152},
+          "gemma3-270m": {"hidden": 640, "intermediate": 2048, "heads": 4, "kv_heads": 1, "head_dim": 256,
+                          "vocab": 262144, "sliding_window": 512}}
 
 
 # --family -> (transformers config class, what it adds to the shape's sizes)
 FAMILIES = {"llama": ("LlamaConfig", lambda shape: {"rms_norm_eps": 1e-5}),
             # Gemma 3's own architecture at the shape's sizes: five sliding-window layers to a global one
-            "gemma3": ("Gemma3TextConfig", lambda shape: {"query_pre_attn_scalar": shape["head_dim"],
-                                                          "sliding_window": GEMMA3_WINDOW})}
+            "gemma3": ("Gemma3TextConfig", lambda shape: {
+                "query_pre_attn_scalar": shape["head_dim"], "sliding_window": shape.get("sliding_window", GEMMA3_WINDOW)})}
 GEMMA3_WINDOW = 1024  # Gemma 3 4B-27B's
 
 
@@ -251,6 +260,8 @@ def main() -> None:
     parser.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
     parser.add_argument("--context", type=int, default=1024, help="KV-cache positions attended")
     parser.add_argument("--tiny", action="store_true", help="small shapes (for a CPU smoke test)")
+    parser.add_argument("--shape", choices=SHAPES, default="llama3-8b",
+                        help="whose sizes (default Llama-3-8B's); give the model's own --layers and --family")
     parser.add_argument("--family", choices=FAMILIES, default="llama",
                         help="the architecture at Llama-3-8B's sizes: Llama's, or Gemma 3's (sliding windows)")
     parser.add_argument("--generate", action="store_true",
@@ -280,7 +291,7 @@ def main() -> None:
         parser.error(f"--context must exceed the {STEPS} positions the timed steps take")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = TINY if args.tiny else LLAMA3_8B
+    shape = TINY if args.tiny else SHAPES[args.shape]
     keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
     with keep as tmp:
         source, packed = Path(tmp) / "source", Path(tmp) / "packed"
