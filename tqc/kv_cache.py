@@ -92,7 +92,8 @@ def full_length_static_cache(config, max_length: int) -> StaticCache:
     position too, as full-attention layers do; the mask transformers makes for those layers keeps
     their window. A full StaticSlidingWindowLayer rolls its positions by a branch that the host
     takes on each call (its Python count), which a CUDA graph's replay would not take: the graph
-    keeps writing past the window. Costs max_length positions a sliding layer instead of the window."""
+    keeps writing past the window. Costs max_length positions a sliding layer instead of the window
+    (no more where max_length is within it); tqc's memory model counts the window."""
     cache = StaticCache(config=config, max_cache_len=max_length)
     cache.layers = [StaticLayer(max_cache_len=max_length) if layer.is_sliding else layer for layer in cache.layers]
     return cache
