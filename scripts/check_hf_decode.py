@@ -1,7 +1,7 @@
 """Decode speed of a model that `tqc.load` returns, against the same Hugging Face model in bf16.
 
     python3 -u scripts/check_hf_decode.py [--layers 4] [--family llama] [--shape llama3-8b] [--plan mixed]
-                                          [--context 1024] [--generate]
+                                          [--context 1024] [--generate [--generate-modes MODE ...]]
                                           [--eager-only] [--profile] [--launch-paths] [--glue-paths]
                                           [--compiled-glue-paths] [--attention-writes-paths]
                                           [--attention-combine-paths] [--mlp-residual-paths]
@@ -58,7 +58,7 @@ import torch
 from tqc.kernels.bench import add_load_family_arguments
 from tqc.kernels.decode_bench import LLAMA3_8B, plan_options
 from tqc.kernels import hf_attention
-from tqc.kernels.generate_bench import generate_seconds
+from tqc.kernels.generate_bench import GENERATE_MODES, generate_seconds
 from tqc.kernels.profiling import print_kernel_table, replay_kernel_table
 from tqc.kernels.registry import FragmentLayerKernel
 from tqc.kv_cache import cache_argument, full_length_static_cache
@@ -81,8 +81,8 @@ SHAPES = {"llama3-8b": LLAMA3_8B,
 # --family -> (transformers config class, what it adds to the shape's sizes)
 FAMILIES = {"llama": ("LlamaConfig", lambda shape: {"rms_norm_eps": 1e-5}),
             # Gemma 3's own architecture at the shape's sizes: five sliding-window layers to a global one
-            "gemma3": ("Gemma3TextConfig", lambda shape: {
-                "query_pre_attn_scalar": shape["head_dim"], "sliding_window": shape.get("sliding_window", GEMMA3_WINDOW)})}
+            "gemma3": ("Gemma3TextConfig", lambda shape: {"query_pre_attn_scalar": shape["head_dim"],
+                                                          "sliding_window": shape.get("sliding_window", GEMMA3_WINDOW)})}
 GEMMA3_WINDOW = 1024  # Gemma 3 4B-27B's
 
 
@@ -266,6 +266,8 @@ def main() -> None:
                         help="the architecture at Llama-3-8B's sizes: Llama's, or Gemma 3's (sliding windows)")
     parser.add_argument("--generate", action="store_true",
                         help="also time model.generate, eager and static-cache, and tqc's StaticDecoder")
+    parser.add_argument("--generate-modes", nargs="+", choices=GENERATE_MODES, default=list(GENERATE_MODES),
+                        metavar="MODE", help=f"the ways --generate times (default all: {', '.join(GENERATE_MODES)})")
     parser.add_argument("--eager-only", action="store_true", help="time eager steps only (no graph, no compile)")
     parser.add_argument("--profile", action="store_true", help="log a CPU profile of both models' eager steps")
     parser.add_argument("--launch-paths", action="store_true", help="eager tqc steps, Triton's launcher against direct")
@@ -302,7 +304,7 @@ def main() -> None:
         kernel_tables = {"bf16": {}, "tqc": {}} if args.kernel_profile else {"bf16": None, "tqc": None}
         bf16 = step_seconds(model, args.context, args.profile, args.eager_only, kernels=kernel_tables["bf16"])
         if args.generate:
-            bf16 |= generate_seconds(model)
+            bf16 |= generate_seconds(model, modes=args.generate_modes)
         log(f"bf16 timed: {bf16}")
         other_attention = {}
         if args.attention_paths:
@@ -320,11 +322,12 @@ def main() -> None:
             raise SystemExit(f"only {kernels} of {len(layers)} quantized layers got a generated kernel")
         tq = step_seconds(quantized, args.context, args.profile, args.eager_only, kernels=kernel_tables["tqc"])
         if args.generate:
-            tq |= generate_seconds(quantized)
+            tq |= generate_seconds(quantized, modes=args.generate_modes)
         log(f"tqc timed: {tq} on attention {quantized.config._attn_implementation}")
         if args.attention_paths:
             other_attention["tqc"] = on_attention(quantized, "sdpa", lambda: step_seconds(
-                quantized, args.context) | (generate_seconds(quantized) if args.generate else {}))
+                quantized, args.context) | (generate_seconds(quantized, modes=args.generate_modes)
+                                            if args.generate else {}))
             log(f"tqc on sdpa: {other_attention['tqc']}")
         switches = [name for name in PATH_SWITCHES if getattr(args, f"{name}_paths")]
         paths = {switch: compare_paths(quantized, args.context, switch,
