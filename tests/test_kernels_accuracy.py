@@ -231,6 +231,9 @@ def test_rotation_kernel_matches_butterfly():
 # (heads, kv heads, head dim, context): Llama-3-8B's and Qwen2.5-7B's (7 query heads a KV head) on a GPU;
 # interpreted, a context that leaves the last slice short and a slice count that is no power of two
 ATTENTION_SHAPES = [(32, 8, 128, 1024), (28, 4, 128, 1000)] if CUDA else [(4, 2, 32, 40), (6, 2, 16, 100)]
+# ... and the real small models' for a model from `tqc.load`: Gemma-3-270M's 256-wide heads, one KV head;
+# SmolLM2-135M's 9 heads, 3 a KV head
+LOADED_ATTENTION_SHAPES = ATTENTION_SHAPES + ([(4, 1, 256, 1000), (9, 3, 64, 1000)] if CUDA else [(4, 1, 256, 40)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -257,7 +260,7 @@ def test_decode_attention_writes_the_cache_and_attends_as_sdpa_does(shape, dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", LOADED_ATTENTION_SHAPES, ids=str)
 def test_cached_attention_attends_where_the_mask_lets_it_as_sdpa_does(shape, dtype):
     """attention.cached_attention (a model from `tqc.load`) against scaled_dot_product_attention, two
     sequences: a static cache's mask (a prefix, the second sequence's shorter than a slice so that
