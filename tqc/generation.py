@@ -66,8 +66,8 @@ class StaticDecoder:
     (`graphs`, default: on CUDA), compiled by torch.compile first unless `compiled` is False, and
     the prompt runs through the model compiled with dynamic shapes unless `compiled_prefill` (default:
     `compiled`) is False. Sliding-window layers (Gemma 3's) keep all `max_length` positions, their
-    mask keeping the window (kv_cache.full_length_static_cache). The graph of each Sampling is captured on first use and kept: reuse one
-    decoder for many prompts."""
+    mask keeping the window (kv_cache.full_length_static_cache). The graph of each Sampling is
+    captured on first use and kept: reuse one decoder for many prompts."""
 
     def __init__(self, model: torch.nn.Module, max_length: int, batch_size: int = 1, graphs: bool | None = None,
                  compiled: bool = True, compiled_prefill: bool | None = None):
