@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .generate_bench import GENERATE_MODES
 from .tuning import stream_copies
 
 SHAPES = {  # name -> (out_features N, in_features K)
@@ -323,6 +324,8 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--prompt-tokens", type=int, default=32)
+    generate.add_argument("--modes", nargs="+", choices=GENERATE_MODES, default=list(GENERATE_MODES), metavar="MODE",
+                          help=f"the ways to generate that are timed (default all: {', '.join(GENERATE_MODES)})")
     add_load_family_arguments(generate)
     generate.add_argument("-o", "--output", default="bench-generate.json")
     generate.set_defaults(run=_generate)

@@ -1,6 +1,6 @@
 """`tqc bench generate`: how fast a packed model decodes with `generate`, against its source model.
 
-    tqc bench generate packed/ [--device cuda] [--new-tokens 128] [--prompt-tokens 32] [-o FILE]
+    tqc bench generate packed/ [--device cuda] [--new-tokens 128] [--prompt-tokens 32] [--modes MODE ...] [-o FILE]
 
 The source model (the one the manifest names) runs first, in bf16 on CUDA (float32 on the CPU,
 where bf16 matmuls are slow), then the packed model as `tqc.load` gives it. Each decodes a
@@ -104,12 +104,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     timing = dict(new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens)
     with torch.no_grad():
         model = load_model(resolve_model(manifest.source.name)).to(args.device, source_dtype)
-        source = generate_seconds(model, **timing)
+        source = generate_seconds(model, modes=args.modes, **timing)
         model_attention = model.config._attn_implementation
         del model
         quantized = load_packed(args.packed, device=args.device, fragments=args.fragments)
         attention = {"source": model_attention, "tqc": quantized.config._attn_implementation}
-        packed = generate_seconds(quantized, **timing)
+        packed = generate_seconds(quantized, modes=args.modes, **timing)
     modes = compare(source, packed)
     if not modes:
         raise CommandError("generate failed for every cache on one of the models (the errors are above)")

@@ -76,7 +76,8 @@ def test_eval_command_scores_the_packed_model_against_its_source(smollm2_build, 
 
 
 def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build, tmp_path, capsys):
-    """`tqc bench generate` on the CPU: both models decode each way (GENERATE_MODES); its errors are one line."""
+    """`tqc bench generate` on the CPU: both models decode each way (GENERATE_MODES), or the ways
+    `--modes` names; its errors are one line."""
     import json
 
     from cli_helpers import one_line_error
@@ -96,6 +97,8 @@ def test_bench_generate_times_the_packed_model_against_its_source(smollm2_build,
         assert entry["source_ms"] > 0 and entry["tqc_ms"] > 0
         assert entry["speedup"] == pytest.approx(entry["source_ms"] / entry["tqc_ms"])
     assert "generate_static" in capsys.readouterr().out
+    assert main(args + ["--device", "cpu", "--modes", "static_decoder", "generate"]) == 0
+    assert set(json.loads(output.read_text())["modes"]) == {"static_decoder", "generate"}
     assert "at least 1" in one_line_error(capsys, *args[:3], "--new-tokens", "0", "--device", "cpu")
     assert "not a tqc packed model" in one_line_error(capsys, "bench", "generate", str(tmp_path), "--device", "cpu")
     if not torch.cuda.is_available():
