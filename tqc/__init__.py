@@ -12,8 +12,8 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragme
     run 175), or with `model.generate(..., cache_implementation="static")`, which transformers
     compiles and replays from CUDA graphs around its own loop (3.9 ms; 22.2 with the default dynamic
     cache). One token attends in one launch (tqc.kernels.hf_attention, the attention "tqc_decode";
-    `TQC_HF_ATTENTION=0` keeps "sdpa"), which in Llama's, Mistral's and Qwen's attention through a
-    static cache also applies the rotary embedding and writes the cache.
+    `TQC_HF_ATTENTION=0` keeps "sdpa"), which in Llama's, Mistral's, Qwen's and Gemma 3's attention
+    through a static cache also applies the rotary embedding and writes the cache.
     `fragments`: the layers run the Gluon fragment family where the GPU can (Hopper; None, the
     default), always (True: a warning where it cannot) or never (False: the lookup kernels);
     tqc.kernels.attach.
