@@ -40,6 +40,17 @@ SHAPES = {  # name -> (out_features N, in_features K)
                  "gate_proj/up_proj": (9728, 2560), "down_proj": (2560, 9728)},
 }
 LLAMA = ["llama3-8b", "llama3-70b"]  # the issue's shapes: `tqc bench layers` by default
+
+
+def fused_shapes(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The concatenated layers tqc.load runs where a Llama's siblings share an option (tqc/fusion.py):
+    q/k/v as one, gate/up as one. `tqc bench layers --models llama3-8b-fused` times them against bf16
+    as one matmul of the same shape."""
+    (q, k), (kv, _), (gate, hidden) = shapes["q_proj/o_proj"], shapes["k_proj/v_proj"], shapes["gate_proj/up_proj"]
+    return {"q_proj+k_proj+v_proj": (q + 2 * kv, k), "gate_proj+up_proj": (2 * gate, hidden)}
+
+
+SHAPES |= {f"{model}-fused": fused_shapes(SHAPES[model]) for model in LLAMA}
 # `tqc bench decode --model`: name -> (decoder shape, layers); biases and q/k norms left out, shapes only
 DECODER_SHAPES = {
     "llama3-8b": ({"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128,
