@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from . import triton_kernels as tk
 from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
-TOKENS = gl.constexpr(16)  # wgmma's n: tokens padded to 16
+TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
 COPIES = gl.constexpr(TABLE_COPIES)
 QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
@@ -423,23 +423,24 @@ def pair_layout(warps):
 
 
 @triton.constexpr_function
-def accumulator_layout(warps):
-    """wgmma's accumulator over 16 rows a warp and n = 16 tokens."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, 16, 16])
+def accumulator_layout(warps, tokens=16):
+    """wgmma's accumulator over 16 rows a warp and n = `tokens` tokens."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, tokens, 16])
 
 
 @triton.constexpr_function
-def operand_layout(warps):
-    """wgmma's register operand A in fp16: where the decoded weights land."""
-    return gl.DotOperandLayout(operand_index=0, parent=accumulator_layout(warps), k_width=2)
+def operand_layout(warps, tokens=16):
+    """wgmma's register operand A in fp16 (for products over `tokens` tokens): where the decoded weights land."""
+    return gl.DotOperandLayout(operand_index=0, parent=accumulator_layout(warps, tokens), k_width=2)
 
 
 @gluon.jit
 def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N: gl.constexpr,
                    K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr,
                    EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr,
-                   RES_BITS: gl.constexpr, LOOKAHEAD: gl.constexpr, PRELOAD: gl.constexpr):
-    """What a program reads its weights with: (first step, its rows in the operand's row layout, their
+                   RES_BITS: gl.constexpr, LOOKAHEAD: gl.constexpr, PRELOAD: gl.constexpr,
+                   TOKENS_N: gl.constexpr = 16):
+    """What a program reads its weights with (for products over TOKENS_N tokens): (first step, its rows in the operand's row layout, their
     scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
     words a step, the PRMT tables, with STAGED every step's words already in flight to shared
     memory, else the pointers again; then the residual stage's code pointers, scale pointers and
@@ -452,7 +453,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     C: gl.constexpr = BLOCK_K // 32
     WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     first_step = gl.program_id(1) * ITERS
-    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W)))
+    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W, TOKENS_N)))
     codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
     res_codes = codes
     tables = _tables(table_ptr, C, W, BITS)
@@ -485,9 +486,11 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
-                        PRELOAD: gl.constexpr = False):
-    """out[M, N] += x @ W^T over this program's 16 num_warps rows and ITERS steps of BLOCK_K inputs (G a
-    multiple of BLOCK_K), on tensor cores; grid (N / BLOCK_N, splits). x: fp16, or bf16 turned to fp16
+                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16):
+    """out[M, N] += x @ W^T over this program's 16 num_warps rows, ITERS steps of BLOCK_K inputs (G a
+    multiple of BLOCK_K) and TOKEN_TILE tokens (wgmma's n: 16, or up to 128 for a prompt or a batch), on
+    tensor cores; grid (N / BLOCK_N, splits, token tiles): each program decodes its weights once for
+    its tile's tokens. x: fp16, or bf16 turned to fp16
     as it is loaded (a layer whose input arrives rotated reads attention's output as it comes:
     FragmentLayerKernel.takes_input_as_it_comes). The steps are unrolled, each
     step's code words loaded LOOKAHEAD steps before it decodes. BITS: 4, 3 or 2 (fragments.py).
@@ -503,27 +506,35 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
     C: gl.constexpr = BLOCK_K // 32
-    mma_layout: gl.constexpr = accumulator_layout(W)
-    a_layout: gl.constexpr = operand_layout(W)
+    mma_layout: gl.constexpr = accumulator_layout(W, TOKEN_TILE)
+    a_layout: gl.constexpr = operand_layout(W, TOKEN_TILE)
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
     (first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
      first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
-                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD)
+                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD, TOKEN_TILE)
+    first_token = gl.program_id(2) * TOKEN_TILE  # this program's tile of tokens, as if they were all there are
+    x_ptr += first_token * K
+    out_ptr += first_token * N
+    M -= first_token
 
-    # the activations of every step, into shared memory once: [ITERS, 16, BLOCK_K]
-    x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKENS, BLOCK_K], X_LAYOUT)
-    tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(1, x_load_layout))
+    # the activations of every step, into shared memory once: [ITERS, TOKEN_TILE, BLOCK_K]
+    x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKEN_TILE, BLOCK_K], X_LAYOUT)
+    tokens = gl.arange(0, TOKEN_TILE, layout=gl.SliceLayout(1, x_load_layout))
     columns = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_load_layout))
-    tiles = ()
-    for i in gl.static_range(ITERS):  # loaded together, then stored
-        offsets = tokens[:, None] * K + (first_step + i) * BLOCK_K + columns[None, :]
-        tiles = tiles + (gl.load(x_ptr + offsets, mask=(tokens < M)[:, None], other=0.0).to(gl.float16),)
-    for i in gl.static_range(ITERS):
-        x_smem.index(i).store(tiles[i])
+    offsets = tokens[:, None] * K + first_step * BLOCK_K + columns[None, :]
+    if TOKEN_TILE == TOKENS:  # loaded together, then stored
+        tiles = ()
+        for i in gl.static_range(ITERS):
+            tiles = tiles + (gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0).to(gl.float16),)
+        for i in gl.static_range(ITERS):
+            x_smem.index(i).store(tiles[i])
+    else:  # a larger tile step by step (its registers)
+        for i in gl.static_range(ITERS):
+            x_smem.index(i).store(gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0).to(gl.float16))
     fence_async_shared()
     barrier()
 
-    acc = gl.zeros([BLOCK_N, TOKENS], gl.float32, mma_layout)
+    acc = gl.zeros([BLOCK_N, TOKEN_TILE], gl.float32, mma_layout)
     products, res_products = acc, acc  # SCALE_AFTER's, a stage each
     RUN: gl.constexpr = G // BLOCK_K if ITERS % (G // BLOCK_K) == 0 else 1
     row_scales = (gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))) * (K // G)
@@ -568,7 +579,7 @@ def _add_into(out_ptr, acc, first_row, M, N: gl.constexpr, W: gl.constexpr):
     pairs: gl.constexpr = pair_layout(W)
     values = gl.convert_layout(acc, pairs).to(dtype)
     rows = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, pairs))
-    tokens = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, pairs))
+    tokens = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, pairs))
     offsets = tokens[None, :] * N + rows[:, None]
     valid = (tokens < M)[None, :] & (rows >= 0)[:, None]
     if dtype == gl.float32:
@@ -667,6 +678,6 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
 
 
 @lru_cache(maxsize=None)
-def x_layout(block_k: int):
-    """Shared memory of the activations, [steps, 16, block_k]: a step's tile is wgmma's B operand (transposed)."""
-    return gl.NVMMASharedLayout.get_default_for([TOKENS, block_k], gl.float16)
+def x_layout(block_k: int, tokens: int = 16):
+    """Shared memory of the activations, [steps, tokens, block_k]: a step's tile is wgmma's B operand (transposed)."""
+    return gl.NVMMASharedLayout.get_default_for([tokens, block_k], gl.float16)

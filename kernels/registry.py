@@ -39,7 +39,10 @@ INT8_LAYOUT = "int8"  # lut_int8.pack_words, for the int8 family
 FRAGMENT_LAYOUT = "fragments"  # fragments.py, for the fragment family (Gluon)
 LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8, FRAGMENT_LAYOUT: fragments}  # module: to_<name>_layout,
 # to_bitpack_layout
-MAX_FRAGMENT_TOKENS = 16  # wgmma's n: above, the fragment family dequantizes for cuBLAS
+MAX_FRAGMENT_TOKENS = 16  # wgmma's n at one token tile of 16; above, tiles of 64 or 128 tokens or dequantize + cuBLAS
+# (the tuner picks). A tile's activations of all of a program's steps sit in shared memory at once:
+# tokens x steps x 64 inputs x 2 bytes, at most 128 KB
+FRAGMENT_TILE_INPUTS = 64 * 1024
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
@@ -459,11 +462,14 @@ class FragmentLayerKernel(LayerKernel):
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
-        one token also on CUDA cores; dequantize + cuBLAS above 16 tokens."""
-        if bucket > MAX_FRAGMENT_TOKENS:
-            return [LaunchConfig(strategy="dequant")]
+        one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
+        bucket, four or more steps a program) on tensor cores, or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
+        if bucket > MAX_FRAGMENT_TOKENS:
+            return [LaunchConfig(strategy="dequant")] + [
+                LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in iters
+                if t <= max(bucket, 64) and i >= 4 and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
@@ -498,12 +504,11 @@ class FragmentLayerKernel(LayerKernel):
         if config.strategy == "dequant":
             return F.linear(rotated, self.dequantize(module, rotated.dtype))
         m, n = rotated.shape[0], self.key.n
-        most = 1 if config.strategy == "fragment_gemv" else MAX_FRAGMENT_TOKENS
-        if m > most:
-            raise ValueError(f"the fragment family's {config.strategy} kernel takes up to {most} tokens, got {m}")
+        if m > 1 and config.strategy == "fragment_gemv":
+            raise ValueError(f"the fragment family's one-token kernel takes one token, got {m}")
         splits, constexprs = self.specialise(config)  # made once per config (LayerKernel.specialise)
-        launch(self.gluon_kernel(config), (n // (16 * fragments.WARPS), splits), rotated, out, *self.weights(module), m,
-               **constexprs, **pdl_launch(rotated.device))
+        launch(self.gluon_kernel(config), (n // (16 * fragments.WARPS), splits, cdiv(m, config.token_tile)), rotated,
+               out, *self.weights(module), m, **constexprs, **pdl_launch(rotated.device))
         return out
 
     @staticmethod
@@ -519,17 +524,20 @@ class FragmentLayerKernel(LayerKernel):
 
         return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
-                                     "X_LAYOUT": gk.x_layout(fragments.BLOCK_K), "LOOKAHEAD": 2, "EVICT": True,
-                                     "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
+                                     "X_LAYOUT": gk.x_layout(fragments.BLOCK_K, config.token_tile), "LOOKAHEAD": 2,
+                                     "EVICT": True, "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
                                      "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
 
     @staticmethod
-    def scaling(config: LaunchConfig) -> dict[str, bool]:
+    def scaling(config: LaunchConfig) -> dict:
         """The constexprs saying how the config's kernel applies the scales (FRAGMENT_DOT_SCALING, GEMV_SUMS)
-        and, for the one-token kernel, where it reads its inputs (X_ORDERED)."""
-        if config.strategy != "fragment_gemv":
-            return FRAGMENT_DOT_SCALING
-        return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
+        and, for the one-token kernel, where it reads its inputs (X_ORDERED); the tensor-core kernel's
+        token tile (TOKEN_TILE: a wider tile scales its weights, its products in fewer registers)."""
+        if config.strategy == "fragment_gemv":
+            return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
+        if config.token_tile == 16:
+            return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16}
+        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout

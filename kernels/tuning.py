@@ -24,11 +24,12 @@ from tqc.memory import parse_size
 from tqc.plan import write_text_atomic
 
 TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
+# 14: the fragment family's tensor-core kernel over tiles of 64 or 128 tokens beyond 16 (token_tile);
 # 13: fragment_gemv candidates by how they sum before a scale (sums); 12: one-token fragment_gemv
 # candidates; 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core
 # candidates; 9: run-summed fp16 candidates; 8: lookahead; 7: weights-left tensor-core candidates;
 # 6: fp16 accumulation, prefetch, streamed timing.
-TUNE_FORMAT = 13  # older caches are retuned
+TUNE_FORMAT = 14  # older caches are retuned
 
 
 class LaunchConfig(BaseModel):
@@ -58,6 +59,8 @@ class LaunchConfig(BaseModel):
     # one scale: a step's products along each of its rows (ROW_SUMS), a group's steps (SUM_STEPS), or both
     ordered_inputs: bool = False  # fragment_gemv with row sums: the rotation writes its input in fragment
     # order, which the kernel loads as two 16-byte vectors a thread and step (X_ORDERED)
+    token_tile: Literal[16, 64, 128] = 16  # fragments: tokens a program multiplies its decoded weights by
+    # (wgmma's n; a grid axis over the tiles), so that a prompt or a batch decodes each weight once a tile
 
     @model_validator(mode="after")
     def _joined_pairs_scale_first(self) -> "LaunchConfig":
@@ -67,6 +70,8 @@ class LaunchConfig(BaseModel):
             raise ValueError(f"sums={self.sums!r} needs strategy 'fragment_gemv'")
         if self.ordered_inputs and (self.strategy != "fragment_gemv" or self.sums == "steps"):
             raise ValueError("ordered_inputs needs strategy 'fragment_gemv' with row sums")
+        if self.token_tile != 16 and self.strategy != "fragments":
+            raise ValueError(f"token_tile={self.token_tile} needs strategy 'fragments'")
         return self
 
 
@@ -80,7 +85,7 @@ class TuneFile(BaseModel):
     """The tuning results of one GPU under one Triton version; entries keyed by 'KEY/mBUCKET'."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal[13] = TUNE_FORMAT
+    format: Literal[14] = TUNE_FORMAT
     gpu: str
     triton_version: str
     entries: dict[str, TuneEntry] = {}

@@ -635,6 +635,30 @@ def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, 
     assert ops["HGMMA"] == iters * block_k // 16
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits):
+    """TOKEN_TILE (a prompt's or a batch's tokens, LaunchConfig.token_tile): compiled for sm_90, the
+    kernel over 128 tokens looks each weight up as often as over 16 and issues as many tensor-core
+    products (each 8 times wider: HGMMA.64x128x16), without spills; its activations take 8 times
+    the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.gluon_kernels import fragment_dot_kernel
+    from tqc.kernels.registry import FRAGMENT_TILE_INPUTS, FragmentLayerKernel
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    kernel = FragmentLayerKernel(layer_key(str(bits), 14336, 4096, 128), None)
+    wide = next(c for c in kernel.candidates(256) if c.token_tile == 128 and c.iters == 4)
+    narrow = wide.model_copy(update={"token_tile": 16})
+    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], 4, "*bf16") for c in (narrow, wide)]
+    (sixteen, tile), sass = (sass_summary(k) for k in compiled), compiled[1].asm["sass"]
+    assert tile["stack"] == 0 and "HGMMA.64x128x16" in sass
+    assert tile["ops"]["PRMT"] == sixteen["ops"]["PRMT"] and tile["ops"]["HGMMA"] == sixteen["ops"]["HGMMA"]
+    assert compiled[1].metadata.shared == 8 * compiled[0].metadata.shared
+    assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(4096))
+    assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
+
+
 def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
     """The fragment family's one-token kernel, compiled for sm_90: the same 16-byte code vectors and
     PRMT lookups as fragment_dot_kernel, no tensor-core products, no spills, and its row sums added

@@ -169,10 +169,12 @@ if CUDA:
     @pytest.mark.parametrize("iters", [1, 8])
     def test_fragment_kernel_matches_reference(iters, option):
         """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
-        reference path: split over K into the output the rotation zeroed at 1-16 tokens (tensor
-        cores) or one (CUDA cores, each LaunchConfig.sums), dequantize + cuBLAS above; each launch twice, the second time
-        straight to the compiled kernel (launch.py)."""
+        reference path: split over K into the output the rotation zeroed, on tensor cores in tiles of 16
+        tokens (1-40), 64 or 128 (77 and 300: the last tile short), or at one token on CUDA cores (each
+        LaunchConfig.sums); dequantize + cuBLAS; each launch twice, the second time straight to the
+        compiled kernel (launch.py)."""
         dot, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "dequant"))
+        tiles = [LaunchConfig(strategy="fragments", iters=iters, token_tile=t) for t in (64, 128)]
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
             _, original = random_layer(QuantOption.parse(option), n, k, group_size)
             module = copy.deepcopy(original)
@@ -182,12 +184,14 @@ if CUDA:
             gemvs += [c.model_copy(update={"ordered_inputs": True}) for c in gemvs  # offered or not (X_ORDERED)
                       if c.sums != "steps" and not c.ordered_inputs]
             for dtype in DTYPES:
-                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), *((gemv, 1) for gemv in gemvs), (dequant, 77)]:
+                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (dot, 40), *((gemv, 1) for gemv in gemvs),
+                                       *((tile, m) for tile in tiles for m in (77, 300)), (dequant, 77)]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     for call in ("through Triton", "direct"):  # the second to the compiled kernel (launch.py)
                         error = relative_error(kernel.run(x, module, config), reference(original, x))
                         assert error < TOLERANCE[dtype], (
-                            f"{option} {config.strategy} {config.sums} ordered={config.ordered_inputs} {n}x{k} "
+                            f"{option} {config.strategy} {config.sums} ordered={config.ordered_inputs} "
+                            f"tile={config.token_tile} {n}x{k} "
                             f"{dtype} M={tokens} {call}: {error:.2e}")
 
 
