@@ -43,6 +43,8 @@ MAX_FRAGMENT_TOKENS = 16  # wgmma's n at one token tile of 16; above, tiles of 6
 # (the tuner picks). A tile's activations of all of a program's steps sit in shared memory at once:
 # tokens x steps x 64 inputs x 2 bytes, at most 128 KB
 FRAGMENT_TILE_INPUTS = 64 * 1024
+# TQC_TOKEN_TILES=0: above 16 tokens the fragment family only dequantizes for cuBLAS (as before session 42)
+TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
@@ -469,7 +471,7 @@ class FragmentLayerKernel(LayerKernel):
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")] + [
                 LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in iters
-                if t <= max(bucket, 64) and i >= 4 and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
+                if TOKEN_TILES and t <= max(bucket, 64) and i >= 4 and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters

@@ -169,23 +169,32 @@ if CUDA:
     @pytest.mark.parametrize("iters", [1, 8])
     def test_fragment_kernel_matches_reference(iters, option):
         """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
-        reference path: split over K into the output the rotation zeroed, on tensor cores in tiles of 16
-        tokens (1-40), 64 or 128 (77 and 300: the last tile short), or at one token on CUDA cores (each
-        LaunchConfig.sums); dequantize + cuBLAS; each launch twice, the second time straight to the
-        compiled kernel (launch.py)."""
+        reference path: split over K into the output the rotation zeroed, on tensor cores (1-16 tokens,
+        and 40 in three tiles of 16) or at one token on CUDA cores (each LaunchConfig.sums); dequantize
+        + cuBLAS; each launch twice, the second time straight to the compiled kernel (launch.py)."""
         dot, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "dequant"))
-        tiles = [LaunchConfig(strategy="fragments", iters=iters, token_tile=t) for t in (64, 128)]
+        check_fragment_configs(option, [(dot, 1), (dot, 3), (dot, 16), (dot, 40), (dequant, 77)], gemv_iters=iters)
+
+    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
+    def test_fragment_token_tiles_match_reference(option):
+        """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
+        77 and 300 tokens (the last tile short), against the reference path."""
+        tiles = [LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in (1, 8)]
+        check_fragment_configs(option, [(tile, m) for tile in tiles for m in (77, 300)])
+
+    def check_fragment_configs(option: str, runs: list, gemv_iters: int | None = None) -> None:
+        """Each (config, tokens) of `runs` (and with gemv_iters the one-token kernel's candidates of that
+        step count) on the fragment family, in bf16 and fp16, against the reference path, at two shapes."""
         for n, k, group_size in [(1024, 4096, 128), (512, 3584, 128)]:
             _, original = random_layer(QuantOption.parse(option), n, k, group_size)
             module = copy.deepcopy(original)
             prepare(module, FRAGMENT_LAYOUT)
             kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
-            gemvs = [c for c in kernel.candidates(1) if c.strategy == "fragment_gemv" and c.iters == iters]  # each sums
+            gemvs = [c for c in kernel.candidates(1) if c.strategy == "fragment_gemv" and c.iters == gemv_iters]
             gemvs += [c.model_copy(update={"ordered_inputs": True}) for c in gemvs  # offered or not (X_ORDERED)
                       if c.sums != "steps" and not c.ordered_inputs]
             for dtype in DTYPES:
-                for config, tokens in [(dot, 1), (dot, 3), (dot, 16), (dot, 40), *((gemv, 1) for gemv in gemvs),
-                                       *((tile, m) for tile in tiles for m in (77, 300)), (dequant, 77)]:
+                for config, tokens in runs + [(gemv, 1) for gemv in gemvs]:
                     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
                     for call in ("through Triton", "direct"):  # the second to the compiled kernel (launch.py)
                         error = relative_error(kernel.run(x, module, config), reference(original, x))
