@@ -636,7 +636,7 @@ def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, 
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits):
+def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeypatch):
     """TOKEN_TILE (a prompt's or a batch's tokens, LaunchConfig.token_tile): compiled for sm_90, the
     kernel over 128 tokens looks each weight up as often as over 16 and issues as many tensor-core
     products (each 8 times wider: HGMMA.64x128x16), without spills; its activations take 8 times
@@ -647,6 +647,9 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits):
     from tqc.kernels.registry import FRAGMENT_TILE_INPUTS, FragmentLayerKernel
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
 
+    from tqc.kernels import registry
+
+    monkeypatch.setattr(registry, "TOKEN_TILES", True)
     kernel = FragmentLayerKernel(layer_key(str(bits), 14336, 4096, 128), None)
     wide = next(c for c in kernel.candidates(256) if c.token_tile == 128 and c.iters == 4)
     narrow = wide.model_copy(update={"token_tile": 16})
@@ -657,6 +660,8 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits):
     assert compiled[1].metadata.shared == 8 * compiled[0].metadata.shared
     assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(4096))
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
+    monkeypatch.setattr(registry, "TOKEN_TILES", False)
+    assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
 
 
 def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
