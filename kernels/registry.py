@@ -43,10 +43,9 @@ MAX_FRAGMENT_TOKENS = 16  # wgmma's n at one token tile of 16; above, tiles of 6
 # (the tuner picks). A tile's activations of all of a program's steps sit in shared memory at once:
 # tokens x steps x 64 inputs x 2 bytes, at most 128 KB
 FRAGMENT_TILE_INPUTS = 64 * 1024
-# TQC_TOKEN_TILES=1: the tuner may also pick the tiles above 16 tokens (LaunchConfig.token_tile); off by default
-# until a GPU has checked their sums (tests/test_kernels_accuracy.py -k token_tiles): then the family only
-# dequantizes for cuBLAS there, as before session 42
-TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "0") == "1"
+# TQC_TOKEN_TILES=0: above 16 tokens the family only dequantizes for cuBLAS, as before session 42 (the tiles' sums
+# checked on the H100 for all five options, runs 184-185: tests/test_kernels_accuracy.py -k token_tiles)
+TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
