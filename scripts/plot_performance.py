@@ -6,6 +6,8 @@
         [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
         [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
+        [--before-tiles docs/bench/h100-run183-layers-fused-all.json]
+        [--tiles docs/bench/h100-run184-layers-tiles.json docs/bench/h100-run186-layers-tiles-32.json]
         [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
@@ -16,7 +18,9 @@ what 3x allows) and
 performance-loaded.png (a model from tqc.load against bf16, ms a token, each way of running it:
 scripts/check_hf_decode.py); performance-families.png (each layer and option on the lookup kernels
 beside the fragment family, x bf16 at one and 16 tokens, --families; performance-families-other.png
-the same for other models' shapes, --other-families).
+the same for other models' shapes, --other-families); performance-tokens.png (the concatenated
+gate/up of Llama-3-8B, x bf16 by token count, before and with the fragment family's token tiles:
+--before-tiles, --tiles).
 """
 
 from __future__ import annotations
@@ -162,6 +166,26 @@ def plot_loaded(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_tokens(series: dict[str, list[dict]], path: Path, layer: str = "gate_proj+up_proj") -> None:
+    """Lines: x bf16 against the token count for each series (label -> benchmark rows, a later row of
+    the same option and token count replacing an earlier one) and option of one layer."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, rows in series.items():
+        for option in dict.fromkeys(r["option"] for r in rows if r["option"] not in ("bf16", "rotate")):
+            points = dict(sorted((r["tokens"], r["speedup_vs_bf16"]) for r in rows
+                                 if r["layer"] == layer and r["option"] == option))
+            ax.plot(list(points), list(points.values()), marker="o", label=f"{option} bits, {label}")
+    ax.axhline(1.0, linestyle="--", linewidth=0.8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("x bf16 (same run)")
+    ax.set_title(f"Llama-3-8B's {layer} (28672 x 4096) on the fragment family, H100", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
@@ -174,6 +198,9 @@ def main() -> None:
     parser.add_argument("--other-families", type=Path, nargs="+", metavar="LOOKUPS FAMILY",
                         default=[BENCH / f"h100-run128-layers{model}-{family}.json"
                                  for model in ("70b", "qwen") for family in ("lookups", "family")])
+    parser.add_argument("--before-tiles", type=Path, default=BENCH / "h100-run183-layers-fused-all.json")
+    parser.add_argument("--tiles", type=Path, nargs="+",
+                        default=[BENCH / "h100-run184-layers-tiles.json", BENCH / "h100-run186-layers-tiles-32.json"])
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -189,9 +216,13 @@ def main() -> None:
     rows = [json.loads(path.read_text())["rows"] for path in args.other_families]
     plot_families({"lookups": sum(rows[0::2], []), "fragment family": sum(rows[1::2], [])},
                   args.out / "performance-families-other.png")
+    before = [r for r in json.loads(args.before_tiles.read_text())["rows"] if r["option"] in ("3", "4")]
+    tiles = sum((json.loads(path.read_text())["rows"] for path in args.tiles), [])
+    plot_tokens({"dequantize + cuBLAS above 16 tokens": before, "token tiles above 16": tiles},
+                args.out / "performance-tokens.png")
     print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-layers-16.png, "
-          f"performance-decode-step.png, performance-loaded.png, performance-families.png and "
-          f"performance-families-other.png in {args.out}")
+          f"performance-decode-step.png, performance-loaded.png, performance-families.png, "
+          f"performance-families-other.png and performance-tokens.png in {args.out}")
 
 
 if __name__ == "__main__":
