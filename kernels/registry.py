@@ -43,6 +43,9 @@ MAX_FRAGMENT_TOKENS = 16  # wgmma's n at one token tile of 16; above, tiles of 6
 # (the tuner picks). A tile's activations of all of a program's steps sit in shared memory at once:
 # tokens x steps x 64 inputs x 2 bytes, at most 128 KB
 FRAGMENT_TILE_INPUTS = 64 * 1024
+# ... and only up to this bucket: each tile reads and decodes the whole layer again, so at 2048 tokens the tiles
+# took 2.0-4.7 ms where dequantize + cuBLAS took 0.87 (Llama-3-8B's gate+up, H100 run 184)
+FRAGMENT_TILE_MAX_BUCKET = 256
 # TQC_TOKEN_TILES=0: above 16 tokens the family only dequantizes for cuBLAS, as before session 42 (the tiles' sums
 # checked on the H100 for all five options, runs 184-185: tests/test_kernels_accuracy.py -k token_tiles)
 TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
@@ -466,13 +469,15 @@ class FragmentLayerKernel(LayerKernel):
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
         one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
-        bucket, four or more steps a program) on tensor cores, or dequantize + cuBLAS."""
+        bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens) on tensor cores,
+        or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")] + [
                 LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in iters
-                if TOKEN_TILES and t <= max(bucket, 64) and i >= 4 and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
+                if TOKEN_TILES and bucket <= FRAGMENT_TILE_MAX_BUCKET and t <= max(bucket, 64) and i >= 4
+                and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters

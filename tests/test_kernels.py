@@ -640,7 +640,8 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     """TOKEN_TILE (a prompt's or a batch's tokens, LaunchConfig.token_tile): compiled for sm_90, the
     kernel over 128 tokens looks each weight up as often as over 16 and issues as many tensor-core
     products (each 8 times wider: HGMMA.64x128x16), without spills; its activations take 8 times
-    the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory."""
+    the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory, and
+    not for a prefill's thousands of tokens."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels.bench import layer_key
     from tqc.kernels.gluon_kernels import fragment_dot_kernel
@@ -658,7 +659,8 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     assert tile["stack"] == 0 and "HGMMA.64x128x16" in sass
     assert tile["ops"]["PRMT"] == sixteen["ops"]["PRMT"] and tile["ops"]["HGMMA"] == sixteen["ops"]["HGMMA"]
     assert compiled[1].metadata.shared == 8 * compiled[0].metadata.shared
-    assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(4096))
+    assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(256))
+    assert [c.strategy for c in kernel.candidates(1024)] == ["dequant"]  # a prefill: cuBLAS (run 184)
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
     monkeypatch.setattr(registry, "TOKEN_TILES", False)
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
