@@ -41,8 +41,9 @@ LAYOUTS = {KERNEL_LAYOUT: repack, INT8_LAYOUT: lut_int8, FRAGMENT_LAYOUT: fragme
 # to_bitpack_layout
 MAX_FRAGMENT_TOKENS = 16  # wgmma's n at one token tile of 16; above, tiles of 64 or 128 tokens or dequantize + cuBLAS
 # (the tuner picks). A tile's activations of all of a program's steps sit in shared memory at once:
-# tokens x steps x 64 inputs x 2 bytes, at most 128 KB
-FRAGMENT_TILE_INPUTS = 64 * 1024
+# tokens x steps x 64 inputs x 2 bytes, at most 64 KB (the two 128-KB candidates were the slowest of run 184's
+# five tiles at 128 tokens: 210 and 301 us against 144-150)
+FRAGMENT_TILE_INPUTS = 32 * 1024
 # ... and only up to this bucket: each tile reads and decodes the whole layer again, so at 2048 tokens the tiles
 # took 2.0-4.7 ms where dequantize + cuBLAS took 0.87 (Llama-3-8B's gate+up, H100 run 184)
 FRAGMENT_TILE_MAX_BUCKET = 256
