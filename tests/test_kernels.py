@@ -666,6 +666,32 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
 
 
+def test_fragment_family_launches_a_program_column_per_token_tile(monkeypatch):
+    """FragmentLayerKernel.multiply with LaunchConfig.token_tile: a grid of (64-row blocks, K-splits,
+    token tiles), the last tile short, and the tile's constexprs (wgmma's n, the activations' shared
+    layout, scaling before the product above 16 tokens); the one-token kernel refuses more tokens."""
+    from tqc.kernels import gluon_kernels, registry
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    launches = []
+    monkeypatch.setattr(registry, "launch", lambda kernel, grid, *args, **constexprs: launches.append((grid, constexprs)))
+    module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 1024, 192), "cpu")
+    prepare(module, FRAGMENT_LAYOUT)
+    kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
+    for tile, tokens, tiles in [(16, 16, 1), (16, 40, 3), (64, 77, 2), (128, 300, 3)]:
+        config = LaunchConfig(strategy="fragments", iters=4, token_tile=tile)
+        x, out = torch.zeros(tokens, 1024, dtype=torch.float16), torch.zeros(tokens, 192, dtype=torch.float16)
+        assert kernel.multiply(x, module, config, out) is out
+        grid, constexprs = launches[-1]
+        assert grid == (192 // 64, 1024 // (64 * 4), tiles)
+        assert constexprs["TOKEN_TILE"] == tile and constexprs["SCALE_AFTER"] == (tile == 16)
+        assert constexprs["X_LAYOUT"] == gluon_kernels.x_layout(64, tile)
+    with pytest.raises(ValueError, match="one token"):
+        kernel.multiply(torch.zeros(2, 1024, dtype=torch.float16), module, LaunchConfig(strategy="fragment_gemv", iters=4),
+                        torch.zeros(2, 192, dtype=torch.float16))
+
+
 def test_fragment_gemv_kernel_decodes_the_same_fragments_on_cuda_cores():
     """The fragment family's one-token kernel, compiled for sm_90: the same 16-byte code vectors and
     PRMT lookups as fragment_dot_kernel, no tensor-core products, no spills, and its row sums added
