@@ -439,9 +439,10 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
                    K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr,
                    EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr,
                    RES_BITS: gl.constexpr, LOOKAHEAD: gl.constexpr, PRELOAD: gl.constexpr,
-                   TOKENS_N: gl.constexpr = 16):
-    """What a program reads its weights with (for products over TOKENS_N tokens): (first step, its rows in the operand's row layout, their
-    scale pointers (a step's group: (first_step + i) * BLOCK_K // G on), this thread's code pointers,
+                   TOKEN_TILE: gl.constexpr = 16):
+    """What a program reads its weights with, for products over TOKEN_TILE tokens: (first step, its rows
+    in the operand's row layout, their scale pointers (a step's group: (first_step + i) * BLOCK_K // G
+    on), this thread's code pointers,
     words a step, the PRMT tables, with STAGED every step's words already in flight to shared
     memory, else the pointers again; then the residual stage's code pointers, scale pointers and
     tables (the base's where the widths match: one codebook a width), read only where the kernel
@@ -453,7 +454,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     C: gl.constexpr = BLOCK_K // 32
     WORDS: gl.constexpr = thread_word_count(BLOCK_K, BITS)
     first_step = gl.program_id(1) * ITERS
-    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W, TOKENS_N)))
+    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W, TOKEN_TILE)))
     codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
     res_codes = codes
     tables = _tables(table_ptr, C, W, BITS)
@@ -525,12 +526,14 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     if TOKEN_TILE == TOKENS:  # loaded together, then stored
         tiles = ()
         for i in gl.static_range(ITERS):
-            tiles = tiles + (gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0).to(gl.float16),)
+            tile = gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0)
+            tiles = tiles + (tile.to(gl.float16),)
         for i in gl.static_range(ITERS):
             x_smem.index(i).store(tiles[i])
     else:  # a larger tile step by step (its registers)
         for i in gl.static_range(ITERS):
-            x_smem.index(i).store(gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0).to(gl.float16))
+            tile = gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0)
+            x_smem.index(i).store(tile.to(gl.float16))
     fence_async_shared()
     barrier()
 
