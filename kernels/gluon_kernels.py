@@ -684,3 +684,49 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
 def x_layout(block_k: int, tokens: int = 16):
     """Shared memory of the activations, [steps, tokens, block_k]: a step's tile is wgmma's B operand (transposed)."""
     return gl.NVMMASharedLayout.get_default_for([tokens, block_k], gl.float16)
+
+
+@gluon.jit
+def fragment_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
+                            N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
+                            ITERS: gl.constexpr, num_warps: gl.constexpr, BITS: gl.constexpr = 4,
+                            RES_BITS: gl.constexpr = 0, LOOKAHEAD: gl.constexpr = 2):
+    """out[N, K] = the weights the fragment layout stands for, in out's dtype (for prefill: dequantize
+    + cuBLAS): each program decodes ITERS steps of one block of 16 num_warps rows with the PRMT
+    lookups of the tensor-core kernel (_decode), scales them in float32 (the residual stage's added
+    by a fused multiply-add), as fragments.fragment_dequant_kernel computes them (its Triton
+    counterpart, which the CPU interpreter runs), and stores each step's tile in natural order, 16
+    bytes a thread and row run (through shared memory: convert_layout). Grid (N / (16 num_warps),
+    K / (BLOCK_K ITERS))."""
+    W: gl.constexpr = num_warps
+    C: gl.constexpr = BLOCK_K // 32
+    a_layout: gl.constexpr = operand_layout(W)
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_K, BLOCK_K // 8], [W, 1], [1, 0])
+    (first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
+     first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
+                             BLOCK_K, ITERS, W, True, False, False, BITS, RES_BITS, LOOKAHEAD, False)
+    rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, store_layout))
+    columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, store_layout))
+    offsets = rows[:, None] * K + columns[None, :]
+    loaded, res_loaded, sign_loaded = first
+    for i in gl.static_range(ITERS):
+        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
+                                                 LOOKAHEAD, BLOCK_K, W, True, False, BITS, False)
+        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
+                                            thread_word_count(BLOCK_K, RES_BITS), W, True, RES_BITS > 0, False)
+        group = (first_step + i) * BLOCK_K // G
+        weights = _float_weights(words, scales + group, tables, C, a_layout, BITS)
+        if RES_BITS:
+            residual = _decode(res_words, res_tables, C, a_layout, RES_BITS).to(gl.float32)
+            res_scale, _ = gl.broadcast(gl.load(res_scales + group).to(gl.float32)[:, None], residual)
+            weights = gl.fma(residual, res_scale, weights)
+        tile = gl.convert_layout(weights.to(out_ptr.dtype.element_ty), store_layout)
+        gl.store(out_ptr + offsets + i * BLOCK_K, tile)
+
+
+@gluon.jit
+def _float_weights(words, scales, tables, C: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr):
+    """A step's words decoded (_decode) and multiplied by their rows' scale (at `scales`) in float32."""
+    weights = _decode(words, tables, C, A_LAYOUT, BITS).to(gl.float32)
+    scale, _ = gl.broadcast(gl.load(scales).to(gl.float32)[:, None], weights)
+    return weights * scale

@@ -50,6 +50,11 @@ FRAGMENT_TILE_MAX_BUCKET = 256
 # TQC_TOKEN_TILES=0: above 16 tokens the family only dequantizes for cuBLAS, as before session 42 (the tiles' sums
 # checked on the H100 for all five options, runs 184-185: tests/test_kernels_accuracy.py -k token_tiles)
 TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
+# Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
+# up to this many steps of 64 inputs a program; TQC_GLUON_DEQUANT=0: with the plain Triton kernel that the CPU
+# interpreter runs (fragments.fragment_dequant_kernel; the family's only one before session 43)
+FRAGMENT_DEQUANT_STEPS = 4
+GLUON_DEQUANT = os.environ.get("TQC_GLUON_DEQUANT", "1") != "0"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX: decode in Triton
 ALLOW_PDL = os.environ.get("TQC_PDL", "1") != "0"  # TQC_PDL=0: no programmatic dependent launch (to measure it)
 # TQC_PRELOAD=1: the fragment family loads its first steps' codes before waiting for the rotation (run 129's A/B;
@@ -459,8 +464,8 @@ class FragmentLayerKernel(LayerKernel):
     tokens or `fragment_gemv_kernel` for one, split over K into the output the rotation zeroes
     (natural order; with LaunchConfig.ordered_inputs fragment order), launched under programmatic
     dependent launch (and, as the lookups, straight to the compiled kernel after the first call:
-    launch.py); above 16 tokens `fragments.fragment_dequant_kernel` + cuBLAS. Asked for by
-    KernelRegistry(fragments=True), which `attach` sets where the GPU can run it: on Llama-3-8B's
+    launch.py); above 16 tokens tiles of 64 or 128 tokens, or `gluon_kernels.fragment_dequant_kernel` +
+    cuBLAS. Asked for by KernelRegistry(fragments=True), which `attach` sets where the GPU can run it: on Llama-3-8B's
     shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens, 9% less to 1%
     more at one, the decoder 7-10% less (docs/performance.md, run 126). Hopper GPUs; Gluon does not run
     under TRITON_INTERPRET."""
@@ -549,12 +554,24 @@ class FragmentLayerKernel(LayerKernel):
         return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
-        """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout
-        (fragments.fragment_dequant_kernel)."""
-        codes, scales, _, res_codes, res_scales, _ = self.weights(module)
-        residual = (res_codes, res_scales, self.key.residual_bits) if self.key.residual_bits else None
-        return fragments.fragment_weights(codes, scales, self.key.n, self.key.k, self.key.group_size, dtype, residual,
-                                          self.key.bits)
+        """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout: on a GPU by
+        gluon_kernels.fragment_dequant_kernel, under the interpreter (or GLUON_DEQUANT off) by its Triton
+        counterpart fragments.fragment_dequant_kernel; the same numbers."""
+        weights = self.weights(module)
+        key = self.key
+        if INTERPRETED or not GLUON_DEQUANT:
+            codes, scales, _, res_codes, res_scales, _ = weights
+            residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
+            return fragments.fragment_weights(codes, scales, key.n, key.k, key.group_size, dtype, residual, key.bits)
+        from . import gluon_kernels as gk  # noqa: PLC0415
+
+        out = torch.empty(key.n, key.k, dtype=dtype, device=module.codes.device)
+        steps = key.k // fragments.BLOCK_K
+        iters = max(i for i in range(1, FRAGMENT_DEQUANT_STEPS + 1) if steps % i == 0)
+        launch(gk.fragment_dequant_kernel, (key.n // (16 * fragments.WARPS), steps // iters), out, *weights, N=key.n,
+               K=key.k, G=key.group_size, BLOCK_K=fragments.BLOCK_K, ITERS=iters, num_warps=fragments.WARPS,
+               BITS=key.bits, RES_BITS=key.residual_bits)
+        return out
 
 
 def pdl_launch(device: torch.device) -> dict:

@@ -63,8 +63,8 @@ def compile_gluon_for_hopper(fn, constexprs: dict, num_warps: int, out_type: str
     the kernel's defaults for the others: left unset, one would shift the values after it)."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    signature = ({name: ARGUMENT_TYPES.get(name, "constexpr") for name in fn.arg_names}
-                 | {"out_ptr": out_type, "x_ptr": x_type})
+    types = ARGUMENT_TYPES | {"out_ptr": out_type, "x_ptr": x_type}
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     names = list(signature)
     defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
     constexprs = {name: defaults[name] for name, kind in signature.items() if kind == "constexpr" and name in defaults} | constexprs

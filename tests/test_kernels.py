@@ -666,6 +666,30 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
 
 
+@pytest.mark.parametrize("option", ["4", "3", "4+2"])
+def test_fragment_dequant_kernel_decodes_with_the_tensor_core_lookups(option):
+    """Prefill's dequantization (gluon_kernels.fragment_dequant_kernel) compiled for sm_90: each weight
+    looked up by as many PRMTs as the tensor-core kernel spends on it, the tile stored in natural order
+    as 16-byte vectors (4 a thread and step), no spills. (Its weights against the lookup family's, bit
+    for bit: tests/test_kernels_accuracy.py on a GPU.)"""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.gluon_kernels import fragment_dequant_kernel, fragment_dot_kernel
+    from tqc.kernels.registry import FragmentLayerKernel
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    kernel = FragmentLayerKernel(layer_key(option, 14336, 4096, 128), None)
+    dot = compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(LaunchConfig(strategy="fragments", iters=4))[1],
+                                   4, "*bf16")
+    key = kernel.key
+    dequant = compile_gluon_for_hopper(fragment_dequant_kernel, {"N": key.n, "K": key.k, "G": 128, "BLOCK_K": 64, "ITERS": 4,
+                                       "num_warps": 4, "BITS": key.bits, "RES_BITS": key.residual_bits}, 4, "*bf16")
+    summary = sass_summary(dequant)
+    assert summary["stack"] == 0 and summary["ops"]["PRMT"] == sass_summary(dot)["ops"]["PRMT"]
+    stores = [line.split()[1] for line in dequant.asm["sass"].splitlines() if "STG" in line]
+    assert stores == ["STG.E.128"] * 16
+
+
 def test_fragment_family_launches_a_program_column_per_token_tile(monkeypatch):
     """FragmentLayerKernel.multiply with LaunchConfig.token_tile: a grid of (64-row blocks, K-splits,
     token tiles), the last tile short, and the tile's constexprs (wgmma's n, the activations' shared

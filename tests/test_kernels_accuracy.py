@@ -146,9 +146,10 @@ def test_int8_kernel_matches_reference(bits, strategy):
 
 @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
 def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
-    """The fragment family's prefill weights (fragments.fragment_dequant_kernel, plain Triton) equal what
-    the lookup family's dequant_kernel decodes from the same codes in its own layout: bit for bit at 4,
-    3 and 2 bits, to float32 rounding with a residual stage (the compiler may fuse its multiply-add)."""
+    """The fragment family's prefill weights (on a GPU gluon_kernels.fragment_dequant_kernel, interpreted
+    its plain Triton counterpart) equal what the lookup family's dequant_kernel decodes from the same codes
+    in its own layout: bit for bit at 4, 3 and 2 bits, to float32 rounding with a residual stage (the
+    compiler may fuse its multiply-add)."""
     shapes = [(1024, 4096, 128), (512, 3584, 128)] if CUDA else [(64, 256, 64), (128, 128, 128)]
     for n, k, group_size in shapes:
         module, _ = random_layer(QuantOption.parse(option), n, k, group_size)

@@ -1,0 +1,86 @@
+"""Time the fragment family's dequantization for prefill (dequantize + cuBLAS) on a GPU, kernel alone.
+
+Per shape and option: the plain Triton kernel (fragments.fragment_dequant_kernel, the family's
+before session 43) against the Gluon one (gluon_kernels.fragment_dequant_kernel) at several step
+counts a program, each checked equal to the Triton kernel's weights; beside them a bf16 copy of
+the same N x K (what writing the weights costs at the copy bandwidth) and bf16's matmul at
+`--tokens`. Prints a line each and saves JSON.
+
+    python3 -u scripts/dequant_lab.py -o dequant-lab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tqc.kernels import fragments
+from tqc.kernels import gluon_kernels as gk
+from tqc.kernels.bench import bench_spec, device_info, graph_seconds, save, streamed_modules
+from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
+from tqc.layout import layer_bytes
+
+SHAPES = {"gate_proj+up_proj": (28672, 4096), "q_proj+k_proj+v_proj": (6144, 4096), "down_proj": (4096, 14336)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--options", nargs="+", default=["4", "3", "2", "4+4", "4+2"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("-o", "--output", default="dequant-lab.json")
+    args = parser.parse_args()
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        copy = torch.empty_like(w)
+        base = {"shape": name, "n": n, "k": k}
+        rows.append(base | {"kernel": "bf16 copy", "us": graph_seconds(lambda: copy.copy_(w)) * 1e6})
+        rows.append(base | {"kernel": f"bf16 matmul M={args.tokens}", "us": graph_seconds(lambda: x @ w.T) * 1e6})
+        del w, copy
+        for option in args.options:
+            rows += time_option(option, n, k, args.steps, base)
+            torch.cuda.empty_cache()
+        for row in rows:
+            if row["shape"] == name:
+                print(f"{name:22s} {row.get('option', ''):4s} {row['kernel']:26s} {row['us']:8.1f} us"
+                      + (f"  {row['gb_s']:6.0f} GB/s  equal {row['equal']}" if "gb_s" in row else ""), flush=True)
+    save({"device": device_info(), "rows": rows}, args.output)
+
+
+def time_option(option: str, n: int, k: int, steps: list[int], base: dict) -> list[dict]:
+    """The Triton kernel and the Gluon kernel at each step count for one option, cycling through
+    enough layers that the codes stream from device memory."""
+    spec = bench_spec(option, 128, k, n)
+    key = KernelKey.of(spec, FRAGMENT_LAYOUT)
+    kernel = FragmentLayerKernel(key, None)
+    modules = streamed_modules(spec, kernel.layout)
+    out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+    nbytes = layer_bytes(spec) + out.numel() * 2  # codes and scales read, weights written
+
+    def triton_kernel(module):
+        codes, scales, _, res_codes, res_scales, _ = kernel.weights(module)
+        residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
+        return fragments.fragment_weights(codes, scales, n, k, 128, torch.bfloat16, residual, key.bits)
+
+    def gluon_kernel(module, iters):
+        gk.fragment_dequant_kernel[(n // 64, k // 64 // iters)](
+            out, *kernel.weights(module), N=n, K=k, G=128, BLOCK_K=64, ITERS=iters, num_warps=4, BITS=key.bits,
+            RES_BITS=key.residual_bits)
+        return out
+
+    reference = triton_kernel(modules[0])
+    candidates = {"triton": triton_kernel} | {f"gluon {i} steps": (lambda m, i=i: gluon_kernel(m, i)) for i in steps}
+    rows = []
+    for label, fn in candidates.items():
+        equal = torch.equal(fn(modules[0]), reference)
+        seconds = graph_seconds(lambda fn=fn: [fn(m) for m in modules]) / len(modules)
+        rows.append(base | {"option": option, "kernel": label, "us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9,
+                            "equal": equal})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
