@@ -454,8 +454,8 @@ GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_ste
 # The one-token kernel on activations the rotation wrote in fragment order (LaunchConfig.ordered_inputs,
 # X_ORDERED: two 16-byte loads a thread and step, not eight 4-byte ones): correct on the GPU but no
 # faster, +6% on gate/up at the best step count (run 127), so not offered to the tuner;
-# test_kernels_accuracy.py runs it regardless, fragment_checks.sh lab times it.
-ORDERED_INPUT_CANDIDATES = False
+# test_kernels_accuracy.py runs it regardless, fragment_checks.sh lab times it; TQC_ORDERED_INPUTS=1 offers it.
+ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 
 
 class FragmentLayerKernel(LayerKernel):
