@@ -110,7 +110,7 @@ def time_slabs(slabs: list[int], tokens: int) -> list[dict]:
     whole(modules[0])
     reference = out.clone()
     rows = []
-    for label, fn in {"whole": whole} | {f"slabs of {s}": (lambda m, s=s: in_slabs(m, s)) for s in slabs}.items():
+    for label, fn in ({"whole": whole} | {f"slabs of {s}": (lambda m, s=s: in_slabs(m, s)) for s in slabs}).items():
         fn(modules[0])
         same = torch.equal(out, reference)
         seconds = graph_seconds(lambda fn=fn: [fn(m) for m in modules]) / len(modules)
