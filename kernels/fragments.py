@@ -168,7 +168,9 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
                      bits: int = 4) -> torch.Tensor:
     """The weights [N, K] in `dtype` that fragment words of `bits`-bit codes and their scales stand for,
     plus a residual stage's (its words, scales and bits) if given, with the fp16 values the kernels
-    look up, by `fragment_dequant_kernel` on the words' device (for prefill: dequantize + cuBLAS)."""
+    look up, by `fragment_dequant_kernel` on the words' device: the interpreter's way (and
+    TQC_GLUON_DEQUANT=0's) for prefill's dequantize + cuBLAS, which on a GPU runs
+    gluon_kernels.fragment_dequant_kernel (the same numbers: registry.FragmentLayerKernel.dequantize)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
     res_words, res_scales, res_bits = residual or (words, scales, 0)
     tables, res_tables = _decode_tables(words.device, bits), _decode_tables(words.device, res_bits or bits)
