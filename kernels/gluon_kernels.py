@@ -387,6 +387,20 @@ def _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i: g
 
 
 @gluon.jit
+def _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i: gl.constexpr, ITERS: gl.constexpr,
+                 LOOKAHEAD: gl.constexpr, BLOCK_K: gl.constexpr, W: gl.constexpr, EVICT: gl.constexpr,
+                 STAGED: gl.constexpr, BITS: gl.constexpr, RES_BITS: gl.constexpr, PRELOADED: gl.constexpr):
+    """(state, step i's words of the base stage, of the residual stage) of the unrolled step loop:
+    _base_words' and _more_words'; state = (loaded, res_loaded, sign_loaded), their loads so far."""
+    loaded, res_loaded, sign_loaded = state
+    loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
+                                             LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOADED)
+    res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, thread_word_count(BLOCK_K, RES_BITS),
+                                        W, EVICT, RES_BITS > 0, PRELOADED)
+    return (loaded, res_loaded, sign_loaded), words, res_words
+
+
+@gluon.jit
 def _sign_codes(codes_ptr, first_step, N: gl.constexpr, K: gl.constexpr, BLOCK_K: gl.constexpr, W: gl.constexpr,
                 BITS: gl.constexpr):
     """At 3 bits, pointers to this thread's sign words of the program's first step (the sign plane
@@ -541,12 +555,10 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     products, res_products = acc, acc  # SCALE_AFTER's, a stage each
     RUN: gl.constexpr = G // BLOCK_K if ITERS % (G // BLOCK_K) == 0 else 1
     row_scales = (gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))) * (K // G)
-    loaded, res_loaded, sign_loaded = first
+    state = first
     for i in gl.static_range(ITERS):
-        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
-                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOAD)
-        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
-                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOAD)
+        state, words, res_words = _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i, ITERS,
+                                               LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, RES_BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
         x = x_smem.index(i).permute((1, 0))
         if SCALE_AFTER:
@@ -641,14 +653,12 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         acc = _chunks(gl.zeros_like(like, dtype=gl.float16), C)[0]
     products, res_products = acc, acc
     RUN: gl.constexpr = G // BLOCK_K if SUM_STEPS and ITERS % (G // BLOCK_K) == 0 else 1
-    loaded, res_loaded, sign_loaded = first
+    state = first
     for i in gl.static_range(ITERS):
-        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
-                                                 LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOAD)
+        state, words, res_words = _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i, ITERS,
+                                               LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, RES_BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
         x = gl.load(x_ptr + columns + i * BLOCK_K).to(gl.float16)  # natural order (unused with X_ORDERED: not compiled)
-        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
-                                            thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOAD)
         if ROW_SUMS:
             if X_ORDERED:
                 x_quads = _ordered_quads(x_ptr + (first_step + i) * BLOCK_K, like, C, W)
@@ -708,12 +718,10 @@ def fragment_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, store_layout))
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, store_layout))
     offsets = rows[:, None] * K + columns[None, :]
-    loaded, res_loaded, sign_loaded = first
+    state = first
     for i in gl.static_range(ITERS):
-        loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
-                                                 LOOKAHEAD, BLOCK_K, W, True, False, BITS, False)
-        res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
-                                            thread_word_count(BLOCK_K, RES_BITS), W, True, RES_BITS > 0, False)
+        state, words, res_words = _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i, ITERS,
+                                               LOOKAHEAD, BLOCK_K, W, True, False, BITS, RES_BITS, False)
         group = (first_step + i) * BLOCK_K // G
         weights = _float_weights(words, scales + group, tables, C, a_layout, BITS)
         if RES_BITS:
