@@ -8,6 +8,8 @@
         [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
         [--before-tiles docs/bench/h100-run183-layers-fused-all.json]
         [--tiles docs/bench/h100-run184-layers-tiles.json docs/bench/h100-run186-layers-tiles-32.json]
+        [--prefill docs/bench/h200-run190-layers-2048-triton-dequant.json
+                   docs/bench/h200-run190-layers-2048-gluon-dequant.json]
         [--out docs]
 
 Writes performance-layers.png (one-token speedup over bf16 for each Llama-3-8B layer and option,
@@ -20,7 +22,8 @@ scripts/check_hf_decode.py); performance-families.png (each layer and option on 
 beside the fragment family, x bf16 at one and 16 tokens, --families; performance-families-other.png
 the same for other models' shapes, --other-families); performance-tokens.png (the concatenated
 gate/up of Llama-3-8B, x bf16 by token count, before and with the fragment family's token tiles:
---before-tiles, --tiles).
+--before-tiles, --tiles); performance-prefill.png (Llama-3-8B's layers at 2048 tokens, x bf16, with
+prefill's dequantization in plain Triton beside the Gluon one: --prefill).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
 TARGETS = {1: {"4": 3.2, "3": 4.0, "2": 5.0}, 16: {"4": 2.5}}  # issue 5, by tokens: x bf16
+PREFILL_TARGET = 1 / 1.25  # issue 5: a 2048-token prefill within 1.25x bf16's time
 RESIDUAL_TARGETS = {"4+4": 1.7, "4+2": 2.2}  # issue 5, one token (not drawn: the figures show base bits)
 # A kernel's name (and grid) -> what it is in the decode step; first match wins.
 STEP_PARTS = (("matmuls", ("fragment_", "lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
@@ -72,8 +76,9 @@ def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
     plt.close(fig)
 
 
-def plot_families(families: dict[str, list[dict]], path: Path) -> None:
-    """Paired bars, one panel a token count: x bf16 per (layer, option), one bar a kernel family."""
+def plot_families(families: dict[str, list[dict]], path: Path,
+                  title: str = "layers with their rotation: lookup kernels beside the fragment family") -> None:
+    """Paired bars, one panel a token count: x bf16 per (layer, option), one bar a kernel family (or way)."""
     token_counts = sorted({row["tokens"] for rows in families.values() for row in rows})
     models = list(dict.fromkeys(row["model"] for rows in families.values() for row in rows))
     fig, axes = plt.subplots(len(token_counts), 1, figsize=(10, 3.2 * len(token_counts)), squeeze=False)
@@ -92,9 +97,12 @@ def plot_families(families: dict[str, list[dict]], path: Path) -> None:
         for bits, target in TARGETS.get(tokens, {}).items():
             ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
             ax.text(len(columns) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
+        if tokens == 2048:
+            ax.axhline(PREFILL_TARGET, linestyle="--", linewidth=0.8, color="grey")
+            ax.text(len(columns) - 0.2, PREFILL_TARGET, "target: 1.25x bf16's time", va="bottom", ha="right", fontsize=8)
         ax.legend(fontsize=8, loc="upper left", ncol=len(families))
         ax.set_ylim(0, 1.15 * max(ax.get_ylim()[1], max(TARGETS.get(tokens, {0: 0}).values())))  # room for the legend
-    axes[0, 0].set_title(f"{', '.join(models)} layers with their rotation: lookup kernels beside the fragment family")
+    axes[0, 0].set_title(f"{', '.join(models)} {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -201,6 +209,8 @@ def main() -> None:
     parser.add_argument("--before-tiles", type=Path, default=BENCH / "h100-run183-layers-fused-all.json")
     parser.add_argument("--tiles", type=Path, nargs="+",
                         default=[BENCH / "h100-run184-layers-tiles.json", BENCH / "h100-run186-layers-tiles-32.json"])
+    parser.add_argument("--prefill", type=Path, nargs=2, metavar=("TRITON", "GLUON"),
+                        default=[BENCH / f"h200-run190-layers-2048-{way}-dequant.json" for way in ("triton", "gluon")])
     parser.add_argument("--out", type=Path, default=BENCH.parent)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,9 +230,12 @@ def main() -> None:
     tiles = sum((json.loads(path.read_text())["rows"] for path in args.tiles), [])
     plot_tokens({"dequantize + cuBLAS above 16 tokens": before, "token tiles above 16": tiles},
                 args.out / "performance-tokens.png")
+    triton, gluon = (json.loads(path.read_text())["rows"] for path in args.prefill)
+    plot_families({"dequantize in Triton (before)": triton, "dequantize on the PRMT lookups (Gluon)": gluon},
+                  args.out / "performance-prefill.png", "layers at 2048 tokens (H200, same machine): prefill's dequantization")
     print(f"wrote performance-layers.png, performance-qwen-layers.png, performance-layers-16.png, "
           f"performance-decode-step.png, performance-loaded.png, performance-families.png, "
-          f"performance-families-other.png and performance-tokens.png in {args.out}")
+          f"performance-families-other.png, performance-tokens.png and performance-prefill.png in {args.out}")
 
 
 if __name__ == "__main__":
