@@ -8,6 +8,7 @@ which this module runs under TRITON_INTERPRET=1 in a subprocess (the variable ch
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -664,6 +665,33 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
     monkeypatch.setattr(registry, "TOKEN_TILES", False)
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
+
+
+FWHT_OPS = """
+import json
+from tqc.kernels import triton_kernels as tk
+from tqc.kernels.static_report import compile_jit_for_hopper, sass_summary
+types = {"x_ptr": "*bf16", "signs_ptr": "*fp32", "out_ptr": "*bf16", "clear_ptr": "*bf16", "CLEAR": "i32"}
+constexprs = dict(K=14336, LOG_G=7, BLOCK_M=16, BLOCK_K=256, PAIR_WIDTH=0, PDL=False, FRAGMENT_STEP=0)
+summary = sass_summary(compile_jit_for_hopper(tk.fwht_kernel, constexprs, 4, 3, types))
+print(json.dumps(dict(summary["ops"], total=summary["instructions"], stack=summary["stack"])))
+"""
+
+
+def test_split_butterflies_issue_fewer_instructions_and_shuffles():
+    """TQC_FWHT_SPLIT=1 (triton_kernels.fwht_split_tile, read at import: each way compiled in a process
+    of its own): the rotation of a prefill's 16 x 256 tile, compiled for sm_90, issues under half the
+    instructions of the default butterflies, one add an element a stage (7 at G = 128) and one
+    shuffle an element instead of 8, without spills. (Its sums: tests/test_kernels_accuracy.py.)"""
+    ops = {}
+    for flag in ("0", "1"):
+        result = subprocess.run([sys.executable, "-c", FWHT_OPS], env=os.environ | {"TQC_FWHT_SPLIT": flag},
+                                capture_output=True, text=True, check=True)
+        ops[flag] = json.loads(result.stdout.splitlines()[-1])
+    elements = 16 * 256
+    assert ops["0"]["SHFL"] == 8 * elements / 128 and ops["1"]["SHFL"] == elements / 128  # a thread's 32
+    assert ops["1"]["FADD"] + ops["1"]["FFMA"] <= 7 * elements / 128
+    assert 2 * ops["1"]["total"] < ops["0"]["total"] and ops["1"]["stack"] == 0
 
 
 @pytest.mark.parametrize("option", ["4", "3", "4+2"])

@@ -234,7 +234,16 @@ def test_a_layer_whose_input_arrives_rotated_is_not_rotated_again(strategy):
                 assert error < TOLERANCE[torch.float16], f"{family.__name__} {strategy} {n}x{k} M={tokens}: {error:.2e}"
 
 
-def test_rotation_kernel_matches_butterfly():
+@pytest.mark.parametrize("split", [False, True] if INTERPRET else ["as TQC_FWHT_SPLIT says"])
+def test_rotation_kernel_matches_butterfly(split, monkeypatch):
+    """The rotation kernel against the float64 butterfly: interpreted, both ways of its butterflies
+    (triton_kernels.FWHT_SPLIT); on a GPU the way TQC_FWHT_SPLIT picked at import."""
+    if INTERPRET:
+        import triton.language as tl
+
+        from tqc.kernels import triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "FWHT_SPLIT", tl.constexpr(split))
     group_size, k = (128, 14336) if CUDA else (64, 256)
     x = torch.randn(7, k, dtype=torch.float32)
     signs = torch.randint(0, 2, (k,)).float() * 2 - 1
