@@ -6,8 +6,9 @@ decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operan
 layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
 them and multiplies; the activations of the program's steps are staged in shared memory once.
 The family (registry.FragmentLayerKernel, `attach(model)` on Hopper) launches
-fragment_dot_kernel, and at one token also `fragment_gemv_kernel` (the same decode on CUDA cores)
-where the tuner finds it faster; the other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's
+fragment_dot_kernel, at one token also `fragment_gemv_kernel` (the same decode on CUDA cores)
+where the tuner finds it faster, and for a prefill `fragment_dequant_kernel` (the same decode,
+written out for cuBLAS); the other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's
 (scripts/gluon_dot16_lab.py, which checks and times them: docs/performance.md, runs 107-114).
 Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
 the device runs tests/test_kernels_accuracy.py.
