@@ -1,6 +1,6 @@
 """Gluon kernels on the fragment layout of 4-, 3- and 2-bit codes (kernels/fragments.py): the fragment family.
 
-`fragment_dot_kernel` multiplies up to 16 tokens on tensor cores with the decoded weights as
+`fragment_dot_kernel` multiplies 16 tokens (or tiles of 64, 128) on tensor cores with the decoded weights as
 wgmma's register operand: each thread loads its own fragment's code words (16-byte vectors),
 decodes them with tqc's PRMT lookups (`lut.NIBBLE_ASM`) straight into the operand's registers (the
 layout conversion is asserted trivial when it compiles: no shared memory, no shuffles), scales
@@ -396,8 +396,8 @@ def _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i: gl.
     loaded, res_loaded, sign_loaded = state
     loaded, sign_loaded, words = _base_words(loaded, sign_loaded, copied, codes, sign_codes, step_words, i, ITERS,
                                              LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, PRELOADED)
-    res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD, thread_word_count(BLOCK_K, RES_BITS),
-                                        W, EVICT, RES_BITS > 0, PRELOADED)
+    res_loaded, res_words = _more_words(res_loaded, res_codes, i, ITERS, LOOKAHEAD,
+                                        thread_word_count(BLOCK_K, RES_BITS), W, EVICT, RES_BITS > 0, PRELOADED)
     return (loaded, res_loaded, sign_loaded), words, res_words
 
 
