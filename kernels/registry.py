@@ -465,10 +465,10 @@ class FragmentLayerKernel(LayerKernel):
     (natural order; with LaunchConfig.ordered_inputs fragment order), launched under programmatic
     dependent launch (and, as the lookups, straight to the compiled kernel after the first call:
     launch.py); above 16 tokens tiles of 64 or 128 tokens, or `gluon_kernels.fragment_dequant_kernel` +
-    cuBLAS. Asked for by KernelRegistry(fragments=True), which `attach` sets where the GPU can run it: on Llama-3-8B's
-    shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens, 9% less to 1%
-    more at one, the decoder 7-10% less (docs/performance.md, run 126). Hopper GPUs; Gluon does not run
-    under TRITON_INTERPRET."""
+    cuBLAS. Asked for by KernelRegistry(fragments=True), which `attach` sets where the GPU can run it:
+    on Llama-3-8B's shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens,
+    9% less to 1% more at one, the decoder 7-10% less (docs/performance.md, run 126). Hopper GPUs;
+    Gluon does not run under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT
 

@@ -37,10 +37,10 @@ CRUMB_ASM = tl.constexpr(CRUMB_ASM)
 SIGNED_CRUMB_ASM = tl.constexpr(SIGNED_CRUMB_ASM)
 SIGNED_CONSTRAINTS = tl.constexpr(SIGNED_CONSTRAINTS)
 UNSIGNED_CONSTRAINTS = tl.constexpr(UNSIGNED_CONSTRAINTS)
-# TQC_FWHT_SPLIT=1: the butterflies by tl.split / tl.join (fwht_split_tile: 19 SASS instructions, 7 FADD and one
-# shuffle an element at a 16 x 256 tile, compiled for sm_90) instead of sums of selected halves (45, with 8
-# shuffles: what bounds the rotation of a 2048-token prefill, 46.5 us over down_proj's 14336 inputs on the
-# H200, run 190). The same transform to float32 rounding; not yet timed on a GPU, so off by default.
+# TQC_FWHT_SPLIT=1: the butterflies by tl.split / tl.join (fwht_split_tile: 22 SASS instructions, 7 adds and one
+# shuffle an element of fwht_kernel's 16 x 256 tile, compiled for sm_90) instead of sums of selected halves (45,
+# 8 of them shuffles: by our reading what bounds the rotation of a 2048-token prefill, 46.5 us over down_proj's
+# 14336 inputs on the H200, run 190). The same transform to float32 rounding; not yet timed on a GPU: off by default.
 FWHT_SPLIT = tl.constexpr(os.environ.get("TQC_FWHT_SPLIT", "0") == "1")
 
 
