@@ -557,21 +557,25 @@ class FragmentLayerKernel(LayerKernel):
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout: on a GPU by
         gluon_kernels.fragment_dequant_kernel, under the interpreter (or GLUON_DEQUANT off) by its Triton
         counterpart fragments.fragment_dequant_kernel; the same numbers."""
-        weights = self.weights(module)
-        key = self.key
         if INTERPRETED or not GLUON_DEQUANT:
-            codes, scales, _, res_codes, res_scales, _ = weights
-            residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
-            return fragments.fragment_weights(codes, scales, key.n, key.k, key.group_size, dtype, residual, key.bits)
+            return self.triton_weights(module, dtype)
         from . import gluon_kernels as gk  # noqa: PLC0415
 
+        key = self.key
         out = torch.empty(key.n, key.k, dtype=dtype, device=module.codes.device)
         steps = key.k // fragments.BLOCK_K
         iters = max(i for i in range(1, FRAGMENT_DEQUANT_STEPS + 1) if steps % i == 0)
-        launch(gk.fragment_dequant_kernel, (key.n // (16 * fragments.WARPS), steps // iters), out, *weights, N=key.n,
-               K=key.k, G=key.group_size, BLOCK_K=fragments.BLOCK_K, ITERS=iters, num_warps=fragments.WARPS,
-               BITS=key.bits, RES_BITS=key.residual_bits)
+        launch(gk.fragment_dequant_kernel, (key.n // (16 * fragments.WARPS), steps // iters), out,
+               *self.weights(module), N=key.n, K=key.k, G=key.group_size, BLOCK_K=fragments.BLOCK_K, ITERS=iters,
+               num_warps=fragments.WARPS, BITS=key.bits, RES_BITS=key.residual_bits)
         return out
+
+    def triton_weights(self, module, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize by the plain Triton kernel (fragments.fragment_dequant_kernel), which the interpreter runs."""
+        codes, scales, _, res_codes, res_scales, _ = self.weights(module)
+        key = self.key
+        residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
+        return fragments.fragment_weights(codes, scales, key.n, key.k, key.group_size, dtype, residual, key.bits)
 
 
 def pdl_launch(device: torch.device) -> dict:

@@ -17,7 +17,6 @@ import argparse
 
 import torch
 
-from tqc.kernels import fragments
 from tqc.kernels import gluon_kernels as gk
 from tqc.kernels.bench import bench_spec, device_info, graph_seconds, save, streamed_modules
 from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
@@ -64,9 +63,7 @@ def time_option(option: str, n: int, k: int, steps: list[int], base: dict) -> li
     nbytes = layer_bytes(spec) + out.numel() * 2  # codes and scales read, weights written
 
     def triton_kernel(module):
-        codes, scales, _, res_codes, res_scales, _ = kernel.weights(module)
-        residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
-        return fragments.fragment_weights(codes, scales, n, k, 128, torch.bfloat16, residual, key.bits)
+        return kernel.triton_weights(module, torch.bfloat16)
 
     def gluon_kernel(module, iters):
         gk.fragment_dequant_kernel[(n // 64, k // 64 // iters)](
