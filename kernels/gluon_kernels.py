@@ -27,9 +27,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from . import fragments
 from . import triton_kernels as tk
 from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
+BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
 COPIES = gl.constexpr(TABLE_COPIES)
 QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
@@ -266,14 +268,16 @@ def _load_codes(pointers, EVICT: gl.constexpr):
 
 @gluon.jit
 def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, WORDS: gl.constexpr, W: gl.constexpr):
-    """Pointers to this thread's words of the program's first step: a step's words are [W warps,
-    32 lanes, WORDS], contiguous per thread (kernels/fragments.py)."""
+    """Pointers to this thread's words of the program's first step: a step's words of a 64-row block
+    are [BLOCK_WARPS warps, 32 lanes, WORDS], contiguous per thread, and a block's steps follow each
+    other (kernels/fragments.py); a program of W warps takes W / BLOCK_WARPS neighbouring blocks."""
     words_layout: gl.constexpr = thread_words_layout(WORDS, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
     register = gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
-    thread_words = (warp[:, None, None] * 32 + lane[None, :, None]) * WORDS + register[None, None, :]
-    return codes_ptr + (block * STEPS + first_step) * (W * 32 * WORDS) + thread_words
+    warp_block = block * (W // BLOCK_WARPS) + warp // BLOCK_WARPS
+    thread_words = ((warp % BLOCK_WARPS)[:, None, None] * 32 + lane[None, :, None]) * WORDS + register[None, None, :]
+    return codes_ptr + ((warp_block * STEPS + first_step) * (BLOCK_WARPS * 32 * WORDS))[:, None, None] + thread_words
 
 
 @gluon.jit
@@ -367,7 +371,7 @@ def _more_words(loaded, codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: 
     thread, loaded into registers; or nothing where the kernel has none (not PRESENT)."""
     words = 0
     if PRESENT:
-        loaded, words = _step_words(loaded, codes, codes, W * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False,
+        loaded, words = _step_words(loaded, codes, codes, BLOCK_WARPS * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False,
                                     PRELOADED)
     return loaded, words
 
@@ -479,17 +483,17 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
         res_codes = _thread_codes(res_codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, RES_WORDS, W)
         if RES_BITS != BITS:
             res_tables = _tables(res_table_ptr, C, W, RES_BITS)
-    step_words: gl.constexpr = W * 32 * WORDS
+    step_words: gl.constexpr = BLOCK_WARPS * 32 * WORDS
     copied = codes
     if STAGED:
         copied = _copy_codes(codes, step_words, ITERS, WORDS, W, EVICT)
     sign_codes = _sign_codes(codes_ptr, first_step, N, K, BLOCK_K, W, BITS)
     first = ((), (), ())
     if PRELOAD:
-        RES_STEP: gl.constexpr = W * 32 * thread_word_count(BLOCK_K, RES_BITS)
+        RES_STEP: gl.constexpr = BLOCK_WARPS * 32 * thread_word_count(BLOCK_K, RES_BITS)
         first = (_first_words(codes, step_words, ITERS, LOOKAHEAD, EVICT, not STAGED),
                  _first_words(res_codes, RES_STEP, ITERS, LOOKAHEAD, EVICT, RES_BITS > 0),
-                 _first_words(sign_codes, W * 32 * (BLOCK_K // 64), ITERS, LOOKAHEAD, EVICT, BITS == 3))
+                 _first_words(sign_codes, BLOCK_WARPS * 32 * (BLOCK_K // 64), ITERS, LOOKAHEAD, EVICT, BITS == 3))
     _wait_for_previous_kernel(PDL)
     row_scales = rows * (K // G)
     return (first_step, rows, scales_ptr + row_scales, codes, step_words, tables, copied, res_codes,

@@ -50,6 +50,12 @@ FRAGMENT_TILE_MAX_BUCKET = 256
 # TQC_TOKEN_TILES=0: above 16 tokens the family only dequantizes for cuBLAS, as before session 42 (the tiles' sums
 # checked on the H100 for all five options, runs 184-185: tests/test_kernels_accuracy.py -k token_tiles)
 TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
+# Warps a program of a tile (num_warps): 4 is one 64-row block; 8 or 16 take 2 or 4 neighbouring blocks, each warpgroup
+# its own, all multiplying the same activations in shared memory, which the program then reads once for 128 or 256
+# rows (at 64 rows a program, gate+up's 448 programs read its 128 tokens' activations 448 times)
+FRAGMENT_TILE_WARPS = (4, 8, 16)
+FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
+# tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
 # up to this many steps of 64 inputs a program; TQC_GLUON_DEQUANT=0: with the plain Triton kernel that the CPU
 # interpreter runs (fragments.fragment_dequant_kernel; the family's only one before session 43)
@@ -475,15 +481,17 @@ class FragmentLayerKernel(LayerKernel):
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
         one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
-        bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens) on tensor cores,
-        or dequantize + cuBLAS."""
+        bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256 rows
+        a program: FRAGMENT_TILE_WARPS) on tensor cores, or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")] + [
-                LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in iters
+                LaunchConfig(strategy="fragments", iters=i, token_tile=t, num_warps=w)
+                for t in (64, 128) for i in iters for w in FRAGMENT_TILE_WARPS
                 if TOKEN_TILES and bucket <= FRAGMENT_TILE_MAX_BUCKET and t <= max(bucket, 64) and i >= 4
-                and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS]
+                and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS and self.key.n % (16 * w) == 0
+                and t * w <= FRAGMENT_TILE_THREAD_TOKENS]
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
@@ -521,7 +529,7 @@ class FragmentLayerKernel(LayerKernel):
         if m > 1 and config.strategy == "fragment_gemv":
             raise ValueError(f"the fragment family's one-token kernel takes one token, got {m}")
         splits, constexprs = self.specialise(config)  # made once per config (LayerKernel.specialise)
-        launch(self.gluon_kernel(config), (n // (16 * fragments.WARPS), splits, cdiv(m, config.token_tile)), rotated,
+        launch(self.gluon_kernel(config), (n // (16 * config.num_warps), splits, cdiv(m, config.token_tile)), rotated,
                out, *self.weights(module), m, **constexprs, **pdl_launch(rotated.device))
         return out
 
@@ -539,7 +547,7 @@ class FragmentLayerKernel(LayerKernel):
         return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
                                      "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
                                      "X_LAYOUT": gk.x_layout(fragments.BLOCK_K, config.token_tile), "LOOKAHEAD": 2,
-                                     "EVICT": True, "num_warps": fragments.WARPS, "RES_BITS": self.key.residual_bits,
+                                     "EVICT": True, "num_warps": config.num_warps, "RES_BITS": self.key.residual_bits,
                                      "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
 
     @staticmethod

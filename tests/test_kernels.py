@@ -640,8 +640,8 @@ def test_fragment_dot_kernel_decodes_into_the_operand_registers(block_k, iters, 
 def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeypatch):
     """TOKEN_TILE (a prompt's or a batch's tokens, LaunchConfig.token_tile): compiled for sm_90, the
     kernel over 128 tokens looks each weight up as often as over 16 and issues as many tensor-core
-    products (each 8 times wider: HGMMA.64x128x16), without spills; its activations take 8 times
-    the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory, and
+    products (each 8 times wider: HGMMA.64x128x16), without spills, also as two warpgroups (8 warps,
+    128 rows a program); its activations take 8 times the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory, and
     not for a prefill's thousands of tokens."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels.bench import layer_key
@@ -653,14 +653,20 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
 
     monkeypatch.setattr(registry, "TOKEN_TILES", True)
     kernel = FragmentLayerKernel(layer_key(str(bits), 14336, 4096, 128), None)
-    wide = next(c for c in kernel.candidates(256) if c.token_tile == 128 and c.iters == 4)
+    wide = next(c for c in kernel.candidates(256) if c.token_tile == 128 and c.iters == 4 and c.num_warps == 4)
     narrow = wide.model_copy(update={"token_tile": 16})
-    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], 4, "*bf16") for c in (narrow, wide)]
-    (sixteen, tile), sass = (sass_summary(k) for k in compiled), compiled[1].asm["sass"]
-    assert tile["stack"] == 0 and "HGMMA.64x128x16" in sass
-    assert tile["ops"]["PRMT"] == sixteen["ops"]["PRMT"] and tile["ops"]["HGMMA"] == sixteen["ops"]["HGMMA"]
-    assert compiled[1].metadata.shared == 8 * compiled[0].metadata.shared
+    tall = wide.model_copy(update={"num_warps": 8})  # two warpgroups, 128 rows, the same activations
+    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], c.num_warps, "*bf16")
+                for c in (narrow, wide, tall)]
+    (sixteen, *tiles), sass = [sass_summary(k) for k in compiled], compiled[1].asm["sass"]
+    assert "HGMMA.64x128x16" in sass and "HGMMA.64x128x16" in compiled[2].asm["sass"]
+    for tile in tiles:  # a thread's lookups and products as at 16 tokens, wherever its warp's rows are
+        assert tile["stack"] == 0
+        assert tile["ops"]["PRMT"] == sixteen["ops"]["PRMT"] and tile["ops"]["HGMMA"] == sixteen["ops"]["HGMMA"]
+    assert compiled[1].metadata.shared == compiled[2].metadata.shared == 8 * compiled[0].metadata.shared
     assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(256))
+    assert {(c.token_tile, c.num_warps) for c in kernel.candidates(256) if c.strategy == "fragments"} == {
+        (64, 4), (64, 8), (64, 16), (128, 4), (128, 8)}  # 16 warps over 128 tokens would spill
     assert [c.strategy for c in kernel.candidates(1024)] == ["dequant"]  # a prefill: cuBLAS (run 184)
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
     monkeypatch.setattr(registry, "TOKEN_TILES", False)
@@ -719,8 +725,8 @@ def test_fragment_dequant_kernel_decodes_with_the_tensor_core_lookups(option):
 
 
 def test_fragment_family_launches_a_program_column_per_token_tile(monkeypatch):
-    """FragmentLayerKernel.multiply with LaunchConfig.token_tile: a grid of (64-row blocks, K-splits,
-    token tiles), the last tile short, and the tile's constexprs (wgmma's n, the activations' shared
+    """FragmentLayerKernel.multiply with LaunchConfig.token_tile: a grid of (blocks of 16 num_warps rows,
+    K-splits, token tiles), the last tile short, and the tile's constexprs (wgmma's n, the activations' shared
     layout, scaling before the product above 16 tokens); the one-token kernel refuses more tokens."""
     from tqc.kernels import gluon_kernels, registry
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
@@ -728,15 +734,16 @@ def test_fragment_family_launches_a_program_column_per_token_tile(monkeypatch):
 
     launches = []
     monkeypatch.setattr(registry, "launch", lambda kernel, grid, *args, **constexprs: launches.append((grid, constexprs)))
-    module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 1024, 192), "cpu")
+    module = random_turboquant_linear(LayerSpec(QuantOption.parse("4"), 128, 1024, 256), "cpu")
     prepare(module, FRAGMENT_LAYOUT)
     kernel = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
-    for tile, tokens, tiles in [(16, 16, 1), (16, 40, 3), (64, 77, 2), (128, 300, 3)]:
-        config = LaunchConfig(strategy="fragments", iters=4, token_tile=tile)
-        x, out = torch.zeros(tokens, 1024, dtype=torch.float16), torch.zeros(tokens, 192, dtype=torch.float16)
+    for tile, tokens, tiles, warps in [(16, 16, 1, 4), (16, 40, 3, 4), (64, 77, 2, 4), (128, 300, 3, 4), (64, 77, 2, 8),
+                                       (64, 64, 1, 16)]:
+        config = LaunchConfig(strategy="fragments", iters=4, token_tile=tile, num_warps=warps)
+        x, out = torch.zeros(tokens, 1024, dtype=torch.float16), torch.zeros(tokens, 256, dtype=torch.float16)
         assert kernel.multiply(x, module, config, out) is out
         grid, constexprs = launches[-1]
-        assert grid == (192 // 64, 1024 // (64 * 4), tiles)
+        assert grid == (256 // (16 * warps), 1024 // (64 * 4), tiles) and constexprs["num_warps"] == warps
         assert constexprs["TOKEN_TILE"] == tile and constexprs["SCALE_AFTER"] == (tile == 16)
         assert constexprs["X_LAYOUT"] == gluon_kernels.x_layout(64, tile)
     with pytest.raises(ValueError, match="one token"):

@@ -31,8 +31,9 @@ from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
-from tqc.kernels.registry import (FRAGMENT_LAYOUT, FragmentLayerKernel, Int8LayerKernel, KernelKey,  # noqa: E402
-                                  LayerKernel, prepare, rotate as triton_rotate)
+from tqc.kernels.registry import (FRAGMENT_LAYOUT, FRAGMENT_TILE_THREAD_TOKENS, FRAGMENT_TILE_WARPS,  # noqa: E402
+                                  FragmentLayerKernel, Int8LayerKernel, KernelKey, LayerKernel, prepare,
+                                  rotate as triton_rotate)
 from tqc.kernels.repack import slot_words  # noqa: E402
 from tqc.kernels.tuning import (MIN_DOT_WIDTH, LaunchConfig, Tuner, slot_choices,  # noqa: E402
                                 token_bucket)
@@ -179,8 +180,11 @@ if CUDA:
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
         """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
-        77 and 300 tokens (the last tile short), against the reference path."""
+        77 and 300 tokens (the last tile short), against the reference path; also programs of 2 or 4
+        warpgroups (128 or 256 rows over the same activations)."""
         tiles = [LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in (1, 8)]
+        tiles += [LaunchConfig(strategy="fragments", iters=4, token_tile=t, num_warps=w) for t in (64, 128)
+                  for w in FRAGMENT_TILE_WARPS if w > 4 and t * w <= FRAGMENT_TILE_THREAD_TOKENS]
         check_fragment_configs(option, [(tile, m) for tile in tiles for m in (77, 300)])
 
     def check_fragment_configs(option: str, runs: list, gemv_iters: int | None = None) -> None:
