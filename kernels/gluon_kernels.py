@@ -506,7 +506,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
-                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16):
+                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16, X_STAGES: gl.constexpr = 0):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows, ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K) and TOKEN_TILE tokens (wgmma's n: 16, or up to 128 for a prompt or a batch), on
     tensor cores; grid (N / BLOCK_N, splits, token tiles): each program decodes its weights once for
@@ -521,7 +521,10 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
     instead of an HMUL2 (HFMA2) a weight pair. PRELOAD (the lab's; timed in run 129, its sums not yet
     checked on a GPU): the first LOOKAHEAD steps' code words are loaded before the wait for the
-    previous kernel (_program_codes)."""
+    previous kernel (_program_codes). X_STAGES (tiles above 16 tokens; 0: every step's activations
+    held at once): a ring of that many steps' activations in shared memory, the next ones loaded
+    while a step multiplies, so that a program's steps, and not its shared memory, set how often K
+    is split (_ring_step)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -537,8 +540,10 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     out_ptr += first_token * N
     M -= first_token
 
-    # the activations of every step, into shared memory once: [ITERS, TOKEN_TILE, BLOCK_K]
-    x_smem = gl.allocate_shared_memory(gl.float16, [ITERS, TOKEN_TILE, BLOCK_K], X_LAYOUT)
+    # the activations of every step, into shared memory once: [ITERS, TOKEN_TILE, BLOCK_K]; or of the
+    # ring's first X_STAGES - 1 steps, [X_STAGES, TOKEN_TILE, BLOCK_K]
+    SLOTS: gl.constexpr = X_STAGES if X_STAGES else ITERS
+    x_smem = gl.allocate_shared_memory(gl.float16, [SLOTS, TOKEN_TILE, BLOCK_K], X_LAYOUT)
     tokens = gl.arange(0, TOKEN_TILE, layout=gl.SliceLayout(1, x_load_layout))
     columns = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_load_layout))
     offsets = tokens[:, None] * K + first_step * BLOCK_K + columns[None, :]
@@ -550,9 +555,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
         for i in gl.static_range(ITERS):
             x_smem.index(i).store(tiles[i])
     else:  # a larger tile step by step (its registers)
-        for i in gl.static_range(ITERS):
-            tile = gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0)
-            x_smem.index(i).store(tile.to(gl.float16))
+        for i in gl.static_range(SLOTS - 1 if X_STAGES else ITERS):
+            x_smem.index(i).store(_x_step(x_ptr, offsets, i, tokens, M, BLOCK_K))
     fence_async_shared()
     barrier()
 
@@ -565,7 +569,10 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
         state, words, res_words = _stage_words(state, copied, codes, res_codes, sign_codes, step_words, i, ITERS,
                                                LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, RES_BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
-        x = x_smem.index(i).permute((1, 0))
+        ahead = 0
+        if X_STAGES and i + X_STAGES - 1 < ITERS:  # in flight while this step multiplies
+            ahead = _x_step(x_ptr, offsets, i + X_STAGES - 1, tokens, M, BLOCK_K)
+        x = x_smem.index(i % SLOTS).permute((1, 0))
         if SCALE_AFTER:
             products = warpgroup_mma(_decode(words, tables, C, a_layout, BITS), x, products, use_acc=i % RUN != 0)
             if RES_BITS:
@@ -579,8 +586,26 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
             weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
                                       a_layout, RES_BITS, BITS)
             acc = warpgroup_mma(weights, x, acc)
+        if X_STAGES and i + X_STAGES - 1 < ITERS:
+            _ring_step(x_smem, ahead, (i + X_STAGES - 1) % X_STAGES)
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
+
+
+@gluon.jit
+def _x_step(x_ptr, offsets, i: gl.constexpr, tokens, M, BLOCK_K: gl.constexpr):
+    """Step i's activations [TOKEN_TILE, BLOCK_K] as fp16, the tokens from M on zero."""
+    return gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0).to(gl.float16)
+
+
+@gluon.jit
+def _ring_step(x_smem, tile, slot: gl.constexpr):
+    """A later step's activations into the ring's `slot`, the one the step before this one read: every
+    warp has multiplied by it, as the barrier closing that step's _ring_step says (its products are
+    synchronous); this barrier then makes the tile visible to the steps after."""
+    x_smem.index(slot).store(tile)
+    fence_async_shared()
+    barrier()
 
 
 @gluon.jit

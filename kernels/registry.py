@@ -15,6 +15,7 @@ lookups (LayerKernel), the int8 one on int8 activations (Int8LayerKernel), and, 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
 # its own, all multiplying the same activations in shared memory, which the program then reads once for 128 or 256
 # rows (at 64 rows a program, gate+up's 448 programs read its 128 tokens' activations 448 times)
 FRAGMENT_TILE_WARPS = (4, 8, 16)
+# TQC_TILE_RING=1 also offers programs of 8 or 16 steps that stream their activations through a ring of 2 steps
+# (LaunchConfig.x_stages): fewer K-splits, so fewer atomic adds into the output, in as much shared memory
+TILE_RING = os.environ.get("TQC_TILE_RING", "0") == "1"
 FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
 # tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
@@ -486,18 +490,31 @@ class FragmentLayerKernel(LayerKernel):
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
         if bucket > MAX_FRAGMENT_TOKENS:
-            return [LaunchConfig(strategy="dequant")] + [
-                LaunchConfig(strategy="fragments", iters=i, token_tile=t, num_warps=w)
-                for t in (64, 128) for i in iters for w in FRAGMENT_TILE_WARPS
-                if TOKEN_TILES and bucket <= FRAGMENT_TILE_MAX_BUCKET and t <= max(bucket, 64) and i >= 4
-                and t * i * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS and self.key.n % (16 * w) == 0
-                and t * w <= FRAGMENT_TILE_THREAD_TOKENS]
+            return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, iters)
         configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
                      if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
             ordered = [c.model_copy(update={"ordered_inputs": True}) for c in gemvs if c.sums != "steps"]
             configs += gemvs + (ordered if ORDERED_INPUT_CANDIDATES else [])
+        return configs
+
+    def tile_candidates(self, bucket: int, iters: list[int]) -> list[LaunchConfig]:
+        """Tiles of 64 or 128 tokens (none wider than the bucket, 64 for buckets below) for a bucket above 16
+        tokens, up to FRAGMENT_TILE_MAX_BUCKET: `iters` steps a program, 4 or more; 4, 8 or 16 warps where
+        they divide the rows and their registers hold the tile; with TILE_RING also 8 or more steps
+        through a ring of 2; whatever holds its activations in FRAGMENT_TILE_INPUTS."""
+        if not TOKEN_TILES or bucket > FRAGMENT_TILE_MAX_BUCKET:
+            return []
+        configs = []
+        for tile, steps, warps, stages in itertools.product((64, 128), iters, FRAGMENT_TILE_WARPS, (0, 2)):
+            held = stages or steps  # steps of activations in shared memory at once
+            offered = tile <= max(bucket, 64) and steps >= 4 and (not stages or TILE_RING and steps >= 8)
+            fits = (self.key.n % (16 * warps) == 0 and tile * warps <= FRAGMENT_TILE_THREAD_TOKENS
+                    and tile * held * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS)
+            if offered and fits:
+                configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
+                                            x_stages=stages))
         return configs
 
     def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
@@ -559,7 +576,7 @@ class FragmentLayerKernel(LayerKernel):
             return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
         if config.token_tile == 16:
             return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16}
-        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile}
+        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout: on a GPU by

@@ -665,12 +665,36 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
         assert tile["ops"]["PRMT"] == sixteen["ops"]["PRMT"] and tile["ops"]["HGMMA"] == sixteen["ops"]["HGMMA"]
     assert compiled[1].metadata.shared == compiled[2].metadata.shared == 8 * compiled[0].metadata.shared
     assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(256))
-    assert {(c.token_tile, c.num_warps) for c in kernel.candidates(256) if c.strategy == "fragments"} == {
-        (64, 4), (64, 8), (64, 16), (128, 4), (128, 8)}  # 16 warps over 128 tokens would spill
+    assert {(c.token_tile, c.num_warps, c.x_stages) for c in kernel.candidates(256) if c.strategy == "fragments"} == {
+        (64, 4, 0), (64, 8, 0), (64, 16, 0), (128, 4, 0), (128, 8, 0)}  # 16 warps over 128 tokens would spill
     assert [c.strategy for c in kernel.candidates(1024)] == ["dequant"]  # a prefill: cuBLAS (run 184)
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
     monkeypatch.setattr(registry, "TOKEN_TILES", False)
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
+
+
+def test_a_ring_of_activations_holds_two_steps_whatever_the_steps(monkeypatch):
+    """LaunchConfig.x_stages (offered with TILE_RING): compiled for sm_90, a program of 8 steps over 128
+    tokens keeps 2 steps of activations in shared memory where the 4-step program held 4, looks up and
+    multiplies twice as much, with a barrier a step for the ring, and does not spill."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import registry
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.gluon_kernels import fragment_dot_kernel
+    from tqc.kernels.registry import FragmentLayerKernel
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    kernel = FragmentLayerKernel(layer_key("4", 14336, 4096, 128), None)
+    held = LaunchConfig(strategy="fragments", iters=4, token_tile=128)
+    ring = held.model_copy(update={"iters": 8, "x_stages": 2})
+    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], 4, "*bf16") for c in (held, ring)]
+    (four, eight) = [sass_summary(k) for k in compiled]
+    assert compiled[1].metadata.shared == compiled[0].metadata.shared // 2 == 128 * 2 * 64 * 2
+    assert eight["ops"]["PRMT"] == 2 * four["ops"]["PRMT"] and eight["ops"]["HGMMA"] == 2 * four["ops"]["HGMMA"]
+    assert eight["ops"]["BAR"] >= four["ops"]["BAR"] + 8 - 2 and eight["stack"] == 0
+    monkeypatch.setattr(registry, "TILE_RING", True)
+    rings = [c for c in kernel.candidates(128) if c.x_stages]
+    assert rings and all(c.iters >= 8 and c.token_tile * 2 * 64 <= registry.FRAGMENT_TILE_INPUTS for c in rings)
 
 
 FWHT_OPS = """
