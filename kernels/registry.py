@@ -51,13 +51,22 @@ FRAGMENT_TILE_MAX_BUCKET = 256
 # TQC_TOKEN_TILES=0: above 16 tokens the family only dequantizes for cuBLAS, as before session 42 (the tiles' sums
 # checked on the H100 for all five options, runs 184-185: tests/test_kernels_accuracy.py -k token_tiles)
 TOKEN_TILES = os.environ.get("TQC_TOKEN_TILES", "1") != "0"
-# Warps a program of a tile (num_warps): 4 is one 64-row block; 8 or 16 take 2 or 4 neighbouring blocks, each warpgroup
-# its own, all multiplying the same activations in shared memory, which the program then reads once for 128 or 256
-# rows (at 64 rows a program, gate+up's 448 programs read its 128 tokens' activations 448 times)
-FRAGMENT_TILE_WARPS = (4, 8, 16)
-# TQC_TILE_RING=1 also offers programs of 8 or 16 steps that stream their activations through a ring of 2 steps
-# (LaunchConfig.x_stages): fewer K-splits, so fewer atomic adds into the output, in as much shared memory
-TILE_RING = os.environ.get("TQC_TILE_RING", "0") == "1"
+# Warps a tensor-core program (num_warps): 4 is one 64-row block; 8 or 16 take 2 or 4 neighbouring blocks, each
+# warpgroup its own, all multiplying the same activations in shared memory, which the program then reads once for
+# 128 or 256 rows (at 64 rows a program, gate+up's 448 programs read its 128 tokens' activations 448 times; at 16
+# tokens as many bytes as its 4-bit codes). The tuner is offered them (16 warps above 16 tokens only); H100 run 194:
+# the tuner's pick for 16 tokens of gate/up 17.7 us against 18.9 (with 4 warps), 30.2 against 30.9 on gate+up.
+# TQC_WIDE_PROGRAMS=0: 4 warps only, as before session 44
+WIDE_PROGRAMS = os.environ.get("TQC_WIDE_PROGRAMS", "1") == "1"
+PROGRAM_WARPS = (4, 8, 16)
+# Tiles are also offered programs of 8 or 16 steps that stream their activations through a ring of 2 steps
+# (LaunchConfig.x_stages): fewer K-splits, so fewer atomic adds into the output, in less shared memory. H100 run 191,
+# Llama-3-8B's gate+up at 4 bits, the tuner's best: 128 tokens 107.2 us (64-token tiles, 16 steps, 8 warps, the
+# ring) against 145.7 without both; 64 tokens 60.8 against 76.8. TQC_TILE_RING=0: all steps held, as before
+TILE_RING = os.environ.get("TQC_TILE_RING", "1") == "1"
+# TQC_ASYNC_TILES=1 also offers tiles whose products run asynchronously, their decoded weights through shared memory
+# (LaunchConfig.async_products; 8 or more steps through a ring of 4, 4 or 8 warps). Not yet timed: off by default
+ASYNC_TILES = os.environ.get("TQC_ASYNC_TILES", "0") == "1"
 FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
 # tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
@@ -468,6 +477,12 @@ GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_ste
 ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 
 
+def program_warps(n: int) -> tuple[int, ...]:
+    """The warps a tensor-core program of the fragment family may have: 4, and with WIDE_PROGRAMS those of
+    PROGRAM_WARPS whose rows (16 a warp) divide n."""
+    return tuple(w for w in PROGRAM_WARPS if w == 4 or WIDE_PROGRAMS and n % (16 * w) == 0)
+
+
 class FragmentLayerKernel(LayerKernel):
     """Layers on fp16 activations (those takes_fragments names), their codes in the order of wgmma's
     register operand (fragments.py): the Gluon `fragment_dot_kernel` (gluon_kernels.py) for 1-16
@@ -486,12 +501,13 @@ class FragmentLayerKernel(LayerKernel):
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
         one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
         bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256 rows
-        a program: FRAGMENT_TILE_WARPS) on tensor cores, or dequantize + cuBLAS."""
+        a program: program_warps) on tensor cores, or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
         if bucket > MAX_FRAGMENT_TOKENS:
             return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, iters)
-        configs = [LaunchConfig(strategy="fragments", iters=i) for i in iters]
+        configs = [LaunchConfig(strategy="fragments", iters=i, num_warps=w) for i in iters
+                   for w in (program_warps(self.key.n) if bucket > 1 else (4,)) if w <= 8]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
                      if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
@@ -501,20 +517,22 @@ class FragmentLayerKernel(LayerKernel):
 
     def tile_candidates(self, bucket: int, iters: list[int]) -> list[LaunchConfig]:
         """Tiles of 64 or 128 tokens (none wider than the bucket, 64 for buckets below) for a bucket above 16
-        tokens, up to FRAGMENT_TILE_MAX_BUCKET: `iters` steps a program, 4 or more; 4, 8 or 16 warps where
-        they divide the rows and their registers hold the tile; with TILE_RING also 8 or more steps
+        tokens, up to FRAGMENT_TILE_MAX_BUCKET: `iters` steps a program, 4 or more; program_warps' warps where
+        their registers hold the tile; with TILE_RING also 8 or more steps
         through a ring of 2; whatever holds its activations in FRAGMENT_TILE_INPUTS."""
         if not TOKEN_TILES or bucket > FRAGMENT_TILE_MAX_BUCKET:
             return []
         configs = []
-        for tile, steps, warps, stages in itertools.product((64, 128), iters, FRAGMENT_TILE_WARPS, (0, 2)):
+        for tile, steps, warps, stages in itertools.product((64, 128), iters, program_warps(self.key.n), (0, 2)):
             held = stages or steps  # steps of activations in shared memory at once
             offered = tile <= max(bucket, 64) and steps >= 4 and (not stages or TILE_RING and steps >= 8)
-            fits = (self.key.n % (16 * warps) == 0 and tile * warps <= FRAGMENT_TILE_THREAD_TOKENS
-                    and tile * held * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS)
+            fits = tile * warps <= FRAGMENT_TILE_THREAD_TOKENS and tile * held * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS
             if offered and fits:
                 configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
                                             x_stages=stages))
+            if ASYNC_TILES and offered and stages and warps <= 8 and fits and tile * 4 * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS:
+                configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
+                                            x_stages=4, async_products=True))
         return configs
 
     def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
@@ -576,7 +594,8 @@ class FragmentLayerKernel(LayerKernel):
             return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
         if config.token_tile == 16:
             return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16}
-        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages}
+        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages,
+                "ASYNC": config.async_products}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout: on a GPU by

@@ -37,11 +37,12 @@ CRUMB_ASM = tl.constexpr(CRUMB_ASM)
 SIGNED_CRUMB_ASM = tl.constexpr(SIGNED_CRUMB_ASM)
 SIGNED_CONSTRAINTS = tl.constexpr(SIGNED_CONSTRAINTS)
 UNSIGNED_CONSTRAINTS = tl.constexpr(UNSIGNED_CONSTRAINTS)
-# TQC_FWHT_SPLIT=1: the butterflies by tl.split / tl.join (fwht_split_tile: 22 SASS instructions, 7 adds and one
-# shuffle an element of fwht_kernel's 16 x 256 tile, compiled for sm_90) instead of sums of selected halves (45,
-# 8 of them shuffles: by our reading what bounds the rotation of a 2048-token prefill, 46.5 us over down_proj's
-# 14336 inputs on the H200, run 190). The same transform to float32 rounding; not yet timed on a GPU: off by default.
-FWHT_SPLIT = tl.constexpr(os.environ.get("TQC_FWHT_SPLIT", "0") == "1")
+# The butterflies by tl.split / tl.join (fwht_split_tile: 22 SASS instructions, 7 adds and one shuffle an element of
+# fwht_kernel's 16 x 256 tile, compiled for sm_90) instead of sums of selected halves (45, 8 of them shuffles). The
+# same transform to float32 rounding (25 GPU tests, H100 run 193); the rotation takes 0.9-1.0 us at one token
+# against 1.1-1.2, 11.6 us at 2048 tokens of 4096 inputs against 13.9, 42.5 against 48.8 at 14336 (run 192).
+# TQC_FWHT_SPLIT=0: the sums of selected halves, as before session 44.
+FWHT_SPLIT = tl.constexpr(os.environ.get("TQC_FWHT_SPLIT", "1") == "1")
 
 
 @triton.jit

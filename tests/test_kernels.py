@@ -652,6 +652,8 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     from tqc.kernels import registry
 
     monkeypatch.setattr(registry, "TOKEN_TILES", True)
+    monkeypatch.setattr(registry, "WIDE_PROGRAMS", True)
+    monkeypatch.setattr(registry, "TILE_RING", False)  # its own test below
     kernel = FragmentLayerKernel(layer_key(str(bits), 14336, 4096, 128), None)
     wide = next(c for c in kernel.candidates(256) if c.token_tile == 128 and c.iters == 4 and c.num_warps == 4)
     narrow = wide.model_copy(update={"token_tile": 16})
@@ -667,8 +669,11 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     assert all(c.token_tile * c.iters * 64 <= FRAGMENT_TILE_INPUTS for c in kernel.candidates(256))
     assert {(c.token_tile, c.num_warps, c.x_stages) for c in kernel.candidates(256) if c.strategy == "fragments"} == {
         (64, 4, 0), (64, 8, 0), (64, 16, 0), (128, 4, 0), (128, 8, 0)}  # 16 warps over 128 tokens would spill
+    assert {c.num_warps for c in kernel.candidates(16)} == {4, 8} and {c.num_warps for c in kernel.candidates(1)} == {4}
     assert [c.strategy for c in kernel.candidates(1024)] == ["dequant"]  # a prefill: cuBLAS (run 184)
     assert {c.token_tile for c in kernel.candidates(64)} == {16, 64} and kernel.candidates(16)[0].token_tile == 16
+    monkeypatch.setattr(registry, "WIDE_PROGRAMS", False)
+    assert {c.num_warps for bucket in (1, 16, 256) for c in kernel.candidates(bucket)} == {4}
     monkeypatch.setattr(registry, "TOKEN_TILES", False)
     assert [c.strategy for c in kernel.candidates(256)] == ["dequant"]
 
@@ -697,6 +702,32 @@ def test_a_ring_of_activations_holds_two_steps_whatever_the_steps(monkeypatch):
     assert rings and all(c.iters >= 8 and c.token_tile * 2 * 64 <= registry.FRAGMENT_TILE_INPUTS for c in rings)
 
 
+def test_async_products_leave_one_product_in_flight(monkeypatch):
+    """LaunchConfig.async_products (offered with ASYNC_TILES): compiled for sm_90, each step's decoded
+    weights go to shared memory by stmatrix (3 steps' slots beside a ring of 4 steps' activations),
+    and the wait after each step's products leaves one group in flight, so the next step decodes
+    while the tensor cores multiply; as many lookups and products as the synchronous kernel, no spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tqc.kernels import registry
+    from tqc.kernels.bench import layer_key
+    from tqc.kernels.gluon_kernels import fragment_dot_kernel
+    from tqc.kernels.registry import FragmentLayerKernel
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
+
+    kernel = FragmentLayerKernel(layer_key("4", 14336, 4096, 128), None)
+    ring = LaunchConfig(strategy="fragments", iters=8, token_tile=64, num_warps=8, x_stages=2)
+    overlapped = ring.model_copy(update={"x_stages": 4, "async_products": True})
+    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], 8, "*bf16") for c in (ring, overlapped)]
+    (synchronous, asynchronous), sass = [sass_summary(k) for k in compiled], compiled[1].asm["sass"]
+    assert compiled[1].metadata.shared >= (3 * 128 + 4 * 64) * 64 * 2 and asynchronous["stack"] == 0
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") == 8 and sass.count("STSM") == 8 * 4
+    for op in ("PRMT", "HGMMA"):
+        assert asynchronous["ops"][op] == synchronous["ops"][op]
+    monkeypatch.setattr(registry, "ASYNC_TILES", True)
+    offered = [c for c in kernel.candidates(256) if c.async_products]
+    assert offered and all(c.x_stages == 4 and c.num_warps <= 8 for c in offered)
+
+
 FWHT_OPS = """
 import json
 from tqc.kernels import triton_kernels as tk
@@ -709,10 +740,11 @@ print(json.dumps(dict(summary["ops"], total=summary["instructions"], stack=summa
 
 
 def test_split_butterflies_issue_fewer_instructions_and_shuffles():
-    """TQC_FWHT_SPLIT=1 (triton_kernels.fwht_split_tile, read at import: each way compiled in a process
-    of its own): the rotation of a prefill's 16 x 256 tile, compiled for sm_90, issues under half the
-    instructions of the default butterflies, one add an element a stage (7 at G = 128) and one
-    shuffle an element instead of 8, without spills. (Its sums: tests/test_kernels_accuracy.py.)"""
+    """The split butterflies (triton_kernels.fwht_split_tile, the default; TQC_FWHT_SPLIT is read at import,
+    so each way compiles in a process of its own): the rotation of a prefill's 16 x 256 tile, compiled
+    for sm_90, issues under half the instructions of the sums of selected halves, one add an element a
+    stage (7 at G = 128) and one shuffle an element instead of 8, without spills. (Its sums:
+    tests/test_kernels_accuracy.py.)"""
     ops = {}
     for flag in ("0", "1"):
         result = subprocess.run([sys.executable, "-c", FWHT_OPS], env=os.environ | {"TQC_FWHT_SPLIT": flag},
