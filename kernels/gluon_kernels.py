@@ -25,14 +25,13 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from . import fragments
 from . import triton_kernels as tk
 from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
-A_SLOTS = gl.constexpr(3)  # steps of decoded weights in shared memory under ASYNC (fragment_dot_kernel)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
 COPIES = gl.constexpr(TABLE_COPIES)
 QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PRMT (lut.py)
@@ -507,8 +506,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
-                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16, X_STAGES: gl.constexpr = 0,
-                        ASYNC: gl.constexpr = False):
+                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16, X_STAGES: gl.constexpr = 0):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows, ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K) and TOKEN_TILE tokens (wgmma's n: 16, or up to 128 for a prompt or a batch), on
     tensor cores; grid (N / BLOCK_N, splits, token tiles): each program decodes its weights once for
@@ -526,10 +524,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     previous kernel (_program_codes). X_STAGES (tiles above 16 tokens; 0: every step's activations
     held at once): a ring of that many steps' activations in shared memory, the next ones loaded
     while a step multiplies, so that a program's steps, and not its shared memory, set how often K
-    is split (_ring_step). ASYNC (tiles above 16 tokens): the decoded weights go to shared memory,
-    3 steps' slots, and the tensor cores multiply them asynchronously while the next step decodes
-    (wgmma's register operand cannot be left in flight: run 107); a ring then holds 4 or more steps,
-    each step's stores before one barrier (_async_product)."""
+    is split (_ring_step)."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -547,15 +542,9 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
 
     # the activations of every step, into shared memory once: [ITERS, TOKEN_TILE, BLOCK_K]; or of the
     # ring's first X_STAGES - 1 steps, [X_STAGES, TOKEN_TILE, BLOCK_K]
-    gl.static_assert(not ASYNC or (TOKEN_TILE > TOKENS and (X_STAGES == 0 or X_STAGES >= 4)),
-                     "ASYNC: a tile above 16 tokens, a ring of 4 or more")
     SLOTS: gl.constexpr = X_STAGES if X_STAGES else ITERS
-    AHEAD: gl.constexpr = 1 if ASYNC else X_STAGES - 1  # steps of activations a ring holds ahead
+    AHEAD: gl.constexpr = X_STAGES - 1  # steps of activations a ring holds ahead
     x_smem = gl.allocate_shared_memory(gl.float16, [SLOTS, TOKEN_TILE, BLOCK_K], X_LAYOUT)
-    a_smem = x_smem
-    if ASYNC:
-        a_smem = gl.allocate_shared_memory(gl.float16, [A_SLOTS, BLOCK_N, BLOCK_K],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16))
     tokens = gl.arange(0, TOKEN_TILE, layout=gl.SliceLayout(1, x_load_layout))
     columns = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_load_layout))
     offsets = tokens[:, None] * K + first_step * BLOCK_K + columns[None, :]
@@ -582,7 +571,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                                                LOOKAHEAD, BLOCK_K, W, EVICT, STAGED, BITS, RES_BITS, PRELOAD)
         group = (first_step + i) * BLOCK_K // G
         ahead = 0
-        if X_STAGES and i + AHEAD < ITERS:  # in flight while this step decodes (and multiplies)
+        if X_STAGES and i + AHEAD < ITERS:  # in flight while this step decodes and multiplies
             ahead = _x_step(x_ptr, offsets, i + AHEAD, tokens, M, BLOCK_K)
         x = x_smem.index(i % SLOTS).permute((1, 0))
         if SCALE_AFTER:
@@ -597,33 +586,11 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
         else:
             weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
                                       a_layout, RES_BITS, BITS)
-            if ASYNC:
-                acc = _async_product(acc, weights, a_smem.index(i % A_SLOTS), x, x_smem, ahead, i, ITERS, X_STAGES)
-            else:
-                acc = warpgroup_mma(weights, x, acc)
-        if X_STAGES and not ASYNC and i + AHEAD < ITERS:
+            acc = warpgroup_mma(weights, x, acc)
+        if X_STAGES and i + AHEAD < ITERS:
             _ring_step(x_smem, ahead, (i + AHEAD) % X_STAGES)
-    if ASYNC:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     _add_into(out_ptr, acc, gl.program_id(0) * BLOCK_N, M, N, W)
-
-
-@gluon.jit
-def _async_product(acc, weights, a_slot, x, x_smem, ahead, i: gl.constexpr, ITERS: gl.constexpr,
-                   X_STAGES: gl.constexpr):
-    """acc + step i's product, left in flight: its weights into `a_slot` (of A_SLOTS) and, with a ring,
-    step i + 1's activations (`ahead`) into theirs, then one barrier; the product of step i - 1 is
-    waited for after this one is issued. Every warp has passed the barrier of step i - 1, so every
-    product up to step i - 3 is done: the slots stored here were last read by step i - A_SLOTS = i - 3
-    (the weights) and i + 1 - X_STAGES <= i - 3 (the activations)."""
-    a_slot.store(weights)
-    if X_STAGES and i + 1 < ITERS:
-        x_smem.index((i + 1) % X_STAGES).store(ahead)
-    fence_async_shared()
-    barrier()
-    acc = warpgroup_mma(a_slot, x, acc, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
 
 
 @gluon.jit

@@ -64,9 +64,6 @@ PROGRAM_WARPS = (4, 8, 16)
 # Llama-3-8B's gate+up at 4 bits, the tuner's best: 128 tokens 107.2 us (64-token tiles, 16 steps, 8 warps, the
 # ring) against 145.7 without both; 64 tokens 60.8 against 76.8. TQC_TILE_RING=0: all steps held, as before
 TILE_RING = os.environ.get("TQC_TILE_RING", "1") == "1"
-# TQC_ASYNC_TILES=1 also offers tiles whose products run asynchronously, their decoded weights through shared memory
-# (LaunchConfig.async_products; 8 or more steps through a ring of 4, 4 or 8 warps). Not yet timed: off by default
-ASYNC_TILES = os.environ.get("TQC_ASYNC_TILES", "0") == "1"
 FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
 # tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
@@ -530,9 +527,6 @@ class FragmentLayerKernel(LayerKernel):
             if offered and fits:
                 configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
                                             x_stages=stages))
-            if ASYNC_TILES and offered and stages and warps <= 8 and fits and tile * 4 * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS:
-                configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
-                                            x_stages=4, async_products=True))
         return configs
 
     def takes_input_as_it_comes(self, module, config: LaunchConfig) -> bool:
@@ -594,8 +588,7 @@ class FragmentLayerKernel(LayerKernel):
             return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
         if config.token_tile == 16:
             return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16}
-        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages,
-                "ASYNC": config.async_products}
+        return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:
         """The decoded weight W' [N, K] in `dtype` (rotated basis), from the fragment layout: on a GPU by

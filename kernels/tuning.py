@@ -63,8 +63,6 @@ class LaunchConfig(BaseModel):
     # (wgmma's n; a grid axis over the tiles), so that a prompt or a batch decodes each weight once a tile
     x_stages: int = 0  # fragments' tiles above 16 tokens: a ring of this many steps' activations in shared memory,
     # loaded ahead (X_STAGES); 0: all of a program's steps held at once
-    async_products: bool = False  # fragments' tiles: decoded weights through shared memory, the tensor cores
-    # multiplying a step while the next decodes (ASYNC; a ring then of 4 or more steps)
 
     @model_validator(mode="after")
     def _joined_pairs_scale_first(self) -> "LaunchConfig":
@@ -78,8 +76,6 @@ class LaunchConfig(BaseModel):
             raise ValueError(f"token_tile={self.token_tile} needs strategy 'fragments'")
         if self.x_stages and (self.token_tile == 16 or not 2 <= self.x_stages < self.iters):
             raise ValueError(f"x_stages={self.x_stages} needs a token tile above 16 and 2 to iters - 1 stages")
-        if self.async_products and (self.token_tile == 16 or 0 < self.x_stages < 4):
-            raise ValueError("async_products needs a token tile above 16 and no ring or one of 4 or more stages")
         return self
 
 

@@ -702,32 +702,6 @@ def test_a_ring_of_activations_holds_two_steps_whatever_the_steps(monkeypatch):
     assert rings and all(c.iters >= 8 and c.token_tile * 2 * 64 <= registry.FRAGMENT_TILE_INPUTS for c in rings)
 
 
-def test_async_products_leave_one_product_in_flight(monkeypatch):
-    """LaunchConfig.async_products (offered with ASYNC_TILES): compiled for sm_90, each step's decoded
-    weights go to shared memory by stmatrix (3 steps' slots beside a ring of 4 steps' activations),
-    and the wait after each step's products leaves one group in flight, so the next step decodes
-    while the tensor cores multiply; as many lookups and products as the synchronous kernel, no spills."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqc.kernels import registry
-    from tqc.kernels.bench import layer_key
-    from tqc.kernels.gluon_kernels import fragment_dot_kernel
-    from tqc.kernels.registry import FragmentLayerKernel
-    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
-
-    kernel = FragmentLayerKernel(layer_key("4", 14336, 4096, 128), None)
-    ring = LaunchConfig(strategy="fragments", iters=8, token_tile=64, num_warps=8, x_stages=2)
-    overlapped = ring.model_copy(update={"x_stages": 4, "async_products": True})
-    compiled = [compile_gluon_for_hopper(fragment_dot_kernel, kernel.specialise(c)[1], 8, "*bf16") for c in (ring, overlapped)]
-    (synchronous, asynchronous), sass = [sass_summary(k) for k in compiled], compiled[1].asm["sass"]
-    assert compiled[1].metadata.shared >= (3 * 128 + 4 * 64) * 64 * 2 and asynchronous["stack"] == 0
-    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") == 8 and sass.count("STSM") == 8 * 4
-    for op in ("PRMT", "HGMMA"):
-        assert asynchronous["ops"][op] == synchronous["ops"][op]
-    monkeypatch.setattr(registry, "ASYNC_TILES", True)
-    offered = [c for c in kernel.candidates(256) if c.async_products]
-    assert offered and all(c.x_stages == 4 and c.num_warps <= 8 for c in offered)
-
-
 FWHT_OPS = """
 import json
 from tqc.kernels import triton_kernels as tk
