@@ -21,8 +21,8 @@ performance-loaded.png (a model from tqc.load against bf16, ms a token, each way
 scripts/check_hf_decode.py); performance-families.png (each layer and option on the lookup kernels
 beside the fragment family, x bf16 at one and 16 tokens, --families; performance-families-other.png
 the same for other models' shapes, --other-families); performance-tokens.png (the concatenated
-gate/up of Llama-3-8B, x bf16 by token count, before and with the fragment family's token tiles:
---before-tiles, --tiles); performance-prefill.png (Llama-3-8B's layers at 2048 tokens, x bf16, with
+gate/up of Llama-3-8B, x bf16 by token count, before and with the fragment family's token tiles, and
+at 4 bits with session 44's wider programs, ring and rotation: --before-tiles, --tiles, --wide); performance-prefill.png (Llama-3-8B's layers at 2048 tokens, x bf16, with
 prefill's dequantization in plain Triton beside the Gluon one: --prefill).
 """
 
@@ -209,6 +209,10 @@ def main() -> None:
     parser.add_argument("--before-tiles", type=Path, default=BENCH / "h100-run183-layers-fused-all.json")
     parser.add_argument("--tiles", type=Path, nargs="+",
                         default=[BENCH / "h100-run184-layers-tiles.json", BENCH / "h100-run186-layers-tiles-32.json"])
+    parser.add_argument("--wide", type=Path, nargs="+",  # session 44's: its 4-bit rows, a later file's replacing
+                        default=[BENCH / name for name in ("h100-run192-fused-2048-gluon-dequant.json",
+                                                           "h100-run191-tiles-fused.json", "h100-run194-wide16.json",
+                                                           "h100-run196-one-token-split1.json")])
     parser.add_argument("--prefill", type=Path, nargs=2, metavar=("TRITON", "GLUON"),
                         default=[BENCH / f"h200-run190-layers-2048-{way}-dequant.json" for way in ("triton", "gluon")])
     parser.add_argument("--out", type=Path, default=BENCH.parent)
@@ -228,8 +232,9 @@ def main() -> None:
                   args.out / "performance-families-other.png")
     before = [r for r in json.loads(args.before_tiles.read_text())["rows"] if r["option"] in ("3", "4")]
     tiles = sum((json.loads(path.read_text())["rows"] for path in args.tiles), [])
-    plot_tokens({"dequantize + cuBLAS above 16 tokens": before, "token tiles above 16": tiles},
-                args.out / "performance-tokens.png")
+    wide = [r for r in sum((json.loads(path.read_text())["rows"] for path in args.wide), []) if r["option"] == "4"]
+    plot_tokens({"dequantize + cuBLAS above 16 tokens": before, "token tiles above 16": tiles,
+                 "8-16 warps, a ring, split butterflies (session 44)": wide}, args.out / "performance-tokens.png")
     triton, gluon = (json.loads(path.read_text())["rows"] for path in args.prefill)
     plot_families({"dequantize in Triton (before)": triton, "dequantize on the PRMT lookups (Gluon)": gluon},
                   args.out / "performance-prefill.png", "layers at 2048 tokens (H200, same machine): prefill's dequantization")
