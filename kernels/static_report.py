@@ -129,12 +129,13 @@ def fragment_rows(models: list[str], options: list[str], bandwidth_gbps: float, 
                     if config.strategy == "dequant":
                         continue
                     summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), family.specialise(config)[1],
-                                                                    fragments.WARPS, "*bf16"))
-                    per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)
+                                                                    config.num_warps, "*bf16"))
+                    per_weight = summary["instructions"] / (16 * fragments.BLOCK_K * config.iters / 32)  # a warp's 16 rows
                     row = {"model": model, "layer": layer, "option": option, "n": n, "k": k} | config.model_dump()
                     row |= summary | time_estimates(family.key, per_weight, bandwidth_gbps)
                     rows.append(row)
                     print(f"{model:<10} {layer:<17} {option:>4} {config.strategy:<13} iters={config.iters:<2} "
+                          f"warps={config.num_warps:<2} "
                           f"regs {row['registers']:>3} stack {row['stack']:>5}  {per_weight:5.2f} instr/weight  "
                           f"issue-bound {row['issue_bound_us']:7.1f} us  memory-bound {row['memory_bound_us']:7.1f} us",
                           flush=True)
