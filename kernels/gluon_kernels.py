@@ -371,8 +371,8 @@ def _more_words(loaded, codes, i: gl.constexpr, ITERS: gl.constexpr, LOOKAHEAD: 
     thread, loaded into registers; or nothing where the kernel has none (not PRESENT)."""
     words = 0
     if PRESENT:
-        loaded, words = _step_words(loaded, codes, codes, BLOCK_WARPS * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W, EVICT, False,
-                                    PRELOADED)
+        loaded, words = _step_words(loaded, codes, codes, BLOCK_WARPS * 32 * WORDS, i, ITERS, LOOKAHEAD, WORDS, W,
+                                    EVICT, False, PRELOADED)
     return loaded, words
 
 

@@ -515,15 +515,16 @@ class FragmentLayerKernel(LayerKernel):
     def tile_candidates(self, bucket: int, iters: list[int]) -> list[LaunchConfig]:
         """Tiles of 64 or 128 tokens (none wider than the bucket, 64 for buckets below) for a bucket above 16
         tokens, up to FRAGMENT_TILE_MAX_BUCKET: `iters` steps a program, 4 or more; program_warps' warps where
-        their registers hold the tile; with TILE_RING also 8 or more steps
-        through a ring of 2; whatever holds its activations in FRAGMENT_TILE_INPUTS."""
+        their registers hold the tile; with TILE_RING also 8 or more steps through a ring of 2; each where
+        the activations it holds at once fit FRAGMENT_TILE_INPUTS."""
         if not TOKEN_TILES or bucket > FRAGMENT_TILE_MAX_BUCKET:
             return []
         configs = []
         for tile, steps, warps, stages in itertools.product((64, 128), iters, program_warps(self.key.n), (0, 2)):
             held = stages or steps  # steps of activations in shared memory at once
             offered = tile <= max(bucket, 64) and steps >= 4 and (not stages or TILE_RING and steps >= 8)
-            fits = tile * warps <= FRAGMENT_TILE_THREAD_TOKENS and tile * held * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS
+            fits = (tile * warps <= FRAGMENT_TILE_THREAD_TOKENS
+                    and tile * held * fragments.BLOCK_K <= FRAGMENT_TILE_INPUTS)
             if offered and fits:
                 configs.append(LaunchConfig(strategy="fragments", iters=steps, token_tile=tile, num_warps=warps,
                                             x_stages=stages))
