@@ -1097,3 +1097,16 @@ def test_code_words_are_loaded_evict_first():
     first = sum(count for name, count in loads.items() if ".EF" in name)
     assert first == 4  # two word tiles of 16 rows x 64 words: 4 vectors of 4 words per thread
     assert loads.get("LDG.E.128", 0) > 0 and loads.get("LDG.E.U16", 0) > 0  # activations, scales: default policy
+
+
+def test_every_switch_the_kernels_read_is_documented_with_its_default():
+    """docs/switches.md lists each TQC_ environment variable that the package reads, and for those read
+    with a default, the same default."""
+    root = Path(__file__).resolve().parents[1]
+    read = {}
+    for source in [path for folder in ("tqc", "kernels", "calibration") for path in (root / folder).rglob("*.py")]:
+        for name, default in re.findall(r'environ(?:\.get\(|\[)"(TQC_\w+)"(?:, "([^"]*)")?', source.read_text()):
+            read[name] = default or read.get(name, "")
+    documented = dict(re.findall(r"^\| `(TQC_\w+)` \| `?([^`|]*?)`? \|", (root / "docs" / "switches.md").read_text(), re.M))
+    assert set(read) == set(documented)
+    assert all(documented[name] == default for name, default in read.items() if default)
