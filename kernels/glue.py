@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -43,9 +44,11 @@ from .registry import RotationTarget, next_power_of_2, pdl_launch, zeroed_output
 from .int8_kernels import store_int8
 from .triton_kernels import pdl_start, prime_output, rotate_signed, store_in_order
 
-MAX_TOKENS = 16  # beyond, the rotation's own launch is cheap next to the matmul, and the fused
-# norm (one program per token row) was slower: a 2048-token prefill of the 8B-shaped decoder took
-# 60.9 ms with it and 58.1 ms without (docs/performance.md, run 19)
+# Beyond MAX_TOKENS the rotation has a launch of its own: the fused norm (one program per token row) was slower at
+# prefill, a 2048-token prefill of the 8B-shaped decoder 60.9 ms with it and 58.1 ms without (docs/performance.md,
+# run 19, the lookup kernels of then). Since the prefill's rotation is now at the pace of its bytes (run 192), fusing
+# it would save a read and a write of the activations: TQC_GLUE_MAX_TOKENS=4096 fuses prefills too, to time again
+MAX_TOKENS = int(os.environ.get("TQC_GLUE_MAX_TOKENS", "16"))
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
 PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
 COMBINE_IN_ROTATION = True  # attention_linear: the attention's slices combined in o_proj's rotation launch

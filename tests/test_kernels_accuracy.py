@@ -406,11 +406,12 @@ def test_the_norm_step_rounds_as_each_form_does(dtype):
 
 
 @pytest.mark.parametrize("step", ["norm", "swiglu"])
-@pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant", "int8-split", "int8-dp4a"])
+@pytest.mark.parametrize("strategy", ["fma", "dot-split", "dequant", "dequant-prefill", "int8-split", "int8-dp4a"])
 def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, monkeypatch):
     """kernels/glue.py: the norm or SwiGLU step writes the rotated input in the order and type the
     matmul wants (on int8 activations rounded, with its scales, in the dp4a kernel's planes for one
-    token) and zeroes the output a split-K kernel adds into (here filled with NaN beforehand)."""
+    token) and zeroes the output a split-K kernel adds into (here filled with NaN beforehand); with
+    glue.MAX_TOKENS raised (TQC_GLUE_MAX_TOKENS), also for a prefill's tokens."""
     n, k, group_size = SHAPES[0]
     if strategy.startswith("int8"):
         module, _ = random_layer(QuantOption.parse("3"), n, k, group_size, "int8")
@@ -419,9 +420,12 @@ def test_rotation_inside_the_glue_matches_the_separate_steps(step, strategy, mon
     else:
         module, _ = random_layer(QuantOption.parse("4"), n, k, group_size)
         kernel = LayerKernel(KernelKey.of(module.spec), Tuner("none", "none", None))
-        config = STRATEGIES[strategy](8)
+        config = STRATEGIES[strategy.removesuffix("-prefill")](8)
     tokens = max(count for count in token_counts(config) if count <= glue.MAX_TOKENS)
-    assert strategy == "dequant" or kernel.splits(config) > 1  # split over K
+    if strategy.endswith("-prefill"):
+        tokens = 77 if CUDA else 20
+        monkeypatch.setattr(glue, "MAX_TOKENS", 128)
+    assert config.strategy == "dequant" or kernel.splits(config) > 1  # split over K
     monkeypatch.setattr(kernel, "tuned", lambda count: config)
     monkeypatch.setattr(kernel, "output", lambda count, device, dtype, chosen: None if chosen.strategy == "dequant"
                         else torch.full((count, n), float("nan"), device=device, dtype=dtype))
