@@ -641,8 +641,9 @@ def test_fragment_dot_kernel_decodes_once_for_a_tile_of_128_tokens(bits, monkeyp
     """TOKEN_TILE (a prompt's or a batch's tokens, LaunchConfig.token_tile): compiled for sm_90, the
     kernel over 128 tokens looks each weight up as often as over 16 and issues as many tensor-core
     products (each 8 times wider: HGMMA.64x128x16), without spills, also as two warpgroups (8 warps,
-    128 rows a program); its activations take 8 times the shared memory. The registry offers tiles above 16 tokens only where they fit in shared memory, and
-    not for a prefill's thousands of tokens."""
+    128 rows a program); its activations take 8 times the shared memory. The registry offers tiles
+    above 16 tokens only where they fit in shared memory and registers, and not for a prefill's
+    thousands of tokens."""
     pytest.importorskip("triton.experimental.gluon")
     from tqc.kernels.bench import layer_key
     from tqc.kernels.gluon_kernels import fragment_dot_kernel
@@ -1099,7 +1100,7 @@ def test_code_words_are_loaded_evict_first():
     assert loads.get("LDG.E.128", 0) > 0 and loads.get("LDG.E.U16", 0) > 0  # activations, scales: default policy
 
 
-def test_every_switch_the_kernels_read_is_documented_with_its_default():
+def test_every_switch_tqc_reads_is_documented_with_its_default():
     """docs/switches.md lists each TQC_ environment variable that the package reads, and for those read
     with a default, the same default."""
     root = Path(__file__).resolve().parents[1]
@@ -1107,6 +1108,7 @@ def test_every_switch_the_kernels_read_is_documented_with_its_default():
     for source in [path for folder in ("tqc", "kernels", "calibration") for path in (root / folder).rglob("*.py")]:
         for name, default in re.findall(r'environ(?:\.get\(|\[)"(TQC_\w+)"(?:, "([^"]*)")?', source.read_text()):
             read[name] = default or read.get(name, "")
-    documented = dict(re.findall(r"^\| `(TQC_\w+)` \| `?([^`|]*?)`? \|", (root / "docs" / "switches.md").read_text(), re.M))
+    table = (root / "docs" / "switches.md").read_text()
+    documented = dict(re.findall(r"^\| `(TQC_\w+)` \| `?([^`|]*?)`? \|", table, re.M))
     assert set(read) == set(documented)
     assert all(documented[name] == default for name, default in read.items() if default)
