@@ -64,6 +64,11 @@ PROGRAM_WARPS = (4, 8, 16)
 # Llama-3-8B's gate+up at 4 bits, the tuner's best: 128 tokens 107.2 us (64-token tiles, 16 steps, 8 warps, the
 # ring) against 145.7 without both; 64 tokens 60.8 against 76.8. TQC_TILE_RING=0: all steps held, as before
 TILE_RING = os.environ.get("TQC_TILE_RING", "1") == "1"
+# The most steps a tile program takes (through the ring; steps held at once stop at 16: FRAGMENT_TILE_INPUTS).
+# Session 45 offers 32 (2 K-splits of a 4096-input layer): 16, the longest before, won every key in run 191.
+# The ring keeps 2 slots: a step's next activations are loaded and stored within the step whatever the slots, so a
+# third would only hold more shared memory
+TILE_STEPS = 32
 FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
 # tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
@@ -497,12 +502,13 @@ class FragmentLayerKernel(LayerKernel):
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
         one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
-        bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256 rows
-        a program: program_warps) on tensor cores, or dequantize + cuBLAS."""
+        bucket, four to TILE_STEPS steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256
+        rows a program: program_warps) on tensor cores, or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
         if bucket > MAX_FRAGMENT_TOKENS:
-            return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, iters)
+            tile_iters = [i for i in range(1, TILE_STEPS + 1) if steps % i == 0]
+            return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, tile_iters)
         configs = [LaunchConfig(strategy="fragments", iters=i, num_warps=w) for i in iters
                    for w in (program_warps(self.key.n) if bucket > 1 else (4,)) if w <= 8]
         if bucket == 1:
