@@ -182,14 +182,17 @@ if CUDA:
         """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
         77 and 300 tokens (the last tile short), against the reference path; also programs of 2 or 4
         warpgroups (128 or 256 rows over the same activations; also at 16 and 40 tokens in tiles of 16)
-        and activations through a ring of 2 steps, up to TILE_STEPS steps a program (where they divide K's)."""
+        and activations through a ring of 2 steps, up to TILE_STEPS steps a program (where they divide K's),
+        in tiles of 16 tokens too."""
         tiles = [LaunchConfig(strategy="fragments", iters=i, token_tile=t) for t in (64, 128) for i in (1, 8)]
         tiles += [LaunchConfig(strategy="fragments", iters=4, token_tile=t, num_warps=w) for t in (64, 128)
                   for w in PROGRAM_WARPS if w > 4 and t * w <= FRAGMENT_TILE_THREAD_TOKENS]
         tiles += [LaunchConfig(strategy="fragments", iters=i, token_tile=t, num_warps=w, x_stages=2)  # TILE_RING's
                   for i, t, w in [(8, 64, 8), (8, 128, 4), (TILE_STEPS, 128, 8)]]
-        sixteen = LaunchConfig(strategy="fragments", iters=4, num_warps=8)  # WIDE_PROGRAMS' at 2-16 tokens
-        check_fragment_configs(option, [(tile, m) for tile in tiles for m in (77, 300)] + [(sixteen, 16), (sixteen, 40)])
+        sixteens = [LaunchConfig(strategy="fragments", iters=4, num_warps=8),  # WIDE_PROGRAMS' at 2-16 tokens
+                    LaunchConfig(strategy="fragments", iters=TILE_STEPS, num_warps=8, x_stages=2)]  # TILE_RING's
+        check_fragment_configs(option, [(tile, m) for tile in tiles for m in (77, 300)]
+                               + [(sixteen, m) for sixteen in sixteens for m in (16, 40)])
 
     def check_fragment_configs(option: str, runs: list, gemv_iters: int | None = None) -> None:
         """Each (config, tokens) of `runs` (and with gemv_iters the one-token kernel's candidates of that
