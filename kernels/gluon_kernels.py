@@ -521,7 +521,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     is then scaled into the sums in float32 (_scaled_products): 8 FFMA a thread, stage and group
     instead of an HMUL2 (HFMA2) a weight pair. PRELOAD (the lab's; timed in run 129, its sums not yet
     checked on a GPU): the first LOOKAHEAD steps' code words are loaded before the wait for the
-    previous kernel (_program_codes). X_STAGES (0: every step's activations
+    previous kernel (_program_codes). X_STAGES (tiles above 16 tokens; 0: every step's activations
     held at once): a ring of that many steps' activations in shared memory, the next ones loaded
     while a step multiplies, so that a program's steps, and not its shared memory, set how often K
     is split (_ring_step)."""
@@ -548,7 +548,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     tokens = gl.arange(0, TOKEN_TILE, layout=gl.SliceLayout(1, x_load_layout))
     columns = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_load_layout))
     offsets = tokens[:, None] * K + first_step * BLOCK_K + columns[None, :]
-    if TOKEN_TILE == TOKENS and not X_STAGES:  # loaded together, then stored
+    if TOKEN_TILE == TOKENS:  # loaded together, then stored
         tiles = ()
         for i in gl.static_range(ITERS):
             tile = gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0)

@@ -64,12 +64,6 @@ PROGRAM_WARPS = (4, 8, 16)
 # Llama-3-8B's gate+up at 4 bits, the tuner's best: 128 tokens 107.2 us (64-token tiles, 16 steps, 8 warps, the
 # ring) against 145.7 without both; 64 tokens 60.8 against 76.8. TQC_TILE_RING=0: all steps held, as before
 TILE_RING = os.environ.get("TQC_TILE_RING", "1") == "1"
-# The most steps a tensor-core program takes (above 16 through the ring; steps held at once stop at 16). Session 45
-# offers 32 (2 K-splits of a 4096-input layer): 16, the longest before, won every tile key in run 191 and 4-bit
-# gate/up at 16 tokens in run 194; at 2-16 tokens the ring takes only programs of more than 16 steps.
-# The ring keeps 2 slots: a step's next activations are loaded and stored within the step whatever the slots, so a
-# third would only hold more shared memory
-TILE_STEPS = 32
 FRAGMENT_TILE_THREAD_TOKENS = 1024  # tokens x warps at most: 16 warps leave a thread 128 registers, and over 128
 # tokens its accumulator and operands spill (compiled for sm_90; 162-171 registers at 4 and 8 warps)
 # Dequantize + cuBLAS decodes with the tensor-core kernel's PRMT lookups (gluon_kernels.fragment_dequant_kernel),
@@ -502,20 +496,15 @@ class FragmentLayerKernel(LayerKernel):
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at
-        one token also on CUDA cores; at 2-16 tokens with TILE_RING (no residual stage) also up to
-        TILE_STEPS through a ring of 2; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
-        bucket, four to TILE_STEPS steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256
-        rows a program: program_warps) on tensor cores, or dequantize + cuBLAS."""
+        one token also on CUDA cores; above 16 tokens, tiles of 64 or 128 tokens (no larger than the
+        bucket, four or more steps a program, up to FRAGMENT_TILE_MAX_BUCKET tokens; 64, 128 or 256 rows
+        a program: program_warps) on tensor cores, or dequantize + cuBLAS."""
         steps = self.key.k // fragments.BLOCK_K
         iters = [i for i in range(1, 17) if steps % i == 0]
-        longer = [i for i in range(17, TILE_STEPS + 1) if steps % i == 0]  # through the ring only
         if bucket > MAX_FRAGMENT_TOKENS:
-            return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, iters + longer)
-        warps = [w for w in (program_warps(self.key.n) if bucket > 1 else (4,)) if w <= 8]
-        configs = [LaunchConfig(strategy="fragments", iters=i, num_warps=w) for i in iters for w in warps]
-        if bucket > 1 and TILE_RING and not self.key.residual_bits:  # 4+4's 32 steps spill (sm_90, 255 registers)
-            configs += [LaunchConfig(strategy="fragments", iters=i, num_warps=w, x_stages=2) for i in longer
-                        for w in warps]
+            return [LaunchConfig(strategy="dequant")] + self.tile_candidates(bucket, iters)
+        configs = [LaunchConfig(strategy="fragments", iters=i, num_warps=w) for i in iters
+                   for w in (program_warps(self.key.n) if bucket > 1 else (4,)) if w <= 8]
         if bucket == 1:
             gemvs = [LaunchConfig(strategy="fragment_gemv", iters=i, sums=sums) for sums in GEMV_SUMS for i in iters
                      if sums == "rows" or self.sums_steps(i) and (sums == "rows_steps" or not self.key.residual_bits)]
@@ -599,7 +588,7 @@ class FragmentLayerKernel(LayerKernel):
         if config.strategy == "fragment_gemv":
             return GEMV_SUMS[config.sums] | {"X_ORDERED": config.ordered_inputs}
         if config.token_tile == 16:
-            return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16, "X_STAGES": config.x_stages}
+            return FRAGMENT_DOT_SCALING | {"TOKEN_TILE": 16}
         return {"SCALE_AFTER": False, "TOKEN_TILE": config.token_tile, "X_STAGES": config.x_stages}
 
     def dequantize(self, module, dtype: torch.dtype, block_n: int = 0) -> torch.Tensor:

@@ -61,7 +61,7 @@ class LaunchConfig(BaseModel):
     # order, which the kernel loads as two 16-byte vectors a thread and step (X_ORDERED)
     token_tile: Literal[16, 64, 128] = 16  # fragments: tokens a program multiplies its decoded weights by
     # (wgmma's n; a grid axis over the tiles), so that a prompt or a batch decodes each weight once a tile
-    x_stages: int = 0  # fragments: a ring of this many steps' activations in shared memory,
+    x_stages: int = 0  # fragments' tiles above 16 tokens: a ring of this many steps' activations in shared memory,
     # loaded ahead (X_STAGES); 0: all of a program's steps held at once
 
     @model_validator(mode="after")
@@ -74,8 +74,8 @@ class LaunchConfig(BaseModel):
             raise ValueError("ordered_inputs needs strategy 'fragment_gemv' with row sums")
         if self.token_tile != 16 and self.strategy != "fragments":
             raise ValueError(f"token_tile={self.token_tile} needs strategy 'fragments'")
-        if self.x_stages and (self.strategy != "fragments" or not 2 <= self.x_stages < self.iters):
-            raise ValueError(f"x_stages={self.x_stages} needs strategy 'fragments' and 2 to iters - 1 stages")
+        if self.x_stages and (self.token_tile == 16 or not 2 <= self.x_stages < self.iters):
+            raise ValueError(f"x_stages={self.x_stages} needs a token tile above 16 and 2 to iters - 1 stages")
         return self
 
 

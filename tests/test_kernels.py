@@ -701,7 +701,6 @@ def test_a_ring_of_activations_holds_two_steps_whatever_the_steps(monkeypatch):
     monkeypatch.setattr(registry, "TILE_RING", True)
     rings = [c for c in kernel.candidates(128) if c.x_stages]
     assert rings and all(c.iters >= 8 and c.token_tile * 2 * 64 <= registry.FRAGMENT_TILE_INPUTS for c in rings)
-    assert max(c.iters for c in rings) == registry.TILE_STEPS == 32  # 2 K-splits of 4096 inputs
 
 
 FWHT_OPS = """
