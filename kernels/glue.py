@@ -46,8 +46,8 @@ from .triton_kernels import pdl_start, prime_output, rotate_signed, store_in_ord
 
 # Beyond MAX_TOKENS the rotation has a launch of its own: the fused norm (one program per token row) was slower at
 # prefill, a 2048-token prefill of the 8B-shaped decoder 60.9 ms with it and 58.1 ms without (docs/performance.md,
-# run 19, the lookup kernels of then). Since the prefill's rotation is now at the pace of its bytes (run 192), fusing
-# it would save a read and a write of the activations: TQC_GLUE_MAX_TOKENS=4096 fuses prefills too, to time again
+# run 19, the lookup kernels of then), and still is with the split butterflies: TQC_GLUE_MAX_TOKENS=4096 fuses
+# prefills too, and an 8-layer decoder's 2048-token prefill takes 14.87-14.88 ms against 14.69-14.73 (H100, runs 200-201)
 MAX_TOKENS = int(os.environ.get("TQC_GLUE_MAX_TOKENS", "16"))
 MAX_BLOCK_K = 256  # columns per program: the largest power of two up to this that divides K
 PRELOAD = True  # the norm's first weights and signs loaded before the PDL wait (norm_rotate_kernel)
