@@ -551,8 +551,7 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     if TOKEN_TILE == TOKENS:  # loaded together, then stored
         tiles = ()
         for i in gl.static_range(ITERS):
-            tile = gl.load(x_ptr + offsets + i * BLOCK_K, mask=(tokens < M)[:, None], other=0.0)
-            tiles = tiles + (tile.to(gl.float16),)
+            tiles = tiles + (_x_step(x_ptr, offsets, i, tokens, M, BLOCK_K),)
         for i in gl.static_range(ITERS):
             x_smem.index(i).store(tiles[i])
     else:  # a larger tile step by step (its registers)

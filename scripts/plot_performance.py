@@ -22,8 +22,9 @@ scripts/check_hf_decode.py); performance-families.png (each layer and option on 
 beside the fragment family, x bf16 at one and 16 tokens, --families; performance-families-other.png
 the same for other models' shapes, --other-families); performance-tokens.png (the concatenated
 gate/up of Llama-3-8B, x bf16 by token count, before and with the fragment family's token tiles, and
-at 4 bits with session 44's wider programs, ring and rotation: --before-tiles, --tiles, --wide); performance-prefill.png (Llama-3-8B's layers at 2048 tokens, x bf16, with
-prefill's dequantization in plain Triton beside the Gluon one: --prefill).
+at 4 bits with session 44's wider programs, ring and rotation: --before-tiles, --tiles, --wide);
+performance-prefill.png (Llama-3-8B's layers at 2048 tokens, x bf16, with prefill's dequantization in
+plain Triton beside the Gluon one: --prefill).
 """
 
 from __future__ import annotations
