@@ -72,8 +72,8 @@ def norm_rotate_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, signs_ptr, out_p
                        PRELOAD: tl.constexpr = True, FILL: tl.constexpr = False):
     """grid (M, P): each program loads its token's whole row (ROW, the next power of two >= K, at
     once: a loop over blocks waited for each load in turn) for the sum of squares, then writes
-    h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P = K /
-    BLOCK_K for one token, 1 for many). RESIDUAL: h' = h + delta is normalised and h_out is h';
+    h_out and the rotated normalised input for column blocks p, p + P, ... of BLOCK_K (P: norm_column_programs,
+    K / BLOCK_K up to 16 tokens). RESIDUAL: h' = h + delta is normalised and h_out is h';
     else h is normalised and h_out is the result (delta unused). FORM (NORM_FORMS) rounds the
     normalised input as torch's F.rms_norm does (0), as Hugging Face's Llama RMSNorm (1: before the
     weight) or Gemma's (2: * (1 + weight), once). The weight and signs of the program's first block are
@@ -204,6 +204,15 @@ def _constexprs(target: RotationTarget, device: torch.device, k: int) -> dict:
             "FILL": target.clear_from is not None} | pdl_launch(device)
 
 
+def norm_column_programs(m: int, blocks: int) -> int:
+    """Programs a token of norm_rotate_kernel's launch: up to 16 tokens every column block its own (each
+    program reads the token's whole row for its norm), as registry.rotation_block_m spreads the rotation's
+    launch; for more, fewer, each walking its share of the row's `blocks` (about 16 blocks' worth of programs)."""
+    if not registry.SPREAD_ROTATION:
+        return max(1, blocks // m)
+    return max(1, min(blocks, blocks * 16 // m))
+
+
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                 target: RotationTarget, form: str = "rms_norm") -> tuple[torch.Tensor, torch.Tensor]:
     """For [M, K] activations, in one launch: (h + delta, rotate(rms_norm(h + delta) * weight)),
@@ -213,7 +222,7 @@ def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     h_out = torch.empty_like(h)
     rotated = torch.empty(m, k, device=h.device, dtype=target.dtype)
     options = _constexprs(target, h.device, k)
-    column_programs = max(1, k // options["BLOCK_K"] // m)  # one token: the row over many programs
+    column_programs = norm_column_programs(m, k // options["BLOCK_K"])
     launch(norm_rotate_kernel, (m, column_programs), h, h if delta is None else delta, weight, h_out,
            *_target_arguments(target, rotated), eps, ROW=next_power_of_2(k), RESIDUAL=delta is not None, FORM=NORM_FORMS[form],
            PRELOAD=PRELOAD, **options)

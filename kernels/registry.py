@@ -94,6 +94,23 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+# Up to 16 tokens the rotation's launch gives each token's column blocks programs of their own: 16
+# tokens in one program a column block made 16 programs (K = 4096) that each rotated a 16 x 256 tile and
+# zeroed 1/16 of the output in a loop. On the H100 (runs 202-204) the 16-token rotation goes from 1.7 to
+# 1.1-1.2 us, 8B's gate/up at 4 bits from 18.0 to 17.0 us, and with the norm step spread the same way
+# (glue.norm_column_programs) an 8-layer decoder's 16-token forward from 0.87 to 0.73 ms.
+# TQC_SPREAD_ROTATION=0: the tiles of 16 tokens, as before session 46.
+SPREAD_ROTATION = os.environ.get("TQC_SPREAD_ROTATION", "1") == "1"
+
+
+def rotation_block_m(m: int) -> int:
+    """Tokens a program of a rotation launch takes for m tokens: at least 16 programs' worth of token
+    blocks (one token a program up to 16 tokens), 16 tokens from 256 on."""
+    if not SPREAD_ROTATION:
+        return min(16, next_power_of_2(m))
+    return min(16, max(1, next_power_of_2(m) // 16))
+
+
 @lru_cache(maxsize=None)
 def uses_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90 and later): a lookup kernel launches while the rotation
@@ -442,7 +459,7 @@ class Int8LayerKernel(LayerKernel):
         """x rotated and rounded as `target` says (rotate_int8_kernel), in a launch of its own."""
         (m, k), g = x.shape, self.key.group_size
         values = torch.empty(m, k, device=x.device, dtype=target.dtype)
-        block_m, block_k = min(16, next_power_of_2(m)), max(g, 256)
+        block_m, block_k = rotation_block_m(m), max(g, 256)
         launch(
             int8_kernels.rotate_int8_kernel, (cdiv(m, block_m), cdiv(k, block_k)),
             x, target.signs, values, values if target.scales is None else target.scales,
@@ -685,9 +702,8 @@ def weight_copy(module) -> SimpleNamespace:
                            **{name: getattr(module, name).clone() for name in names if hasattr(module, name)})
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int = 16,
-           clear: torch.Tensor | None = None, dtype: torch.dtype | None = None, pair_width: int = 0,
-           fragment_step: int = 0) -> torch.Tensor:
+def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, clear: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None, pair_width: int = 0, fragment_step: int = 0) -> torch.Tensor:
     """x' = FWHT_g(x * signs) / sqrt(g) per group, by the Triton butterfly kernel. x: [M, K].
 
     `clear`, if given, is zeroed by the same launch (the output a split-K kernel adds into).
@@ -697,14 +713,13 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, block_m: int =
     """
     m, k = x.shape
     block_k = max(group_size, 256)
-    block_m = min(block_m, next_power_of_2(m))
+    block_m = rotation_block_m(m)
     out = torch.empty_like(x, dtype=dtype or x.dtype)
     grid = (cdiv(m, block_m), cdiv(k, block_k))
     target = out if clear is None else clear
     launch(tk.fwht_kernel, grid, x, signs, out, target, m, 0 if clear is None else clear.numel(), K=k,
            LOG_G=group_size.bit_length() - 1, BLOCK_M=block_m, BLOCK_K=block_k, PAIR_WIDTH=pair_width,
-           FRAGMENT_STEP=fragment_step,
-           **pdl_launch(x.device))
+           FRAGMENT_STEP=fragment_step, **pdl_launch(x.device))
     return out
 
 
