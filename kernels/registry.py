@@ -104,8 +104,8 @@ SPREAD_ROTATION = os.environ.get("TQC_SPREAD_ROTATION", "1") == "1"
 
 
 def rotation_block_m(m: int) -> int:
-    """Tokens a program of a rotation launch takes for m tokens: at least 16 programs' worth of token
-    blocks (one token a program up to 16 tokens), 16 tokens from 256 on."""
+    """Tokens a program of a rotation launch takes for m tokens: one up to 16 tokens, then m / 16 rounded
+    to a power of two (about 16 token blocks), 16 from 256 tokens on (a prefill's tiles, as before)."""
     if not SPREAD_ROTATION:
         return min(16, next_power_of_2(m))
     return min(16, max(1, next_power_of_2(m) // 16))
