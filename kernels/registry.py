@@ -111,6 +111,20 @@ def rotation_block_m(m: int) -> int:
     return min(16, max(1, next_power_of_2(m) // 16))
 
 
+# Up to 16 tokens a program of the rotation's launch takes 128 inputs (or a group, if wider) instead of 256: a
+# one-token 4096-input layer gets 32 programs instead of 16. H100 run 209, two pairs of processes side by side:
+# 8B's gate/up at 4 bits 14.0-14.1 against 14.3 us at one token, 16.2 against 16.4 at 16; at 3 bits and 16 tokens
+# 15.1 against 15.2-15.4; gate+up level. Beyond 16 tokens (not measured) 256, as before.
+# TQC_ROTATION_BLOCK_K=256: as before session 47.
+ROTATION_BLOCK_K = int(os.environ.get("TQC_ROTATION_BLOCK_K", "128"))
+
+
+def rotation_block_k(m: int, group_size: int) -> int:
+    """Inputs a program of a rotation launch takes for m tokens: whole groups, ROTATION_BLOCK_K or more up to 16
+    tokens, 256 or more beyond."""
+    return max(group_size, ROTATION_BLOCK_K if m <= 16 else 256)
+
+
 @lru_cache(maxsize=None)
 def uses_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90 and later): a lookup kernel launches while the rotation
@@ -712,8 +726,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, group_size: int, clear: torch.T
     > 0: in the fragment order of steps that wide (fragments.fragment_input_order); else natural.
     """
     m, k = x.shape
-    block_k = max(group_size, 256)
-    block_m = rotation_block_m(m)
+    block_m, block_k = rotation_block_m(m), rotation_block_k(m, group_size)
     out = torch.empty_like(x, dtype=dtype or x.dtype)
     grid = (cdiv(m, block_m), cdiv(k, block_k))
     target = out if clear is None else clear

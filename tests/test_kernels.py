@@ -241,6 +241,9 @@ def test_tuning_cache_round_trip_and_invalidation(tmp_path):
     assert TuneFile.model_validate_json(path.read_text()).triton_version == "3.6.0"
     assert Tuner("H100", "3.7.0", path).data.entries == {}  # another Triton version retunes
     assert Tuner("H200", "3.6.0", path).data.entries == {}
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps(stored | {"format": stored["format"] - 1}))
+    assert Tuner("H100", "3.6.0", path).data.entries == {}  # a cache of an older format retunes
     path.write_text("{not json")
     assert Tuner("H100", "3.6.0", path).data.entries == {}
 

@@ -405,15 +405,18 @@ def test_the_norm_step_rounds_as_each_form_does(dtype):
         assert torch.equal(h_out, summed) and torch.equal(rotated_with_residual, rotated)
 
 
-@pytest.mark.parametrize("spread", [True, False])
-def test_the_rotation_launches_split_tokens_and_columns_either_way(spread, monkeypatch):
+@pytest.mark.parametrize("spread, block_k", [(True, 128), (False, 128), (True, 256)])
+def test_the_rotation_launches_split_tokens_and_columns_either_way(spread, block_k, monkeypatch):
     """registry.SPREAD_ROTATION: the rotation's launch (a program a token up to 16 tokens, or tiles of
-    16) and the norm step's (every column block a program of its own, or one program walking a token's
-    row: glue.norm_column_programs) rotate 16 and 20 tokens of 2 column blocks as the float64 butterfly does."""
+    16; column blocks of ROTATION_BLOCK_K inputs up to 16 tokens, 256 beyond) and the norm step's (every
+    column block a program of its own, or one program walking a token's row: glue.norm_column_programs)
+    rotate 16 and 20 tokens of 2-4 column blocks as the float64 butterfly does, and the rotation's launch
+    zeroes the output it is handed."""
     from tqc.kernels import registry
     from tqc.kernels.registry import RotationTarget
 
     monkeypatch.setattr(registry, "SPREAD_ROTATION", spread)
+    monkeypatch.setattr(registry, "ROTATION_BLOCK_K", block_k)
     k, group_size = 512, 64  # 2 blocks of glue.MAX_BLOCK_K
     generator = torch.Generator().manual_seed(7)
     signs = torch.randint(0, 2, (k,), generator=generator).double() * 2 - 1
@@ -422,7 +425,9 @@ def test_the_rotation_launches_split_tokens_and_columns_either_way(spread, monke
     for m in (16, 20):
         x = torch.randn(m, k, generator=generator)
         expected = rotate(x.double(), signs, group_size)
-        assert relative_error(triton_rotate(x.to(DEVICE), signs.float().to(DEVICE), group_size), expected) < 1e-5
+        clear = torch.full((m, 3 * k), float("nan"), device=DEVICE)
+        assert relative_error(triton_rotate(x.to(DEVICE), signs.float().to(DEVICE), group_size, clear), expected) < 1e-5
+        assert torch.equal(clear, torch.zeros_like(clear)), f"the output to add into, {m} tokens"
         normed = F.rms_norm(x.double(), (k,), eps=1e-5)
         _, rotated = glue.norm_rotate(x.to(DEVICE), None, weight, 1e-5, target)
         assert relative_error(rotated, rotate(normed, signs, group_size)) < 1e-5, f"norm step, {m} tokens"
