@@ -210,7 +210,7 @@ def norm_column_programs(m: int, blocks: int) -> int:
     launch; for more, fewer, each walking its share of the row's `blocks` (about 16 blocks' worth of programs)."""
     if not registry.SPREAD_ROTATION:
         return max(1, blocks // m)
-    return max(1, min(blocks, blocks * 16 // m))
+    return max(1, min(blocks, blocks * registry.SPREAD_TOKENS // m))
 
 
 def norm_rotate(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -101,6 +101,7 @@ def next_power_of_2(n: int) -> int:
 # (glue.norm_column_programs) an 8-layer decoder's 16-token forward from 0.87 to 0.73 ms.
 # TQC_SPREAD_ROTATION=0: the tiles of 16 tokens, as before session 46.
 SPREAD_ROTATION = os.environ.get("TQC_SPREAD_ROTATION", "1") == "1"
+SPREAD_TOKENS = 16  # up to this many tokens (a decode step's) the rotation's launches are spread as above and below
 
 
 def rotation_block_m(m: int) -> int:
@@ -114,7 +115,8 @@ def rotation_block_m(m: int) -> int:
 # Up to 16 tokens a program of the rotation's launch takes 128 inputs (or a group, if wider) instead of 256: a
 # one-token 4096-input layer gets 32 programs instead of 16. H100 run 209, two pairs of processes side by side:
 # 8B's gate/up at 4 bits 14.0-14.1 against 14.3 us at one token, 16.2 against 16.4 at 16; at 3 bits and 16 tokens
-# 15.1 against 15.2-15.4; gate+up level. Beyond 16 tokens (not measured) 256, as before.
+# 15.1 against 15.2-15.4; gate+up level. Beyond 16 tokens (not measured) 256, as before; the int8 family's
+# rotate_int8_kernel keeps 256 (not measured either).
 # TQC_ROTATION_BLOCK_K=256: as before session 47.
 ROTATION_BLOCK_K = int(os.environ.get("TQC_ROTATION_BLOCK_K", "128"))
 
@@ -122,7 +124,7 @@ ROTATION_BLOCK_K = int(os.environ.get("TQC_ROTATION_BLOCK_K", "128"))
 def rotation_block_k(m: int, group_size: int) -> int:
     """Inputs a program of a rotation launch takes for m tokens: whole groups, ROTATION_BLOCK_K or more up to 16
     tokens, 256 or more beyond."""
-    return max(group_size, ROTATION_BLOCK_K if m <= 16 else 256)
+    return max(group_size, ROTATION_BLOCK_K if m <= SPREAD_TOKENS else 256)
 
 
 @lru_cache(maxsize=None)
