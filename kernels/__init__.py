@@ -32,7 +32,7 @@ def attach(model: nn.Module, cache_dir: Path | None = None, verbose: bool = Fals
 
     `fragments`: the layers of the options a GPU has checked on it run the Gluon fragment family
     (registry.FragmentLayerKernel, Hopper GPUs; on an H100 the 8B-shaped decoder 7-11% faster than on
-    the lookups, 26-51% less time a layer at 16 tokens: docs/performance.md, run 126). None (the
+    the lookups, 26-51% less time a layer at 16 tokens: docs/performance-history.md, run 126). None (the
     default): where the GPU can run it; True: also, with a warning where it cannot; False: never."""
     from tqc.linear import QuantizedLinear  # noqa: PLC0415
 

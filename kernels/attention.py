@@ -9,7 +9,7 @@ the cache (flash-decoding): each program takes one KV head's query heads over a 
 positions, keeps a running softmax, and stores its partial output; the last program of a KV head
 to finish (an atomic count) combines the slices, or, where a quantized o_proj follows, the launch
 that rotates its input does (glue.attention_linear), so that the attention ends with its slices
-(docs/performance.md, runs 148-154). It is launched for programmatic dependent launch where the
+(docs/performance-history.md, runs 148-154). It is launched for programmatic dependent launch where the
 GPU has it: the programs start while the q/k/v matmul drains and read their slice of the cache
 before waiting for it (runs 142-144). Rotary embeddings are left out, as in the benchmark's decoder.
 cached_attention_kernel is the same slices over a cache that Hugging Face's layers have written,

@@ -45,7 +45,7 @@ from .int8_kernels import store_int8
 from .triton_kernels import pdl_start, prime_output, rotate_signed, store_in_order
 
 # Beyond MAX_TOKENS the rotation has a launch of its own: the fused norm (one program per token row) was slower at
-# prefill, a 2048-token prefill of the 8B-shaped decoder 60.9 ms with it and 58.1 ms without (docs/performance.md,
+# prefill, a 2048-token prefill of the 8B-shaped decoder 60.9 ms with it and 58.1 ms without (docs/performance-history.md,
 # run 19, the lookup kernels of then), and still is with the split butterflies: TQC_GLUE_MAX_TOKENS=4096 fuses
 # prefills too, and an 8-layer decoder's 2048-token prefill takes 14.87-14.88 ms against 14.69-14.73 (H100, runs 200-201)
 MAX_TOKENS = int(os.environ.get("TQC_GLUE_MAX_TOKENS", "16"))

@@ -9,7 +9,7 @@ The family (registry.FragmentLayerKernel, `attach(model)` on Hopper) launches
 fragment_dot_kernel, at one token also `fragment_gemv_kernel` (the same decode on CUDA cores)
 where the tuner finds it faster, and for a prefill `fragment_dequant_kernel` (the same decode,
 written out for cuBLAS); the other knobs (LOOKAHEAD, EVICT, STAGED) are the lab's
-(scripts/gluon_dot16_lab.py, which checks and times them: docs/performance.md, runs 107-114).
+(scripts/gluon_dot16_lab.py, which checks and times them: docs/performance-history.md, runs 107-114).
 Gluon kernels do not run under TRITON_INTERPRET: CI compiles them for sm_90 (tests/test_kernels.py),
 the device runs tests/test_kernels_accuracy.py.
 

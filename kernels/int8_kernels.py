@@ -329,7 +329,7 @@ def int8_gemv_kernel(q_ptr, xs_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, l
     """out[1, N] (+)= the layer on one token's int8 activations (int8 planes: rotate_int8_kernel's
     PER_WORD) on CUDA cores, `dp4a`. Grid (cdiv(N, BLOCK_N), K / (G * STEPS)); each program takes
     STEPS groups of its rows, the next group's loads issued before this one's dot products (in
-    registers: Triton's cp.async pipelines were no faster, docs/performance.md run 50)."""
+    registers: Triton's cp.async pipelines were no faster, docs/performance-history.md run 50)."""
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N

@@ -2,7 +2,7 @@
 
 `fn[grid](*args, **kwargs)` binds and specialises every argument again on each call, and checks
 the kernel's global constexprs: tens of microseconds of Python in Triton 3.6, which is what bounds
-a loaded model's eager decode step (docs/performance.md, runs 71-75 and 79-80). `launch(fn, grid,
+a loaded model's eager decode step (docs/performance-history.md, runs 71-75 and 79-80). `launch(fn, grid,
 *args, **kwargs)` goes through Triton once for each combination of keyword values, argument
 dtypes, 16-byte alignment (what Triton specialises a pointer on) and integer argument values
 (but for parameters marked do_not_specialize, only whether they fit 32 bits),

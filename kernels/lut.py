@@ -2,7 +2,7 @@
 
 A gather from a codebook in memory costs a load instruction per weight or pair of weights, and on
 the H100 those loads, not the weight traffic, bounded the one-token kernels: with the gather
-replaced by arithmetic the same GEMV ran 2x faster (docs/performance.md, run 3). `prmt.b32 d, a,
+replaced by arithmetic the same GEMV ran 2x faster (docs/performance-history.md, run 3). `prmt.b32 d, a,
 b, sel` picks any 4 of the 8 bytes of two registers by the 4 nibbles of `sel`, so a table of up
 to 8 bytes lives in 2 registers and one instruction looks up 4 bytes. An fp16 codebook value is 2
 bytes, so every width decodes 4 codes (a quad) at a time: one PRMT looks up their 4 low bytes, one their 4

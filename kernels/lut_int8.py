@@ -1,7 +1,7 @@
 """Codebook lookups to int8 in registers, for kernels on int8 activations (`dp4a`, int8 tensor cores).
 
 Used by the int8 kernel family (int8_kernels.py, layers on int8 activations) and by the lab
-scripts/int8_gemv_lab.py (docs/performance.md, runs 48-51). The codebook is rounded to int8
+scripts/int8_gemv_lab.py (docs/performance-history.md, runs 48-51). The codebook is rounded to int8
 (level / max * 127) and the factor multiplied back into the output. A PRMT then yields 4 int8 values at once, ready for `dp4a` or a tensor-core dot:
 
 - 2 bits: the 4 levels are one word; the selector is the codes' crumbs masked into 4 nibbles.

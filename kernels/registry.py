@@ -79,7 +79,7 @@ FRAGMENT_PRELOAD = os.environ.get("TQC_PRELOAD", "0") == "1"
 # TQC_DIRECT_INPUTS=1: a layer whose input arrives rotated (o_proj, tqc.folding) runs on the fragment family with
 # no launch before its matmul: the step before attention zeroes its output too (glue.fused_linear's `then`) and
 # the kernel reads attention's output as it comes. Its sums hold on the H100 (runs 130, 132), yet the decoder
-# is no faster (run 130, scripts/o_proj_fold_lab.py; docs/performance.md): a switch for measurements, off.
+# is no faster (run 130, scripts/o_proj_fold_lab.py; docs/performance-history.md): a switch for measurements, off.
 DIRECT_INPUTS = os.environ.get("TQC_DIRECT_INPUTS", "0") == "1"
 
 
@@ -167,7 +167,7 @@ def supports(spec: LayerSpec) -> bool:
 # fragment). Its kernels take every TurboQuant option, 2-4 bits with a residual stage of 2 or 4 bits or
 # none: compiled and counted in CI, their prefill weights tested interpreted; the others join this set
 # once a GPU run of that test has passed, and until then serve only where asked for (`unchecked`).
-CHECKED_FRAGMENT_OPTIONS = frozenset({"2", "3", "4", "4+2", "4+4"})  # run 122 (docs/performance.md)
+CHECKED_FRAGMENT_OPTIONS = frozenset({"2", "3", "4", "4+2", "4+4"})  # run 122 (docs/performance-history.md)
 
 
 def takes_fragments(spec: LayerSpec, unchecked: bool = False) -> bool:
@@ -522,7 +522,7 @@ class FragmentLayerKernel(LayerKernel):
     launch.py); above 16 tokens tiles of 64 or 128 tokens, or `gluon_kernels.fragment_dequant_kernel` +
     cuBLAS. Asked for by KernelRegistry(fragments=True), which `attach` sets where the GPU can run it:
     on Llama-3-8B's shapes on an H100 it takes 26-51% less time than the lookup kernels at 16 tokens,
-    9% less to 1% more at one, the decoder 7-10% less (docs/performance.md, run 126). Hopper GPUs;
+    9% less to 1% more at one, the decoder 7-10% less (docs/performance-history.md, run 126). Hopper GPUs;
     Gluon does not run under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT

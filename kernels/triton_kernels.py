@@ -192,7 +192,7 @@ def _plane_tile(ptr, rows, chunk, slot, START: tl.constexpr, WIDTH: tl.constexpr
 
     Each code word is read once, so it is marked first to go from L1 (evict_first), leaving L1 to
     what programs reread (activations, scales): one-token layers 3-14% faster on the H200
-    (docs/performance.md, runs 40-41).
+    (docs/performance-history.md, runs 40-41).
     """
     word = START + (chunk * WIDTH + slot // (32 // WIDTH)) * B
     return tl.load(ptr + rows[:, None] * ROW_WORDS + word + tl.arange(0, B)[None, :], eviction_policy="evict_first")

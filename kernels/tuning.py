@@ -27,7 +27,7 @@ TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 # 15: the rotation's launch spread over a program a token up to 16 tokens (session 46, registry.rotation_block_m)
 # changed what the candidates of 2-255 tokens are timed beside, and so which wins: on the H100 the 16-token picks
 # moved (gate/up 8 warps x 16 steps -> 4 x 8, down 4 x 7 -> 8 x 14) and the 8-layer decoder's 16-token forward
-# went from 0.73 to 0.69 ms with the retuned cache (docs/performance.md, runs 208-213);
+# went from 0.73 to 0.69 ms with the retuned cache (docs/performance-history.md, runs 208-213);
 # 14: the fragment family's tensor-core kernel over tiles of 64 or 128 tokens beyond 16 (token_tile);
 # 13: fragment_gemv candidates by how they sum before a scale (sums); 12: one-token fragment_gemv
 # candidates; 11: scale-first candidates with four slot pairs a dot; 10: scale-first tensor-core

@@ -38,7 +38,7 @@ steps on the attention it does not run by default: bf16 on tqc's one-launch deco
 step by name and grid. `--keep DIR` leaves the random source model and the packed one in DIR/source
 and DIR/packed (for `tqc bench generate DIR/packed`). On the CPU, with `--tiny` shapes, it is a
 smoke test of the plumbing. Compare with `tqc bench decode --layers 4` in the same run
-(docs/performance.md, runs 71-77).
+(docs/performance-history.md, runs 71-77).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where did the one-token GEMV's time go? The experiment of docs/performance.md, run 3 (CUDA only).
+"""Where did the one-token GEMV's time go? The experiment of docs/performance-history.md, run 3 (CUDA only).
 
 Times one GEMV loop (4-bit words of the old kernel layout, B = 64, G = 128) with four ways of
 turning a code into a weight, inside CUDA graphs over enough weight copies to stream from HBM,

@@ -6,7 +6,7 @@
 
 Why a lab: at 16 tokens tqc's kernel (Triton, `lut_dot_kernel`) holds 171-255 registers, and
 Triton moves the decoded weights or code words through shared memory into wgmma's operand layout
-in some configurations (docs/performance.md, runs 101-105). Gluon writes the layouts by hand, so
+in some configurations (docs/performance-history.md, runs 101-105). Gluon writes the layouts by hand, so
 this kernel stores the codes **in the order of wgmma's register operand**: a thread loads the
 words of its own fragment as 16-byte vectors, decodes them with tqc's PRMT lookups, and the
 decoded weights are already where wgmma reads them (the layout conversion is asserted trivial at

@@ -4,7 +4,7 @@ The question: is the one-token kernel's speed limit (instructions per weight, do
 "What would be next") lifted by decoding the codes to int8 instead of fp16 and multiplying with
 `dp4a` (4 multiply-adds per instruction) against activations quantized to int8 per group, as
 llama.cpp's MMVQ kernels do with q8_1? And, for a few tokens, by an int8 tensor-core dot? Not
-wired into tqc: its own layout and kernels (docs/performance.md, runs 48-52).
+wired into tqc: its own layout and kernels (docs/performance-history.md, runs 48-52).
 
 - Codebook and lookups: tqc.kernels.lut_int8 (the levels rounded to int8, their factor folded
   into the weight scales; 4 bits in two PRMTs and an xor, 2 bits in one PRMT; code words in

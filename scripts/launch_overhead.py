@@ -3,7 +3,7 @@
     python3 scripts/launch_overhead.py [--calls 20000] [--profile]
     python3 scripts/launch_overhead.py --device cuda [-o launch_overhead.json]
 
-A decode step run eagerly is bound by the CPU (docs/performance.md, runs 71-75): each quantized
+A decode step run eagerly is bound by the CPU (docs/performance-history.md, runs 71-75): each quantized
 layer call is tqc's Python (launch choice, grids, allocations) plus two Triton launches. On the
 CPU this measures the first part alone, for a 4096 x 4096 4-bit layer at one token: the rotation
 and lookup kernels are replaced by stand-ins whose compiled launch does nothing, reached through

@@ -8,7 +8,7 @@ def load(directory, device="cpu", verify: bool = True, fuse: bool = True, fragme
 
     `fuse`: q/k/v and gate/up projections that share an option run as one matmul (tqc.fusion).
     On a GPU, decode with `tqc.StaticDecoder(model, max_length).generate(...)`: one CUDA graph replay
-    a token (an 8B-shaped Llama on an H100: 2.25 ms a token against bf16's 7.03, docs/performance.md
+    a token (an 8B-shaped Llama on an H100: 2.25 ms a token against bf16's 7.03, docs/performance-history.md
     run 175), or with `model.generate(..., cache_implementation="static")`, which transformers
     compiles and replays from CUDA graphs around its own loop (3.9 ms; 22.2 with the default dynamic
     cache). One token attends in one launch (tqc.kernels.hf_attention, the attention "tqc_decode";

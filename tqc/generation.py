@@ -4,7 +4,7 @@ Hugging Face causal LM whose forward takes a static cache).
 transformers' `generate(cache_implementation="static")` replays a compiled step from a CUDA graph,
 yet runs its own loop around it on the host (logits processing, stopping checks, the next input:
 54 small launches and a sync a token, and the compiled forward's guards); on an H100 that loop
-costs about as much as the quantized model's whole step (docs/performance.md, run 161).
+costs about as much as the quantized model's whole step (docs/performance-history.md, run 161).
 StaticDecoder keeps the KV cache, the next token, its position and the tokens so far in fixed
 tensors, captures a whole step (the forward, the choice of the next token, the writes that advance
 the position) as one CUDA graph, and replays it once a token; the host looks for EOS every
@@ -16,7 +16,7 @@ the position) as one CUDA graph, and replays it once a token; the host looks for
 
 The prompt's forward is compiled too, with dynamic shapes (gpt-fast's `prefill`), so that prompts of
 any length share one compiled graph; eagerly, an 8B-shaped quantized model's 32-token prompt took
-12 ms longer, about six of its graphed steps (docs/performance.md, run 175). On a CPU both run
+12 ms longer, about six of its graphed steps (docs/performance-history.md, run 175). On a CPU both run
 eagerly, a token at a time (the reference path). The prompts of a batch have the same length (no
 padding mask).
 """
