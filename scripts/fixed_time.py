@@ -5,7 +5,7 @@
 For each (layer, option, tokens) found in both runs, a line through the two points (weight bytes,
 microseconds) gives the rate it streams at and the time it takes whatever its size: the rotation,
 the launch, the program's start and tail. With bf16 in both runs it also says what fixed time the
-first run's shape allows for the issue's targets (plot_performance's TARGETS and RESIDUAL_TARGETS),
+first run's shape allows for the issue's targets (plot_performance's TARGETS),
 at the rate measured. Prints a table and writes JSON (-o).
 """
 
@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from plot_performance import RESIDUAL_TARGETS, TARGETS
+from plot_performance import TARGETS
 
 from tqc.plan import write_text_atomic
 
@@ -37,8 +37,7 @@ def fixed_times(small_rows: list[dict], large_rows: list[dict]) -> list[dict]:
         if other is None or row["option"] == "rotate" or other["weight_bytes"] == row["weight_bytes"]:
             continue
         fixed_us, gbps = fit(row, other)
-        targets = TARGETS.get(row["tokens"], {}) | (RESIDUAL_TARGETS if row["tokens"] == 1 else {})
-        target = targets.get(row["option"])
+        target = TARGETS.get(row["tokens"], {}).get(row["option"])
         baseline = bf16.get((row["layer"], row["tokens"]))
         allowed = None
         if target and baseline:  # the target's time, less the bytes at the measured rate

@@ -1,9 +1,9 @@
 """Draw the GPU results that people compare, from the JSON the benchmarks saved (docs/bench/).
 
-    python scripts/plot_performance.py [--layers docs/bench/h200-run60-layers-int8-2d.json]
+    python scripts/plot_performance.py [--layers docs/bench/h100-run214-layers1-pass2.json]
         [--profile docs/bench/h100-run153-profile-decode-mixed-nopdl.json]
         [--loaded docs/bench/h100-run175-hf-generate.json]
-        [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h200-run104-llama-16-layers.json]
+        [--qwen docs/bench/h200-run89-qwen-layers.json] [--sixteen docs/bench/h100-run216-layers16.json]
         [--families docs/bench/h100-run126-layers-lookups.json docs/bench/h100-run126-layers-family.json]
         [--other-families LOOKUPS FAMILY [LOOKUPS FAMILY ...]] (default: run 128's 70B and Qwen2.5-7B pairs)
         [--before-tiles docs/bench/h100-run183-layers-fused-all.json]
@@ -39,9 +39,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
-TARGETS = {1: {"4": 3.2, "3": 4.0, "2": 5.0}, 16: {"4": 2.5}}  # issue 5, by tokens: x bf16
+TARGETS = {1: {"4": 3.2, "3": 4.0, "2": 5.0, "4+4": 1.7, "4+2": 2.2}, 16: {"4": 2.5}}  # issue 5, by tokens: x bf16
 PREFILL_TARGET = 1 / 1.25  # issue 5: a 2048-token prefill within 1.25x bf16's time
-RESIDUAL_TARGETS = {"4+4": 1.7, "4+2": 2.2}  # issue 5, one token (not drawn: the figures show base bits)
 # A kernel's name (and grid) -> what it is in the decode step; first match wins.
 STEP_PARTS = (("matmuls", ("fragment_", "lut_fma", "int8_gemv", "int8_dot", "nvjet", "splitKreduce", "gemm")),
               ("norm (+ rotation)", ("norm",)),
@@ -64,9 +63,10 @@ def plot_layers(rows: list[dict], path: Path, tokens: int = 1) -> None:
         speedups = {column(row): row["speedup_vs_bf16"] for row in rows if row["option"] == option}
         ax.bar([j + i * width for j in range(len(layers))], [speedups.get(layer, 0) for layer in layers], width,
                label=option)
-    for bits, target in TARGETS.get(tokens, {}).items():
-        ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
-        ax.text(len(layers) - 0.2, target, f"{bits}-bit target x{target}", va="bottom", ha="right", fontsize=8)
+    for option, target in TARGETS.get(tokens, {}).items():
+        if option in options:
+            ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
+            ax.text(len(layers) - 0.2, target, f"{option} target x{target}", va="bottom", ha="right", fontsize=7)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, fontsize=8 if len(models) > 1 else None)
     count = "one token" if tokens == 1 else f"{tokens} tokens"
     ax.set_ylabel(f"x bf16 ({count})")
@@ -197,11 +197,11 @@ def plot_tokens(series: dict[str, list[dict]], path: Path, layer: str = "gate_pr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=Path, default=BENCH / "h200-run60-layers-int8-2d.json")
+    parser.add_argument("--layers", type=Path, default=BENCH / "h100-run214-layers1-pass2.json")
     parser.add_argument("--profile", type=Path, default=BENCH / "h100-run153-profile-decode-mixed-nopdl.json")
     parser.add_argument("--loaded", type=Path, default=BENCH / "h100-run175-hf-generate.json")
     parser.add_argument("--qwen", type=Path, default=BENCH / "h200-run89-qwen-layers.json")
-    parser.add_argument("--sixteen", type=Path, default=BENCH / "h200-run104-llama-16-layers.json")
+    parser.add_argument("--sixteen", type=Path, default=BENCH / "h100-run216-layers16.json")
     parser.add_argument("--families", type=Path, nargs=2, metavar=("LOOKUPS", "FAMILY"),
                         default=[BENCH / "h100-run126-layers-lookups.json", BENCH / "h100-run126-layers-family.json"])
     parser.add_argument("--other-families", type=Path, nargs="+", metavar="LOOKUPS FAMILY",
