@@ -34,8 +34,8 @@ import triton.language as tl
 
 from tqc.bitpack import pack, unpack
 
-from .lut import (codebook_code, emulate_pair, emulate_quad, half2_values, lookup_values, pair_table_words, rotate_halves,
-                  stored_code, table_words)
+from .lut import (codebook_code, emulate_pair, emulate_quad, half2_values, lookup_values, pair_table_words,
+                  rotate_halves, stored_code, table_words)
 from .repack import planes, slot_bits
 
 BLOCK_K = 64  # the family's step: inputs a thread's 4 words of a row pair cover, one 16-byte load

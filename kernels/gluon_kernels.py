@@ -306,8 +306,8 @@ def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, WORDS: gl.c
 
 @gluon.jit
 def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
-    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words; 6 for pairs: lut.pair_table_words) in the decoded words' layout,
-    each lane its own copy."""
+    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words; 6 for 2-bit pairs: lut.pair_table_words)
+    in the decoded words' layout, each lane its own copy."""
     WORDS: gl.constexpr = thread_word_count(32 * C, BITS)
     TABLE_WORDS: gl.constexpr = 4 if BITS == 4 else (6 if BITS == 2 and CRUMB_PAIRS else 2)
     words_layout: gl.constexpr = thread_words_layout(WORDS, W)
