@@ -12,9 +12,7 @@ row 16 w + 8 h + l // 4. Words are stored [row block, step, warp, lane, 2 C], (c
 order in the last dimension, so that a thread's 2 C words of a step are one contiguous vector.
 2-bit codes take one word per chunk, both row halves: code 8 h + 4 a + 2 b + c of the word of ch
 holds what slot 4 a + 2 b + c of the 4-bit word (h, ch) holds, in the crumb order of the lookups
-(quad 2 h + a at bit 16 h + 2 a, its codes 4 bits apart), so C words a thread and step. With
-TQC_FRAGMENT_PAIRS=1 (PAIRS) they are pairs instead: code 8 h + 4 a + 2 b + c at bit 16 h + 4 a + 2 b + 8 c,
-a half2's two codes 8 bits apart (fragment_slot_bits, lut.pair_asm).
+(quad 2 h + a at bit 16 h + 2 a, its codes 4 bits apart), so C words a thread and step.
 3-bit codes are planes, as in the lookups' layout (repack.planes): their 2-bit magnitudes in the
 2-bit layout, then, after every magnitude word of the layer, the signs: a word a thread for two
 chunks 2 i + e, the sign of the magnitude word's code 8 h + 4 a + 2 b + c at bit 8 (2 b + c) + 7 -
@@ -24,7 +22,6 @@ sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c).
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import numpy as np
@@ -34,16 +31,12 @@ import triton.language as tl
 
 from tqc.bitpack import pack, unpack
 
-from .lut import (codebook_code, emulate_pair, emulate_quad, half2_values, lookup_values, pair_table_words,
-                  rotate_halves, stored_code, table_words)
+from .lut import codebook_code, emulate_quad, half2_values, lookup_values, stored_code
 from .repack import planes, slot_bits
 
 BLOCK_K = 64  # the family's step: inputs a thread's 4 words of a row pair cover, one 16-byte load
 WARPS = 4  # 64 rows a program (one warpgroup)
 ROWS_AT_ONCE = 4096  # rows converted at once (int64 intermediates)
-# TQC_FRAGMENT_PAIRS=1: 2-bit codes (a base or residual stage; not 3 bits' magnitudes) in the pair layout,
-# decoded by lut.pair_asm (not yet checked or timed on a GPU); read when a layer is packed, as the kernels read it
-PAIRS = os.environ.get("TQC_FRAGMENT_PAIRS", "0") == "1"
 
 
 def _fragment_order(codes: torch.Tensor, block_k: int, warps: int) -> torch.Tensor:
@@ -76,29 +69,8 @@ def fits(n: int, k: int, group_size: int, block_k: int = BLOCK_K, warps: int = W
     return n % (16 * warps) == 0 and k % block_k == 0 and block_k % 32 == 0 and group_size % block_k == 0
 
 
-PLANE_CODES = {"nibble": 8, "crumb": 16, "pair": 16, "sign": 32}  # codes a word of each plane kind holds
+PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32}  # codes a word of each plane kind (repack.planes) holds
 QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's quads start, in slot order
-
-
-def fragment_planes(bits: int, pairs: bool | None = None) -> tuple[tuple[str, int], ...]:
-    """The (kind, width) planes of the fragment layout: `repack.planes`, but 2-bit codes as pairs where
-    `pairs` (default PAIRS)."""
-    return (("pair", 2),) if bits == 2 and (PAIRS if pairs is None else pairs) else planes(bits)
-
-
-def fragment_table_words(bits: int, pairs: bool | None = None) -> tuple[int, ...]:
-    """The PRMT table words the fragment kernels read: `lut.table_words`, 2-bit pairs' in value order (pair_asm)."""
-    return pair_table_words() if fragment_planes(bits, pairs)[0][0] == "pair" else table_words(bits)
-
-
-def fragment_slot_bits(kind: str, slot: int) -> tuple[tuple[int, int], ...]:
-    """`repack.slot_bits`, and for a pair word: slot 4 a + 2 b + c of row half h (code 8 h + 4 a + 2 b + c)
-    at bit 16 h + 4 a + 2 b + 8 c, so that a half2's two codes (c) lie 8 bits apart (lut.pair_asm)."""
-    if kind != "pair":
-        return slot_bits(kind, slot)
-    half, a, b, c = slot >> 3, slot >> 2 & 1, slot >> 1 & 1, slot & 1
-    low = 16 * half + 4 * a + 2 * b + 8 * c
-    return (0, low), (1, low + 1)
 
 
 def _pack_planes(stored: torch.Tensor, block_k: int, warps: int, bits: int) -> list[torch.Tensor]:
@@ -108,12 +80,12 @@ def _pack_planes(stored: torch.Tensor, block_k: int, warps: int, bits: int) -> l
     half h, and a sign word's code 16 e + 8 h + ... is chunk 2 i + e's)."""
     codes = _fragment_order(stored.to(torch.int64), block_k, warps)
     words = []
-    for kind, _ in fragment_planes(bits):
+    for kind, _ in planes(bits):
         slots = PLANE_CODES[kind]
         plane = codes.reshape(*codes.shape[:-2], -1, slots)
         word = torch.zeros(plane.shape[:-1], dtype=torch.int64, device=stored.device)
         for slot in range(slots):
-            for source, target in fragment_slot_bits(kind, slot):
+            for source, target in slot_bits(kind, slot):
                 word |= ((plane[..., slot] >> source) & 1) << target
         words.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
     return words
@@ -128,7 +100,7 @@ def pack_fragments(stored: torch.Tensor, block_k: int, warps: int = 4, bits: int
 
 def _split_planes(words: torch.Tensor, n: int, k: int, bits: int) -> tuple[torch.Tensor, ...]:
     """Flat fragment words -> each plane's words, flat, rows in order (a row block's are contiguous)."""
-    return words.reshape(-1).split([n * k * width // 32 for _, width in fragment_planes(bits)])
+    return words.reshape(-1).split([n * k * width // 32 for _, width in planes(bits)])
 
 
 def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: int = 4, bits: int = 4) -> torch.Tensor:
@@ -139,12 +111,10 @@ def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: 
     c, rows = block_k // 32, 16 * warps
     shape = (n // rows, k // block_k, warps, 32, -1)
     raw, *signs = (plane.reshape(shape).numpy().view(np.uint32) for plane in _split_planes(words, n, k, bits))
-    kind = fragment_planes(bits)[0][0]
+    kind = planes(bits)[0][0]
     halves = []
-    for quad, shift in enumerate(QUAD_SHIFTS.get(kind, range(4))):  # each quad: slots (0, 1), then (2, 3)
-        if kind == "pair":  # quad 2 h + a; row half 0's word rotated, as gluon_kernels._fragment rotates it
-            pairs = emulate_pair(raw if quad // 2 else rotate_halves(raw), quad % 2)
-        elif bits == 4:
+    for quad, shift in enumerate(QUAD_SHIFTS[kind]):  # each quad: slots (0, 1), then (2, 3)
+        if bits == 4:
             pairs = emulate_quad(raw, 4, shift, raw, shift // 4)
         elif bits == 3:
             pairs = emulate_quad(raw, 3, shift, np.repeat(signs[0], 2, axis=-1),
@@ -161,12 +131,12 @@ def unpack_fragments(words: torch.Tensor, n: int, k: int, block_k: int = BLOCK_K
     """Inverse of pack_fragments: [N, K] stored codes."""
     c, rows = block_k // 32, 16 * warps
     codes = torch.zeros(n // rows, k // block_k, warps, 32, 2 * c, 8, dtype=torch.int64, device=words.device)
-    for (kind, _), plane in zip(fragment_planes(bits), _split_planes(words, n, k, bits)):
+    for (kind, _), plane in zip(planes(bits), _split_planes(words, n, k, bits)):
         slots = PLANE_CODES[kind]
         word = (plane.to(torch.int64) & 0xFFFFFFFF).reshape(*codes.shape[:4], -1)
         by_word = codes.view(*codes.shape[:4], -1, slots)
         for slot in range(slots):
-            for source, target in fragment_slot_bits(kind, slot):
+            for source, target in slot_bits(kind, slot):
                 by_word[..., slot] |= ((word >> target) & 1) << source
     return _natural_order(codes, n, k, block_k, warps)
 
@@ -183,7 +153,7 @@ def to_fragments_layout(packed: torch.Tensor, bits: int, k: int, group_size: int
 def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
     """Inverse of `to_fragments_layout`."""
     n, step = words.shape[0], ROWS_AT_ONCE - ROWS_AT_ONCE % (WARPS * 16)
-    widths = [width for _, width in fragment_planes(bits)]
+    widths = [width for _, width in planes(bits)]
     out = []
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -203,7 +173,7 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
     gluon_kernels.fragment_dequant_kernel (the same numbers: registry.FragmentLayerKernel.dequantize)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
     res_words, res_scales, res_bits = residual or (words, scales, 0)
-    tables, res_tables = (_decode_tables(words.device, b, PAIRS) for b in (bits, res_bits or bits))
+    tables, res_tables = _decode_tables(words.device, bits), _decode_tables(words.device, res_bits or bits)
     fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, *tables, res_words, res_scales,
                                                                *res_tables, N=n, K=k, G=group_size, BLOCK_K=BLOCK_K,
                                                                W=WARPS, BITS=bits, RES_BITS=res_bits)
@@ -211,15 +181,14 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
 
 
 @lru_cache(maxsize=None)
-def _decode_tables(device: torch.device, bits: int, pairs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_tables(device: torch.device, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the
     fp16 values the lookups hold (3 and 4 bits: the magnitudes) as float32, and each code's bits'
     positions in its word, plane by plane: [codes a word, bits of the plane] flat, for 3 bits the
-    magnitudes' [16, 2] then the signs' [32]; 2-bit codes as pairs where `pairs`."""
+    magnitudes' [16, 2] then the signs' [32]."""
     values = torch.tensor(lookup_values(bits), device=device)
-    positions = torch.tensor([target for kind, _ in fragment_planes(bits, pairs) for slot in range(PLANE_CODES[kind])
-                              for _, target in sorted(fragment_slot_bits(kind, slot))], dtype=torch.int32,
-                             device=device)
+    positions = torch.tensor([target for kind, _ in planes(bits) for slot in range(PLANE_CODES[kind])
+                              for _, target in sorted(slot_bits(kind, slot))], dtype=torch.int32, device=device)
     return values, positions
 
 

@@ -29,8 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from . import fragments
 from . import triton_kernels as tk
-from .lut import (CRUMB_ASM, NIBBLE_ASM, PAIR_CONSTRAINTS, ROTATE_HALVES_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
-                  TABLE_COPIES, UNSIGNED_CONSTRAINTS, pair_asm)
+from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
@@ -40,10 +39,6 @@ QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
 CRUMB_QUAD_ASM = gl.constexpr(CRUMB_ASM)  # a quad of 2-bit codes
 CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
 SIGNED_CRUMB_QUAD_ASM = gl.constexpr(SIGNED_CRUMB_ASM)  # a quad of 3-bit codes: 2-bit magnitudes, signs apart
-CRUMB_PAIRS = gl.constexpr(fragments.PAIRS)  # 2-bit codes in the pair layout (TQC_FRAGMENT_PAIRS=1)
-PAIR_QUAD_ASM_LOW, PAIR_QUAD_ASM_HIGH = gl.constexpr(pair_asm(0)), gl.constexpr(pair_asm(1))  # quads a = 0, 1
-PAIR_QUAD_CONSTRAINTS = gl.constexpr(PAIR_CONSTRAINTS)
-ROTATE_ASM = gl.constexpr(ROTATE_HALVES_ASM)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
@@ -58,18 +53,12 @@ async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_gl
 def _fragment(t, C: gl.constexpr, BITS: gl.constexpr, HIGH_HALF: gl.constexpr):
     """A thread's words [W, 32, words] (warp, lane, register) -> [W, 8, 4, C, 2] (warp, lane // 4,
     lane % 4, chunk, row half): a 4-bit word holds one row half; a 2-bit word both, row half 1's
-    quads HIGH_HALF bits up (16; 0 for a table, the same for both). In the pair layout (CRUMB_PAIRS,
-    2 bits) row half 0 takes the word with its halves swapped, so that both find their pairs at
-    bits 16 + 4 a + 2 b (lut.pair_asm)."""
+    quads HIGH_HALF bits up (16; 0 for a table, the same for both)."""
     if BITS == 4:
         halves = gl.reshape(t, [t.shape[0], 8, 4, C, 2])
     else:
         words = gl.reshape(t, [t.shape[0], 8, 4, C])
-        if BITS == 2 and CRUMB_PAIRS and HIGH_HALF:
-            rotated = gl.inline_asm_elementwise(ROTATE_ASM, "=r,r", [words], dtype=gl.int32, is_pure=True, pack=1)
-            halves = gl.join(rotated, words)
-        else:
-            halves = gl.join(words, words >> HIGH_HALF)
+        halves = gl.join(words, words >> HIGH_HALF)
     return halves
 
 
@@ -88,24 +77,11 @@ def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs):
         pairs = gl.inline_asm_elementwise(SIGNED_CRUMB_QUAD_ASM, QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift, signs, sign_shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
-    elif CRUMB_PAIRS:  # a half2 a selector (lut.pair_asm), quad a = SHIFT // 2
-        if SHIFT == 0:
-            pairs = _pair_quad(words, tables, tables[2], tables[3], PAIR_QUAD_ASM_LOW)
-        else:
-            pairs = _pair_quad(words, tables, tables[4], tables[5], PAIR_QUAD_ASM_HIGH)
     else:  # one table word of lows, one of highs
         pairs = gl.inline_asm_elementwise(CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     return pairs
-
-
-@gluon.jit
-def _pair_quad(words, tables, first_z, second_z, ASM: gl.constexpr):
-    """_quad's two half2 tiles of doubled pair-layout words, by one quad's PTX (lut.pair_asm), its half2s'
-    Z from the table (lut.pair_table_words)."""
-    return gl.inline_asm_elementwise(ASM, PAIR_QUAD_CONSTRAINTS, [words, tables[0], tables[1], first_z, second_z],
-                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -306,10 +282,10 @@ def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, WORDS: gl.c
 
 @gluon.jit
 def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
-    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words; 6 for 2-bit pairs: lut.pair_table_words)
-    in the decoded words' layout, each lane its own copy."""
+    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words) in the decoded words' layout,
+    each lane its own copy."""
     WORDS: gl.constexpr = thread_word_count(32 * C, BITS)
-    TABLE_WORDS: gl.constexpr = 4 if BITS == 4 else (6 if BITS == 2 and CRUMB_PAIRS else 2)
+    TABLE_WORDS: gl.constexpr = 4 if BITS == 4 else 2
     words_layout: gl.constexpr = thread_words_layout(WORDS, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))

@@ -94,50 +94,6 @@ def quad_asm(mask: int, signed: bool) -> str:
             f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; }}")
 
 
-# 2-bit codes in pairs (fragments.py's pair layout, TQC_FRAGMENT_PAIRS=1): a half2's two codes c0, c1 sit
-# at bits P and P + 8 of a word, and the table holds the 4 fp16 values in order (pair_table_words: value
-# v's low byte at index 2 v, its high byte at 2 v + 1), so one PRMT looks the half2 up by the selector
-# nibbles (2 c0, 2 c0 + 1, 2 c1, 2 c1 + 1) = (c0 + 256 c1) 0x22 + 0x1010. One LOP3 keeps the pair's bits
-# and sets a constant Z below and between them, and one IMAD.HI by 0x22 << (32 - P) shifts the pair down,
-# multiplies it and adds Z's share, 0x1010: two ALU instructions a half2 (LOP3, PRMT) where quad_asm takes
-# three (its SHF and AND shared by a quad's four PRMTs), the rest on the FMA pipe's IMAD. Why: the 2-bit
-# one-token kernels stream at 2.26 TB/s where 4-bit ones reach 3.05 (H100 runs 214-215), which their integer
-# instructions, issued at half the rate of the others, would explain (not profiled).
-
-
-def pair_constants(a: int, b: int) -> tuple[int, int, int]:
-    """(mask, Z, multiplier) of the half2 b of quad a in a pair-layout word, its codes at bits P and P + 8,
-    P = 16 + 4 a + 2 b (row half 0's word rotated by 16 first: fragments.py). Z = 120 2^P + r with
-    r / 2^P in [32 / 34, 33 / 34): (x | Z) 0x22 2^(32 - P) >> 32 = (c0 + 256 c1) 0x22 + 120 34 + 32."""
-    position = 16 + 4 * a + 2 * b
-    extra = -(-32 * 2**position // 34)  # the least r
-    return 0x0303 << position, (120 << position) + extra, 0x22 << (32 - position)
-
-
-def pair_table_words() -> tuple[int, ...]:
-    """The 2-bit pair table as pair_asm reads it: half2 (v0, v1), half2 (v2, v3) (the values in order),
-    then the Z of each half2 (a, b) = (0, 0), (0, 1), (1, 0), (1, 1), loaded so that each LOP3 takes
-    its mask as an immediate and its Z from a register (two immediates would take two instructions)."""
-    raw = np.array(lookup_values(2), dtype=np.float16).view(np.uint16).astype(np.uint32)
-    extras = tuple(pair_constants(a, b)[1] for a in (0, 1) for b in (0, 1))
-    return (int(raw[0] | raw[1] << 16), int(raw[2] | raw[3] << 16)) + extras
-
-
-def pair_asm(a: int) -> str:
-    """The PTX of quad a of a pair-layout word ($2; table $4, $6; Z $8, $10): half2 (slots 0, 1) into $0,
-    (2, 3) into $1."""
-    steps = ""
-    for b in (0, 1):
-        mask, _, multiplier = pair_constants(a, b)
-        steps += (f"and.b32 x, $2, {mask:#010x}; or.b32 x, x, ${8 + 2 * b}; mul.hi.u32 s, x, {multiplier:#x}; "
-                  f"prmt.b32 ${b}, $4, $6, s; ")
-    return "{ .reg .b32 x, s; " + steps + "}"
-
-
-PAIR_CONSTRAINTS = "=r,=r" + ",r" * 10
-ROTATE_HALVES_ASM = "shf.l.wrap.b32 $0, $1, $1, 16;"  # a word's 16-bit halves swapped
-
-
 NIBBLE_ASM = quad_asm(0x7777, signed=True)  # 4 bits: 3-bit magnitudes, signs in the same word
 SIGNED_CRUMB_ASM = quad_asm(0x3333, signed=True)  # 3 bits: 2-bit magnitudes, signs in the sign plane
 CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
@@ -172,22 +128,6 @@ def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | N
     if signs is not None:
         high = high ^ ((signs << np.uint32(sign_shift)) & np.uint32(BYTE_SIGNS))
     return prmt(low, high, np.uint32(PAIR_LOWS)), prmt(low, high, np.uint32(PAIR_HIGHS))
-
-
-def emulate_pair(words: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quad a of pair-layout words as pair_asm computes it: (half2 of slots 0 and 1, of slots 2 and 3)."""
-    first, second = (np.uint32(x) for x in pair_table_words()[:2])
-    pairs = []
-    for b in (0, 1):
-        mask, extra, multiplier = pair_constants(a, b)
-        kept = ((words & np.uint32(mask)) | np.uint32(extra)).astype(np.uint64)
-        pairs.append(prmt(first, second, ((kept * np.uint64(multiplier)) >> np.uint64(32)).astype(np.uint32)))
-    return pairs[0], pairs[1]
-
-
-def rotate_halves(words: np.ndarray) -> np.ndarray:
-    """ROTATE_HALVES_ASM on uint32 words."""
-    return (words << np.uint32(16)) | (words >> np.uint32(16))
 
 
 def half2_values(bits: np.ndarray) -> np.ndarray:

@@ -206,14 +206,10 @@ class LayerKernel:
     _configs: dict[int, LaunchConfig] = field(default_factory=dict)
     _specialised: dict[LaunchConfig, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
-    def table_words(self, bits: int) -> tuple[int, ...]:
-        """A stage's PRMT table words (lut.table_words)."""
-        return table_words(bits)
-
     def table(self, bits: int, device: torch.device) -> torch.Tensor:
-        """A stage's PRMT table (table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
+        """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
         if (bits, device) not in self._tables:
-            words = [w - 2**32 if w >= 2**31 else w for w in self.table_words(bits)]
+            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits)]
             self._tables[(bits, device)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
         return self._tables[(bits, device)]
 
@@ -530,10 +526,6 @@ class FragmentLayerKernel(LayerKernel):
     Gluon does not run under TRITON_INTERPRET."""
 
     layout = FRAGMENT_LAYOUT
-
-    def table_words(self, bits: int) -> tuple[int, ...]:
-        """The fragment layout's table words (fragments.fragment_table_words: 2 bits in value order as pairs)."""
-        return fragments.fragment_table_words(bits)
 
     def candidates(self, bucket: int) -> list[LaunchConfig]:
         """Steps of 64 inputs a program, up to 16 that tile K (the tuner picks), on tensor cores and at

@@ -20,9 +20,6 @@
 #           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
 #           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
-# pairs     the 2-bit pair layout (TQC_FRAGMENT_PAIRS=1, session 48): the family's GPU checks with it, then
-#           Llama-3-8B's gate/up, down and concatenated gate/up at 2 bits and 4+2, 1 and 16 tokens, without
-#           and with it, twice (each variant its own Triton cache; both take the tuning cache's picks)
 # profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -93,16 +90,6 @@ for part in "$@"; do
       done
       unset TQC_PRELOAD TRITON_CACHE_DIR
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
-    pairs)
-      run pairs-accuracy env TQC_FRAGMENT_PAIRS=1 TRITON_CACHE_DIR=/tmp/triton-cache-pairs-1 python3 -m pytest -q \
-        tests/test_kernels_accuracy.py -k "fragment_kernel_matches_reference or fragment_dequantize"
-      for v in ${VARIANTS:-0 1 0-again 1-again}; do
-        export TQC_FRAGMENT_PAIRS=${v:0:1} TRITON_CACHE_DIR=/tmp/triton-cache-pairs-${v:0:1}
-        run "pairs-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 4+2 --tokens 1 16 -o "$out/pairs-layers-$v.json"
-      done
-      unset TQC_FRAGMENT_PAIRS TRITON_CACHE_DIR
-      (cd "$out" && tar czf pairs.tgz pairs-* && rm pairs-*) ;;
     profile)
       for shape in 14336x4096 4096x14336; do
         run "ncu-gemv1-4bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \

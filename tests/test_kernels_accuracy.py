@@ -29,7 +29,6 @@ from tqc.layout import LayerSpec  # noqa: E402
 from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
-from tqc.kernels import fragments as fragment_layout  # noqa: E402
 from tqc.kernels import glue  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import (FRAGMENT_LAYOUT, FRAGMENT_TILE_THREAD_TOKENS, PROGRAM_WARPS,  # noqa: E402
@@ -147,14 +146,11 @@ def test_int8_kernel_matches_reference(bits, strategy):
 
 
 @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
-@pytest.mark.parametrize("pairs", [False, True] if INTERPRET else ["as TQC_FRAGMENT_PAIRS says"])
-def test_fragment_dequantize_gives_the_lookup_familys_weights(option, pairs, monkeypatch):
+def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
     """The fragment family's prefill weights (on a GPU gluon_kernels.fragment_dequant_kernel, interpreted
     its plain Triton counterpart) equal what the lookup family's dequant_kernel decodes from the same codes
     in its own layout: bit for bit at 4, 3 and 2 bits, to float32 rounding with a residual stage (the
-    compiler may fuse its multiply-add); interpreted, also with 2-bit codes in the pair layout."""
-    if pairs is True:
-        monkeypatch.setattr(fragment_layout, "PAIRS", True)
+    compiler may fuse its multiply-add)."""
     shapes = [(1024, 4096, 128), (512, 3584, 128)] if CUDA else [(64, 256, 64), (128, 128, 128)]
     for n, k, group_size in shapes:
         module, _ = random_layer(QuantOption.parse(option), n, k, group_size)
