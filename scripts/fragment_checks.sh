@@ -5,6 +5,9 @@
 # accuracy  tests/test_kernels_accuracy.py -k fragment: every option the family's kernels take against
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
+# accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests in $PASSED (default
+#           docs/bench/h100-run224-accuracy-passed.txt: those that passed on an H100 in run 224), verbose so
+#           that a call stopped by its limit still names what passed; append those to the list
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
 # layers-family, layers-lookups
 #           Llama-3-8B's gate/up and down at 1 and 16 tokens for every option, on the family
@@ -20,7 +23,7 @@
 #           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
 #           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
-# profile   Nsight Compute on the family's one-token kernel at 4 bits, gate/up (14336x4096) then down
+# profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
 #           (programs and active cycles per SM, least and most), options 3 and 4, gate/up then down
@@ -44,6 +47,10 @@ for part in "$@"; do
   case $part in
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
+    accuracy-rest)
+      mapfile -t passed < "${PASSED:-docs/bench/h100-run224-accuracy-passed.txt}"
+      run accuracy-rest python3 -m pytest -v -p no:cacheprovider tests/test_kernels_accuracy.py -k "not fragment" \
+        "${passed[@]/#/--deselect=}" ;;
     direct)
       run direct-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k "arrives_rotated or directly"
       run direct-lab python3 -u scripts/o_proj_fold_lab.py -o "$out/o_proj_fold_lab.json" ;;
@@ -92,8 +99,8 @@ for part in "$@"; do
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
     profile)
       for shape in 14336x4096 4096x14336; do
-        run "ncu-gemv1-4bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \
-          --launch-count 1 --set full --clock-control none python3 scripts/profile_layer_kernels.py --option 4 \
+        run "ncu-gemv1-${OPTION:-4}bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \
+          --launch-count 1 --set full --clock-control none python3 scripts/profile_layer_kernels.py --option "${OPTION:-4}" \
           --shapes "$shape"
       done ;;
     balance)
