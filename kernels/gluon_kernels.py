@@ -29,7 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from . import fragments
 from . import triton_kernels as tk
-from .lut import CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS
+from .lut import (CRUMB_ASM, HIGH_BYTE_FACTOR, HIGH_CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
+                  TABLE_COPIES, UNSIGNED_CONSTRAINTS)
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
@@ -38,6 +39,8 @@ QUAD_ASM = gl.constexpr(NIBBLE_ASM)  # a quad of 4-bit codes -> two half2, by PR
 QUAD_CONSTRAINTS = gl.constexpr(SIGNED_CONSTRAINTS)
 CRUMB_QUAD_ASM = gl.constexpr(CRUMB_ASM)  # a quad of 2-bit codes
 CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
+HIGH_CRUMB_QUAD_ASM = gl.constexpr(HIGH_CRUMB_ASM)  # a quad of 2-bit codes by their high bytes (HIGH_BYTES)
+HIGH_BYTES_SCALE = gl.constexpr(HIGH_BYTE_FACTOR)  # what HIGH_BYTES' sums are multiplied by
 SIGNED_CRUMB_QUAD_ASM = gl.constexpr(SIGNED_CRUMB_ASM)  # a quad of 3-bit codes: 2-bit magnitudes, signs apart
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
@@ -63,9 +66,10 @@ def _fragment(t, C: gl.constexpr, BITS: gl.constexpr, HIGH_HALF: gl.constexpr):
 
 
 @gluon.jit
-def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs):
+def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs, HIGH_BYTES: gl.constexpr = False):
     """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT
-    lookup; at 3 bits with their signs from `signs` (_sign_fragment's), shifted by the quad's a."""
+    lookup; at 3 bits with their signs from `signs` (_sign_fragment's), shifted by the quad's a; at 2
+    bits with HIGH_BYTES by the high bytes alone (lut.HIGH_CRUMB_ASM, its table lut.table_words(2, True))."""
     shift = words * 0 + SHIFT
     if BITS == 4:  # the signs in the same word
         sign_shift = words * 0 + SHIFT // 4
@@ -76,6 +80,10 @@ def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs):
         sign_shift = words * 0 + SHIFT // 2
         pairs = gl.inline_asm_elementwise(SIGNED_CRUMB_QUAD_ASM, QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift, signs, sign_shift],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    elif HIGH_BYTES:  # the table word of lows, all zero, unread
+        pairs = gl.inline_asm_elementwise(HIGH_CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
+                                          [words, tables[0], tables[0], tables[1], tables[1], shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     else:  # one table word of lows, one of highs
         pairs = gl.inline_asm_elementwise(CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
@@ -95,7 +103,7 @@ def _sign_fragment(signs, C: gl.constexpr):
 
 
 @gluon.jit
-def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4):
+def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: gl.constexpr = False):
     """A step's words [W, 32, 2C] (4 bits), [W, 32, C] (2 bits), or at 3 bits the pair (magnitude
     words [W, 32, C], sign words [W, 32, C / 2]) decoded: the four quads' values (a, b) = (0, 0),
     (0, 1), (1, 0), (1, 1), each [W, 8, 4, C, 2, 2] (warp, lane // 4, lane % 4, chunk, row half, c) in
@@ -108,8 +116,8 @@ def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4):
     if BITS == 3:  # the same registers, but reached by reshapes: a linear layout, made the magnitudes' (no data moves)
         signs = _sign_fragment(sign_words, C)
         signs = gl.convert_layout(gl.join(signs, signs), doubled.type.layout, assert_trivial=True)
-    first, second = _quad(doubled, tables, 0, BITS, signs)
-    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs)
+    first, second = _quad(doubled, tables, 0, BITS, signs, HIGH_BYTES)
+    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs, HIGH_BYTES)
     return first, second, third, fourth
 
 
@@ -652,7 +660,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
-                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False):
+                         ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
+                         HIGH_BYTES: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -665,8 +674,12 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     row sums once (_scaled_into), or once a group's steps with SUM_STEPS, residual or not. X_ORDERED
     (the lab's, with ROW_SUMS; not yet checked on a GPU): x is stored in fragment order
     (fragments.fragment_input_order), so each thread loads its inputs as two 16-byte vectors a step
-    instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's."""
+    instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. HIGH_BYTES (2 bits, no
+    residual, ROW_SUMS; TQC_HIGH_BYTES=1, not yet checked on a GPU): the codes looked up by their high
+    bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
+    multiplied back by lut.HIGH_BYTE_FACTOR."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
+    gl.static_assert(not HIGH_BYTES or (BITS == 2 and RES_BITS == 0 and ROW_SUMS), "HIGH_BYTES: 2 bits, row sums")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -694,7 +707,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                 x_quads = _ordered_quads(x_ptr + (first_step + i) * BLOCK_K, like, C, W)
             else:
                 x_quads = _operand_quads(gl.broadcast(x[None, :], tile)[0], like, C)
-            products = _row_products(products, _quads(words, tables, C, BITS), x_quads, C, i % RUN == 0)
+            products = _row_products(products, _quads(words, tables, C, BITS, HIGH_BYTES), x_quads, C, i % RUN == 0)
             if RES_BITS:
                 res_products = _row_products(res_products, _quads(res_words, res_tables, C, RES_BITS), x_quads, C,
                                              i % RUN == 0)
@@ -714,6 +727,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     if ROW_SUMS:  # [W, 8, 4, h, c] -> rows w 16 + 8 h + lane // 4
         rows = gl.permute(gl.sum(gl.sum(acc.to(gl.float32), axis=4), axis=2), (0, 2, 1))
         sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, pair_layout(W)))
+        if HIGH_BYTES:
+            sums = sums * HIGH_BYTES_SCALE
     else:
         sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W)))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, pair_layout(W))  # adds token 0 (M = 1)

@@ -61,12 +61,22 @@ def lookup_values(bits: int) -> tuple[float, ...]:
     return tuple(values.half().float().tolist())
 
 
-def table_words(bits: int) -> tuple[int, ...]:
+@lru_cache(maxsize=None)
+def high_byte_values() -> tuple[float, ...]:
+    """The 2-bit values as the high-byte lookup holds them (HIGH_CRUMB_ASM): lookup_values(2) times
+    1 / HIGH_BYTE_FACTOR, each the nearest of +-HIGH_BYTE_LEVELS, fp16 numbers whose low byte is zero."""
+    return tuple(float(np.copysign(min(HIGH_BYTE_LEVELS, key=lambda level: abs(level - abs(v) / HIGH_BYTE_FACTOR)), v))
+                 for v in lookup_values(2))
+
+
+def table_words(bits: int, high_bytes: bool = False) -> tuple[int, ...]:
     """The 32-bit words of a stage's PRMT table: low bytes of the fp16 lookup values, then their high bytes.
 
-    4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes).
+    4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes); with `high_bytes`
+    (2 bits) those of high_byte_values, whose low bytes are all zero.
     """
-    raw = np.array(lookup_values(bits), dtype=np.float16).view(np.uint16).astype(np.uint32)
+    values = high_byte_values() if high_bytes else lookup_values(bits)
+    raw = np.array(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
     lows, highs = raw & 0xFF, raw >> 8
     packed = [lows[i : i + 4] for i in range(0, len(raw), 4)] + [highs[i : i + 4] for i in range(0, len(raw), 4)]
     return tuple(byte_word(part) for part in packed)
@@ -97,6 +107,19 @@ def quad_asm(mask: int, signed: bool) -> str:
 NIBBLE_ASM = quad_asm(0x7777, signed=True)  # 4 bits: 3-bit magnitudes, signs in the same word
 SIGNED_CRUMB_ASM = quad_asm(0x3333, signed=True)  # 3 bits: 2-bit magnitudes, signs in the sign plane
 CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
+
+# 2-bit codes by their high bytes alone (the one-token kernel's HIGH_BYTES, TQC_HIGH_BYTES=1). Scaled by
+# 1 / HIGH_BYTE_FACTOR, the 2-bit Lloyd-Max values become +-0.375 and +-1.25 to 0.04% (their ratio 3.333
+# against 3.336; the factor splits the difference), fp16 numbers with 2 mantissa bits and so a zero low byte: a quad is then one lookup of
+# its 4 high bytes and two PRMTs that put a zero byte under each (selectors HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS:
+# nibble 4 picks the zero register's byte), 3 PRMTs instead of 4. The kernel multiplies its sums by
+# HIGH_BYTE_FACTOR.
+HIGH_BYTE_LEVELS = (0.375, 1.25)
+HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].numpy(), dtype=np.float64) / np.prod(HIGH_BYTE_LEVELS)))
+HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS = 0x1404, 0x3424
+HIGH_CRUMB_ASM = ("{ .reg .b32 s, h; "
+                  "shr.u32 s, $2, $12; and.b32 s, s, 0x3333; prmt.b32 h, $8, $10, s; "
+                  f"prmt.b32 $0, h, 0, {HIGH_PAIR_LOWS:#06x}; prmt.b32 $1, h, 0, {HIGH_PAIR_HIGHS:#06x}; }}")
 SIGNED_CONSTRAINTS = "=r,=r" + ",r" * 16
 UNSIGNED_CONSTRAINTS = "=r,=r" + ",r" * 12
 
@@ -118,12 +141,16 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
 
 
 def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | None = None,
-                 sign_shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A quad as quad_asm computes it: the selector from words >> shift, the signs (if any) from
-    signs << sign_shift; (half2 of slots 0 and 1, half2 of slots 2 and 3) as uint32 bits."""
-    t = [np.uint32(x) for x in table_words(bits)]
+                 sign_shift: int = 0, high_bytes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A quad as quad_asm (with `high_bytes`, 2 bits: HIGH_CRUMB_ASM) computes it: the selector from
+    words >> shift, the signs (if any) from signs << sign_shift; (half2 of slots 0 and 1, half2 of
+    slots 2 and 3) as uint32 bits."""
+    t = [np.uint32(x) for x in table_words(bits, high_bytes)]
     lows, highs = ((t[0], t[1]), (t[2], t[3])) if bits == 4 else ((t[0], t[0]), (t[1], t[1]))
     selector = (words >> np.uint32(shift)) & np.uint32(0x7777 if bits == 4 else 0x3333)
+    if high_bytes:
+        high, zero = prmt(*highs, selector), np.uint32(0)
+        return prmt(high, zero, np.uint32(HIGH_PAIR_LOWS)), prmt(high, zero, np.uint32(HIGH_PAIR_HIGHS))
     low, high = prmt(*lows, selector), prmt(*highs, selector)
     if signs is not None:
         high = high ^ ((signs << np.uint32(sign_shift)) & np.uint32(BYTE_SIGNS))

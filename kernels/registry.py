@@ -206,12 +206,13 @@ class LayerKernel:
     _configs: dict[int, LaunchConfig] = field(default_factory=dict)
     _specialised: dict[LaunchConfig, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
-    def table(self, bits: int, device: torch.device) -> torch.Tensor:
+    def table(self, bits: int, device: torch.device, high_bytes: bool = False) -> torch.Tensor:
         """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
-        if (bits, device) not in self._tables:
-            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits)]
-            self._tables[(bits, device)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
-        return self._tables[(bits, device)]
+        if (bits, device, high_bytes) not in self._tables:
+            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits, high_bytes)]
+            self._tables[(bits, device, high_bytes)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32,
+                                                                    device=device)
+        return self._tables[(bits, device, high_bytes)]
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
         """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
@@ -505,6 +506,10 @@ GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_ste
 # faster, +6% on gate/up at the best step count (run 127), so not offered to the tuner;
 # test_kernels_accuracy.py runs it regardless, fragment_checks.sh lab times it; TQC_ORDERED_INPUTS=1 offers it.
 ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
+# 2-bit codes looked up by their high bytes in the one-token kernel (gluon_kernels HIGH_BYTES, lut.HIGH_CRUMB_ASM):
+# 3 PRMTs a quad instead of 4, 7.5% fewer instructions at 4 steps, statically; the 2-bit kernel is
+# issue-bound (docs/performance.md "Where it stands"). Not yet checked or timed on a GPU: TQC_HIGH_BYTES=1.
+HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "0") == "1"
 
 
 def program_warps(n: int) -> tuple[int, ...]:
@@ -593,8 +598,21 @@ class FragmentLayerKernel(LayerKernel):
             raise ValueError(f"the fragment family's one-token kernel takes one token, got {m}")
         splits, constexprs = self.specialise(config)  # made once per config (LayerKernel.specialise)
         launch(self.gluon_kernel(config), (n // (16 * config.num_warps), splits, cdiv(m, config.token_tile)), rotated,
-               out, *self.weights(module), m, **constexprs, **pdl_launch(rotated.device))
+               out, *self.config_weights(module, config), m, **constexprs, **pdl_launch(rotated.device))
         return out
+
+    def high_bytes(self, config: LaunchConfig) -> bool:
+        """Whether the config's kernel looks 2-bit codes up by their high bytes (HIGH_BYTES): the one-token
+        kernel with row sums, on a layer of 2 bits without a residual stage."""
+        return (HIGH_BYTES and config.strategy == "fragment_gemv" and GEMV_SUMS[config.sums].get("ROW_SUMS", False)
+                and self.key.bits == 2 and not self.key.residual_bits)
+
+    def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
+        """weights(module), the table lut.table_words(2, True) where the config looks codes up by high bytes."""
+        weights = self.weights(module)
+        if not self.high_bytes(config):
+            return weights
+        return (*weights[:2], self.table(self.key.bits, weights[0].device, high_bytes=True), *weights[3:])
 
     @staticmethod
     def gluon_kernel(config: LaunchConfig):
@@ -607,11 +625,13 @@ class FragmentLayerKernel(LayerKernel):
         """(K-splits, every constexpr of gluon_kernel(config), num_warps among them)."""
         from . import gluon_kernels as gk  # noqa: PLC0415
 
-        return self.splits(config), {"N": self.key.n, "K": self.key.k, "G": self.key.group_size,
-                                     "BLOCK_K": fragments.BLOCK_K, "ITERS": config.iters,
-                                     "X_LAYOUT": gk.x_layout(fragments.BLOCK_K, config.token_tile), "LOOKAHEAD": 2,
-                                     "EVICT": True, "num_warps": config.num_warps, "RES_BITS": self.key.residual_bits,
-                                     "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
+        constexprs = {"N": self.key.n, "K": self.key.k, "G": self.key.group_size, "BLOCK_K": fragments.BLOCK_K,
+                      "ITERS": config.iters, "X_LAYOUT": gk.x_layout(fragments.BLOCK_K, config.token_tile),
+                      "LOOKAHEAD": 2, "EVICT": True, "num_warps": config.num_warps, "RES_BITS": self.key.residual_bits,
+                      "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
+        if self.high_bytes(config):
+            constexprs["HIGH_BYTES"] = True
+        return self.splits(config), constexprs
 
     @staticmethod
     def scaling(config: LaunchConfig) -> dict:

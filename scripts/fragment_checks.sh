@@ -23,6 +23,13 @@
 #           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
 #           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
+# high-bytes  2-bit codes looked up by their high bytes (TQC_HIGH_BYTES=1, session 49): the GPU check, then
+#           Llama-3-8B's 2-bit gate/up, down and concatenated gate/up at one token and the decoder at plan 2,
+#           without and with it, twice (each variant its own Triton cache; both take the tuning cache's picks)
+# ordered-2bit  the 2-bit one-token keys of Llama-3-8B's gate/up, down and concatenated gate/up tuned afresh
+#           (each variant from the tuning cache less those keys, in a cache of its own), without and with
+#           the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1: 16 fewer
+#           instructions of 424 at 4 steps, statically; docs/performance.md "What would be next")
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -97,6 +104,31 @@ for part in "$@"; do
       done
       unset TQC_PRELOAD TRITON_CACHE_DIR
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
+    high-bytes)
+      run high-bytes-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k high_bytes
+      for v in ${VARIANTS:-0 1 0-again 1-again}; do
+        switch=(env TQC_HIGH_BYTES="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-high-bytes-${v:0:1}")
+        run "high-bytes-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 --tokens 1 -o "$out/high-bytes-layers-$v.json"
+        run "high-bytes-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
+          -o "$out/high-bytes-decode-$v.json"
+      done
+      (cd "$out" && tar czf high-bytes.tgz high-bytes-* && rm high-bytes-*) ;;
+    ordered-2bit)
+      for v in ${VARIANTS:-0 1 0-again 1-again}; do
+        cache=/tmp/tqc-cache-ordered-$v
+        mkdir -p "$cache"
+        python3 -c 'import json, pathlib, sys
+for source in pathlib.Path(sys.argv[1]).glob("*.json"):
+    data = json.loads(source.read_text())
+    data["entries"] = {k: e for k, e in data["entries"].items() if not (k.startswith("b2r0") and k.endswith("fr/m1"))}
+    (pathlib.Path(sys.argv[2]) / source.name).write_text(json.dumps(data, indent=1))' "$TQC_KERNEL_CACHE" "$cache"
+        run "ordered-2bit-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
+          layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 \
+          --tokens 1 -o "$out/ordered-2bit-$v.json"
+        cp "$cache"/nvidia-*.json "$out/ordered-2bit-cache-$v.json"
+      done
+      (cd "$out" && tar czf ordered-2bit.tgz ordered-2bit-* && rm ordered-2bit-*) ;;
     profile)
       for shape in 14336x4096 4096x14336; do
         run "ncu-gemv1-${OPTION:-4}bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \

@@ -45,8 +45,9 @@ def test_kernel_layout_round_trip_is_exact(bits, k, group_size):
     assert torch.equal(to_bitpack_layout(words, bits, k, group_size), packed)
 
 
-def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int) -> np.ndarray:
-    """Every code of a kernel-layout row block, decoded by lut.py's emulation of the kernels' PTX: [N, K]."""
+def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int, high_bytes: bool = False) -> np.ndarray:
+    """Every code of a kernel-layout row block, decoded by lut.py's emulation of the kernels' PTX (2 bits
+    with `high_bytes`: lut.HIGH_CRUMB_ASM's): [N, K]."""
     n, chunks = words.shape[0], k // (32 * b)
     values = np.zeros((n, chunks, 32, b), np.float32)
     for quad in range(8):  # slots 4 quad .. 4 quad + 3 of a chunk
@@ -57,7 +58,7 @@ def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int) -> np.
             r = quad % 4
             crumbs = words[:, : k // 16].reshape(n, chunks, 2, b)[:, :, quad // 4]
             signs = words[:, k // 16 :].reshape(n, chunks, b) if bits == 3 else None
-            pairs = lut.emulate_quad(crumbs, bits, 16 * (r // 2) + 2 * (r % 2), signs, quad)
+            pairs = lut.emulate_quad(crumbs, bits, 16 * (r // 2) + 2 * (r % 2), signs, quad, high_bytes)
         for p, half2 in enumerate(pairs):
             pair = lut.half2_values(half2)
             values[:, :, 4 * quad + 2 * p], values[:, :, 4 * quad + 2 * p + 1] = pair[..., 0], pair[..., 1]
@@ -72,6 +73,19 @@ def test_register_lookups_decode_every_code_of_the_kernel_layout(bits, k, group_
     words = to_kernel_layout(pack(codes, bits), bits, k, group_size).numpy().view(np.uint32)
     decoded = decode_like_the_kernels(words, bits, k, slot_words(k, group_size))
     assert np.array_equal(decoded, gaussian_codebook(bits).half().float()[codes].numpy())
+
+
+def test_high_byte_lookups_give_the_2_bit_values_by_three_prmts_a_quad():
+    """lut.HIGH_CRUMB_ASM (the one-token kernel's HIGH_BYTES): its table holds fp16 numbers whose low bytes
+    are all zero, so a quad is one lookup of high bytes and two PRMTs that put zero bytes under them; the
+    values it gives (emulated bit for bit), times lut.HIGH_BYTE_FACTOR, are the 2-bit codebook's to 0.04%."""
+    assert lut.table_words(2, high_bytes=True)[0] == 0 and lut.HIGH_CRUMB_ASM.count("prmt.b32") == 3
+    k, group_size = 4096, 128
+    codes = torch.randint(0, 4, (6, k), generator=torch.Generator().manual_seed(2))
+    words = to_kernel_layout(pack(codes, 2), 2, k, group_size).numpy().view(np.uint32)
+    decoded = decode_like_the_kernels(words, 2, k, slot_words(k, group_size), high_bytes=True)
+    assert set(np.unique(np.abs(decoded))) == set(lut.HIGH_BYTE_LEVELS)
+    np.testing.assert_allclose(decoded * lut.HIGH_BYTE_FACTOR, gaussian_codebook(2)[codes].numpy(), rtol=4e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
@@ -871,6 +885,36 @@ def _knob_off_and_on(kernel_name: str, knob: str, **constexprs) -> tuple[dict, d
 def _half2(summary: dict) -> int:
     """A summary's half2 multiplies and multiply-adds."""
     return sum(summary["ops"].get(op, 0) for op in ("HMUL2", "HFMA2"))
+
+
+def test_high_bytes_take_a_quarter_of_the_2_bit_one_token_kernels_lookups():
+    """HIGH_BYTES (TQC_HIGH_BYTES=1): the 2-bit one-token kernel with row sums issues 3 PRMTs a quad instead
+    of 4, in as many registers, without spills, the same code loads; its sums are multiplied back once. On,
+    the registry asks for it on 2-bit layers' row-sum configs only, with the high bytes' table."""
+    off, on = _knob_off_and_on("fragment_gemv_kernel", "HIGH_BYTES", BITS=2, ROW_SUMS=True, PDL=True)
+    assert on["stack"] == 0 and on["registers"] <= off["registers"]
+    assert 4 * on["ops"]["PRMT"] == 3 * off["ops"]["PRMT"]
+    assert on["loads"]["LDG.E.EF.64"] == off["loads"]["LDG.E.EF.64"]
+    assert on["instructions"] < off["instructions"]
+
+
+def test_the_registry_asks_for_high_bytes_where_they_apply(monkeypatch):
+    """registry.HIGH_BYTES: the one-token kernel's row-sum configs of a 2-bit layer take HIGH_BYTES and the
+    table lut.table_words(2, True); its other configs, and every config of other options, the usual table."""
+    from tqc.kernels import registry
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    monkeypatch.setattr(registry, "HIGH_BYTES", True)
+    for option, applies in [("2", True), ("4+2", False), ("3", False)]:
+        module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, 1024, 192), "cpu")
+        prepare(module, FRAGMENT_LAYOUT)
+        family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), None)
+        for config in family.candidates(1):
+            takes = applies and config.strategy == "fragment_gemv" and config.sums != "steps"
+            assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
+            table = family.config_weights(module, config)[2].view(torch.uint32)
+            assert table[:2].tolist() == list(lut.table_words(family.key.bits, takes))[:2], (option, config)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -29,7 +29,7 @@ from tqc.layout import LayerSpec  # noqa: E402
 from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
-from tqc.kernels import glue  # noqa: E402
+from tqc.kernels import glue, registry  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import (FRAGMENT_LAYOUT, FRAGMENT_TILE_THREAD_TOKENS, PROGRAM_WARPS,  # noqa: E402
                                   FragmentLayerKernel, Int8LayerKernel, KernelKey, LayerKernel, prepare,
@@ -176,6 +176,13 @@ if CUDA:
         + cuBLAS; each launch twice, the second time straight to the compiled kernel (launch.py)."""
         dot, dequant = (LaunchConfig(strategy=s, iters=iters) for s in ("fragments", "dequant"))
         check_fragment_configs(option, [(dot, 1), (dot, 3), (dot, 16), (dot, 40), (dequant, 77)], gemv_iters=iters)
+
+    @pytest.mark.parametrize("iters", [1, 8])
+    def test_fragment_gemv_by_high_bytes_matches_reference(iters, monkeypatch):
+        """registry.HIGH_BYTES (TQC_HIGH_BYTES=1): the one-token kernel's 2-bit row-sum configs looking codes
+        up by their high bytes (lut.HIGH_CRUMB_ASM) and multiplying the sums back, against the reference path."""
+        monkeypatch.setattr(registry, "HIGH_BYTES", True)
+        check_fragment_configs("2", [], gemv_iters=iters)
 
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
