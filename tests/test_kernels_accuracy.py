@@ -185,6 +185,13 @@ if CUDA:
         check_fragment_configs("2", [], gemv_iters=iters)
 
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
+    def test_fragment_gemv_from_four_token_columns_matches_reference(option, monkeypatch):
+        """registry.GEMV_COLUMNS = 4 (TQC_GEMV_COLUMNS=4): the one-token kernel adds its row sums from a
+        tile of 4 token columns, one a thread, against the reference path."""
+        monkeypatch.setattr(registry, "GEMV_COLUMNS", 4)
+        check_fragment_configs(option, [], gemv_iters=8)
+
+    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
         """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
         77 and 300 tokens (the last tile short), against the reference path; also programs of 2 or 4
