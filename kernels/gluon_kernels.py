@@ -81,12 +81,9 @@ def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs, HIGH_BY
         pairs = gl.inline_asm_elementwise(SIGNED_CRUMB_QUAD_ASM, QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift, signs, sign_shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
-    elif HIGH_BYTES:  # the table word of lows, all zero, unread
-        pairs = gl.inline_asm_elementwise(HIGH_CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
-                                          [words, tables[0], tables[0], tables[1], tables[1], shift],
-                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
-    else:  # one table word of lows, one of highs
-        pairs = gl.inline_asm_elementwise(CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
+    else:  # one table word of lows (with HIGH_BYTES all zero, unread), one of highs
+        asm: gl.constexpr = HIGH_CRUMB_QUAD_ASM if HIGH_BYTES else CRUMB_QUAD_ASM
+        pairs = gl.inline_asm_elementwise(asm, CRUMB_QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     return pairs
@@ -729,14 +726,15 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         else:
             acc, products = _gemv_step(acc, products, words, scales + group, tables, x, C, a_layout, BITS, i % RUN,
                                        RUN)
+    sums_layout: gl.constexpr = pair_layout(W, TOKEN_COLUMNS)
     if ROW_SUMS:  # [W, 8, 4, h, c] -> rows w 16 + 8 h + lane // 4
         rows = gl.permute(gl.sum(gl.sum(acc.to(gl.float32), axis=4), axis=2), (0, 2, 1))
-        sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, pair_layout(W, TOKEN_COLUMNS)))
+        sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, sums_layout))
         if HIGH_BYTES:
             sums = sums * HIGH_BYTES_SCALE
     else:
-        sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, pair_layout(W, TOKEN_COLUMNS)))
-    token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKEN_COLUMNS], gl.float32, pair_layout(W, TOKEN_COLUMNS))
+        sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, sums_layout))
+    token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKEN_COLUMNS], gl.float32, sums_layout)  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)
 
 

@@ -65,8 +65,9 @@ def lookup_values(bits: int) -> tuple[float, ...]:
 def high_byte_values() -> tuple[float, ...]:
     """The 2-bit values as the high-byte lookup holds them (HIGH_CRUMB_ASM): lookup_values(2) times
     1 / HIGH_BYTE_FACTOR, each the nearest of +-HIGH_BYTE_LEVELS, fp16 numbers whose low byte is zero."""
-    return tuple(float(np.copysign(min(HIGH_BYTE_LEVELS, key=lambda level: abs(level - abs(v) / HIGH_BYTE_FACTOR)), v))
-                 for v in lookup_values(2))
+    values = lookup_values(2)
+    level = dict(zip(sorted({abs(v) for v in values}), HIGH_BYTE_LEVELS))  # inner, outer magnitude
+    return tuple(float(np.copysign(level[abs(v)], v)) for v in values)
 
 
 def table_words(bits: int, high_bytes: bool = False) -> tuple[int, ...]:
@@ -110,12 +111,12 @@ CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
 
 # 2-bit codes by their high bytes alone (the one-token kernel's HIGH_BYTES, TQC_HIGH_BYTES=1). Scaled by
 # 1 / HIGH_BYTE_FACTOR, the 2-bit Lloyd-Max values become +-0.375 and +-1.25 to 0.04% (their ratio 3.333
-# against 3.336; the factor splits the difference), fp16 numbers with 2 mantissa bits and so a zero low byte: a quad is then one lookup of
-# its 4 high bytes and two PRMTs that put a zero byte under each (selectors HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS:
-# nibble 4 picks the zero register's byte), 3 PRMTs instead of 4. The kernel multiplies its sums by
-# HIGH_BYTE_FACTOR.
+# against 3.336; the factor splits the difference): fp16 numbers with 2 mantissa bits, so their low bytes are
+# zero. A quad is then one lookup of its 4 high bytes and two PRMTs that put a zero byte under each
+# (selectors HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS: nibble 4 picks the zero register's byte), 3 PRMTs instead of 4.
+# The kernel multiplies its sums by HIGH_BYTE_FACTOR.
 HIGH_BYTE_LEVELS = (0.375, 1.25)
-HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].numpy(), dtype=np.float64) / np.prod(HIGH_BYTE_LEVELS)))
+HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].double().numpy()) / np.prod(HIGH_BYTE_LEVELS)))
 HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS = 0x1404, 0x3424
 HIGH_CRUMB_ASM = ("{ .reg .b32 s, h; "
                   "shr.u32 s, $2, $12; and.b32 s, s, 0x3333; prmt.b32 h, $8, $10, s; "
