@@ -57,7 +57,7 @@ for part in "$@"; do
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     accuracy-rest)
-      mapfile -t passed < "${PASSED:-docs/bench/h100-run224-accuracy-passed.txt}"
+      mapfile -t passed < "${PASSED:-docs/bench/h100-run230-accuracy-passed.txt}"
       run accuracy-rest python3 -m pytest -v -p no:cacheprovider tests/test_kernels_accuracy.py -k "not fragment" \
         "${passed[@]/#/--deselect=}" ;;
     direct)
@@ -133,7 +133,7 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
         run "ordered-2bit-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
           layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 \
           --tokens 1 -o "$out/ordered-2bit-$v.json"
-        cp "$cache"/nvidia-*.json "$out/ordered-2bit-cache-$v.json"
+        mkdir -p "$out/ordered-2bit-cache-$v" && cp "$cache"/nvidia-*.json "$out/ordered-2bit-cache-$v"/
       done
       (cd "$out" && tar czf ordered-2bit.tgz ordered-2bit-* && rm ordered-2bit-*) ;;
     profile)
