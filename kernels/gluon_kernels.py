@@ -441,10 +441,9 @@ def staging_layout(block_k, warps):
 
 
 @triton.constexpr_function
-def pair_layout(warps, tokens=16):
-    """[16 warps rows, `tokens` tokens (4 or 16)] over the threads, each 2 neighbouring rows x tokens / 4
-    tokens, none twice."""
-    return gl.BlockedLayout([2, tokens // 4], [8, 4], [warps, 1], [0, 1])
+def pair_layout(warps):
+    """[16 warps rows, 16 tokens] over the threads, each 2 neighbouring rows x 4 tokens, none twice."""
+    return gl.BlockedLayout([2, 4], [8, 4], [warps, 1], [0, 1])
 
 
 @triton.constexpr_function
@@ -627,7 +626,7 @@ def _add_into(out_ptr, acc, first_row, M, N: gl.constexpr, W: gl.constexpr):
     atomic add and Triton makes each a compare-and-swap loop (3x slower layers, run 113)."""
     BLOCK_N: gl.constexpr = acc.shape[0]
     dtype: gl.constexpr = out_ptr.dtype.element_ty
-    pairs: gl.constexpr = pair_layout(W, acc.shape[1] if acc.shape[1] < TOKENS else TOKENS)  # wider tiles wrap
+    pairs: gl.constexpr = pair_layout(W)
     values = gl.convert_layout(acc, pairs).to(dtype)
     rows = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, pairs))
     tokens = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, pairs))
@@ -659,7 +658,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
                          ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
-                         HIGH_BYTES: gl.constexpr = False, TOKEN_COLUMNS: gl.constexpr = 16):
+                         HIGH_BYTES: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -673,15 +672,11 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     (the lab's, with ROW_SUMS; not yet checked on a GPU): x is stored in fragment order
     (fragments.fragment_input_order), so each thread loads its inputs as two 16-byte vectors a step
     instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. HIGH_BYTES (2 bits, no
-    residual, ROW_SUMS; TQC_HIGH_BYTES=1, not yet checked on a GPU): the codes looked up by their high
+    residual, ROW_SUMS; as the family launches it, checked on a GPU, run 225): the codes looked up by their high
     bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
-    multiplied back by lut.HIGH_BYTE_FACTOR. TOKEN_COLUMNS (TQC_GEMV_COLUMNS, not yet checked on a GPU): the
-    row sums are added into the output from a tile of this many token columns, token 0 live: 16 (each
-    thread 4 columns, as the tensor-core kernel's tile) or 4 (each thread one; 24 fewer instructions a
-    program at 2 bits)."""
+    multiplied back by lut.HIGH_BYTE_FACTOR."""
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(not HIGH_BYTES or (BITS == 2 and RES_BITS == 0 and ROW_SUMS), "HIGH_BYTES: 2 bits, row sums")
-    gl.static_assert(TOKEN_COLUMNS == 4 or TOKEN_COLUMNS == 16, "TOKEN_COLUMNS: 4 or 16")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -726,7 +721,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
         else:
             acc, products = _gemv_step(acc, products, words, scales + group, tables, x, C, a_layout, BITS, i % RUN,
                                        RUN)
-    sums_layout: gl.constexpr = pair_layout(W, TOKEN_COLUMNS)
+    sums_layout: gl.constexpr = pair_layout(W)
     if ROW_SUMS:  # [W, 8, 4, h, c] -> rows w 16 + 8 h + lane // 4
         rows = gl.permute(gl.sum(gl.sum(acc.to(gl.float32), axis=4), axis=2), (0, 2, 1))
         sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, sums_layout))
@@ -734,7 +729,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
             sums = sums * HIGH_BYTES_SCALE
     else:
         sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, sums_layout))
-    token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKEN_COLUMNS], gl.float32, sums_layout)  # adds token 0 (M = 1)
+    token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, sums_layout)  # adds token 0 (M = 1)
     _add_into(out_ptr, token_column, gl.program_id(0) * BLOCK_N, M, N, W)
 
 

@@ -508,14 +508,9 @@ GEMV_SUMS = {"rows": {"ROW_SUMS": True}, "steps": {"SUM_STEPS": True}, "rows_ste
 ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 # 2-bit codes looked up by their high bytes in the one-token kernel (gluon_kernels HIGH_BYTES, lut.HIGH_CRUMB_ASM):
 # 3 PRMTs a quad instead of 4, 7.5% fewer instructions at 4 steps, statically; the 2-bit kernel is
-# issue-bound (docs/performance.md "Where it stands"). Not yet checked or timed on a GPU: TQC_HIGH_BYTES=1.
-HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "0") == "1"
-# The token columns the one-token kernel adds its row sums from (gluon_kernels TOKEN_COLUMNS): 16, each thread
-# 4 of them as in the tensor-core kernel's tile, or 4, each thread one (24 fewer instructions a program at
-# 2 bits, statically). Not yet checked or timed on a GPU: TQC_GEMV_COLUMNS=4.
-GEMV_COLUMNS = int(os.environ.get("TQC_GEMV_COLUMNS", "16"))
-if GEMV_COLUMNS not in (4, 16):
-    raise ValueError(f"TQC_GEMV_COLUMNS must be 4 or 16, got {GEMV_COLUMNS}")
+# issue-bound (docs/performance.md "Where it stands"). 5-12% faster 2-bit Llama-3-8B layers at one token on
+# the H100 (runs 225-228); TQC_HIGH_BYTES=0 switches it off.
+HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
 
 
 def program_warps(n: int) -> tuple[int, ...]:
@@ -637,8 +632,6 @@ class FragmentLayerKernel(LayerKernel):
                       "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
         if self.high_bytes(config):
             constexprs["HIGH_BYTES"] = True
-        if config.strategy == "fragment_gemv" and GEMV_COLUMNS != 16:
-            constexprs["TOKEN_COLUMNS"] = GEMV_COLUMNS
         return self.splits(config), constexprs
 
     @staticmethod

@@ -23,15 +23,14 @@
 #           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
 #           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
-# lean-gemv the one-token kernel's two opt-in cuts (session 49, CPU-checked only): TQC_HIGH_BYTES=1 (2-bit codes
-#           looked up by their high bytes) and TQC_GEMV_COLUMNS=4 (row sums added from 4 token columns, not
-#           16): their GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at one token, 2 and
-#           4 bits, for each VARIANT "HC" (H: high bytes, C: 4 columns; default 00 10 01 11 00-again
-#           11-again), each its own Triton cache, the tuning cache's picks; the decoder at plan 2 for 00 and 11
+# high-bytes 2-bit codes looked up by their high bytes (registry.HIGH_BYTES, on by default since runs 225-228) against
+#           both bytes (TQC_HIGH_BYTES=0): the GPU check of the latter, then Llama-3-8B's gate/up, down and
+#           concatenated gate/up at one token, 2 bits, for each VARIANT (default 1 0 1-again 0-again), each its
+#           own Triton cache, the tuning cache's picks; the decoder at plan 2 for the first two
 # ordered-2bit  the 2-bit one-token keys of Llama-3-8B's gate/up, down and concatenated gate/up tuned afresh
 #           (each variant from the tuning cache less those keys, in a cache of its own), without and with
 #           the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1: 16 fewer
-#           instructions of 424 at 4 steps, statically; docs/performance.md "What would be next")
+#           instructions of 424 at 4 steps, statically; no faster with the high bytes, run 227)
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -106,21 +105,18 @@ for part in "$@"; do
       done
       unset TQC_PRELOAD TRITON_CACHE_DIR
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
-    lean-gemv)
-      run lean-gemv-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py \
-        -k "high_bytes or four_token_columns"
-      for v in ${VARIANTS:-00 10 01 11 00-again 11-again}; do
-        columns=16
-        [ "${v:1:1}" = 1 ] && columns=4
-        switch=(env TQC_HIGH_BYTES="${v:0:1}" TQC_GEMV_COLUMNS="$columns" TRITON_CACHE_DIR="/tmp/triton-cache-lean-${v:0:2}")
-        run "lean-gemv-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 4 --tokens 1 -o "$out/lean-gemv-layers-$v.json"
+    high-bytes)
+      run high-bytes-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k high_bytes
+      for v in ${VARIANTS:-1 0 1-again 0-again}; do
+        switch=(env TQC_HIGH_BYTES="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-high-bytes-${v:0:1}")
+        run "high-bytes-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 --tokens 1 -o "$out/high-bytes-layers-$v.json"
         case $v in
-          00* | 11*) run "lean-gemv-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
-                       -o "$out/lean-gemv-decode-$v.json" ;;
+          ?) run "high-bytes-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
+               -o "$out/high-bytes-decode-$v.json" ;;
         esac
       done
-      (cd "$out" && tar czf lean-gemv.tgz lean-gemv-* && rm lean-gemv-*) ;;
+      (cd "$out" && tar czf high-bytes.tgz high-bytes-* && rm high-bytes-*) ;;
     ordered-2bit)
       for v in ${VARIANTS:-0 1 0-again 1-again}; do
         cache=/tmp/tqc-cache-ordered-$v

@@ -888,9 +888,9 @@ def _half2(summary: dict) -> int:
 
 
 def test_high_bytes_take_a_quarter_of_the_2_bit_one_token_kernels_lookups():
-    """HIGH_BYTES (TQC_HIGH_BYTES=1): the 2-bit one-token kernel with row sums issues 3 PRMTs a quad instead
-    of 4, in as many registers, without spills, the same code loads; its sums are multiplied back once. On,
-    the registry asks for it on 2-bit layers' row-sum configs only, with the high bytes' table."""
+    """HIGH_BYTES (registry.HIGH_BYTES): the 2-bit one-token kernel with row sums issues 3 PRMTs a quad
+    instead of 4, in as many registers, without spills, the same code loads; its sums are multiplied back
+    once."""
     off, on = _knob_off_and_on("fragment_gemv_kernel", "HIGH_BYTES", BITS=2, ROW_SUMS=True, PDL=True)
     assert on["stack"] == 0 and on["registers"] <= off["registers"]
     assert 4 * on["ops"]["PRMT"] == 3 * off["ops"]["PRMT"]
@@ -898,34 +898,17 @@ def test_high_bytes_take_a_quarter_of_the_2_bit_one_token_kernels_lookups():
     assert on["instructions"] < off["instructions"]
 
 
-def test_four_token_columns_take_three_masked_adds_out_of_the_one_token_kernel():
-    """TOKEN_COLUMNS=4 (TQC_GEMV_COLUMNS=4): the one-token kernel adds its row sums into the output from a
-    tile of 4 token columns, one a thread, not 16, four a thread: one packed add a thread instead of four
-    (three of them masked off at one token), fewer instructions at every width, as many registers."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqc.kernels import gluon_kernels
-    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary
-
-    base = {"N": 14336, "K": 4096, "G": 128, "BLOCK_K": 64, "ITERS": 4, "X_LAYOUT": gluon_kernels.x_layout(64),
-            "LOOKAHEAD": 2, "num_warps": 4, "EVICT": True, "PDL": True, "ROW_SUMS": True}
-    for bits in (2, 4):
-        kernels = [compile_gluon_for_hopper(gluon_kernels.fragment_gemv_kernel, base | {"BITS": bits, "TOKEN_COLUMNS": c},
-                                            4, "*bf16") for c in (16, 4)]
-        sixteen, four = (sass_summary(kernel) for kernel in kernels)
-        assert [kernel.asm["sass"].count("REDG.E.ADD.BF16x2") for kernel in kernels] == [4, 1], bits
-        assert four["instructions"] < sixteen["instructions"] and four["registers"] <= sixteen["registers"], bits
-        assert four["stack"] == 0 and four["ops"]["PRMT"] == sixteen["ops"]["PRMT"], bits
-
-
-def test_the_registry_asks_for_high_bytes_where_they_apply(monkeypatch):
-    """registry.HIGH_BYTES: the one-token kernel's row-sum configs of a 2-bit layer take HIGH_BYTES and the
-    table lut.table_words(2, True); its other configs, and every config of other options, the usual table."""
+@pytest.mark.parametrize("high_bytes", [True, False])
+def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypatch):
+    """registry.HIGH_BYTES (on unless TQC_HIGH_BYTES=0): the one-token kernel's row-sum configs of a 2-bit
+    layer take HIGH_BYTES and the table lut.table_words(2, True); its other configs, every config of
+    other options, and every config with the switch off, the usual table."""
     from tqc.kernels import registry
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
     from tqc.kernels.synthetic import random_turboquant_linear
 
-    monkeypatch.setattr(registry, "HIGH_BYTES", True)
-    for option, applies in [("2", True), ("4+2", False), ("3", False)]:
+    monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
+    for option, applies in [("2", high_bytes), ("4+2", False), ("3", False)]:
         module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, 1024, 192), "cpu")
         prepare(module, FRAGMENT_LAYOUT)
         family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), None)
@@ -934,20 +917,6 @@ def test_the_registry_asks_for_high_bytes_where_they_apply(monkeypatch):
             assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
             table = family.config_weights(module, config)[2].view(torch.uint32)
             assert table[:2].tolist() == list(lut.table_words(family.key.bits, takes))[:2], (option, config)
-
-
-def test_the_registry_asks_for_four_token_columns_in_the_one_token_kernel_only(monkeypatch):
-    """registry.GEMV_COLUMNS: TOKEN_COLUMNS for every one-token kernel config, none for the tensor-core kernel."""
-    from tqc.kernels import registry
-    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
-
-    monkeypatch.setattr(registry, "GEMV_COLUMNS", 4)
-    for option in ("2", "4", "4+2"):
-        family = FragmentLayerKernel(KernelKey.of(LayerSpec(QuantOption.parse(option), 128, 1024, 192), FRAGMENT_LAYOUT),
-                                     None)
-        for config in family.candidates(1) + family.candidates(16):
-            columns = family.specialise(config)[1].get("TOKEN_COLUMNS")
-            assert columns == (4 if config.strategy == "fragment_gemv" else None), (option, config)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -178,18 +178,12 @@ if CUDA:
         check_fragment_configs(option, [(dot, 1), (dot, 3), (dot, 16), (dot, 40), (dequant, 77)], gemv_iters=iters)
 
     @pytest.mark.parametrize("iters", [1, 8])
-    def test_fragment_gemv_by_high_bytes_matches_reference(iters, monkeypatch):
-        """registry.HIGH_BYTES (TQC_HIGH_BYTES=1): the one-token kernel's 2-bit row-sum configs looking codes
-        up by their high bytes (lut.HIGH_CRUMB_ASM) and multiplying the sums back, against the reference path."""
-        monkeypatch.setattr(registry, "HIGH_BYTES", True)
+    def test_fragment_gemv_without_high_bytes_matches_reference(iters, monkeypatch):
+        """registry.HIGH_BYTES off (TQC_HIGH_BYTES=0): the one-token kernel's 2-bit row-sum configs looking
+        codes up by both bytes (lut.CRUMB_ASM), against the reference path; test_fragment_kernel_matches_reference
+        runs them by their high bytes, as the family launches them."""
+        monkeypatch.setattr(registry, "HIGH_BYTES", False)
         check_fragment_configs("2", [], gemv_iters=iters)
-
-    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
-    def test_fragment_gemv_from_four_token_columns_matches_reference(option, monkeypatch):
-        """registry.GEMV_COLUMNS = 4 (TQC_GEMV_COLUMNS=4): the one-token kernel adds its row sums from a
-        tile of 4 token columns, one a thread, against the reference path."""
-        monkeypatch.setattr(registry, "GEMV_COLUMNS", 4)
-        check_fragment_configs(option, [], gemv_iters=8)
 
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
