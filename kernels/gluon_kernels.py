@@ -29,8 +29,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from . import fragments
 from . import triton_kernels as tk
-from .lut import (CRUMB_ASM, HIGH_BYTE_FACTOR, HIGH_CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
-                  TABLE_COPIES, UNSIGNED_CONSTRAINTS)
+from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM, MASKED_HIGH_CRUMB_ASM,
+                  MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES,
+                  UNSIGNED_CONSTRAINTS)
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
@@ -42,6 +43,11 @@ CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
 HIGH_CRUMB_QUAD_ASM = gl.constexpr(HIGH_CRUMB_ASM)  # a quad of 2-bit codes by their high bytes (HIGH_BYTES)
 HIGH_BYTES_SCALE = gl.constexpr(HIGH_BYTE_FACTOR)  # what HIGH_BYTES' sums are multiplied by
 SIGNED_CRUMB_QUAD_ASM = gl.constexpr(SIGNED_CRUMB_ASM)  # a quad of 3-bit codes: 2-bit magnitudes, signs apart
+# the three crumb quads on selectors masked outside (WORD_MASKS): each word masked once, not each quad
+MASKED_CRUMB_QUAD_ASM = gl.constexpr(MASKED_CRUMB_ASM)
+MASKED_HIGH_CRUMB_QUAD_ASM = gl.constexpr(MASKED_HIGH_CRUMB_ASM)
+MASKED_SIGNED_CRUMB_QUAD_ASM = gl.constexpr(MASKED_SIGNED_CRUMB_ASM)
+WORD_MASK = gl.constexpr(CRUMB_MASKED)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
@@ -66,10 +72,13 @@ def _fragment(t, C: gl.constexpr, BITS: gl.constexpr, HIGH_HALF: gl.constexpr):
 
 
 @gluon.jit
-def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs, HIGH_BYTES: gl.constexpr = False):
+def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs, HIGH_BYTES: gl.constexpr = False,
+          MASKED: gl.constexpr = False):
     """The two half2 tiles (slots 0-1, 2-3 of the quad at bit SHIFT) of doubled words, by tqc's PRMT
     lookup; at 3 bits with their signs from `signs` (_sign_fragment's), shifted by the quad's a; at 2
-    bits with HIGH_BYTES by the high bytes alone (lut.HIGH_CRUMB_ASM, its table lut.table_words(2, True))."""
+    bits with HIGH_BYTES by the high bytes alone (lut.HIGH_CRUMB_ASM, its table lut.table_words(2, True)).
+    MASKED (2 and 3 bits): the words are the quad's selectors already (_quads' WORD_MASKS), not shifted
+    or masked again."""
     shift = words * 0 + SHIFT
     if BITS == 4:  # the signs in the same word
         sign_shift = words * 0 + SHIFT // 4
@@ -78,11 +87,15 @@ def _quad(words, tables, SHIFT: gl.constexpr, BITS: gl.constexpr, signs, HIGH_BY
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     elif BITS == 3:  # magnitudes as 2-bit codes, one table word of lows, one of highs
         sign_shift = words * 0 + SHIFT // 2
-        pairs = gl.inline_asm_elementwise(SIGNED_CRUMB_QUAD_ASM, QUAD_CONSTRAINTS,
+        signed_asm: gl.constexpr = MASKED_SIGNED_CRUMB_QUAD_ASM if MASKED else SIGNED_CRUMB_QUAD_ASM
+        pairs = gl.inline_asm_elementwise(signed_asm, QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift, signs, sign_shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     else:  # one table word of lows (with HIGH_BYTES all zero, unread), one of highs
-        asm: gl.constexpr = HIGH_CRUMB_QUAD_ASM if HIGH_BYTES else CRUMB_QUAD_ASM
+        if MASKED:
+            asm: gl.constexpr = MASKED_HIGH_CRUMB_QUAD_ASM if HIGH_BYTES else MASKED_CRUMB_QUAD_ASM
+        else:
+            asm: gl.constexpr = HIGH_CRUMB_QUAD_ASM if HIGH_BYTES else CRUMB_QUAD_ASM
         pairs = gl.inline_asm_elementwise(asm, CRUMB_QUAD_CONSTRAINTS,
                                           [words, tables[0], tables[0], tables[1], tables[1], shift],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
@@ -100,21 +113,34 @@ def _sign_fragment(signs, C: gl.constexpr):
 
 
 @gluon.jit
-def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: gl.constexpr = False):
+def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: gl.constexpr = False,
+           WORD_MASKS: gl.constexpr = False):
     """A step's words [W, 32, 2C] (4 bits), [W, 32, C] (2 bits), or at 3 bits the pair (magnitude
     words [W, 32, C], sign words [W, 32, C / 2]) decoded: the four quads' values (a, b) = (0, 0),
     (0, 1), (1, 0), (1, 1), each [W, 8, 4, C, 2, 2] (warp, lane // 4, lane % 4, chunk, row half, c) in
-    fp16: the operand's element (row w 16 + 8 h + lane // 4, column 32 chunk + 16 a + 8 b + 2 (lane % 4) + c)."""
+    fp16: the operand's element (row w 16 + 8 h + lane // 4, column 32 chunk + 16 a + 8 b + 2 (lane % 4) + c).
+    WORD_MASKS (2-bit code words): each word masked with lut.CRUMB_MASKED as it is and shifted by 2, and
+    each of the two shifted by 16 for row half 1 after, so that a word's four selectors take 2 masks and
+    3 shifts instead of 4 and 3."""
     if BITS == 3:
         words, sign_words = words
-    halves = _fragment(words, C, BITS, 16)
+    MASKED: gl.constexpr = WORD_MASKS and BITS != 4
+    if MASKED:  # each word masked twice (crumbs at bits 0 and 2 of its nibbles), row half 1 shifted down after
+        halves = _fragment(words & WORD_MASK, C, BITS, 16)
+        odd_halves = _fragment((words >> 2) & WORD_MASK, C, BITS, 16)
+        odd_doubled = gl.join(odd_halves, odd_halves)
+    else:
+        halves = _fragment(words, C, BITS, 16)
     doubled = gl.join(halves, halves)
     signs = 0
     if BITS == 3:  # the same registers, but reached by reshapes: a linear layout, made the magnitudes' (no data moves)
         signs = _sign_fragment(sign_words, C)
         signs = gl.convert_layout(gl.join(signs, signs), doubled.type.layout, assert_trivial=True)
-    first, second = _quad(doubled, tables, 0, BITS, signs, HIGH_BYTES)
-    third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs, HIGH_BYTES)
+    first, second = _quad(doubled, tables, 0, BITS, signs, HIGH_BYTES, MASKED)
+    if MASKED:
+        third, fourth = _quad(odd_doubled, tables, 2, BITS, signs, HIGH_BYTES, MASKED)
+    else:
+        third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs, HIGH_BYTES)
     return first, second, third, fourth
 
 
@@ -658,7 +684,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
                          ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
-                         HIGH_BYTES: gl.constexpr = False):
+                         HIGH_BYTES: gl.constexpr = False, WORD_MASKS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -674,7 +700,10 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. HIGH_BYTES (2 bits, no
     residual, ROW_SUMS; as the family launches it, checked on a GPU, run 225): the codes looked up by their high
     bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
-    multiplied back by lut.HIGH_BYTE_FACTOR."""
+    multiplied back by lut.HIGH_BYTE_FACTOR. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, not yet checked on a
+    GPU): the 2-bit code words (2 bits, 3 bits' magnitudes, a 2-bit residual) masked once for two quads
+    (_quads)."""
+    gl.static_assert(not WORD_MASKS or ROW_SUMS, "WORD_MASKS: row sums")
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(not HIGH_BYTES or (BITS == 2 and RES_BITS == 0 and ROW_SUMS), "HIGH_BYTES: 2 bits, row sums")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
@@ -704,10 +733,11 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                 x_quads = _ordered_quads(x_ptr + (first_step + i) * BLOCK_K, like, C, W)
             else:
                 x_quads = _operand_quads(gl.broadcast(x[None, :], tile)[0], like, C)
-            products = _row_products(products, _quads(words, tables, C, BITS, HIGH_BYTES), x_quads, C, i % RUN == 0)
+            products = _row_products(products, _quads(words, tables, C, BITS, HIGH_BYTES, WORD_MASKS), x_quads, C,
+                                     i % RUN == 0)
             if RES_BITS:
-                res_products = _row_products(res_products, _quads(res_words, res_tables, C, RES_BITS), x_quads, C,
-                                             i % RUN == 0)
+                res_quads = _quads(res_words, res_tables, C, RES_BITS, False, WORD_MASKS)
+                res_products = _row_products(res_products, res_quads, x_quads, C, i % RUN == 0)
             if i % RUN == RUN - 1:
                 acc = _scaled_into(acc, products, _row_scale(scales + group, tile, like, C))
                 if RES_BITS:

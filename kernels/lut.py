@@ -94,20 +94,31 @@ def byte_word(values) -> int:
 # holds their magnitudes (or 2-bit codes) in its 4 nibbles; PRMT looks up their low bytes in the
 # table $4 $6 and their high bytes in $8 $10; for signed codes the 4 signs, at bits 7, 15, 23, 31
 # of $14 << $16, are xor-ed into the high bytes; two PRMTs interleave low and high bytes into the
-# outputs, half2 registers holding slots (0, 1) and (2, 3) of the quad.
+# outputs, half2 registers holding slots (0, 1) and (2, 3) of the quad. A mask of 0 takes $2 as the
+# selector itself: the caller masked the whole word once (a PRMT reads only a selector's low 16 bits,
+# so one mask of 0x33333333 and one shift by 16 give two quads' selectors; the one-token kernel's
+# WORD_MASKS).
+
+
+def select_asm(mask: int) -> str:
+    """The PTX that puts a quad's selector into s: (w >> $12) & mask, or with mask 0 the word $2 as it is."""
+    return f"shr.u32 s, $2, $12; and.b32 s, s, {mask:#06x}; " if mask else "mov.b32 s, $2; "
 
 
 def quad_asm(mask: int, signed: bool) -> str:
-    """The PTX of one quad (above) for a code plane whose selector nibbles are `mask` wide."""
+    """The PTX of one quad (above) for a code plane whose selector nibbles are `mask` wide (0: $2 is the selector)."""
     sign = f"shl.b32 m, $14, $16; and.b32 m, m, {BYTE_SIGNS:#x}; xor.b32 h, h, m; " if signed else ""
     return ("{ .reg .b32 s, l, h, m; "
-            f"shr.u32 s, $2, $12; and.b32 s, s, {mask:#06x}; prmt.b32 l, $4, $6, s; prmt.b32 h, $8, $10, s; {sign}"
+            f"{select_asm(mask)}prmt.b32 l, $4, $6, s; prmt.b32 h, $8, $10, s; {sign}"
             f"prmt.b32 $0, l, h, {PAIR_LOWS:#06x}; prmt.b32 $1, l, h, {PAIR_HIGHS:#06x}; }}")
 
 
 NIBBLE_ASM = quad_asm(0x7777, signed=True)  # 4 bits: 3-bit magnitudes, signs in the same word
 SIGNED_CRUMB_ASM = quad_asm(0x3333, signed=True)  # 3 bits: 2-bit magnitudes, signs in the sign plane
 CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
+CRUMB_MASKED = 0x33333333  # a 2-bit word masked once: its low half one quad's selector, its high half another's
+MASKED_SIGNED_CRUMB_ASM = quad_asm(0, signed=True)  # SIGNED_CRUMB_ASM on a selector masked outside
+MASKED_CRUMB_ASM = quad_asm(0, signed=False)  # CRUMB_ASM on a selector masked outside
 
 # 2-bit codes by their high bytes alone (the one-token kernel's HIGH_BYTES, TQC_HIGH_BYTES=1). Scaled by
 # 1 / HIGH_BYTE_FACTOR, the 2-bit Lloyd-Max values become +-0.375 and +-1.25 to 0.04% (their ratio 3.333
@@ -118,9 +129,17 @@ CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
 HIGH_BYTE_LEVELS = (0.375, 1.25)
 HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].double().numpy()) / np.prod(HIGH_BYTE_LEVELS)))
 HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS = 0x1404, 0x3424
-HIGH_CRUMB_ASM = ("{ .reg .b32 s, h; "
-                  "shr.u32 s, $2, $12; and.b32 s, s, 0x3333; prmt.b32 h, $8, $10, s; "
-                  f"prmt.b32 $0, h, 0, {HIGH_PAIR_LOWS:#06x}; prmt.b32 $1, h, 0, {HIGH_PAIR_HIGHS:#06x}; }}")
+
+
+def high_crumb_asm(mask: int) -> str:
+    """The PTX of one quad of 2-bit codes by their high bytes (above; mask 0: $2 is the selector)."""
+    return ("{ .reg .b32 s, h; "
+            f"{select_asm(mask)}prmt.b32 h, $8, $10, s; "
+            f"prmt.b32 $0, h, 0, {HIGH_PAIR_LOWS:#06x}; prmt.b32 $1, h, 0, {HIGH_PAIR_HIGHS:#06x}; }}")
+
+
+HIGH_CRUMB_ASM = high_crumb_asm(0x3333)
+MASKED_HIGH_CRUMB_ASM = high_crumb_asm(0)
 SIGNED_CONSTRAINTS = "=r,=r" + ",r" * 16
 UNSIGNED_CONSTRAINTS = "=r,=r" + ",r" * 12
 
@@ -142,13 +161,19 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
 
 
 def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | None = None,
-                 sign_shift: int = 0, high_bytes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 sign_shift: int = 0, high_bytes: bool = False,
+                 word_masks: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A quad as quad_asm (with `high_bytes`, 2 bits: HIGH_CRUMB_ASM) computes it: the selector from
     words >> shift, the signs (if any) from signs << sign_shift; (half2 of slots 0 and 1, half2 of
-    slots 2 and 3) as uint32 bits."""
+    slots 2 and 3) as uint32 bits. With `word_masks` (2-bit code words) the selector is what the
+    one-token kernel's WORD_MASKS hands the MASKED_ PTX: the word shifted by shift % 16, masked with
+    CRUMB_MASKED, then shifted by the rest (16 for row half 1), its high half left for PRMT to ignore."""
     t = [np.uint32(x) for x in table_words(bits, high_bytes)]
     lows, highs = ((t[0], t[1]), (t[2], t[3])) if bits == 4 else ((t[0], t[0]), (t[1], t[1]))
-    selector = (words >> np.uint32(shift)) & np.uint32(0x7777 if bits == 4 else 0x3333)
+    if word_masks:
+        selector = ((words >> np.uint32(shift % 16)) & np.uint32(CRUMB_MASKED)) >> np.uint32(shift - shift % 16)
+    else:
+        selector = (words >> np.uint32(shift)) & np.uint32(0x7777 if bits == 4 else 0x3333)
     if high_bytes:
         high, zero = prmt(*highs, selector), np.uint32(0)
         return prmt(high, zero, np.uint32(HIGH_PAIR_LOWS)), prmt(high, zero, np.uint32(HIGH_PAIR_HIGHS))

@@ -511,6 +511,10 @@ ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 # issue-bound (docs/performance.md "Where it stands"). 5-12% faster 2-bit Llama-3-8B layers at one token on
 # the H100 (runs 225-228); TQC_HIGH_BYTES=0 switches it off.
 HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
+# Each word of 2-bit codes masked once for two quads' selectors, not once a quad (gluon_kernels WORD_MASKS,
+# lut.MASKED_CRUMB_ASM): 2 LOP3 fewer a word in the one-token kernel, 5% of the 2-bit kernel's instructions at
+# 8 steps, statically (docs/kernel_layout.md). Not yet checked or timed on a GPU: TQC_WORD_MASKS=1.
+WORD_MASKS = os.environ.get("TQC_WORD_MASKS", "0") == "1"
 
 
 def program_warps(n: int) -> tuple[int, ...]:
@@ -602,11 +606,20 @@ class FragmentLayerKernel(LayerKernel):
                out, *self.config_weights(module, config), m, **constexprs, **pdl_launch(rotated.device))
         return out
 
+    @staticmethod
+    def row_sums_gemv(config: LaunchConfig) -> bool:
+        """Whether the config launches the one-token kernel with row sums (where HIGH_BYTES and WORD_MASKS apply)."""
+        return config.strategy == "fragment_gemv" and GEMV_SUMS[config.sums].get("ROW_SUMS", False)
+
     def high_bytes(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel looks 2-bit codes up by their high bytes (HIGH_BYTES): the one-token
         kernel with row sums, on a layer of 2 bits without a residual stage."""
-        return (HIGH_BYTES and config.strategy == "fragment_gemv" and GEMV_SUMS[config.sums].get("ROW_SUMS", False)
-                and self.key.bits == 2 and not self.key.residual_bits)
+        return HIGH_BYTES and self.row_sums_gemv(config) and self.key.bits == 2 and not self.key.residual_bits
+
+    def word_masks(self, config: LaunchConfig) -> bool:
+        """Whether the config's kernel masks each word of 2-bit codes once (WORD_MASKS): the one-token kernel
+        with row sums, on a layer with such words (2 or 3 bits, whose magnitudes are 2-bit, or a 2-bit residual)."""
+        return WORD_MASKS and self.row_sums_gemv(config) and (self.key.bits != 4 or self.key.residual_bits == 2)
 
     def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
         """weights(module), the table lut.table_words(2, True) where the config looks codes up by high bytes."""
@@ -632,6 +645,8 @@ class FragmentLayerKernel(LayerKernel):
                       "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
         if self.high_bytes(config):
             constexprs["HIGH_BYTES"] = True
+        if self.word_masks(config):
+            constexprs["WORD_MASKS"] = True
         return self.splits(config), constexprs
 
     @staticmethod

@@ -23,10 +23,10 @@
 #           gluon_kernels PRELOAD) against without, each variant its own Triton cache: the one-token
 #           decoder at the mixed plan, then Llama-3-8B's gate/up and down at 1 and 16 tokens (options
 #           3, 4, 4+2); off, on, off again (VARIANTS="0 1" picks)
-# high-bytes 2-bit codes looked up by their high bytes (registry.HIGH_BYTES, on by default since runs 225-228) against
-#           both bytes (TQC_HIGH_BYTES=0): the GPU check of the latter, then Llama-3-8B's gate/up, down and
-#           concatenated gate/up at one token, 2 bits, for each VARIANT (default 1 0 1-again 0-again), each its
-#           own Triton cache, the tuning cache's picks; the decoder at plan 2 for the first two
+# word-masks each word of 2-bit codes masked once for two quads' selectors (TQC_WORD_MASKS=1, session 50, CPU-checked
+#           only): its GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at one token, options
+#           2, 3 and 4+2, for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache, the tuning
+#           cache's picks; the decoder at plan 2 for the first two
 # ordered-2bit  the 2-bit one-token keys of Llama-3-8B's gate/up, down and concatenated gate/up tuned afresh
 #           (each variant from the tuning cache less those keys, in a cache of its own), without and with
 #           the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1: 16 fewer
@@ -105,18 +105,19 @@ for part in "$@"; do
       done
       unset TQC_PRELOAD TRITON_CACHE_DIR
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
-    high-bytes)
-      run high-bytes-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k high_bytes
-      for v in ${VARIANTS:-1 0 1-again 0-again}; do
-        switch=(env TQC_HIGH_BYTES="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-high-bytes-${v:0:1}")
-        run "high-bytes-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 --tokens 1 -o "$out/high-bytes-layers-$v.json"
+    word-masks)
+      run word-masks-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k word_masks
+      for v in ${VARIANTS:-0 1 0-again 1-again}; do
+        switch=(env TQC_WORD_MASKS="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-word-masks-${v:0:1}")
+        run "word-masks-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 3 4+2 --tokens 1 \
+          -o "$out/word-masks-layers-$v.json"
         case $v in
-          ?) run "high-bytes-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
-               -o "$out/high-bytes-decode-$v.json" ;;
+          ?) run "word-masks-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
+               -o "$out/word-masks-decode-$v.json" ;;
         esac
       done
-      (cd "$out" && tar czf high-bytes.tgz high-bytes-* && rm high-bytes-*) ;;
+      (cd "$out" && tar czf word-masks.tgz word-masks-* && rm word-masks-*) ;;
     ordered-2bit)
       for v in ${VARIANTS:-0 1 0-again 1-again}; do
         cache=/tmp/tqc-cache-ordered-$v

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,9 +46,11 @@ def test_kernel_layout_round_trip_is_exact(bits, k, group_size):
     assert torch.equal(to_bitpack_layout(words, bits, k, group_size), packed)
 
 
-def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int, high_bytes: bool = False) -> np.ndarray:
+def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int, high_bytes: bool = False,
+                            word_masks: bool = False) -> np.ndarray:
     """Every code of a kernel-layout row block, decoded by lut.py's emulation of the kernels' PTX (2 bits
-    with `high_bytes`: lut.HIGH_CRUMB_ASM's): [N, K]."""
+    with `high_bytes`: lut.HIGH_CRUMB_ASM's; 2 and 3 bits with `word_masks`: the selectors masked once a
+    word): [N, K]."""
     n, chunks = words.shape[0], k // (32 * b)
     values = np.zeros((n, chunks, 32, b), np.float32)
     for quad in range(8):  # slots 4 quad .. 4 quad + 3 of a chunk
@@ -58,7 +61,7 @@ def decode_like_the_kernels(words: np.ndarray, bits: int, k: int, b: int, high_b
             r = quad % 4
             crumbs = words[:, : k // 16].reshape(n, chunks, 2, b)[:, :, quad // 4]
             signs = words[:, k // 16 :].reshape(n, chunks, b) if bits == 3 else None
-            pairs = lut.emulate_quad(crumbs, bits, 16 * (r // 2) + 2 * (r % 2), signs, quad, high_bytes)
+            pairs = lut.emulate_quad(crumbs, bits, 16 * (r // 2) + 2 * (r % 2), signs, quad, high_bytes, word_masks)
         for p, half2 in enumerate(pairs):
             pair = lut.half2_values(half2)
             values[:, :, 4 * quad + 2 * p], values[:, :, 4 * quad + 2 * p + 1] = pair[..., 0], pair[..., 1]
@@ -86,6 +89,24 @@ def test_high_byte_lookups_give_the_2_bit_values_by_three_prmts_a_quad():
     decoded = decode_like_the_kernels(words, 2, k, slot_words(k, group_size), high_bytes=True)
     assert set(np.unique(np.abs(decoded))) == set(lut.HIGH_BYTE_LEVELS)
     np.testing.assert_allclose(decoded * lut.HIGH_BYTE_FACTOR, gaussian_codebook(2)[codes].numpy(), rtol=4e-4)
+
+
+@pytest.mark.parametrize(("bits", "high_bytes"), [(2, False), (2, True), (3, False)])
+def test_word_masks_hand_prmt_the_same_selectors(bits, high_bytes):
+    """WORD_MASKS (the one-token kernel's, lut.MASKED_*_ASM): a 2-bit code word masked once with
+    lut.CRUMB_MASKED (and once after a shift by 2), then shifted by 16 for row half 1, gives PRMT the
+    selectors that a shift and a mask of 0x3333 a quad give, in its low 16 bits (the only ones PRMT
+    reads): every code decodes (emulated bit for bit) as without, and the PTX shifts and masks nothing."""
+    for asm in (lut.MASKED_CRUMB_ASM, lut.MASKED_HIGH_CRUMB_ASM, lut.MASKED_SIGNED_CRUMB_ASM):
+        assert "shr" not in asm and "0x3333" not in asm and asm.count("prmt.b32") in (3, 4)
+    k, group_size = 4096, 128
+    codes = torch.randint(0, 2**bits, (6, k), generator=torch.Generator().manual_seed(bits))
+    words = to_kernel_layout(pack(codes, bits), bits, k, group_size).numpy().view(np.uint32)
+    decode = partial(decode_like_the_kernels, words, bits, k, slot_words(k, group_size), high_bytes)
+    masked, unmasked = decode(word_masks=True), decode()
+    assert np.array_equal(masked, unmasked)
+    if not high_bytes:
+        assert np.array_equal(masked, gaussian_codebook(bits).half().float()[codes].numpy())
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
@@ -898,6 +919,18 @@ def test_high_bytes_take_a_quarter_of_the_2_bit_one_token_kernels_lookups():
     assert on["instructions"] < off["instructions"]
 
 
+@pytest.mark.parametrize(("bits", "residual_bits"), [(2, 0), (3, 0), (4, 2)])
+def test_word_masks_take_two_masks_a_word_out_of_the_one_token_kernel(bits, residual_bits):
+    """WORD_MASKS (TQC_WORD_MASKS=1): the one-token kernel with row sums masks each word of 2-bit codes
+    (2 bits, 3 bits' magnitudes, a 2-bit residual: 2 words a thread and step) twice instead of four times,
+    2 LOP3 fewer a word at 8 steps, the same lookups, in as many registers, without spills."""
+    off, on = _knob_off_and_on("fragment_gemv_kernel", "WORD_MASKS", BITS=bits, RES_BITS=residual_bits,
+                               ROW_SUMS=True, SUM_STEPS=True, HIGH_BYTES=bits == 2, PDL=True)
+    assert off["ops"]["LOP3"] - on["ops"]["LOP3"] == 2 * 2 * 8
+    assert on["ops"]["PRMT"] == off["ops"]["PRMT"] and on["instructions"] < off["instructions"]
+    assert on["stack"] == 0 and on["registers"] <= off["registers"]
+
+
 @pytest.mark.parametrize("high_bytes", [True, False])
 def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypatch):
     """registry.HIGH_BYTES (on unless TQC_HIGH_BYTES=0): the one-token kernel's row-sum configs of a 2-bit
@@ -917,6 +950,21 @@ def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypat
             assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
             table = family.config_weights(module, config)[2].view(torch.uint32)
             assert table[:2].tolist() == list(lut.table_words(family.key.bits, takes))[:2], (option, config)
+
+
+def test_the_registry_asks_for_word_masks_where_they_apply(monkeypatch):
+    """registry.WORD_MASKS: the one-token kernel's row-sum configs of layers with words of 2-bit codes (2 and
+    3 bits, 4+2) take WORD_MASKS; their other configs, and every config of 4 and 4+4, do not."""
+    from tqc.kernels import registry
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
+
+    monkeypatch.setattr(registry, "WORD_MASKS", True)
+    for option, applies in [("2", True), ("3", True), ("4+2", True), ("4", False), ("4+4", False)]:
+        family = FragmentLayerKernel(KernelKey.of(LayerSpec(QuantOption.parse(option), 128, 1024, 192), FRAGMENT_LAYOUT),
+                                     None)
+        for config in family.candidates(1) + family.candidates(16):
+            takes = applies and config.strategy == "fragment_gemv" and config.sums != "steps"
+            assert family.specialise(config)[1].get("WORD_MASKS", False) == takes, (option, config)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

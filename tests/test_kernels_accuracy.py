@@ -185,6 +185,15 @@ if CUDA:
         monkeypatch.setattr(registry, "HIGH_BYTES", False)
         check_fragment_configs("2", [], gemv_iters=iters)
 
+    @pytest.mark.parametrize(("option", "high_bytes"), [("2", True), ("2", False), ("3", True), ("4+2", True)])
+    def test_fragment_gemv_by_word_masks_matches_reference(option, high_bytes, monkeypatch):
+        """registry.WORD_MASKS (TQC_WORD_MASKS=1): the one-token kernel's row-sum configs masking each word of
+        2-bit codes once for two quads (lut.MASKED_*_ASM), against the reference path; 2 bits by their high
+        bytes and without."""
+        monkeypatch.setattr(registry, "WORD_MASKS", True)
+        monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
+        check_fragment_configs(option, [], gemv_iters=8)
+
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
         """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
