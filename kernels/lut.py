@@ -120,7 +120,7 @@ CRUMB_MASKED = 0x33333333  # a 2-bit word masked once: its low half one quad's s
 MASKED_SIGNED_CRUMB_ASM = quad_asm(0, signed=True)  # SIGNED_CRUMB_ASM on a selector masked outside
 MASKED_CRUMB_ASM = quad_asm(0, signed=False)  # CRUMB_ASM on a selector masked outside
 
-# 2-bit codes by their high bytes alone (the one-token kernel's HIGH_BYTES, TQC_HIGH_BYTES=1). Scaled by
+# 2-bit codes by their high bytes alone (the one-token kernel's HIGH_BYTES, on unless TQC_HIGH_BYTES=0). Scaled by
 # 1 / HIGH_BYTE_FACTOR, the 2-bit Lloyd-Max values become +-0.375 and +-1.25 to 0.04% (their ratio 3.333
 # against 3.336; the factor splits the difference): fp16 numbers with 2 mantissa bits, so their low bytes are
 # zero. A quad is then one lookup of its 4 high bytes and two PRMTs that put a zero byte under each
