@@ -17,11 +17,15 @@ holds what slot 4 a + 2 b + c of the 4-bit word (h, ch) holds, in the crumb orde
 2-bit layout, then, after every magnitude word of the layer, the signs: a word a thread for two
 chunks 2 i + e, the sign of the magnitude word's code 8 h + 4 a + 2 b + c at bit 8 (2 b + c) + 7 -
 (4 e + 2 h + a), so that a left shift by 4 e + 2 h + a brings a quad's 4 signs to the high bytes'
-sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c).
+sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c). With SIGN_SELECTORS (TQC_SIGN_SELECTORS=1)
+the sign words are laid out for the selectors instead ("selector_sign": `fragment_slot_bits`): that sign at
+bit 16 h + 4 (2 b + c) + 2 e + a, beside the magnitude's crumb (at 16 h + 4 (2 b + c) + 2 a of its word), so that
+one shift and mask put a quad column's signs at bit 2 of the selector nibbles (gluon_kernels._signed_selector_quads).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -69,23 +73,44 @@ def fits(n: int, k: int, group_size: int, block_k: int = BLOCK_K, warps: int = W
     return n % (16 * warps) == 0 and k % block_k == 0 and block_k % 32 == 0 and group_size % block_k == 0
 
 
-PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32}  # codes a word of each plane kind (repack.planes) holds
+PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32, "selector_sign": 32}  # codes a word of each plane kind holds
 QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's quads start, in slot order
+# 3-bit codes' signs laid out to join their magnitudes in the PRMT selectors, each code looked up whole in a
+# table of the 8 signed values (lut.table_words(3, signed=True)): no sign step a quad, 11% fewer instructions
+# in the one-token kernel at 8 steps, 10% at 4, statically. Not yet checked or timed on a GPU: TQC_SIGN_SELECTORS=1.
+SIGN_SELECTORS = os.environ.get("TQC_SIGN_SELECTORS", "0") == "1"
+
+
+def fragment_planes(bits: int) -> tuple[tuple[str, int], ...]:
+    """The (kind, width) planes of the fragment layout: repack.planes', 3 bits' signs as "selector_sign"
+    where SIGN_SELECTORS is on."""
+    if bits == 3 and SIGN_SELECTORS:
+        return ("crumb", 2), ("selector_sign", 1)
+    return planes(bits)
+
+
+def fragment_slot_bits(kind: str, slot: int) -> tuple[tuple[int, int], ...]:
+    """repack.slot_bits, and for "selector_sign" the sign (bit 2 of the stored code) of slot 16 e + 8 h +
+    4 a + j at bit 16 h + 4 j + 2 e + a."""
+    if kind != "selector_sign":
+        return slot_bits(kind, slot)
+    e, h, a, j = slot >> 4, slot >> 3 & 1, slot >> 2 & 1, slot & 3
+    return ((2, 16 * h + 4 * j + 2 * e + a),)
 
 
 def _pack_planes(stored: torch.Tensor, block_k: int, warps: int, bits: int) -> list[torch.Tensor]:
-    """[N, K] stored codes -> each plane of `repack.planes(bits)` as int32 words [N / 16 W, K / block_k,
+    """[N, K] stored codes -> each plane of `fragment_planes(bits)` as int32 words [N / 16 W, K / block_k,
     W, 32, words a thread]: slot j of a word holds the code at position j of the word's run of
     _fragment_order's codes (so a crumb word's code 8 h + 4 a + 2 b + c is slot 4 a + 2 b + c of row
     half h, and a sign word's code 16 e + 8 h + ... is chunk 2 i + e's)."""
     codes = _fragment_order(stored.to(torch.int64), block_k, warps)
     words = []
-    for kind, _ in planes(bits):
+    for kind, _ in fragment_planes(bits):
         slots = PLANE_CODES[kind]
         plane = codes.reshape(*codes.shape[:-2], -1, slots)
         word = torch.zeros(plane.shape[:-1], dtype=torch.int64, device=stored.device)
         for slot in range(slots):
-            for source, target in slot_bits(kind, slot):
+            for source, target in fragment_slot_bits(kind, slot):
                 word |= ((plane[..., slot] >> source) & 1) << target
         words.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
     return words
@@ -100,14 +125,15 @@ def pack_fragments(stored: torch.Tensor, block_k: int, warps: int = 4, bits: int
 
 def _split_planes(words: torch.Tensor, n: int, k: int, bits: int) -> tuple[torch.Tensor, ...]:
     """Flat fragment words -> each plane's words, flat, rows in order (a row block's are contiguous)."""
-    return words.reshape(-1).split([n * k * width // 32 for _, width in planes(bits)])
+    return words.reshape(-1).split([n * k * width // 32 for _, width in fragment_planes(bits)])
 
 
 def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: int = 4, bits: int = 4) -> torch.Tensor:
     """[N, K] float32 codebook values (unscaled) of fragment words, decoded as the kernels' PRMT lookups
     decode them (`lut.emulate_quad`, a word's quads in slot order; at 3 bits the sign word of chunk
-    2 i + e shifted by 4 e + quad, as gluon_kernels._sign_fragment and _quad shift it), then put
-    back in row and input order."""
+    2 i + e shifted by 4 e + quad, as gluon_kernels._sign_fragment and _quad shift it; with
+    SIGN_SELECTORS its signs put beside the magnitudes in the selectors, as _signed_selector_quads puts
+    them), then put back in row and input order."""
     c, rows = block_k // 32, 16 * warps
     shape = (n // rows, k // block_k, warps, 32, -1)
     raw, *signs = (plane.reshape(shape).numpy().view(np.uint32) for plane in _split_planes(words, n, k, bits))
@@ -116,6 +142,8 @@ def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: 
     for quad, shift in enumerate(QUAD_SHIFTS[kind]):  # each quad: slots (0, 1), then (2, 3)
         if bits == 4:
             pairs = emulate_quad(raw, 4, shift, raw, shift // 4)
+        elif bits == 3 and SIGN_SELECTORS:
+            pairs = emulate_quad(_signed_selectors(raw, signs[0], shift, c), 3, 0, sign_selectors=True)
         elif bits == 3:
             pairs = emulate_quad(raw, 3, shift, np.repeat(signs[0], 2, axis=-1),
                                  (4 * (np.arange(c) % 2) + quad).astype(np.uint32))
@@ -126,17 +154,28 @@ def emulate_fragments(words: torch.Tensor, n: int, k: int, block_k: int, warps: 
     return _natural_order(values, n, k, block_k, warps)
 
 
+def _signed_selectors(magnitudes: np.ndarray, signs: np.ndarray, shift: int, c: int) -> np.ndarray:
+    """SIGN_SELECTORS' selectors of the quad at bit `shift` (16 h + 2 a) of each magnitude word [..., C]:
+    its crumbs at bits 0-1 of each nibble and the signs of chunk 2 i + e (bit 16 h + 4 j + 2 e + a of sign
+    word i, [..., C / 2]) at bit 2."""
+    row_half, column = shift // 16, shift % 16 // 2
+    e = np.arange(c, dtype=np.uint64) % 2
+    sign_words = np.repeat(signs, 2, axis=-1).astype(np.uint64) << np.uint64(2)  # each sign 2 bits up: at 4 j + 2
+    sign_bits = (sign_words >> (np.uint64(16 * row_half + column) + 2 * e)) & np.uint64(0x4444)
+    return ((magnitudes >> np.uint32(shift)) & np.uint32(0x3333)) | sign_bits.astype(np.uint32)
+
+
 def unpack_fragments(words: torch.Tensor, n: int, k: int, block_k: int = BLOCK_K, warps: int = WARPS,
                      bits: int = 4) -> torch.Tensor:
     """Inverse of pack_fragments: [N, K] stored codes."""
     c, rows = block_k // 32, 16 * warps
     codes = torch.zeros(n // rows, k // block_k, warps, 32, 2 * c, 8, dtype=torch.int64, device=words.device)
-    for (kind, _), plane in zip(planes(bits), _split_planes(words, n, k, bits)):
+    for (kind, _), plane in zip(fragment_planes(bits), _split_planes(words, n, k, bits)):
         slots = PLANE_CODES[kind]
         word = (plane.to(torch.int64) & 0xFFFFFFFF).reshape(*codes.shape[:4], -1)
         by_word = codes.view(*codes.shape[:4], -1, slots)
         for slot in range(slots):
-            for source, target in slot_bits(kind, slot):
+            for source, target in fragment_slot_bits(kind, slot):
                 by_word[..., slot] |= ((word >> target) & 1) << source
     return _natural_order(codes, n, k, block_k, warps)
 
@@ -153,7 +192,7 @@ def to_fragments_layout(packed: torch.Tensor, bits: int, k: int, group_size: int
 def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 0) -> torch.Tensor:
     """Inverse of `to_fragments_layout`."""
     n, step = words.shape[0], ROWS_AT_ONCE - ROWS_AT_ONCE % (WARPS * 16)
-    widths = [width for _, width in planes(bits)]
+    widths = [width for _, width in fragment_planes(bits)]
     out = []
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -173,7 +212,8 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
     gluon_kernels.fragment_dequant_kernel (the same numbers: registry.FragmentLayerKernel.dequantize)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
     res_words, res_scales, res_bits = residual or (words, scales, 0)
-    tables, res_tables = _decode_tables(words.device, bits), _decode_tables(words.device, res_bits or bits)
+    tables = _decode_tables(words.device, bits, SIGN_SELECTORS)
+    res_tables = _decode_tables(words.device, res_bits or bits, SIGN_SELECTORS)
     fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, *tables, res_words, res_scales,
                                                                *res_tables, N=n, K=k, G=group_size, BLOCK_K=BLOCK_K,
                                                                W=WARPS, BITS=bits, RES_BITS=res_bits)
@@ -181,14 +221,15 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
 
 
 @lru_cache(maxsize=None)
-def _decode_tables(device: torch.device, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_tables(device: torch.device, bits: int, sign_selectors: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the
     fp16 values the lookups hold (3 and 4 bits: the magnitudes) as float32, and each code's bits'
     positions in its word, plane by plane: [codes a word, bits of the plane] flat, for 3 bits the
-    magnitudes' [16, 2] then the signs' [32]."""
+    magnitudes' [16, 2] then the signs' [32] (`sign_selectors`, SIGN_SELECTORS as it stands, keys the cache)."""
     values = torch.tensor(lookup_values(bits), device=device)
-    positions = torch.tensor([target for kind, _ in planes(bits) for slot in range(PLANE_CODES[kind])
-                              for _, target in sorted(slot_bits(kind, slot))], dtype=torch.int32, device=device)
+    positions = torch.tensor([target for kind, _ in fragment_planes(bits) for slot in range(PLANE_CODES[kind])
+                              for _, target in sorted(fragment_slot_bits(kind, slot))], dtype=torch.int32,
+                             device=device)
     return values, positions
 
 

@@ -30,8 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from . import fragments
 from . import triton_kernels as tk
 from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM, MASKED_HIGH_CRUMB_ASM,
-                  MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM, TABLE_COPIES,
-                  UNSIGNED_CONSTRAINTS)
+                  MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SELECTOR_SIGNS, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
+                  TABLE_COPIES, UNSIGNED_CONSTRAINTS)
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
@@ -48,6 +48,7 @@ MASKED_CRUMB_QUAD_ASM = gl.constexpr(MASKED_CRUMB_ASM)
 MASKED_HIGH_CRUMB_QUAD_ASM = gl.constexpr(MASKED_HIGH_CRUMB_ASM)
 MASKED_SIGNED_CRUMB_QUAD_ASM = gl.constexpr(MASKED_SIGNED_CRUMB_ASM)
 WORD_MASK = gl.constexpr(CRUMB_MASKED)
+SELECTOR_SIGN_MASK = gl.constexpr(SELECTOR_SIGNS)
 SCALE_ASM = gl.constexpr("mul.rn.f16x2 $0, $1, $2;")
 FMA_ASM = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")  # a x b + c on half2
 HALF_FMA_ASM = gl.constexpr(tk.HALF_FMA_ASM.value)  # acc + w x scale on half2
@@ -124,6 +125,8 @@ def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: g
     3 shifts instead of 4 and 3."""
     if BITS == 3:
         words, sign_words = words
+        if len(tables) == 4:  # the 8 signed values: the signs go into the selectors (fragments.SIGN_SELECTORS)
+            return _signed_selector_quads(words, sign_words, tables, C)
     MASKED: gl.constexpr = WORD_MASKS and BITS != 4
     if MASKED:  # each word masked twice (crumbs at bits 0 and 2 of its nibbles), row half 1 shifted down after
         halves = _fragment(words & WORD_MASK, C, BITS, 16)
@@ -142,6 +145,50 @@ def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: g
     else:
         third, fourth = _quad(doubled, tables, 16 if BITS == 4 else 2, BITS, signs, HIGH_BYTES)
     return first, second, third, fourth
+
+
+@gluon.jit
+def _signed_selector_quads(words, sign_words, tables, C: gl.constexpr):
+    """_quads of 3-bit codes in SIGN_SELECTORS' layout (fragments.py): each magnitude word masked once a
+    quad column a (lut.CRUMB_MASKED, shifted by 2 a first) and its signs put beside the magnitudes, at
+    bit 2 of each nibble (the sign word of chunks 2 i + e holds those of quad column a at bit 2 e + a
+    of each nibble: shifted by 2 - 2 e - a, masked with lut.SELECTOR_SIGNS), so that each selector
+    nibble is a signed code that looks its value up in the 8-value table (4 words: lut.table_words(3,
+    signed=True)) by MASKED_CRUMB_QUAD_ASM, with no sign step; row half 1's quads 16 bits up."""
+    magnitudes = gl.reshape(words, [words.shape[0], 8, 4, C])
+    signs = gl.reshape(sign_words, [sign_words.shape[0], 8, 4, C // 2])
+    first_signs = _chunk_signs(gl.join(signs << 2, signs), magnitudes)
+    second_signs = _chunk_signs(gl.join(signs << 1, signs >> 1), magnitudes)
+    first_half = _selector_halves((magnitudes & WORD_MASK) | first_signs)
+    second_half = _selector_halves(((magnitudes >> 2) & WORD_MASK) | second_signs)
+    first, second = _signed_quad(first_half, tables)
+    third, fourth = _signed_quad(second_half, tables)
+    return first, second, third, fourth
+
+
+@gluon.jit
+def _chunk_signs(pairs, magnitudes):
+    """[W, 8, 4, C / 2, 2] sign words (chunk 2 i + e's at [..., i, e]), masked to the selectors' sign bits,
+    as [W, 8, 4, C] in the magnitudes' layout (the same registers: no data moves)."""
+    signs = gl.reshape(pairs, magnitudes.shape) & SELECTOR_SIGN_MASK
+    return gl.convert_layout(signs, magnitudes.type.layout, assert_trivial=True)
+
+
+@gluon.jit
+def _selector_halves(selectors):
+    """[W, 8, 4, C] selector words (row half 0's quad in the low 16 bits, row half 1's in the high) ->
+    [W, 8, 4, C, 2, 2] (row half, the pair the PTX packs), row half 1's shifted down."""
+    halves = gl.join(selectors, selectors >> 16)
+    return gl.join(halves, halves)
+
+
+@gluon.jit
+def _signed_quad(selectors, tables):
+    """The two half2 tiles of a quad whose selector nibbles are signed 3-bit codes, by the 8-value table."""
+    shift = selectors * 0
+    return gl.inline_asm_elementwise(MASKED_CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
+                                     [selectors, tables[0], tables[1], tables[2], tables[3], shift],
+                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -312,11 +359,11 @@ def _thread_codes(codes_ptr, block, first_step, STEPS: gl.constexpr, WORDS: gl.c
 
 
 @gluon.jit
-def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
-    """The PRMT table words (4 for 4 bits, 2 for 2: lut.table_words) in the decoded words' layout,
-    each lane its own copy."""
+def _tables(table_ptr, C: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SIGN_SELECTORS: gl.constexpr = False):
+    """The PRMT table words (4 for 4 bits, 2 for 2 and 3, 4 for 3 with SIGN_SELECTORS: lut.table_words) in
+    the decoded words' layout, each lane its own copy."""
     WORDS: gl.constexpr = thread_word_count(32 * C, BITS)
-    TABLE_WORDS: gl.constexpr = 4 if BITS == 4 else 2
+    TABLE_WORDS: gl.constexpr = 4 if BITS == 4 or (BITS == 3 and SIGN_SELECTORS) else 2
     words_layout: gl.constexpr = thread_words_layout(WORDS, W)
     warp = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, words_layout)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))
@@ -489,7 +536,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
                    K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr, ITERS: gl.constexpr, W: gl.constexpr,
                    EVICT: gl.constexpr, STAGED: gl.constexpr, PDL: gl.constexpr, BITS: gl.constexpr,
                    RES_BITS: gl.constexpr, LOOKAHEAD: gl.constexpr, PRELOAD: gl.constexpr,
-                   TOKEN_TILE: gl.constexpr = 16):
+                   TOKEN_TILE: gl.constexpr = 16, SIGN_SELECTORS: gl.constexpr = False):
     """What a program reads its weights with, for products over TOKEN_TILE tokens: (first step, its rows
     in the operand's row layout, their scale pointers (a step's group: (first_step + i) * BLOCK_K // G
     on), this thread's code pointers,
@@ -507,7 +554,7 @@ def _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_p
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, operand_layout(W, TOKEN_TILE)))
     codes = _thread_codes(codes_ptr, gl.program_id(0), first_step, K // BLOCK_K, WORDS, W)
     res_codes = codes
-    tables = _tables(table_ptr, C, W, BITS)
+    tables = _tables(table_ptr, C, W, BITS, SIGN_SELECTORS)
     res_tables = tables
     if RES_BITS:
         RES_WORDS: gl.constexpr = thread_word_count(BLOCK_K, RES_BITS)
@@ -537,7 +584,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
                         ITERS: gl.constexpr, X_LAYOUT: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
                         EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                         RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SCALE_AFTER: gl.constexpr = False,
-                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16, X_STAGES: gl.constexpr = 0):
+                        PRELOAD: gl.constexpr = False, TOKEN_TILE: gl.constexpr = 16, X_STAGES: gl.constexpr = 0,
+                        SIGN_SELECTORS: gl.constexpr = False):
     """out[M, N] += x @ W^T over this program's 16 num_warps rows, ITERS steps of BLOCK_K inputs (G a
     multiple of BLOCK_K) and TOKEN_TILE tokens (wgmma's n: 16, or up to 128 for a prompt or a batch), on
     tensor cores; grid (N / BLOCK_N, splits, token tiles): each program decodes its weights once for
@@ -565,7 +613,8 @@ def fragment_dot_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_co
     x_load_layout: gl.constexpr = staging_layout(BLOCK_K, W)
     (first_step, rows, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
      first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
-                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD, TOKEN_TILE)
+                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD, TOKEN_TILE,
+                             SIGN_SELECTORS)
     first_token = gl.program_id(2) * TOKEN_TILE  # this program's tile of tokens, as if they were all there are
     x_ptr += first_token * K
     out_ptr += first_token * N
@@ -684,7 +733,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          EVICT: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
                          ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
-                         HIGH_BYTES: gl.constexpr = False, WORD_MASKS: gl.constexpr = False):
+                         HIGH_BYTES: gl.constexpr = False, WORD_MASKS: gl.constexpr = False,
+                         SIGN_SELECTORS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -713,7 +763,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     a_layout: gl.constexpr = operand_layout(W)
     (first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
      first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
-                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD)
+                             BLOCK_K, ITERS, W, EVICT, STAGED, PDL, BITS, RES_BITS, LOOKAHEAD, PRELOAD, 16,
+                             SIGN_SELECTORS)
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, a_layout)
     tile = acc
@@ -773,7 +824,8 @@ def x_layout(block_k: int, tokens: int = 16):
 def fragment_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr,
                             N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, BLOCK_K: gl.constexpr,
                             ITERS: gl.constexpr, num_warps: gl.constexpr, BITS: gl.constexpr = 4,
-                            RES_BITS: gl.constexpr = 0, LOOKAHEAD: gl.constexpr = 2):
+                            RES_BITS: gl.constexpr = 0, LOOKAHEAD: gl.constexpr = 2,
+                            SIGN_SELECTORS: gl.constexpr = False):
     """out[N, K] = the weights the fragment layout stands for, in out's dtype (for prefill: dequantize
     + cuBLAS): each program decodes ITERS steps of one block of 16 num_warps rows with the PRMT
     lookups of the tensor-core kernel (_decode), scales them in float32 (the residual stage's added
@@ -787,7 +839,8 @@ def fragment_dequant_kernel(out_ptr, codes_ptr, scales_ptr, table_ptr, res_codes
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_K, BLOCK_K // 8], [W, 1], [1, 0])
     (first_step, _, scales, codes, step_words, tables, copied, res_codes, res_scales, res_tables, sign_codes,
      first) = _program_codes(codes_ptr, table_ptr, scales_ptr, res_codes_ptr, res_scales_ptr, res_table_ptr, N, K, G,
-                             BLOCK_K, ITERS, W, True, False, False, BITS, RES_BITS, LOOKAHEAD, False)
+                             BLOCK_K, ITERS, W, True, False, False, BITS, RES_BITS, LOOKAHEAD, False, 16,
+                             SIGN_SELECTORS)
     rows = gl.program_id(0) * 16 * W + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, store_layout))
     columns = first_step * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, store_layout))
     offsets = rows[:, None] * K + columns[None, :]

@@ -70,13 +70,21 @@ def high_byte_values() -> tuple[float, ...]:
     return tuple(float(np.copysign(level[abs(v)], v)) for v in values)
 
 
-def table_words(bits: int, high_bytes: bool = False) -> tuple[int, ...]:
+def signed_values(bits: int) -> tuple[float, ...]:
+    """The table of signed codes looked up whole (3 bits' SIGN_SELECTORS): value i at the stored code i
+    (stored_code: sign << (bits - 1) | magnitude), the magnitudes, then the same negated."""
+    magnitudes = lookup_values(bits)
+    return magnitudes + tuple(-value for value in magnitudes)
+
+
+def table_words(bits: int, high_bytes: bool = False, signed: bool = False) -> tuple[int, ...]:
     """The 32-bit words of a stage's PRMT table: low bytes of the fp16 lookup values, then their high bytes.
 
     4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes); with `high_bytes`
-    (2 bits) those of high_byte_values, whose low bytes are all zero.
+    (2 bits) those of high_byte_values, whose low bytes are all zero; with `signed` (3 bits) 4, those
+    of signed_values.
     """
-    values = high_byte_values() if high_bytes else lookup_values(bits)
+    values = high_byte_values() if high_bytes else signed_values(bits) if signed else lookup_values(bits)
     raw = np.array(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
     lows, highs = raw & 0xFF, raw >> 8
     packed = [lows[i : i + 4] for i in range(0, len(raw), 4)] + [highs[i : i + 4] for i in range(0, len(raw), 4)]
@@ -117,6 +125,7 @@ NIBBLE_ASM = quad_asm(0x7777, signed=True)  # 4 bits: 3-bit magnitudes, signs in
 SIGNED_CRUMB_ASM = quad_asm(0x3333, signed=True)  # 3 bits: 2-bit magnitudes, signs in the sign plane
 CRUMB_ASM = quad_asm(0x3333, signed=False)  # 2 bits: the codes themselves
 CRUMB_MASKED = 0x33333333  # a 2-bit word masked once: its low half one quad's selector, its high half another's
+SELECTOR_SIGNS = 0x44444444  # where 3-bit codes' signs join their magnitudes in a selector (SIGN_SELECTORS)
 MASKED_SIGNED_CRUMB_ASM = quad_asm(0, signed=True)  # SIGNED_CRUMB_ASM on a selector masked outside
 MASKED_CRUMB_ASM = quad_asm(0, signed=False)  # CRUMB_ASM on a selector masked outside
 
@@ -161,16 +170,19 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
 
 
 def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | None = None,
-                 sign_shift: int = 0, high_bytes: bool = False,
-                 word_masks: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 sign_shift: int = 0, high_bytes: bool = False, word_masks: bool = False,
+                 sign_selectors: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A quad as quad_asm (with `high_bytes`, 2 bits: HIGH_CRUMB_ASM) computes it: the selector from
     words >> shift, the signs (if any) from signs << sign_shift; (half2 of slots 0 and 1, half2 of
     slots 2 and 3) as uint32 bits. With `word_masks` (2-bit code words) the selector is what the
     one-token kernel's WORD_MASKS hands the MASKED_ PTX: the word shifted by shift % 16, masked with
-    CRUMB_MASKED, then shifted by the rest (16 for row half 1), its high half left for PRMT to ignore."""
-    t = [np.uint32(x) for x in table_words(bits, high_bytes)]
-    lows, highs = ((t[0], t[1]), (t[2], t[3])) if bits == 4 else ((t[0], t[0]), (t[1], t[1]))
-    if word_masks:
+    CRUMB_MASKED, then shifted by the rest (16 for row half 1), its high half left for PRMT to ignore.
+    With `sign_selectors` (3 bits) the selector nibbles are signed codes, looked up in signed_values' table."""
+    t = [np.uint32(x) for x in table_words(bits, high_bytes, sign_selectors)]
+    lows, highs = ((t[0], t[1]), (t[2], t[3])) if len(t) == 4 else ((t[0], t[0]), (t[1], t[1]))
+    if sign_selectors:
+        selector = (words >> np.uint32(shift)) & np.uint32(0x7777)
+    elif word_masks:
         selector = ((words >> np.uint32(shift % 16)) & np.uint32(CRUMB_MASKED)) >> np.uint32(shift - shift % 16)
     else:
         selector = (words >> np.uint32(shift)) & np.uint32(0x7777 if bits == 4 else 0x3333)

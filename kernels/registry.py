@@ -200,19 +200,19 @@ class LayerKernel:
     layout = KERNEL_LAYOUT  # of the codes it reads (prepare)
     key: KernelKey
     tuner: Tuner
-    _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    _tables: dict[tuple[int, torch.device, bool, bool], torch.Tensor] = field(default_factory=dict)
     # Per-call work done once: a decode step calls every kernel with the same token count, and
     # rebuilding the candidate list or the constexprs each call costs more than the launch itself.
     _configs: dict[int, LaunchConfig] = field(default_factory=dict)
     _specialised: dict[LaunchConfig, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
-    def table(self, bits: int, device: torch.device, high_bytes: bool = False) -> torch.Tensor:
+    def table(self, bits: int, device: torch.device, high_bytes: bool = False, signed: bool = False) -> torch.Tensor:
         """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
-        if (bits, device, high_bytes) not in self._tables:
-            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits, high_bytes)]
-            self._tables[(bits, device, high_bytes)] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32,
-                                                                    device=device)
-        return self._tables[(bits, device, high_bytes)]
+        key = (bits, device, high_bytes, signed)
+        if key not in self._tables:
+            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits, high_bytes, signed)]
+            self._tables[key] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
+        return self._tables[key]
 
     def weights(self, module) -> tuple[torch.Tensor, ...]:
         """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
@@ -621,6 +621,19 @@ class FragmentLayerKernel(LayerKernel):
         with row sums, on a layer with such words (2 or 3 bits, whose magnitudes are 2-bit, or a 2-bit residual)."""
         return WORD_MASKS and self.row_sums_gemv(config) and (self.key.bits != 4 or self.key.residual_bits == 2)
 
+    @property
+    def sign_selectors(self) -> bool:
+        """Whether the layer's 3-bit codes are laid out and looked up with their signs in the selectors
+        (fragments.SIGN_SELECTORS): every kernel of the family then reads the table lut.table_words(3, signed=True)."""
+        return fragments.SIGN_SELECTORS and self.key.bits == 3
+
+    def weights(self, module) -> tuple[torch.Tensor, ...]:
+        """LayerKernel.weights, with SIGN_SELECTORS' table of the 8 signed values at 3 bits."""
+        weights = super().weights(module)
+        if not self.sign_selectors:
+            return weights
+        return (*weights[:2], self.table(3, weights[0].device, signed=True), *weights[3:])
+
     def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
         """weights(module), the table lut.table_words(2, True) where the config looks codes up by high bytes."""
         weights = self.weights(module)
@@ -647,6 +660,8 @@ class FragmentLayerKernel(LayerKernel):
             constexprs["HIGH_BYTES"] = True
         if self.word_masks(config):
             constexprs["WORD_MASKS"] = True
+        if self.sign_selectors:
+            constexprs["SIGN_SELECTORS"] = True
         return self.splits(config), constexprs
 
     @staticmethod
@@ -674,7 +689,7 @@ class FragmentLayerKernel(LayerKernel):
         iters = max(i for i in range(1, FRAGMENT_DEQUANT_STEPS + 1) if steps % i == 0)
         launch(gk.fragment_dequant_kernel, (key.n // (16 * fragments.WARPS), steps // iters), out,
                *self.weights(module), N=key.n, K=key.k, G=key.group_size, BLOCK_K=fragments.BLOCK_K, ITERS=iters,
-               num_warps=fragments.WARPS, BITS=key.bits, RES_BITS=key.residual_bits)
+               num_warps=fragments.WARPS, BITS=key.bits, RES_BITS=key.residual_bits, SIGN_SELECTORS=self.sign_selectors)
         return out
 
     def triton_weights(self, module, dtype: torch.dtype) -> torch.Tensor:

@@ -128,6 +128,24 @@ def test_fragment_layout_decodes_every_code_where_the_operand_expects_it(block_k
 
 
 @pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 8)])
+def test_sign_selectors_lay_3_bit_signs_beside_their_magnitudes(block_k, warps, monkeypatch):
+    """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): the 3-bit fragment layout's magnitude words as before,
+    its sign words laid out anew, so that each quad's selector, made as gluon_kernels._signed_selector_quads
+    makes it, looks every code up whole in the table of the 8 signed values; the layout round-trips."""
+    n, k = 16 * warps * 2, 2 * block_k
+    codes = torch.randint(0, 8, (n, k), generator=torch.Generator().manual_seed(block_k + warps))
+    stored = lut.stored_code(codes, 3)
+    before = fragments.pack_fragments(stored, block_k, warps, 3)
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+    words = fragments.pack_fragments(stored, block_k, warps, 3)
+    magnitudes = n * k // 16
+    assert torch.equal(words[:magnitudes], before[:magnitudes]) and not torch.equal(words, before)
+    assert torch.equal(fragments.emulate_fragments(words, n, k, block_k, warps, 3), gaussian_codebook(3).half().float()[codes])
+    assert torch.equal(lut.codebook_code(fragments.unpack_fragments(words, n, k, block_k, warps, 3), 3), codes)
+    assert lut.signed_values(3)[4:] == tuple(-v for v in lut.lookup_values(3)) and len(lut.table_words(3, signed=True)) == 4
+
+
+@pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 8)])
 def test_activations_in_fragment_order_give_each_lane_its_words_inputs_contiguously(block_k, warps):
     """fragments.fragment_input_order (the one-token kernel's X_ORDERED): a step's 8 C positions of
     lane quad l % 4 hold, in order, the inputs of the codes in that lane's words (word (ch, h), slot
@@ -950,6 +968,40 @@ def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypat
             assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
             table = family.config_weights(module, config)[2].view(torch.uint32)
             assert table[:2].tolist() == list(lut.table_words(family.key.bits, takes))[:2], (option, config)
+
+
+@pytest.mark.parametrize("kernel_name", ["fragment_gemv_kernel", "fragment_dot_kernel"])
+def test_sign_selectors_take_the_sign_step_out_of_the_3_bit_lookups(kernel_name):
+    """SIGN_SELECTORS: a 3-bit quad's PRMTs read selectors that hold the signs, so the shift and xor that put
+    each quad's signs into its high bytes are gone: fewer instructions at 8 steps (the one-token kernel with
+    row sums, as the family launches it, and the tensor-core kernel), the same lookups and code loads plus
+    two table words, in as many registers, without spills."""
+    sums = {"ROW_SUMS": True, "SUM_STEPS": True} if kernel_name == "fragment_gemv_kernel" else {"SCALE_AFTER": True}
+    off, on = _knob_off_and_on(kernel_name, "SIGN_SELECTORS", BITS=3, PDL=True, **sums)
+    assert on["ops"]["PRMT"] == off["ops"]["PRMT"] and on["instructions"] < 0.95 * off["instructions"]
+    assert on["loads"]["LDG.E.EF.64"] == off["loads"]["LDG.E.EF.64"]
+    assert on["stack"] == 0 and on["registers"] <= off["registers"]
+
+
+def test_the_registry_asks_for_sign_selectors_on_3_bit_layers(monkeypatch):
+    """fragments.SIGN_SELECTORS: a 3-bit layer prepared for the fragment family takes the selector sign layout,
+    SIGN_SELECTORS in every config's constexprs and the signed table; other options neither."""
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
+    from tqc.kernels.synthetic import random_turboquant_linear
+
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+    for option in ("3", "4", "2", "4+2"):
+        module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, 1024, 192), "cpu")
+        codes = module.codes.clone()
+        prepare(module, FRAGMENT_LAYOUT)
+        family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), None)
+        applies = option == "3"
+        layout = fragments.to_fragments_layout(codes, family.key.bits, 1024)
+        assert torch.equal(module.codes, layout)
+        for config in family.candidates(1) + family.candidates(16):
+            assert family.specialise(config)[1].get("SIGN_SELECTORS", False) == applies, (option, config)
+        words = list(lut.table_words(family.key.bits, signed=applies))
+        assert family.weights(module)[2].view(torch.uint32)[:len(words)].tolist() == words, option
 
 
 def test_the_registry_asks_for_word_masks_where_they_apply(monkeypatch):

@@ -29,7 +29,7 @@ from tqc.layout import LayerSpec  # noqa: E402
 from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
-from tqc.kernels import glue, registry  # noqa: E402
+from tqc.kernels import fragments, glue, registry  # noqa: E402
 from tqc.kernels.synthetic import random_turboquant_linear  # noqa: E402
 from tqc.kernels.registry import (FRAGMENT_LAYOUT, FRAGMENT_TILE_THREAD_TOKENS, PROGRAM_WARPS,  # noqa: E402
                                   FragmentLayerKernel, Int8LayerKernel, KernelKey, LayerKernel, prepare,
@@ -164,6 +164,13 @@ def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
             assert torch.equal(family.dequantize(module, dtype), lookups.to(dtype)), f"{n}x{k} g{group_size} {dtype}"
 
 
+def test_fragment_dequantize_by_sign_selectors_gives_the_lookup_familys_weights(monkeypatch):
+    """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): 3-bit layers repacked with their signs laid out for the
+    selectors dequantize (with the 8 signed values' table on a GPU) to the lookup family's weights, bit for bit."""
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+    test_fragment_dequantize_gives_the_lookup_familys_weights("3")
+
+
 # Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
 # so that the interpreted run skips nothing.
 if CUDA:
@@ -193,6 +200,15 @@ if CUDA:
         monkeypatch.setattr(registry, "WORD_MASKS", True)
         monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
         check_fragment_configs(option, [], gemv_iters=8)
+
+    def test_fragment_kernels_by_sign_selectors_match_reference(monkeypatch):
+        """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): every fragment kernel on 3-bit codes whose signs join
+        their magnitudes in the PRMT selectors (gluon_kernels._signed_selector_quads), against the reference
+        path: tensor cores at 1-40 tokens and a tile of 64, the one-token kernel's candidates, dequantize + cuBLAS."""
+        monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+        dot, dequant = (LaunchConfig(strategy=s, iters=8) for s in ("fragments", "dequant"))
+        tile = LaunchConfig(strategy="fragments", iters=8, token_tile=64)
+        check_fragment_configs("3", [(dot, 1), (dot, 16), (dot, 40), (tile, 77), (dequant, 77)], gemv_iters=8)
 
     @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
