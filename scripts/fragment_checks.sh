@@ -27,6 +27,10 @@
 #           only): its GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at one token, options
 #           2, 3 and 4+2, for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache, the tuning
 #           cache's picks; the decoder at plan 2 for the first two
+# sign-selectors  3-bit signs in the PRMT selectors (TQC_SIGN_SELECTORS=1, session 51, CPU-checked only): its
+#           GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at option 3, one token and 16,
+#           for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache; the decoder at plan 3
+#           for the first two
 # ordered-2bit  the 2-bit one-token keys of Llama-3-8B's gate/up, down and concatenated gate/up tuned afresh
 #           (each variant from the tuning cache less those keys, in a cache of its own), without and with
 #           the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1: 16 fewer
@@ -118,6 +122,19 @@ for part in "$@"; do
         esac
       done
       (cd "$out" && tar czf word-masks.tgz word-masks-* && rm word-masks-*) ;;
+    sign-selectors)
+      run sign-selectors-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k sign_selectors
+      for v in ${VARIANTS:-0 1 0-again 1-again}; do
+        switch=(env TQC_SIGN_SELECTORS="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-sign-selectors-${v:0:1}")
+        run "sign-selectors-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b \
+          llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 --tokens 1 16 \
+          -o "$out/sign-selectors-layers-$v.json"
+        case $v in
+          ?) run "sign-selectors-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 3 --tokens 1 \
+               -o "$out/sign-selectors-decode-$v.json" ;;
+        esac
+      done
+      (cd "$out" && tar czf sign-selectors.tgz sign-selectors-* && rm sign-selectors-*) ;;
     ordered-2bit)
       for v in ${VARIANTS:-0 1 0-again 1-again}; do
         cache=/tmp/tqc-cache-ordered-$v
