@@ -55,6 +55,22 @@ run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
   echo "== $*"
   "${@:2}" 2>&1 | tee "$out/$1.log"
 }
+switch_ab() {  # switch_ab NAME VARIABLE TESTS PLAN LAYER-ARGS...: an opt-in's GPU checks (-k TESTS), then 8B's MLP
+  # layers with LAYER-ARGS and the decoder at PLAN, VARIABLE off and on (VARIANTS), each its own Triton cache
+  local name=$1 variable=$2 tests=$3 plan=$4
+  shift 4
+  run "$name-accuracy" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k "$tests"
+  for v in ${VARIANTS:-0 1 0-again 1-again}; do
+    local switch=(env "$variable=${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-$name-${v:0:1}")
+    run "$name-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+      --layers gate_proj/up_proj down_proj gate_proj+up_proj "$@" -o "$out/$name-layers-$v.json"
+    case $v in
+      ?) run "$name-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan "$plan" --tokens 1 \
+           -o "$out/$name-decode-$v.json" ;;
+    esac
+  done
+  (cd "$out" && tar czf "$name.tgz" "$name"-* && rm "$name"-*)
+}
 for part in "$@"; do
   case $part in
     accuracy)
@@ -110,31 +126,9 @@ for part in "$@"; do
       unset TQC_PRELOAD TRITON_CACHE_DIR
       (cd "$out" && tar czf preload.tgz preload-* && rm preload-*) ;;  # a device call returns only a few files
     word-masks)
-      run word-masks-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k word_masks
-      for v in ${VARIANTS:-0 1 0-again 1-again}; do
-        switch=(env TQC_WORD_MASKS="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-word-masks-${v:0:1}")
-        run "word-masks-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 3 4+2 --tokens 1 \
-          -o "$out/word-masks-layers-$v.json"
-        case $v in
-          ?) run "word-masks-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 2 --tokens 1 \
-               -o "$out/word-masks-decode-$v.json" ;;
-        esac
-      done
-      (cd "$out" && tar czf word-masks.tgz word-masks-* && rm word-masks-*) ;;
+      switch_ab word-masks TQC_WORD_MASKS word_masks 2 --options 2 3 4+2 --tokens 1 ;;
     sign-selectors)
-      run sign-selectors-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k sign_selectors
-      for v in ${VARIANTS:-0 1 0-again 1-again}; do
-        switch=(env TQC_SIGN_SELECTORS="${v:0:1}" TRITON_CACHE_DIR="/tmp/triton-cache-sign-selectors-${v:0:1}")
-        run "sign-selectors-layers-$v" "${switch[@]}" python3 -u -m tqc.cli bench layers --models llama3-8b \
-          llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 --tokens 1 16 \
-          -o "$out/sign-selectors-layers-$v.json"
-        case $v in
-          ?) run "sign-selectors-decode-$v" "${switch[@]}" python3 -u -m tqc.cli bench decode --plan 3 --tokens 1 \
-               -o "$out/sign-selectors-decode-$v.json" ;;
-        esac
-      done
-      (cd "$out" && tar czf sign-selectors.tgz sign-selectors-* && rm sign-selectors-*) ;;
+      switch_ab sign-selectors TQC_SIGN_SELECTORS sign_selectors 3 --options 3 --tokens 1 16 ;;
     ordered-2bit)
       for v in ${VARIANTS:-0 1 0-again 1-again}; do
         cache=/tmp/tqc-cache-ordered-$v
