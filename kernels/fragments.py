@@ -17,8 +17,8 @@ holds what slot 4 a + 2 b + c of the 4-bit word (h, ch) holds, in the crumb orde
 2-bit layout, then, after every magnitude word of the layer, the signs: a word a thread for two
 chunks 2 i + e, the sign of the magnitude word's code 8 h + 4 a + 2 b + c at bit 8 (2 b + c) + 7 -
 (4 e + 2 h + a), so that a left shift by 4 e + 2 h + a brings a quad's 4 signs to the high bytes'
-sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c). With SIGN_SELECTORS (TQC_SIGN_SELECTORS=1)
-the sign words are laid out for the selectors instead ("selector_sign": `fragment_slot_bits`): that sign at
+sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c). With SIGN_SELECTORS (the default since
+session 51; TQC_SIGN_SELECTORS=0 switches it off) the sign words are laid out for the selectors instead ("selector_sign": `fragment_slot_bits`): that sign at
 bit 16 h + 4 (2 b + c) + 2 e + a, beside the magnitude's crumb (at 16 h + 4 (2 b + c) + 2 a of its word), so that
 one shift and mask put a quad column's signs at bit 2 of the selector nibbles (gluon_kernels._signed_selector_quads).
 """
@@ -77,8 +77,9 @@ PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32, "selector_sign": 32}  # cod
 QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's quads start, in slot order
 # 3-bit codes' signs laid out to join their magnitudes in the PRMT selectors, each code looked up whole in a
 # table of the 8 signed values (lut.table_words(3, signed=True)): no sign step a quad, 11% fewer instructions
-# in the one-token kernel at 8 steps, 10% at 4, statically. Not yet checked or timed on a GPU: TQC_SIGN_SELECTORS=1.
-SIGN_SELECTORS = os.environ.get("TQC_SIGN_SELECTORS", "0") == "1"
+# in the one-token kernel at 8 steps, 10% at 4, statically; checked on the H100 (run 231), 3-bit Llama-3-8B
+# layers 1-5% faster at one token (runs 232-233). TQC_SIGN_SELECTORS=0 switches it off.
+SIGN_SELECTORS = os.environ.get("TQC_SIGN_SELECTORS", "1") == "1"
 
 
 def fragment_planes(bits: int) -> tuple[tuple[str, int], ...]:

@@ -750,8 +750,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. HIGH_BYTES (2 bits, no
     residual, ROW_SUMS; as the family launches it, checked on a GPU, run 225): the codes looked up by their high
     bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
-    multiplied back by lut.HIGH_BYTE_FACTOR. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, not yet checked on a
-    GPU): the 2-bit code words (2 bits, 3 bits' magnitudes, a 2-bit residual) masked once for two quads
+    multiplied back by lut.HIGH_BYTE_FACTOR. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run
+    231): the 2-bit code words (2 bits, 3 bits' magnitudes, a 2-bit residual) masked once for two quads
     (_quads)."""
     gl.static_assert(not WORD_MASKS or ROW_SUMS, "WORD_MASKS: row sums")
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")

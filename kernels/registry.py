@@ -513,7 +513,8 @@ ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
 # Each word of 2-bit codes masked once for two quads' selectors, not once a quad (gluon_kernels WORD_MASKS,
 # lut.MASKED_CRUMB_ASM): 2 LOP3 fewer a word in the one-token kernel, 5% of the 2-bit kernel's instructions at
-# 8 steps, statically (docs/kernel_layout.md). Not yet checked or timed on a GPU: TQC_WORD_MASKS=1.
+# 8 steps, statically (docs/kernel_layout.md). Correct on the H100 (run 231) but no faster: 2-bit and 4+2 layers
+# level at one token (runs 232-233), 3-bit ones take SIGN_SELECTORS' selectors instead. TQC_WORD_MASKS=1.
 WORD_MASKS = os.environ.get("TQC_WORD_MASKS", "0") == "1"
 
 
@@ -618,8 +619,10 @@ class FragmentLayerKernel(LayerKernel):
 
     def word_masks(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel masks each word of 2-bit codes once (WORD_MASKS): the one-token kernel
-        with row sums, on a layer with such words (2 or 3 bits, whose magnitudes are 2-bit, or a 2-bit residual)."""
-        return WORD_MASKS and self.row_sums_gemv(config) and (self.key.bits != 4 or self.key.residual_bits == 2)
+        with row sums, on a layer with such words (2 bits, 3 bits' magnitudes where SIGN_SELECTORS does not mask
+        them its own way, a 2-bit residual)."""
+        words = self.key.bits == 2 or self.key.bits == 3 and not self.sign_selectors or self.key.residual_bits == 2
+        return WORD_MASKS and self.row_sums_gemv(config) and words
 
     @property
     def sign_selectors(self) -> bool:

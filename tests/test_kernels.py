@@ -129,12 +129,14 @@ def test_fragment_layout_decodes_every_code_where_the_operand_expects_it(block_k
 
 @pytest.mark.parametrize(("block_k", "warps"), [(64, 4), (128, 8)])
 def test_sign_selectors_lay_3_bit_signs_beside_their_magnitudes(block_k, warps, monkeypatch):
-    """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): the 3-bit fragment layout's magnitude words as before,
-    its sign words laid out anew, so that each quad's selector, made as gluon_kernels._signed_selector_quads
-    makes it, looks every code up whole in the table of the 8 signed values; the layout round-trips."""
+    """fragments.SIGN_SELECTORS (on unless TQC_SIGN_SELECTORS=0): the 3-bit fragment layout's magnitude words as
+    without it, its sign words laid out anew, so that each quad's selector, made as
+    gluon_kernels._signed_selector_quads makes it, looks every code up whole in the table of the 8 signed values;
+    the layout round-trips."""
     n, k = 16 * warps * 2, 2 * block_k
     codes = torch.randint(0, 8, (n, k), generator=torch.Generator().manual_seed(block_k + warps))
     stored = lut.stored_code(codes, 3)
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", False)
     before = fragments.pack_fragments(stored, block_k, warps, 3)
     monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
     words = fragments.pack_fragments(stored, block_k, warps, 3)
@@ -967,7 +969,8 @@ def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypat
             takes = applies and config.strategy == "fragment_gemv" and config.sums != "steps"
             assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
             table = family.config_weights(module, config)[2].view(torch.uint32)
-            assert table[:2].tolist() == list(lut.table_words(family.key.bits, takes))[:2], (option, config)
+            words = lut.table_words(family.key.bits, takes, signed=family.sign_selectors)
+            assert table[:len(words)].tolist() == list(words), (option, config)
 
 
 @pytest.mark.parametrize("kernel_name", ["fragment_gemv_kernel", "fragment_dot_kernel"])
@@ -983,19 +986,21 @@ def test_sign_selectors_take_the_sign_step_out_of_the_3_bit_lookups(kernel_name)
     assert on["stack"] == 0 and on["registers"] <= off["registers"]
 
 
-def test_the_registry_asks_for_sign_selectors_on_3_bit_layers(monkeypatch):
-    """fragments.SIGN_SELECTORS: a 3-bit layer prepared for the fragment family takes the selector sign layout,
-    SIGN_SELECTORS in every config's constexprs and the signed table; other options neither."""
+@pytest.mark.parametrize("sign_selectors", [True, False])
+def test_the_registry_asks_for_sign_selectors_on_3_bit_layers(sign_selectors, monkeypatch):
+    """fragments.SIGN_SELECTORS (on unless TQC_SIGN_SELECTORS=0): a 3-bit layer prepared for the fragment family
+    takes the selector sign layout, SIGN_SELECTORS in every config's constexprs and the signed table; other
+    options, and every option with the switch off, neither."""
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
     from tqc.kernels.synthetic import random_turboquant_linear
 
-    monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", sign_selectors)
     for option in ("3", "4", "2", "4+2"):
         module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, 1024, 192), "cpu")
         codes = module.codes.clone()
         prepare(module, FRAGMENT_LAYOUT)
         family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), None)
-        applies = option == "3"
+        applies = option == "3" and sign_selectors
         layout = fragments.to_fragments_layout(codes, family.key.bits, 1024)
         assert torch.equal(module.codes, layout)
         for config in family.candidates(1) + family.candidates(16):
@@ -1005,18 +1010,23 @@ def test_the_registry_asks_for_sign_selectors_on_3_bit_layers(monkeypatch):
 
 
 def test_the_registry_asks_for_word_masks_where_they_apply(monkeypatch):
-    """registry.WORD_MASKS: the one-token kernel's row-sum configs of layers with words of 2-bit codes (2 and
-    3 bits, 4+2) take WORD_MASKS; their other configs, and every config of 4 and 4+4, do not."""
+    """registry.WORD_MASKS: the one-token kernel's row-sum configs of layers with words of 2-bit codes (2 bits,
+    3 bits without SIGN_SELECTORS, 4+2) take WORD_MASKS; their other configs, and every config of 4 and 4+4,
+    and of 3 bits by sign selectors, do not."""
     from tqc.kernels import registry
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
 
     monkeypatch.setattr(registry, "WORD_MASKS", True)
-    for option, applies in [("2", True), ("3", True), ("4+2", True), ("4", False), ("4+4", False)]:
+    for option, applies in [("2", True), ("3", False), ("4+2", True), ("4", False), ("4+4", False)]:
         family = FragmentLayerKernel(KernelKey.of(LayerSpec(QuantOption.parse(option), 128, 1024, 192), FRAGMENT_LAYOUT),
                                      None)
         for config in family.candidates(1) + family.candidates(16):
             takes = applies and config.strategy == "fragment_gemv" and config.sums != "steps"
             assert family.specialise(config)[1].get("WORD_MASKS", False) == takes, (option, config)
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", False)
+    family = FragmentLayerKernel(KernelKey.of(LayerSpec(QuantOption.parse("3"), 128, 1024, 192), FRAGMENT_LAYOUT), None)
+    assert all(family.specialise(c)[1].get("WORD_MASKS", False) == (c.strategy == "fragment_gemv" and c.sums != "steps")
+               for c in family.candidates(1))
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -164,10 +164,11 @@ def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
             assert torch.equal(family.dequantize(module, dtype), lookups.to(dtype)), f"{n}x{k} g{group_size} {dtype}"
 
 
-def test_fragment_dequantize_by_sign_selectors_gives_the_lookup_familys_weights(monkeypatch):
-    """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): 3-bit layers repacked with their signs laid out for the
-    selectors dequantize (with the 8 signed values' table on a GPU) to the lookup family's weights, bit for bit."""
-    monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+def test_fragment_dequantize_without_sign_selectors_gives_the_lookup_familys_weights(monkeypatch):
+    """fragments.SIGN_SELECTORS off (TQC_SIGN_SELECTORS=0): 3-bit layers repacked with the lookups' sign plane
+    dequantize to the lookup family's weights, bit for bit; test_fragment_dequantize_gives_the_lookup_familys_weights
+    runs the selectors' layout (the 8 signed values' table on a GPU), as the family lays 3-bit layers out."""
+    monkeypatch.setattr(fragments, "SIGN_SELECTORS", False)
     test_fragment_dequantize_gives_the_lookup_familys_weights("3")
 
 
@@ -196,16 +197,19 @@ if CUDA:
     def test_fragment_gemv_by_word_masks_matches_reference(option, high_bytes, monkeypatch):
         """registry.WORD_MASKS (TQC_WORD_MASKS=1): the one-token kernel's row-sum configs masking each word of
         2-bit codes once for two quads (lut.MASKED_*_ASM), against the reference path; 2 bits by their high
-        bytes and without."""
+        bytes and without; 3 bits without SIGN_SELECTORS (which masks their words its own way)."""
         monkeypatch.setattr(registry, "WORD_MASKS", True)
+        monkeypatch.setattr(fragments, "SIGN_SELECTORS", False)
         monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
         check_fragment_configs(option, [], gemv_iters=8)
 
-    def test_fragment_kernels_by_sign_selectors_match_reference(monkeypatch):
-        """fragments.SIGN_SELECTORS (TQC_SIGN_SELECTORS=1): every fragment kernel on 3-bit codes whose signs join
-        their magnitudes in the PRMT selectors (gluon_kernels._signed_selector_quads), against the reference
-        path: tensor cores at 1-40 tokens and a tile of 64, the one-token kernel's candidates, dequantize + cuBLAS."""
-        monkeypatch.setattr(fragments, "SIGN_SELECTORS", True)
+    def test_fragment_kernels_without_sign_selectors_match_reference(monkeypatch):
+        """fragments.SIGN_SELECTORS off (TQC_SIGN_SELECTORS=0): every fragment kernel on 3-bit codes with the
+        lookups' sign plane (each quad's signs xor-ed into its high bytes), against the reference path: tensor
+        cores at 1-40 tokens and a tile of 64, the one-token kernel's candidates, dequantize + cuBLAS;
+        test_fragment_kernel_matches_reference runs the selectors' layout (gluon_kernels._signed_selector_quads,
+        checked in run 231), as the family lays 3-bit layers out."""
+        monkeypatch.setattr(fragments, "SIGN_SELECTORS", False)
         dot, dequant = (LaunchConfig(strategy=s, iters=8) for s in ("fragments", "dequant"))
         tile = LaunchConfig(strategy="fragments", iters=8, token_tile=64)
         check_fragment_configs("3", [(dot, 1), (dot, 16), (dot, 40), (tile, 77), (dequant, 77)], gemv_iters=8)
