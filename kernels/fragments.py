@@ -18,9 +18,10 @@ holds what slot 4 a + 2 b + c of the 4-bit word (h, ch) holds, in the crumb orde
 chunks 2 i + e, the sign of the magnitude word's code 8 h + 4 a + 2 b + c at bit 8 (2 b + c) + 7 -
 (4 e + 2 h + a), so that a left shift by 4 e + 2 h + a brings a quad's 4 signs to the high bytes'
 sign bits (the lookups' sign plane, slot 16 e + 8 h + 4 a + 2 b + c). With SIGN_SELECTORS (the default since
-session 51; TQC_SIGN_SELECTORS=0 switches it off) the sign words are laid out for the selectors instead ("selector_sign": `fragment_slot_bits`): that sign at
-bit 16 h + 4 (2 b + c) + 2 e + a, beside the magnitude's crumb (at 16 h + 4 (2 b + c) + 2 a of its word), so that
-one shift and mask put a quad column's signs at bit 2 of the selector nibbles (gluon_kernels._signed_selector_quads).
+session 51; TQC_SIGN_SELECTORS=0 switches it off) the sign words are laid out for the selectors instead
+("selector_sign": `fragment_slot_bits`): that sign at bit 16 h + 4 (2 b + c) + 2 e + a, beside the magnitude's
+crumb (at 16 h + 4 (2 b + c) + 2 a of its word), so that one shift and mask put a quad column's signs at bit 2
+of the selector nibbles (gluon_kernels._signed_selector_quads).
 """
 
 from __future__ import annotations
