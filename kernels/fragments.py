@@ -83,10 +83,10 @@ QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's qua
 SIGN_SELECTORS = os.environ.get("TQC_SIGN_SELECTORS", "1") == "1"
 
 
-def fragment_planes(bits: int) -> tuple[tuple[str, int], ...]:
+def fragment_planes(bits: int, sign_selectors: bool | None = None) -> tuple[tuple[str, int], ...]:
     """The (kind, width) planes of the fragment layout: repack.planes', 3 bits' signs as "selector_sign"
-    where SIGN_SELECTORS is on."""
-    if bits == 3 and SIGN_SELECTORS:
+    where `sign_selectors` (default: SIGN_SELECTORS as it stands) is on."""
+    if bits == 3 and (SIGN_SELECTORS if sign_selectors is None else sign_selectors):
         return ("crumb", 2), ("selector_sign", 1)
     return planes(bits)
 
@@ -227,12 +227,11 @@ def _decode_tables(device: torch.device, bits: int, sign_selectors: bool) -> tup
     """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the
     fp16 values the lookups hold (3 and 4 bits: the magnitudes) as float32, and each code's bits'
     positions in its word, plane by plane: [codes a word, bits of the plane] flat, for 3 bits the
-    magnitudes' [16, 2] then the signs' [32] (`sign_selectors`, SIGN_SELECTORS as it stands, keys the cache)."""
+    magnitudes' [16, 2] then the signs' [32], laid out as `sign_selectors` says (fragment_planes)."""
     values = torch.tensor(lookup_values(bits), device=device)
-    positions = torch.tensor([target for kind, _ in fragment_planes(bits) for slot in range(PLANE_CODES[kind])
-                              for _, target in sorted(fragment_slot_bits(kind, slot))], dtype=torch.int32,
-                             device=device)
-    return values, positions
+    positions = [target for kind, _ in fragment_planes(bits, sign_selectors) for slot in range(PLANE_CODES[kind])
+                 for _, target in sorted(fragment_slot_bits(kind, slot))]
+    return values, torch.tensor(positions, dtype=torch.int32, device=device)
 
 
 @triton.jit
