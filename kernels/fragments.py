@@ -78,8 +78,8 @@ PLANE_CODES = {"nibble": 8, "crumb": 16, "sign": 32, "selector_sign": 32}  # cod
 QUAD_SHIFTS = {"nibble": (0, 16), "crumb": (0, 2, 16, 18)}  # where a word's quads start, in slot order
 # 3-bit codes' signs laid out to join their magnitudes in the PRMT selectors, each code looked up whole in a
 # table of the 8 signed values (lut.table_words(3, signed=True)): no sign step a quad, 11% fewer instructions
-# in the one-token kernel at 8 steps, 10% at 4, statically; checked on the H100 (run 231), 3-bit Llama-3-8B
-# layers 0-5% faster at one token, gate+up 4% (runs 232-233). TQC_SIGN_SELECTORS=0 switches it off.
+# in the one-token kernel at 8 steps, 10% at 4, statically; checked on the H100 (runs 231, 234), 3-bit Llama-3-8B
+# layers 1-4% faster at one token, 2-3% at 16, the decoder at plan 3 2% (runs 232-234). TQC_SIGN_SELECTORS=0: off.
 SIGN_SELECTORS = os.environ.get("TQC_SIGN_SELECTORS", "1") == "1"
 
 

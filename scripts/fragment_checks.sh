@@ -6,7 +6,7 @@
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
 # accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests in $PASSED (default
-#           docs/bench/h100-run224-accuracy-passed.txt: those that passed on an H100 in run 224), verbose so
+#           docs/bench/h100-run236-accuracy-passed.txt: those that passed on an H100 up to run 236), verbose so
 #           that a call stopped by its limit still names what passed; append those to the list
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
 # layers-family, layers-lookups
@@ -27,7 +27,7 @@
 #           only): its GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at one token, options
 #           2, 3 and 4+2, for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache, the tuning
 #           cache's picks; the decoder at plan 2 for the first two
-# sign-selectors  3-bit signs in the PRMT selectors (TQC_SIGN_SELECTORS=1, session 51, CPU-checked only): its
+# sign-selectors  3-bit signs in the PRMT selectors (TQC_SIGN_SELECTORS, default since session 51, runs 231-234): its
 #           GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at option 3, one token and 16,
 #           for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache; the decoder at plan 3
 #           for the first two
@@ -76,7 +76,7 @@ for part in "$@"; do
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     accuracy-rest)
-      mapfile -t passed < "${PASSED:-docs/bench/h100-run230-accuracy-passed.txt}"
+      mapfile -t passed < "${PASSED:-docs/bench/h100-run236-accuracy-passed.txt}"
       run accuracy-rest python3 -m pytest -v -p no:cacheprovider tests/test_kernels_accuracy.py -k "not fragment" \
         "${passed[@]/#/--deselect=}" ;;
     direct)
