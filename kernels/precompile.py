@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 from .registry import KernelKey, family
 from .tuning import TOKEN_BUCKETS, LaunchConfig
 
 
-def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[tuple[KernelKey, int, LaunchConfig]]:
+Job = tuple[KernelKey, int, LaunchConfig]  # a key, a token count, one of its candidates
+
+
+def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[Job]:
     """Every (key, token count, candidate) the tuner will try for these token counts."""
     from .tuning import token_bucket  # noqa: PLC0415
 
@@ -23,7 +27,7 @@ def jobs_for(keys: list[KernelKey], token_counts: list[int]) -> list[tuple[Kerne
             for config in family(key)(key, None).candidates(bucket)]
 
 
-def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
+def _run_one(job: Job, dtype: str) -> str | None:
     import torch  # noqa: PLC0415
 
     from tqc.layout import LayerSpec  # noqa: PLC0415
@@ -38,7 +42,7 @@ def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
     module = random_turboquant_linear(LayerSpec(option, key.group_size, key.k, key.n, activations=key.activations),
                                       "cuda")
     prepare(module)
-    x = torch.randn(m, key.k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, key.k, device="cuda", dtype=getattr(torch, dtype))
     try:
         family(key)(key, Tuner("none", "none", None)).run(x, module, config)
         torch.cuda.synchronize()
@@ -50,9 +54,14 @@ def _run_one(job: tuple[KernelKey, int, LaunchConfig]) -> str | None:
     return None
 
 
-def precompile(keys: list[KernelKey], token_counts: list[int] = list(TOKEN_BUCKETS), workers: int = 8) -> list[str]:
-    """Compile every candidate of every key in parallel; return the failures, one line each."""
-    jobs = jobs_for(keys, token_counts)
+def run_jobs(jobs: list[Job], workers: int = 8, dtype: str = "bfloat16") -> list[str]:
+    """Run each job once on `dtype` activations (a kernel is compiled for its input's type) in a pool of
+    spawned workers; return the failures, one line each."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return [failure for failure in pool.map(_run_one, jobs) if failure]
+        return [failure for failure in pool.map(partial(_run_one, dtype=dtype), jobs) if failure]
+
+
+def precompile(keys: list[KernelKey], token_counts: list[int] = list(TOKEN_BUCKETS), workers: int = 8) -> list[str]:
+    """Compile every candidate of every key in parallel; return the failures, one line each."""
+    return run_jobs(jobs_for(keys, token_counts), workers)
