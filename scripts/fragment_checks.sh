@@ -31,10 +31,11 @@
 #           GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at option 3, one token and 16,
 #           for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache; the decoder at plan 3
 #           for the first two
-# ordered-2bit  the 2-bit one-token keys of Llama-3-8B's gate/up, down and concatenated gate/up tuned afresh
-#           (each variant from the tuning cache less those keys, in a cache of its own), without and with
-#           the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1: 16 fewer
-#           instructions of 424 at 4 steps, statically; no faster with the high bytes, run 227)
+# retune    the one-token keys of option $OPTION (default 2) of Llama-3-8B's gate/up, down and concatenated gate/up
+#           tuned afresh (each variant from the tuning cache less those keys, in a cache of its own), without and
+#           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
+#           come back. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
+#           bytes; the 3-bit keys were tuned before the sign selectors (OPTION=3 VARIANTS=0)
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -129,21 +130,27 @@ for part in "$@"; do
       switch_ab word-masks TQC_WORD_MASKS word_masks 2 --options 2 3 4+2 --tokens 1 ;;
     sign-selectors)
       switch_ab sign-selectors TQC_SIGN_SELECTORS sign_selectors 3 --options 3 --tokens 1 16 ;;
-    ordered-2bit)
+    retune | ordered-2bit)
+      option=${OPTION:-2}
+      [ "$part" = ordered-2bit ] && option=2
+      bits=${option%%+*} residual=${option#*+}
+      [ "$residual" = "$option" ] && residual=0
+      name=retune-${option/+/-}
       for v in ${VARIANTS:-0 1 0-again 1-again}; do
-        cache=/tmp/tqc-cache-ordered-$v
+        cache=/tmp/tqc-cache-$name-$v
         mkdir -p "$cache"
         python3 -c 'import json, pathlib, sys
 for source in pathlib.Path(sys.argv[1]).glob("*.json"):
     data = json.loads(source.read_text())
-    data["entries"] = {k: e for k, e in data["entries"].items() if not (k.startswith("b2r0") and k.endswith("fr/m1"))}
-    (pathlib.Path(sys.argv[2]) / source.name).write_text(json.dumps(data, indent=1))' "$TQC_KERNEL_CACHE" "$cache"
-        run "ordered-2bit-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
-          layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 2 \
-          --tokens 1 -o "$out/ordered-2bit-$v.json"
-        mkdir -p "$out/ordered-2bit-cache-$v" && cp "$cache"/nvidia-*.json "$out/ordered-2bit-cache-$v"/
+    data["entries"] = {k: e for k, e in data["entries"].items() if not (k.startswith(sys.argv[3]) and k.endswith("fr/m1"))}
+    (pathlib.Path(sys.argv[2]) / source.name).write_text(json.dumps(data, indent=1))' "$TQC_KERNEL_CACHE" "$cache" \
+          "b${bits}r${residual}g"
+        run "$name-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
+          layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj \
+          --options "$option" --tokens 1 -o "$out/$name-$v.json"
+        mkdir -p "$out/$name-cache-$v" && cp "$cache"/nvidia-*.json "$out/$name-cache-$v"/
       done
-      (cd "$out" && tar czf ordered-2bit.tgz ordered-2bit-* && rm ordered-2bit-*) ;;
+      (cd "$out" && tar czf "$name.tgz" "$name"-* && rm -r "$name"-*) ;;
     profile)
       for shape in 14336x4096 4096x14336; do
         run "ncu-gemv1-${OPTION:-4}bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \
