@@ -2,6 +2,8 @@
 # The fragment family's open checks on a Hopper GPU (docs/performance.md, "What would be next"), in
 # parts that each fit one device call (600 s), results and logs under $OUT:
 #   source scripts/device_setup.sh && bash scripts/fragment_checks.sh accuracy decode
+# BUDGET=S skips the parts that would start after S seconds, so that a call's limit stops none halfway
+# and what ran comes back.
 # accuracy  tests/test_kernels_accuracy.py -k fragment: every option the family's kernels take against
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
@@ -73,6 +75,10 @@ switch_ab() {  # switch_ab NAME VARIABLE TESTS PLAN LAYER-ARGS...: an opt-in's G
   (cd "$out" && tar czf "$name.tgz" "$name"-* && rm "$name"-*)
 }
 for part in "$@"; do
+  if [ "$SECONDS" -gt "${BUDGET:-1000000}" ]; then
+    echo "== skipped $part: past BUDGET=$BUDGET s" | tee -a "$out/skipped.log"
+    continue
+  fi
   case $part in
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
