@@ -8,7 +8,7 @@
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
 # accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests in $PASSED (default
-#           docs/bench/h100-run236-accuracy-passed.txt: those that passed on an H100 up to run 236), verbose so
+#           docs/bench/h100-run240-accuracy-passed.txt: those that passed on an H100 up to run 240), verbose so
 #           that a call stopped by its limit still names what passed; append those to the list
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
 # layers-family, layers-lookups
@@ -36,8 +36,8 @@
 # retune    the one-token keys of option $OPTION (default 2) of Llama-3-8B's gate/up, down and concatenated gate/up
 #           tuned afresh (each variant from the tuning cache less those keys, in a cache of its own), without and
 #           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
-#           come back. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
-#           bytes; the 3-bit keys were tuned before the sign selectors (OPTION=3 VARIANTS=0)
+#           come back, the other keys as they were. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
+#           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -83,7 +83,7 @@ for part in "$@"; do
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     accuracy-rest)
-      mapfile -t passed < "${PASSED:-docs/bench/h100-run236-accuracy-passed.txt}"
+      mapfile -t passed < "${PASSED:-docs/bench/h100-run240-accuracy-passed.txt}"
       run accuracy-rest python3 -m pytest -v -p no:cacheprovider tests/test_kernels_accuracy.py -k "not fragment" \
         "${passed[@]/#/--deselect=}" ;;
     direct)
@@ -148,9 +148,10 @@ for part in "$@"; do
         python3 -c 'import json, pathlib, sys
 for source in pathlib.Path(sys.argv[1]).glob("*.json"):
     data = json.loads(source.read_text())
-    data["entries"] = {k: e for k, e in data["entries"].items() if not (k.startswith(sys.argv[3]) and k.endswith("fr/m1"))}
+    data["entries"] = {k: e for k, e in data["entries"].items()
+                       if not (k.startswith(sys.argv[3]) and k.endswith(("n14336k4096fr/m1", "n4096k14336fr/m1", "n28672k4096fr/m1")))}
     (pathlib.Path(sys.argv[2]) / source.name).write_text(json.dumps(data, indent=1))' "$TQC_KERNEL_CACHE" "$cache" \
-          "b${bits}r${residual}g"
+          "b${bits}r${residual}g128"
         run "$name-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
           layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj \
           --options "$option" --tokens 1 -o "$out/$name-$v.json"
