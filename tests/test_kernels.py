@@ -24,7 +24,7 @@ import numpy as np
 from triton.runtime.errors import OutOfResources
 
 from tqc.bitpack import pack
-from tqc.codebook import gaussian_codebook
+from tqc.codebook import gaussian_codebook, high_byte_codebook
 from tqc.kernels import attach, detach, fragments, lut
 from tqc.kernels.repack import slot_words, to_bitpack_layout, to_kernel_layout
 from tqc.kernels.tuning import STREAM_BYTES, LaunchConfig, Tuner, TuneFile, candidate_configs, stream_copies, token_bucket
@@ -89,6 +89,23 @@ def test_high_byte_lookups_give_the_2_bit_values_by_three_prmts_a_quad():
     decoded = decode_like_the_kernels(words, 2, k, slot_words(k, group_size), high_bytes=True)
     assert set(np.unique(np.abs(decoded))) == set(lut.HIGH_BYTE_LEVELS)
     np.testing.assert_allclose(decoded * lut.HIGH_BYTE_FACTOR, gaussian_codebook(2)[codes].numpy(), rtol=4e-4)
+
+
+def test_high_byte_codebook_decodes_3_bit_codes_by_three_prmts_a_quad():
+    """codebook.high_byte_codebook(3) (scripts/grid_codebook.py) as the signed selectors would look it up (each
+    nibble a stored code, sign << 2 | magnitude, as SIGN_SELECTORS builds them): one PRMT of the 8 signed levels'
+    high bytes and lut.HIGH_CRUMB_ASM's two PRMTs that put zero bytes under them give every code's level times the
+    factor, bit for bit."""
+    levels, factor = high_byte_codebook(3)
+    signed = (np.concatenate([levels.numpy()[4:], -levels.numpy()[4:]]) * factor).astype(np.float16)
+    highs = signed.view(np.uint16) >> 8
+    table = (np.uint32(lut.byte_word(highs[:4])), np.uint32(lut.byte_word(highs[4:])))
+    codes = np.random.default_rng(3).integers(0, 8, (1000, 4)).astype(np.uint32)
+    selectors = np.bitwise_or.reduce(codes << (4 * np.arange(4, dtype=np.uint32)), axis=-1)
+    high = lut.prmt(*table, selectors)
+    pairs = [lut.prmt(high, np.uint32(0), np.uint32(order)) for order in (lut.HIGH_PAIR_LOWS, lut.HIGH_PAIR_HIGHS)]
+    decoded = np.concatenate([lut.half2_values(pair) for pair in pairs], -1)
+    np.testing.assert_array_equal(decoded, signed.astype(np.float32)[codes])
 
 
 @pytest.mark.parametrize(("bits", "high_bytes"), [(2, False), (2, True), (3, False)])

@@ -6,6 +6,7 @@ mean-squared-error optimal scalar quantizer of N(0, 1) is the codebook TurboQuan
 
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 
 import numpy as np
@@ -55,3 +56,44 @@ def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every value (codebook sorted ascending), as uint8."""
     midpoints = (codebook[1:] + codebook[:-1]) / 2
     return torch.bucketize(values, midpoints.to(values.dtype)).to(torch.uint8)
+
+
+# fp16 numbers whose low byte is zero: 2 mantissa bits, 2^e (1 + j / 4), over the range a codebook scaled into
+# [1, 2) per binade can reach (the grid repeats with every power of 2, so one binade of factors covers all)
+HIGH_BYTE_GRID = np.array([2.0**e * (1 + j / 4) for e in range(-8, 5) for j in range(4)])
+GRID_FACTORS = np.linspace(1.0, 2.0, 20_001)[:-1]
+
+
+def symmetric_distortion(magnitudes: np.ndarray) -> np.ndarray:
+    """E[(X - Q(X))^2] on N(0, 1) of the quantizer to the nearest of +-magnitudes [..., m] (ascending, positive)."""
+    zeros, infinite = np.zeros(magnitudes.shape[:-1] + (1,)), np.full(magnitudes.shape[:-1] + (1,), np.inf)
+    edges = np.concatenate([zeros, (magnitudes[..., 1:] + magnitudes[..., :-1]) / 2, infinite], -1)
+    a, b = edges[..., :-1], edges[..., 1:]
+    finite_b = np.where(np.isinf(b), 0.0, b)  # b pdf(b) -> 0 as b -> inf
+    b_pdf = finite_b * norm.pdf(finite_b)
+    mass = norm.cdf(b) - norm.cdf(a)
+    first = norm.pdf(a) - norm.pdf(b)  # E[X; a < X < b]
+    second = mass - (b_pdf - a * norm.pdf(a))  # E[X^2; a < X < b]
+    return 2 * np.sum(second - 2 * magnitudes * first + magnitudes**2 * mass, -1)
+
+
+@lru_cache(maxsize=None)
+def high_byte_codebook(bits: int) -> tuple[torch.Tensor, float]:
+    """The 2**bits levels, ascending, that give N(0, 1) the least squared error among +-HIGH_BYTE_GRID / factor
+    (each Lloyd-Max magnitude moved to the grid point below or above it), and that factor: a codebook whose
+    levels times the factor are fp16 numbers with a zero low byte, so that a PRMT lookup of their high bytes
+    alone decodes them (kernels/lut.py). 3 bits: {0.5, 1.5, 2.5, 4} / 1.873, 1.0% more error than Lloyd-Max's
+    (scripts/grid_codebook.py)."""
+    lloyd = _lloyd_max(bits)[0][2 ** (bits - 1):]
+    scaled = GRID_FACTORS[:, None] * lloyd[None, :]
+    below = np.searchsorted(HIGH_BYTE_GRID, scaled) - 1
+    best_error, best_magnitudes, best_factor = np.inf, lloyd, 1.0
+    for pick in itertools.product((0, 1), repeat=len(lloyd)):
+        magnitudes = HIGH_BYTE_GRID[below + np.array(pick)] / GRID_FACTORS[:, None]
+        ascending = np.all(np.diff(magnitudes, axis=-1) > 0, -1)
+        error = np.where(ascending, symmetric_distortion(magnitudes), np.inf)
+        i = int(error.argmin())
+        if error[i] < best_error:
+            best_error, best_magnitudes, best_factor = error[i], magnitudes[i], float(GRID_FACTORS[i])
+    levels = np.concatenate([-best_magnitudes[::-1], best_magnitudes])
+    return torch.tensor(levels, dtype=torch.float32), best_factor

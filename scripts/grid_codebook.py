@@ -1,0 +1,166 @@
+"""What a 3-bit codebook on fp16's high-byte grid would cost: on a Gaussian, and on SmolLM2 at a uniform plan.
+
+    python scripts/grid_codebook.py --options 3 --quantizer gptq --plans plans/smollm2-100MB.yaml \
+        -o docs/bench/grid-codebook-smollm2.json
+    python scripts/grid_codebook.py --static -o docs/bench/grid-codebook-static.json   # no model, no GPU
+
+The one-token kernel looks 2-bit codes up by their high bytes alone (lut.HIGH_BYTE_LEVELS: 3 PRMTs a
+quad instead of 4, 5-12% off 2-bit layers on the H100), because the 2-bit Lloyd-Max values lie
+0.04% from fp16 numbers whose low byte is zero. The 3-bit magnitudes lie 4.5% away at best
+(scripts/lookup_grid.py), so 3 bits could take that path only with a codebook of its own: the
+4 magnitudes chosen among fp16 numbers with a zero low byte (2 mantissa bits: 1, 1.25, 1.5, 1.75
+times a power of 2) under one common factor (which a kernel undoes on its sums), the choice
+that gives a standard normal the least squared error (tqc.codebook.high_byte_codebook). This
+prints that codebook and its error against Lloyd-Max's, then builds each plan (uniform, or a
+file) with each codebook (tqc.codebook patched for 3 bits; nothing else changes) and scores both
+against the source on wiki.test.txt windows. With
+--static it compiles the one-token fragment kernel of Llama-3-8B's 3-bit gate/up and down for sm_90
+instead (no GPU needed), as it is and with its quads looked up by their high bytes (lut's
+MASKED_HIGH_CRUMB_ASM on the 8 signed values' table, the sums' factor left out), and counts the SASS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from tqc import codebook
+from tqc.codebook import high_byte_codebook, symmetric_distortion
+from tqc.evaluate import Windows, evaluate, token_windows
+from tqc.models import load_model, load_tokenizer, resolve_model
+from tqc.packed import build
+from tqc.plan import read_plan, write_text_atomic
+
+
+@contextmanager
+def three_bit_codebook(magnitudes: np.ndarray | None):
+    """tqc.codebook's 3-bit levels replaced by +-magnitudes while inside (None: as they are)."""
+    if magnitudes is None:
+        yield
+        return
+    own = codebook._lloyd_max
+    levels = np.concatenate([-magnitudes[::-1], magnitudes])
+    with mock.patch.object(codebook, "_lloyd_max",
+                           lambda bits, *a: (levels, float(symmetric_distortion(magnitudes))) if bits == 3 else own(bits, *a)):
+        yield
+
+
+def score(plan_path: Path, magnitudes: np.ndarray | None, reference, ids: torch.Tensor) -> dict:
+    """Build the plan with this 3-bit codebook (in a temporary directory) and score it against the source."""
+    with three_bit_codebook(magnitudes), tempfile.TemporaryDirectory() as tmp:
+        model = build(read_plan(plan_path), Path(tmp) / "packed", progress=False)
+        with torch.no_grad():
+            return evaluate(model, reference, ids, progress=False).as_dict()
+
+
+LOOKUPS = ("both bytes", "high bytes")
+
+
+def static_counts(lookup: str) -> list[dict]:
+    """SASS counts of the 3-bit one-token fragment kernel's candidates (row sums) at 8B's gate/up and down, as
+    they are ("both bytes") or with the signed quad's lookup by high bytes (gluon_kernels.MASKED_CRUMB_QUAD_ASM
+    swapped before the first compile: Triton keys a kernel's cache on its globals once a process)."""
+    from triton.experimental.gluon import language as gl  # noqa: PLC0415
+
+    from tqc.kernels import gluon_kernels, lut  # noqa: PLC0415
+    from tqc.kernels.bench import bench_spec  # noqa: PLC0415
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey  # noqa: PLC0415
+    from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary  # noqa: PLC0415
+
+    if lookup == "high bytes":
+        gluon_kernels.MASKED_CRUMB_QUAD_ASM = gl.constexpr(lut.MASKED_HIGH_CRUMB_ASM)
+    rows = []
+    for n, k in ((14336, 4096), (4096, 14336)):
+        family = FragmentLayerKernel(KernelKey.of(bench_spec("3", 128, k, n), FRAGMENT_LAYOUT), None)
+        for config in family.candidates(1):
+            if config.strategy != "fragment_gemv" or config.sums == "steps" or config.iters not in (4, 8, 16):
+                continue
+            summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), family.specialise(config)[1],
+                                                            config.num_warps, "*bf16"))
+            rows.append({"lookup": lookup, "n": n, "k": k, "steps": config.iters, "sums": config.sums,
+                         "instructions": summary["instructions"], "registers": summary["registers"],
+                         "prmt": summary["ops"].get("PRMT", 0)})
+    return rows
+
+
+def static_comparison() -> list[dict]:
+    """static_counts of each lookup, each in a process of its own; printed side by side."""
+    rows = []
+    for lookup in LOOKUPS:
+        child = subprocess.run([sys.executable, __file__, "--static-lookup", lookup], check=True, capture_output=True,
+                               text=True)
+        rows += json.loads(child.stdout.splitlines()[-1])
+    both = {(r["n"], r["k"], r["steps"], r["sums"]): r for r in rows if r["lookup"] == LOOKUPS[0]}
+    for r in rows[len(both):]:
+        was = both[r["n"], r["k"], r["steps"], r["sums"]]
+        print(f"{r['n']}x{r['k']} {r['steps']:>2} steps, {r['sums']:<10}: {was['instructions']:>5} -> "
+              f"{r['instructions']:>5} instructions ({100 * (r['instructions'] / was['instructions'] - 1):+.1f}%), PRMT "
+              f"{was['prmt']} -> {r['prmt']}, registers {was['registers']} -> {r['registers']}")
+    return rows
+
+
+def quality(args: argparse.Namespace) -> dict:
+    """The grid codebook against Lloyd-Max's: on N(0, 1), then each uniform plan built with either, scored."""
+    levels, factor = high_byte_codebook(3)
+    magnitudes = levels.double().numpy()[4:]
+    lloyd = codebook.gaussian_codebook(3).double().numpy()[4:]
+    gaussian = {"lloyd_max": lloyd.tolist(), "lloyd_max_mse": float(symmetric_distortion(lloyd)),
+                "grid": magnitudes.tolist(), "grid_factor": factor, "grid_mse": float(symmetric_distortion(magnitudes))}
+    print(f"3-bit magnitudes, Lloyd-Max {np.round(lloyd, 4)}: N(0, 1) MSE {gaussian['lloyd_max_mse']:.5f}")
+    print(f"on the high-byte grid {np.round(magnitudes, 4)} (x {factor:.5f}: {np.round(magnitudes * factor, 4)}): MSE "
+          f"{gaussian['grid_mse']:.5f}, {100 * (gaussian['grid_mse'] / gaussian['lloyd_max_mse'] - 1):+.2f}%")
+
+    torch.set_grad_enabled(False)
+    source = resolve_model(args.model)
+    reference = load_model(source)
+    ids = token_windows(load_tokenizer(source), Windows(args.data, args.seq_len, args.windows))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = {f"uniform {option} ({args.quantizer})": Path(tmp) / f"plan-{option}.yaml" for option in args.options}
+        for option, plan in zip(args.options, plans.values()):
+            subprocess.run([sys.executable, "-m", "tqc.cli", "plan", "--model", args.model, "--uniform", option,
+                            "--quantizer", args.quantizer, "-o", str(plan)], check=True, stdout=subprocess.DEVNULL)
+        plans |= {str(plan): Path(plan) for plan in args.plans}
+        for label, plan in plans.items():
+            for name, levels in (("lloyd_max", None), ("grid", magnitudes)):
+                metrics = score(plan, levels, reference, ids)
+                rows.append({"plan": label, "codebook": name} | metrics)
+                print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} (source {metrics['source_perplexity']:.3f}), "
+                      f"KLD {metrics['kl_divergence']:.4f}, top-1 {metrics['top1_agreement']:.3f}", flush=True)
+    return {"model": args.model, "data": args.data, "windows": args.windows, "seq_len": args.seq_len,
+            "gaussian": gaussian, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--options", nargs="+", default=["3"], help="uniform plans to build (tqc plan --uniform)")
+    parser.add_argument("--quantizer", default="plain", choices=["plain", "gptq"], help="the uniform plans'")
+    parser.add_argument("--plans", nargs="*", default=[], help="plan files to build as well (their model's)")
+    parser.add_argument("--data", default="../shared/data/wiki.test.txt")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--static", action="store_true", help="count the kernel's SASS instead (no model)")
+    parser.add_argument("--static-lookup", choices=LOOKUPS, help=argparse.SUPPRESS)  # one variant, rows as JSON
+    parser.add_argument("-o", "--output", help="JSON to write")
+    args = parser.parse_args()
+    if args.static_lookup:
+        print(json.dumps(static_counts(args.static_lookup)))
+        return
+    result = {"target": "sm_90", "rows": static_comparison()} if args.static else quality(args)
+    if args.output:
+        write_text_atomic(args.output, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
