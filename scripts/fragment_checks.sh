@@ -9,7 +9,8 @@
 #           registry.CHECKED_FRAGMENT_OPTIONS
 # accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests in $PASSED (default
 #           docs/bench/h100-run240-accuracy-passed.txt: those that passed on an H100 up to run 240), verbose so
-#           that a call stopped by its limit still names what passed; append those to the list
+#           that a call stopped by its limit still names what passed; append those to the list. A test past
+#           TEST_TIMEOUT seconds (default 300; pytest-timeout, on the device image) fails and the rest go on
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
 # layers-family, layers-lookups
 #           Llama-3-8B's gate/up and down at 1 and 16 tokens for every option, on the family
@@ -84,8 +85,8 @@ for part in "$@"; do
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     accuracy-rest)
       mapfile -t passed < "${PASSED:-docs/bench/h100-run240-accuracy-passed.txt}"
-      run accuracy-rest python3 -m pytest -v -p no:cacheprovider tests/test_kernels_accuracy.py -k "not fragment" \
-        "${passed[@]/#/--deselect=}" ;;
+      run accuracy-rest python3 -m pytest -v -p no:cacheprovider --timeout="${TEST_TIMEOUT:-300}" \
+        tests/test_kernels_accuracy.py -k "not fragment" "${passed[@]/#/--deselect=}" ;;
     direct)
       run direct-accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k "arrives_rotated or directly"
       run direct-lab python3 -u scripts/o_proj_fold_lab.py -o "$out/o_proj_fold_lab.json" ;;
