@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -215,12 +216,20 @@ def add_decoder_lab_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
+    from .registry import high_byte_codebook3  # noqa: PLC0415
+
+    with high_byte_codebook3() if args.grid3 else nullcontext():
+        bench_layers(args)
+
+
+def bench_layers(args: argparse.Namespace) -> None:
+    """`tqc bench layers`: every shape and option at every token count against bf16, printed and saved."""
     from .registry import KERNEL_LAYOUT  # noqa: PLC0415
 
     torch.manual_seed(0)
     registry, family = bench_registry("tqc bench layers", args.cache_dir, args.verbose, args.fragments)
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
-              "fragments": family, "rows": []}
+              "fragments": family, "grid3": args.grid3, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
     shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
               if not args.layers or layer in args.layers]
@@ -302,6 +311,9 @@ def add_parser(subparsers) -> None:
                         help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
+    layers.add_argument("--grid3", action="store_true",
+                        help="3-bit layers on codebook.high_byte_codebook(3), the one-token kernel looking their codes "
+                             "up by high bytes (registry.high_byte_codebook3; a measurement, not what tqc builds)")
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",

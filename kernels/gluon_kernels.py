@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from . import fragments
 from . import triton_kernels as tk
-from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM, MASKED_HIGH_CRUMB_ASM,
+from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_BYTE_FACTOR3, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM, MASKED_HIGH_CRUMB_ASM,
                   MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SELECTOR_SIGNS, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
                   TABLE_COPIES, UNSIGNED_CONSTRAINTS)
 
@@ -42,6 +42,7 @@ CRUMB_QUAD_ASM = gl.constexpr(CRUMB_ASM)  # a quad of 2-bit codes
 CRUMB_QUAD_CONSTRAINTS = gl.constexpr(UNSIGNED_CONSTRAINTS)
 HIGH_CRUMB_QUAD_ASM = gl.constexpr(HIGH_CRUMB_ASM)  # a quad of 2-bit codes by their high bytes (HIGH_BYTES)
 HIGH_BYTES_SCALE = gl.constexpr(HIGH_BYTE_FACTOR)  # what HIGH_BYTES' sums are multiplied by
+HIGH_BYTES_SCALE3 = gl.constexpr(HIGH_BYTE_FACTOR3)  # the same at 3 bits (registry.GRID_CODEBOOK3)
 SIGNED_CRUMB_QUAD_ASM = gl.constexpr(SIGNED_CRUMB_ASM)  # a quad of 3-bit codes: 2-bit magnitudes, signs apart
 # the three crumb quads on selectors masked outside (WORD_MASKS): each word masked once, not each quad
 MASKED_CRUMB_QUAD_ASM = gl.constexpr(MASKED_CRUMB_ASM)
@@ -126,7 +127,7 @@ def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: g
     if BITS == 3:
         words, sign_words = words
         if len(tables) == 4:  # the 8 signed values: the signs go into the selectors (fragments.SIGN_SELECTORS)
-            return _signed_selector_quads(words, sign_words, tables, C)
+            return _signed_selector_quads(words, sign_words, tables, C, HIGH_BYTES)
     MASKED: gl.constexpr = WORD_MASKS and BITS != 4
     if MASKED:  # each word masked twice (crumbs at bits 0 and 2 of its nibbles), row half 1 shifted down after
         halves = _fragment(words & WORD_MASK, C, BITS, 16)
@@ -148,21 +149,22 @@ def _quads(words, tables, C: gl.constexpr, BITS: gl.constexpr = 4, HIGH_BYTES: g
 
 
 @gluon.jit
-def _signed_selector_quads(words, sign_words, tables, C: gl.constexpr):
+def _signed_selector_quads(words, sign_words, tables, C: gl.constexpr, HIGH_BYTES: gl.constexpr = False):
     """_quads of 3-bit codes in SIGN_SELECTORS' layout (fragments.py): each magnitude word masked once a
     quad column a (lut.CRUMB_MASKED, shifted by 2 a first) and its signs put beside the magnitudes, at
     bit 2 of each nibble (the sign word of chunks 2 i + e holds those of quad column a at bit 2 e + a
     of each nibble: shifted by 2 - 2 e - a, masked with lut.SELECTOR_SIGNS), so that each selector
     nibble is a signed code that looks its value up in the 8-value table (4 words: lut.table_words(3,
-    signed=True)) by MASKED_CRUMB_QUAD_ASM, with no sign step; row half 1's quads 16 bits up."""
+    signed=True)) by MASKED_CRUMB_QUAD_ASM, with no sign step; row half 1's quads 16 bits up. HIGH_BYTES: by
+    their high bytes alone (MASKED_HIGH_CRUMB_QUAD_ASM; the table of lut.high_byte_signed_values)."""
     magnitudes = gl.reshape(words, [words.shape[0], 8, 4, C])
     signs = gl.reshape(sign_words, [sign_words.shape[0], 8, 4, C // 2])
     first_signs = _chunk_signs(gl.join(signs << 2, signs), magnitudes)
     second_signs = _chunk_signs(gl.join(signs << 1, signs >> 1), magnitudes)
     first_half = _selector_halves((magnitudes & WORD_MASK) | first_signs)
     second_half = _selector_halves(((magnitudes >> 2) & WORD_MASK) | second_signs)
-    first, second = _signed_quad(first_half, tables)
-    third, fourth = _signed_quad(second_half, tables)
+    first, second = _signed_quad(first_half, tables, HIGH_BYTES)
+    third, fourth = _signed_quad(second_half, tables, HIGH_BYTES)
     return first, second, third, fourth
 
 
@@ -183,10 +185,12 @@ def _selector_halves(selectors):
 
 
 @gluon.jit
-def _signed_quad(selectors, tables):
-    """The two half2 tiles of a quad whose selector nibbles are signed 3-bit codes, by the 8-value table."""
+def _signed_quad(selectors, tables, HIGH_BYTES: gl.constexpr = False):
+    """The two half2 tiles of a quad whose selector nibbles are signed 3-bit codes, by the 8-value table (with
+    HIGH_BYTES by its high bytes alone)."""
     shift = selectors * 0
-    return gl.inline_asm_elementwise(MASKED_CRUMB_QUAD_ASM, CRUMB_QUAD_CONSTRAINTS,
+    asm: gl.constexpr = MASKED_HIGH_CRUMB_QUAD_ASM if HIGH_BYTES else MASKED_CRUMB_QUAD_ASM
+    return gl.inline_asm_elementwise(asm, CRUMB_QUAD_CONSTRAINTS,
                                      [selectors, tables[0], tables[1], tables[2], tables[3], shift],
                                      dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
 
@@ -750,12 +754,14 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     instead of eight 4-byte words (_ordered_quads). PRELOAD: as fragment_dot_kernel's. HIGH_BYTES (2 bits, no
     residual, ROW_SUMS; as the family launches it, checked on a GPU, run 225): the codes looked up by their high
     bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
-    multiplied back by lut.HIGH_BYTE_FACTOR. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run
+    multiplied back by lut.HIGH_BYTE_FACTOR; at 3 bits with SIGN_SELECTORS (registry.GRID_CODEBOOK3, not yet
+    checked on a GPU) the same for codes of codebook.high_byte_codebook(3), by lut.HIGH_BYTE_FACTOR3. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run
     231): the 2-bit code words (2 bits, 3 bits' magnitudes, a 2-bit residual) masked once for two quads
     (_quads)."""
     gl.static_assert(not WORD_MASKS or ROW_SUMS, "WORD_MASKS: row sums")
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
-    gl.static_assert(not HIGH_BYTES or (BITS == 2 and RES_BITS == 0 and ROW_SUMS), "HIGH_BYTES: 2 bits, row sums")
+    gl.static_assert(not HIGH_BYTES or ((BITS == 2 or BITS == 3 and SIGN_SELECTORS) and RES_BITS == 0 and ROW_SUMS),
+                     "HIGH_BYTES: 2 bits or 3 with sign selectors, row sums")
     gl.static_assert(ROW_SUMS or not X_ORDERED, "X_ORDERED feeds ROW_SUMS' products")
     W: gl.constexpr = num_warps
     BLOCK_N: gl.constexpr = 16 * W
@@ -806,8 +812,10 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     if ROW_SUMS:  # [W, 8, 4, h, c] -> rows w 16 + 8 h + lane // 4
         rows = gl.permute(gl.sum(gl.sum(acc.to(gl.float32), axis=4), axis=2), (0, 2, 1))
         sums = gl.convert_layout(gl.reshape(rows, [BLOCK_N]), gl.SliceLayout(1, sums_layout))
-        if HIGH_BYTES:
+        if HIGH_BYTES and BITS == 2:
             sums = sums * HIGH_BYTES_SCALE
+        elif HIGH_BYTES:
+            sums = sums * HIGH_BYTES_SCALE3
     else:
         sums = gl.convert_layout(gl.sum(acc.to(gl.float32), axis=1), gl.SliceLayout(1, sums_layout))
     token_column = sums[:, None] + gl.zeros([BLOCK_N, TOKENS], gl.float32, sums_layout)  # adds token 0 (M = 1)

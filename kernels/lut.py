@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from tqc.codebook import gaussian_codebook
+from tqc.codebook import gaussian_codebook, high_byte_codebook
 
 SIGN_MAGNITUDE_BITS = (3, 4)  # stored as sign and magnitude; 2-bit codes are looked up with their sign
 PAIR_LOWS, PAIR_HIGHS = 0x5140, 0x7362  # PRMT selectors: half2 of lookups (0, 1) and (2, 3)
@@ -77,14 +77,26 @@ def signed_values(bits: int) -> tuple[float, ...]:
     return magnitudes + tuple(-value for value in magnitudes)
 
 
+@lru_cache(maxsize=None)
+def high_byte_signed_values() -> tuple[float, ...]:
+    """signed_values(3) of codebook.high_byte_codebook(3), times its factor: fp16 numbers whose low bytes are
+    zero (0.5, 1.5, 2.5, 4 and their negatives), looked up by their high bytes (registry.GRID_CODEBOOK3)."""
+    levels, factor = high_byte_codebook(3)
+    magnitudes = tuple(float(np.float16(v * factor)) for v in levels[4:].tolist())
+    return magnitudes + tuple(-value for value in magnitudes)
+
+
 def table_words(bits: int, high_bytes: bool = False, signed: bool = False) -> tuple[int, ...]:
     """The 32-bit words of a stage's PRMT table: low bytes of the fp16 lookup values, then their high bytes.
 
     4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes); with `high_bytes`
     (2 bits) those of high_byte_values, whose low bytes are all zero; with `signed` (3 bits) 4, those
-    of signed_values.
+    of signed_values, with `high_bytes` too those of high_byte_signed_values (low bytes zero).
     """
-    values = high_byte_values() if high_bytes else signed_values(bits) if signed else lookup_values(bits)
+    if high_bytes and bits == 3:
+        values = high_byte_signed_values()
+    else:
+        values = high_byte_values() if high_bytes else signed_values(bits) if signed else lookup_values(bits)
     raw = np.array(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
     lows, highs = raw & 0xFF, raw >> 8
     packed = [lows[i : i + 4] for i in range(0, len(raw), 4)] + [highs[i : i + 4] for i in range(0, len(raw), 4)]
@@ -137,6 +149,7 @@ MASKED_CRUMB_ASM = quad_asm(0, signed=False)  # CRUMB_ASM on a selector masked o
 # The kernel multiplies its sums by HIGH_BYTE_FACTOR.
 HIGH_BYTE_LEVELS = (0.375, 1.25)
 HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].double().numpy()) / np.prod(HIGH_BYTE_LEVELS)))
+HIGH_BYTE_FACTOR3 = 1 / high_byte_codebook(3)[1]  # what 3-bit sums by high bytes are multiplied by (GRID_CODEBOOK3)
 HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS = 0x1404, 0x3424
 
 

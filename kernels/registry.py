@@ -18,6 +18,7 @@ import importlib.util
 import itertools
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from types import SimpleNamespace
@@ -30,7 +31,7 @@ from tqc.layout import LayerSpec, layer_bytes
 from . import fragments, int8_kernels, lut_int8, repack
 from .launch import launch
 from . import triton_kernels as tk
-from .lut import TABLE_COPIES, table_words
+from .lut import TABLE_COPIES, lookup_values, table_words
 from .repack import slot_words
 from .tuning import (Harness, LaunchConfig, Tuner, candidate_configs, int8_candidates, run_sums_fit, stream_copies,
                      token_bucket)
@@ -516,6 +517,38 @@ HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
 # 8 steps, statically (docs/kernel_layout.md). Correct on the H100 (run 231) but no faster: 2-bit and 4+2 layers
 # level at one token (runs 232-233), 3-bit ones take SIGN_SELECTORS' selectors instead. TQC_WORD_MASKS=1.
 WORD_MASKS = os.environ.get("TQC_WORD_MASKS", "0") == "1"
+# 3-bit codes of codebook.high_byte_codebook(3) ({0.5, 1.5, 2.5, 4} / 1.873, +1.03% squared error on a Gaussian
+# against Lloyd-Max's) looked up by their high bytes in the one-token kernel, as 2-bit codes are (HIGH_BYTES):
+# 9.5% fewer instructions at 8 steps, statically (scripts/grid_codebook.py --static). tqc quantizes with Lloyd-Max,
+# so only `high_byte_codebook3()` turns it on, for measurements (`tqc bench layers --grid3`); not yet run on a GPU.
+GRID_CODEBOOK3 = False
+
+
+@contextmanager
+def high_byte_codebook3():
+    """While inside, 3-bit stages are fitted to and decoded with codebook.high_byte_codebook(3) (tqc.codebook's
+    3-bit levels replaced) and the one-token kernel looks them up by high bytes (GRID_CODEBOOK3): for measuring
+    that codebook's cost and speed. Nothing built inside records the change: never keep a packed model from it."""
+    global GRID_CODEBOOK3
+    from tqc import codebook  # noqa: PLC0415
+
+    levels = codebook.high_byte_codebook(3)[0].double().numpy()
+    own = codebook._lloyd_max
+    swap = (lambda bits, *args: (levels, float(codebook.symmetric_distortion(levels[4:]))) if bits == 3
+            else own(bits, *args))
+    _forget_codebook_tables()
+    codebook._lloyd_max, GRID_CODEBOOK3 = swap, True
+    try:
+        yield
+    finally:
+        codebook._lloyd_max, GRID_CODEBOOK3 = own, False
+        _forget_codebook_tables()
+
+
+def _forget_codebook_tables() -> None:
+    """Drop the cached tables made from tqc.codebook's levels (remade on next use)."""
+    lookup_values.cache_clear()
+    fragments._decode_tables.cache_clear()
 
 
 def program_warps(n: int) -> tuple[int, ...]:
@@ -613,9 +646,10 @@ class FragmentLayerKernel(LayerKernel):
         return config.strategy == "fragment_gemv" and GEMV_SUMS[config.sums].get("ROW_SUMS", False)
 
     def high_bytes(self, config: LaunchConfig) -> bool:
-        """Whether the config's kernel looks 2-bit codes up by their high bytes (HIGH_BYTES): the one-token
-        kernel with row sums, on a layer of 2 bits without a residual stage."""
-        return HIGH_BYTES and self.row_sums_gemv(config) and self.key.bits == 2 and not self.key.residual_bits
+        """Whether the config's kernel looks codes up by their high bytes (HIGH_BYTES): the one-token kernel with
+        row sums, on a layer of 2 bits (or 3 with sign selectors under GRID_CODEBOOK3) without a residual stage."""
+        bits = self.key.bits == 2 or GRID_CODEBOOK3 and self.sign_selectors
+        return HIGH_BYTES and self.row_sums_gemv(config) and bits and not self.key.residual_bits
 
     def word_masks(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel masks each word of 2-bit codes once (WORD_MASKS): the one-token kernel
@@ -638,11 +672,12 @@ class FragmentLayerKernel(LayerKernel):
         return (*weights[:2], self.table(3, weights[0].device, signed=True), *weights[3:])
 
     def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
-        """weights(module), the table lut.table_words(2, True) where the config looks codes up by high bytes."""
+        """weights(module), the table lut.table_words(bits, True, ...) where the config looks codes up by high bytes."""
         weights = self.weights(module)
         if not self.high_bytes(config):
             return weights
-        return (*weights[:2], self.table(self.key.bits, weights[0].device, high_bytes=True), *weights[3:])
+        table = self.table(self.key.bits, weights[0].device, high_bytes=True, signed=self.sign_selectors)
+        return (*weights[:2], table, *weights[3:])
 
     @staticmethod
     def gluon_kernel(config: LaunchConfig):

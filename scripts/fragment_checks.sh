@@ -39,6 +39,9 @@
 #           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
 #           come back, the other keys as they were. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
 #           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors
+# grid3     3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes (registry.high_byte_codebook3,
+#           session 53, CPU-checked only): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
+#           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again)
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -159,6 +162,15 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
         mkdir -p "$out/$name-cache-$v" && cp "$cache"/nvidia-*.json "$out/$name-cache-$v"/
       done
       (cd "$out" && tar czf "$name.tgz" "$name"-* && rm -r "$name"-*) ;;
+    grid3)
+      run grid3-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k high_byte_codebook
+      for v in ${VARIANTS:-0 1 0-again 1-again}; do
+        grid=(); [ "${v:0:1}" = 1 ] && grid=(--grid3)
+        run "grid3-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 --tokens 1 "${grid[@]}" \
+          -o "$out/grid3-layers-$v.json"
+      done
+      (cd "$out" && tar czf grid3.tgz grid3-* && rm grid3-*) ;;
     profile)
       for shape in 14336x4096 4096x14336; do
         run "ncu-gemv1-${OPTION:-4}bit-$shape" ncu --profile-from-start off --kernel-name fragment_gemv_kernel --launch-skip 2 \

@@ -12,11 +12,11 @@ quad instead of 4, 5-12% off 2-bit layers on the H100), because the 2-bit Lloyd-
 times a power of 2) under one common factor (which a kernel undoes on its sums), the choice
 that gives a standard normal the least squared error (tqc.codebook.high_byte_codebook). This
 prints that codebook and its error against Lloyd-Max's, then builds each plan (uniform, or a
-file) with each codebook (tqc.codebook patched for 3 bits; nothing else changes) and scores both
-against the source on wiki.test.txt windows. With
---static it compiles the one-token fragment kernel of Llama-3-8B's 3-bit gate/up and down for sm_90
-instead (no GPU needed), as it is and with its quads looked up by their high bytes (lut's
-MASKED_HIGH_CRUMB_ASM on the 8 signed values' table, the sums' factor left out), and counts the SASS.
+file) with each codebook (registry.high_byte_codebook3: tqc.codebook's 3-bit levels swapped; nothing
+else changes) and scores both against the source on wiki.test.txt windows. With --static it
+compiles the one-token fragment kernel of Llama-3-8B's 3-bit gate/up and down for sm_90 instead
+(no GPU needed), as it is and under that switch (its codes looked up by their high bytes,
+registry.GRID_CODEBOOK3), and counts the SASS.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -36,71 +35,44 @@ import torch
 from tqc import codebook
 from tqc.codebook import high_byte_codebook, symmetric_distortion
 from tqc.evaluate import Windows, evaluate, token_windows
+from tqc.kernels.registry import high_byte_codebook3
 from tqc.models import load_model, load_tokenizer, resolve_model
 from tqc.packed import build
 from tqc.plan import read_plan, write_text_atomic
 
 
-@contextmanager
-def three_bit_codebook(magnitudes: np.ndarray | None):
-    """tqc.codebook's 3-bit levels replaced by +-magnitudes while inside (None: as they are)."""
-    if magnitudes is None:
-        yield
-        return
-    own = codebook._lloyd_max
-    levels = np.concatenate([-magnitudes[::-1], magnitudes])
-    with mock.patch.object(codebook, "_lloyd_max",
-                           lambda bits, *a: (levels, float(symmetric_distortion(magnitudes))) if bits == 3 else own(bits, *a)):
-        yield
-
-
-def score(plan_path: Path, magnitudes: np.ndarray | None, reference, ids: torch.Tensor) -> dict:
-    """Build the plan with this 3-bit codebook (in a temporary directory) and score it against the source."""
-    with three_bit_codebook(magnitudes), tempfile.TemporaryDirectory() as tmp:
+def score(plan_path: Path, codebook_switch, reference, ids: torch.Tensor) -> dict:
+    """Build the plan inside `codebook_switch()` (in a temporary directory) and score it against the source."""
+    with codebook_switch(), tempfile.TemporaryDirectory() as tmp:
         model = build(read_plan(plan_path), Path(tmp) / "packed", progress=False)
         with torch.no_grad():
             return evaluate(model, reference, ids, progress=False).as_dict()
 
 
-LOOKUPS = ("both bytes", "high bytes")
-
-
-def static_counts(lookup: str) -> list[dict]:
+def static_counts() -> list[dict]:
     """SASS counts of the 3-bit one-token fragment kernel's candidates (row sums) at 8B's gate/up and down, as
-    they are ("both bytes") or with the signed quad's lookup by high bytes (gluon_kernels.MASKED_CRUMB_QUAD_ASM
-    swapped before the first compile: Triton keys a kernel's cache on its globals once a process)."""
-    from triton.experimental.gluon import language as gl  # noqa: PLC0415
-
-    from tqc.kernels import gluon_kernels, lut  # noqa: PLC0415
+    they are and under registry.high_byte_codebook3() (their codes looked up by high bytes), printed side by side."""
     from tqc.kernels.bench import bench_spec  # noqa: PLC0415
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey  # noqa: PLC0415
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary  # noqa: PLC0415
 
-    if lookup == "high bytes":
-        gluon_kernels.MASKED_CRUMB_QUAD_ASM = gl.constexpr(lut.MASKED_HIGH_CRUMB_ASM)
     rows = []
     for n, k in ((14336, 4096), (4096, 14336)):
-        family = FragmentLayerKernel(KernelKey.of(bench_spec("3", 128, k, n), FRAGMENT_LAYOUT), None)
-        for config in family.candidates(1):
-            if config.strategy != "fragment_gemv" or config.sums == "steps" or config.iters not in (4, 8, 16):
-                continue
-            summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), family.specialise(config)[1],
-                                                            config.num_warps, "*bf16"))
-            rows.append({"lookup": lookup, "n": n, "k": k, "steps": config.iters, "sums": config.sums,
-                         "instructions": summary["instructions"], "registers": summary["registers"],
-                         "prmt": summary["ops"].get("PRMT", 0)})
-    return rows
-
-
-def static_comparison() -> list[dict]:
-    """static_counts of each lookup, each in a process of its own; printed side by side."""
-    rows = []
-    for lookup in LOOKUPS:
-        child = subprocess.run([sys.executable, __file__, "--static-lookup", lookup], check=True, capture_output=True,
-                               text=True)
-        rows += json.loads(child.stdout.splitlines()[-1])
-    both = {(r["n"], r["k"], r["steps"], r["sums"]): r for r in rows if r["lookup"] == LOOKUPS[0]}
-    for r in rows[len(both):]:
+        for lookup, switch in (("both bytes", nullcontext), ("high bytes", high_byte_codebook3)):
+            with switch():
+                family = FragmentLayerKernel(KernelKey.of(bench_spec("3", 128, k, n), FRAGMENT_LAYOUT), None)
+                for config in family.candidates(1):
+                    if not family.row_sums_gemv(config) or config.iters not in (4, 8, 16):
+                        continue
+                    constexprs = family.specialise(config)[1]
+                    summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), constexprs,
+                                                                    config.num_warps, "*bf16"))
+                    rows.append({"lookup": lookup, "n": n, "k": k, "steps": config.iters, "sums": config.sums,
+                                 "high_bytes": constexprs.get("HIGH_BYTES", False),
+                                 "instructions": summary["instructions"], "registers": summary["registers"],
+                                 "prmt": summary["ops"].get("PRMT", 0)})
+    both = {(r["n"], r["k"], r["steps"], r["sums"]): r for r in rows if r["lookup"] == "both bytes"}
+    for r in (r for r in rows if r["lookup"] == "high bytes"):
         was = both[r["n"], r["k"], r["steps"], r["sums"]]
         print(f"{r['n']}x{r['k']} {r['steps']:>2} steps, {r['sums']:<10}: {was['instructions']:>5} -> "
               f"{r['instructions']:>5} instructions ({100 * (r['instructions'] / was['instructions'] - 1):+.1f}%), PRMT "
@@ -131,8 +103,8 @@ def quality(args: argparse.Namespace) -> dict:
                             "--quantizer", args.quantizer, "-o", str(plan)], check=True, stdout=subprocess.DEVNULL)
         plans |= {str(plan): Path(plan) for plan in args.plans}
         for label, plan in plans.items():
-            for name, levels in (("lloyd_max", None), ("grid", magnitudes)):
-                metrics = score(plan, levels, reference, ids)
+            for name, switch in (("lloyd_max", nullcontext), ("grid", high_byte_codebook3)):
+                metrics = score(plan, switch, reference, ids)
                 rows.append({"plan": label, "codebook": name} | metrics)
                 print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} (source {metrics['source_perplexity']:.3f}), "
                       f"KLD {metrics['kl_divergence']:.4f}, top-1 {metrics['top1_agreement']:.3f}", flush=True)
@@ -150,13 +122,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--static", action="store_true", help="count the kernel's SASS instead (no model)")
-    parser.add_argument("--static-lookup", choices=LOOKUPS, help=argparse.SUPPRESS)  # one variant, rows as JSON
     parser.add_argument("-o", "--output", help="JSON to write")
     args = parser.parse_args()
-    if args.static_lookup:
-        print(json.dumps(static_counts(args.static_lookup)))
-        return
-    result = {"target": "sm_90", "rows": static_comparison()} if args.static else quality(args)
+    result = {"target": "sm_90", "rows": static_counts()} if args.static else quality(args)
     if args.output:
         write_text_atomic(args.output, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.output}")

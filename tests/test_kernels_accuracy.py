@@ -193,6 +193,14 @@ if CUDA:
         monkeypatch.setattr(registry, "HIGH_BYTES", False)
         check_fragment_configs("2", [], gemv_iters=iters)
 
+    def test_fragment_gemv_on_the_high_byte_codebook_matches_reference():
+        """registry.high_byte_codebook3 (`tqc bench layers --grid3`): 3-bit layers fitted to
+        codebook.high_byte_codebook(3), the one-token kernel's row-sum configs looking their codes up by high
+        bytes (lut.high_byte_signed_values, the sums times lut.HIGH_BYTE_FACTOR3) and its other configs by both,
+        against the reference path on the same codebook."""
+        with registry.high_byte_codebook3():
+            check_fragment_configs("3", [], gemv_iters=8)
+
     @pytest.mark.parametrize(("option", "high_bytes"), [("2", True), ("2", False), ("3", True), ("4+2", True)])
     def test_fragment_gemv_by_word_masks_matches_reference(option, high_bytes, monkeypatch):
         """registry.WORD_MASKS (TQC_WORD_MASKS=1): the one-token kernel's row-sum configs masking each word of
