@@ -215,10 +215,21 @@ def add_decoder_lab_arguments(parser: argparse.ArgumentParser) -> None:
     add_fragments_argument(parser)
 
 
-def cmd_layers(args: argparse.Namespace) -> None:
+def add_grid3_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid3", action="store_true",
+                        help="3-bit layers on codebook.high_byte_codebook(3), the one-token kernel looking their codes "
+                             "up by high bytes (registry.high_byte_codebook3; a measurement, not what tqc builds)")
+
+
+def grid3_switch(args: argparse.Namespace):
+    """registry.high_byte_codebook3() where --grid3 asks for it, else nothing."""
     from .registry import high_byte_codebook3  # noqa: PLC0415
 
-    with high_byte_codebook3() if args.grid3 else nullcontext():
+    return high_byte_codebook3() if args.grid3 else nullcontext()
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    with grid3_switch(args):
         bench_layers(args)
 
 
@@ -290,12 +301,13 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
     shape, layers = DECODER_SHAPES[args.model]
-    result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
-                              args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
-                              rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
-                              int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
-                              fold=args.fold, attention=args.attention)
-    result["model"] = args.model
+    with grid3_switch(args):
+        result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
+                                  args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
+                                  rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
+                                  int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
+                                  fold=args.fold, attention=args.attention)
+    result |= {"model": args.model, "grid3": args.grid3}
     result["device"] = device_info()
     save(result, args.output)
 
@@ -311,9 +323,7 @@ def add_parser(subparsers) -> None:
                         help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
-    layers.add_argument("--grid3", action="store_true",
-                        help="3-bit layers on codebook.high_byte_codebook(3), the one-token kernel looking their codes "
-                             "up by high bytes (registry.high_byte_codebook3; a measurement, not what tqc builds)")
+    add_grid3_argument(layers)
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",
@@ -341,6 +351,7 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--separate-rotation", action="store_true",
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
+    add_grid3_argument(decode)
     decode.add_argument("-o", "--output", default="bench-decode.json")
     generate = kinds.add_parser("generate", help="a packed model's `generate` speed against its source model")
     generate.add_argument("packed", help="a packed model directory (tqc build)")

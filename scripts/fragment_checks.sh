@@ -41,7 +41,8 @@
 #           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors
 # grid3     3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes (registry.high_byte_codebook3,
 #           session 53, CPU-checked only): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
-#           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again)
+#           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again); the decoder at plan 3
+#           for the first two
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -169,6 +170,10 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
         run "grid3-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
           --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 --tokens 1 "${grid[@]}" \
           -o "$out/grid3-layers-$v.json"
+        case $v in
+          ?) run "grid3-decode-$v" python3 -u -m tqc.cli bench decode --plan 3 --tokens 1 "${grid[@]}" \
+               -o "$out/grid3-decode-$v.json" ;;
+        esac
       done
       (cd "$out" && tar czf grid3.tgz grid3-* && rm grid3-*) ;;
     profile)
