@@ -115,7 +115,7 @@ def quality(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--options", nargs="+", default=["3"], help="uniform plans to build (tqc plan --uniform)")
+    parser.add_argument("--options", nargs="*", default=["3"], help="uniform plans to build (tqc plan --uniform)")
     parser.add_argument("--quantizer", default="plain", choices=["plain", "gptq"], help="the uniform plans'")
     parser.add_argument("--plans", nargs="*", default=[], help="plan files to build as well (their model's)")
     parser.add_argument("--data", default="../shared/data/wiki.test.txt")
