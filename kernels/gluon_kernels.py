@@ -29,9 +29,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from . import fragments
 from . import triton_kernels as tk
-from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_BYTE_FACTOR3, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM, MASKED_HIGH_CRUMB_ASM,
-                  MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SELECTOR_SIGNS, SIGNED_CONSTRAINTS, SIGNED_CRUMB_ASM,
-                  TABLE_COPIES, UNSIGNED_CONSTRAINTS)
+from .lut import (CRUMB_ASM, CRUMB_MASKED, HIGH_BYTE_FACTOR, HIGH_BYTE_FACTOR3, HIGH_CRUMB_ASM, MASKED_CRUMB_ASM,
+                  MASKED_HIGH_CRUMB_ASM, MASKED_SIGNED_CRUMB_ASM, NIBBLE_ASM, SELECTOR_SIGNS, SIGNED_CONSTRAINTS,
+                  SIGNED_CRUMB_ASM, TABLE_COPIES, UNSIGNED_CONSTRAINTS)
 
 BLOCK_WARPS = gl.constexpr(fragments.WARPS)  # warps of a 64-row block of the layout (a program may take several)
 TOKENS = gl.constexpr(16)  # wgmma's n at up to 16 tokens: tokens padded to 16 (TOKEN_TILE beyond)
@@ -755,9 +755,9 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     residual, ROW_SUMS; as the family launches it, checked on a GPU, run 225): the codes looked up by their high
     bytes in a table of scaled values (lut.HIGH_CRUMB_ASM, 3 PRMTs a quad instead of 4), the row sums
     multiplied back by lut.HIGH_BYTE_FACTOR; at 3 bits with SIGN_SELECTORS (registry.GRID_CODEBOOK3, not yet
-    checked on a GPU) the same for codes of codebook.high_byte_codebook(3), by lut.HIGH_BYTE_FACTOR3. WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run
-    231): the 2-bit code words (2 bits, 3 bits' magnitudes, a 2-bit residual) masked once for two quads
-    (_quads)."""
+    checked on a GPU) the same for codes of codebook.high_byte_codebook(3), by lut.HIGH_BYTE_FACTOR3.
+    WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run 231): the 2-bit code words (2 bits, 3 bits'
+    magnitudes, a 2-bit residual) masked once for two quads (_quads)."""
     gl.static_assert(not WORD_MASKS or ROW_SUMS, "WORD_MASKS: row sums")
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(not HIGH_BYTES or ((BITS == 2 or BITS == 3 and SIGN_SELECTORS) and RES_BITS == 0 and ROW_SUMS),

@@ -70,10 +70,10 @@ def high_byte_values() -> tuple[float, ...]:
     return tuple(float(np.copysign(level[abs(v)], v)) for v in values)
 
 
-def signed_values(bits: int) -> tuple[float, ...]:
+def signed_values(bits: int, magnitudes: tuple[float, ...] | None = None) -> tuple[float, ...]:
     """The table of signed codes looked up whole (3 bits' SIGN_SELECTORS): value i at the stored code i
-    (stored_code: sign << (bits - 1) | magnitude), the magnitudes, then the same negated."""
-    magnitudes = lookup_values(bits)
+    (stored_code: sign << (bits - 1) | magnitude), the magnitudes (lookup_values'), then the same negated."""
+    magnitudes = magnitudes or lookup_values(bits)
     return magnitudes + tuple(-value for value in magnitudes)
 
 
@@ -82,8 +82,7 @@ def high_byte_signed_values() -> tuple[float, ...]:
     """signed_values(3) of codebook.high_byte_codebook(3), times its factor: fp16 numbers whose low bytes are
     zero (0.5, 1.5, 2.5, 4 and their negatives), looked up by their high bytes (registry.GRID_CODEBOOK3)."""
     levels, factor = high_byte_codebook(3)
-    magnitudes = tuple(float(np.float16(v * factor)) for v in levels[4:].tolist())
-    return magnitudes + tuple(-value for value in magnitudes)
+    return signed_values(3, tuple(float(np.float16(v * factor)) for v in levels[4:].tolist()))
 
 
 def table_words(bits: int, high_bytes: bool = False, signed: bool = False) -> tuple[int, ...]:

@@ -533,9 +533,9 @@ def high_byte_codebook3():
     from tqc import codebook  # noqa: PLC0415
 
     levels = codebook.high_byte_codebook(3)[0].double().numpy()
+    grid = (levels, float(codebook.symmetric_distortion(levels[4:])))  # made once: the reference path asks per call
     own = codebook._lloyd_max
-    swap = (lambda bits, *args: (levels, float(codebook.symmetric_distortion(levels[4:]))) if bits == 3
-            else own(bits, *args))
+    swap = lambda bits, *args: grid if bits == 3 else own(bits, *args)  # noqa: E731
     _forget_codebook_tables()
     codebook._lloyd_max, GRID_CODEBOOK3 = swap, True
     try:
@@ -648,8 +648,8 @@ class FragmentLayerKernel(LayerKernel):
     def high_bytes(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel looks codes up by their high bytes (HIGH_BYTES): the one-token kernel with
         row sums, on a layer of 2 bits (or 3 with sign selectors under GRID_CODEBOOK3) without a residual stage."""
-        bits = self.key.bits == 2 or GRID_CODEBOOK3 and self.sign_selectors
-        return HIGH_BYTES and self.row_sums_gemv(config) and bits and not self.key.residual_bits
+        on_grid = self.key.bits == 2 or GRID_CODEBOOK3 and self.sign_selectors
+        return HIGH_BYTES and self.row_sums_gemv(config) and on_grid and not self.key.residual_bits
 
     def word_masks(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel masks each word of 2-bit codes once (WORD_MASKS): the one-token kernel

@@ -106,8 +106,9 @@ def quality(args: argparse.Namespace) -> dict:
             for name, switch in (("lloyd_max", nullcontext), ("grid", high_byte_codebook3)):
                 metrics = score(plan, switch, reference, ids)
                 rows.append({"plan": label, "codebook": name} | metrics)
-                print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} (source {metrics['source_perplexity']:.3f}), "
-                      f"KLD {metrics['kl_divergence']:.4f}, top-1 {metrics['top1_agreement']:.3f}", flush=True)
+                print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} "
+                      f"(source {metrics['source_perplexity']:.3f}), KLD {metrics['kl_divergence']:.4f}, "
+                      f"top-1 {metrics['top1_agreement']:.3f}", flush=True)
     return {"model": args.model, "data": args.data, "windows": args.windows, "seq_len": args.seq_len,
             "gaussian": gaussian, "rows": rows}
 
