@@ -7,10 +7,11 @@
 # accuracy  tests/test_kernels_accuracy.py -k fragment: every option the family's kernels take against
 #           the reference path, and a loaded model; if it passes, add the options to
 #           registry.CHECKED_FRAGMENT_OPTIONS
-# accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests in $PASSED (default
-#           docs/bench/h100-run240-accuracy-passed.txt: those that passed on an H100 up to run 240), verbose so
-#           that a call stopped by its limit still names what passed; append those to the list. A test past
-#           TEST_TIMEOUT seconds (default 300; pytest-timeout, on the device image) fails and the rest go on
+# accuracy-rest  the rest of tests/test_kernels_accuracy.py, less the tests listed in the file $PASSED (default
+#           none: all 249 have passed on an H100 by run 241, docs/bench/h100-run241-accuracy-passed.txt), verbose
+#           so that a call stopped by its limit (the whole takes several calls) names what passed: list those in
+#           a file and pass it as PASSED to the next call. A test past TEST_TIMEOUT seconds (default 300;
+#           pytest-timeout, on the device image) fails and the rest go on
 # decode    the one-token decoder at plans 4 and mixed: lookups, family, lookups again, side by side
 # layers-family, layers-lookups
 #           Llama-3-8B's gate/up and down at 1 and 16 tokens for every option, on the family
@@ -38,7 +39,8 @@
 #           tuned afresh (each variant from the tuning cache less those keys, in a cache of its own), without and
 #           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
 #           come back, the other keys as they were. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
-#           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors
+#           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors. GRID3=1 tunes
+#           and times them under --grid3 (registry.high_byte_codebook3: row-sum configs look 3-bit codes up by high bytes)
 # grid3     3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes (registry.high_byte_codebook3,
 #           session 53, CPU-checked only): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
 #           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again); the decoder at plan 3
@@ -88,7 +90,7 @@ for part in "$@"; do
     accuracy)
       run accuracy python3 -m pytest -q tests/test_kernels_accuracy.py -k fragment ;;
     accuracy-rest)
-      mapfile -t passed < "${PASSED:-docs/bench/h100-run240-accuracy-passed.txt}"
+      mapfile -t passed < "${PASSED:-/dev/null}"
       run accuracy-rest python3 -m pytest -v -p no:cacheprovider --timeout="${TEST_TIMEOUT:-300}" \
         tests/test_kernels_accuracy.py -k "not fragment" "${passed[@]/#/--deselect=}" ;;
     direct)
@@ -159,7 +161,7 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
           "b${bits}r${residual}g128"
         run "$name-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
           layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj \
-          --options "$option" --tokens 1 -o "$out/$name-$v.json"
+          --options "$option" --tokens 1 ${GRID3:+--grid3} -o "$out/$name-$v.json"
         mkdir -p "$out/$name-cache-$v" && cp "$cache"/nvidia-*.json "$out/$name-cache-$v"/
       done
       (cd "$out" && tar czf "$name.tgz" "$name"-* && rm -r "$name"-*) ;;
