@@ -519,8 +519,9 @@ HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
 WORD_MASKS = os.environ.get("TQC_WORD_MASKS", "0") == "1"
 # 3-bit codes of codebook.high_byte_codebook(3) ({0.5, 1.5, 2.5, 4} / 1.873, +1.03% squared error on a Gaussian
 # against Lloyd-Max's) looked up by their high bytes in the one-token kernel, as 2-bit codes are (HIGH_BYTES):
-# 9.5% fewer instructions at 8 steps, statically (scripts/grid_codebook.py --static). tqc quantizes with Lloyd-Max,
-# so only `high_byte_codebook3()` turns it on, for measurements (`tqc bench layers --grid3`); not yet run on a GPU.
+# 9.5% fewer instructions at 8 steps, statically (scripts/grid_codebook.py --static); on an H100 4-5% off 8B's 3-bit
+# down and gate+up and 6% off the decoder at plan 3 (runs 241-242). tqc quantizes with Lloyd-Max, so only
+# `high_byte_codebook3()` turns it on, for measurements (`tqc bench layers --grid3`).
 GRID_CODEBOOK3 = False
 
 

@@ -42,7 +42,7 @@
 #           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors. GRID3=1 tunes
 #           and times them under --grid3 (registry.high_byte_codebook3: row-sum configs look 3-bit codes up by high bytes)
 # grid3     3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes (registry.high_byte_codebook3,
-#           session 53, CPU-checked only): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
+#           session 53; passed and timed in run 241): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
 #           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again); the decoder at plan 3
 #           for the first two
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
