@@ -2,7 +2,7 @@
 
 For a layer W [N, K] with input second moment H = E[x x^T], the weight is rotated group by group as
 `turboquant.quantize` does (W R^T, and H becomes R H R^T, `scores.rotated_hessian`), then quantized
-one column at a time with TurboQuant's own quantizer: the nearest Lloyd-Max level times the group's
+one column at a time with TurboQuant's own quantizer: the nearest level (the option's codebook) times the group's
 fp16 scale (for `b+r` options, plus the residual level of what the base level left). Each column's
 error is spread over the columns still to come through the upper Cholesky factor of H^-1 (GPTQ,
 Frantar et al. 2022: dampening 1% of the mean diagonal, blocks of 128 columns, lazy batch updates).
@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tqc.bitpack import pack
-from tqc.codebook import gaussian_codebook, nearest_code
+from tqc.codebook import Codebook, codebook_levels, nearest_code
 from tqc.layout import LayerSpec, rotation_seed
 from tqc.linear import empty_quantized_linear, load_packed_tensors
 from tqc.models import linear_layers, load_tokenizer, resolve_model
@@ -47,14 +47,19 @@ BATCH_WINDOWS = 8  # calibration windows per block forward
 # ------------------------------------------------------------------------------ one layer: GPTQ
 
 
-def _stages(spec: LayerSpec) -> tuple[int, ...]:
+Stage = tuple[int, Codebook]  # a stage's bits and levels
+
+
+def _stages(spec: LayerSpec) -> tuple[Stage, ...]:
+    """The layer's stages: the base one on the option's codebook, the residual one (if any) on Lloyd-Max's."""
     option = spec.option
-    return (option.base_bits, option.residual_bits) if option.residual_bits else (option.base_bits,)
+    base = (option.base_bits, option.codebook)
+    return (base, (option.residual_bits, "lloyd-max")) if option.residual_bits else (base,)
 
 
 def _packed(spec: LayerSpec, seed: int, codes: list[torch.Tensor], scales: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of `turboquant.quantize`, same names, order, shapes and dtypes."""
-    bits = _stages(spec)
+    bits = [stage_bits for stage_bits, _ in _stages(spec)]
     tensors = {"codes": pack(codes[0], bits[0]), "scales": scales[0], "seed": torch.tensor([seed], dtype=torch.int64)}
     if len(bits) > 1:
         tensors["residual_codes"] = pack(codes[1], bits[1])
@@ -81,13 +86,13 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _fit_group(columns: torch.Tensor, bits: tuple[int, ...]) -> list[torch.Tensor]:
+def _fit_group(columns: torch.Tensor, stages: tuple[Stage, ...]) -> list[torch.Tensor]:
     """fp16 scales [N] per stage for one group's current columns [N, g] (turboquant's stage fits)."""
     left, scales = columns[:, None, :], []
-    for stage_bits in bits:
-        codes, stage_scales = fit_stage(left, stage_bits)
+    for stage_bits, codebook in stages:
+        codes, stage_scales = fit_stage(left, stage_bits, codebook)
         scales.append(stage_scales[:, 0])
-        left = left - decode_stage(codes, stage_scales, stage_bits)
+        left = left - decode_stage(codes, stage_scales, stage_bits, codebook_name=codebook)
     return scales
 
 
@@ -107,10 +112,11 @@ def gptq_quantize(weight: torch.Tensor, spec: LayerSpec, seed: int, hessian: tor
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     w, h = _rotated(weight, hessian, spec, seed)
     u = inverse_cholesky(h, damp).float()
-    bits = _stages(spec)
-    books = [(gaussian_codebook(b), (gaussian_codebook(b)[1:] + gaussian_codebook(b)[:-1]) / 2) for b in bits]
-    codes = [torch.zeros(n, k, dtype=torch.uint8) for _ in bits]
-    scales = [torch.zeros(n, spec.groups, dtype=torch.float16) for _ in bits]
+    stages = _stages(spec)
+    levels = [codebook_levels(stage_bits, codebook) for stage_bits, codebook in stages]
+    books = [(book, (book[1:] + book[:-1]) / 2) for book in levels]
+    codes = [torch.zeros(n, k, dtype=torch.uint8) for _ in stages]
+    scales = [torch.zeros(n, spec.groups, dtype=torch.float16) for _ in stages]
     block = max(BLOCK_COLUMNS, g)  # a group never straddles two blocks (group sizes divide 128 or are 256)
     for start in range(0, k, block):
         end = min(start + block, k)
@@ -119,7 +125,7 @@ def gptq_quantize(weight: torch.Tensor, spec: LayerSpec, seed: int, hessian: tor
         for i in range(end - start):
             column = start + i
             if column % g == 0:
-                fitted = _fit_group(w1[:, i : i + g], bits)
+                fitted = _fit_group(w1[:, i : i + g], stages)
                 for stage, scale in enumerate(fitted):
                     scales[stage][:, column // g] = scale
                 group_scales = [s.float() for s in fitted]
@@ -141,15 +147,16 @@ def _weighted_error(left: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ngi,gij,ngj->ng", left, blocks, left)
 
 
-def _weighted_stage(x: torch.Tensor, blocks: torch.Tensor, stage_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_stage(x: torch.Tensor, blocks: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, fp16 scales) of one stage with the least H-weighted error per (row, group)."""
-    codebook = gaussian_codebook(stage_bits)
+    stage_bits, codebook_name = stage
+    codebook = codebook_levels(stage_bits, codebook_name)
 
     def levels(scale: torch.Tensor) -> torch.Tensor:
         return codebook[nearest_code(x / scale[..., None], codebook).long()]
 
     rms = x.square().mean(-1).sqrt().clamp_min(1e-12)
-    candidates = [fit_stage(x, stage_bits)[1].float(), *(rms * m for m in SCALE_GRID)]
+    candidates = [fit_stage(x, stage_bits, codebook_name)[1].float(), *(rms * m for m in SCALE_GRID)]
     best_scale, best_err = rms, torch.full_like(rms, float("inf"))
     for scale in candidates:
         err = _weighted_error(x - levels(scale) * scale[..., None], blocks)
@@ -172,9 +179,9 @@ def scales_quantize(weight: torch.Tensor, spec: LayerSpec, seed: int, hessian: t
     h = h + torch.eye(k, dtype=h.dtype) * (damp * h.diagonal().mean())
     blocks = torch.stack([h[i : i + g, i : i + g] for i in range(0, k, g)]).float()
     left, codes, scales = w.reshape(n, spec.groups, g), [], []
-    for stage_bits in _stages(spec):
-        stage_codes, stage_scales = _weighted_stage(left, blocks, stage_bits)
-        left = left - decode_stage(stage_codes, stage_scales, stage_bits)
+    for stage in _stages(spec):
+        stage_codes, stage_scales = _weighted_stage(left, blocks, stage)
+        left = left - decode_stage(stage_codes, stage_scales, stage[0], codebook_name=stage[1])
         codes.append(stage_codes.reshape(n, k))
         scales.append(stage_scales)
     return _packed(spec, seed, codes, scales)

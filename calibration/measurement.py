@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tqc import __version__
 from tqc.models import CACHE_DIR
+from tqc.options import SCORED_OPTIONS
 from tqc.plan import ModelRef, PlanError, write_text_atomic
 
 MEASUREMENT_VERSION = 2  # 2: siblings reading one input share its rotation (layout.rotation_seed)
@@ -66,7 +67,8 @@ class Measurement(_Strict):
 def measurement_key(model_sha: str, data: DataRef | None, group_size: int, seed: int, rows: int | None) -> str:
     """A short stable key of everything that changes a measurement."""
     data_key = data.model_dump(exclude={"path"}) if data else "prior"  # the file's sha256 stands for it
-    parts = [model_sha, group_size, seed, rows, data_key, MEASUREMENT_VERSION]
+    scored = [option.name for option in SCORED_OPTIONS]  # a file scored before an option was added lacks it
+    parts = [model_sha, group_size, seed, rows, data_key, MEASUREMENT_VERSION, scored]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 

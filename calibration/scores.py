@@ -13,7 +13,8 @@ import torch
 
 from tqc.codebook import gaussian_distortion
 from tqc.layout import LayerSpec, layer_bytes, layer_seed, rotation_seed
-from tqc.options import TURBOQUANT_BASE_BITS, TURBOQUANT_OPTIONS, QuantOption
+from tqc.codebook import Codebook
+from tqc.options import GRID_OPTIONS, SCORED_OPTIONS, TURBOQUANT_BASE_BITS, TURBOQUANT_OPTIONS, QuantOption
 from tqc.rotation import random_signs, rotate
 from tqc.turboquant import decode_stage, fit_stage
 
@@ -44,22 +45,24 @@ def rotated_rows(name: str, weight: torch.Tensor, group_size: int, seed: int, ro
     return rotate(weight[index].detach().float(), signs, group_size).reshape(-1, group_size)
 
 
-def _fit_groups(groups: torch.Tensor, bits: int) -> torch.Tensor:
+def _fit_groups(groups: torch.Tensor, bits: int, codebook: Codebook = "lloyd-max") -> torch.Tensor:
     """Quantize-dequantize independent groups [m, g] through TurboQuant's own stage fit."""
     m, g = groups.shape
     width = GROUPS_PER_ROW
     padded = torch.cat([groups, groups.new_zeros((-m) % width, g)]).reshape(-1, width, g)
-    codes, scales = fit_stage(padded, bits)
-    return decode_stage(codes, scales, bits).reshape(-1, g)[:m]
+    codes, scales = fit_stage(padded, bits, codebook)
+    return decode_stage(codes, scales, bits, codebook_name=codebook).reshape(-1, g)[:m]
 
 
 def residual_errors(groups: torch.Tensor) -> dict[QuantOption, torch.Tensor]:
-    """What every TurboQuant option leaves of the rotated groups [m, g]: {option: groups - Q(groups)}."""
+    """What every scored option (SCORED_OPTIONS) leaves of the rotated groups [m, g]: {option: groups - Q(groups)}."""
     left_by_option = {}
     for base in TURBOQUANT_BASE_BITS:
         left = groups - _fit_groups(groups, base)
         for option in (o for o in TURBOQUANT_OPTIONS if o.base_bits == base):
             left_by_option[option] = left - _fit_groups(left, option.residual_bits) if option.residual_bits else left
+    for option in GRID_OPTIONS:
+        left_by_option[option] = groups - _fit_groups(groups, option.base_bits, option.codebook)
     return left_by_option
 
 
@@ -100,9 +103,9 @@ def _option_score(option: QuantOption, spec: LayerSpec, alpha: float, error: flo
 
 
 def theory_error(option: QuantOption) -> float:
-    """Relative squared error of an option on Gaussian weights (Lloyd-Max; the residual stage
+    """Relative squared error of an option on Gaussian weights (its codebook's; the residual stage
     quantizes what the base stage left, so their distortions multiply)."""
-    error = gaussian_distortion(option.base_bits)
+    error = gaussian_distortion(option.base_bits, option.codebook)
     return error * gaussian_distortion(option.residual_bits) if option.residual_bits else error
 
 
@@ -115,5 +118,5 @@ def prior_scores(in_features: int, out_features: int, group_size: int, factor: f
             damage=theory_error(option) * in_features * out_features * factor / 1e9,
             relative_error=theory_error(option),
         )
-        for option in TURBOQUANT_OPTIONS
+        for option in SCORED_OPTIONS
     }

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -215,24 +214,6 @@ def add_decoder_lab_arguments(parser: argparse.ArgumentParser) -> None:
     add_fragments_argument(parser)
 
 
-def add_grid3_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid3", action="store_true",
-                        help="3-bit layers on codebook.high_byte_codebook(3), the one-token kernel looking their codes "
-                             "up by high bytes (registry.high_byte_codebook3; a measurement, not what tqc builds)")
-
-
-def grid3_switch(args: argparse.Namespace):
-    """registry.high_byte_codebook3() where --grid3 asks for it, else nothing."""
-    from .registry import high_byte_codebook3  # noqa: PLC0415
-
-    return high_byte_codebook3() if args.grid3 else nullcontext()
-
-
-def cmd_layers(args: argparse.Namespace) -> None:
-    with grid3_switch(args):
-        bench_layers(args)
-
-
 def bench_layers(args: argparse.Namespace) -> None:
     """`tqc bench layers`: every shape and option at every token count against bf16, printed and saved."""
     from .registry import KERNEL_LAYOUT  # noqa: PLC0415
@@ -240,7 +221,7 @@ def bench_layers(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     registry, family = bench_registry("tqc bench layers", args.cache_dir, args.verbose, args.fragments)
     result = {"device": device_info(), "copy_gbps": copy_bandwidth(), "group_size": args.group_size,
-              "fragments": family, "grid3": args.grid3, "rows": []}
+              "fragments": family, "rows": []}
     print(f"{result['device']['gpu']}: copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write)")
     shapes = [(model, layer, n, k) for model in args.models for layer, (n, k) in SHAPES[model].items()
               if not args.layers or layer in args.layers]
@@ -301,13 +282,12 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from .decode_bench import run_decode_bench  # noqa: PLC0415
 
     shape, layers = DECODER_SHAPES[args.model]
-    with grid3_switch(args):
-        result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
-                                  args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
-                                  rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
-                                  int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
-                                  fold=args.fold, attention=args.attention)
-    result |= {"model": args.model, "grid3": args.grid3}
+    result = run_decode_bench(args.plan, args.context, args.layers or layers, args.cache_dir, args.verbose,
+                              args.activations, fuse=not args.separate, compile_glue=not args.eager_glue,
+                              rotate_in_glue=not args.separate_rotation, tokens=args.tokens,
+                              int8_layers=args.int8_layers, shape=shape, fragments=args.fragments,
+                              fold=args.fold, attention=args.attention)
+    result |= {"model": args.model}
     result["device"] = device_info()
     save(result, args.output)
 
@@ -323,12 +303,12 @@ def add_parser(subparsers) -> None:
                         help="plan options; '@int8' after one for int8 activations (4@int8)")
     layers.add_argument("--layers", nargs="+", help="only these layer names (e.g. q_proj/o_proj); default all")
     layers.add_argument("--group-size", type=int, default=128)
-    add_grid3_argument(layers)
     layers.add_argument("-o", "--output", default="bench-layers.json")
     decode = kinds.add_parser("decode", help="end-to-end decode of an 8B-shaped Llama (or Qwen), random weights")
     decode.add_argument("--model", choices=list(DECODER_SHAPES), default="llama3-8b",
                         help="whose shapes the decoder takes (random weights; default Llama-3-8B)")
-    decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits) or one option for every layer")
+    decode.add_argument("--plan", default="mixed", help="'mixed' (about 3.5 bits), 'mixed-3g' (its 3-bit layers on "
+                        "the grid codebook) or one option for every layer (3g: 3 bits on the grid codebook)")
     decode.add_argument("--activations", choices=["fp16", "int8"], default="fp16",
                         help="int8: the plan's layers without a residual on int8 activations")
     decode.add_argument("--int8-layers", nargs="+", metavar="NAME",
@@ -351,7 +331,6 @@ def add_parser(subparsers) -> None:
     decode.add_argument("--separate-rotation", action="store_true",
                         help="rotate each quantized layer's input in its own launch (default: inside the norm or "
                              "SwiGLU step that makes it)")
-    add_grid3_argument(decode)
     decode.add_argument("-o", "--output", default="bench-decode.json")
     generate = kinds.add_parser("generate", help="a packed model's `generate` speed against its source model")
     generate.add_argument("packed", help="a packed model directory (tqc build)")
@@ -376,7 +355,7 @@ def add_parser(subparsers) -> None:
         add_fragments_argument(parser)
         parser.add_argument("--cache-dir", type=Path, help="kernel tuning cache (default ~/.cache/tqc/kernels)")
         parser.add_argument("-v", "--verbose", action="store_true", help="print each tuning result")
-    layers.set_defaults(run=_checked(cmd_layers))
+    layers.set_defaults(run=_checked(bench_layers))
     decode.set_defaults(run=_checked(cmd_decode))
     from .peer_bench import add_parser as add_peer_parser  # noqa: PLC0415 (it imports this module)
 

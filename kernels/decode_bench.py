@@ -38,6 +38,8 @@ LLAMA3_8B = DECODER_SHAPES["llama3-8b"][0]
 # About 3.5 bits per weight: attention and down_proj at 4 bits, gate/up at 3, the head at 4.
 MIXED_PLAN = {"q_proj": "4", "k_proj": "4", "v_proj": "4", "o_proj": "4", "gate_proj": "3", "up_proj": "3",
               "down_proj": "4", "lm_head": "4"}
+PLANS = {"mixed": MIXED_PLAN,  # and the same with its 3-bit layers on the grid codebook (option 3g)
+         "mixed-3g": {name: "3g" if option == "3" else option for name, option in MIXED_PLAN.items()}}
 GROUP_SIZE = 128
 RMS_EPS = 1e-5  # Llama-3's rms_norm_eps
 
@@ -272,9 +274,9 @@ def int8_name(option: str, activations: str) -> str:
 
 
 def plan_options(plan: str, activations: str = "fp16", int8_layers: Iterable[str] | None = None) -> dict[str, str]:
-    """The benchmark names of the projections' options: `plan` is 'mixed' (MIXED_PLAN) or one option
-    for all; with int8 activations, `int8_layers` (default: all) take them where the option allows."""
-    options = MIXED_PLAN if plan == "mixed" else dict.fromkeys(MIXED_PLAN, plan)
+    """The benchmark names of the projections' options: `plan` is one of PLANS ('mixed', 'mixed-3g') or one
+    option for all; with int8 activations, `int8_layers` (default: all) take them where the option allows."""
+    options = PLANS[plan] if plan in PLANS else dict.fromkeys(MIXED_PLAN, plan)
     int8_layers = set(MIXED_PLAN if int8_layers is None else int8_layers)
     if unknown := int8_layers - MIXED_PLAN.keys():
         raise ValueError(f"--int8-layers: no projection {', '.join(sorted(unknown))} (one of {', '.join(MIXED_PLAN)})")

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from tqc.bitpack import pack, unpack
+from tqc.codebook import Codebook
 
 from .lut import codebook_code, emulate_quad, half2_values, lookup_values, stored_code
 from .repack import planes, slot_bits
@@ -206,15 +207,15 @@ def to_bitpack_layout(words: torch.Tensor, bits: int, k: int, group_size: int = 
 
 def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, group_size: int,
                      dtype: torch.dtype, residual: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                     bits: int = 4) -> torch.Tensor:
-    """The weights [N, K] in `dtype` that fragment words of `bits`-bit codes and their scales stand for,
-    plus a residual stage's (its words, scales and bits) if given, with the fp16 values the kernels
+                     bits: int = 4, codebook: Codebook = "lloyd-max") -> torch.Tensor:
+    """The weights [N, K] in `dtype` that fragment words of `bits`-bit codes of `codebook` and their scales
+    stand for, plus a residual stage's (its words, scales and bits) if given, with the fp16 values the kernels
     look up, by `fragment_dequant_kernel` on the words' device: the interpreter's way (and
     TQC_GLUON_DEQUANT=0's) for prefill's dequantize + cuBLAS, which on a GPU runs
     gluon_kernels.fragment_dequant_kernel (the same numbers: registry.FragmentLayerKernel.dequantize)."""
     out = torch.empty(n, k, dtype=dtype, device=words.device)
     res_words, res_scales, res_bits = residual or (words, scales, 0)
-    tables = _decode_tables(words.device, bits, SIGN_SELECTORS)
+    tables = _decode_tables(words.device, bits, SIGN_SELECTORS, codebook)
     res_tables = _decode_tables(words.device, res_bits or bits, SIGN_SELECTORS)
     fragment_dequant_kernel[(n // (16 * WARPS), k // BLOCK_K)](out, words, scales, *tables, res_words, res_scales,
                                                                *res_tables, N=n, K=k, G=group_size, BLOCK_K=BLOCK_K,
@@ -223,12 +224,13 @@ def fragment_weights(words: torch.Tensor, scales: torch.Tensor, n: int, k: int, 
 
 
 @lru_cache(maxsize=None)
-def _decode_tables(device: torch.device, bits: int, sign_selectors: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_tables(device: torch.device, bits: int, sign_selectors: bool,
+                   codebook: Codebook = "lloyd-max") -> tuple[torch.Tensor, torch.Tensor]:
     """fragment_dequant_kernel's tables on `device`, made once (not inside a CUDA graph's capture): the
     fp16 values the lookups hold (3 and 4 bits: the magnitudes) as float32, and each code's bits'
     positions in its word, plane by plane: [codes a word, bits of the plane] flat, for 3 bits the
     magnitudes' [16, 2] then the signs' [32], laid out as `sign_selectors` says (fragment_planes)."""
-    values = torch.tensor(lookup_values(bits), device=device)
+    values = torch.tensor(lookup_values(bits, codebook), device=device)
     positions = [target for kind, _ in fragment_planes(bits, sign_selectors) for slot in range(PLANE_CODES[kind])
                  for _, target in sorted(fragment_slot_bits(kind, slot))]
     return values, torch.tensor(positions, dtype=torch.int32, device=device)

@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from tqc.codebook import gaussian_codebook, high_byte_codebook
+from tqc.codebook import Codebook, codebook_levels, gaussian_codebook, high_byte_codebook
 
 SIGN_MAGNITUDE_BITS = (3, 4)  # stored as sign and magnitude; 2-bit codes are looked up with their sign
 PAIR_LOWS, PAIR_HIGHS = 0x5140, 0x7362  # PRMT selectors: half2 of lookups (0, 1) and (2, 3)
@@ -54,9 +54,9 @@ def codebook_code(stored: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def lookup_values(bits: int) -> tuple[float, ...]:
+def lookup_values(bits: int, codebook_name: Codebook = "lloyd-max") -> tuple[float, ...]:
     """The fp16 values the PRMT table holds: the 4 signed values (2 bits) or the magnitudes (3, 4 bits)."""
-    codebook = gaussian_codebook(bits)
+    codebook = codebook_levels(bits, codebook_name)
     values = codebook if bits == 2 else codebook[2 ** (bits - 1):]
     return tuple(values.half().float().tolist())
 
@@ -70,32 +70,40 @@ def high_byte_values() -> tuple[float, ...]:
     return tuple(float(np.copysign(level[abs(v)], v)) for v in values)
 
 
-def signed_values(bits: int, magnitudes: tuple[float, ...] | None = None) -> tuple[float, ...]:
+def signed_values(bits: int, magnitudes: tuple[float, ...] | None = None,
+                  codebook: Codebook = "lloyd-max") -> tuple[float, ...]:
     """The table of signed codes looked up whole (3 bits' SIGN_SELECTORS): value i at the stored code i
-    (stored_code: sign << (bits - 1) | magnitude), the magnitudes (lookup_values'), then the same negated."""
-    magnitudes = magnitudes or lookup_values(bits)
+    (stored_code: sign << (bits - 1) | magnitude), the magnitudes (lookup_values' of `codebook`), then the
+    same negated."""
+    magnitudes = magnitudes or lookup_values(bits, codebook)
     return magnitudes + tuple(-value for value in magnitudes)
 
 
 @lru_cache(maxsize=None)
 def high_byte_signed_values() -> tuple[float, ...]:
     """signed_values(3) of codebook.high_byte_codebook(3), times its factor: fp16 numbers whose low bytes are
-    zero (0.5, 1.5, 2.5, 4 and their negatives), looked up by their high bytes (registry.GRID_CODEBOOK3)."""
+    zero (0.5, 1.5, 2.5, 4 and their negatives), looked up by their high bytes (option "3g")."""
     levels, factor = high_byte_codebook(3)
     return signed_values(3, tuple(float(np.float16(v * factor)) for v in levels[4:].tolist()))
 
 
-def table_words(bits: int, high_bytes: bool = False, signed: bool = False) -> tuple[int, ...]:
+def table_words(bits: int, high_bytes: bool = False, signed: bool = False,
+                codebook: Codebook = "lloyd-max") -> tuple[int, ...]:
     """The 32-bit words of a stage's PRMT table: low bytes of the fp16 lookup values, then their high bytes.
 
-    4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes); with `high_bytes`
-    (2 bits) those of high_byte_values, whose low bytes are all zero; with `signed` (3 bits) 4, those
-    of signed_values, with `high_bytes` too those of high_byte_signed_values (low bytes zero).
+    4 words for 4 bits (8 magnitudes), 2 for 2 and 3 bits (4 values or magnitudes), of `codebook`'s levels;
+    with `high_bytes` (2 bits) those of high_byte_values, whose low bytes are all zero; with `signed` (3 bits)
+    4, those of signed_values, with `high_bytes` too (3 bits on the grid codebook) those of
+    high_byte_signed_values (low bytes zero).
     """
     if high_bytes and bits == 3:
+        if codebook != "grid":
+            raise ValueError("3-bit codes are looked up by their high bytes on the grid codebook only (option 3g)")
         values = high_byte_signed_values()
+    elif high_bytes:
+        values = high_byte_values()
     else:
-        values = high_byte_values() if high_bytes else signed_values(bits) if signed else lookup_values(bits)
+        values = signed_values(bits, codebook=codebook) if signed else lookup_values(bits, codebook)
     raw = np.array(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
     lows, highs = raw & 0xFF, raw >> 8
     packed = [lows[i : i + 4] for i in range(0, len(raw), 4)] + [highs[i : i + 4] for i in range(0, len(raw), 4)]
@@ -148,7 +156,7 @@ MASKED_CRUMB_ASM = quad_asm(0, signed=False)  # CRUMB_ASM on a selector masked o
 # The kernel multiplies its sums by HIGH_BYTE_FACTOR.
 HIGH_BYTE_LEVELS = (0.375, 1.25)
 HIGH_BYTE_FACTOR = float(np.sqrt(np.prod(gaussian_codebook(2)[2:].double().numpy()) / np.prod(HIGH_BYTE_LEVELS)))
-HIGH_BYTE_FACTOR3 = 1 / high_byte_codebook(3)[1]  # what 3-bit sums by high bytes are multiplied by (GRID_CODEBOOK3)
+HIGH_BYTE_FACTOR3 = 1 / high_byte_codebook(3)[1]  # what 3-bit sums by high bytes are multiplied by (option 3g)
 HIGH_PAIR_LOWS, HIGH_PAIR_HIGHS = 0x1404, 0x3424
 
 
@@ -183,14 +191,14 @@ def prmt(a: np.ndarray, b: np.ndarray, selector: np.ndarray) -> np.ndarray:
 
 def emulate_quad(words: np.ndarray, bits: int, shift: int, signs: np.ndarray | None = None,
                  sign_shift: int = 0, high_bytes: bool = False, word_masks: bool = False,
-                 sign_selectors: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 sign_selectors: bool = False, codebook: Codebook = "lloyd-max") -> tuple[np.ndarray, np.ndarray]:
     """A quad as quad_asm (with `high_bytes`, 2 bits: HIGH_CRUMB_ASM) computes it: the selector from
     words >> shift, the signs (if any) from signs << sign_shift; (half2 of slots 0 and 1, half2 of
     slots 2 and 3) as uint32 bits. With `word_masks` (2-bit code words) the selector is what the
     one-token kernel's WORD_MASKS hands the MASKED_ PTX: the word shifted by shift % 16, masked with
     CRUMB_MASKED, then shifted by the rest (16 for row half 1), its high half left for PRMT to ignore.
     With `sign_selectors` (3 bits) the selector nibbles are signed codes, looked up in signed_values' table."""
-    t = [np.uint32(x) for x in table_words(bits, high_bytes, sign_selectors)]
+    t = [np.uint32(x) for x in table_words(bits, high_bytes, sign_selectors, codebook)]
     lows, highs = ((t[0], t[1]), (t[2], t[3])) if len(t) == 4 else ((t[0], t[0]), (t[1], t[1]))
     if sign_selectors:
         selector = (words >> np.uint32(shift)) & np.uint32(0x7777)

@@ -18,7 +18,6 @@ import importlib.util
 import itertools
 import os
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from types import SimpleNamespace
@@ -26,12 +25,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from tqc.codebook import Codebook
 from tqc.layout import LayerSpec, layer_bytes
 
 from . import fragments, int8_kernels, lut_int8, repack
 from .launch import launch
 from . import triton_kernels as tk
-from .lut import TABLE_COPIES, lookup_values, table_words
+from .lut import TABLE_COPIES, table_words
 from .repack import slot_words
 from .tuning import (Harness, LaunchConfig, Tuner, candidate_configs, int8_candidates, run_sums_fit, stream_copies,
                      token_bucket)
@@ -146,17 +146,19 @@ class KernelKey:
     k: int
     activations: str = "fp16"
     codes: str = KERNEL_LAYOUT  # FRAGMENT_LAYOUT: the fragment family (takes_fragments)
+    codebook: Codebook = "lloyd-max"  # the base stage's levels (option "3g": the grid's)
 
     @classmethod
     def of(cls, spec: LayerSpec, codes: str = KERNEL_LAYOUT) -> KernelKey:
         return cls(spec.option.base_bits, spec.option.residual_bits, spec.group_size, spec.out_features, spec.in_features,
-                   spec.activations, codes)
+                   spec.activations, codes, spec.option.codebook)
 
     @property
     def name(self) -> str:
         int8 = "a8" if self.activations == "int8" else ""
         fragment = "fr" if self.codes == FRAGMENT_LAYOUT else ""
-        return f"b{self.bits}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}{int8}{fragment}"
+        grid = "g" if self.codebook == "grid" else ""
+        return f"b{self.bits}{grid}r{self.residual_bits}g{self.group_size}n{self.n}k{self.k}{int8}{fragment}"
 
 
 def supports(spec: LayerSpec) -> bool:
@@ -201,17 +203,18 @@ class LayerKernel:
     layout = KERNEL_LAYOUT  # of the codes it reads (prepare)
     key: KernelKey
     tuner: Tuner
-    _tables: dict[tuple[int, torch.device, bool, bool], torch.Tensor] = field(default_factory=dict)
+    _tables: dict[tuple[int, torch.device, bool, bool, str], torch.Tensor] = field(default_factory=dict)
     # Per-call work done once: a decode step calls every kernel with the same token count, and
     # rebuilding the candidate list or the constexprs each call costs more than the launch itself.
     _configs: dict[int, LaunchConfig] = field(default_factory=dict)
     _specialised: dict[LaunchConfig, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
-    def table(self, bits: int, device: torch.device, high_bytes: bool = False, signed: bool = False) -> torch.Tensor:
+    def table(self, bits: int, device: torch.device, high_bytes: bool = False, signed: bool = False,
+              codebook: Codebook = "lloyd-max") -> torch.Tensor:
         """A stage's PRMT table (lut.table_words) as int32 on `device`, TABLE_COPIES times (load_table)."""
-        key = (bits, device, high_bytes, signed)
+        key = (bits, device, high_bytes, signed, codebook)
         if key not in self._tables:
-            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits, high_bytes, signed)]
+            words = [w - 2**32 if w >= 2**31 else w for w in table_words(bits, high_bytes, signed, codebook)]
             self._tables[key] = torch.tensor(words * TABLE_COPIES, dtype=torch.int32, device=device)
         return self._tables[key]
 
@@ -219,7 +222,7 @@ class LayerKernel:
         """The six weight arguments of every kernel: codes, scales, lookup table, then the residual's."""
         check_layout(module, self.layout)
         device = module.codes.device
-        base = (module.codes, module.scales, self.table(self.key.bits, device))
+        base = (module.codes, module.scales, self.table(self.key.bits, device, codebook=self.key.codebook))
         if not self.key.residual_bits:
             return base + base  # never read: RES_BITS == 0 is a constexpr branch
         return base + (module.residual_codes, module.residual_scales, self.table(self.key.residual_bits, device))
@@ -517,39 +520,10 @@ HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
 # 8 steps, statically (docs/kernel_layout.md). Correct on the H100 (run 231) but no faster: 2-bit and 4+2 layers
 # level at one token (runs 232-233), 3-bit ones take SIGN_SELECTORS' selectors instead. TQC_WORD_MASKS=1.
 WORD_MASKS = os.environ.get("TQC_WORD_MASKS", "0") == "1"
-# 3-bit codes of codebook.high_byte_codebook(3) ({0.5, 1.5, 2.5, 4} / 1.873, +1.03% squared error on a Gaussian
-# against Lloyd-Max's) looked up by their high bytes in the one-token kernel, as 2-bit codes are (HIGH_BYTES):
-# 9.5% fewer instructions at 8 steps, statically (scripts/grid_codebook.py --static); on an H100 4-5% off 8B's 3-bit
-# down and gate+up and 6% off the decoder at plan 3 (runs 241-242). tqc quantizes with Lloyd-Max, so only
-# `high_byte_codebook3()` turns it on, for measurements (`tqc bench layers --grid3`).
-GRID_CODEBOOK3 = False
-
-
-@contextmanager
-def high_byte_codebook3():
-    """While inside, 3-bit stages are fitted to and decoded with codebook.high_byte_codebook(3) (tqc.codebook's
-    3-bit levels replaced) and the one-token kernel looks them up by high bytes (GRID_CODEBOOK3): for measuring
-    that codebook's cost and speed. Nothing built inside records the change: never keep a packed model from it."""
-    global GRID_CODEBOOK3
-    from tqc import codebook  # noqa: PLC0415
-
-    levels = codebook.high_byte_codebook(3)[0].double().numpy()
-    grid = (levels, float(codebook.symmetric_distortion(levels[4:])))  # made once: the reference path asks per call
-    own = codebook._lloyd_max
-    swap = lambda bits, *args: grid if bits == 3 else own(bits, *args)  # noqa: E731
-    _forget_codebook_tables()
-    codebook._lloyd_max, GRID_CODEBOOK3 = swap, True
-    try:
-        yield
-    finally:
-        codebook._lloyd_max, GRID_CODEBOOK3 = own, False
-        _forget_codebook_tables()
-
-
-def _forget_codebook_tables() -> None:
-    """Drop the cached tables made from tqc.codebook's levels (remade on next use)."""
-    lookup_values.cache_clear()
-    fragments._decode_tables.cache_clear()
+# 3-bit codes of codebook.high_byte_codebook(3) (option "3g": {0.5, 1.5, 2.5, 4} / 1.873, +1.03% squared error on a
+# Gaussian against Lloyd-Max's) are looked up by their high bytes in the one-token kernel, as 2-bit codes are
+# (HIGH_BYTES): 9.5% fewer instructions at 8 steps, statically (scripts/grid_codebook.py --static); on an H100 4-8%
+# off 8B's 3-bit one-token layers and 6% off the decoder at plan 3 (runs 241-246).
 
 
 def program_warps(n: int) -> tuple[int, ...]:
@@ -648,8 +622,9 @@ class FragmentLayerKernel(LayerKernel):
 
     def high_bytes(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel looks codes up by their high bytes (HIGH_BYTES): the one-token kernel with
-        row sums, on a layer of 2 bits (or 3 with sign selectors under GRID_CODEBOOK3) without a residual stage."""
-        on_grid = self.key.bits == 2 or GRID_CODEBOOK3 and self.sign_selectors
+        row sums, on a layer of 2 bits (or 3 with sign selectors on the grid codebook, option 3g) without a
+        residual stage."""
+        on_grid = self.key.bits == 2 or self.key.codebook == "grid" and self.sign_selectors
         return HIGH_BYTES and self.row_sums_gemv(config) and on_grid and not self.key.residual_bits
 
     def word_masks(self, config: LaunchConfig) -> bool:
@@ -670,14 +645,15 @@ class FragmentLayerKernel(LayerKernel):
         weights = super().weights(module)
         if not self.sign_selectors:
             return weights
-        return (*weights[:2], self.table(3, weights[0].device, signed=True), *weights[3:])
+        return (*weights[:2], self.table(3, weights[0].device, signed=True, codebook=self.key.codebook), *weights[3:])
 
     def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
         """weights(module), the table lut.table_words(bits, True, ...) where the config looks codes up by high bytes."""
         weights = self.weights(module)
         if not self.high_bytes(config):
             return weights
-        table = self.table(self.key.bits, weights[0].device, high_bytes=True, signed=self.sign_selectors)
+        table = self.table(self.key.bits, weights[0].device, high_bytes=True, signed=self.sign_selectors,
+                           codebook=self.key.codebook)
         return (*weights[:2], table, *weights[3:])
 
     @staticmethod
@@ -736,7 +712,8 @@ class FragmentLayerKernel(LayerKernel):
         codes, scales, _, res_codes, res_scales, _ = self.weights(module)
         key = self.key
         residual = (res_codes, res_scales, key.residual_bits) if key.residual_bits else None
-        return fragments.fragment_weights(codes, scales, key.n, key.k, key.group_size, dtype, residual, key.bits)
+        return fragments.fragment_weights(codes, scales, key.n, key.k, key.group_size, dtype, residual, key.bits,
+                                          key.codebook)
 
 
 def pdl_launch(device: torch.device) -> dict:

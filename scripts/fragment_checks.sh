@@ -39,12 +39,11 @@
 #           tuned afresh (each variant from the tuning cache less those keys, in a cache of its own), without and
 #           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
 #           come back, the other keys as they were. Run 227 (as `ordered-2bit`, still a name for OPTION=2) retuned the 2-bit keys for the high
-#           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors. GRID3=1 tunes
-#           and times them under --grid3 (registry.high_byte_codebook3: row-sum configs look 3-bit codes up by high bytes)
-# grid3     3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes (registry.high_byte_codebook3,
-#           session 53; passed and timed in run 241): its GPU check, then Llama-3-8B's 3-bit gate/up, down and concatenated gate/up
-#           at one token without and with `--grid3` (VARIANTS, default 0 1 0-again 1-again); the decoder at plan 3
-#           for the first two
+#           bytes; run 237 (OPTION=3 VARIANTS="0 0-again") the 3-bit keys under the sign selectors; run 245 (then
+#           GRID3=1) the 3-bit keys on the grid codebook, now option 3g's own (OPTION=3g)
+# grid3     option 3g, 3-bit codes of codebook.high_byte_codebook(3) looked up by their high bytes: its GPU checks, then
+#           Llama-3-8B's gate/up, down and concatenated gate/up at one token, options 3 and 3g side by side, and the
+#           decoder at plans mixed, mixed-3g, 3 and 3g, for each VARIANT (default a b)
 # profile   Nsight Compute on the family's one-token kernel at $OPTION bits (default 4), gate/up (14336x4096) then down
 #           (4096x14336): run 129 found them level (docs/performance.md)
 # balance   Nsight Compute, a few metrics: how the one-token kernel's programs spread over the SMs
@@ -161,21 +160,20 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
           "b${bits}r${residual}g128"
         run "$name-$v" env TQC_ORDERED_INPUTS="${v:0:1}" TQC_KERNEL_CACHE="$cache" python3 -u -m tqc.cli bench \
           layers --models llama3-8b llama3-8b-fused --layers gate_proj/up_proj down_proj gate_proj+up_proj \
-          --options "$option" --tokens 1 ${GRID3:+--grid3} -o "$out/$name-$v.json"
+          --options "$option" --tokens 1 -o "$out/$name-$v.json"
         mkdir -p "$out/$name-cache-$v" && cp "$cache"/nvidia-*.json "$out/$name-cache-$v"/
       done
       (cd "$out" && tar czf "$name.tgz" "$name"-* && rm -r "$name"-*) ;;
     grid3)
-      run grid3-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k high_byte_codebook
-      for v in ${VARIANTS:-0 1 0-again 1-again}; do
-        grid=(); [ "${v:0:1}" = 1 ] && grid=(--grid3)
+      run grid3-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k "3g or high_byte"
+      for v in ${VARIANTS:-a b}; do
         run "grid3-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 --tokens 1 "${grid[@]}" \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 3g --tokens 1 --fragments all \
           -o "$out/grid3-layers-$v.json"
-        case $v in
-          ?) run "grid3-decode-$v" python3 -u -m tqc.cli bench decode --plan 3 --tokens 1 "${grid[@]}" \
-               -o "$out/grid3-decode-$v.json" ;;
-        esac
+        for plan in mixed mixed-3g 3 3g; do
+          run "grid3-decode-$plan-$v" python3 -u -m tqc.cli bench decode --plan $plan --tokens 1 --fragments all \
+            -o "$out/grid3-decode-$plan-$v.json"
+        done
       done
       (cd "$out" && tar czf grid3.tgz grid3-* && rm grid3-*) ;;
     profile)

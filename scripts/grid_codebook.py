@@ -12,11 +12,10 @@ quad instead of 4, 5-12% off 2-bit layers on the H100), because the 2-bit Lloyd-
 times a power of 2) under one common factor (which a kernel undoes on its sums), the choice
 that gives a standard normal the least squared error (tqc.codebook.high_byte_codebook). This
 prints that codebook and its error against Lloyd-Max's, then builds each plan (uniform, or a
-file) with each codebook (registry.high_byte_codebook3: tqc.codebook's 3-bit levels swapped; nothing
-else changes) and scores both against the source on wiki.test.txt windows. With --static it
-compiles the one-token fragment kernel of Llama-3-8B's 3-bit gate/up and down for sm_90 instead
-(no GPU needed), as it is and under that switch (its codes looked up by their high bytes,
-registry.GRID_CODEBOOK3), and counts the SASS.
+file) as it is and with its 3-bit layers on that codebook (option 3g; nothing else changes) and scores
+both against the source on wiki.test.txt windows. With --static it compiles the one-token fragment kernel
+of Llama-3-8B's gate/up and down at options 3 and 3g for sm_90 instead (no GPU needed; 3g's codes looked
+up by their high bytes), and counts the SASS.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,42 +33,47 @@ import torch
 from tqc import codebook
 from tqc.codebook import high_byte_codebook, symmetric_distortion
 from tqc.evaluate import Windows, evaluate, token_windows
-from tqc.kernels.registry import high_byte_codebook3
 from tqc.models import load_model, load_tokenizer, resolve_model
 from tqc.packed import build
-from tqc.plan import read_plan, write_text_atomic
+from tqc.plan import Plan, read_plan, write_text_atomic
 
 
-def score(plan_path: Path, codebook_switch, reference, ids: torch.Tensor) -> dict:
-    """Build the plan inside `codebook_switch()` (in a temporary directory) and score it against the source."""
-    with codebook_switch(), tempfile.TemporaryDirectory() as tmp:
-        model = build(read_plan(plan_path), Path(tmp) / "packed", progress=False)
+def on_grid(plan: Plan) -> Plan:
+    """The plan with its 3-bit layers (option 3) on the grid codebook (option 3g)."""
+    layers = {name: layer.model_copy(update={"option": "3g"}) if layer.option == "3" else layer
+              for name, layer in plan.layers.items()}
+    return plan.model_copy(update={"layers": layers})
+
+
+def score(plan: Plan, reference, ids: torch.Tensor) -> dict:
+    """Build the plan (in a temporary directory) and score it against the source."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(plan, Path(tmp) / "packed", progress=False)
         with torch.no_grad():
             return evaluate(model, reference, ids, progress=False).as_dict()
 
 
 def static_counts() -> list[dict]:
-    """SASS counts of the 3-bit one-token fragment kernel's candidates (row sums) at 8B's gate/up and down, as
-    they are and under registry.high_byte_codebook3() (their codes looked up by high bytes), printed side by side."""
+    """SASS counts of the one-token fragment kernel's candidates (row sums) at 8B's gate/up and down, options 3
+    and 3g (its codes looked up by high bytes), printed side by side."""
     from tqc.kernels.bench import bench_spec  # noqa: PLC0415
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey  # noqa: PLC0415
     from tqc.kernels.static_report import compile_gluon_for_hopper, sass_summary  # noqa: PLC0415
 
     rows = []
     for n, k in ((14336, 4096), (4096, 14336)):
-        for lookup, switch in (("both bytes", nullcontext), ("high bytes", high_byte_codebook3)):
-            with switch():
-                family = FragmentLayerKernel(KernelKey.of(bench_spec("3", 128, k, n), FRAGMENT_LAYOUT), None)
-                for config in family.candidates(1):
-                    if not family.row_sums_gemv(config) or config.iters not in (4, 8, 16):
-                        continue
-                    constexprs = family.specialise(config)[1]
-                    summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), constexprs,
-                                                                    config.num_warps, "*bf16"))
-                    rows.append({"lookup": lookup, "n": n, "k": k, "steps": config.iters, "sums": config.sums,
-                                 "high_bytes": constexprs.get("HIGH_BYTES", False),
-                                 "instructions": summary["instructions"], "registers": summary["registers"],
-                                 "prmt": summary["ops"].get("PRMT", 0)})
+        for lookup, option in (("both bytes", "3"), ("high bytes", "3g")):
+            family = FragmentLayerKernel(KernelKey.of(bench_spec(option, 128, k, n), FRAGMENT_LAYOUT), None)
+            for config in family.candidates(1):
+                if not family.row_sums_gemv(config) or config.iters not in (4, 8, 16):
+                    continue
+                constexprs = family.specialise(config)[1]
+                summary = sass_summary(compile_gluon_for_hopper(family.gluon_kernel(config), constexprs,
+                                                                config.num_warps, "*bf16"))
+                rows.append({"lookup": lookup, "n": n, "k": k, "steps": config.iters, "sums": config.sums,
+                             "high_bytes": constexprs.get("HIGH_BYTES", False),
+                             "instructions": summary["instructions"], "registers": summary["registers"],
+                             "prmt": summary["ops"].get("PRMT", 0)})
     both = {(r["n"], r["k"], r["steps"], r["sums"]): r for r in rows if r["lookup"] == "both bytes"}
     for r in (r for r in rows if r["lookup"] == "high bytes"):
         was = both[r["n"], r["k"], r["steps"], r["sums"]]
@@ -103,8 +106,8 @@ def quality(args: argparse.Namespace) -> dict:
                             "--quantizer", args.quantizer, "-o", str(plan)], check=True, stdout=subprocess.DEVNULL)
         plans |= {str(plan): Path(plan) for plan in args.plans}
         for label, plan in plans.items():
-            for name, switch in (("lloyd_max", nullcontext), ("grid", high_byte_codebook3)):
-                metrics = score(plan, switch, reference, ids)
+            for name, variant in (("lloyd_max", read_plan(plan)), ("grid", on_grid(read_plan(plan)))):
+                metrics = score(variant, reference, ids)
                 rows.append({"plan": label, "codebook": name} | metrics)
                 print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} "
                       f"(source {metrics['source_perplexity']:.3f}), KLD {metrics['kl_divergence']:.4f}, "

@@ -14,7 +14,7 @@ from tqc.calibration.scores import score_layers, theory_error
 from tqc.calibration.statistics import collect
 from tqc.layout import LayerSpec, layer_seed
 from tqc.models import linear_layers, linear_shapes
-from tqc.options import TURBOQUANT_OPTIONS, QuantOption
+from tqc.options import SCORED_OPTIONS, QuantOption
 from tqc.plan import ModelRef, PlanError
 from tqc.rotation import random_signs, unrotate
 
@@ -52,7 +52,7 @@ def test_scores_equal_the_real_quantizers_output_error():
     hessian = (x.T @ x / 400).double()
     scores = score_layers({"layer": (weight, hessian, 3.0, 64)}, seed=5, rows=1000)["layer"]
     seed = layer_seed(5, "layer")
-    for option in TURBOQUANT_OPTIONS:
+    for option in SCORED_OPTIONS:
         spec = LayerSpec(option, 64, 256, 48)
         rotated = turboquant.dequantize(turboquant.quantize(weight, spec, seed), spec)
         delta = weight - unrotate(rotated, random_signs(seed, 256), 64)
@@ -75,7 +75,7 @@ def test_prior_measurement_roundtrip(tiny_model, tmp_path):
     path = tmp_path / "m.json"
     write_measurement(measurement, path)
     assert read_measurement(path) == measurement
-    assert set(measurement.layers["lm_head"].options) == {o.name for o in TURBOQUANT_OPTIONS}
+    assert set(measurement.layers["lm_head"].options) == {o.name for o in SCORED_OPTIONS}
     path.write_text(path.read_text().replace('"method"', '"methd"'))
     with pytest.raises(PlanError, match="invalid measurement"):
         read_measurement(path)

@@ -108,29 +108,32 @@ def test_high_byte_codebook_decodes_3_bit_codes_by_three_prmts_a_quad():
     np.testing.assert_array_equal(decoded, signed.astype(np.float32)[codes])
 
 
-def test_high_byte_codebook3_switches_the_3_bit_codebook_and_one_token_lookups():
-    """registry.high_byte_codebook3 (`tqc bench layers --grid3`): inside, tqc's 3-bit levels are
-    codebook.high_byte_codebook(3)'s, and the fragment family's one-token row-sum configs of a 3-bit layer (none
-    of a 4-bit one, no 16-token config) look codes up by high bytes (HIGH_BYTES, the table of
-    lut.high_byte_signed_values); after, all is as it was."""
-    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, high_byte_codebook3
+def test_option_3g_looks_its_codes_up_by_high_bytes_in_the_one_token_kernel():
+    """Option 3g (3 bits on codebook.high_byte_codebook(3)): its kernel key is its own (tuned apart from 3's), its
+    tables hold the grid's levels, and the fragment family's one-token row-sum configs look its codes up by high
+    bytes (HIGH_BYTES, the table of lut.high_byte_signed_values, low bytes zero); option 3's never, nor 16 tokens'."""
+    from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey
 
     def family(option: str) -> FragmentLayerKernel:
         spec = LayerSpec(QuantOption.parse(option), 128, 4096, 1024)
         return FragmentLayerKernel(KernelKey.of(spec, FRAGMENT_LAYOUT), Tuner("none", "none", None))
 
-    lloyd_max = gaussian_codebook(3)
-    with high_byte_codebook3():
-        assert torch.equal(gaussian_codebook(3), high_byte_codebook(3)[0])
-        three, four = family("3"), family("4")
-        row_sums = [c for c in three.candidates(1) if three.row_sums_gemv(c)]
-        assert row_sums and all(three.high_bytes(c) and three.specialise(c)[1]["HIGH_BYTES"] for c in row_sums)
-        assert not any(three.high_bytes(c) for c in three.candidates(16))
-        assert not any(four.high_bytes(c) for c in four.candidates(1))
-        table = three.table(3, torch.device("cpu"), high_bytes=True, signed=True)[:4].numpy().view(np.uint32)
-        assert table.tolist() == list(lut.table_words(3, high_bytes=True, signed=True))
-        assert not table[0] and not table[1]  # the low bytes: all zero
-    assert torch.equal(gaussian_codebook(3), lloyd_max) and not family("3").high_bytes(row_sums[0])
+    grid, lloyd_max = family("3g"), family("3")
+    assert grid.key.name == "b3gr0g128n1024k4096fr" and lloyd_max.key.name == "b3r0g128n1024k4096fr"
+    row_sums = [c for c in grid.candidates(1) if grid.row_sums_gemv(c)]
+    assert row_sums and all(grid.high_bytes(c) and grid.specialise(c)[1]["HIGH_BYTES"] for c in row_sums)
+    assert not any(grid.high_bytes(c) for c in grid.candidates(16))
+    assert not any(lloyd_max.high_bytes(c) for c in lloyd_max.candidates(1))
+    cpu = torch.device("cpu")
+    table = grid.table(3, cpu, high_bytes=True, signed=True, codebook="grid")[:4].numpy().view(np.uint32)
+    assert table.tolist() == list(lut.table_words(3, high_bytes=True, signed=True, codebook="grid"))
+    assert not table[0] and not table[1]  # the low bytes: all zero
+    grid_values = np.array(lut.lookup_values(3, "grid"), dtype=np.float16)
+    assert np.array_equal(grid_values, high_byte_codebook(3)[0][4:].numpy().astype(np.float16))
+    assert not np.array_equal(grid_values, np.array(lut.lookup_values(3), dtype=np.float16))
+    assert lut.table_words(3, signed=True, codebook="grid") != lut.table_words(3, signed=True)
+    with pytest.raises(ValueError, match="grid codebook only"):
+        lut.table_words(3, high_bytes=True, signed=True)
 
 
 @pytest.mark.parametrize(("bits", "high_bytes"), [(2, False), (2, True), (3, False)])

@@ -26,7 +26,7 @@ if not (INTERPRET or CUDA):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 from tqc.layout import LayerSpec  # noqa: E402
-from tqc.options import TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
+from tqc.options import SCORED_OPTIONS, TURBOQUANT_OPTIONS, QuantOption  # noqa: E402
 from tqc.rotation import rotate  # noqa: E402
 
 from tqc.kernels import fragments, glue, registry  # noqa: E402
@@ -105,7 +105,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("option", TURBOQUANT_OPTIONS, ids=str)
+@pytest.mark.parametrize("option", SCORED_OPTIONS, ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kernel_matches_reference(option, strategy):
     config = STRATEGIES[strategy](min(slot_choices(option.base_bits, option.residual_bits)))
@@ -145,7 +145,7 @@ def test_int8_kernel_matches_reference(bits, strategy):
                 assert error < TOLERANCE[dtype], f"{bits}-bit {strategy} {n}x{k} {dtype} M={tokens}: {error:.2e}"
 
 
-@pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
+@pytest.mark.parametrize("option", ["4", "3", "3g", "2", "4+4", "4+2"])
 def test_fragment_dequantize_gives_the_lookup_familys_weights(option):
     """The fragment family's prefill weights (on a GPU gluon_kernels.fragment_dequant_kernel, interpreted
     its plain Triton counterpart) equal what the lookup family's dequant_kernel decodes from the same codes
@@ -175,7 +175,7 @@ def test_fragment_dequantize_without_sign_selectors_gives_the_lookup_familys_wei
 # Gluon kernels have no interpreter: the fragment family is tested on a GPU only, and defined only there
 # so that the interpreted run skips nothing.
 if CUDA:
-    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
+    @pytest.mark.parametrize("option", ["4", "3", "3g", "2", "4+4", "4+2"])
     @pytest.mark.parametrize("iters", [1, 8])
     def test_fragment_kernel_matches_reference(iters, option):
         """The fragment family (4-, 3- or 2-bit, 4+4, 4+2, codes in wgmma's operand order, Gluon) against the
@@ -194,12 +194,10 @@ if CUDA:
         check_fragment_configs("2", [], gemv_iters=iters)
 
     def test_fragment_gemv_on_the_high_byte_codebook_matches_reference():
-        """registry.high_byte_codebook3 (`tqc bench layers --grid3`): 3-bit layers fitted to
-        codebook.high_byte_codebook(3), the one-token kernel's row-sum configs looking their codes up by high
-        bytes (lut.high_byte_signed_values, the sums times lut.HIGH_BYTE_FACTOR3) and its other configs by both,
-        against the reference path on the same codebook."""
-        with registry.high_byte_codebook3():
-            check_fragment_configs("3", [], gemv_iters=8)
+        """Option 3g: 3-bit layers fitted to codebook.high_byte_codebook(3), the one-token kernel's row-sum
+        configs looking their codes up by high bytes (lut.high_byte_signed_values, the sums times
+        lut.HIGH_BYTE_FACTOR3) and its other configs by both, against the reference path on the same codebook."""
+        check_fragment_configs("3g", [], gemv_iters=8)
 
     @pytest.mark.parametrize(("option", "high_bytes"), [("2", True), ("2", False), ("3", True), ("4+2", True)])
     def test_fragment_gemv_by_word_masks_matches_reference(option, high_bytes, monkeypatch):
@@ -222,7 +220,7 @@ if CUDA:
         tile = LaunchConfig(strategy="fragments", iters=8, token_tile=64)
         check_fragment_configs("3", [(dot, 1), (dot, 16), (dot, 40), (tile, 77), (dequant, 77)], gemv_iters=8)
 
-    @pytest.mark.parametrize("option", ["4", "3", "2", "4+4", "4+2"])
+    @pytest.mark.parametrize("option", ["4", "3", "3g", "2", "4+4", "4+2"])
     def test_fragment_token_tiles_match_reference(option):
         """LaunchConfig.token_tile: tiles of 64 and 128 tokens (a prompt's, a batch's) on tensor cores,
         77 and 300 tokens (the last tile short), against the reference path; also programs of 2 or 4

@@ -25,7 +25,8 @@ INT8_MAX = 127
 
 def takes_int8(option: QuantOption, activations: Activations) -> bool:
     """Whether a layer of `option` runs on int8 activations under a plan's `activations`."""
-    return activations == "int8" and option.scheme == "turboquant" and not option.residual_bits
+    return (activations == "int8" and option.scheme == "turboquant" and not option.residual_bits
+            and option.codebook == "lloyd-max")  # the int8 kernels' tables hold Lloyd-Max's levels
 
 
 def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

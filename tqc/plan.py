@@ -75,7 +75,7 @@ class QuantizerRef(Strict):
 
 
 class LayerPlan(Strict):
-    option: str = Field(description="quantization option: 2, 3, 4, 4+2, 4+4, rtn4, fp16, ...")
+    option: str = Field(description="quantization option: 2, 3, 3g, 4, 4+2, 4+4, rtn4, fp16, ...")
     group_size: int = Field(description="input columns per scale and per rotation block")
     bytes: int | None = Field(default=None, description="predicted packed bytes")
     sensitivity: float | None = Field(default=None, description="predicted damage (calibration score)")
@@ -180,8 +180,9 @@ def plan_to_text(plan: Plan, fmt: str = "yaml", notes: dict[str, str] | None = N
     data["layers"] = {name: _LayerDict(layer) for name, layer in data["layers"].items()}
     header = (
         "# tqc plan: one line per linear layer, in model order. Edit 'option' (2, 3, 4, 2+2, 3+2,\n"
-        "# 4+2, 4+4, rtn2..rtn8, fp16) or 'group_size' by hand; set 'pinned: true' so that a re-plan\n"
-        "# keeps your choice. `tqc plan --check` re-validates, `tqc build` honours every edit.\n"
+        "# 4+2, 4+4, 3g: 3 bits on the grid codebook, rtn2..rtn8, fp16) or 'group_size' by hand; set\n"
+        "# 'pinned: true' so that a re-plan keeps your choice. `tqc plan --check` re-validates,\n"
+        "# `tqc build` honours every edit.\n"
     )
     text = yaml.dump(data, Dumper=_PlanDumper, sort_keys=False, width=200)
     return header + (_annotate(text, notes) if notes else text)

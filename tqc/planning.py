@@ -103,6 +103,11 @@ def layer_candidates(
     measurement: Measurement, shapes: dict[str, LinearShape], geometry: ModelGeometry, rules: Rules
 ) -> dict[str, list[Choice]]:
     """Per layer, in model order: the allowed (option, bytes, damage) choices."""
+    measured = {option for layer in measurement.layers.values() for option in layer.options}
+    unmeasured = [o.name for o in rules.options or () if o.scheme == "turboquant" and o.name not in measured]
+    if unmeasured:
+        raise PlanError(f"option {unmeasured[0]} was not scored by this measurement (made before tqc scored it: "
+                        "calibrate again, or leave it out of --options)")
     candidates = {}
     for name, shape in shapes.items():
         score = measurement.layers.get(name)

@@ -1,6 +1,7 @@
 """TurboQuant for weights: rotate each group, fit a scale, encode with a Lloyd-Max codebook.
 
-Stage 1 encodes the rotated weight with the `base_bits` Gaussian codebook; the optional residual
+Stage 1 encodes the rotated weight with the `base_bits` Gaussian codebook (the option's: Lloyd-Max, or
+the grid's for "3g", codebook.codebook_levels); the optional residual
 stage encodes what stage 1 left with its own scale and `residual_bits` codebook. Each stage's
 per-(row, group) scale minimises that stage's squared error (grid search around the RMS, then
 alternating least-squares refinement), not merely the RMS.
@@ -12,7 +13,7 @@ import torch
 
 from .bitpack import pack, unpack
 from .activations import round_to_int8
-from .codebook import gaussian_codebook, int8_codebook
+from .codebook import Codebook, codebook_levels, int8_codebook
 from .layout import LayerSpec
 from .rotation import random_signs, rotate
 
@@ -71,14 +72,15 @@ def _fit_chunk(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     return codes.to(torch.uint8), scale.to(torch.float16)
 
 
-def fit_stage(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_stage(x: torch.Tensor, bits: int, codebook_name: Codebook = "lloyd-max") -> tuple[torch.Tensor, torch.Tensor]:
     """Encode x [rows, groups, g] at `bits`: (codes uint8 [rows, groups, g], scales fp16 [rows, groups])."""
-    codebook = gaussian_codebook(bits).to(x.device)
+    codebook = codebook_levels(bits, codebook_name).to(x.device)
     parts = [_fit_chunk(chunk, codebook) for chunk in x.split(ROW_CHUNK)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_levels: bool = False) -> torch.Tensor:
+def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_levels: bool = False,
+                 codebook_name: Codebook = "lloyd-max") -> torch.Tensor:
     """codes [rows, groups, g] (any integer dtype) and scales [rows, groups] -> float32 values.
 
     int8_levels: through the codebook rounded to int8 (layers on int8 activations, tqc.activations);
@@ -88,7 +90,7 @@ def decode_stage(codes: torch.Tensor, scales: torch.Tensor, bits: int, int8_leve
         levels, factor = int8_codebook(bits)
         codebook = (levels.double() * factor).float().to(scales.device)
     else:
-        codebook = gaussian_codebook(bits).to(scales.device)
+        codebook = codebook_levels(bits, codebook_name).to(scales.device)
     index = codes if codes.dtype in (torch.int32, torch.int64) else codes.int()
     return _lookup(codebook, index).mul_(scales.float()[..., None])
 
@@ -117,14 +119,14 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int) -> dict[str, torc
     option = spec.option
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     rotated = rotated_weight(weight, seed, spec).reshape(n, spec.groups, g)
-    codes, scales = fit_stage(rotated, option.base_bits)
+    codes, scales = fit_stage(rotated, option.base_bits, option.codebook)
     tensors = {
         "codes": pack(codes.reshape(n, k), option.base_bits),
         "scales": scales,
         "seed": torch.tensor([seed], dtype=torch.int64),
     }
     if option.residual_bits:
-        residual = rotated - decode_stage(codes, scales, option.base_bits)
+        residual = rotated - decode_stage(codes, scales, option.base_bits, codebook_name=option.codebook)
         res_codes, res_scales = fit_stage(residual, option.residual_bits)
         tensors["residual_codes"] = pack(res_codes.reshape(n, k), option.residual_bits)
         tensors["residual_scales"] = res_scales
@@ -137,7 +139,7 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: LayerSpec) -> torch.Tenso
     n, k, g = spec.out_features, spec.in_features, spec.group_size
     shape = (n, spec.groups, g)
     codes = unpack(tensors["codes"], option.base_bits, k, torch.int32).view(shape)
-    weight = decode_stage(codes, tensors["scales"], option.base_bits, spec.activations == "int8")
+    weight = decode_stage(codes, tensors["scales"], option.base_bits, spec.activations == "int8", option.codebook)
     if option.residual_bits:
         codes = unpack(tensors["residual_codes"], option.residual_bits, k, torch.int32).view(shape)
         weight += decode_stage(codes, tensors["residual_scales"], option.residual_bits)
