@@ -170,7 +170,7 @@ def supports(spec: LayerSpec) -> bool:
 # fragment). Its kernels take every TurboQuant option, 2-4 bits with a residual stage of 2 or 4 bits or
 # none: compiled and counted in CI, their prefill weights tested interpreted; the others join this set
 # once a GPU run of that test has passed, and until then serve only where asked for (`unchecked`).
-CHECKED_FRAGMENT_OPTIONS = frozenset({"2", "3", "4", "4+2", "4+4"})  # run 122 (docs/performance-history.md)
+CHECKED_FRAGMENT_OPTIONS = frozenset({"2", "3", "3g", "4", "4+2", "4+4"})  # runs 122, 248 (docs/performance-history.md)
 
 
 def takes_fragments(spec: LayerSpec, unchecked: bool = False) -> bool:

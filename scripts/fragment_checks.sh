@@ -168,10 +168,10 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
       run grid3-accuracy python3 -m pytest -q -p no:cacheprovider tests/test_kernels_accuracy.py -k "3g or high_byte"
       for v in ${VARIANTS:-a b}; do
         run "grid3-layers-$v" python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
-          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 3g --tokens 1 --fragments all \
+          --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 3 3g --tokens 1 \
           -o "$out/grid3-layers-$v.json"
         for plan in mixed mixed-3g 3 3g; do
-          run "grid3-decode-$plan-$v" python3 -u -m tqc.cli bench decode --plan $plan --tokens 1 --fragments all \
+          run "grid3-decode-$plan-$v" python3 -u -m tqc.cli bench decode --plan $plan --tokens 1 \
             -o "$out/grid3-decode-$plan-$v.json"
         done
       done
