@@ -62,7 +62,7 @@ def _output_error(model, tensors, spec: LayerSpec, hessian: torch.Tensor) -> flo
     return float(((delta @ rotated_hessian(hessian, signs, spec.group_size)) * delta).sum())
 
 
-@pytest.mark.parametrize("option", ["3", "2", "3+2"])
+@pytest.mark.parametrize("option", ["3", "3g", "2", "3+2"])
 def test_tuned_quantizers_lower_the_held_out_output_error(model, hessians, option):
     spec, seed = _spec(model, option), layer_seed(0, LAYER)
     weight = linear_layers(model)[LAYER].weight

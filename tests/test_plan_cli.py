@@ -3,6 +3,7 @@ measurement, Llama-3 configs planned from shapes alone and checked against a han
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,23 @@ def test_rules_are_honoured(tmp_path):
         if name.startswith("model.layers.0."):
             assert layer.option in {"4", "4+2", "fp16"}
     assert plan.layers["lm_head"].option == "fp16"
+
+
+def test_option_3g_is_allocated_where_asked_and_refused_where_never_scored(capsys, tmp_path):
+    """3g costs what 3 costs: offered beside it, the exact allocator's damage can only drop, and it takes 3g
+    where 3g scores lower; the default set leaves it out. A measurement without 3g's scores refuses it."""
+    without = read_plan(budget_plan(tmp_path / "a.yaml", "100MB", "--options", "2,3,4"))
+    offered = read_plan(budget_plan(tmp_path / "b.yaml", "100MB", "--options", "2,3,3g,4"))
+    assert "3g" in {layer.option for layer in offered.layers.values()}
+    assert offered.budget.predicted_damage < without.budget.predicted_damage
+    assert "3g" not in {layer.option for layer in read_plan(budget_plan(tmp_path / "c.yaml", "100MB")).layers.values()}
+    data = json.loads(MEASUREMENT.read_text())
+    for layer in data["layers"].values():
+        del layer["options"]["3g"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    line = one_line_error(capsys, "plan", "--budget", "100MB", "--measurement", str(tmp_path / "old.json"),
+                          "--options", "2,3g,4", "-o", str(tmp_path / "d.yaml"))
+    assert "option 3g was not scored by this measurement" in line and not (tmp_path / "d.yaml").exists()
 
 
 def test_pinned_layers_survive_a_replan(tmp_path, plan_150mb):

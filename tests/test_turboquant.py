@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tqc import rtn, turboquant
-from tqc.codebook import gaussian_distortion
+from tqc.codebook import gaussian_distortion, high_byte_codebook
 from tqc.layout import LayerSpec, layer_bytes, tensor_layout
 from tqc.options import QuantOption
 
@@ -26,6 +26,22 @@ def test_gaussian_weights_reach_lloyd_max_distortion(bits):
     error = _relative_error(weight, _spec(str(bits), k=1024, n=256))
     # The fitted per-group scale can only beat the theoretical N(0,1) distortion (finite groups).
     assert gaussian_distortion(bits) * 0.8 < error < gaussian_distortion(bits) * 1.02
+
+
+def test_option_3g_decodes_onto_the_grid_codebook():
+    """Option 3g: every value is a level of codebook.high_byte_codebook(3) times its group's scale, at the grid's
+    theoretical error on Gaussian weights (1% above Lloyd-Max's, so above option 3's); int8 activations refuse it
+    (their tables hold Lloyd-Max's levels)."""
+    weight = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    spec = _spec("3g", k=1024, n=256)
+    tensors = turboquant.quantize(weight, spec, seed=11)
+    normalized = turboquant.dequantize(tensors, spec).reshape(256, 8, 128) / tensors["scales"].float()[..., None]
+    assert torch.isclose(normalized[..., None], high_byte_codebook(3)[0], rtol=1e-5).any(-1).all()
+    error = _relative_error(weight, spec)
+    assert gaussian_distortion(3, "grid") * 0.8 < error < gaussian_distortion(3, "grid") * 1.02
+    assert error > _relative_error(weight, _spec("3", k=1024, n=256))
+    with pytest.raises(ValueError, match="int8"):
+        LayerSpec(QuantOption.parse("3g"), 128, 1024, 256, activations="int8")
 
 
 @pytest.mark.parametrize("base,residual", [(4, 2), (4, 4), (3, 2), (2, 2)])
