@@ -84,7 +84,11 @@ def test_option_3g_is_allocated_where_asked_and_refused_where_never_scored(capsy
     offered = read_plan(budget_plan(tmp_path / "b.yaml", "100MB", "--options", "2,3,3g,4"))
     assert "3g" in {layer.option for layer in offered.layers.values()}
     assert offered.budget.predicted_damage < without.budget.predicted_damage
-    assert "3g" not in {layer.option for layer in read_plan(budget_plan(tmp_path / "c.yaml", "100MB")).layers.values()}
+    default = read_plan(budget_plan(tmp_path / "c.yaml", "100MB"))
+    extended = read_plan(budget_plan(tmp_path / "e.yaml", "100MB", "--options", "default,3g"))  # the default set + 3g
+    assert "3g" not in {layer.option for layer in default.layers.values()}
+    assert {layer.option for layer in extended.layers.values()} - {layer.option for layer in default.layers.values()} == {"3g"}
+    assert extended.budget.predicted_damage < default.budget.predicted_damage
     data = json.loads(MEASUREMENT.read_text())
     for layer in data["layers"].values():
         del layer["options"]["3g"]

@@ -164,7 +164,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
 def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     """The options of `tqc plan` (uniform, budget and check modes)."""
     plan.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a .gguf file, an HF directory or a config.json")
-    plan.add_argument("--uniform", metavar="OPTION", help="every layer at OPTION: 2, 3, 4, 2+2, 3+2, 4+2, 4+4, rtn4, ...")
+    plan.add_argument("--uniform", metavar="OPTION", help="every layer at OPTION: 2, 3, 3g, 4, 2+2, 3+2, 4+2, 4+4, rtn4, ...")
     plan.add_argument("--budget", metavar="SIZE", help="allocate per-layer options to fit SIZE: 24GB, 800MB, 3.5GiB")
     plan.add_argument("--check", metavar="PLAN", help="re-validate an (edited) plan and report its total against its budget")
     plan.add_argument("--group-size", type=int, default=128, help="preferred group size (smaller where it must divide)")
@@ -182,7 +182,8 @@ def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     budget.add_argument("--batch", type=int, default=1, help="sequences served at once")
     budget.add_argument("--kv-bits", type=int, default=16, help="bits per KV-cache entry")
     budget.add_argument("--reserve", default="0", metavar="SIZE", help="memory to leave free (runtime overhead)")
-    budget.add_argument("--options", metavar="LIST", help="allowed options, comma-separated (default: all TurboQuant, fp16 for --keep)")
+    budget.add_argument("--options", metavar="LIST", help="allowed options, comma-separated (default: all TurboQuant "
+                        "but 3g, fp16 for --keep; 'default,3g' adds 3g to those)")
     budget.add_argument("--min-bits", action="append", metavar="PATTERN=BITS", help="e.g. 'lm_head=4', 'model.layers.0.*=4'")
     budget.add_argument("--pinned-from", metavar="PLAN", help="keep the layers a person pinned in this plan")
     budget.add_argument("--measurement", metavar="FILE", help="allocate from this measurement file")

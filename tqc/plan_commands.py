@@ -67,9 +67,11 @@ def runtime_from(args: argparse.Namespace) -> Runtime:
 
 
 def rules_from(args: argparse.Namespace) -> Rules:
-    options = None
+    options, extra = None, ()
     if args.options:
-        options = tuple(QuantOption.parse(text) for text in args.options.split(",") if text.strip())
+        names = [text.strip() for text in args.options.split(",") if text.strip()]
+        listed = tuple(QuantOption.parse(name) for name in names if name != "default")
+        options, extra = (None, listed) if "default" in names else (listed, ())
     min_bits = tuple(parse_assignment(text, "--min-bits", int) for text in args.min_bits or [])
     pinned = {}
     if args.pinned_from:
@@ -78,7 +80,7 @@ def rules_from(args: argparse.Namespace) -> Rules:
     for pattern in args.keep or []:
         pinned |= {pattern: QuantOption.parse("fp16")} if "*" not in pattern else {}
     fp16 = tuple(args.keep) if args.keep else DEFAULT_KEEP
-    return Rules(options=options, fp16=fp16, min_bits=min_bits, pinned=pinned)
+    return Rules(options=options, extra=extra, fp16=fp16, min_bits=min_bits, pinned=pinned)
 
 
 def measurement_for(args: argparse.Namespace, source: SourceModel, model: ModelRef, shapes):

@@ -73,12 +73,14 @@ def uniform_plan(
 class Rules:
     """What a person may impose on the allocator.
 
-    `options`: the allowed options (None: every TurboQuant option, plus fp16 where `fp16` matches);
+    `options`: the allowed options (None: every TurboQuant option but 3g, plus fp16 where `fp16` matches, plus
+    `extra`, e.g. 3g: `--options default,3g`);
     `min_bits`: (pattern, bits) pairs, a matching layer takes an option of at least that many code
     bits (fp16 counts 16); `pinned`: layers whose option is fixed.
     """
 
     options: tuple[QuantOption, ...] | None = None
+    extra: tuple[QuantOption, ...] = ()
     fp16: tuple[str, ...] = DEFAULT_KEEP
     min_bits: tuple[tuple[str, int], ...] = ()
     pinned: dict[str, QuantOption] = field(default_factory=dict)
@@ -90,7 +92,7 @@ class Rules:
             options = list(self.options)
         else:
             fp16 = [FP16] if any(fnmatch.fnmatchcase(name, p) for p in self.fp16) else []
-            options = [*TURBOQUANT_OPTIONS, *fp16]
+            options = [*TURBOQUANT_OPTIONS, *self.extra, *fp16]
         floor = max((bits for pattern, bits in self.min_bits if fnmatch.fnmatchcase(name, pattern)), default=0)
         return [o for o in options if (o.code_bits if o.is_quantized else 16) >= floor]
 
@@ -104,7 +106,8 @@ def layer_candidates(
 ) -> dict[str, list[Choice]]:
     """Per layer, in model order: the allowed (option, bytes, damage) choices."""
     measured = {option for layer in measurement.layers.values() for option in layer.options}
-    unmeasured = [o.name for o in rules.options or () if o.scheme == "turboquant" and o.name not in measured]
+    named = (*(rules.options or ()), *rules.extra)
+    unmeasured = [o.name for o in named if o.scheme == "turboquant" and o.name not in measured]
     if unmeasured:
         raise PlanError(f"option {unmeasured[0]} was not scored by this measurement (made before tqc scored it: "
                         "calibrate again, or leave it out of --options)")
