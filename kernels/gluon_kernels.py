@@ -738,7 +738,7 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
                          RES_BITS: gl.constexpr = 0, BITS: gl.constexpr = 4, SUM_STEPS: gl.constexpr = False,
                          ROW_SUMS: gl.constexpr = False, X_ORDERED: gl.constexpr = False, PRELOAD: gl.constexpr = False,
                          HIGH_BYTES: gl.constexpr = False, WORD_MASKS: gl.constexpr = False,
-                         SIGN_SELECTORS: gl.constexpr = False, RES_HIGH_BYTES: gl.constexpr = False):
+                         SIGN_SELECTORS: gl.constexpr = False):
     """fragment_dot_kernel for one token on CUDA cores, from the same fragment layout: each thread multiplies its
     decoded weights by the inputs they meet and sums in fp16 over the program's steps; then the row
     sums in float32 across the four lanes that share a row, added into out as fragment_dot_kernel adds
@@ -757,13 +757,8 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
     multiplied back by lut.HIGH_BYTE_FACTOR; at 3 bits with SIGN_SELECTORS (registry.GRID_CODEBOOK3, not yet
     checked on a GPU) the same for codes of codebook.high_byte_codebook(3), by lut.HIGH_BYTE_FACTOR3.
     WORD_MASKS (ROW_SUMS; TQC_WORD_MASKS=1, checked on a GPU, run 231): the 2-bit code words (2 bits, 3 bits'
-    magnitudes, a 2-bit residual) masked once for two quads (_quads). RES_HIGH_BYTES (ROW_SUMS, a 2-bit residual
-    under a 3- or 4-bit base: 4+2, 3+2; registry.RES_HIGH_BYTES): the residual's codes looked up by their high bytes
-    as HIGH_BYTES looks up 2-bit codes (its table lut.table_words(2, True)), its scales multiplied by
-    lut.HIGH_BYTE_FACTOR once a group."""
+    magnitudes, a 2-bit residual) masked once for two quads (_quads)."""
     gl.static_assert(not WORD_MASKS or ROW_SUMS, "WORD_MASKS: row sums")
-    gl.static_assert(not RES_HIGH_BYTES or (RES_BITS == 2 and BITS != 2 and ROW_SUMS),
-                     "RES_HIGH_BYTES: a 2-bit residual under a wider base, row sums")
     gl.static_assert(not ((RES_BITS or BITS == 3) and STAGED), "STAGED copies one set of words only")
     gl.static_assert(not HIGH_BYTES or ((BITS == 2 or BITS == 3 and SIGN_SELECTORS) and RES_BITS == 0 and ROW_SUMS),
                      "HIGH_BYTES: 2 bits or 3 with sign selectors, row sums")
@@ -798,15 +793,12 @@ def fragment_gemv_kernel(x_ptr, out_ptr, codes_ptr, scales_ptr, table_ptr, res_c
             products = _row_products(products, _quads(words, tables, C, BITS, HIGH_BYTES, WORD_MASKS), x_quads, C,
                                      i % RUN == 0)
             if RES_BITS:
-                res_quads = _quads(res_words, res_tables, C, RES_BITS, RES_HIGH_BYTES, WORD_MASKS)
+                res_quads = _quads(res_words, res_tables, C, RES_BITS, False, WORD_MASKS)
                 res_products = _row_products(res_products, res_quads, x_quads, C, i % RUN == 0)
             if i % RUN == RUN - 1:
                 acc = _scaled_into(acc, products, _row_scale(scales + group, tile, like, C))
                 if RES_BITS:
-                    res_scale = _row_scale(res_scales + group, tile, like, C)
-                    if RES_HIGH_BYTES:
-                        res_scale = res_scale * HIGH_BYTES_SCALE
-                    acc = _scaled_into(acc, res_products, res_scale)
+                    acc = _scaled_into(acc, res_products, _row_scale(res_scales + group, tile, like, C))
         elif RES_BITS:
             weights = _scaled_weights(words, scales + group, res_words, res_scales + group, tables, res_tables, C,
                                       a_layout, RES_BITS, BITS)

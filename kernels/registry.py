@@ -515,9 +515,6 @@ ORDERED_INPUT_CANDIDATES = os.environ.get("TQC_ORDERED_INPUTS", "0") == "1"
 # issue-bound (docs/performance.md "Where it stands"). 5-12% faster 2-bit Llama-3-8B layers at one token on
 # the H100 (runs 225-228); TQC_HIGH_BYTES=0 switches it off.
 HIGH_BYTES = os.environ.get("TQC_HIGH_BYTES", "1") == "1"
-# The same for the 2-bit residual stage of 4+2 and 3+2 (gluon_kernels RES_HIGH_BYTES): 3 PRMTs a residual quad
-# instead of 4 in the one-token kernel with row sums; TQC_RES_HIGH_BYTES=1 (not yet timed on a GPU).
-RES_HIGH_BYTES = os.environ.get("TQC_RES_HIGH_BYTES", "0") == "1"
 # Each word of 2-bit codes masked once for two quads' selectors, not once a quad (gluon_kernels WORD_MASKS,
 # lut.MASKED_CRUMB_ASM): 2 LOP3 fewer a word in the one-token kernel, 5% of the 2-bit kernel's instructions at
 # 8 steps, statically (docs/kernel_layout.md). Correct on the H100 (run 231) but no faster: 2-bit and 4+2 layers
@@ -630,12 +627,6 @@ class FragmentLayerKernel(LayerKernel):
         on_grid = self.key.bits == 2 or self.key.codebook == "grid" and self.sign_selectors
         return HIGH_BYTES and self.row_sums_gemv(config) and on_grid and not self.key.residual_bits
 
-    def residual_high_bytes(self, config: LaunchConfig) -> bool:
-        """Whether the config's kernel looks a 2-bit residual's codes up by their high bytes (RES_HIGH_BYTES): the
-        one-token kernel with row sums, on 4+2 or 3+2."""
-        wider_base = self.key.residual_bits == 2 and self.key.bits != 2
-        return RES_HIGH_BYTES and self.row_sums_gemv(config) and wider_base
-
     def word_masks(self, config: LaunchConfig) -> bool:
         """Whether the config's kernel masks each word of 2-bit codes once (WORD_MASKS): the one-token kernel
         with row sums, on a layer with such words (2 bits, 3 bits' magnitudes where SIGN_SELECTORS does not mask
@@ -657,17 +648,13 @@ class FragmentLayerKernel(LayerKernel):
         return (*weights[:2], self.table(3, weights[0].device, signed=True, codebook=self.key.codebook), *weights[3:])
 
     def config_weights(self, module, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
-        """weights(module), with the table lut.table_words(bits, True, ...) of the stage the config looks up by high
-        bytes (the base's, or a 2-bit residual's)."""
+        """weights(module), the table lut.table_words(bits, True, ...) where the config looks codes up by high bytes."""
         weights = self.weights(module)
-        device = weights[0].device
-        if self.high_bytes(config):
-            table = self.table(self.key.bits, device, high_bytes=True, signed=self.sign_selectors,
-                               codebook=self.key.codebook)
-            return (*weights[:2], table, *weights[3:])
-        if self.residual_high_bytes(config):
-            return (*weights[:5], self.table(2, device, high_bytes=True))
-        return weights
+        if not self.high_bytes(config):
+            return weights
+        table = self.table(self.key.bits, weights[0].device, high_bytes=True, signed=self.sign_selectors,
+                           codebook=self.key.codebook)
+        return (*weights[:2], table, *weights[3:])
 
     @staticmethod
     def gluon_kernel(config: LaunchConfig):
@@ -686,8 +673,6 @@ class FragmentLayerKernel(LayerKernel):
                       "BITS": self.key.bits, "PRELOAD": FRAGMENT_PRELOAD} | self.scaling(config)
         if self.high_bytes(config):
             constexprs["HIGH_BYTES"] = True
-        if self.residual_high_bytes(config):
-            constexprs["RES_HIGH_BYTES"] = True
         if self.word_masks(config):
             constexprs["WORD_MASKS"] = True
         if self.sign_selectors:

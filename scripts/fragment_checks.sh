@@ -35,9 +35,6 @@
 #           GPU checks, then Llama-3-8B's gate/up, down and concatenated gate/up at option 3, one token and 16,
 #           for each VARIANT (default 0 1 0-again 1-again), each its own Triton cache; the decoder at plan 3
 #           for the first two
-# res-high-bytes  4+2's 2-bit residual looked up by its high bytes (TQC_RES_HIGH_BYTES=1, session 56): its GPU checks,
-#           then Llama-3-8B's gate/up, down and concatenated gate/up at option 4+2, one token, for each VARIANT (default
-#           0 1 0-again 1-again), each its own Triton cache; the decoder at plan 4+2 for the first two
 # retune    the one-token keys of option $OPTION (default 2) of Llama-3-8B's gate/up, down and concatenated gate/up
 #           tuned afresh (each variant from the tuning cache less those keys, in a cache of its own), without and
 #           with the activations in fragment order offered to the tuner (TQC_ORDERED_INPUTS=1); the tuned caches
@@ -145,8 +142,6 @@ for part in "$@"; do
       switch_ab word-masks TQC_WORD_MASKS word_masks 2 --options 2 3 4+2 --tokens 1 ;;
     sign-selectors)
       switch_ab sign-selectors TQC_SIGN_SELECTORS sign_selectors 3 --options 3 --tokens 1 16 ;;
-    res-high-bytes)
-      switch_ab res-high-bytes TQC_RES_HIGH_BYTES residual_by_high_bytes 4+2 --options 4+2 --tokens 1 ;;
     retune | ordered-2bit)
       option=${OPTION:-2}
       [ "$part" = ordered-2bit ] && option=2

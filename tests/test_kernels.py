@@ -984,17 +984,6 @@ def test_high_bytes_take_a_quarter_of_the_2_bit_one_token_kernels_lookups():
     assert on["instructions"] < off["instructions"]
 
 
-def test_a_residual_by_high_bytes_takes_a_quarter_of_its_lookups():
-    """RES_HIGH_BYTES (registry.RES_HIGH_BYTES): 4+2's one-token kernel with row sums issues 3 PRMTs a residual quad
-    instead of 4 (the base's 4-bit quads as they were), without spills, the same code loads, fewer instructions."""
-    off, on = _knob_off_and_on("fragment_gemv_kernel", "RES_HIGH_BYTES", BITS=4, RES_BITS=2, ROW_SUMS=True,
-                               SUM_STEPS=True, PDL=True)
-    residual_quads = 8 * 2 * 4  # 8 steps, 2 words of 2-bit codes a thread and step, 4 quads a word
-    assert off["ops"]["PRMT"] - on["ops"]["PRMT"] >= residual_quads - 4  # one a quad (a few stay to layout moves)
-    assert on["loads"]["LDG.E.EF.64"] == off["loads"]["LDG.E.EF.64"]
-    assert on["stack"] == 0 and on["instructions"] < off["instructions"]
-
-
 @pytest.mark.parametrize(("bits", "residual_bits"), [(2, 0), (3, 0), (4, 2)])
 def test_word_masks_take_two_masks_a_word_out_of_the_one_token_kernel(bits, residual_bits):
     """WORD_MASKS (TQC_WORD_MASKS=1): the one-token kernel with row sums masks each word of 2-bit codes
@@ -1010,32 +999,23 @@ def test_word_masks_take_two_masks_a_word_out_of_the_one_token_kernel(bits, resi
 @pytest.mark.parametrize("high_bytes", [True, False])
 def test_the_registry_asks_for_high_bytes_where_they_apply(high_bytes, monkeypatch):
     """registry.HIGH_BYTES (on unless TQC_HIGH_BYTES=0): the one-token kernel's row-sum configs of a 2-bit
-    layer take HIGH_BYTES and the table lut.table_words(2, True), those of 4+2 with RES_HIGH_BYTES that table for
-    the residual; their other configs, every config of other options, and every config with the switches off,
-    the usual tables."""
+    layer take HIGH_BYTES and the table lut.table_words(2, True); its other configs, every config of
+    other options, and every config with the switch off, the usual table."""
     from tqc.kernels import registry
     from tqc.kernels.registry import FRAGMENT_LAYOUT, FragmentLayerKernel, KernelKey, prepare
     from tqc.kernels.synthetic import random_turboquant_linear
 
     monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
-    monkeypatch.setattr(registry, "RES_HIGH_BYTES", high_bytes)
-    for option, applies, residual_applies in [("2", high_bytes, False), ("4+2", False, high_bytes),
-                                              ("3", False, False), ("4+4", False, False)]:
+    for option, applies in [("2", high_bytes), ("4+2", False), ("3", False)]:
         module = random_turboquant_linear(LayerSpec(QuantOption.parse(option), 128, 1024, 192), "cpu")
         prepare(module, FRAGMENT_LAYOUT)
         family = FragmentLayerKernel(KernelKey.of(module.spec, FRAGMENT_LAYOUT), None)
         for config in family.candidates(1):
-            row_sums = config.strategy == "fragment_gemv" and config.sums != "steps"
-            constexprs = family.specialise(config)[1]
-            assert constexprs.get("HIGH_BYTES", False) == (applies and row_sums), (option, config)
-            assert constexprs.get("RES_HIGH_BYTES", False) == (residual_applies and row_sums), (option, config)
-            weights = family.config_weights(module, config)
-            tables = [(weights[2], family.key.bits, applies and row_sums, family.sign_selectors)]
-            if family.key.residual_bits:  # (without one, weights[5] is never read)
-                tables.append((weights[5], family.key.residual_bits, residual_applies and row_sums, False))
-            for table, bits, takes, signed in tables:
-                words = lut.table_words(bits, takes, signed=signed)
-                assert table.view(torch.uint32)[:len(words)].tolist() == list(words), (option, config)
+            takes = applies and config.strategy == "fragment_gemv" and config.sums != "steps"
+            assert family.specialise(config)[1].get("HIGH_BYTES", False) == takes, (option, config)
+            table = family.config_weights(module, config)[2].view(torch.uint32)
+            words = lut.table_words(family.key.bits, takes, signed=family.sign_selectors)
+            assert table[:len(words)].tolist() == list(words), (option, config)
 
 
 @pytest.mark.parametrize("kernel_name", ["fragment_gemv_kernel", "fragment_dot_kernel"])

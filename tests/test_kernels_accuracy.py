@@ -209,15 +209,6 @@ if CUDA:
         monkeypatch.setattr(registry, "HIGH_BYTES", high_bytes)
         check_fragment_configs(option, [], gemv_iters=8)
 
-    @pytest.mark.parametrize("word_masks", [False, True])
-    def test_fragment_gemv_with_a_residual_by_high_bytes_matches_reference(word_masks, monkeypatch):
-        """registry.RES_HIGH_BYTES (TQC_RES_HIGH_BYTES=1): 4+2's one-token row-sum configs looking the 2-bit
-        residual's codes up by their high bytes (the scales times lut.HIGH_BYTE_FACTOR), with and without
-        WORD_MASKS, against the reference path."""
-        monkeypatch.setattr(registry, "RES_HIGH_BYTES", True)
-        monkeypatch.setattr(registry, "WORD_MASKS", word_masks)
-        check_fragment_configs("4+2", [], gemv_iters=8)
-
     def test_fragment_kernels_without_sign_selectors_match_reference(monkeypatch):
         """fragments.SIGN_SELECTORS off (TQC_SIGN_SELECTORS=0): every fragment kernel on 3-bit codes with the
         lookups' sign plane (each quad's signs xor-ed into its high bytes), against the reference path: tensor
