@@ -77,6 +77,16 @@ def test_rules_are_honoured(tmp_path):
     assert plan.layers["lm_head"].option == "fp16"
 
 
+def test_an_option_list_leaves_the_head_its_fp16_choice(tmp_path):
+    """--options lists the quantization options; lm_head (--keep's default) may still stay fp16, so a list does not
+    quantize SmolLM2's head, tied to the embedding (free in fp16, its own bytes quantized), and starve the others."""
+    listed = read_plan(budget_plan(tmp_path / "l.yaml", "100MB", "--options", "2,3g,4"))
+    assert listed.layers["lm_head"].option == "fp16"
+    assert {layer.option for name, layer in listed.layers.items() if name != "lm_head"} <= {"2", "3g", "4"}
+    default = read_plan(budget_plan(tmp_path / "d.yaml", "100MB"))
+    assert default.budget.predicted_damage <= listed.budget.predicted_damage < 1.5 * default.budget.predicted_damage
+
+
 def test_option_3g_is_allocated_where_asked_and_refused_where_never_scored(capsys, tmp_path):
     """3g costs what 3 costs: offered beside it, the exact allocator's damage can only drop, and it takes 3g
     where 3g scores lower; the default set leaves it out. A measurement without 3g's scores refuses it."""

@@ -73,8 +73,9 @@ def uniform_plan(
 class Rules:
     """What a person may impose on the allocator.
 
-    `options`: the allowed options (None: every TurboQuant option but 3g, plus fp16 where `fp16` matches, plus
-    `extra`, e.g. 3g: `--options default,3g`);
+    `options`: the allowed options (None: every TurboQuant option but 3g, plus `extra`, e.g. 3g: `--options
+    default,3g`); the layers `fp16` matches (lm_head by default) may also stay fp16 whatever `options` lists, as
+    llama.cpp and GPTQ keep the head 16-bit unless asked (a tied head then costs nothing beyond its embedding);
     `min_bits`: (pattern, bits) pairs, a matching layer takes an option of at least that many code
     bits (fp16 counts 16); `pinned`: layers whose option is fixed.
     """
@@ -88,11 +89,9 @@ class Rules:
     def allowed(self, name: str) -> list[QuantOption]:
         if name in self.pinned:
             return [self.pinned[name]]
-        if self.options is not None:
-            options = list(self.options)
-        else:
-            fp16 = [FP16] if any(fnmatch.fnmatchcase(name, p) for p in self.fp16) else []
-            options = [*TURBOQUANT_OPTIONS, *self.extra, *fp16]
+        options = list(self.options) if self.options is not None else [*TURBOQUANT_OPTIONS, *self.extra]
+        if FP16 not in options and any(fnmatch.fnmatchcase(name, p) for p in self.fp16):
+            options.append(FP16)
         floor = max((bits for pattern, bits in self.min_bits if fnmatch.fnmatchcase(name, pattern)), default=0)
         return [o for o in options if (o.code_bits if o.is_quantized else 16) >= floor]
 
