@@ -3,6 +3,7 @@
     python scripts/grid_codebook.py --options 3 --quantizer gptq --plans plans/smollm2-100MB.yaml \
         -o docs/bench/grid-codebook-smollm2.json
     python scripts/grid_codebook.py --static -o docs/bench/grid-codebook-static.json   # no model, no GPU
+    python scripts/grid_codebook.py --options --quantizer gptq --plans P --seeds 0 1 2 --windows 40   # seed spread
 
 The one-token kernel looks 2-bit codes up by their high bytes alone (lut.HIGH_BYTE_LEVELS: 3 PRMTs a
 quad instead of 4, 5-12% off 2-bit layers on the H100), because the 2-bit Lloyd-Max values lie
@@ -13,7 +14,9 @@ times a power of 2) under one common factor (which a kernel undoes on its sums),
 that gives a standard normal the least squared error (tqc.codebook.high_byte_codebook). This
 prints that codebook and its error against Lloyd-Max's, then builds each plan (uniform, or a
 file) as it is and with its 3-bit layers on that codebook (option 3g; nothing else changes) and scores
-both against the source on wiki.test.txt windows. With --static it compiles the one-token fragment kernel
+both against the source on wiki.test.txt windows; with --seeds, once at each plan seed (the random signs of
+the rotations and GPTQ's sample change with it), and prints each variant's mean and range over them, since one
+seed's difference between the codebooks can be smaller than the seeds' spread. With --static it compiles the one-token fragment kernel
 of Llama-3-8B's gate/up and down at options 3 and 3g for sm_90 instead (no GPU needed; 3g's codes looked
 up by their high bytes), and counts the SASS.
 """
@@ -43,6 +46,28 @@ def on_grid(plan: Plan) -> Plan:
     layers = {name: layer.model_copy(update={"option": "3g"}) if layer.option == "3" else layer
               for name, layer in plan.layers.items()}
     return plan.model_copy(update={"layers": layers})
+
+
+def at_seeds(plan: Plan, seeds: list[int]) -> list[Plan]:
+    """The plan at each of `seeds` (its own seed where none are given)."""
+    return [plan.model_copy(update={"seed": seed}) for seed in seeds] if seeds else [plan]
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """Each (plan, codebook)'s KLD, perplexity and top-1 over its seeds: mean, min, max; printed."""
+    summary = []
+    for key in dict.fromkeys((row["plan"], row["codebook"]) for row in rows):
+        runs = [row for row in rows if (row["plan"], row["codebook"]) == key]
+        entry = {"plan": key[0], "codebook": key[1], "seeds": [row["seed"] for row in runs]}
+        for metric in ("kl_divergence", "perplexity", "top1_agreement"):
+            values = [row[metric] for row in runs]
+            entry[metric] = {"mean": float(np.mean(values)), "min": min(values), "max": max(values)}
+        kld = entry["kl_divergence"]
+        print(f"{key[0]}, {key[1]:<9}: KLD mean {kld['mean']:.4f} ({kld['min']:.4f}-{kld['max']:.4f}) over "
+              f"{len(runs)} seeds, ppl mean {entry['perplexity']['mean']:.3f}, top-1 mean "
+              f"{entry['top1_agreement']['mean']:.3f}")
+        summary.append(entry)
+    return summary
 
 
 def score(plan: Plan, reference, ids: torch.Tensor) -> dict:
@@ -106,14 +131,15 @@ def quality(args: argparse.Namespace) -> dict:
                             "--quantizer", args.quantizer, "-o", str(plan)], check=True, stdout=subprocess.DEVNULL)
         plans |= {str(plan): Path(plan) for plan in args.plans}
         for label, plan in plans.items():
-            for name, variant in (("lloyd_max", read_plan(plan)), ("grid", on_grid(read_plan(plan)))):
-                metrics = score(variant, reference, ids)
-                rows.append({"plan": label, "codebook": name} | metrics)
-                print(f"{label}, {name:<9}: ppl {metrics['perplexity']:.3f} "
-                      f"(source {metrics['source_perplexity']:.3f}), KLD {metrics['kl_divergence']:.4f}, "
-                      f"top-1 {metrics['top1_agreement']:.3f}", flush=True)
+            for seeded in at_seeds(read_plan(plan), args.seeds):
+                for name, variant in (("lloyd_max", seeded), ("grid", on_grid(seeded))):
+                    metrics = score(variant, reference, ids)
+                    rows.append({"plan": label, "codebook": name, "seed": seeded.seed} | metrics)
+                    print(f"{label}, {name:<9}, seed {seeded.seed}: ppl {metrics['perplexity']:.3f} "
+                          f"(source {metrics['source_perplexity']:.3f}), KLD {metrics['kl_divergence']:.4f}, "
+                          f"top-1 {metrics['top1_agreement']:.3f}", flush=True)
     return {"model": args.model, "data": args.data, "windows": args.windows, "seq_len": args.seq_len,
-            "gaussian": gaussian, "rows": rows}
+            "gaussian": gaussian, "rows": rows, "over_seeds": spread(rows)}
 
 
 def main() -> None:
@@ -122,6 +148,8 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", default=["3"], help="uniform plans to build (tqc plan --uniform)")
     parser.add_argument("--quantizer", default="plain", choices=["plain", "gptq"], help="the uniform plans'")
     parser.add_argument("--plans", nargs="*", default=[], help="plan files to build as well (their model's)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[], help="plan seeds to build each variant at "
+                        "(default: the plan's own)")
     parser.add_argument("--data", default="../shared/data/wiki.test.txt")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
