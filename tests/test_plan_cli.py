@@ -87,6 +87,21 @@ def test_an_option_list_leaves_the_head_its_fp16_choice(tmp_path):
     assert default.budget.predicted_damage <= listed.budget.predicted_damage < 1.5 * default.budget.predicted_damage
 
 
+def test_options_take_an_option_out_of_the_default_set(capsys, tmp_path):
+    """'default,-3,3g' puts 3g in 3's place: the plan the full list without 3 and with 3g gives, byte for byte;
+    a '-' without 'default', or of an option the default set lacks, is a one-line error that writes nothing."""
+    swapped = budget_plan(tmp_path / "s.yaml", "100MB", "--options", "default,-3,3g").read_text()
+    listed = budget_plan(tmp_path / "l.yaml", "100MB", "--options", "2,2+2,2+4,3g,3+2,3+4,4,4+2,4+4").read_text()
+    assert swapped == listed
+    options = {layer.option for layer in read_plan(tmp_path / "s.yaml").layers.values()}
+    assert "3g" in options and "3" not in options
+    for text, said in (("-3,3g", "start the list with 'default'"), ("default,-3g", "-3g is not in the default set")):
+        line = one_line_error(capsys, "plan", "--budget", "100MB", "--measurement", str(MEASUREMENT),
+                              f"--options={text}", "-o", str(tmp_path / "x.yaml"))
+        assert said in line
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_option_3g_is_allocated_where_asked_and_refused_where_never_scored(capsys, tmp_path):
     """3g costs what 3 costs: offered beside it, the exact allocator's damage can only drop, and it takes 3g
     where 3g scores lower; the default set leaves it out. A measurement without 3g's scores refuses it."""

@@ -183,7 +183,8 @@ def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     budget.add_argument("--kv-bits", type=int, default=16, help="bits per KV-cache entry")
     budget.add_argument("--reserve", default="0", metavar="SIZE", help="memory to leave free (runtime overhead)")
     budget.add_argument("--options", metavar="LIST", help="allowed options, comma-separated (default: all TurboQuant "
-                        "but 3g; 'default,3g' adds 3g to those); the --keep layers, lm_head by default, may also stay fp16")
+                        "but 3g; 'default,3g' adds 3g to those, 'default,-3,3g' puts 3g in 3's place); the --keep "
+                        "layers, lm_head by default, may also stay fp16")
     budget.add_argument("--min-bits", action="append", metavar="PATTERN=BITS", help="e.g. 'lm_head=4', 'model.layers.0.*=4'")
     budget.add_argument("--pinned-from", metavar="PLAN", help="keep the layers a person pinned in this plan")
     budget.add_argument("--measurement", metavar="FILE", help="allocate from this measurement file")

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from .memory import ModelGeometry, Runtime, breakdown, format_size, model_geometry, parse_size
 from .models import LinearShape, SourceModel, empty_model, linear_shapes, load_config, resolve_model
-from .options import QuantOption
+from .options import TURBOQUANT_OPTIONS, QuantOption
 from .plan import ModelRef, Plan, PlanError, QuantizerRef, read_plan, write_plan
 from .planning import DEFAULT_KEEP, Rules, allocated_plan, layer_candidates, layer_notes, plan_specs, uniform_plan
 
@@ -66,12 +66,29 @@ def runtime_from(args: argparse.Namespace) -> Runtime:
     return Runtime(context=args.context, batch=args.batch, kv_bits=args.kv_bits, reserve=parse_size(args.reserve))
 
 
+def options_from(text: str) -> tuple[tuple[QuantOption, ...] | None, tuple[QuantOption, ...]]:
+    """Rules' (options, extra) from --options: a list, or 'default' (every TurboQuant option but 3g) with options
+    to add and, each after a '-', options to take out (`default,-3,3g`: 3g in 3's place)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    removed = {name[1:] for name in names if name.startswith("-")}
+    listed = tuple(QuantOption.parse(name) for name in names if name != "default" and not name.startswith("-"))
+    if "default" not in names:
+        if removed:
+            raise CommandError(f"--options '{text}': '-' takes an option out of the default set: start the list "
+                               "with 'default'")
+        return listed, ()
+    kept = tuple(option for option in TURBOQUANT_OPTIONS if option.name not in removed)
+    missing = removed - {option.name for option in TURBOQUANT_OPTIONS}
+    if missing:
+        raise CommandError(f"--options '{text}': -{sorted(missing)[0]} is not in the default set "
+                           f"({', '.join(option.name for option in TURBOQUANT_OPTIONS)})")
+    return (None, listed) if not removed else ((*kept, *listed), ())
+
+
 def rules_from(args: argparse.Namespace) -> Rules:
     options, extra = None, ()
     if args.options:
-        names = [text.strip() for text in args.options.split(",") if text.strip()]
-        listed = tuple(QuantOption.parse(name) for name in names if name != "default")
-        options, extra = (None, listed) if "default" in names else (listed, ())
+        options, extra = options_from(args.options)
     min_bits = tuple(parse_assignment(text, "--min-bits", int) for text in args.min_bits or [])
     pinned = {}
     if args.pinned_from:
