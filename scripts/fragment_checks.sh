@@ -58,6 +58,11 @@
 # direct    o_proj folded into v_proj (session 31; run 130: correct, no faster): the GPU checks of a layer whose input arrives rotated and
 #           of o_proj reading attention's output as it comes (TQC_DIRECT_INPUTS), then
 #           scripts/o_proj_fold_lab.py: the decoder unfolded, folded, direct, and the upper bound
+# glance-8b, glance-70b, glance-16, glance-prefill
+#           docs/performance.md's "At a glance" table measured afresh at HEAD, a call each (on an H200 too: its
+#           first rerun since run 190): every option of Llama-3-8B's layers at one token and the decoder at plans
+#           mixed, mixed-3g and 3g; 70B's at one token; the large layers at 16 tokens (4-bit); 2048 tokens through
+#           8 decoder layers and the large layers at 4, 128 and 2048 tokens (4-bit)
 set -uo pipefail
 out=${OUT:-/tmp/out}
 run() {  # run NAME COMMAND...: its output into $out/NAME.log as well
@@ -210,8 +215,26 @@ for source in pathlib.Path(sys.argv[1]).glob("*.json"):
         --layers q_proj/o_proj q_proj o_proj k_proj/v_proj --options 3 4 --tokens 1 16 -o "$out/qwen-attention.json"
       run qwen-decode-t16 python3 -u -m tqc.cli bench decode --model qwen2.5-7b --plan mixed --tokens 16 \
         -o "$out/qwen-decode-mixed-t16.json" ;;
+    glance-8b)
+      run glance-8b python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+        --options 4 3 3g 2 4+4 4+2 --tokens 1 -o "$out/glance-8b.json"
+      for plan in mixed mixed-3g 3g; do
+        run "glance-decode-$plan" python3 -u -m tqc.cli bench decode --plan $plan --tokens 1 \
+          -o "$out/glance-decode-$plan.json"
+      done ;;
+    glance-70b)
+      run glance-70b python3 -u -m tqc.cli bench layers --models llama3-70b llama3-70b-fused \
+        --options 4 3g 2 4+4 4+2 --tokens 1 -o "$out/glance-70b.json" ;;
+    glance-16)
+      run glance-16 python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused llama3-70b \
+        --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 4 --tokens 16 -o "$out/glance-16.json" ;;
+    glance-prefill)
+      run glance-prefill python3 -u -m tqc.cli bench decode --tokens 2048 --layers 8 -o "$out/glance-prefill.json"
+      run glance-tokens python3 -u -m tqc.cli bench layers --models llama3-8b llama3-8b-fused \
+        --layers gate_proj/up_proj down_proj gate_proj+up_proj --options 4 --tokens 4 128 2048 \
+        -o "$out/glance-tokens.json" ;;
     *)
-      echo "fragment_checks.sh: unknown part '$part' (accuracy, decode, layers-family, layers-lookups, prefill, lab, preload, profile, balance, attention, attention-qwen, qwen, direct)" >&2
+      echo "fragment_checks.sh: unknown part '$part' (accuracy, accuracy-rest, decode, layers-family, layers-lookups, prefill, lab, preload, word-masks, sign-selectors, retune, grid3, profile, balance, attention, attention-qwen, qwen, direct, glance-8b, glance-70b, glance-16, glance-prefill)" >&2
       exit 2 ;;
   esac
 done
